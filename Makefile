@@ -1,0 +1,38 @@
+# Two-command quick start: `make demo`, `make test`. Both create .venv on first use.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check
+# Extra pytest arguments, e.g. `make test PYTEST_ARGS="-k model -x"`.
+PYTEST_ARGS ?=
+
+.PHONY: demo test lint bench clean install install-dev
+
+# Stamp files: reinstall only when the dependency description changes.
+$(VENV)/.stamp-base: pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q -c constraints.txt -e .
+	touch $@
+
+$(VENV)/.stamp-dev: pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q -c constraints.txt -e '.[dev,hub]'
+	touch $(VENV)/.stamp-base $@
+
+install: $(VENV)/.stamp-base
+install-dev: $(VENV)/.stamp-dev
+
+demo: $(VENV)/.stamp-base
+	$(VENV)/bin/vitkit demo
+
+test: $(VENV)/.stamp-dev
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(VENV)/.stamp-dev
+	$(VENV)/bin/ruff check src tests
+
+bench: $(VENV)/.stamp-dev
+	$(VENV)/bin/vitkit bench vit_small_patch16_224 --batch-size 8
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache

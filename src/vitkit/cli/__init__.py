@@ -1,0 +1,1 @@
+"""Command line: one small module per subcommand (parse -> config -> library call)."""

@@ -1,0 +1,59 @@
+"""``vitkit`` entry point. Each subcommand lives in ``vitkit/cli/<name>.py`` and defines
+``HELP`` (one line), ``add_arguments(parser)`` and ``run(args) -> int``. Heavy imports happen
+inside ``run`` so ``vitkit --help`` stays fast."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from ..errors import VitkitError
+
+# Order is the order shown by `vitkit --help`.
+COMMANDS = ["models", "summary", "bench", "train", "eval", "predict", "explain", "export", "convert"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .. import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="vitkit",
+        description="vitkit: the Vision Transformer as real software (model, weights, training, explanations).",
+    )
+    parser.add_argument("--version", action="version", version=f"vitkit {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            mod = importlib.import_module(f"vitkit.cli.{name}")
+        except ModuleNotFoundError as e:
+            if e.name == f"vitkit.cli.{name}":
+                continue  # subcommand not part of this build
+            raise
+        p = sub.add_parser(name, help=mod.HELP, description=getattr(mod, "DESCRIPTION", mod.HELP),
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        mod.add_arguments(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except (VitkitError, ValueError, FileNotFoundError) as e:
+        print(f"vitkit {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # `vitkit models | head`
+        return 0
+    except KeyboardInterrupt:
+        print(f"vitkit {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

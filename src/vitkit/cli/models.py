@@ -1,0 +1,35 @@
+"""vitkit models: the preset table."""
+
+from __future__ import annotations
+
+HELP = "list the model presets with parameters and GFLOPs at their native size"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("pattern", nargs="?", default=None, help="shell-style filter, e.g. 'vit_base*'")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON instead of a table")
+
+
+def run(args) -> int:
+    import json
+
+    from ..bench.flops import count_flops, count_params
+    from ..config import PRESETS, list_models
+
+    rows = []
+    for name in list_models(args.pattern):
+        c = PRESETS[name]
+        fl = count_flops(c)
+        rows.append({"name": name, "image_size": c.image_hw[0], "patch_size": c.patch_hw[0], "dim": c.dim,
+                     "depth": c.depth, "heads": c.num_heads, "params": count_params(c),
+                     "gflops": round(fl["gflops"], 2), "gmacs": round(fl["gmacs"], 2)})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'name':<26}{'size':>5}{'patch':>6}{'dim':>6}{'depth':>6}{'heads':>6}{'params':>14}{'GFLOPs':>9}{'GMACs':>8}")
+    for r in rows:
+        print(f"{r['name']:<26}{r['image_size']:>5}{r['patch_size']:>6}{r['dim']:>6}{r['depth']:>6}{r['heads']:>6}"
+              f"{r['params']:>14,}{r['gflops']:>9.2f}{r['gmacs']:>8.2f}")
+    print("GFLOPs count a multiply-add as 2 FLOPs; GMACs is the number papers often call FLOPs. "
+          "Paper names work too: ViT-B/16, ViT-L/16@384.")
+    return 0

@@ -1,0 +1,307 @@
+"""ViTConfig, the one description of a ViT, and the preset table.
+
+Everything that builds a model (``ViT(config)``, ``create_model``, the weight loaders, the
+trainer) goes through :class:`ViTConfig`. It round-trips through JSON (``to_dict`` /
+``from_dict``), and is saved next to every checkpoint so a model can be rebuilt from its files.
+
+Presets are data, not functions: :data:`VARIANTS` maps a width name to (dim, depth, heads,
+mlp_dim) as in the paper (Dosovitskiy et al. 2021, Table 1; Ti and S from DeiT, Touvron et al.
+2021), the same table big_vision's ``decode_variant`` uses. :data:`PRESETS` crosses it with the
+patch sizes and resolutions that exist in the wild, named like timm (``vit_base_patch16_224``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "quick_gelu", "silu", "tanh", "identity")
+POS_EMBEDS = ("learned", "sincos1d", "sincos2d", "none")
+POOLINGS = ("cls", "mean")
+TASKS = ("classification", "regression")
+PATCH_EMBEDS = ("conv", "unfold", "rearrange")
+
+
+def to_2tuple(value: Any, name: str) -> tuple[int, int]:
+    """``16 -> (16, 16)``; ``(16, 20) -> (16, 20)``; anything else is a ConfigError."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if isinstance(value, int):
+        pair = (value, value)
+    elif isinstance(value, (tuple, list)) and len(value) == 2 and all(
+        isinstance(v, int) and not isinstance(v, bool) for v in value
+    ):
+        pair = (int(value[0]), int(value[1]))
+    else:
+        raise ConfigError(f"{name} must be an int or a pair of ints (H, W), got {value!r}")
+    if pair[0] <= 0 or pair[1] <= 0:
+        raise ConfigError(f"{name} must be positive, got {value!r}")
+    return pair
+
+
+def _choice(value: str, options: tuple[str, ...], name: str) -> str:
+    if value not in options:
+        close = difflib.get_close_matches(str(value), options, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"{name} must be one of {list(options)}, got {value!r}{hint}")
+    return value
+
+
+@dataclass
+class ViTConfig:
+    """Architecture of one Vision Transformer. Field names are a stable contract."""
+
+    image_size: int | tuple[int, int] = 224  # int or (H, W); non-square is fine
+    patch_size: int | tuple[int, int] = 16  # int or (ph, pw); must divide image_size
+    in_channels: int = 3  # any channel count (1 for grey-scale / digits)
+    num_classes: int = 1000  # 0 = no head: forward() returns the pooled features
+    dim: int = 768  # token width D
+    depth: int = 12  # number of encoder blocks
+    num_heads: int = 12  # D must be divisible by this
+    mlp_ratio: float = 4.0  # MLP hidden width = int(dim * mlp_ratio) ...
+    mlp_dim: int | None = None  # ... unless given explicitly (tutorial 2 uses 1.5 x token length)
+    qkv_bias: bool = True
+    qk_scale: float | None = None  # None = head_dim ** -0.5, applied to scores *before* softmax
+    dropout: float = 0.0  # after the position embedding, inside the MLP and after attn proj
+    attn_dropout: float = 0.0  # on the attention weights
+    drop_path: float = 0.0  # stochastic depth, rate rises linearly from 0 to this over depth
+    act: str = "gelu"  # MLP activation; JAX checkpoints use exact gelu too, "gelu_tanh" for approx
+    norm_eps: float = 1e-6  # 1e-6 in timm/JAX/torchvision; Hugging Face defaults to 1e-12
+    norm_first: bool = True  # pre-norm (paper). False = post-norm x = norm(x + f(x)), no final norm
+    pos_embed: str = "learned"  # learned | sincos1d (over token index) | sincos2d (patch grid) | none
+    pos_embed_prefix: bool = True  # learned table has rows for the prefix tokens (timm no_embed_class=False)
+    pooling: str = "cls"  # cls = read the class token | mean = average of the patch tokens
+    class_token: bool = True
+    num_registers: int = 0  # register tokens (Darcet et al. 2024), after the class token
+    fc_norm: bool = False  # timm's mean-pooling layout: final norm applied after pooling, not before
+    head_hidden_dim: int | None = None  # paper's representation (pre-logits) layer width
+    head_act: str = "tanh"  # activation of the pre-logits layer (tanh in paper, HF pooler, torchvision)
+    head_dropout: float = 0.0  # dropout before the classifier
+    layer_scale: float | None = None  # LayerScale init value (CaiT / DeiT-III), None = off
+    task: str = "classification"  # classification | regression (num_classes float outputs)
+    patch_embed: str = "conv"  # conv (fastest) | unfold | rearrange: same weights, same tokens
+    name: str | None = None  # preset name this config came from, informational
+
+    def __post_init__(self) -> None:
+        self.image_size = _normalise_size(self.image_size, "image_size")
+        self.patch_size = _normalise_size(self.patch_size, "patch_size")
+        self.validate()
+
+    # ------------------------------------------------------------------ derived values
+    @property
+    def image_hw(self) -> tuple[int, int]:
+        return to_2tuple(self.image_size, "image_size")
+
+    @property
+    def patch_hw(self) -> tuple[int, int]:
+        return to_2tuple(self.patch_size, "patch_size")
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        (h, w), (ph, pw) = self.image_hw, self.patch_hw
+        return h // ph, w // pw
+
+    @property
+    def num_patches(self) -> int:
+        gh, gw = self.grid_size
+        return gh * gw
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return int(self.class_token) + self.num_registers
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_prefix_tokens + self.num_patches
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        return self.mlp_dim if self.mlp_dim is not None else int(self.dim * self.mlp_ratio)
+
+    @property
+    def patch_dim(self) -> int:
+        """Length of one flattened patch, P*P*C (the tutorials' "token length")."""
+        ph, pw = self.patch_hw
+        return ph * pw * self.in_channels
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        def positive(name: str) -> None:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ConfigError(f"{name} must be a positive int, got {v!r}")
+
+        for name in ("in_channels", "dim", "depth", "num_heads"):
+            positive(name)
+        if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or self.num_classes < 0:
+            raise ConfigError(f"num_classes must be an int >= 0, got {self.num_classes!r}")
+        if self.num_registers < 0:
+            raise ConfigError(f"num_registers must be >= 0, got {self.num_registers}")
+        (h, w), (ph, pw) = self.image_hw, self.patch_hw
+        if h % ph or w % pw:
+            raise ConfigError(
+                f"image_size {h}x{w} is not divisible by patch_size {ph}x{pw} "
+                f"(remainder {h % ph}x{w % pw}); pick a size that is a multiple of the patch"
+            )
+        if self.dim % self.num_heads:
+            raise ConfigError(
+                f"dim={self.dim} must be divisible by num_heads={self.num_heads} "
+                f"(head_dim would be {self.dim / self.num_heads:.3g})"
+            )
+        if self.mlp_dim is not None and self.mlp_dim <= 0:
+            raise ConfigError(f"mlp_dim must be positive or None, got {self.mlp_dim}")
+        if self.mlp_dim is None and self.mlp_ratio <= 0:
+            raise ConfigError(f"mlp_ratio must be positive, got {self.mlp_ratio}")
+        for name in ("dropout", "attn_dropout", "drop_path", "head_dropout"):
+            v = getattr(self, name)
+            if not 0.0 <= v < 1.0:
+                raise ConfigError(f"{name} must be in [0, 1), got {v}")
+        _choice(self.act, ACTIVATIONS, "act")
+        _choice(self.head_act, ACTIVATIONS, "head_act")
+        _choice(self.pos_embed, POS_EMBEDS, "pos_embed")
+        _choice(self.pooling, POOLINGS, "pooling")
+        _choice(self.task, TASKS, "task")
+        _choice(self.patch_embed, PATCH_EMBEDS, "patch_embed")
+        if self.pooling == "cls" and not self.class_token:
+            raise ConfigError("pooling='cls' needs class_token=True; use pooling='mean' without a class token")
+        if self.pos_embed == "sincos2d" and self.dim % 4:
+            raise ConfigError(f"pos_embed='sincos2d' needs dim divisible by 4, got dim={self.dim}")
+        if self.pos_embed == "sincos1d" and self.dim % 2:
+            raise ConfigError(f"pos_embed='sincos1d' needs an even dim, got dim={self.dim}")
+        if self.fc_norm and not self.norm_first:
+            raise ConfigError("fc_norm=True is a pre-norm layout; it cannot be combined with norm_first=False")
+        if self.head_hidden_dim is not None and self.head_hidden_dim <= 0:
+            raise ConfigError(f"head_hidden_dim must be positive or None, got {self.head_hidden_dim}")
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["image_size"] = list(self.image_hw) if self.image_hw[0] != self.image_hw[1] else self.image_hw[0]
+        d["patch_size"] = list(self.patch_hw) if self.patch_hw[0] != self.patch_hw[1] else self.patch_hw[0]
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ViTConfig:
+        if not isinstance(data, dict):
+            raise ConfigError(f"a ViTConfig must be built from a dict, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = [k for k in data if k not in known]
+        if unknown:
+            msgs = []
+            for k in unknown:
+                close = difflib.get_close_matches(k, known, n=1)
+                msgs.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            raise ConfigError(f"unknown ViTConfig key(s): {', '.join(msgs)}")
+        return cls(**data)
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        text = json.dumps(self.to_dict(), indent=2)
+        if path is not None:
+            Path(path).write_text(text + "\n")
+        return text
+
+    @classmethod
+    def from_json(cls, text_or_path: str | Path) -> ViTConfig:
+        p = Path(text_or_path)
+        text = p.read_text() if (isinstance(text_or_path, Path) or p.suffix == ".json") else str(text_or_path)
+        return cls.from_dict(json.loads(text))
+
+    def replace(self, **overrides: Any) -> ViTConfig:
+        """A copy with some fields changed; unknown field names are a ConfigError."""
+        d = self.to_dict()
+        d.update(overrides)
+        return ViTConfig.from_dict(d)
+
+
+def _normalise_size(value: Any, name: str) -> int | tuple[int, int]:
+    h, w = to_2tuple(value, name)
+    return h if h == w else (h, w)
+
+
+# --------------------------------------------------------------------------- presets
+# (dim, depth, num_heads, mlp_dim). Ti/S: DeiT (Touvron et al. 2021); B/L/H: ViT paper Table 1.
+VARIANTS: dict[str, tuple[int, int, int, int]] = {
+    "tiny": (192, 12, 3, 768),
+    "small": (384, 12, 6, 1536),
+    "base": (768, 12, 12, 3072),
+    "large": (1024, 24, 16, 4096),
+    "huge": (1280, 32, 16, 5120),
+}
+PAPER_ABBREV = {"Ti": "tiny", "S": "small", "B": "base", "L": "large", "H": "huge"}
+
+# (variant, patch, image size) combinations that exist as published checkpoints (timm names).
+_PRESET_GRID: list[tuple[str, int, int]] = [
+    ("tiny", 16, 224), ("tiny", 16, 384),
+    ("small", 32, 224), ("small", 32, 384), ("small", 16, 224), ("small", 16, 384), ("small", 8, 224),
+    ("base", 32, 224), ("base", 32, 384), ("base", 16, 224), ("base", 16, 384), ("base", 8, 224),
+    ("base", 14, 224),
+    ("large", 32, 224), ("large", 32, 384), ("large", 16, 224), ("large", 16, 384), ("large", 14, 224),
+    ("huge", 14, 224), ("huge", 16, 224),
+]
+
+
+def _preset(variant: str, patch: int, size: int) -> ViTConfig:
+    dim, depth, heads, mlp = VARIANTS[variant]
+    name = f"vit_{variant}_patch{patch}_{size}"
+    return ViTConfig(image_size=size, patch_size=patch, dim=dim, depth=depth, num_heads=heads,
+                     mlp_dim=mlp, num_classes=1000, name=name)
+
+
+PRESETS: dict[str, ViTConfig] = {}
+for _v, _p, _s in _PRESET_GRID:
+    _c = _preset(_v, _p, _s)
+    PRESETS[_c.name] = _c  # type: ignore[index]
+
+_PAPER_NAME = re.compile(r"^vit-(ti|s|b|l|h)/(\d+)(?:[@_-](\d+))?$", re.IGNORECASE)
+
+
+def resolve_name(name: str) -> str:
+    """Canonical preset name for a timm-style or paper-style name ("ViT-B/16", "ViT-L/16@384")."""
+    if not isinstance(name, str):
+        raise ConfigError(f"a model name must be a string, got {type(name).__name__}")
+    key = name.strip()
+    if key in PRESETS:
+        return key
+    m = _PAPER_NAME.match(key)
+    if m:
+        abbrev = {"ti": "Ti", "s": "S", "b": "B", "l": "L", "h": "H"}[m.group(1).lower()]
+        size = m.group(3) or "224"
+        candidate = f"vit_{PAPER_ABBREV[abbrev]}_patch{m.group(2)}_{size}"
+        if candidate in PRESETS:
+            return candidate
+    lowered = key.lower().split(".")[0]  # timm pretrained tags: vit_base_patch16_224.augreg_in21k
+    if lowered in PRESETS:
+        return lowered
+    close = difflib.get_close_matches(lowered, list(PRESETS), n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    raise ConfigError(f"unknown model name {name!r}{hint} (see `vitkit models` for the list)")
+
+
+def get_config(name: str, **overrides: Any) -> ViTConfig:
+    """The preset's config with overrides applied (e.g. ``num_classes=10, image_size=32``)."""
+    base = PRESETS[resolve_name(name)]
+    return base.replace(**overrides) if overrides else base.replace()
+
+
+def list_models(pattern: str | None = None) -> list[str]:
+    """Preset names, optionally filtered by a shell-style pattern (``"vit_base*"``)."""
+    import fnmatch
+
+    names = list(PRESETS)
+    if pattern:
+        names = [n for n in names if fnmatch.fnmatch(n, pattern)]
+    return names
+
+
+__all__ = ["ViTConfig", "PRESETS", "VARIANTS", "get_config", "list_models", "resolve_name", "to_2tuple"]

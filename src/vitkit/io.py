@@ -1,0 +1,170 @@
+"""vitkit's own format: a directory with ``config.json`` and ``model.safetensors``. No pickle.
+
+``config.json`` holds ``{"format": "vitkit", "format_version": 1, "config": {ViTConfig fields},
+"preprocess": {...} | null, "labels": [...] | null, "pretrained_info": {...} | null}`` so a model
+can be rebuilt from its files alone. Files are written atomically (temporary file in the same
+directory, flush + fsync, rename), so a crash while saving never leaves a half-written file in
+place of a good one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import ViTConfig
+from .errors import CheckpointError
+
+FORMAT_VERSION = 1
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+def atomic_write(path: str | Path, write_fn) -> Path:
+    """Call ``write_fn(tmp_path)`` then fsync and rename onto ``path``; the old file survives a crash."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write_fn(tmp)
+        with open(tmp, "rb+") as f:
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        try:  # persist the rename itself
+            dfd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        except OSError:
+            pass
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def save_state_dict(state: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+    """Atomically write tensors as safetensors (contiguous CPU copies; shared storage is split)."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def save_pretrained(model, directory: str | Path, **extra: Any) -> Path:
+    """Write ``model`` (a :class:`vitkit.ViT`) to ``directory`` in vitkit's format."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "format": "vitkit",
+        "format_version": FORMAT_VERSION,
+        "config": model.config.to_dict(),
+        "preprocess": getattr(model, "preprocess_cfg", None),
+        "labels": getattr(model, "labels", None),
+        "pretrained_info": getattr(model, "pretrained_info", None),
+    }
+    meta.update(extra)
+    save_state_dict(model.state_dict(), directory / WEIGHTS_NAME, metadata={"format": "pt"})
+    atomic_write_text(directory / CONFIG_NAME, json.dumps(meta, indent=2, default=str) + "\n")
+    return directory
+
+
+def is_vitkit_dir(path: str | Path) -> bool:
+    p = Path(path)
+    cfg = p / CONFIG_NAME
+    if not (p.is_dir() and cfg.is_file() and (p / WEIGHTS_NAME).is_file()):
+        return False
+    try:
+        return json.loads(cfg.read_text()).get("format") == "vitkit"
+    except (OSError, ValueError):
+        return False
+
+
+def read_meta(directory: str | Path) -> dict[str, Any]:
+    cfg = Path(directory) / CONFIG_NAME
+    try:
+        meta = json.loads(cfg.read_text())
+    except FileNotFoundError as e:
+        raise CheckpointError(f"no {CONFIG_NAME} in {directory}") from e
+    except ValueError as e:
+        raise CheckpointError(f"{cfg} is not valid JSON: {e}") from e
+    if meta.get("format") != "vitkit" or "config" not in meta:
+        raise CheckpointError(f"{cfg} is not a vitkit config (expected 'format': 'vitkit' and a 'config' entry)")
+    return meta
+
+
+def load_safetensors(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device=str(device))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read safetensors file {path}: {e}") from e
+
+
+def load_model(directory: str | Path, device: str | torch.device = "cpu", strict: bool = True, **overrides: Any):
+    """Rebuild a :class:`vitkit.ViT` from a directory written by :func:`save_pretrained` (bit-exact)."""
+    from .model.vit import ViT
+
+    directory = resolve_model_dir(directory)
+    meta = read_meta(directory)
+    config = ViTConfig.from_dict(meta["config"])
+    if overrides:
+        config = config.replace(**overrides)
+    model = ViT(config)
+    state = load_safetensors(directory / WEIGHTS_NAME)
+    result = model.load_state_dict(state, strict=False)
+    if strict and (result.missing_keys or result.unexpected_keys):
+        raise CheckpointError(
+            f"{directory / WEIGHTS_NAME} does not match its config: missing {result.missing_keys}, "
+            f"unexpected {result.unexpected_keys}"
+        )
+    model.preprocess_cfg = meta.get("preprocess")
+    model.labels = meta.get("labels")
+    model.pretrained_info = meta.get("pretrained_info") or {"format": "vitkit", "source": str(directory)}
+    return model.to(device).eval()
+
+
+# --------------------------------------------------------------------------- run directories
+# `vitkit train` writes runs/<timestamp>/ with best/ and last/ in this format (see vitkit.train).
+RUNS_ROOT = "runs"
+
+
+def resolve_model_dir(path: str | Path) -> Path:
+    """A vitkit model directory from: the directory itself, its model.safetensors, or a training
+    run directory (its ``best/``, else ``last/``). Raises CheckpointError saying what was found."""
+    p = Path(path)
+    if p.is_file() and p.name in (WEIGHTS_NAME, CONFIG_NAME):
+        p = p.parent
+    if is_vitkit_dir(p):
+        return p
+    for sub in ("best", "last"):
+        if is_vitkit_dir(p / sub):
+            return p / sub
+    if not p.exists():
+        raise CheckpointError(f"{p}: no such file or directory")
+    raise CheckpointError(f"{p} is neither a vitkit model directory (config.json + model.safetensors) "
+                          "nor a training run (with best/ or last/)")
+
+
+def latest_run(root: str | Path = RUNS_ROOT) -> Path | None:
+    """The most recently modified training run under ``root`` that holds a model, or None."""
+    root = Path(root)
+    if not root.is_dir():
+        return None
+    runs = [d for d in root.iterdir() if d.is_dir() and (is_vitkit_dir(d / "best") or is_vitkit_dir(d / "last"))]
+    return max(runs, key=lambda d: d.stat().st_mtime) if runs else None

@@ -1,0 +1,12 @@
+"""The ViT model and its reusable layers (torch only)."""
+
+from .attention import Attention
+from .block import Block, DropPath, LayerScale, Mlp, make_act
+from .patch_embed import PatchEmbed, conv_to_linear_weight, linear_to_conv_weight, patchify
+from .pos_embed import resample_pos_embed, sincos_1d, sincos_2d
+from .vit import ViT
+
+__all__ = [
+    "Attention", "Block", "DropPath", "LayerScale", "Mlp", "make_act", "PatchEmbed", "conv_to_linear_weight",
+    "linear_to_conv_weight", "patchify", "resample_pos_embed", "sincos_1d", "sincos_2d", "ViT",
+]

@@ -1,0 +1,60 @@
+"""Multi-head self-attention with one fused qkv projection.
+
+    scores = (Q K^T) * scale,  scale = head_dim ** -0.5 (applied *before* the softmax)
+    A = softmax(scores, dim=-1)          # over the keys: every row sums to 1
+    out = proj(concat_heads(A V))
+
+Two of the tutorials get this wrong (softmax over the query axis; dividing by sqrt(D) after the
+softmax). The fast path calls ``F.scaled_dot_product_attention`` (fused kernels on CPU and GPU);
+``return_attention=True`` takes the explicit path and also returns A, (B, heads, N, N). The two
+paths are tested to give the same output.
+
+Input (B, N, D) -> output (B, N, D).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Attention(nn.Module):
+    """Args:
+    dim: token width D.
+    num_heads: heads; D must be divisible by it.
+    qkv_bias: bias on the fused qkv projection.
+    qk_scale: score scale, None = head_dim ** -0.5.
+    attn_drop: dropout on the attention weights (training only).
+    proj_drop: dropout after the output projection.
+    """
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, qk_scale: float | None = None,
+                 attn_drop: float = 0.0, proj_drop: float = 0.0) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = qk_scale if qk_scale is not None else self.head_dim**-0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.attn_drop = attn_drop
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop) if proj_drop > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, return_attention: bool = False):
+        B, N, D = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each (B, heads, N, head_dim)
+        dropout_p = self.attn_drop if self.training else 0.0
+        if return_attention:
+            attn = (q @ k.transpose(-2, -1)) * self.scale  # (B, heads, N, N)
+            attn = attn.softmax(dim=-1)  # over the keys
+            weights = attn
+            if dropout_p > 0:
+                attn = F.dropout(attn, p=dropout_p)
+            out = attn @ v  # (B, heads, N, head_dim)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=self.scale)
+            weights = None
+        out = out.transpose(1, 2).reshape(B, N, D)
+        out = self.proj_drop(self.proj(out))
+        return (out, weights) if return_attention else out

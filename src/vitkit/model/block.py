@@ -1,0 +1,139 @@
+"""Encoder block pieces: activations, MLP, stochastic depth, LayerScale, and the block itself.
+
+Pre-norm (paper, Eq. 2-3):   x = x + attn(norm1(x));  x = x + mlp(norm2(x))
+Post-norm (original Transformer, the Keras tutorial):   x = norm1(x + attn(x));  x = norm2(x + mlp(x))
+
+Input (B, N, D) -> output (B, N, D).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import ACTIVATIONS
+from ..errors import ConfigError
+from .attention import Attention
+
+
+class QuickGELU(nn.Module):
+    """x * sigmoid(1.702 x), CLIP's approximation of GELU."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+def make_act(name: str) -> nn.Module:
+    """Activation module by name; "gelu" is the exact (erf) GELU, "gelu_tanh" the tanh one."""
+    table = {
+        "gelu": lambda: nn.GELU(),
+        "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
+        "relu": lambda: nn.ReLU(),
+        "quick_gelu": lambda: QuickGELU(),
+        "silu": lambda: nn.SiLU(),
+        "tanh": lambda: nn.Tanh(),
+        "identity": lambda: nn.Identity(),
+    }
+    if name not in table:
+        raise ConfigError(f"unknown activation {name!r}; expected one of {list(ACTIVATIONS)}")
+    return table[name]()
+
+
+class Mlp(nn.Module):
+    """fc1 -> act -> dropout -> fc2 -> dropout. (B, N, D) -> (B, N, D).
+
+    The warm-up MLP of tutorial 1 forgets to feed the hidden layer's output onward; here the
+    hidden activation is the input of fc2, and a test checks that fc1 influences the output.
+    """
+
+    def __init__(self, dim: int, hidden_dim: int, act: str = "gelu", drop: float = 0.0) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = make_act(act)
+        self.drop1 = nn.Dropout(drop) if drop > 0 else nn.Identity()
+        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.drop2 = nn.Dropout(drop) if drop > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+
+
+def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Stochastic depth (Huang et al. 2016): drop the whole residual branch per sample."""
+    if p == 0.0 or not training:
+        return x
+    keep = 1.0 - p
+    mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+    return x * mask / keep
+
+
+class DropPath(nn.Module):
+    def __init__(self, p: float = 0.0) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return drop_path(x, self.p, self.training)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class LayerScale(nn.Module):
+    """Per-channel learnable residual scale (Touvron et al. 2021, CaiT), init ``init_value``."""
+
+    def __init__(self, dim: int, init_value: float = 1e-5) -> None:
+        super().__init__()
+        self.init_value = init_value
+        self.gamma = nn.Parameter(torch.full((dim,), float(init_value)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
+class Block(nn.Module):
+    """One Transformer encoder block.
+
+    Args:
+        dim, num_heads, hidden_dim: widths.
+        qkv_bias, qk_scale, attn_drop, proj_drop: see :class:`Attention`.
+        act: MLP activation name.
+        norm_eps: LayerNorm epsilon.
+        drop_path: stochastic-depth rate of this block.
+        layer_scale: LayerScale init value, None = off.
+        norm_first: pre-norm (True) or post-norm (False).
+    """
+
+    def __init__(self, dim: int, num_heads: int, hidden_dim: int, qkv_bias: bool = True,
+                 qk_scale: float | None = None, attn_drop: float = 0.0, proj_drop: float = 0.0,
+                 act: str = "gelu", norm_eps: float = 1e-6, drop_path: float = 0.0,
+                 layer_scale: float | None = None, norm_first: bool = True) -> None:
+        super().__init__()
+        self.norm_first = norm_first
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, qk_scale=qk_scale, attn_drop=attn_drop,
+                              proj_drop=proj_drop)
+        self.ls1 = LayerScale(dim, layer_scale) if layer_scale is not None else nn.Identity()
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = Mlp(dim, hidden_dim, act=act, drop=proj_drop)
+        self.ls2 = LayerScale(dim, layer_scale) if layer_scale is not None else nn.Identity()
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, return_attention: bool = False):
+        attn_w = None
+        if self.norm_first:
+            if return_attention:
+                a, attn_w = self.attn(self.norm1(x), return_attention=True)
+            else:
+                a = self.attn(self.norm1(x))
+            x = x + self.drop_path1(self.ls1(a))
+            x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        else:
+            if return_attention:
+                a, attn_w = self.attn(x, return_attention=True)
+            else:
+                a = self.attn(x)
+            x = self.norm1(x + self.drop_path1(self.ls1(a)))
+            x = self.norm2(x + self.drop_path2(self.ls2(self.mlp(x))))
+        return (x, attn_w) if return_attention else x

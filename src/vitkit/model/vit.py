@@ -1,0 +1,284 @@
+"""The Vision Transformer (Dosovitskiy et al., "An Image is Worth 16x16 Words", ICLR 2021).
+
+Data flow (names are the public stages)::
+
+    image (B, C, H, W)
+      -> patch_embed               (B, N, D)      N = (H/ph) * (W/pw)
+      -> + prefix tokens           (B, R+N, D)    class token and/or register tokens
+      -> + position embedding      (B, R+N, D)    learned | sincos1d | sincos2d | none
+      -> blocks x depth            (B, R+N, D)
+      -> norm                      (B, R+N, D)    = forward_features(x)
+      -> pool (+ fc_norm)          (B, D)         class token | mean of the patch tokens
+      -> pre_logits (optional)     (B, D')        paper's representation layer (tanh)
+      -> head                      (B, K)         = forward(x)
+
+Parameter names follow timm's ``VisionTransformer`` (``cls_token``, ``pos_embed``,
+``blocks.N.attn.qkv``, ...), so the weights of the most common checkpoints map one to one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import ViTConfig
+from ..errors import ConfigError, InputError
+from .block import Block, make_act
+from .patch_embed import PatchEmbed
+from .pos_embed import resample_pos_embed, sincos_1d, sincos_2d
+
+
+class ViT(nn.Module):
+    """A Vision Transformer built from a :class:`~vitkit.ViTConfig`.
+
+    ``model(x)`` gives logits (B, num_classes) (or pooled features when num_classes == 0);
+    ``model(x, return_attention=True)`` gives ``(logits, [attention (B, heads, T, T) per layer])``.
+    """
+
+    def __init__(self, config: ViTConfig | None = None, **overrides: Any) -> None:
+        super().__init__()
+        if config is None:
+            config = ViTConfig(**overrides)
+        elif overrides:
+            config = config.replace(**overrides)
+        if not isinstance(config, ViTConfig):
+            raise ConfigError(f"ViT expects a ViTConfig, got {type(config).__name__}")
+        self.config = c = config
+        D = c.dim
+        self.num_prefix_tokens = c.num_prefix_tokens
+        self.pretrained_info: dict[str, Any] | None = None  # filled by the weight loaders
+        self.preprocess_cfg: dict[str, Any] | None = None  # mean/std/size/crop..., see vitkit.interop
+        self.labels: list[str] | None = None
+
+        self.patch_embed = PatchEmbed(c.image_hw, c.patch_hw, c.in_channels, D, mode=c.patch_embed)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, D)) if c.class_token else None
+        self.reg_token = nn.Parameter(torch.zeros(1, c.num_registers, D)) if c.num_registers else None
+        if c.pos_embed == "learned":
+            rows = c.num_patches + (c.num_prefix_tokens if c.pos_embed_prefix else 0)
+            self.pos_embed = nn.Parameter(torch.zeros(1, rows, D))
+        else:
+            self.register_buffer("pos_embed", self._fixed_pos_embed(), persistent=False)
+        self.pos_drop = nn.Dropout(c.dropout) if c.dropout > 0 else nn.Identity()
+
+        # stochastic depth rises linearly from 0 to drop_path (plain Python: works on the meta device)
+        rates = [c.drop_path * i / (c.depth - 1) for i in range(c.depth)] if c.depth > 1 else [c.drop_path]
+        self.blocks = nn.ModuleList(
+            Block(D, c.num_heads, c.hidden_dim, qkv_bias=c.qkv_bias, qk_scale=c.qk_scale,
+                  attn_drop=c.attn_dropout, proj_drop=c.dropout, act=c.act, norm_eps=c.norm_eps,
+                  drop_path=rates[i], layer_scale=c.layer_scale, norm_first=c.norm_first)
+            for i in range(c.depth)
+        )
+        # Post-norm blocks end in a norm already; timm's mean-pool layout moves it after pooling.
+        self.norm = nn.LayerNorm(D, eps=c.norm_eps) if c.norm_first and not c.fc_norm else nn.Identity()
+        self.fc_norm = nn.LayerNorm(D, eps=c.norm_eps) if c.fc_norm else nn.Identity()
+        if c.head_hidden_dim:
+            self.pre_logits = nn.Sequential()
+            self.pre_logits.add_module("fc", nn.Linear(D, c.head_hidden_dim))
+            self.pre_logits.add_module("act", make_act(c.head_act))
+            head_in = c.head_hidden_dim
+        else:
+            self.pre_logits = nn.Identity()
+            head_in = D
+        self.head_drop = nn.Dropout(c.head_dropout) if c.head_dropout > 0 else nn.Identity()
+        self.head = nn.Linear(head_in, c.num_classes) if c.num_classes > 0 else nn.Identity()
+        self.init_weights()
+
+    # ------------------------------------------------------------------ construction helpers
+    def _fixed_pos_embed(self) -> torch.Tensor | None:
+        c = self.config
+        if c.pos_embed == "sincos1d":  # over token index, prefix tokens included (tutorial 2)
+            return sincos_1d(c.num_tokens, c.dim)[None]
+        if c.pos_embed == "sincos2d":  # over the patch grid; prefix tokens get none
+            return sincos_2d(c.grid_size, c.dim)[None]
+        return None
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """ViT/DeiT init: trunc-normal(0.02) linear/conv weights and learned embeddings, zero
+        biases, LayerNorm ones and zeros, LayerScale at its init value."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        for p in (self.cls_token, self.reg_token):
+            if p is not None:
+                nn.init.trunc_normal_(p, std=0.02)
+        if isinstance(self.pos_embed, nn.Parameter):
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names that must not be weight-decayed (besides all norms and biases)."""
+        names = {"cls_token", "reg_token", "pos_embed"}
+        return {n for n, _ in self.named_parameters() if n in names}
+
+    def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+        """Two optimizer groups: decayed matrices, and undecayed norms/biases/embeddings/tokens."""
+        skip = self.no_weight_decay()
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            (no_decay if p.ndim <= 1 or name in skip else decay).append(p)
+        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        return self.patch_embed.grid_size
+
+    # ------------------------------------------------------------------ forward stages
+    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, N, D) patch tokens -> (B, R+N, D) with prefix tokens and position embedding."""
+        B = x.shape[0]
+        prefix = []
+        if self.cls_token is not None:
+            prefix.append(self.cls_token.expand(B, -1, -1))
+        if self.reg_token is not None:
+            prefix.append(self.reg_token.expand(B, -1, -1))
+        pos = self.pos_embed
+        covers_prefix = pos is not None and pos.shape[1] == x.shape[1] + self.num_prefix_tokens
+        if pos is not None and not covers_prefix:
+            x = x + pos  # table over the patches only (sincos2d, timm no_embed_class)
+        if prefix:
+            x = torch.cat(prefix + [x], dim=1)
+        if covers_prefix:
+            x = x + pos
+        return self.pos_drop(x)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Image (B, C, H, W) -> tokens entering the first block (B, R+N, D)."""
+        self.patch_embed.check_input(x)
+        return self._pos_embed(self.patch_embed(x))
+
+    def forward_features(self, x: torch.Tensor, return_attention: bool = False):
+        """Image -> all tokens after the final norm (B, R+N, D) [, list of attention maps]."""
+        x = self.embed(x)
+        attns = []
+        for blk in self.blocks:
+            if return_attention:
+                x, a = blk(x, return_attention=True)
+                attns.append(a)
+            else:
+                x = blk(x)
+        x = self.norm(x)
+        return (x, attns) if return_attention else x
+
+    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, R+N, D) -> (B, D): the class token, or the mean of the patch tokens."""
+        if self.config.pooling == "cls":
+            x = tokens[:, 0]
+        else:
+            x = tokens[:, self.num_prefix_tokens:].mean(dim=1)
+        return self.fc_norm(x)
+
+    def forward_head(self, tokens: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Tokens (B, R+N, D) -> logits (B, K), or the pooled pre-logits features if asked."""
+        if tokens.ndim != 3:
+            raise InputError(f"forward_head expects tokens (B, T, D), got shape {tuple(tokens.shape)}")
+        x = self.head_drop(self.pre_logits(self.pool(tokens)))
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor, return_attention: bool = False):
+        if return_attention:
+            tokens, attns = self.forward_features(x, return_attention=True)
+            return self.forward_head(tokens), attns
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | tuple[int, ...] | None = None,
+        *,
+        norm: bool = False,
+        reshape: bool = False,
+        return_prefix_tokens: bool = False,
+        intermediates_only: bool = False,
+    ):
+        """Outputs of chosen blocks, as timm's ``forward_intermediates``.
+
+        Args:
+            indices: an int n = the last n blocks; a list = those block indices (negative
+                counts from the end); None = all blocks.
+            norm: apply the final norm to each intermediate.
+            reshape: return patch tokens as a feature map (B, D, gh, gw) instead of (B, R+N, D).
+            return_prefix_tokens: with ``reshape``, also return the prefix tokens (B, R, D).
+            intermediates_only: return only the list, skipping the rest of the network.
+
+        Returns ``(final_tokens, intermediates)`` or just ``intermediates``.
+        """
+        depth = len(self.blocks)
+        if indices is None:
+            take = list(range(depth))
+        elif isinstance(indices, int):
+            if not 0 < indices <= depth:
+                raise InputError(f"indices={indices}: expected 1..{depth} (the last n blocks)")
+            take = list(range(depth - indices, depth))
+        else:
+            take = []
+            for i in indices:
+                j = i + depth if i < 0 else i
+                if not 0 <= j < depth:
+                    raise InputError(f"block index {i} out of range for depth {depth}")
+                take.append(j)
+        wanted, last = set(take), max(take)
+        outs: dict[int, torch.Tensor] = {}
+        x = self.embed(x)
+        for i, blk in enumerate(self.blocks):
+            x = blk(x)
+            if i in wanted:
+                outs[i] = self.norm(x) if norm else x
+            if intermediates_only and i == last:
+                break
+        inter = [outs[i] for i in take]
+        if reshape:
+            gh, gw = self.grid_size
+            R = self.num_prefix_tokens
+            maps = [t[:, R:].transpose(1, 2).reshape(t.shape[0], -1, gh, gw) for t in inter]
+            inter = list(zip(maps, [t[:, :R] for t in inter])) if return_prefix_tokens else maps
+        if intermediates_only:
+            return inter
+        return self.norm(x), inter
+
+    # ------------------------------------------------------------------ resolution change
+    def set_image_size(self, image_size) -> None:
+        """Change the input resolution in place: learned tables are resampled (bicubic),
+        sin/cos tables recomputed. The patch size stays."""
+        old = self.config
+        new = old.replace(image_size=image_size)  # validates divisibility
+        self.patch_embed.set_image_size(new.image_hw)
+        self.config = new
+        if isinstance(self.pos_embed, nn.Parameter):
+            prefix = old.num_prefix_tokens if self.pos_embed.shape[1] != old.num_patches else 0
+            with torch.no_grad():
+                table = resample_pos_embed(self.pos_embed.data, new.grid_size, old.grid_size,
+                                           num_prefix_tokens=prefix)
+            self.pos_embed = nn.Parameter(table)
+        elif self.pos_embed is not None:
+            self.pos_embed = self._fixed_pos_embed().to(self.pos_embed.device)
+
+    @property
+    def preprocess(self):
+        """The torchvision v2 eval transform these weights expect (PIL image -> input tensor)."""
+        from ..data.transforms import default_preprocess, eval_transform
+
+        return eval_transform(self.preprocess_cfg or default_preprocess(self.config))
+
+    # ------------------------------------------------------------------ persistence
+    def save_pretrained(self, directory, **kwargs: Any):
+        """Write ``config.json`` + ``model.safetensors`` (no pickle); see :func:`vitkit.io.save_pretrained`."""
+        from ..io import save_pretrained
+
+        return save_pretrained(self, directory, **kwargs)
+
+    def num_params(self, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (f"name={c.name}, image={c.image_hw}, patch={c.patch_hw}, dim={c.dim}, depth={c.depth}, "
+                f"heads={c.num_heads}, tokens={c.num_tokens}")
