@@ -38,7 +38,7 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.attn_drop = attn_drop
         self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop) if proj_drop > 0 else nn.Identity()
+        self.proj_drop = nn.Dropout(proj_drop) if proj_drop > 0 else None
 
     def forward(self, x: torch.Tensor, return_attention: bool = False):
         B, N, D = x.shape
@@ -56,5 +56,7 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=self.scale)
             weights = None
         out = out.transpose(1, 2).reshape(B, N, D)
-        out = self.proj_drop(self.proj(out))
+        out = self.proj(out)
+        if self.proj_drop is not None:
+            out = self.proj_drop(out)
         return (out, weights) if return_attention else out

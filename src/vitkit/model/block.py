@@ -50,12 +50,14 @@ class Mlp(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden_dim)
         self.act = make_act(act)
-        self.drop1 = nn.Dropout(drop) if drop > 0 else nn.Identity()
         self.fc2 = nn.Linear(hidden_dim, dim)
-        self.drop2 = nn.Dropout(drop) if drop > 0 else nn.Identity()
+        self.drop = nn.Dropout(drop) if drop > 0 else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+        h = self.act(self.fc1(x))  # (B, N, hidden): the hidden output feeds fc2
+        if self.drop is not None:
+            return self.drop(self.fc2(self.drop(h)))
+        return self.fc2(h)
 
 
 def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -113,27 +115,34 @@ class Block(nn.Module):
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, qk_scale=qk_scale, attn_drop=attn_drop,
                               proj_drop=proj_drop)
-        self.ls1 = LayerScale(dim, layer_scale) if layer_scale is not None else nn.Identity()
-        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        # Optional pieces are None when off (not Identity): the hot path then makes no call at all.
+        self.ls1 = LayerScale(dim, layer_scale) if layer_scale is not None else None
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else None
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = Mlp(dim, hidden_dim, act=act, drop=proj_drop)
-        self.ls2 = LayerScale(dim, layer_scale) if layer_scale is not None else nn.Identity()
-        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.ls2 = LayerScale(dim, layer_scale) if layer_scale is not None else None
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else None
+
+    @staticmethod
+    def _branch(y: torch.Tensor, ls: LayerScale | None, dp: DropPath | None) -> torch.Tensor:
+        if ls is not None:
+            y = ls(y)
+        if dp is not None:
+            y = dp(y)
+        return y
 
     def forward(self, x: torch.Tensor, return_attention: bool = False):
         attn_w = None
-        if self.norm_first:
-            if return_attention:
-                a, attn_w = self.attn(self.norm1(x), return_attention=True)
-            else:
-                a = self.attn(self.norm1(x))
-            x = x + self.drop_path1(self.ls1(a))
-            x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        h = self.norm1(x) if self.norm_first else x
+        if return_attention:
+            a, attn_w = self.attn(h, return_attention=True)
         else:
-            if return_attention:
-                a, attn_w = self.attn(x, return_attention=True)
-            else:
-                a = self.attn(x)
-            x = self.norm1(x + self.drop_path1(self.ls1(a)))
-            x = self.norm2(x + self.drop_path2(self.ls2(self.mlp(x))))
+            a = self.attn(h)
+        a = self._branch(a, self.ls1, self.drop_path1)
+        if self.norm_first:
+            x = x + a
+            x = x + self._branch(self.mlp(self.norm2(x)), self.ls2, self.drop_path2)
+        else:
+            x = self.norm1(x + a)
+            x = self.norm2(x + self._branch(self.mlp(x), self.ls2, self.drop_path2))
         return (x, attn_w) if return_attention else x

@@ -1,0 +1,214 @@
+"""Throughput benchmark: vitkit against timm, same architecture, same run, as a ratio.
+
+Method: both models get identical weights (timm's state dict loads into vitkit one to one), are
+warmed up, then timed in *interleaved* rounds (vitkit, timm, timm, vitkit, ...) so that drift in
+machine load hits both alike. Reported: the median over rounds of images/s (inference) or of
+step time (forward + cross-entropy + backward + AdamW step, same optimizer settings for both).
+On CUDA, MFU = achieved FLOP/s / the device's peak dense FLOP/s for the dtype.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..config import ViTConfig
+from ..errors import ConfigError
+from .flops import count_flops
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# Peak dense tensor-core FLOP/s by (device-name fragment, dtype); fp32 uses TF32 peaks.
+PEAK_FLOPS = {
+    ("H200", "bf16"): 989e12, ("H200", "fp16"): 989e12, ("H200", "fp32"): 494e12,
+    ("H100", "bf16"): 989e12, ("H100", "fp16"): 989e12, ("H100", "fp32"): 494e12,
+    ("A100", "bf16"): 312e12, ("A100", "fp16"): 312e12, ("A100", "fp32"): 156e12,
+    ("L4", "bf16"): 121e12, ("L4", "fp16"): 121e12, ("L4", "fp32"): 60e12,
+}
+
+
+@dataclass
+class BenchResult:
+    name: str
+    impl: str
+    batch_size: int
+    dtype: str
+    device: str
+    mode: str  # "inference" | "train"
+    compiled: bool
+    times_s: list[float] = field(repr=False)
+    median_s: float = 0.0
+    images_per_s: float = 0.0
+    tflops: float = 0.0
+    mfu: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("times_s")
+        return d
+
+
+def peak_flops(device: torch.device, dtype: str) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for (frag, dt), peak in PEAK_FLOPS.items():
+        if frag in name and dt == dtype:
+            return peak
+    return None
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, train: bool, dtype: str,
+              device: torch.device) -> Callable[[], None]:
+    """One benchmark step as a closure: inference forward, or forward+backward+AdamW."""
+    amp = (torch.autocast(device.type, dtype=DTYPES[dtype]) if dtype != "fp32"
+           else contextlib.nullcontext())
+    if not train:
+        model.eval()
+
+        def infer() -> None:
+            with torch.inference_mode(), amp:
+                model(x)
+
+        return infer
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
+    scaler = torch.amp.GradScaler(device.type) if dtype == "fp16" else None
+    loss_fn = nn.CrossEntropyLoss()
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        with amp:
+            loss = loss_fn(model(x), y)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        else:
+            loss.backward()
+            opt.step()
+
+    return step
+
+
+def time_steps(steps: dict[str, Callable[[], None]], device: torch.device, warmup: int, runs: int,
+               progress: bool = False) -> dict[str, list[float]]:
+    """Warm up each step, then time them in interleaved rounds (order alternates per round)."""
+    for fn in steps.values():
+        for _ in range(warmup):
+            fn()
+    _sync(device)
+    names = list(steps)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    rounds = range(runs)
+    if progress:
+        from tqdm import tqdm
+
+        rounds = tqdm(rounds, desc="timing", unit="round", leave=False)
+    for r in rounds:
+        for n in (names if r % 2 == 0 else names[::-1]):
+            _sync(device)
+            t0 = time.perf_counter()
+            steps[n]()
+            _sync(device)
+            times[n].append(time.perf_counter() - t0)
+    return times
+
+
+def timm_equivalent(config: ViTConfig):
+    """The same architecture built by timm, or None when timm is absent or cannot express it."""
+    try:
+        import timm  # noqa: F401
+        from timm.models.vision_transformer import VisionTransformer
+    except ImportError:
+        return None
+    c = config
+    if (c.pos_embed != "learned" or not c.norm_first or c.head_hidden_dim or c.patch_embed != "conv"
+            or c.task != "classification" or c.act not in ("gelu", "gelu_tanh")):
+        return None
+    act = None
+    if c.act == "gelu_tanh":
+        from functools import partial
+
+        act = partial(nn.GELU, approximate="tanh")
+    kw = dict(img_size=c.image_hw, patch_size=c.patch_hw, in_chans=c.in_channels, num_classes=c.num_classes,
+              embed_dim=c.dim, depth=c.depth, num_heads=c.num_heads, mlp_ratio=c.hidden_dim / c.dim,
+              qkv_bias=c.qkv_bias, class_token=c.class_token, reg_tokens=c.num_registers,
+              no_embed_class=not c.pos_embed_prefix, global_pool="token" if c.pooling == "cls" else "avg",
+              fc_norm=c.fc_norm, init_values=c.layer_scale, drop_path_rate=c.drop_path,
+              drop_rate=c.head_dropout, proj_drop_rate=c.dropout, attn_drop_rate=c.attn_dropout,
+              pos_drop_rate=c.dropout)
+    if act is not None:
+        kw["act_layer"] = act
+    if c.pooling == "mean" and not c.fc_norm:
+        return None  # timm's avg pooling always uses its own norm layout
+    from functools import partial
+
+    kw["norm_layer"] = partial(nn.LayerNorm, eps=c.norm_eps)
+    return VisionTransformer(**kw)
+
+
+def run_benchmark(
+    name: str | ViTConfig,
+    batch_size: int = 8,
+    dtype: str = "fp32",
+    device: str = "cpu",
+    train: bool = False,
+    compile: bool = False,
+    warmup: int = 3,
+    runs: int = 10,
+    compare_timm: bool = True,
+    progress: bool = False,
+    **overrides: Any,
+) -> list[BenchResult]:
+    """Time vitkit (and timm, when installed) on one configuration; returns one result per impl."""
+    from .. import create_model
+
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    if batch_size <= 0 or runs <= 0 or warmup < 0:
+        raise ConfigError("batch_size and runs must be positive and warmup >= 0")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' requested but CUDA is not available")
+    torch.manual_seed(0)
+    model = create_model(name, **overrides)
+    c = model.config
+    models: dict[str, nn.Module] = {"vitkit": model}
+    if compare_timm:
+        ref = timm_equivalent(c)
+        if ref is not None:
+            ref.load_state_dict(model.state_dict())  # identical weights (names match by design)
+            models["timm"] = ref
+    x = torch.randn(batch_size, c.in_channels, *c.image_hw, device=dev)
+    y = torch.randint(0, max(c.num_classes, 1), (batch_size,), device=dev)
+    steps = {}
+    for impl, m in models.items():
+        m = m.to(dev)
+        if compile:
+            m = torch.compile(m)
+        steps[impl] = make_step(m, x, y, train, dtype, dev)
+    times = time_steps(steps, dev, warmup, runs, progress=progress)
+    flops_per_image = count_flops(c)["flops"] * (3.0 if train else 1.0)
+    peak = peak_flops(dev, dtype)
+    results = []
+    for impl, ts in times.items():
+        med = statistics.median(ts)
+        ips = batch_size / med
+        achieved = flops_per_image * ips
+        results.append(BenchResult(
+            name=c.name or "custom", impl=impl, batch_size=batch_size, dtype=dtype, device=dev.type,
+            mode="train" if train else "inference", compiled=compile, times_s=ts, median_s=med,
+            images_per_s=ips, tflops=achieved / 1e12, mfu=(achieved / peak) if peak else None))
+    return results

@@ -1,0 +1,71 @@
+"""vitkit bench: images/s or training-step time, against timm in the same run."""
+
+from __future__ import annotations
+
+HELP = "measure inference throughput or training-step time, compared with timm in the same run"
+DESCRIPTION = (
+    "Times vitkit and (when installed) the same architecture from timm with identical weights, "
+    "warmed up and interleaved round by round, and reports medians and the vitkit/timm ratio. "
+    "Inference reports images/s (higher is better); --train reports the time of one step of "
+    "forward + cross-entropy + backward + AdamW (lower is better). On CUDA, MFU is reported too."
+)
+
+
+def add_arguments(p) -> None:
+    p.add_argument("name", nargs="?", default="vit_small_patch16_224",
+                   help="preset name (see `vitkit models`), e.g. vit_base_patch16_224 or ViT-B/16")
+    p.add_argument("--batch-size", type=int, nargs="+", default=[8],
+                   help="batch size(s); several values run one benchmark each")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="compute dtype (bf16/fp16 through torch.autocast)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--compile", action="store_true", help="torch.compile both models before timing")
+    p.add_argument("--train", action="store_true", help="time a training step instead of inference")
+    p.add_argument("--warmup", type=int, default=3, help="untimed warm-up steps per model")
+    p.add_argument("--runs", type=int, default=10, help="timed rounds per model (the median is reported)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--no-timm", action="store_true", help="do not run the timm comparison")
+    p.add_argument("--image-size", type=int, default=None, help="override the preset's input size")
+    p.add_argument("--num-classes", type=int, default=None, help="override the number of classes")
+    p.add_argument("--json", action="store_true", help="print results as JSON lines")
+
+
+def run(args) -> int:
+    import json
+    import platform
+
+    import torch
+
+    from ..bench.throughput import run_benchmark
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    overrides = {k: v for k, v in {"image_size": args.image_size, "num_classes": args.num_classes}.items()
+                 if v is not None}
+    mode = "train step" if args.train else "inference"
+    if not args.json:
+        dev = args.device
+        if dev.startswith("cuda") and torch.cuda.is_available():
+            dev = torch.cuda.get_device_name(torch.device(args.device))
+        print(f"# {args.name} {mode}, {args.dtype}, device {dev}, torch {torch.__version__}, "
+              f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+        print(f"{'impl':<8}{'batch':>6}{'median ms':>11}{'img/s':>10}{'TFLOP/s':>9}{'MFU':>7}   ratio vitkit/timm")
+    for bs in args.batch_size:
+        results = run_benchmark(args.name, batch_size=bs, dtype=args.dtype, device=args.device, train=args.train,
+                                compile=args.compile, warmup=args.warmup, runs=args.runs,
+                                compare_timm=not args.no_timm, progress=not args.json, **overrides)
+        by = {r.impl: r for r in results}
+        ratio = by["vitkit"].images_per_s / by["timm"].images_per_s if "timm" in by else None
+        for r in results:
+            if args.json:
+                d = r.to_dict()
+                d["ratio_vs_timm"] = ratio
+                print(json.dumps(d))
+                continue
+            mfu = f"{100 * r.mfu:6.1f}%" if r.mfu is not None else "     -"
+            tail = f"   {ratio:.3f}" if (ratio is not None and r.impl == "vitkit") else ""
+            print(f"{r.impl:<8}{r.batch_size:>6}{1000 * r.median_s:>11.2f}{r.images_per_s:>10.1f}"
+                  f"{r.tflops:>9.3f}{mfu:>7}{tail}")
+    if not args.json:
+        print("ratio = vitkit images/s / timm images/s (> 1: vitkit faster); medians of interleaved rounds")
+    return 0
