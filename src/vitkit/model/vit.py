@@ -275,6 +275,13 @@ class ViT(nn.Module):
 
         return save_pretrained(self, directory, **kwargs)
 
+    def export_to(self, format: str, path, **kwargs: Any):
+        """Export to "timm" | "hf" | "torchvision" | "jax" | "onnx" | "torchscript" | "vitkit";
+        see :mod:`vitkit.interop.export`."""
+        from ..interop.export import export_to
+
+        return export_to(self, format, path, **kwargs)
+
     def num_params(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 

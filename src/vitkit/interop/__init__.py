@@ -1,0 +1,173 @@
+"""Load and save ViT weights from and to the formats people have: vitkit's own, timm, Hugging
+Face transformers, torchvision, Google's JAX ``.npz`` (vision_transformer and big_vision), and
+hub ids. One entry point, :func:`from_pretrained`, which detects the format, says what it found,
+builds the model from the checkpoint's own config (or from its tensor shapes), loads every tensor
+through a strict name-and-shape check, and attaches preprocessing and labels.
+
+    model = vitkit.from_pretrained("vit_base_patch16_224.pth")          # timm state dict
+    model = vitkit.from_pretrained("google/vit-base-patch16-224")       # hub id (cached)
+    model = vitkit.from_pretrained("ckpt.npz", image_size=384)          # JAX, pos table resampled
+    model.export_to("onnx", "vit.onnx")
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from ..config import ViTConfig, get_config
+from ..errors import CheckpointError, ConfigError
+from .common import Converted, LoadReport, adapt_state, load_into, read_state_dict
+
+log = logging.getLogger("vitkit.interop")
+
+FORMATS = ("vitkit", "timm", "hf", "torchvision", "jax")
+_ADAPT = ("image_size", "num_classes", "in_channels")
+
+
+def detect_format(path: str | Path) -> str:
+    """Name the format of a local file or directory from its files and keys (never guesses)."""
+    from ..io import is_vitkit_dir
+    from . import hf, jax, timm, torchvision
+
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"{p}: no such file or directory")
+    if p.is_dir():
+        if is_vitkit_dir(p) or is_vitkit_dir(p / "best") or is_vitkit_dir(p / "last"):
+            return "vitkit"
+        if timm.is_timm_dir(p):
+            return "timm"
+        if hf.is_hf_dir(p):
+            return "hf"
+        raise CheckpointError(
+            f"{p}: cannot tell the checkpoint format: expected a vitkit dir (config.json with format 'vitkit'), "
+            "a run dir with best/ or last/, a timm hub dir (config.json with 'architecture' and "
+            "'pretrained_cfg') or a Hugging Face ViT dir (config.json with model_type 'vit')"
+        )
+    if p.name in ("config.json", "model.safetensors", "pytorch_model.bin") and p.parent != p:
+        try:
+            return detect_format(p.parent)
+        except CheckpointError:
+            pass
+    if p.suffix == ".npz":
+        return "jax"
+    keys = list(read_state_dict(p))
+    if torchvision.looks_like_torchvision(keys):
+        return "torchvision"
+    if timm.looks_like_timm(keys):
+        return "timm"
+    if any(".attention.attention.query" in k or ".attention.q_proj" in k for k in keys):
+        return "hf"
+    if jax.looks_like_jax(keys):
+        return "jax"
+    raise CheckpointError(f"{p}: cannot tell the checkpoint format from its {len(keys)} tensor names "
+                          f"(first: {keys[:4]}); pass format= one of {FORMATS}")
+
+
+def _arch_config(arch: Any) -> ViTConfig | None:
+    if arch is None or isinstance(arch, ViTConfig):
+        return arch
+    return get_config(arch)
+
+
+def convert_source(source: str | Path, format: str | None = None, arch: Any = None,
+                   hints: dict[str, Any] | None = None) -> Converted:
+    """Read any non-vitkit source into a :class:`~vitkit.interop.common.Converted` bundle."""
+    from . import hf, jax, timm, torchvision
+
+    fmt = format or detect_format(source)
+    readers = {"timm": timm.convert, "hf": hf.convert, "torchvision": torchvision.convert, "jax": jax.convert}
+    if fmt not in readers:
+        raise ConfigError(f"format must be one of {FORMATS}, got {fmt!r}")
+    p = Path(source)
+    if fmt == "hf" and p.is_file() and p.suffix != ".json":
+        if not (p.parent / "config.json").is_file():
+            raise CheckpointError(f"{p}: a Hugging Face weight file needs its config.json next to it")
+    return readers[fmt](source, _arch_config(arch), hints)
+
+
+def from_pretrained(source, arch: Any = None, format: str | None = None, strict: bool = True,
+                    image_size=None, num_classes: int | None = None, in_channels: int | None = None,
+                    device: str = "cpu", **overrides: Any):
+    """Load a :class:`vitkit.ViT` from any supported source.
+
+    Args:
+        source: a vitkit model dir / run dir / its model.safetensors; a timm state dict
+            (.safetensors, .pth, .bin) or timm hub dir; a Hugging Face ViT dir; a torchvision
+            state dict; a JAX ``.npz``; or a hub id (``google/vit-base-patch16-224``).
+        arch: preset name or ViTConfig for what the weights cannot tell (number of heads,
+            non-square grid). Shapes always win over ``arch`` for what they do tell.
+        format: force one of "vitkit", "timm", "hf", "torchvision", "jax" (default: detect).
+        strict: raise CheckpointError listing missing / unexpected / mis-shaped tensors.
+        image_size: load at another resolution (the position table is resampled, bicubic).
+        num_classes: another class count (the head is re-initialised; a warning says so).
+        in_channels: 1 for grey input from an RGB checkpoint (patch kernels summed over RGB).
+        **overrides: other ViTConfig fields (num_heads, act, norm_eps, drop_path, dropout...).
+
+    The returned model (eval mode) carries ``pretrained_info`` (format, source, load report),
+    ``preprocess_cfg`` and ``labels``.
+    """
+    from ..io import load_model
+    from ..model.vit import ViT
+    from .hub import download, looks_like_hub_id
+    from .labels import default_labels
+
+    src = str(source)
+    info: dict[str, Any] = {}
+    if looks_like_hub_id(src):
+        info["hub_id"] = src
+        source = download(src)
+        log.info("hub id %s resolved to %s", src, source)
+    fmt = format or detect_format(source)
+    if fmt not in FORMATS:
+        raise ConfigError(f"format must be one of {FORMATS}, got {fmt!r}")
+    adapt = {k: v for k, v in (("image_size", image_size), ("num_classes", num_classes),
+                               ("in_channels", in_channels)) if v is not None}
+    if fmt == "vitkit":
+        model = load_model(source, strict=strict, **overrides)
+        conv = Converted(config=model.config, state=model.state_dict(), format="vitkit", source=str(source),
+                         preprocess=model.preprocess_cfg, labels=model.labels)
+        base_info = dict(model.pretrained_info or {})
+    else:
+        conv = convert_source(source, fmt, arch, hints={**overrides, **adapt})
+        if overrides:
+            conv.config = conv.config.replace(**overrides)
+        base_info = {}
+    report = LoadReport(source=src, format=fmt, notes=list(conv.notes))
+    report.unexpected.extend(conv.unexpected)
+    target = conv.config.replace(**adapt) if adapt else conv.config
+    state, skip = adapt_state(conv.state, conv.config, target, report.notes)
+    model = ViT(target)
+    load_into(model, state, report, strict=strict, skip_missing=skip)
+    log.info("loaded %s checkpoint %s: %d tensors%s", fmt, src, report.loaded,
+             "" if report.ok else f" (NOT strict-clean: {report})")
+    for note in report.notes:
+        log.info("%s: %s", src, note)
+
+    pre = dict(conv.preprocess) if conv.preprocess else None
+    if pre is not None and (adapt.get("image_size") is not None or adapt.get("in_channels") is not None):
+        C, (H, W) = target.in_channels, target.image_hw
+        pre["input_size"] = [C, H, W]
+        if len(pre.get("mean", [])) != C:
+            pre["mean"] = [sum(pre["mean"]) / len(pre["mean"])] * C
+            pre["std"] = [sum(pre["std"]) / len(pre["std"])] * C
+    model.preprocess_cfg = pre
+    labels = conv.labels if conv.labels and len(conv.labels) == target.num_classes else None
+    if labels is None and target.num_classes == conv.config.num_classes:
+        labels = default_labels(target.num_classes) if fmt != "vitkit" else None
+    model.labels = labels
+    model.pretrained_info = {**base_info, "format": fmt, "source": src, **info, **conv.info,
+                             "report": report.to_dict()}
+    model.load_report = report
+    return model.to(device).eval()
+
+
+def export_to(model, format: str, path, **kw: Any):
+    from .export import export_to as _export
+
+    return _export(model, format, path, **kw)
+
+
+__all__ = ["from_pretrained", "detect_format", "convert_source", "export_to", "LoadReport", "FORMATS"]

@@ -1,0 +1,251 @@
+"""Shared pieces of the weight converters: safe file reading, rename tables, the strict load
+report, config inference from tensor shapes, and adapting a state dict to another resolution,
+class count or channel count.
+
+Every converter turns its source into ``Converted`` (a vitkit-named state dict + a ViTConfig +
+preprocessing + labels); :func:`load_converted` then builds the model and loads it through
+:func:`load_into`, which checks every name and shape and produces a :class:`LoadReport`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import ViTConfig
+from ..errors import CheckpointError
+
+log = logging.getLogger("vitkit.interop")
+
+# Widths of the published variants -> heads (paper Table 1, DeiT). Used when shapes cannot tell.
+HEADS_BY_DIM = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}
+DEFAULT_HEAD_DIM = 64
+
+
+# --------------------------------------------------------------------------- reading files
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors from a ``.safetensors`` file, or a ``.pth``/``.bin``/``.pt`` pickle read with
+    ``torch.load(weights_only=True)`` (never a full unpickle: code in the file cannot run)."""
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"{p}: no such checkpoint file")
+    if p.suffix == ".safetensors":
+        from ..io import load_safetensors
+
+        return load_safetensors(p)
+    if p.suffix == ".npz":
+        raise CheckpointError(f"{p} is a NumPy archive; load it with format='jax'")
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError, RuntimeError, ...: all mean "not a plain tensor file"
+        raise CheckpointError(
+            f"refusing to load {p}: it is not a plain tensor checkpoint that torch.load(weights_only=True) "
+            f"accepts (it may contain arbitrary Python objects or code, which vitkit never executes). "
+            f"Convert it to safetensors in a trusted environment first. Details: {type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}"
+        ) from e
+    return unwrap_state_dict(obj, p)
+
+
+def unwrap_state_dict(obj: Any, source: Any = "checkpoint") -> dict[str, torch.Tensor]:
+    """Accept a bare state dict or the usual wrappers ({"state_dict": ...}, {"model": ...})."""
+    for key in ("state_dict", "model", "model_state", "module", "state_dict_ema", "model_ema"):
+        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not obj:
+        raise CheckpointError(f"{source}: expected a dict of tensors, got {type(obj).__name__}")
+    out = {}
+    for k, v in obj.items():
+        if isinstance(v, torch.Tensor):
+            out[k[7:] if k.startswith("module.") else k] = v
+    if not out:
+        raise CheckpointError(f"{source}: the checkpoint holds no tensors")
+    return out
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read {path}: {e}") from e
+
+
+# --------------------------------------------------------------------------- renames
+def rename(state: dict[str, torch.Tensor], rules: list[tuple[str, str]]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Apply the first matching (regex, replacement) rule to every key. Keys no rule matches are
+    returned apart (they become "unexpected" in the report). A replacement of "" drops the key."""
+    compiled = [(re.compile(p), r) for p, r in rules]
+    out, unmatched = {}, []
+    for k, v in state.items():
+        for pat, rep in compiled:
+            if pat.fullmatch(k):
+                new = pat.sub(rep, k)
+                if new:
+                    out[new] = v
+                break
+        else:
+            unmatched.append(k)
+    return out, unmatched
+
+
+# --------------------------------------------------------------------------- the report
+@dataclass
+class LoadReport:
+    """What happened to every tensor of one load. ``ok`` when nothing is missing, unexpected or
+    mis-shaped; ``notes`` record deliberate changes (re-initialised head, resampled table...)."""
+
+    source: str = ""
+    format: str = ""
+    loaded: int = 0
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.unexpected or self.mismatched)
+
+    def __str__(self) -> str:
+        lines = [f"load report for {self.source} (format {self.format}): {self.loaded} tensors loaded"]
+        if self.missing:
+            lines.append(f"  missing ({len(self.missing)}): {', '.join(self.missing)}")
+        if self.unexpected:
+            lines.append(f"  unexpected ({len(self.unexpected)}): {', '.join(self.unexpected)}")
+        for name, want, got in self.mismatched:
+            lines.append(f"  mis-shaped: {name}: model expects {list(want)}, checkpoint has {list(got)}")
+        for n in self.notes:
+            lines.append(f"  note: {n}")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"loaded": self.loaded, "missing": self.missing, "unexpected": self.unexpected,
+                "mismatched": [[n, list(a), list(b)] for n, a, b in self.mismatched], "notes": self.notes}
+
+
+def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], report: LoadReport, strict: bool = True,
+              skip_missing: tuple[str, ...] = ()) -> LoadReport:
+    """Copy ``state`` into ``model`` after checking every name and shape; fill ``report``.
+    With ``strict`` a non-empty report raises CheckpointError listing the problems (nothing is
+    copied then). ``skip_missing`` are model names deliberately left at their init (noted)."""
+    own = model.state_dict()
+    for name, tensor in own.items():
+        if name not in state:
+            if name not in skip_missing:
+                report.missing.append(name)
+        elif tuple(state[name].shape) != tuple(tensor.shape):
+            report.mismatched.append((name, tuple(tensor.shape), tuple(state[name].shape)))
+    report.unexpected.extend(k for k in state if k not in own)
+    if strict and not report.ok:
+        raise CheckpointError(
+            f"{report}\nthe checkpoint does not match the model built for it; pass strict=False to load what "
+            "matches (the rest keeps its random init), or fix the config with arch=/overrides"
+        )
+    good = {k: v for k, v in state.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
+    with torch.no_grad():
+        for k, v in good.items():
+            own[k].copy_(v.to(own[k].dtype))
+    report.loaded = len(good)
+    return report
+
+
+# --------------------------------------------------------------------------- inference from shapes
+def is_square(n: int) -> bool:
+    return n > 0 and math.isqrt(n) ** 2 == n
+
+
+def guess_heads(dim: int, hint: int | None = None, source: str = "") -> int:
+    """Heads are invisible in the weights (the fused qkv matrix looks the same for any split).
+    Take ``hint`` (arch / overrides), else the published variant of this width, else dim // 64."""
+    if hint:
+        return int(hint)
+    if dim in HEADS_BY_DIM:
+        heads = HEADS_BY_DIM[dim]
+        log.info("%s: num_heads=%d taken from the published ViT variant of width %d", source, heads, dim)
+        return heads
+    heads = max(1, dim // DEFAULT_HEAD_DIM) if dim % DEFAULT_HEAD_DIM == 0 else 1
+    warnings.warn(
+        f"{source}: the number of attention heads cannot be read from the weights; using num_heads={heads} "
+        f"(head_dim {DEFAULT_HEAD_DIM} rule). Pass num_heads=... or arch=... if that is wrong.",
+        stacklevel=3,
+    )
+    return heads
+
+
+def grid_from_rows(n: int, patch: tuple[int, int], size_hint: Any = None) -> tuple[int, int]:
+    """Image size (H, W) for a table of ``n`` patch rows: the hint when it fits, else square."""
+    if size_hint is not None:
+        from ..config import to_2tuple
+
+        h, w = to_2tuple(size_hint, "image_size")
+        if (h // patch[0]) * (w // patch[1]) == n:
+            return h, w
+    if not is_square(n):
+        raise CheckpointError(
+            f"the position table has {n} patch rows, not a square grid; pass arch= or image_size=(H, W) "
+            "so the grid can be known"
+        )
+    s = math.isqrt(n)
+    return s * patch[0], s * patch[1]
+
+
+# --------------------------------------------------------------------------- the converted bundle
+@dataclass
+class Converted:
+    """A checkpoint translated into vitkit's names, plus what travels with it."""
+
+    config: ViTConfig
+    state: dict[str, torch.Tensor]
+    format: str
+    source: str
+    preprocess: dict[str, Any] | None = None
+    labels: list[str] | None = None
+    unexpected: list[str] = field(default_factory=list)  # source keys no rule understood
+    notes: list[str] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def adapt_state(state: dict[str, torch.Tensor], old: ViTConfig, new: ViTConfig, notes: list[str]) -> tuple[
+        dict[str, torch.Tensor], tuple[str, ...]]:
+    """Move a checkpoint's tensors from config ``old`` to ``new``: resample the learned position
+    table to a new grid, drop the head when the class count changes (re-initialised), sum the
+    patch kernel over RGB for a 1-channel model. Returns the state and the names left at init."""
+    from ..model.pos_embed import resample_pos_embed
+
+    state = dict(state)
+    skip: tuple[str, ...] = ()
+    if "pos_embed" in state and old.grid_size != new.grid_size:
+        pe = state["pos_embed"]
+        prefix = pe.shape[1] - old.num_patches
+        state["pos_embed"] = resample_pos_embed(pe, new.grid_size, old.grid_size, num_prefix_tokens=prefix)
+        notes.append(f"position embedding resampled (bicubic) from grid {old.grid_size} to {new.grid_size} "
+                     f"(image {old.image_hw} -> {new.image_hw})")
+    if old.in_channels != new.in_channels and "patch_embed.proj.weight" in state:
+        w = state["patch_embed.proj.weight"]
+        if new.in_channels == 1:
+            state["patch_embed.proj.weight"] = w.sum(dim=1, keepdim=True)
+            notes.append(f"patch kernels summed over the {old.in_channels} input channels for a 1-channel model "
+                         "(a grey image replicated to RGB gives the same tokens)")
+        else:
+            reps = math.ceil(new.in_channels / old.in_channels)
+            w = w.repeat(1, reps, 1, 1)[:, : new.in_channels] * (old.in_channels / new.in_channels)
+            state["patch_embed.proj.weight"] = w
+            notes.append(f"patch kernels tiled from {old.in_channels} to {new.in_channels} channels and rescaled")
+    if old.num_classes != new.num_classes:
+        for k in ("head.weight", "head.bias"):
+            state.pop(k, None)
+        skip = ("head.weight", "head.bias") if new.num_classes > 0 else ()
+        msg = (f"num_classes {old.num_classes} -> {new.num_classes}: the classifier head is re-initialised "
+               "(train or fine-tune it before use)")
+        notes.append(msg)
+        warnings.warn(msg, stacklevel=4)
+    return state, skip

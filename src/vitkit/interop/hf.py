@@ -1,0 +1,236 @@
+"""Hugging Face transformers ViT directories (``ViTModel`` / ``ViTForImageClassification``):
+``config.json`` (``model_type: vit``) + ``model.safetensors`` (or ``pytorch_model.bin``), and an
+optional ``preprocessor_config.json``.
+
+Two key spellings exist. ``save_pretrained`` writes (and the hub holds) the legacy names
+``vit.encoder.layer.N.attention.attention.query`` ...; transformers 5.x renames them in memory to
+``vit.layers.N.attention.q_proj`` ... (checked against the installed 5.23: its state_dict uses the
+new names, its files the legacy ones). Both tables are below. Separate q, k, v matrices are
+concatenated into timm's fused ``qkv`` (rows q then k then v).
+
+Traps recorded: HF's LayerNorm eps defaults to 1e-12 (1e-6 elsewhere) and is read from
+``layer_norm_eps``; ``ViTModel``'s pooler (dense + tanh on the class token) is the paper's
+pre-logits layer, so a checkpoint with a pooler maps to ``head_hidden_dim`` + ``head_act``;
+``ViTForImageClassification`` has no pooler and reads the class token after the final norm.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import ViTConfig
+from ..errors import CheckpointError, ConfigError
+from .common import Converted, read_json, read_state_dict, rename
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+_HF_ACTS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",
+            "relu": "relu", "quick_gelu": "quick_gelu", "silu": "silu", "swish": "silu", "tanh": "tanh"}
+
+# legacy (file) names and 5.x in-memory names -> vitkit; q/k/v are fused afterwards
+_RULES = [
+    (r"embeddings\.cls_token", "cls_token"),
+    (r"embeddings\.position_embeddings", "pos_embed"),
+    (r"embeddings\.patch_embeddings\.projection\.(weight|bias)", r"patch_embed.proj.\1"),
+    (r"embeddings\.mask_token", ""),  # ViTForMaskedImageModeling only; unused for inference
+    (r"(?:encoder\.layer|layers)\.(\d+)\.layernorm_before\.(weight|bias)", r"blocks.\1.norm1.\2"),
+    (r"(?:encoder\.layer|layers)\.(\d+)\.layernorm_after\.(weight|bias)", r"blocks.\1.norm2.\2"),
+    (r"encoder\.layer\.(\d+)\.attention\.attention\.(query|key|value)\.(weight|bias)", r"blocks.\1.attn.\2.\3"),
+    (r"layers\.(\d+)\.attention\.(q|k|v)_proj\.(weight|bias)", r"blocks.\1.attn.\2.\3"),
+    (r"encoder\.layer\.(\d+)\.attention\.output\.dense\.(weight|bias)", r"blocks.\1.attn.proj.\2"),
+    (r"layers\.(\d+)\.attention\.o_proj\.(weight|bias)", r"blocks.\1.attn.proj.\2"),
+    (r"encoder\.layer\.(\d+)\.intermediate\.dense\.(weight|bias)", r"blocks.\1.mlp.fc1.\2"),
+    (r"encoder\.layer\.(\d+)\.output\.dense\.(weight|bias)", r"blocks.\1.mlp.fc2.\2"),
+    (r"layers\.(\d+)\.mlp\.(fc1|fc2)\.(weight|bias)", r"blocks.\1.mlp.\2.\3"),
+    (r"layernorm\.(weight|bias)", r"norm.\1"),
+    (r"pooler\.dense\.(weight|bias)", r"pre_logits.fc.\1"),
+    (r"classifier\.(weight|bias)", r"head.\1"),
+]
+_QKV = {"query": 0, "key": 1, "value": 2, "q": 0, "k": 1, "v": 2}
+
+
+def is_hf_dir(path: Path) -> bool:
+    cfg = path / "config.json"
+    if not (path.is_dir() and cfg.is_file()):
+        return False
+    try:
+        meta = read_json(cfg)
+    except CheckpointError:
+        return False
+    return meta.get("model_type") == "vit" or any(str(a).startswith("ViT") for a in meta.get("architectures") or [])
+
+
+def _strip_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {(k[4:] if k.startswith("vit.") else k): v for k, v in state.items()}
+
+
+def _fuse_qkv(state: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    parts: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
+    for k, v in state.items():
+        m = re.fullmatch(r"(blocks\.\d+\.attn)\.(query|key|value|q|k|v)\.(weight|bias)", k)
+        if m:
+            parts.setdefault((m.group(1), m.group(3)), {})[_QKV[m.group(2)]] = v
+        else:
+            out[k] = v
+    for (blk, kind), qkv in parts.items():
+        if len(qkv) != 3:
+            raise CheckpointError(f"{source}: {blk} has only {len(qkv)} of query/key/value {kind}")
+        out[f"{blk}.qkv.{kind}"] = torch.cat([qkv[0], qkv[1], qkv[2]], dim=0)
+    return out
+
+
+def config_from_hf(meta: dict[str, Any], has_pooler: bool, has_classifier: bool, num_labels: int) -> ViTConfig:
+    act = _HF_ACTS.get(str(meta.get("hidden_act", "gelu")))
+    if act is None:
+        raise CheckpointError(f"HF hidden_act={meta.get('hidden_act')!r} is not supported")
+    pooler_act = _HF_ACTS.get(str(meta.get("pooler_act", "tanh")), "tanh")
+    dim = int(meta.get("hidden_size", 768))
+    image = meta.get("image_size", 224)
+    patch = meta.get("patch_size", 16)
+    return ViTConfig(
+        image_size=tuple(image) if isinstance(image, list) else image,
+        patch_size=tuple(patch) if isinstance(patch, list) else patch,
+        in_channels=int(meta.get("num_channels", 3)), num_classes=num_labels if has_classifier else 0,
+        dim=dim, depth=int(meta.get("num_hidden_layers", 12)), num_heads=int(meta.get("num_attention_heads", 12)),
+        mlp_dim=int(meta.get("intermediate_size", 4 * dim)), qkv_bias=bool(meta.get("qkv_bias", True)),
+        norm_eps=float(meta.get("layer_norm_eps", 1e-12)), act=act,
+        head_hidden_dim=int(meta.get("pooler_output_size") or dim) if has_pooler else None, head_act=pooler_act,
+    )
+
+
+def _preprocess(directory: Path, config: ViTConfig) -> dict[str, Any]:
+    pp = directory / "preprocessor_config.json"
+    C, (H, W) = config.in_channels, config.image_hw
+    out = {"input_size": [C, H, W], "mean": [0.5] * C, "std": [0.5] * C, "interpolation": "bilinear",
+           "crop_pct": 1.0}  # ViTImageProcessor defaults: resize to 224x224 bilinear, mean = std = 0.5
+    if pp.is_file():
+        p = read_json(pp)
+        if p.get("image_mean") is not None:
+            out["mean"] = list(p["image_mean"])
+        if p.get("image_std") is not None:
+            out["std"] = list(p["image_std"])
+        size = p.get("size")
+        if isinstance(size, dict) and "height" in size:
+            out["input_size"] = [C, int(size["height"]), int(size["width"])]
+        elif isinstance(size, int):
+            out["input_size"] = [C, size, size]
+        out["interpolation"] = {0: "nearest", 2: "bilinear", 3: "bicubic"}.get(p.get("resample", 2), "bilinear")
+    return out
+
+
+def convert(path: str | Path, arch: ViTConfig | None = None, hints: dict[str, Any] | None = None) -> Converted:
+    p = Path(path)
+    directory = p if p.is_dir() else p.parent
+    meta = read_json(directory / "config.json")
+    if p.is_dir():
+        files = [p / f for f in WEIGHT_FILES if (p / f).is_file()]
+        if not files:
+            raise CheckpointError(f"{p}: Hugging Face directory without weights (expected one of {WEIGHT_FILES})")
+        p = files[0]
+    raw = _strip_prefix(read_state_dict(p))
+    state, unmatched = rename(raw, _RULES)
+    state = _fuse_qkv(state, str(p))
+    is_classifier = any(str(a).endswith("ForImageClassification") for a in meta.get("architectures") or [])
+    has_classifier = "head.weight" in state
+    has_pooler = "pre_logits.fc.weight" in state and not is_classifier
+    notes = []
+    if "pre_logits.fc.weight" in state and is_classifier:
+        # ViTForImageClassification never uses a pooler; weights from a ViTModel parent are ignored as HF does
+        state.pop("pre_logits.fc.weight")
+        state.pop("pre_logits.fc.bias", None)
+        notes.append("pooler weights ignored: ViTForImageClassification does not use them")
+    num_labels = state["head.weight"].shape[0] if has_classifier else 0
+    config = config_from_hf(meta, has_pooler, has_classifier, num_labels)
+    id2label = meta.get("id2label") or {}
+    labels = None
+    if has_classifier and id2label and len(id2label) == num_labels:
+        labels = [str(id2label.get(str(i), id2label.get(i, i))) for i in range(num_labels)]
+        if all(re.fullmatch(r"LABEL_\d+", x) for x in labels):
+            labels = None  # transformers' placeholders carry no information
+    return Converted(config=config, state=state, format="hf", source=str(directory),
+                     preprocess=_preprocess(directory, config), labels=labels, unexpected=unmatched, notes=notes,
+                     info={"architectures": meta.get("architectures")})
+
+
+# --------------------------------------------------------------------------- export
+_ACT_BACK = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "relu": "relu", "quick_gelu": "quick_gelu",
+             "silu": "silu", "tanh": "tanh"}
+
+
+def export(model, path: str | Path) -> Path:
+    """Write a transformers ViT directory (legacy file key names, as ``save_pretrained`` does):
+    ``ViTForImageClassification`` when the model has a head, ``ViTModel`` (with its pooler when
+    the model has a pre-logits layer) otherwise."""
+    import json
+
+    from ..io import atomic_write_text, save_state_dict
+
+    c = model.config
+    if (not c.norm_first or c.pooling != "cls" or c.num_registers or c.pos_embed != "learned"
+            or not c.pos_embed_prefix or c.layer_scale is not None or c.fc_norm or c.qk_scale
+            or c.act not in _ACT_BACK):
+        raise ConfigError("this config has no Hugging Face ViT equivalent (HF ViT is pre-norm, class-token "
+                          "pooled, learned table with a class row, no registers / layer scale / fc_norm)")
+    if c.head_hidden_dim and c.num_classes:
+        raise ConfigError("HF ViTForImageClassification has no pre-logits layer; export a model without one")
+    sd = model.state_dict()
+    out: dict[str, torch.Tensor] = {}
+    pre = "vit." if c.num_classes else ""
+    out[pre + "embeddings.cls_token"] = sd["cls_token"]
+    out[pre + "embeddings.position_embeddings"] = sd["pos_embed"]
+    out[pre + "embeddings.patch_embeddings.projection.weight"] = sd["patch_embed.proj.weight"]
+    out[pre + "embeddings.patch_embeddings.projection.bias"] = sd["patch_embed.proj.bias"]
+    D = c.dim
+    for i in range(c.depth):
+        b, L = f"blocks.{i}.", f"{pre}encoder.layer.{i}."
+        for kind in ("weight", "bias"):
+            if f"{b}attn.qkv.{kind}" in sd:
+                q, k, v = sd[f"{b}attn.qkv.{kind}"].split(D, dim=0)
+                out[f"{L}attention.attention.query.{kind}"] = q
+                out[f"{L}attention.attention.key.{kind}"] = k
+                out[f"{L}attention.attention.value.{kind}"] = v
+            out[f"{L}attention.output.dense.{kind}"] = sd[f"{b}attn.proj.{kind}"]
+            out[f"{L}intermediate.dense.{kind}"] = sd[f"{b}mlp.fc1.{kind}"]
+            out[f"{L}output.dense.{kind}"] = sd[f"{b}mlp.fc2.{kind}"]
+            out[f"{L}layernorm_before.{kind}"] = sd[f"{b}norm1.{kind}"]
+            out[f"{L}layernorm_after.{kind}"] = sd[f"{b}norm2.{kind}"]
+    for kind in ("weight", "bias"):
+        out[f"{pre}layernorm.{kind}"] = sd[f"norm.{kind}"]
+        if c.num_classes:
+            out[f"classifier.{kind}"] = sd[f"head.{kind}"]
+        elif c.head_hidden_dim:
+            out[f"pooler.dense.{kind}"] = sd[f"pre_logits.fc.{kind}"]
+    labels = model.labels or [f"LABEL_{i}" for i in range(max(c.num_classes, 2))]
+    h, w = c.image_hw
+    ph, pw = c.patch_hw
+    meta: dict[str, Any] = {
+        "architectures": ["ViTForImageClassification" if c.num_classes else "ViTModel"],
+        "model_type": "vit", "hidden_size": D, "num_hidden_layers": c.depth, "num_attention_heads": c.num_heads,
+        "intermediate_size": c.hidden_dim, "hidden_act": _ACT_BACK[c.act], "hidden_dropout_prob": 0.0,
+        "attention_probs_dropout_prob": 0.0, "initializer_range": 0.02, "layer_norm_eps": c.norm_eps,
+        "image_size": h if h == w else [h, w], "patch_size": ph if ph == pw else [ph, pw],
+        "num_channels": c.in_channels, "qkv_bias": c.qkv_bias, "encoder_stride": ph,
+        "pooler_output_size": c.head_hidden_dim or D, "pooler_act": "tanh" if not c.head_hidden_dim
+        else {v: k for k, v in _ACT_BACK.items()}.get(c.head_act, c.head_act),
+        "id2label": {str(i): str(n) for i, n in enumerate(labels)},
+        "label2id": {str(n): i for i, n in enumerate(labels)},
+    }
+    if c.head_hidden_dim:
+        meta["pooler_act"] = _ACT_BACK.get(c.head_act, c.head_act)
+    root = Path(path)
+    root.mkdir(parents=True, exist_ok=True)
+    save_state_dict(out, root / "model.safetensors", metadata={"format": "pt"})
+    atomic_write_text(root / "config.json", json.dumps(meta, indent=2) + "\n")
+    pre_cfg = model.preprocess_cfg or {}
+    C, H, W = pre_cfg.get("input_size", [c.in_channels, h, w])
+    atomic_write_text(root / "preprocessor_config.json", json.dumps({
+        "image_processor_type": "ViTImageProcessor", "do_resize": True, "size": {"height": H, "width": W},
+        "resample": {"nearest": 0, "bilinear": 2, "bicubic": 3}.get(pre_cfg.get("interpolation", "bilinear"), 2),
+        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+        "image_mean": list(pre_cfg.get("mean", [0.5] * C)), "image_std": list(pre_cfg.get("std", [0.5] * C)),
+    }, indent=2) + "\n")
+    return root

@@ -1,0 +1,188 @@
+"""Original Google JAX/Flax checkpoints as ``.npz``, in two layouts.
+
+vision_transformer (google-research/vision_transformer, the paper's checkpoints)::
+
+    embedding/kernel (ph, pw, C, D)        cls (1, 1, D)
+    Transformer/posembed_input/pos_embedding (1, 1+N, D)   (class row included)
+    Transformer/encoderblock_N/LayerNorm_0, MultiHeadDotProductAttention_1/{query,key,value}/kernel
+        (D, heads, head_dim), out/kernel (heads, head_dim, D), LayerNorm_2, MlpBlock_3/Dense_{0,1}
+    Transformer/encoder_norm, pre_logits/{kernel,bias} (D, D'), head/{kernel,bias} (D', K)
+
+big_vision: the same under a ``params/`` prefix, but ``pos_embedding`` at the top level (patch rows
+only: the class token gets no position), ``MultiHeadDotProductAttention_0``, ``LayerNorm_1``,
+``MlpBlock_0``, and with ``scan`` a single ``Transformer/encoderblock`` whose tensors have a
+leading depth axis. ``pool_type='gap'`` checkpoints have no ``cls`` (mean pooling after the norm).
+
+Unlike the PyTorch ports, the number of heads *is* in the file (the query kernel's middle axis).
+Trap recorded: flax's ``nn.gelu`` is the tanh approximation, so JAX checkpoints load with
+``act="gelu_tanh"`` (faithful to the original network); timm and HF ports use the exact GELU,
+which changes logits by ~1e-3. Pass ``act="gelu"`` to match those ports instead.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..config import ViTConfig
+from ..errors import CheckpointError
+from .common import Converted, grid_from_rows
+
+
+def read_npz(path: str | Path) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as f:  # never unpickle object arrays
+            return {k: f[k] for k in f.files}
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read {path} as a NumPy .npz of arrays: {e}") from e
+
+
+def looks_like_jax(keys) -> bool:
+    return any(k.endswith("embedding/kernel") for k in keys)
+
+
+def _t(a: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(a)).float()
+
+
+def convert(path: str | Path, arch: ViTConfig | None = None, hints: dict[str, Any] | None = None) -> Converted:
+    p = Path(path)
+    w = read_npz(p)
+    prefix = "params/" if "params/embedding/kernel" in w else ("params/img/" if "params/img/embedding/kernel" in w
+                                                              else "")
+    if f"{prefix}embedding/kernel" not in w:
+        raise CheckpointError(f"{p}: no embedding/kernel; not a ViT .npz")
+    big_vision = prefix.startswith("params/") or f"{prefix}pos_embedding" in w
+    stacked = f"{prefix}Transformer/encoderblock/LayerNorm_0/scale" in w
+    mha, ln2, mlpb = ("MultiHeadDotProductAttention_0", "LayerNorm_1", "MlpBlock_0") if big_vision else (
+        "MultiHeadDotProductAttention_1", "LayerNorm_2", "MlpBlock_3")
+    used: set[str] = set()
+
+    def get(name: str) -> np.ndarray:
+        key = prefix + name
+        if key not in w:
+            raise CheckpointError(f"{p}: missing array {key!r}")
+        used.add(key)
+        return w[key]
+
+    kernel = get("embedding/kernel")  # (ph, pw, C, D)
+    ph, pw, C, D = kernel.shape
+    s: dict[str, torch.Tensor] = {"patch_embed.proj.weight": _t(kernel.transpose(3, 2, 0, 1)),
+                                  "patch_embed.proj.bias": _t(get("embedding/bias"))}
+    has_cls = f"{prefix}cls" in w
+    if has_cls:
+        s["cls_token"] = _t(get("cls")).reshape(1, 1, D)
+    pos = get("pos_embedding") if f"{prefix}pos_embedding" in w else get("Transformer/posembed_input/pos_embedding")
+    pos = pos.reshape(1, -1, D)
+    s["pos_embed"] = _t(pos)
+    if stacked:
+        depth = w[f"{prefix}Transformer/encoderblock/LayerNorm_0/scale"].shape[0]
+    else:
+        depth = len({k.split("/")[1 + prefix.count("/")] for k in w if k.startswith(f"{prefix}Transformer/encoderblock_")})
+
+    def blk(i: int, name: str) -> np.ndarray:
+        return get(f"Transformer/encoderblock/{name}")[i] if stacked else get(f"Transformer/encoderblock_{i}/{name}")
+
+    heads = None
+    qkv_bias = f"{prefix}Transformer/encoderblock{'' if stacked else '_0'}/{mha}/query/bias" in w
+    for i in range(depth):
+        b = f"blocks.{i}."
+        s[b + "norm1.weight"], s[b + "norm1.bias"] = _t(blk(i, "LayerNorm_0/scale")), _t(blk(i, "LayerNorm_0/bias"))
+        s[b + "norm2.weight"], s[b + "norm2.bias"] = _t(blk(i, f"{ln2}/scale")), _t(blk(i, f"{ln2}/bias"))
+        qkv = [blk(i, f"{mha}/{n}/kernel") for n in ("query", "key", "value")]  # (D, heads, hd)
+        heads = qkv[0].shape[1]
+        s[b + "attn.qkv.weight"] = _t(np.concatenate([k.reshape(D, -1).T for k in qkv], axis=0))
+        if qkv_bias:
+            s[b + "attn.qkv.bias"] = _t(np.concatenate([blk(i, f"{mha}/{n}/bias").reshape(-1)
+                                                          for n in ("query", "key", "value")]))
+        s[b + "attn.proj.weight"] = _t(blk(i, f"{mha}/out/kernel").reshape(-1, D).T)
+        s[b + "attn.proj.bias"] = _t(blk(i, f"{mha}/out/bias"))
+        for r, name in ((0, "fc1"), (1, "fc2")):
+            s[f"{b}mlp.{name}.weight"] = _t(blk(i, f"{mlpb}/Dense_{r}/kernel").T)
+            s[f"{b}mlp.{name}.bias"] = _t(blk(i, f"{mlpb}/Dense_{r}/bias"))
+    s["norm.weight"], s["norm.bias"] = _t(get("Transformer/encoder_norm/scale")), _t(get("Transformer/encoder_norm/bias"))
+    head_hidden = None
+    if f"{prefix}pre_logits/kernel" in w:
+        s["pre_logits.fc.weight"], s["pre_logits.fc.bias"] = _t(get("pre_logits/kernel").T), _t(get("pre_logits/bias"))
+        head_hidden = s["pre_logits.fc.weight"].shape[0]
+    num_classes = 0
+    if f"{prefix}head/kernel" in w:
+        s["head.weight"], s["head.bias"] = _t(get("head/kernel").T), _t(get("head/bias"))
+        num_classes = s["head.weight"].shape[0]
+        if not s["head.weight"].any() and not s["head.bias"].any():
+            pass  # zero-init heads of upstream-only checkpoints still load as they are
+    rows = pos.shape[1]
+    pos_prefix = has_cls and not big_vision
+    size_hint = (hints or {}).get("image_size") or (arch.image_size if arch is not None else None)
+    image = grid_from_rows(rows - int(pos_prefix), (ph, pw), size_hint)
+    config = ViTConfig(
+        image_size=image if image[0] != image[1] else image[0], patch_size=(ph, pw), in_channels=C,
+        num_classes=num_classes, dim=D, depth=depth, num_heads=int(heads or 1),
+        mlp_dim=s["blocks.0.mlp.fc1.weight"].shape[0], qkv_bias=qkv_bias, norm_eps=1e-6, act="gelu_tanh",
+        pos_embed_prefix=pos_prefix, class_token=has_cls, pooling="cls" if has_cls else "mean",
+        head_hidden_dim=head_hidden, head_act="tanh",
+    )
+    H, W = config.image_hw
+    pre = {"input_size": [C, H, W], "mean": [0.5] * C, "std": [0.5] * C, "interpolation": "bilinear",
+           "crop_pct": 1.0}
+    unexpected = [k for k in w if k not in used]
+    layout = "big_vision" if big_vision else "vision_transformer"
+    return Converted(config=config, state=s, format="jax", source=str(p), preprocess=pre, unexpected=unexpected,
+                     info={"layout": layout, "stacked": stacked})
+
+
+def export_npz(model, path: str | Path, layout: str = "vision_transformer") -> Path:
+    """Write the model's weights as a JAX ``.npz`` in ``layout`` ("vision_transformer" or
+    "big_vision", stacked blocks). Used by the tests to check both loaders exactly."""
+    c = model.config
+    sd = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+    D, H = c.dim, c.num_heads
+    hd = D // H
+    bv = layout == "big_vision"
+    if bv and c.class_token and c.pos_embed_prefix:
+        raise CheckpointError("big_vision layout has no position row for the class token (use pos_embed_prefix=False)")
+    if not bv and c.class_token and not c.pos_embed_prefix:
+        raise CheckpointError("vision_transformer layout needs a class row in the position table")
+    pre = "params/" if bv else ""
+    mha, ln2, mlpb = ("MultiHeadDotProductAttention_0", "LayerNorm_1", "MlpBlock_0") if bv else (
+        "MultiHeadDotProductAttention_1", "LayerNorm_2", "MlpBlock_3")
+    out: dict[str, np.ndarray] = {f"{pre}embedding/kernel": sd["patch_embed.proj.weight"].transpose(2, 3, 1, 0),
+                                  f"{pre}embedding/bias": sd["patch_embed.proj.bias"]}
+    if c.class_token:
+        out[f"{pre}cls"] = sd["cls_token"]
+    out[f"{pre}pos_embedding" if bv else "Transformer/posembed_input/pos_embedding"] = sd["pos_embed"]
+    blocks: list[dict[str, np.ndarray]] = []
+    for i in range(c.depth):
+        b = f"blocks.{i}."
+        q, k, v = np.split(sd[b + "attn.qkv.weight"], 3, axis=0)
+        e = {"LayerNorm_0/scale": sd[b + "norm1.weight"], "LayerNorm_0/bias": sd[b + "norm1.bias"],
+             f"{ln2}/scale": sd[b + "norm2.weight"], f"{ln2}/bias": sd[b + "norm2.bias"],
+             f"{mha}/out/kernel": sd[b + "attn.proj.weight"].T.reshape(H, hd, D), f"{mha}/out/bias": sd[b + "attn.proj.bias"],
+             f"{mlpb}/Dense_0/kernel": sd[b + "mlp.fc1.weight"].T, f"{mlpb}/Dense_0/bias": sd[b + "mlp.fc1.bias"],
+             f"{mlpb}/Dense_1/kernel": sd[b + "mlp.fc2.weight"].T, f"{mlpb}/Dense_1/bias": sd[b + "mlp.fc2.bias"]}
+        for n, m in zip(("query", "key", "value"), (q, k, v)):
+            e[f"{mha}/{n}/kernel"] = m.T.reshape(D, H, hd)
+        if b + "attn.qkv.bias" in sd:
+            for n, m in zip(("query", "key", "value"), np.split(sd[b + "attn.qkv.bias"], 3)):
+                e[f"{mha}/{n}/bias"] = m.reshape(H, hd)
+        blocks.append(e)
+    if bv:
+        for name in blocks[0]:
+            out[f"{pre}Transformer/encoderblock/{name}"] = np.stack([e[name] for e in blocks])
+    else:
+        for i, e in enumerate(blocks):
+            for name, a in e.items():
+                out[f"Transformer/encoderblock_{i}/{name}"] = a
+    out[f"{pre}Transformer/encoder_norm/scale"] = sd["norm.weight"]
+    out[f"{pre}Transformer/encoder_norm/bias"] = sd["norm.bias"]
+    if "pre_logits.fc.weight" in sd:
+        out[f"{pre}pre_logits/kernel"], out[f"{pre}pre_logits/bias"] = sd["pre_logits.fc.weight"].T, sd["pre_logits.fc.bias"]
+    if "head.weight" in sd:
+        out[f"{pre}head/kernel"], out[f"{pre}head/bias"] = sd["head.weight"].T, sd["head.bias"]
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(p, **out)
+    return p

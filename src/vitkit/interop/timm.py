@@ -1,0 +1,211 @@
+"""timm ``VisionTransformer`` checkpoints: a state dict file (.safetensors / .pth / .bin) or a
+timm hub directory (``config.json`` with ``architecture`` + ``pretrained_cfg`` [+ ``model_args``]
+and ``model.safetensors`` / ``pytorch_model.bin``).
+
+vitkit's parameter names are timm's, so the rename table is the identity; what takes work is the
+config. In order of trust: ``model_args`` from the hub config; the ``architecture`` name when it
+is a vitkit preset; the tensor shapes (dim, depth, patch, grid, classes, qkv bias, registers,
+layer scale, fc_norm / mean pooling, pos table with or without prefix rows). Heads cannot be seen
+in the weights: see :func:`~vitkit.interop.common.guess_heads`.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import PRESETS, ViTConfig, resolve_name
+from ..errors import CheckpointError, ConfigError
+from .common import Converted, grid_from_rows, guess_heads, is_square, read_json, read_state_dict
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors")
+
+_ACTS = {"gelu": "gelu", "gelu_tanh": "gelu_tanh", "quick_gelu": "quick_gelu", "relu": "relu", "silu": "silu"}
+
+
+def is_timm_dir(path: Path) -> bool:
+    cfg = path / "config.json"
+    if not (path.is_dir() and cfg.is_file()):
+        return False
+    try:
+        meta = read_json(cfg)
+    except CheckpointError:
+        return False
+    return "architecture" in meta and "pretrained_cfg" in meta
+
+
+def looks_like_timm(keys) -> bool:
+    keys = set(keys)
+    return "patch_embed.proj.weight" in keys and any(k.startswith("blocks.0.attn.qkv") for k in keys)
+
+
+def infer_config(state: dict[str, torch.Tensor], args: dict[str, Any], source: str) -> ViTConfig:
+    """A ViTConfig from timm ``model_args`` (may be empty) and the tensor shapes."""
+    w = state.get("patch_embed.proj.weight")
+    if w is None:
+        raise CheckpointError(f"{source}: no patch_embed.proj.weight, not a timm ViT state dict")
+    dim, in_ch, ph, pw = w.shape
+    depth = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k)))
+    class_token = "cls_token" in state
+    regs = state["reg_token"].shape[1] if "reg_token" in state else 0
+    prefix = int(class_token) + regs
+    mlp_dim = state["blocks.0.mlp.fc1.weight"].shape[0]
+    qkv_bias = "blocks.0.attn.qkv.bias" in state
+    layer_scale = float(state["blocks.0.ls1.gamma"].flatten()[0]) if "blocks.0.ls1.gamma" in state else None
+    if layer_scale is not None:
+        layer_scale = args.get("init_values") or 1e-5  # the init value; the loaded gamma replaces it
+    fc_norm = "fc_norm.weight" in state
+    head_hidden = state["pre_logits.fc.weight"].shape[0] if "pre_logits.fc.weight" in state else None
+    num_classes = state["head.weight"].shape[0] if "head.weight" in state else 0
+    pool = args.get("global_pool")
+    pooling = "mean" if (pool == "avg" or fc_norm or not class_token) else "cls"
+    if pool not in (None, "", "token", "avg"):
+        raise CheckpointError(f"{source}: timm global_pool={pool!r} is not supported (only 'token' and 'avg')")
+    size_hint = args.get("img_size")
+    pos_prefix = True
+    if "pos_embed" in state:
+        rows = state["pos_embed"].shape[1]
+        if "no_embed_class" in args:
+            pos_prefix = not args["no_embed_class"]
+        elif size_hint is not None:
+            from ..config import to_2tuple
+
+            h, wd = to_2tuple(size_hint, "img_size")
+            pos_prefix = rows != (h // ph) * (wd // pw)
+        else:
+            pos_prefix = is_square(rows - prefix) or not is_square(rows)
+        n = rows - (prefix if pos_prefix else 0)
+        image_size = grid_from_rows(n, (ph, pw), size_hint)
+        pos = "learned"
+    else:
+        pos = "none"
+        image_size = size_hint or 224
+    act = _ACTS.get(str(args.get("act_layer", "gelu")), "gelu")
+    heads = guess_heads(dim, args.get("num_heads"), source)
+    return ViTConfig(
+        image_size=tuple(image_size) if isinstance(image_size, (list, tuple)) else image_size,
+        patch_size=(ph, pw), in_channels=in_ch, num_classes=num_classes, dim=dim, depth=depth,
+        num_heads=heads, mlp_dim=mlp_dim, qkv_bias=qkv_bias, norm_eps=1e-6, act=act, pos_embed=pos,
+        pos_embed_prefix=pos_prefix, pooling=pooling, class_token=class_token, num_registers=regs,
+        fc_norm=fc_norm, head_hidden_dim=head_hidden, head_act="tanh", layer_scale=layer_scale,
+    )
+
+
+def _preprocess(pcfg: dict[str, Any] | None, config: ViTConfig) -> dict[str, Any] | None:
+    if not pcfg:
+        return None
+    size = list(pcfg.get("input_size") or [config.in_channels, *config.image_hw])
+    return {"input_size": size, "mean": list(pcfg.get("mean", (0.5, 0.5, 0.5))),
+            "std": list(pcfg.get("std", (0.5, 0.5, 0.5))), "interpolation": pcfg.get("interpolation", "bicubic"),
+            "crop_pct": float(pcfg.get("crop_pct", 1.0) or 1.0)}
+
+
+def convert(path: str | Path, arch: ViTConfig | None = None, hints: dict[str, Any] | None = None) -> Converted:
+    """Read a timm checkpoint file or hub directory into vitkit names (identical) and a config."""
+    p = Path(path)
+    meta: dict[str, Any] = {}
+    if p.is_dir():
+        meta = read_json(p / "config.json")
+        files = [p / f for f in WEIGHT_FILES if (p / f).is_file()]
+        if not files:
+            raise CheckpointError(f"{p}: timm directory without weights (expected one of {WEIGHT_FILES})")
+        wfile = files[0]
+    else:
+        wfile = p
+    state = read_state_dict(wfile)
+    args = dict(meta.get("model_args") or {})
+    if meta.get("global_pool") and "global_pool" not in args:
+        args["global_pool"] = meta["global_pool"]
+    hints = dict(hints or {})
+    if arch is not None:
+        args.setdefault("num_heads", arch.num_heads)
+        args.setdefault("img_size", arch.image_size)
+    elif meta.get("architecture"):
+        try:
+            preset = PRESETS[resolve_name(meta["architecture"])]
+            args.setdefault("num_heads", preset.num_heads)
+            args.setdefault("img_size", preset.image_size)
+        except ConfigError:
+            pass
+    if hints.get("num_heads"):
+        args["num_heads"] = hints["num_heads"]
+    pcfg = meta.get("pretrained_cfg") or {}
+    if "input_size" in pcfg and "img_size" not in args:
+        args["img_size"] = tuple(pcfg["input_size"][1:])
+    config = infer_config(state, args, str(p))
+    labels = meta.get("label_names")
+    if isinstance(labels, dict):
+        labels = [labels[str(i)] for i in range(len(labels))] if all(str(i) in labels for i in range(len(labels))) else None
+    info = {"architecture": meta.get("architecture"), "tag": pcfg.get("tag")} if meta else {}
+    return Converted(config=config, state=state, format="timm", source=str(p), preprocess=_preprocess(pcfg, config),
+                     labels=list(labels) if labels else None, info={k: v for k, v in info.items() if v})
+
+
+# --------------------------------------------------------------------------- export
+def to_timm_kwargs(config: ViTConfig) -> dict[str, Any]:
+    """Arguments of ``timm.models.vision_transformer.VisionTransformer`` for this config."""
+    c = config
+    if not c.norm_first or c.pos_embed not in ("learned", "none") or c.head_hidden_dim or c.qk_scale:
+        raise ConfigError("this config has no timm VisionTransformer equivalent (post-norm, sin/cos table, "
+                          "pre-logits layer or custom qk_scale)")
+    if c.act not in ("gelu", "gelu_tanh", "quick_gelu", "relu", "silu"):
+        raise ConfigError(f"activation {c.act!r} has no timm equivalent here")
+    import torch.nn as nn
+
+    act = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}.get(c.act)
+    kw = dict(img_size=c.image_hw, patch_size=c.patch_hw, in_chans=c.in_channels, num_classes=c.num_classes,
+              embed_dim=c.dim, depth=c.depth, num_heads=c.num_heads, mlp_ratio=c.hidden_dim / c.dim,
+              qkv_bias=c.qkv_bias, class_token=c.class_token, reg_tokens=c.num_registers,
+              no_embed_class=not c.pos_embed_prefix, init_values=c.layer_scale,
+              global_pool="avg" if c.pooling == "mean" else "token", fc_norm=c.fc_norm,
+              pos_embed="learn" if c.pos_embed == "learned" else "none")
+    if act is not None:
+        kw["act_layer"] = act
+    if c.act == "gelu_tanh":
+        kw["act_layer"] = "gelu_tanh"
+    return kw
+
+
+def export(model, path: str | Path) -> Path:
+    """Write a timm hub-style directory: config.json (architecture, model_args, pretrained_cfg)
+    + model.safetensors. ``timm.create_model(..., pretrained_cfg_overlay=dict(file=...))`` or
+    ``VisionTransformer(**model_args)`` + ``load_state_dict`` read it back."""
+    from ..io import atomic_write_text, save_state_dict
+
+    c = model.config
+    kw = to_timm_kwargs(c)
+    if int(c.hidden_dim) != int(c.dim * kw["mlp_ratio"]):
+        raise ConfigError(f"mlp_dim {c.hidden_dim} is not reachable by timm's mlp_ratio for dim {c.dim}")
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v for k, v in model.state_dict().items()}
+    if c.pos_embed != "learned":
+        state.pop("pos_embed", None)
+    pre = model.preprocess_cfg or {}
+    model_args = {k: (list(v) if isinstance(v, tuple) else v) for k, v in kw.items() if k != "act_layer"}
+    if c.act != "gelu":
+        model_args["act_layer"] = c.act
+    meta = {
+        "architecture": "vit_base_patch16_224" if c.name is None else c.name,
+        "num_classes": c.num_classes,
+        "num_features": c.dim,
+        "global_pool": model_args["global_pool"],
+        "model_args": model_args,
+        "pretrained_cfg": {
+            "input_size": list(pre.get("input_size", [c.in_channels, *c.image_hw])),
+            "interpolation": pre.get("interpolation", "bicubic"), "crop_pct": pre.get("crop_pct", 1.0),
+            "crop_mode": "center", "mean": list(pre.get("mean", [0.5] * c.in_channels)),
+            "std": list(pre.get("std", [0.5] * c.in_channels)), "num_classes": c.num_classes,
+            "first_conv": "patch_embed.proj", "classifier": "head", "fixed_input_size": True,
+        },
+    }
+    if model.labels:
+        meta["label_names"] = list(model.labels)
+    save_state_dict(state, out / "model.safetensors", metadata={"format": "pt"})
+    import json
+
+    atomic_write_text(out / "config.json", json.dumps(meta, indent=2) + "\n")
+    return out

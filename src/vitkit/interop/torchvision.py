@@ -1,0 +1,98 @@
+"""torchvision ``VisionTransformer`` state dicts (``vit_b_16``, ``vit_b_32``, ``vit_l_16`` ...):
+``class_token``, ``conv_proj``, ``encoder.pos_embedding``, ``encoder.layers.encoder_layer_N.{ln_1,
+self_attention.in_proj_weight, self_attention.out_proj, ln_2, mlp.0, mlp.3}``, ``encoder.ln``,
+``heads.head`` and, with ``representation_size``, ``heads.pre_logits`` (Linear + tanh).
+
+``in_proj_weight`` is already the fused (3D, D) q;k;v matrix timm uses. torchvision's ViT is
+square-only, eps 1e-6, exact GELU, class-token pooled. Its weights expect ImageNet mean/std,
+bilinear resize to 256 and a 224 center crop (crop_pct 0.875), as its weight metadata says.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import ViTConfig
+from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from ..errors import CheckpointError, ConfigError
+from .common import Converted, grid_from_rows, guess_heads, read_state_dict, rename
+
+_RULES = [
+    (r"class_token", "cls_token"),
+    (r"conv_proj\.(weight|bias)", r"patch_embed.proj.\1"),
+    (r"encoder\.pos_embedding", "pos_embed"),
+    (r"encoder\.layers\.encoder_layer_(\d+)\.ln_1\.(weight|bias)", r"blocks.\1.norm1.\2"),
+    (r"encoder\.layers\.encoder_layer_(\d+)\.ln_2\.(weight|bias)", r"blocks.\1.norm2.\2"),
+    (r"encoder\.layers\.encoder_layer_(\d+)\.self_attention\.in_proj_(weight|bias)", r"blocks.\1.attn.qkv.\2"),
+    (r"encoder\.layers\.encoder_layer_(\d+)\.self_attention\.out_proj\.(weight|bias)", r"blocks.\1.attn.proj.\2"),
+    (r"encoder\.layers\.encoder_layer_(\d+)\.mlp\.(?:0|linear_1)\.(weight|bias)", r"blocks.\1.mlp.fc1.\2"),
+    (r"encoder\.layers\.encoder_layer_(\d+)\.mlp\.(?:3|linear_2)\.(weight|bias)", r"blocks.\1.mlp.fc2.\2"),
+    (r"encoder\.ln\.(weight|bias)", r"norm.\1"),
+    (r"heads\.pre_logits\.(weight|bias)", r"pre_logits.fc.\1"),
+    (r"heads\.head\.(weight|bias)", r"head.\1"),
+]
+
+
+def looks_like_torchvision(keys) -> bool:
+    return "conv_proj.weight" in set(keys) and any(k.startswith("encoder.layers.encoder_layer_") for k in keys)
+
+
+def convert(path: str | Path, arch: ViTConfig | None = None, hints: dict[str, Any] | None = None) -> Converted:
+    p = Path(path)
+    raw = read_state_dict(p)
+    state, unmatched = rename(raw, _RULES)
+    if "patch_embed.proj.weight" not in state:
+        raise CheckpointError(f"{p}: no conv_proj.weight; not a torchvision ViT state dict")
+    dim, in_ch, ph, pw = state["patch_embed.proj.weight"].shape
+    depth = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k)))
+    rows = state["pos_embed"].shape[1]
+    size_hint = (hints or {}).get("image_size") or (arch.image_size if arch is not None else None)
+    image = grid_from_rows(rows - 1, (ph, pw), size_hint)
+    heads = guess_heads(dim, (hints or {}).get("num_heads") or (arch.num_heads if arch else None), str(p))
+    config = ViTConfig(
+        image_size=image if image[0] != image[1] else image[0], patch_size=(ph, pw), in_channels=in_ch,
+        num_classes=state["head.weight"].shape[0] if "head.weight" in state else 0, dim=dim, depth=depth,
+        num_heads=heads, mlp_dim=state["blocks.0.mlp.fc1.weight"].shape[0], qkv_bias="blocks.0.attn.qkv.bias" in state,
+        norm_eps=1e-6, head_hidden_dim=state["pre_logits.fc.weight"].shape[0] if "pre_logits.fc.weight" in state else None,
+        head_act="tanh",
+    )
+    H, W = config.image_hw
+    pre = {"input_size": [in_ch, H, W], "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+           "interpolation": "bilinear", "crop_pct": 0.875}
+    if in_ch != 3:
+        pre.update(mean=[0.5] * in_ch, std=[0.5] * in_ch)
+    return Converted(config=config, state=state, format="torchvision", source=str(p), preprocess=pre,
+                     unexpected=unmatched)
+
+
+def export_state_dict(model) -> dict[str, torch.Tensor]:
+    """The model's weights in torchvision's names (for ``torchvision.models.VisionTransformer``)."""
+    c = model.config
+    if (not c.norm_first or c.pooling != "cls" or c.num_registers or c.layer_scale is not None or c.fc_norm
+            or c.act != "gelu" or not c.qkv_bias or c.image_hw[0] != c.image_hw[1] or c.pos_embed != "learned"):
+        raise ConfigError("this config has no torchvision VisionTransformer equivalent")
+    inverse = {"cls_token": "class_token", "patch_embed.proj": "conv_proj", "pos_embed": "encoder.pos_embedding",
+               "norm": "encoder.ln", "pre_logits.fc": "heads.pre_logits", "head": "heads.head"}
+    out = {}
+    for k, v in model.state_dict().items():
+        m = re.fullmatch(r"blocks\.(\d+)\.(.*)", k)
+        if m:
+            sub = {"norm1": "ln_1", "norm2": "ln_2", "attn.qkv.weight": "self_attention.in_proj_weight",
+                   "attn.qkv.bias": "self_attention.in_proj_bias", "attn.proj": "self_attention.out_proj",
+                   "mlp.fc1": "mlp.0", "mlp.fc2": "mlp.3"}
+            rest = m.group(2)
+            for a, b in sub.items():
+                if rest.startswith(a):
+                    rest = b + rest[len(a):]
+                    break
+            out[f"encoder.layers.encoder_layer_{m.group(1)}.{rest}"] = v
+            continue
+        for a, b in inverse.items():
+            if k == a or k.startswith(a + "."):
+                out[b + k[len(a):]] = v
+                break
+    return out
