@@ -1,0 +1,94 @@
+"""vitkit explain: see inside a ViT for one image (patches, tokens, position embeddings,
+attention maps, rollout, attention distance, predictions) as one self-contained HTML report."""
+
+from __future__ import annotations
+
+HELP = "explain one image: patches, tokens, position embeddings, attention maps and rollout, as an HTML report"
+DESCRIPTION = (
+    "Run a model on one image and write a self-contained HTML report (images embedded, opens offline) "
+    "plus every figure as a PNG, and print the shape walk-through. Without --model the most recent run "
+    "of `vitkit train` (under runs/) is used."
+)
+
+NO_MODEL = ("no model given and no training run found under {root}/. Train one first with "
+            "`make demo` or `vitkit train`, or pass --model (a vitkit model directory, a training run "
+            "directory, or a pretrained source such as timm/vit_base_patch16_224.augreg2_in21k_ft_in1k)")
+
+
+def _indices(text: str | None):
+    """'0,5,-1' or 'all' or None -> list of ints or None (= all)."""
+    if text is None:
+        return None
+    text = text.strip()
+    if text.lower() == "all":
+        return None
+    try:
+        return [int(t) for t in text.replace(",", " ").split()]
+    except ValueError as e:
+        from ..errors import InputError
+
+        raise InputError(f"expected comma-separated integers or 'all', got {text!r}") from e
+
+
+def add_arguments(p) -> None:
+    p.add_argument("image", help="image file, or a built-in image: sample:china.jpg, sample:flower.jpg, digits:N")
+    p.add_argument("--model", default=None,
+                   help="vitkit model directory, training run directory, or pretrained source "
+                        "(default: the most recent run under --runs)")
+    p.add_argument("--runs", default="runs", help="where to look for the most recent training run")
+    p.add_argument("--layers", default=None,
+                   help="layers for the attention maps: comma-separated indices (negative from the end) "
+                        "or 'all' (default: first, middle and last)")
+    p.add_argument("--heads", default="all", help="heads for the attention maps: comma-separated indices or 'all'")
+    p.add_argument("--topk", type=int, default=5, help="number of top predictions to show")
+    p.add_argument("--filters", type=int, default=28, help="number of principal components of the embedding filters")
+    p.add_argument("--max-pixels", type=int, default=100_000_000, help="refuse images larger than this many pixels")
+    p.add_argument("--out", default="explain_out", help="output directory for report.html and the PNG figures")
+    p.add_argument("--device", default="cpu", help="torch device")
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from .. import from_pretrained
+    from ..data.image import load_image
+    from ..errors import InputError
+    from ..io import latest_run
+    from ..viz.report import explain, write_report
+
+    layers, heads = _indices(args.layers), _indices(args.heads)
+    if args.topk < 1:
+        raise InputError(f"--topk must be >= 1, got {args.topk}")
+    source = args.model
+    if source is None:
+        run_dir = latest_run(args.runs)
+        if run_dir is None:
+            raise InputError(NO_MODEL.format(root=args.runs))
+        source = str(run_dir)
+        print(f"using the most recent training run: {source}")
+    # check the image before loading a (possibly large) model
+    probe = load_image(args.image, mode=None, max_pixels=args.max_pixels)
+    model = from_pretrained(source)
+    model.to(torch.device(args.device)).eval()
+    mode = "L" if model.config.in_channels == 1 else "RGB"
+    img = probe.convert(mode)
+    ex = explain(model, img, layers=layers, heads=heads, topk=args.topk, filters=args.filters)
+    ex.info["source"] = str(args.image)
+    ex.info["model source"] = source
+    c = model.config
+    print(f"Walk-through of {args.image} ({probe.size[0]}x{probe.size[1]} {probe.mode}, preprocessed to "
+          f"{c.image_hw[0]}x{c.image_hw[1]}):")
+    print(ex.walkthrough)
+    if ex.prefix["names"] and c.num_registers:
+        print("register tokens (excluded from the overlays): mean attention received per layer: "
+              + ", ".join(f"{float(v):.3f}" for v in ex.prefix["from_patches"][..., 1 if c.class_token else 0:]
+                          .mean(axis=(1, 2))))
+    if ex.predictions:
+        print("regression outputs:" if ex.regression else f"top-{len(ex.predictions)}:")
+        for name, v in ex.predictions:
+            print(f"  {v:8.4f}  {name}")
+    html = write_report(ex, args.out, title=f"vitkit explain: {Path(str(args.image)).name}")
+    print(f"wrote {html} and {len(ex.figures)} PNG figures to {Path(args.out)}/")
+    return 0

@@ -1,0 +1,183 @@
+"""Check a report in a real headless Chromium, over the DevTools protocol on a pipe.
+
+Used by the tests (tests/test_report_browser.py) and to make the docs screenshot. Chromium is
+started with ``--remote-debugging-pipe`` (protocol messages on fds 3/4, NUL-terminated JSON), so
+no port, websocket library or network is needed. We navigate to the file, wait for ``load``, ask
+the page (its own script) whether every ``<img>`` decoded, collect console errors / uncaught
+exceptions / failed loads, and take a full-page screenshot.
+
+``--dump-dom`` with ``--virtual-time-budget`` was tried first and dropped: image decoding happens
+off the main thread in real time, so whether ``img.decode()`` had resolved when the DOM was dumped
+was a race.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--hide-scrollbars", "--remote-debugging-pipe"]
+
+
+def find_chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
+        p = shutil.which(name)
+        if p:
+            return p
+    return None
+
+
+@dataclass
+class PageCheck:
+    images: int = 0  # <img> elements on the page
+    decoded: int = 0  # of those, how many decoded with a non-zero size
+    errors: list[str] = field(default_factory=list)  # console errors, exceptions, failed loads
+    screenshot: bytes = b""  # PNG of the whole page
+    page_attrs: dict = field(default_factory=dict)  # the report's own data-* results on <body>
+
+
+class _Pipe:
+    def __init__(self, proc, wfd: int, rfd: int, timeout: float):
+        self.proc, self.w, self.r, self.timeout = proc, wfd, rfd, timeout
+        self.buf = b""
+        self.next_id = 0
+        self.events: list[dict] = []
+
+    def _read_message(self, deadline: float) -> dict:
+        while b"\0" not in self.buf:
+            if time.monotonic() > deadline:
+                raise TimeoutError("chromium did not answer in time")
+            import select
+
+            ready, _, _ = select.select([self.r], [], [], 0.5)
+            if ready:
+                chunk = os.read(self.r, 1 << 20)
+                if not chunk:
+                    raise RuntimeError("chromium closed the DevTools pipe")
+                self.buf += chunk
+        msg, _, self.buf = self.buf.partition(b"\0")
+        return json.loads(msg)
+
+    def send(self, method: str, params: dict | None = None, session: str | None = None) -> dict:
+        self.next_id += 1
+        mid = self.next_id
+        msg = {"id": mid, "method": method, "params": params or {}}
+        if session:
+            msg["sessionId"] = session
+        os.write(self.w, json.dumps(msg).encode() + b"\0")
+        deadline = time.monotonic() + self.timeout
+        while True:
+            m = self._read_message(deadline)
+            if m.get("id") == mid:
+                if "error" in m:
+                    raise RuntimeError(f"{method}: {m['error']}")
+                return m.get("result", {})
+            self.events.append(m)
+
+    def wait_event(self, method: str) -> dict:
+        for i, m in enumerate(self.events):
+            if m.get("method") == method:
+                return self.events.pop(i)
+        deadline = time.monotonic() + self.timeout
+        while True:
+            m = self._read_message(deadline)
+            if m.get("method") == method:
+                return m
+            self.events.append(m)
+
+
+_CHECK_JS = """
+(async () => {
+  const imgs = Array.from(document.images);
+  const ok = await Promise.all(imgs.map(img => img.decode().then(() => img.naturalWidth > 0, () => false)));
+  const attrs = {};
+  for (const a of document.body.attributes) attrs[a.name] = a.value;
+  return {images: imgs.length, decoded: ok.filter(Boolean).length, attrs: attrs};
+})()
+"""
+
+
+def check_page(path: str | Path, width: int = 1200, timeout: float = 60.0, chromium: str | None = None) -> PageCheck:
+    """Load ``path`` in headless Chromium; return decode results, errors and a full-page screenshot."""
+    exe = chromium or find_chromium()
+    if not exe:
+        raise FileNotFoundError("chromium not found; install it (Debian: apt-get install chromium)")
+    url = Path(path).resolve().as_uri()
+    profile = tempfile.mkdtemp(prefix="vitkit-chromium-")
+    to_chrome_r, to_chrome_w = os.pipe()
+    from_chrome_r, from_chrome_w = os.pipe()
+
+    def child_fds():  # the protocol expects its input on fd 3 and its output on fd 4
+        import fcntl
+
+        a = fcntl.fcntl(to_chrome_r, fcntl.F_DUPFD, 10)  # move out of the way of 3/4 first
+        b = fcntl.fcntl(from_chrome_w, fcntl.F_DUPFD, 10)
+        os.dup2(a, 3)
+        os.dup2(b, 4)
+
+    proc = subprocess.Popen([exe, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--window-size={width},900",
+                             "about:blank"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, preexec_fn=child_fds, pass_fds=(3, 4))
+    os.close(to_chrome_r)
+    os.close(from_chrome_w)
+    pipe = _Pipe(proc, to_chrome_w, from_chrome_r, timeout)
+    result = PageCheck()
+    try:
+        target = pipe.send("Target.createTarget", {"url": "about:blank"})["targetId"]
+        s = pipe.send("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
+        for domain in ("Page", "Runtime", "Log", "Network"):
+            pipe.send(f"{domain}.enable", session=s)
+        pipe.send("Emulation.setDeviceMetricsOverride",
+                  {"width": width, "height": 900, "deviceScaleFactor": 1, "mobile": False}, session=s)
+        pipe.send("Page.navigate", {"url": url}, session=s)
+        pipe.wait_event("Page.loadEventFired")
+        r = pipe.send("Runtime.evaluate", {"expression": _CHECK_JS, "awaitPromise": True, "returnByValue": True},
+                      session=s)
+        if "exceptionDetails" in r:
+            result.errors.append(f"check script failed: {r['exceptionDetails']}")
+        value = r.get("result", {}).get("value") or {}
+        result.images, result.decoded = value.get("images", 0), value.get("decoded", 0)
+        result.page_attrs = value.get("attrs", {})
+        metrics = pipe.send("Page.getLayoutMetrics", session=s)
+        size = metrics.get("cssContentSize") or metrics["contentSize"]
+        height = int(min(size["height"], 16000))
+        shot = pipe.send("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True,
+                                                    "clip": {"x": 0, "y": 0, "width": width, "height": height,
+                                                             "scale": 1}}, session=s)
+        result.screenshot = base64.b64decode(shot["data"])
+        for m in pipe.events:
+            meth, p = m.get("method"), m.get("params", {})
+            if meth == "Runtime.exceptionThrown":
+                d = p.get("exceptionDetails", {})
+                result.errors.append("exception: " + str(d.get("exception", {}).get("description") or d.get("text")))
+            elif meth == "Runtime.consoleAPICalled" and p.get("type") in ("error", "assert"):
+                result.errors.append("console.error: " + " ".join(str(a.get("value", a.get("description")))
+                                                                   for a in p.get("args", [])))
+            elif meth == "Log.entryAdded" and p.get("entry", {}).get("level") == "error":
+                e = p["entry"]
+                result.errors.append(f"log: {e.get('text')} {e.get('url', '')}".strip())
+            elif meth == "Network.loadingFailed":
+                result.errors.append(f"load failed: {p.get('errorText')}")
+        try:
+            pipe.send("Browser.close")
+        except (RuntimeError, TimeoutError, OSError):
+            pass
+    finally:
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        os.close(to_chrome_w)
+        os.close(from_chrome_r)
+        shutil.rmtree(profile, ignore_errors=True)
+    return result
