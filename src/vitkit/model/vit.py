@@ -97,10 +97,18 @@ class ViT(nn.Module):
     @torch.no_grad()
     def init_weights(self) -> None:
         """ViT/DeiT init: trunc-normal(0.02) linear/conv weights and learned embeddings, zero
-        biases, LayerNorm ones and zeros, LayerScale at its init value."""
+        biases, LayerNorm ones and zeros, LayerScale at its init value.
+
+        Trap: ``nn.init.trunc_normal_``'s bounds ``a``/``b`` are absolute values (default +-2), so
+        ``trunc_normal_(w, std=0.02)`` alone truncates nothing (timm's call has this quirk); the
+        truncation is at +-2 std = +-0.04 here, as "truncated normal 0.02" means."""
+
+        def tn(t: torch.Tensor, std: float = 0.02) -> None:
+            nn.init.trunc_normal_(t, std=std, a=-2 * std, b=2 * std)
+
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Conv2d)):
-                nn.init.trunc_normal_(m.weight, std=0.02)
+                tn(m.weight)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
             elif isinstance(m, nn.LayerNorm):
@@ -108,9 +116,9 @@ class ViT(nn.Module):
                 nn.init.zeros_(m.bias)
         for p in (self.cls_token, self.reg_token):
             if p is not None:
-                nn.init.trunc_normal_(p, std=0.02)
+                tn(p)
         if isinstance(self.pos_embed, nn.Parameter):
-            nn.init.trunc_normal_(self.pos_embed, std=0.02)
+            tn(self.pos_embed)
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names that must not be weight-decayed (besides all norms and biases)."""

@@ -1,0 +1,27 @@
+"""Shared fixtures: deterministic seeding and a tiny-config factory (keep this file minimal)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vitkit.config import ViTConfig
+
+TINY = dict(image_size=16, patch_size=4, in_channels=3, num_classes=5, dim=32, depth=2, num_heads=4, mlp_dim=64)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    """Every test starts from the same RNG state."""
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture
+def tiny_config():
+    """Factory: ``tiny_config(**overrides)`` -> a small ViTConfig (16x16, patch 4, dim 32, depth 2)."""
+
+    def make(**overrides) -> ViTConfig:
+        return ViTConfig(**{**TINY, **overrides})
+
+    return make
