@@ -1,0 +1,58 @@
+"""vitkit bench: the timm twin is the same function, results are well-formed (no timing thresholds)."""
+
+import json
+
+import pytest
+import torch
+
+import vitkit
+from vitkit.bench.throughput import run_benchmark, timm_equivalent
+from vitkit.cli.main import main
+
+timm = pytest.importorskip("timm")
+
+
+@pytest.mark.parametrize("kw", [
+    {},
+    {"pooling": "mean", "class_token": False, "fc_norm": True},
+    {"num_registers": 3, "pos_embed_prefix": False, "layer_scale": 1e-2},
+    {"qkv_bias": False, "image_size": (32, 48), "patch_size": (8, 16), "act": "gelu_tanh"},
+])
+def test_timm_equivalent_computes_the_same_function(kw):
+    torch.manual_seed(0)
+    kw = {"image_size": 32, "patch_size": 8, **kw}
+    m = vitkit.create_model("vit_tiny_patch16_224", depth=2, num_classes=5, **kw).eval()
+    t = timm_equivalent(m.config).eval()
+    t.load_state_dict(m.state_dict())  # strict: same names, same shapes
+    x = torch.randn(2, 3, *m.config.image_hw)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), t(x), atol=1e-5, rtol=1e-5)
+
+
+def test_timm_equivalent_refuses_what_timm_cannot_express():
+    for kw in ({"norm_first": False}, {"pos_embed": "sincos2d"}, {"head_hidden_dim": 32}):
+        assert timm_equivalent(vitkit.get_config("vit_tiny_patch16_224", **kw)) is None
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_run_benchmark_reports_both_impls(train):
+    res = run_benchmark("vit_tiny_patch16_224", batch_size=2, train=train, warmup=1, runs=2,
+                        image_size=32, depth=1)
+    assert [r.impl for r in res] == ["vitkit", "timm"]
+    for r in res:
+        assert len(r.times_s) == 2 and r.median_s > 0
+        assert r.images_per_s == pytest.approx(2 / r.median_s)
+        assert r.mode == ("train" if train else "inference") and r.mfu is None  # no MFU on CPU
+
+
+def test_bench_cli_json(capsys):
+    assert main(["bench", "vit_tiny_patch16_224", "--batch-size", "1", "2", "--runs", "1", "--warmup", "0",
+                 "--image-size", "32", "--json"]) == 0
+    lines = [json.loads(s) for s in capsys.readouterr().out.strip().splitlines()]
+    assert [(d["impl"], d["batch_size"]) for d in lines] == [("vitkit", 1), ("timm", 1), ("vitkit", 2), ("timm", 2)]
+    assert all(d["ratio_vs_timm"] > 0 for d in lines)
+
+
+def test_bench_rejects_bad_dtype():
+    with pytest.raises(ValueError, match="dtype"):
+        run_benchmark("vit_tiny_patch16_224", dtype="fp8", image_size=32)
