@@ -23,7 +23,8 @@ install: $(VENV)/.stamp-base
 install-dev: $(VENV)/.stamp-dev
 
 demo: $(VENV)/.stamp-base
-	$(VENV)/bin/vitkit demo
+	$(VENV)/bin/vitkit summary vit_base_patch16_224 --image sample:china.jpg
+	$(VENV)/bin/vitkit summary vit_tiny_patch16_224 --image-size 8 --patch-size 2 --in-channels 1 --num-classes 10 --image digits:0
 
 test: $(VENV)/.stamp-dev
 	$(PY) -m pytest $(PYTEST_ARGS)
