@@ -1,0 +1,114 @@
+"""Evaluate a model on a dataset split.
+
+``evaluate(model, dataset, ...)`` runs the model over ``dataset`` (anything
+:func:`vitkit.data.datasets.load_batch` reads) and returns plain numbers:
+
+* classification: ``loss`` (cross-entropy, no label smoothing), ``accuracy`` (top-1), ``top5``,
+  ``confusion_matrix`` (list of lists, rows = true class), ``per_class`` precision / recall / F1 /
+  support and their macro averages;
+* regression: ``loss`` (MSE or L1 as trained), ``mae``, ``rmse``, ``r2`` (mean over targets) and
+  per-target values.
+
+Under torchrun each rank evaluates a contiguous shard and the sums are all-reduced, so every rank
+returns the numbers for the whole split.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..data.datasets import load_batch
+from ..train.distributed import DistInfo, all_reduce_sum
+from ..train.metrics import classification_report, confusion_matrix, regression_report, regression_stats
+
+
+def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
+    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    return (x - m) / s
+
+
+@torch.no_grad()
+def evaluate(model, dataset, *, task: str = "classification", num_outputs: int, mean, std,
+             batch_size: int = 256, device: str | torch.device = "cpu", dist: DistInfo | None = None,
+             regression_loss: str = "mse", labels: list[str] | None = None, progress: bool = False,
+             amp_dtype: torch.dtype | None = None) -> dict[str, Any]:
+    dist = dist or DistInfo()
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    n = len(dataset)
+    per, extra = divmod(n, dist.world_size)
+    start = dist.rank * per + min(dist.rank, extra)
+    stop = start + per + (1 if dist.rank < extra else 0)
+    idx = list(range(start, stop))
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    count = torch.zeros((), dtype=torch.float64, device=device)
+    top5 = torch.zeros((), dtype=torch.float64, device=device)
+    cm = torch.zeros(num_outputs, num_outputs, dtype=torch.int64, device=device)
+    rstats = None
+    batches = [idx[i:i + batch_size] for i in range(0, len(idx), batch_size)]
+    it = batches
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(batches, desc="eval", leave=False, dynamic_ncols=True)
+    for b in it:
+        batch = load_batch(dataset, b)
+        if batch is None:
+            continue
+        x, y = batch
+        x = normalize(x.to(device, non_blocking=True), mean, std)
+        y = y.to(device)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            out = model(x)
+        out = out.float()
+        if task == "classification":
+            loss_sum += F.cross_entropy(out, y, reduction="sum").double()
+            k = min(5, out.shape[1])
+            top5 += (out.topk(k, dim=1).indices == y[:, None]).any(1).sum()
+            cm += confusion_matrix(out.argmax(1), y, num_outputs).to(device)
+        else:
+            y = y.float().view_as(out)
+            fn = F.mse_loss if regression_loss == "mse" else F.l1_loss
+            loss_sum += fn(out, y, reduction="sum").double() / out.shape[1]
+            s = regression_stats(out, y).to(device)
+            rstats = s if rstats is None else rstats + s
+        count += len(x)
+    all_reduce_sum(loss_sum, dist)
+    all_reduce_sum(count, dist)
+    if was_training:
+        model.train()
+    total = max(float(count), 1.0)
+    result: dict[str, Any] = {"loss": float(loss_sum) / total, "count": int(count)}
+    if task == "classification":
+        all_reduce_sum(top5, dist)
+        all_reduce_sum(cm, dist)
+        rep = classification_report(cm.cpu(), labels)
+        result.update(accuracy=rep["accuracy"], top5=float(top5) / total, macro_f1=rep["macro_f1"],
+                      macro_precision=rep["macro_precision"], macro_recall=rep["macro_recall"],
+                      per_class=rep["per_class"], confusion_matrix=cm.cpu().tolist())
+    else:
+        if rstats is None:
+            rstats = torch.zeros(5, num_outputs, dtype=torch.float64, device=device)
+        all_reduce_sum(rstats, dist)
+        result.update(regression_report(rstats.cpu()))
+        if labels:
+            for r, name in zip(result["per_target"], labels):
+                r["target"] = name
+    return result
+
+
+def evaluate_model(model, splits, split: str = "test", **kw) -> dict[str, Any]:
+    """Evaluate a vitkit model on one split of :func:`vitkit.data.datasets.build_datasets`'s result,
+    with the model's own preprocessing mean/std when it has them."""
+    pre = getattr(model, "preprocess_cfg", None) or {}
+    ds = getattr(splits, split)
+    if ds is None:
+        raise ValueError(f"dataset {splits.name!r} has no {split} split")
+    return evaluate(model, ds, task=splits.task, num_outputs=splits.num_outputs,
+                    mean=pre.get("mean", splits.mean), std=pre.get("std", splits.std),
+                    labels=splits.classes, **kw)

@@ -1,0 +1,274 @@
+"""TrainConfig: everything one training run needs, in one typed dataclass.
+
+It is filled from defaults, then ``--config file.yaml|json``, then ``--key value`` overrides
+(type-checked; unknown keys are rejected with a suggestion), and saved as ``config.yaml`` in the
+run directory so a run can be reproduced or resumed from its files alone.
+
+The defaults are the digits recipe measured in ``benchmarks/train_digits.md``: a 4-block, 64-wide
+ViT on 2x2 patches of the 8x8 digits (16 tokens), sin-cos 2-D position embedding, mean pooling,
+small random affine augmentation, label smoothing, AdamW, warmup + cosine, EMA.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+
+DATASETS = ("digits", "cifar10", "cifar100", "mnist", "fashion-mnist", "imagefolder", "csv")
+
+
+@dataclass
+class TrainConfig:
+    # ---------------------------------------------------------------- data
+    dataset: str = field(default="digits", metadata={"help": f"dataset: one of {', '.join(DATASETS)}"})
+    data_dir: str | None = field(default=None, metadata={
+        "help": "where the dataset files are (torchvision datasets, imagefolder root, csv file or its dir)"})
+    download: bool = field(default=False, metadata={"help": "download torchvision datasets into --data-dir"})
+    val_fraction: float = field(default=0.1, metadata={
+        "help": "fraction held out for validation when the dataset has no val split (stratified, seeded)"})
+    test_fraction: float = field(default=0.2, metadata={
+        "help": "digits only: fraction held out as the test split (stratified, seeded)"})
+    subset: int = field(default=0, metadata={"help": "use only the first N training images (0 = all; for smoke tests)"})
+    image_size: int = field(default=0, metadata={
+        "help": "model input size (0 = the dataset's native size: 8 digits, 28 mnist, 32 cifar, 224 others)"})
+    skip_bad_images: bool = field(default=False, metadata={
+        "help": "log and skip unreadable images instead of stopping with the file's path"})
+    target_columns: str | None = field(default=None, metadata={
+        "help": "csv: comma-separated target column names (default: every column but the first)"})
+    workers: int = field(default=0, metadata={"help": "DataLoader worker processes for file datasets"})
+    # ---------------------------------------------------------------- model
+    model: str | None = field(default=None, metadata={
+        "help": "preset name (vit_tiny_patch16_224 ...) instead of the width/depth fields below"})
+    pretrained: str | None = field(default=None, metadata={
+        "help": "fine-tune from weights (vitkit dir, or any source vitkit.from_pretrained accepts); head re-initialised"})
+    patch_size: int = field(default=2, metadata={"help": "patch side in pixels"})
+    dim: int = field(default=64, metadata={"help": "token width"})
+    depth: int = field(default=4, metadata={"help": "number of encoder blocks"})
+    num_heads: int = field(default=4, metadata={"help": "attention heads"})
+    mlp_ratio: float = field(default=2.0, metadata={"help": "MLP hidden width / token width"})
+    pos_embed: str = field(default="sincos2d", metadata={"help": "learned | sincos1d | sincos2d | none"})
+    pooling: str = field(default="mean", metadata={"help": "mean (of patch tokens) | cls (class token)"})
+    drop_path: float = field(default=0.1, metadata={"help": "stochastic depth rate (max over depth)"})
+    dropout: float = field(default=0.0, metadata={"help": "dropout rate"})
+    num_classes: int = field(default=0, metadata={
+        "help": "number of classes / regression targets (0 = from the data; a mismatch is an error)"})
+    # ---------------------------------------------------------------- optimisation
+    epochs: int = field(default=40, metadata={"help": "training epochs"})
+    batch_size: int = field(default=64, metadata={"help": "global batch size (split across ranks)"})
+    accum_steps: int = field(default=1, metadata={"help": "gradient accumulation steps per optimizer step"})
+    lr: float = field(default=2e-3, metadata={"help": "peak learning rate (AdamW)"})
+    min_lr: float = field(default=1e-5, metadata={"help": "final learning rate of the cosine decay"})
+    weight_decay: float = field(default=0.05, metadata={
+        "help": "AdamW weight decay (never on norms, biases, position embeddings, prefix tokens)"})
+    betas: tuple[float, float] = field(default=(0.9, 0.999), metadata={"help": "AdamW betas"})
+    warmup_epochs: float = field(default=3.0, metadata={"help": "linear warmup length in epochs"})
+    layer_decay: float = field(default=1.0, metadata={"help": "layer-wise lr decay (1.0 = off; 0.65-0.75 for fine-tuning)"})
+    grad_clip: float = field(default=1.0, metadata={"help": "clip gradient global norm (0 = off)"})
+    label_smoothing: float = field(default=0.1, metadata={"help": "label smoothing for cross-entropy"})
+    loss: str = field(default="auto", metadata={"help": "auto | ce | mse | l1 (auto: ce for classes, mse for csv)"})
+    ema: bool = field(default=True, metadata={"help": "keep an EMA of the weights and evaluate it too"})
+    ema_decay: float = field(default=0.99, metadata={"help": "EMA decay per optimizer step"})
+    # ---------------------------------------------------------------- augmentation
+    augment: bool = field(default=True, metadata={"help": "training augmentation on/off (all pieces below)"})
+    affine_degrees: float = field(default=10.0, metadata={"help": "random rotation range +-degrees"})
+    affine_translate: float = field(default=0.1, metadata={"help": "random translation, fraction of size"})
+    affine_scale: float = field(default=0.1, metadata={"help": "random scale range 1 +- this"})
+    affine_shear: float = field(default=5.0, metadata={"help": "random shear range +-degrees"})
+    hflip: str = field(default="auto", metadata={
+        "help": "horizontal flips: auto (on for natural images, off for digits/mnist/csv) | on | off"})
+    random_resized_crop: bool = field(default=False, metadata={
+        "help": "file datasets: RandomResizedCrop instead of a plain resize"})
+    auto_augment: str = field(default="none", metadata={"help": "none | randaugment | trivialaugment (uint8 images)"})
+    random_erasing: float = field(default=0.0, metadata={"help": "random erasing probability"})
+    mixup: float = field(default=0.0, metadata={"help": "MixUp alpha (0 = off)"})
+    cutmix: float = field(default=0.0, metadata={"help": "CutMix alpha (0 = off)"})
+    # ---------------------------------------------------------------- system
+    seed: int = field(default=0, metadata={"help": "random seed (data split, init, order, augmentation)"})
+    deterministic: bool = field(default=False, metadata={"help": "deterministic algorithms (bit-exact resume on CPU)"})
+    threads: int = field(default=0, metadata={
+        "help": "torch CPU threads (0 = auto: 1 for tiny models, which run fastest single-threaded)"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
+    amp: str = field(default="off", metadata={"help": "off | bf16 | fp16 (CUDA; fp16 uses a grad scaler)"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the model (CUDA)"})
+    strategy: str = field(default="ddp", metadata={"help": "ddp | fsdp when launched with torchrun"})
+    eval_every: int = field(default=1, metadata={"help": "validate every N epochs (and always on the last)"})
+    out: str | None = field(default=None, metadata={"help": "run directory (default runs/<timestamp>)"})
+    tensorboard: bool = field(default=False, metadata={"help": "also write TensorBoard events (needs tensorboard)"})
+    max_steps: int = field(default=0, metadata={"help": "stop after N optimizer steps (0 = no limit; for tests)"})
+    progress: bool = field(default=True, metadata={"help": "tqdm progress bars"})
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        def choice(name: str, options: tuple[str, ...]) -> None:
+            v = getattr(self, name)
+            if v not in options:
+                close = difflib.get_close_matches(str(v), options, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise ConfigError(f"{name} must be one of {list(options)}, got {v!r}{hint}")
+
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _coerce(getattr(self, f.name), f.type, f.name))
+        choice("dataset", DATASETS)
+        choice("pos_embed", ("learned", "sincos1d", "sincos2d", "none"))
+        choice("pooling", ("mean", "cls"))
+        choice("loss", ("auto", "ce", "mse", "l1"))
+        choice("hflip", ("auto", "on", "off"))
+        choice("auto_augment", ("none", "randaugment", "trivialaugment"))
+        choice("amp", ("off", "bf16", "fp16"))
+        choice("strategy", ("ddp", "fsdp"))
+        for name in ("epochs", "batch_size", "accum_steps", "eval_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("val_fraction", "test_fraction", "label_smoothing", "drop_path", "dropout", "random_erasing"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if not 0.0 < self.layer_decay <= 1.0:
+            raise ConfigError(f"layer_decay must be in (0, 1], got {self.layer_decay}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.lr <= 0:
+            raise ConfigError(f"lr must be positive, got {self.lr}")
+
+    # ---------------------------------------------------------------- (de)serialisation
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        if not isinstance(data, dict):
+            raise ConfigError(f"a TrainConfig must be a mapping, got {type(data).__name__}")
+        check_keys(data)
+        return cls(**data)
+
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides: Any) -> TrainConfig:
+        return cls.from_dict({**read_config_file(path), **overrides})
+
+    def save(self, path: str | Path) -> Path:
+        from ..io import atomic_write_text
+
+        path = Path(path)
+        if path.suffix == ".json":
+            text = json.dumps(self.to_dict(), indent=2) + "\n"
+        else:
+            import yaml
+
+            text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        return atomic_write_text(path, text)
+
+    def replace(self, **overrides: Any) -> TrainConfig:
+        check_keys(overrides)
+        return TrainConfig(**{**self.to_dict(), **overrides})
+
+
+def field_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(TrainConfig)]
+
+
+def check_keys(data: dict[str, Any]) -> None:
+    known = field_names()
+    unknown = [k for k in data if k not in known]
+    if unknown:
+        msgs = []
+        for k in unknown:
+            close = difflib.get_close_matches(str(k).replace("-", "_"), known, n=1)
+            msgs.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise ConfigError(f"unknown training option(s): {', '.join(msgs)}")
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist")
+    text = p.read_text()
+    try:
+        if p.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except ValueError as e:  # json.JSONDecodeError and yaml.YAMLError (a ValueError subclass? no) below
+        raise ConfigError(f"{p}: cannot parse: {e}") from e
+    except Exception as e:  # yaml.YAMLError
+        raise ConfigError(f"{p}: cannot parse: {e}") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: expected a mapping of option: value, got {type(data).__name__}")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def _coerce(value: Any, annotation: Any, name: str) -> Any:
+    """Check (and gently convert: '3' -> 3 from the command line, 1 -> 1.0) one field value."""
+    tp = _resolve(annotation)
+    args = typing.get_args(tp)
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        if isinstance(value, str) and value.lower() in ("none", "null") and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], name)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.replace(",", " ").split()]
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{name} must be {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, name) for v, a in zip(value, args))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{name} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{name} must be an int, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{name} must be an int, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{name} must be a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{name} must be a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{name} must be a string, got {value!r}")
+    return value
+
+
+def _resolve(annotation: Any) -> Any:
+    if isinstance(annotation, str):  # from __future__ annotations
+        return eval(annotation, {"tuple": tuple, "int": int, "float": float, "str": str, "bool": bool})  # noqa: S307
+    return annotation
