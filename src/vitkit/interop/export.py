@@ -74,12 +74,22 @@ def export_onnx(model, path: str | Path, opset: int = 18, dynamic_batch: bool = 
 
 
 def export_torchscript(model, path: str | Path) -> Path:
+    import warnings
+
     from ..io import atomic_write
 
     wrapped = _Logits(model).eval()
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # input checks are Python branches on shapes; they are constant for a fixed image size
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", FutureWarning)
         traced = torch.jit.trace(wrapped, (_example(model),), check_trace=False)
-    return atomic_write(path, lambda tmp: torch.jit.save(traced, tmp))
+    def save(tmp):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            torch.jit.save(traced, tmp)
+
+    return atomic_write(path, save)
 
 
 def export_to(model, format: str, path: str | Path, **kw: Any) -> Path:

@@ -1,0 +1,40 @@
+"""vitkit convert: write vitkit's own format (config.json + model.safetensors) from any source."""
+
+from __future__ import annotations
+
+HELP = "convert any loadable checkpoint (timm, hf, torchvision, jax, hub id) to vitkit's format"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("source", help="checkpoint file or directory, or a hub id (google/vit-base-patch16-224)")
+    p.add_argument("out_dir", help="output directory (config.json + model.safetensors)")
+    p.add_argument("--format", default=None, choices=["vitkit", "timm", "hf", "torchvision", "jax"],
+                   help="force the source format instead of detecting it")
+    p.add_argument("--arch", default=None, help="preset for what the weights cannot tell (e.g. vit_base_patch16_224)")
+    p.add_argument("--num-heads", type=int, default=None, help="attention heads, for checkpoints that cannot say")
+    p.add_argument("--image-size", type=int, nargs="+", metavar=("H", "W"),
+                   help="resample the position embedding to this input size: H [W]")
+    p.add_argument("--num-classes", type=int, default=None, help="new class count (the head is re-initialised)")
+    p.add_argument("--in-channels", type=int, default=None, help="1 to sum RGB patch kernels for grey input")
+    p.add_argument("--no-strict", action="store_true", help="load what matches instead of failing on a mismatch")
+
+
+def run(args) -> int:
+    from .. import from_pretrained
+
+    size = None
+    if args.image_size:
+        if len(args.image_size) > 2:
+            raise ValueError(f"--image-size takes 1 or 2 numbers, got {args.image_size}")
+        size = args.image_size[0] if len(args.image_size) == 1 else tuple(args.image_size)
+    kw = {}
+    if args.num_heads:
+        kw["num_heads"] = args.num_heads
+    model = from_pretrained(args.source, arch=args.arch, format=args.format, strict=not args.no_strict,
+                            image_size=size, num_classes=args.num_classes, in_channels=args.in_channels, **kw)
+    model.save_pretrained(args.out_dir)
+    print(model.load_report)
+    c = model.config
+    print(f"wrote {args.out_dir}: {c.dim}-wide, depth {c.depth}, {c.num_heads} heads, "
+          f"{c.image_hw[0]}x{c.image_hw[1]} input, {c.num_classes} classes ({model.pretrained_info['format']} source)")
+    return 0

@@ -1,0 +1,45 @@
+"""vitkit export: write a model as timm, Hugging Face, torchvision, JAX npz, ONNX or TorchScript."""
+
+from __future__ import annotations
+
+HELP = "export a model to timm, hf, torchvision, jax, onnx or torchscript"
+
+FORMATS = ["timm", "hf", "onnx", "torchscript", "torchvision", "jax", "vitkit"]
+
+
+def add_arguments(p) -> None:
+    p.add_argument("model", help="model source: vitkit dir, run dir, checkpoint file/dir or hub id")
+    p.add_argument("--format", "-f", required=True, choices=FORMATS, help="target format")
+    p.add_argument("--out", "-o", required=True,
+                   help="output path: a directory for timm/hf/vitkit, a file for onnx/torchscript/torchvision/jax")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 17)")
+    p.add_argument("--layout", default="vision_transformer", choices=["vision_transformer", "big_vision"],
+                   help="npz layout for --format jax")
+    p.add_argument("--source-format", default=None, help="force the input checkpoint format")
+    p.add_argument("--num-heads", type=int, default=None, help="attention heads, for checkpoints that cannot say")
+    p.add_argument("--verify", action="store_true",
+                   help="for onnx: run the exported graph in onnxruntime and print the max abs difference")
+
+
+def run(args) -> int:
+    import torch
+
+    from .. import from_pretrained
+
+    kw = {"format": args.source_format} if args.source_format else {}
+    if args.num_heads:
+        kw["num_heads"] = args.num_heads
+    model = from_pretrained(args.model, **kw)
+    out = model.export_to(args.format, args.out, opset=args.opset, layout=args.layout)
+    print(f"wrote {args.format} export of {args.model} to {out}")
+    if args.verify and args.format == "onnx":
+        import onnxruntime as ort
+
+        sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+        for b in (1, 3):
+            x = torch.randn(b, model.config.in_channels, *model.config.image_hw)
+            with torch.no_grad():
+                ref = model(x).numpy()
+            got = sess.run(None, {"pixel_values": x.numpy()})[0]
+            print(f"onnxruntime batch {b}: max abs diff {abs(got - ref).max():.3g}")
+    return 0

@@ -1,0 +1,119 @@
+"""vitkit predict: top-k labels with probabilities for image files, batched, with the model's own
+preprocessing. A file that cannot be read gets a clear error line and the others still run; the
+exit status is 1 when any file failed."""
+
+from __future__ import annotations
+
+HELP = "classify images with a model (top-k labels + probabilities, or regression outputs)"
+DESCRIPTION = ("Classify image files with any loadable model (vitkit dir, training run dir, timm / Hugging Face / "
+               "torchvision / JAX checkpoint, hub id). Unreadable files are reported and skipped; exit status 1 "
+               "if any file failed.")
+
+
+def add_arguments(p) -> None:
+    p.add_argument("images", nargs="+", metavar="IMAGE",
+                   help="image files (or built-ins sample:china.jpg, sample:flower.jpg, digits:N)")
+    p.add_argument("--model", "-m", default=None,
+                   help="model source: vitkit dir, run dir, checkpoint file/dir or hub id (default: latest run in runs/)")
+    p.add_argument("--top-k", "-k", type=int, default=5, help="how many classes to show per image")
+    p.add_argument("--json", action="store_true", help="print one JSON document instead of text")
+    p.add_argument("--batch-size", "-b", type=int, default=32, help="images per forward pass")
+    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, mps)")
+    p.add_argument("--max-pixels", type=int, default=None,
+                   help="refuse images with more pixels than this (default: vitkit.data.image's 100 megapixels)")
+    p.add_argument("--format", default=None, help="force the checkpoint format (vitkit, timm, hf, torchvision, jax)")
+    p.add_argument("--num-heads", type=int, default=None, help="attention heads, for checkpoints that cannot say")
+
+
+def predict_files(model, files, top_k: int = 5, batch_size: int = 32, max_pixels: int | None = None,
+                  progress: bool = False) -> list[dict]:
+    """One result dict per file, in order: {"file", "predictions": [{"index","label","prob"}]} for
+    classifiers, {"file", "outputs": [...]} for regression / feature models, {"file", "error"} on failure."""
+    import torch
+    from tqdm import tqdm
+
+    from ..data.image import DEFAULT_MAX_PIXELS, load_image
+    from ..errors import InputError
+
+    if top_k < 1:
+        raise InputError(f"--top-k must be >= 1, got {top_k}")
+    if batch_size < 1:
+        raise InputError(f"--batch-size must be >= 1, got {batch_size}")
+    cfg = model.config
+    transform = model.preprocess
+    mode = "L" if cfg.in_channels == 1 else "RGB"
+    device = next(model.parameters()).device
+    results: list[dict] = [{"file": str(f)} for f in files]
+    pending: list[tuple[int, torch.Tensor]] = []
+    classify = cfg.task == "classification" and cfg.num_classes > 0
+    labels = model.labels
+
+    def flush() -> None:
+        if not pending:
+            return
+        idx, xs = zip(*pending)
+        with torch.no_grad():
+            out = model(torch.stack(xs).to(device)).float().cpu()
+        for i, row in zip(idx, out):
+            if classify:
+                probs = row.softmax(-1)
+                p, c = probs.topk(min(top_k, probs.numel()))
+                results[i]["predictions"] = [
+                    {"index": int(ci), "label": labels[int(ci)] if labels else f"class_{int(ci)}", "prob": float(pi)}
+                    for pi, ci in zip(p, c)]
+            else:
+                results[i]["outputs"] = [float(v) for v in row]
+        pending.clear()
+
+    for i, f in enumerate(tqdm(files, desc="predict", unit="img", disable=not progress)):
+        try:
+            img = load_image(f, mode=mode, max_pixels=max_pixels or DEFAULT_MAX_PIXELS)
+            x = transform(img)
+            if x.shape[0] != cfg.in_channels:
+                raise InputError(f"{f}: preprocessing gave {x.shape[0]} channels, model expects {cfg.in_channels}")
+        except (InputError, OSError, ValueError) as e:
+            results[i]["error"] = str(e)
+            continue
+        pending.append((i, x))
+        if len(pending) >= batch_size:
+            flush()
+    flush()
+    return results
+
+
+def run(args) -> int:
+    import json
+    import sys
+
+    from .. import from_pretrained
+    from ..errors import CheckpointError
+    from ..io import latest_run
+
+    source = args.model
+    if source is None:
+        source = latest_run()
+        if source is None:
+            raise CheckpointError("no --model given and no training run found under runs/; pass --model SOURCE")
+    kw = {"format": args.format} if args.format else {}
+    if args.num_heads:
+        kw["num_heads"] = args.num_heads
+    model = from_pretrained(source, device=args.device, **kw).eval()
+    results = predict_files(model, args.images, top_k=args.top_k, batch_size=args.batch_size,
+                            max_pixels=args.max_pixels, progress=len(args.images) > args.batch_size and not args.json)
+    failed = [r for r in results if "error" in r]
+    if args.json:
+        print(json.dumps({"model": str(source), "results": results}, indent=2))
+    else:
+        for r in results:
+            if "error" in r:
+                continue
+            print(r["file"])
+            if "predictions" in r:
+                width = max(len(p["label"]) for p in r["predictions"])
+                for rank, p in enumerate(r["predictions"], 1):
+                    print(f"  {rank:>2}. {p['label']:<{width}}  {p['prob']:.4f}")
+            else:
+                print("  outputs: " + ", ".join(f"{v:.6g}" for v in r["outputs"]))
+    for r in failed:
+        print(f"vitkit predict: error: {r['error']}", file=sys.stderr)
+    return 1 if failed else 0

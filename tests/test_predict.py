@@ -1,0 +1,110 @@
+"""`vitkit predict`: top-k from the model's own preprocessing, batched, JSON, per-file errors,
+oversized images refused, run directories (labels) and regression models."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+import vitkit
+from test_interop_common import tiny
+from vitkit.cli.main import main
+from vitkit.data.image import load_image
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    """A training-run layout: runs/<stamp>/best/ in vitkit format with labels and preprocessing."""
+    model = tiny(num_classes=4)
+    model.labels = ["ant", "bee", "cat", "dog"]
+    model.preprocess_cfg = {"input_size": [3, 32, 32], "mean": [0.4, 0.5, 0.6], "std": [0.2, 0.3, 0.4],
+                            "interpolation": "bilinear", "crop_pct": 0.875}
+    run = tmp_path / "runs" / "20260101-000000"
+    model.save_pretrained(run / "best")
+    return model, run
+
+
+def _images(tmp_path):
+    a = tmp_path / "a.png"
+    Image.new("RGB", (40, 50), (200, 30, 30)).save(a)
+    b = tmp_path / "b.jpg"
+    Image.new("RGB", (64, 64), (10, 200, 90)).save(b)
+    return [str(a), str(b), "sample:flower.jpg"]
+
+
+def test_predict_json_matches_manual_forward(run_dir, tmp_path, capsys):
+    model, run = run_dir
+    files = _images(tmp_path)
+    assert main(["predict", "--model", str(run), *files, "--top-k", "3", "--json", "--batch-size", "2"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert [r["file"] for r in doc["results"]] == files
+    with torch.no_grad():
+        x = torch.stack([model.preprocess(load_image(f)) for f in files])
+        probs = model.eval()(x).softmax(-1)
+    for r, p in zip(doc["results"], probs):
+        top = p.topk(3)
+        assert [q["index"] for q in r["predictions"]] == top.indices.tolist()
+        assert [q["label"] for q in r["predictions"]] == [model.labels[i] for i in top.indices]
+        assert [q["prob"] for q in r["predictions"]] == pytest.approx(top.values.tolist(), abs=1e-6)
+
+
+def test_predict_text_and_bad_files(run_dir, tmp_path, capsys):
+    _, run = run_dir
+    good = _images(tmp_path)[0]
+    bad = tmp_path / "notes.txt"
+    bad.write_text("this is not an image")
+    missing = tmp_path / "missing.png"
+    rc = main(["predict", "--model", str(run), str(bad), good, str(missing), "-k", "2"])
+    out, err = capsys.readouterr()
+    assert rc == 1  # some files failed ...
+    assert good in out and " 1. " in out and " 2. " in out  # ... but the good one was still classified
+    assert "notes.txt: not a readable image file" in err and "missing.png: no such file" in err
+
+
+def test_predict_refuses_too_large(run_dir, tmp_path, capsys):
+    _, run = run_dir
+    big = tmp_path / "big.png"
+    Image.new("RGB", (300, 300)).save(big)
+    rc = main(["predict", "--model", str(run), str(big), "--max-pixels", "10000"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "90,000 pixels, over the limit of 10,000" in err
+
+
+def test_predict_regression_prints_outputs(tmp_path, capsys):
+    model = tiny(num_classes=2, task="regression")
+    model.save_pretrained(tmp_path / "reg")
+    assert main(["predict", "--model", str(tmp_path / "reg"), "sample:china.jpg", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)["results"][0]
+    with torch.no_grad():
+        ref = model(model.preprocess(load_image("sample:china.jpg"))[None])[0]
+    assert r["outputs"] == pytest.approx(ref.tolist(), abs=1e-5)
+
+
+def test_predict_grey_model_with_digits(tmp_path, capsys):
+    model = tiny(in_channels=1, image_size=8, patch_size=4, num_classes=10)
+    model.save_pretrained(tmp_path / "g")
+    assert main(["predict", "--model", str(tmp_path / "g"), "digits:0", "digits:1", "--json", "-b", "1"]) == 0
+    res = json.loads(capsys.readouterr().out)["results"]
+    assert all(len(r["predictions"]) == 5 and r["predictions"][0]["label"].startswith("class_") for r in res)
+
+
+def test_predict_from_peer_checkpoint_uses_its_preprocessing(tmp_path, capsys):
+    """A torchvision checkpoint: ImageNet mean/std + resize/crop 0.875 travel with the weights."""
+    tv = pytest.importorskip("torchvision")
+    ref = tv.models.vision_transformer.VisionTransformer(
+        image_size=32, patch_size=8, num_layers=1, num_heads=2, hidden_dim=32, mlp_dim=64, num_classes=1000).eval()
+    torch.save(ref.state_dict(), tmp_path / "tv.pth")
+    assert main(["predict", "--model", str(tmp_path / "tv.pth"), "--num-heads", "2", "sample:china.jpg",
+                 "--json", "-k", "1"]) == 0
+    r = json.loads(capsys.readouterr().out)["results"][0]["predictions"][0]
+    from torchvision.transforms import v2 as T
+
+    tf = T.Compose([T.ToImage(), T.Resize(36, antialias=True), T.CenterCrop(32), T.ToDtype(torch.float32, scale=True),
+                    T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
+    with torch.no_grad():
+        p = ref(tf(load_image("sample:china.jpg"))[None]).softmax(-1)[0]
+    assert r["index"] == int(p.argmax()) and r["prob"] == pytest.approx(float(p.max()), abs=1e-5)
+    assert r["label"] == vitkit.interop.labels.imagenet_labels()[r["index"]]
