@@ -141,7 +141,9 @@ def posemb_figure(sim: np.ndarray | None, note: str = "") -> Figure:
     h = 6.0 * mosaic.shape[0] / mosaic.shape[1]
     fig = new_figure(7, max(2.0, h + 0.6))
     ax = fig.add_subplot()
-    im = ax.imshow(mosaic, cmap="viridis", vmin=-1, vmax=1, interpolation="nearest")
+    lo = float(np.nanmin(mosaic))
+    lo = lo if lo < 0.999 else 0.0  # colour range from the table's own minimum: sin/cos tables on
+    im = ax.imshow(mosaic, cmap="viridis", vmin=lo, vmax=1, interpolation="nearest")  # small grids stay > 0.8
     ax.set_xticks([(j + 0.5) * (gw + 1) - 1 for j in range(gw)], [str(j) for j in range(gw)], fontsize=6)
     ax.set_yticks([(i + 0.5) * (gh + 1) - 1 for i in range(gh)], [str(i) for i in range(gh)], fontsize=6)
     ax.set_xlabel("input patch column")
@@ -158,8 +160,8 @@ def attention_figure(image: np.ndarray, maps: np.ndarray, layers: Sequence[int],
     L, nh = maps.shape[:2]
     cell = 1.6
     fig = new_figure(cell * nh * max(W / H, 0.5) + 0.5, cell * L + 0.7)
-    who = "class token" if query == "cls" else "mean over patch queries"
-    fig.suptitle(f"attention of the {who} over the patches (each panel normalised)")
+    who = "class token" if query == "cls" else "mean patch query"
+    fig.suptitle(f"{who} -> patches (each panel normalised)", fontsize=9)
     for a, layer in enumerate(layers):
         for b, head in enumerate(heads):
             ax = fig.add_subplot(L, nh, a * nh + b + 1)
