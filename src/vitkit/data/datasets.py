@@ -246,7 +246,7 @@ def _mnist(cfg, hw) -> DataSplits:
         raise InputError(
             f"{cfg.dataset} not found under {root / cls.__name__ / 'raw'}: expected train-images-idx3-ubyte, "
             "train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte (the standard files, "
-            f"optionally .gz). Run once with --download on a connected machine, or copy them there ({e})") from e
+            f"uncompressed). Run once with --download on a connected machine, or copy them there ({e})") from e
     classes = [str(c) for c in train.classes]
     return _in_memory(cfg.dataset, cfg, hw, train.data[:, None].contiguous(), train.targets.long(),
                       test.data[:, None].contiguous(), test.targets.long(), classes, hflip_ok=False)
@@ -388,10 +388,12 @@ def _csv(cfg, hw) -> DataSplits:
         p = Path(r[0])
         paths.append(p if p.is_absolute() else path.parent / p)
     y = torch.tensor(targets, dtype=torch.float32)
-    tr_i, rest = stratified_split(np.zeros(len(y), dtype=np.int64), [1 - cfg.val_fraction], cfg.seed)
-    # rest -> half val, half test (at least one each when possible)
-    half = max(1, len(rest) // 2) if len(rest) > 1 else len(rest)
-    va_i, te_i = rest[:half], rest[half:] if len(rest) > 1 else rest
+    # seeded random split: val_fraction for validation, the same again for test (>= 1 row each)
+    perm = np.random.RandomState(cfg.seed).permutation(len(y))
+    n_hold = max(1, int(round(cfg.val_fraction * len(y)))) if len(y) >= 3 else 0
+    te_i, va_i, tr_i = perm[:n_hold], perm[n_hold:2 * n_hold], perm[2 * n_hold:]
+    if not n_hold:
+        te_i = va_i = tr_i
     mode = "RGB"
     train_tf = per_sample_transform(cfg, hw) if cfg.augment else None
     mk = lambda idx, tf=None: FileImageDataset([paths[i] for i in idx], y[idx], hw, mode,  # noqa: E731

@@ -37,6 +37,7 @@ from .distributed import all_reduce_sum, barrier, cleanup, init_distributed, sha
 from .optim import build_optimizer, lr_at, set_lr
 
 CONFIG_FILE = "config.yaml"
+_STEP_SLEEP = float(os.environ.get("VITKIT_TEST_STEP_SLEEP", "0") or 0)
 
 
 class TrainingInterrupted(VitkitError):
@@ -361,6 +362,8 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, log=print) -> dict
                     ema.update_parameters(model)
                 step += 1
                 batch_pos += 1
+                if _STEP_SLEEP:  # test hook: slow a tiny run down so a signal can land mid-epoch
+                    time.sleep(_STEP_SLEEP)
                 partial["loss"] += float(step_loss)
                 partial["correct"] += float(step_correct)
                 partial["count"] += float(step_count)
