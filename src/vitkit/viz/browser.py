@@ -121,12 +121,14 @@ def check_page(path: str | Path, width: int = 1200, timeout: float = 60.0, chrom
 
         a = fcntl.fcntl(to_chrome_r, fcntl.F_DUPFD, 10)  # move out of the way of 3/4 first
         b = fcntl.fcntl(from_chrome_w, fcntl.F_DUPFD, 10)
-        os.dup2(a, 3)
+        os.dup2(a, 3)  # dup2'd descriptors are inheritable; everything else Python opened is not
         os.dup2(b, 4)
+        os.close(a)
+        os.close(b)
 
     proc = subprocess.Popen([exe, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--window-size={width},900",
                              "about:blank"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, preexec_fn=child_fds, pass_fds=(3, 4))
+                            stderr=subprocess.DEVNULL, preexec_fn=child_fds, close_fds=False)
     os.close(to_chrome_r)
     os.close(from_chrome_w)
     pipe = _Pipe(proc, to_chrome_w, from_chrome_r, timeout)
