@@ -12,8 +12,17 @@ import torch
 import vitkit
 from vitkit import ViT
 from vitkit.errors import CheckpointError
-from vitkit.io import (atomic_write, atomic_write_text, is_vitkit_dir, latest_run, load_model, load_safetensors,
-                       resolve_model_dir, save_pretrained, save_state_dict)
+from vitkit.io import (
+    atomic_write,
+    atomic_write_text,
+    is_vitkit_dir,
+    latest_run,
+    load_model,
+    load_safetensors,
+    resolve_model_dir,
+    save_pretrained,
+    save_state_dict,
+)
 
 CONFIGS = [
     {},
@@ -152,3 +161,31 @@ def test_load_with_overrides(tmp_path, tiny_config):
     back = load_model(tmp_path, dropout=0.1)
     assert back.config.dropout == 0.1
     assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), back.state_dict().values()))
+
+
+def test_saved_files_get_ordinary_permissions(tmp_path, tiny_config):
+    """mkstemp creates 0600 files; saved models must be readable like any file the user writes."""
+    import os
+
+    umask = os.umask(0o022)
+    try:
+        ViT(tiny_config()).save_pretrained(tmp_path)
+        for name in ("config.json", "model.safetensors"):
+            assert os.stat(tmp_path / name).st_mode & 0o777 == 0o644, name
+        os.chmod(tmp_path / "config.json", 0o640)  # an existing file keeps its mode on overwrite
+        atomic_write_text(tmp_path / "config.json", "{}")
+        assert os.stat(tmp_path / "config.json").st_mode & 0o777 == 0o640
+    finally:
+        os.umask(umask)
+
+
+def test_misshaped_weights_are_a_checkpoint_error(tmp_path, tiny_config):
+    m = ViT(tiny_config(num_classes=3))
+    m.save_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match=r"head.weight: file \(3, 32\) vs model \(10, 32\)"):
+        load_model(tmp_path, num_classes=10)
+    # strict=False: everything but the new head is loaded (fine-tuning with a new class count)
+    ft = load_model(tmp_path, strict=False, num_classes=10)
+    assert ft.head.weight.shape == (10, 32)
+    assert torch.equal(ft.blocks[1].mlp.fc2.weight, m.blocks[1].mlp.fc2.weight)
+    assert torch.equal(ft.cls_token, m.cls_token)

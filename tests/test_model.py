@@ -350,7 +350,7 @@ def test_tutorial1_conv_input_layer():
 def test_tutorial2_unfold_regression_sincos1d():
     """1-channel 60x100, patch 20: 15 tokens of 400 -> 768; zero class token; sin/cos over token
     index; pre-norm; MLP 1.5x the token length; final norm, token 0, one regression output."""
-    c = ViTConfig(image_size=(60, 100), patch_size=20, in_channels=1, dim=768, depth=2, num_heads=8,
+    c = ViTConfig(image_size=(60, 100), patch_size=20, in_channels=1, dim=768, depth=1, num_heads=8,
                   mlp_dim=600, pos_embed="sincos1d", patch_embed="unfold", task="regression", num_classes=1)
     m = ViT(c).eval()
     with torch.no_grad():

@@ -36,6 +36,7 @@ def atomic_write(path: str | Path, write_fn) -> Path:
         with open(tmp, "rb+") as f:
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _file_mode(path))  # mkstemp makes 0600; give the usual permissions
         os.replace(tmp, path)
         try:  # persist the rename itself
             dfd = os.open(path.parent, os.O_RDONLY)
@@ -50,6 +51,16 @@ def atomic_write(path: str | Path, write_fn) -> Path:
             os.unlink(tmp)
         raise
     return path
+
+
+def _file_mode(path: Path) -> int:
+    """The mode an ordinary ``open(path, "w")`` would give: the old file's, else 0666 & ~umask."""
+    try:
+        return os.stat(path).st_mode & 0o7777
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
@@ -127,11 +138,19 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu", strict
         config = config.replace(**overrides)
     model = ViT(config)
     state = load_safetensors(directory / WEIGHTS_NAME)
-    result = model.load_state_dict(state, strict=False)
-    if strict and (result.missing_keys or result.unexpected_keys):
+    # Shape mismatches (e.g. an override num_classes=10) would make load_state_dict raise a bare
+    # RuntimeError; report them with the missing/unexpected keys instead. strict=False keeps the
+    # model's fresh init for those tensors (a new head for fine-tuning) and loads everything else.
+    own = model.state_dict()
+    misshaped = {k: (tuple(v.shape), tuple(own[k].shape)) for k, v in state.items()
+                 if k in own and v.shape != own[k].shape}
+    result = model.load_state_dict({k: v for k, v in state.items() if k not in misshaped}, strict=False)
+    if strict and (result.missing_keys or result.unexpected_keys or misshaped):
+        shapes = ", ".join(f"{k}: file {a} vs model {b}" for k, (a, b) in misshaped.items())
         raise CheckpointError(
             f"{directory / WEIGHTS_NAME} does not match its config: missing {result.missing_keys}, "
-            f"unexpected {result.unexpected_keys}"
+            f"unexpected {result.unexpected_keys}, mis-shaped [{shapes}]"
+            + ("; pass strict=False to keep fresh weights for these" if misshaped else "")
         )
     model.preprocess_cfg = meta.get("preprocess")
     model.labels = meta.get("labels")

@@ -18,6 +18,7 @@ Parameter names follow timm's ``VisionTransformer`` (``cls_token``, ``pos_embed`
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -104,7 +105,12 @@ class ViT(nn.Module):
         truncation is at +-2 std = +-0.04 here, as "truncated normal 0.02" means."""
 
         def tn(t: torch.Tensor, std: float = 0.02) -> None:
-            nn.init.trunc_normal_(t, std=std, a=-2 * std, b=2 * std)
+            # Inverse-CDF sampling, a fixed 4 passes (nn.init.trunc_normal_ in this torch redraws
+            # the whole tensor until no value is out of range: several times slower at +-2 std).
+            if t.is_meta:
+                return
+            edge = math.erf(2.0 / math.sqrt(2.0))  # 2 * Phi(2) - 1
+            t.uniform_(-edge, edge).erfinv_().mul_(std * math.sqrt(2.0)).clamp_(-2 * std, 2 * std)
 
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Conv2d)):
