@@ -41,6 +41,7 @@ def test_onnx_dynamic_batch_matches(onnx_model_path):
         assert abs(got - ref).max() <= 1e-4
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
 def test_torchscript_roundtrip(tmp_path):
     model = tiny()
     path = model.export_to("torchscript", tmp_path / "vit.pt")

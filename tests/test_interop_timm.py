@@ -132,3 +132,40 @@ def test_timm_export_roundtrip(tmp_path):
     back = vitkit.from_pretrained(out)
     with torch.no_grad():
         assert max_diff(back(x), model(x)) == 0.0
+
+
+def test_resample_and_grey_match_timm_helpers(tmp_path):
+    """image_size= and in_channels=1 agree with timm's own helpers (resample_abs_pos_embed,
+    adapt_input_conv), and the resampled model equals timm's model with that table."""
+    from timm.layers import resample_abs_pos_embed
+    from timm.models import adapt_input_conv
+
+    ref = make_timm(img_size=32, patch_size=8, num_classes=3)
+    torch.save(ref.state_dict(), tmp_path / "w.pth")
+    big = vitkit.from_pretrained(tmp_path / "w.pth", num_heads=4, image_size=48)
+    table = resample_abs_pos_embed(ref.pos_embed.data, new_size=(6, 6), old_size=(4, 4), num_prefix_tokens=1)
+    assert max_diff(big.pos_embed, table) <= 1e-6
+    ref48 = make_timm(img_size=48, patch_size=8, num_classes=3)
+    sd = dict(ref.state_dict(), pos_embed=table)
+    ref48.load_state_dict(sd)
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        assert max_diff(big(x), ref48(x)) <= 1e-5
+    grey = vitkit.from_pretrained(tmp_path / "w.pth", num_heads=4, in_channels=1)
+    assert max_diff(grey.patch_embed.proj.weight, adapt_input_conv(1, ref.patch_embed.proj.weight.data)) <= 1e-6
+    assert any("summed" in n for n in grey.pretrained_info["report"]["notes"])
+
+
+def test_real_preset_shapes_inferred_on_meta():
+    """The real vit_base_patch16_224 / vit_small_patch16_384 state dicts (meta device, shapes only)
+    give exactly vitkit's presets when the config is inferred from shapes alone."""
+    from vitkit.interop.timm import infer_config
+
+    for name in ("vit_base_patch16_224", "vit_small_patch16_384"):
+        with torch.device("meta"):
+            sd = timm.create_model(name, pretrained=False).state_dict()
+        cfg = infer_config(sd, {}, name)
+        preset = vitkit.get_config(name)
+        for field in ("image_size", "patch_size", "dim", "depth", "num_heads", "hidden_dim", "num_classes",
+                      "qkv_bias", "pooling", "pos_embed_prefix"):
+            assert getattr(cfg, field) == getattr(preset, field), (name, field)

@@ -24,7 +24,7 @@ class _Evil:
 def _write_evil(path, marker):
     payload = {"patch_embed.proj.weight": torch.zeros(4, 3, 2, 2), "evil": _Evil(str(marker))}
     with open(path, "wb") as f:
-        pickle.dump(payload, f)
+        pickle.dump(payload, f, protocol=2)
 
 
 @pytest.mark.parametrize("name", ["evil.pth", "pytorch_model.bin"])

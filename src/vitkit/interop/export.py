@@ -50,7 +50,7 @@ def export_onnx(model, path: str | Path, opset: int = 18, dynamic_batch: bool = 
     try:
         import onnx  # noqa: F401
     except ImportError as e:
-        raise ConfigError("ONNX export needs the onnx package: pip install 'vitkit[export]'") from e
+        raise ConfigError("ONNX export needs the onnx package: pip install 'vitkit[onnx]'") from e
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     wrapped = _Logits(model).eval()

@@ -37,7 +37,7 @@ def download(source: str, cache_dir: str | None = None) -> Path:
     try:
         from huggingface_hub import hf_hub_download
     except ImportError as e:  # pragma: no cover - huggingface_hub is a core dependency of the extras
-        raise CheckpointError("loading hub ids needs huggingface_hub: pip install huggingface_hub") from e
+        raise CheckpointError("loading hub ids needs huggingface_hub: pip install 'vitkit[hub]'") from e
     got: dict[str, Path] = {}
     errors: list[str] = []
     for name in FILES:
