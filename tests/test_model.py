@@ -97,6 +97,12 @@ TIMM_CASES = {
     "no_qkv_bias": (dict(qkv_bias=False), dict(qkv_bias=False)),
     "non_square": (dict(img_size=(32, 48), patch_size=(8, 16)), dict(image_size=(32, 48), patch_size=(8, 16))),
     "in_chans_1": (dict(in_chans=1), dict(in_channels=1)),
+    "mean_norm_before_pool": (dict(global_pool="avg", fc_norm=False), dict(pooling="mean", fc_norm=False)),
+    "registers_no_cls": (dict(global_pool="avg", class_token=False, reg_tokens=4, no_embed_class=True),
+                         dict(pooling="mean", fc_norm=True, class_token=False, num_registers=4,
+                              pos_embed_prefix=False)),
+    "gelu_tanh": (dict(act_layer="gelu_tanh"), dict(act="gelu_tanh")),
+    "quick_gelu": (dict(act_layer="quick_gelu"), dict(act="quick_gelu")),
 }
 
 
@@ -137,6 +143,25 @@ def test_post_norm_block_matches_hand_written():
         pre = x + blk.attn(blk.norm1(x))  # pre-norm would be different
         pre = pre + blk.mlp(blk.norm2(pre))
         assert not torch.allclose(blk(x), pre, atol=1e-3)
+
+
+@pytest.mark.parametrize("norm_first", [True, False])
+def test_block_equals_torch_transformer_encoder_layer(norm_first):
+    """Independent oracle: torch's own encoder layer (pre- or post-norm) with our weights copied in."""
+    blk = Block(32, 4, 64, norm_first=norm_first, act="relu").eval()
+    _randomize(blk)
+    ref = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, activation="relu", layer_norm_eps=1e-6,
+                                     batch_first=True, norm_first=norm_first).eval()
+    with torch.no_grad():
+        ref.self_attn.in_proj_weight.copy_(blk.attn.qkv.weight)
+        ref.self_attn.in_proj_bias.copy_(blk.attn.qkv.bias)
+        ref.self_attn.out_proj.load_state_dict(blk.attn.proj.state_dict())
+        ref.linear1.load_state_dict(blk.mlp.fc1.state_dict())
+        ref.linear2.load_state_dict(blk.mlp.fc2.state_dict())
+        ref.norm1.load_state_dict(blk.norm1.state_dict())
+        ref.norm2.load_state_dict(blk.norm2.state_dict())
+        x = torch.randn(3, 10, 32)
+        assert (blk(x) - ref(x)).abs().max() < 1e-5
 
 
 def test_pre_norm_block_matches_hand_written():
@@ -315,6 +340,7 @@ def test_forward_intermediates_equal_timm():
     ((2, 3, 18, 16), torch.float32, ["16x16", "18x16", "not even divisible"]),
     ((3, 16, 16), torch.float32, ["4-D", "(3, 16, 16)", "unsqueeze"]),
     ((2, 3, 16, 16), torch.uint8, ["floating-point", "uint8"]),
+    ((2, 3, 16, 16), torch.float64, ["torch.float32", "torch.float64"]),  # numpy's default dtype
 ])
 def test_bad_input_errors(tiny_config, shape, dtype, needles):
     m = ViT(tiny_config())
@@ -323,6 +349,17 @@ def test_bad_input_errors(tiny_config, shape, dtype, needles):
     assert isinstance(e.value, InputError)
     for n in needles:
         assert n in str(e.value), (n, str(e.value))
+
+
+def test_autocast_and_half_models_still_accept_their_inputs(tiny_config):
+    m = ViT(tiny_config()).eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = m(x)  # float32 input, bf16 compute: allowed
+    assert y.dtype == torch.bfloat16 and (y.float() - m(x)).abs().max() < 0.1
+    mb = ViT(tiny_config()).to(torch.bfloat16).eval()
+    with torch.no_grad():
+        assert mb(x.bfloat16()).dtype == torch.bfloat16
 
 
 def test_forward_head_rejects_2d(tiny_config):

@@ -122,6 +122,13 @@ class PatchEmbed(nn.Module):
             )
         if not x.is_floating_point():
             raise InputError(f"expected a floating-point image tensor, got dtype {x.dtype}; convert with x.float()")
+        w = self.proj.weight
+        if x.device != w.device:
+            raise InputError(f"the input is on {x.device} but the model is on {w.device}; use x.to({str(w.device)!r})")
+        if x.dtype != w.dtype and not torch.is_autocast_enabled(x.device.type):
+            # e.g. float64 from numpy into a float32 model: torch's own message names the bias only
+            raise InputError(f"expected a {w.dtype} image tensor (the model's dtype), got {x.dtype}; "
+                             f"convert with x.to({w.dtype}) or run under torch.autocast")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "conv":
