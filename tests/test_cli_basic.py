@@ -112,3 +112,28 @@ def test_python_m_entry_point(monkeypatch, capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert "vit_tiny_patch16_224" in out and "5,717,416" in out and "vit_base" not in out
+
+
+def test_summary_image_errors(tmp_path, capsys):
+    assert main(["summary", "ViT-Ti/16", "--image-size", "32", "--image", str(tmp_path / "nope.png")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    assert main(["summary", "ViT-Ti/16", "--image-size", "32", "--image", str(bad)]) == 2
+    assert "bad.png" in capsys.readouterr().err
+
+
+def test_load_image_uses_its_own_pixel_limit(tmp_path, monkeypatch):
+    """max_pixels decides, both ways, not Pillow's global decompression-bomb limit."""
+    from PIL import Image
+
+    from vitkit.data.image import load_image
+    from vitkit.errors import InputError
+
+    img = _png(tmp_path / "a.png", (40, 40))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # stands in for Pillow's 89.5 Mpx default
+    assert load_image(img, max_pixels=10_000).size == (40, 40)
+    assert Image.MAX_IMAGE_PIXELS == 1000  # restored
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
+    with pytest.raises(InputError, match="1,600 pixels, over the limit of 1,000"):
+        load_image(img, max_pixels=1000)

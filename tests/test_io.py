@@ -189,3 +189,18 @@ def test_misshaped_weights_are_a_checkpoint_error(tmp_path, tiny_config):
     assert ft.head.weight.shape == (10, 32)
     assert torch.equal(ft.blocks[1].mlp.fc2.weight, m.blocks[1].mlp.fc2.weight)
     assert torch.equal(ft.cls_token, m.cls_token)
+
+
+def test_load_at_a_new_image_size_resamples(tmp_path, tiny_config):
+    m = ViT(tiny_config()).eval()
+    m.preprocess_cfg = {"input_size": [3, 16, 16], "mean": [0.5] * 3, "std": [0.5] * 3,
+                        "interpolation": "bicubic", "crop_pct": 1.0}
+    m.save_pretrained(tmp_path)
+    big = load_model(tmp_path, image_size=(24, 32))
+    m.set_image_size((24, 32))  # the same operation done in memory
+    assert big.config.image_hw == (24, 32) and big.preprocess_cfg["input_size"] == [3, 24, 32]
+    assert torch.equal(big.pos_embed, m.pos_embed)
+    x = torch.randn(1, 3, 24, 32)
+    with torch.no_grad():
+        assert torch.equal(big(x), m(x))
+    assert load_model(tmp_path, image_size=16).config.image_hw == (16, 16)  # same size: a no-op

@@ -128,12 +128,16 @@ def load_safetensors(path: str | Path, device: str | torch.device = "cpu") -> di
 
 
 def load_model(directory: str | Path, device: str | torch.device = "cpu", strict: bool = True, **overrides: Any):
-    """Rebuild a :class:`vitkit.ViT` from a directory written by :func:`save_pretrained` (bit-exact)."""
+    """Rebuild a :class:`vitkit.ViT` from a directory written by :func:`save_pretrained` (bit-exact).
+
+    ``overrides`` change config fields; ``image_size=`` loads at the saved size and then calls
+    ``model.set_image_size`` (learned position table resampled, sin/cos recomputed)."""
     from .model.vit import ViT
 
     directory = resolve_model_dir(directory)
     meta = read_meta(directory)
     config = ViTConfig.from_dict(meta["config"])
+    new_size = overrides.pop("image_size", None)
     if overrides:
         config = config.replace(**overrides)
     model = ViT(config)
@@ -153,6 +157,11 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu", strict
             + ("; pass strict=False to keep fresh weights for these" if misshaped else "")
         )
     model.preprocess_cfg = meta.get("preprocess")
+    if new_size is not None and config.replace(image_size=new_size).image_hw != config.image_hw:
+        model.set_image_size(new_size)
+        if model.preprocess_cfg and "input_size" in model.preprocess_cfg:
+            model.preprocess_cfg = {**model.preprocess_cfg,
+                                    "input_size": [config.in_channels, *model.config.image_hw]}
     model.labels = meta.get("labels")
     model.pretrained_info = meta.get("pretrained_info") or {"format": "vitkit", "source": str(directory)}
     return model.to(device).eval()

@@ -33,8 +33,15 @@ def load_image(path: str | Path, mode: str | None = "RGB", max_pixels: int = DEF
         raise InputError(f"{p}: is a directory, expected an image file")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(p)
+            # Pillow's own guard (89.5 Mpx warning, 2x that an error) would override max_pixels both
+            # ways; use our limit instead: Pillow refuses > 2x it at open, we refuse > 1x just below.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            pil_limit = Image.MAX_IMAGE_PIXELS
+            Image.MAX_IMAGE_PIXELS = max_pixels
+            try:
+                img = Image.open(p)
+            finally:
+                Image.MAX_IMAGE_PIXELS = pil_limit
             w, h = img.size
             if w * h > max_pixels:
                 raise InputError(
@@ -45,7 +52,7 @@ def load_image(path: str | Path, mode: str | None = "RGB", max_pixels: int = DEF
     except InputError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise InputError(f"{p}: image too large to decode safely ({e})") from e
+        raise InputError(f"{p}: image too large to decode safely, over the limit of {max_pixels:,} pixels ({e})") from e
     except UnidentifiedImageError as e:
         raise InputError(f"{p}: not a readable image file (unknown or corrupt format)") from e
     except (OSError, SyntaxError, ValueError) as e:
