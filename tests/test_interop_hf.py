@@ -113,3 +113,25 @@ def test_hf_export_roundtrip(with_head, tmp_path):
         assert max_diff(model(x), hf_logits(ref, x)) <= 1e-5
     if with_head:
         assert ref.config.id2label[5] == "c5"
+
+
+def test_hf_classifier_with_stray_pooler_and_logging(tmp_path, caplog):
+    """A ViTForImageClassification file that also holds pooler weights (from a ViTModel parent):
+    transformers ignores them, so does vitkit (noted); the detected format is logged."""
+    import logging
+
+    from safetensors.torch import load_file, save_file
+
+    ref = make_hf(image_size=32, patch_size=8, num_labels=3)
+    ref.save_pretrained(tmp_path)
+    sd = load_file(tmp_path / "model.safetensors")
+    sd["vit.pooler.dense.weight"], sd["vit.pooler.dense.bias"] = torch.randn(64, 64), torch.randn(64)
+    save_file(sd, tmp_path / "model.safetensors")
+    with caplog.at_level(logging.INFO, logger="vitkit.interop"):
+        model = vitkit.from_pretrained(tmp_path)
+    assert "loaded hf checkpoint" in caplog.text
+    assert model.config.head_hidden_dim is None
+    assert any("pooler weights ignored" in n for n in model.pretrained_info["report"]["notes"])
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert max_diff(model(x), hf_logits(ref, x)) <= 1e-5

@@ -169,3 +169,17 @@ def test_real_preset_shapes_inferred_on_meta():
         for field in ("image_size", "patch_size", "dim", "depth", "num_heads", "hidden_dim", "num_classes",
                       "qkv_bias", "pooling", "pos_embed_prefix"):
             assert getattr(cfg, field) == getattr(preset, field), (name, field)
+
+
+def test_arch_gives_heads_and_non_square_grid(tmp_path):
+    """A bare non-square state dict: the grid (4x8 vs 8x4 vs ...) and heads come from arch=."""
+    ref = make_timm(img_size=(32, 64), patch_size=8, num_classes=3)
+    torch.save(ref.state_dict(), tmp_path / "w.pth")
+    with pytest.raises(CheckpointError, match="not a square grid"):
+        vitkit.from_pretrained(tmp_path / "w.pth", num_heads=4)
+    arch = vitkit.ViTConfig(image_size=(32, 64), patch_size=8, dim=64, depth=2, num_heads=4)
+    model = vitkit.from_pretrained(tmp_path / "w.pth", arch=arch)
+    assert model.config.image_hw == (32, 64) and model.config.num_heads == 4
+    x = torch.randn(2, 3, 32, 64)
+    with torch.no_grad():
+        assert max_diff(model(x), ref(x)) <= 1e-5

@@ -76,6 +76,9 @@ def infer_config(state: dict[str, torch.Tensor], args: dict[str, Any], source: s
             h, wd = to_2tuple(size_hint, "img_size")
             pos_prefix = rows != (h // ph) * (wd // pw)
         else:
+            # No config: timm's default table has prefix rows; a square table without them is
+            # no_embed_class (DeiT-III, *_reg4 models). Ambiguous only for non-square grids whose
+            # N + prefix happens to be square: pass arch= / a hub config for those.
             pos_prefix = is_square(rows - prefix) or not is_square(rows)
         n = rows - (prefix if pos_prefix else 0)
         image_size = grid_from_rows(n, (ph, pw), size_hint)
