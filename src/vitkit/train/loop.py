@@ -345,7 +345,7 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, log=print) -> dict
                         last = f"{run_dir / STATE_NAME} (end of epoch {epoch})" if (run_dir / STATE_NAME).exists() \
                             else "none yet"
                         raise NonFiniteLoss(
-                            f"loss is {float(loss)} at step {step} (epoch {epoch + 1}, batch {batch_pos + 1}); "
+                            f"loss is {float(loss.detach())} at step {step} (epoch {epoch + 1}, batch {batch_pos + 1}); "
                             f"stopped. Last good checkpoint kept: {last}. Try a lower --lr or --grad-clip.")
                     scaler.scale(loss * len(chunk) / len(local)).backward()
                     step_loss += float(loss.detach()) * len(x)
