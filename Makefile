@@ -22,9 +22,9 @@ $(VENV)/.stamp-dev: pyproject.toml constraints.txt
 install: $(VENV)/.stamp-base
 install-dev: $(VENV)/.stamp-dev
 
+# Trains the default recipe on scikit-learn's 8x8 digits (no download), writes runs/<timestamp>/.
 demo: $(VENV)/.stamp-base
-	$(VENV)/bin/vitkit summary vit_base_patch16_224 --image sample:china.jpg
-	$(VENV)/bin/vitkit summary vit_tiny_patch16_224 --image-size 8 --patch-size 2 --in-channels 1 --num-classes 10 --image digits:0
+	$(VENV)/bin/vitkit train
 
 test: $(VENV)/.stamp-dev
 	$(PY) -m pytest $(PYTEST_ARGS)
