@@ -49,7 +49,8 @@ def download(source: str, cache_dir: str | None = None) -> Path:
             errors.append(f"{name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
     if "config.json" not in got or not ({"model.safetensors", "pytorch_model.bin"} & got.keys()):
         raise CheckpointError(
-            f"cannot fetch {repo_id!r} from the Hugging Face hub (offline, no such repo, or no access).\n"
+            f"{source!r} is not a local path, and cannot be fetched from the Hugging Face hub as {repo_id!r} "
+            "(offline, no such repo, or no access).\n"
             f"  On a connected machine run:  huggingface-cli download {repo_id} "
             f"config.json model.safetensors preprocessor_config.json --local-dir {repo_id.split('/')[-1]}\n"
             f"  then copy that directory here and pass its path as source "
