@@ -70,6 +70,16 @@ def test_default_recipe_smoke_writes_a_complete_run(tmp_path, capsys):
     assert ev["loss"] == pytest.approx(summary["test_loss"], rel=1e-5)
     assert sum(map(sum, ev["confusion_matrix"])) == ev["count"] == 359
     assert (tmp_path / "ev" / "confusion_matrix_eval.png").is_file()
+    # fine-tuning from the run: with a vanishing lr the body keeps the pretrained weights exactly
+    # (to AdamW's first-step size), the head is re-initialised
+    ft = tmp_path / "ft"
+    assert main(["train", "--pretrained", str(run), "--epochs", "1", "--subset", "64", "--batch-size", "32",
+                 "--lr", "1e-12", "--min-lr", "0", "--layer-decay", "0.75", "--no-ema", "--out", str(ft), *TINY]) == 0
+    before, after = _weights(run, "best"), _weights(ft, "last")
+    for k in before:
+        if not k.startswith("head."):
+            torch.testing.assert_close(after[k], before[k], atol=1e-9, rtol=0, msg=k)
+    assert not torch.allclose(after["head.weight"], before["head.weight"], atol=1e-3)
 
 
 def test_labels_and_num_classes_checked_before_training(tmp_path, capsys):

@@ -79,13 +79,7 @@ def build_model(cfg: TrainConfig, data: DataSplits):
     common = dict(image_size=data.image_hw, in_channels=data.in_channels, num_classes=data.num_outputs,
                   task=data.task, drop_path=cfg.drop_path, dropout=cfg.dropout)
     if cfg.pretrained:
-        model = load_pretrained(cfg.pretrained, data)
-        model.config = model.config.replace(drop_path=cfg.drop_path, dropout=cfg.dropout)
-        for i, blk in enumerate(model.blocks):  # stochastic depth for fine-tuning
-            rate = cfg.drop_path * i / max(1, len(model.blocks) - 1)
-            if hasattr(blk, "drop_path1"):
-                blk.drop_path1.p = blk.drop_path2.p = rate  # best effort; vitkit blocks name them so
-        return model
+        return load_pretrained(cfg.pretrained, data, drop_path=cfg.drop_path, dropout=cfg.dropout)
     if cfg.model:
         vc = get_config(cfg.model, **common)
     else:
@@ -101,25 +95,25 @@ def build_model(cfg: TrainConfig, data: DataSplits):
     return model
 
 
-def load_pretrained(source: str, data: DataSplits):
+def load_pretrained(source: str, data: DataSplits, **overrides):
     """Weights from ``source`` with a fresh head for this dataset (and resampled position table)."""
     import vitkit
 
     kw = dict(num_classes=data.num_outputs, image_size=data.image_hw, in_channels=data.in_channels)
     try:
-        from ..interop import from_pretrained  # noqa: F401  (another module; may not exist)
-
-        model = vitkit.from_pretrained(source, **kw)
-    except ImportError:
-        model = vitkit.load_model(source)
+        from ..interop import from_pretrained  # noqa: F401  (weights issue; may be absent)
+    except ImportError:  # vitkit's own format only: load, then adapt the head / resolution here
+        model = vitkit.load_model(source, **overrides)
         c = model.config
         if c.in_channels != data.in_channels:
             raise ConfigError(f"--pretrained {source} has {c.in_channels} input channels, the data has "
                               f"{data.in_channels}") from None
         if c.image_hw != data.image_hw:
             model.set_image_size(data.image_hw)
+    else:
+        model = vitkit.from_pretrained(source, **kw, **overrides)
     c = model.config
-    if c.num_classes != data.num_outputs or c.task != data.task or model.head.out_features != data.num_outputs:
+    if True:  # fine-tuning always starts from a fresh head for this dataset's classes / targets
         head_in = model.head.in_features if isinstance(model.head, torch.nn.Linear) else c.dim
         model.head = torch.nn.Linear(head_in, data.num_outputs)
         torch.nn.init.trunc_normal_(model.head.weight, std=0.02)
