@@ -189,3 +189,26 @@ def test_two_process_ddp_matches_single_process_same_global_batch(tmp_path):
     for x, y in zip(ma, mb):
         assert x["train_loss"] == pytest.approx(y["train_loss"], rel=1e-4)
     assert json.loads((tmp_path / "two" / "summary.json").read_text())["world_size"] == 2
+
+
+def test_csv_regression_run_and_eval(tmp_path, capsys):
+    from PIL import Image
+
+    rows = ["path,brightness"]
+    for i in range(24):
+        Image.new("RGB", (12, 12), (i * 10, i * 10, i * 10)).save(tmp_path / f"{i}.png")
+        rows.append(f"{i}.png,{i * 10 / 255:.5f}")
+    (tmp_path / "y.csv").write_text("\n".join(rows) + "\n")
+    run = tmp_path / "run"
+    assert main(["train", "--dataset", "csv", "--data-dir", str(tmp_path / "y.csv"), "--image-size", "8",
+                 "--patch-size", "4", "--epochs", "2", "--batch-size", "8", "--loss", "l1", "--out", str(run),
+                 *TINY]) == 0
+    s = json.loads((run / "summary.json").read_text())
+    assert s["task"] == "regression" and {"test_mae", "test_rmse", "test_r2"} <= s.keys()
+    m = _metrics(run)
+    assert len(m) == 2 and "val_r2" in m[0] and "val_accuracy" not in m[0]
+    capsys.readouterr()
+    assert main(["eval", "--model", str(run), "--dataset", "csv", "--data-dir", str(tmp_path / "y.csv"),
+                 "--json"]) == 0
+    ev = json.loads(capsys.readouterr().out)
+    assert ev["mae"] == pytest.approx(s["test_mae"], rel=1e-5) and ev["count"] == 2
