@@ -69,6 +69,17 @@ BAD = [
     (dict(dim=30, num_heads=3, pos_embed="sincos2d"), ["sincos2d", "30"]),
     (dict(fc_norm=True, norm_first=False, pooling="mean"), ["fc_norm"]),
     (dict(num_registers=-1), ["num_registers"]),
+    (dict(num_registers=1.5), ["num_registers", "1.5"]),
+    (dict(mlp_ratio=0.001), ["mlp_ratio", "0.001"]),
+    (dict(mlp_ratio=-1.0), ["mlp_ratio"]),
+    (dict(mlp_dim=2.5), ["mlp_dim", "2.5"]),
+    (dict(mlp_dim=0), ["mlp_dim"]),
+    (dict(head_hidden_dim=3.5), ["head_hidden_dim"]),
+    (dict(norm_eps=0.0), ["norm_eps"]),
+    (dict(qk_scale=-1.0), ["qk_scale"]),
+    (dict(qkv_bias="no"), ["qkv_bias", "'no'"]),
+    (dict(class_token=1), ["class_token"]),
+    (dict(in_channels=3.0), ["in_channels", "3.0"]),
 ]
 
 

@@ -317,7 +317,7 @@ def test_forward_intermediates_match_hooks(tiny_config):
         (fmap, prefix), = m.forward_intermediates(x, indices=[1], reshape=True, return_prefix_tokens=True,
                                                   intermediates_only=True)
         assert torch.equal(fmap, maps[0]) and torch.equal(prefix, seen[1][:, :3])
-    for bad in (0, 5, [4], [-5]):
+    for bad in (0, 5, [4], [-5], []):
         with pytest.raises(InputError):
             m.forward_intermediates(x, indices=bad)
 

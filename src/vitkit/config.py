@@ -146,8 +146,19 @@ class ViTConfig:
             positive(name)
         if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or self.num_classes < 0:
             raise ConfigError(f"num_classes must be an int >= 0, got {self.num_classes!r}")
-        if self.num_registers < 0:
-            raise ConfigError(f"num_registers must be >= 0, got {self.num_registers}")
+        if isinstance(self.num_registers, bool) or not isinstance(self.num_registers, int) or self.num_registers < 0:
+            raise ConfigError(f"num_registers must be an int >= 0, got {self.num_registers!r}")
+        for name in ("qkv_bias", "norm_first", "pos_embed_prefix", "class_token", "fc_norm"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        for name in ("mlp_dim", "head_hidden_dim"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+                raise ConfigError(f"{name} must be a positive int or None, got {v!r}")
+        if not self.norm_eps > 0:
+            raise ConfigError(f"norm_eps must be > 0, got {self.norm_eps!r}")
+        if self.qk_scale is not None and not self.qk_scale > 0:
+            raise ConfigError(f"qk_scale must be > 0 or None (= head_dim ** -0.5), got {self.qk_scale!r}")
         (h, w), (ph, pw) = self.image_hw, self.patch_hw
         if h % ph or w % pw:
             raise ConfigError(
@@ -161,8 +172,9 @@ class ViTConfig:
             )
         if self.mlp_dim is not None and self.mlp_dim <= 0:
             raise ConfigError(f"mlp_dim must be positive or None, got {self.mlp_dim}")
-        if self.mlp_dim is None and self.mlp_ratio <= 0:
-            raise ConfigError(f"mlp_ratio must be positive, got {self.mlp_ratio}")
+        if self.mlp_dim is None and int(self.dim * self.mlp_ratio) < 1:
+            raise ConfigError(f"mlp_ratio={self.mlp_ratio} gives an MLP of width int({self.dim} * {self.mlp_ratio}) = "
+                              f"{int(self.dim * self.mlp_ratio)}; it must be at least 1")
         for name in ("dropout", "attn_dropout", "drop_path", "head_dropout"):
             v = getattr(self, name)
             if not 0.0 <= v < 1.0:

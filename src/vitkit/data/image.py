@@ -34,10 +34,11 @@ def load_image(path: str | Path, mode: str | None = "RGB", max_pixels: int = DEF
     try:
         with warnings.catch_warnings():
             # Pillow's own guard (89.5 Mpx warning, 2x that an error) would override max_pixels both
-            # ways; use our limit instead: Pillow refuses > 2x it at open, we refuse > 1x just below.
+            # ways. Image.open reads only the header, so switch it off there and apply our limit
+            # just below, before anything is decoded.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             pil_limit = Image.MAX_IMAGE_PIXELS
-            Image.MAX_IMAGE_PIXELS = max_pixels
+            Image.MAX_IMAGE_PIXELS = None
             try:
                 img = Image.open(p)
             finally:

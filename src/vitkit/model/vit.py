@@ -239,6 +239,8 @@ class ViT(nn.Module):
                 if not 0 <= j < depth:
                     raise InputError(f"block index {i} out of range for depth {depth}")
                 take.append(j)
+        if not take:
+            raise InputError("indices is empty: give block indices, an int n (the last n blocks) or None (all)")
         wanted, last = set(take), max(take)
         outs: dict[int, torch.Tensor] = {}
         x = self.embed(x)
