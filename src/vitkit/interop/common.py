@@ -79,6 +79,17 @@ def read_json(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"cannot read {path}: {e}") from e
 
 
+def dir_config(path: Path) -> dict[str, Any] | None:
+    """The parsed ``config.json`` of a checkpoint directory, or None when there is none readable."""
+    cfg = Path(path) / "config.json"
+    if not (Path(path).is_dir() and cfg.is_file()):
+        return None
+    try:
+        return read_json(cfg)
+    except CheckpointError:
+        return None
+
+
 # --------------------------------------------------------------------------- renames
 def rename(state: dict[str, torch.Tensor], rules: list[tuple[str, str]]) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Apply the first matching (regex, replacement) rule to every key. Keys no rule matches are

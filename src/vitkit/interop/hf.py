@@ -24,7 +24,7 @@ import torch
 
 from ..config import ViTConfig
 from ..errors import CheckpointError, ConfigError
-from .common import Converted, read_json, read_state_dict, rename
+from .common import Converted, dir_config, read_json, read_state_dict, rename
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 _HF_ACTS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",
@@ -53,12 +53,8 @@ _QKV = {"query": 0, "key": 1, "value": 2, "q": 0, "k": 1, "v": 2}
 
 
 def is_hf_dir(path: Path) -> bool:
-    cfg = path / "config.json"
-    if not (path.is_dir() and cfg.is_file()):
-        return False
-    try:
-        meta = read_json(cfg)
-    except CheckpointError:
+    meta = dir_config(path)
+    if meta is None:
         return False
     return meta.get("model_type") == "vit" or any(str(a).startswith("ViT") for a in meta.get("architectures") or [])
 

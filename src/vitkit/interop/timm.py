@@ -19,7 +19,7 @@ import torch
 
 from ..config import PRESETS, ViTConfig, resolve_name
 from ..errors import CheckpointError, ConfigError
-from .common import Converted, grid_from_rows, guess_heads, is_square, read_json, read_state_dict
+from .common import Converted, dir_config, grid_from_rows, guess_heads, is_square, read_json, read_state_dict
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors")
 
@@ -27,14 +27,8 @@ _ACTS = {"gelu": "gelu", "gelu_tanh": "gelu_tanh", "quick_gelu": "quick_gelu", "
 
 
 def is_timm_dir(path: Path) -> bool:
-    cfg = path / "config.json"
-    if not (path.is_dir() and cfg.is_file()):
-        return False
-    try:
-        meta = read_json(cfg)
-    except CheckpointError:
-        return False
-    return "architecture" in meta and "pretrained_cfg" in meta
+    meta = dir_config(path)
+    return meta is not None and "architecture" in meta and "pretrained_cfg" in meta
 
 
 def looks_like_timm(keys) -> bool:
