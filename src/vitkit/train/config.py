@@ -57,6 +57,8 @@ class TrainConfig:
     mlp_ratio: float = field(default=2.0, metadata={"help": "MLP hidden width / token width"})
     pos_embed: str = field(default="sincos2d", metadata={"help": "learned | sincos1d | sincos2d | none"})
     pooling: str = field(default="mean", metadata={"help": "mean (of patch tokens) | cls (class token)"})
+    fc_norm: bool = field(default=False, metadata={
+        "help": "mean pooling: final LayerNorm after pooling (timm's layout) instead of before"})
     drop_path: float = field(default=0.1, metadata={"help": "stochastic depth rate (max over depth)"})
     dropout: float = field(default=0.0, metadata={"help": "dropout rate"})
     num_classes: int = field(default=0, metadata={

@@ -85,7 +85,8 @@ def build_model(cfg: TrainConfig, data: DataSplits):
     else:
         vc = ViTConfig(patch_size=cfg.patch_size, dim=cfg.dim, depth=cfg.depth, num_heads=cfg.num_heads,
                        mlp_ratio=cfg.mlp_ratio, pos_embed=cfg.pos_embed, pooling=cfg.pooling,
-                       class_token=cfg.pooling == "cls", name="vitkit_train", **common)
+                       class_token=cfg.pooling == "cls", fc_norm=cfg.fc_norm and cfg.pooling == "mean",
+                       name="vitkit_train", **common)
     model = ViT(vc)
     # MAE / big_vision initialise the patch projection like a linear layer (xavier-uniform over
     # the flattened patch). ViT's default trunc-normal(0.02) makes tokens of tiny patches (2x2x1 =
