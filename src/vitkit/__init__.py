@@ -30,10 +30,8 @@ def create_model(name: str | ViTConfig, **overrides: Any) -> ViT:
 
 def from_pretrained(source, **kwargs: Any) -> ViT:
     """Load weights from any supported source (vitkit dir, timm, Hugging Face, torchvision, JAX)."""
-    try:
-        from .interop import from_pretrained as _from_pretrained
-    except ImportError:  # interop not available: vitkit's own format only
-        return load_model(source, **kwargs)
+    from .interop import from_pretrained as _from_pretrained  # lazy: peers are imported only when needed
+
     return _from_pretrained(source, **kwargs)
 
 

@@ -51,7 +51,7 @@ class TrainConfig:
     pretrained: str | None = field(default=None, metadata={
         "help": "fine-tune from weights (vitkit dir, or any source vitkit.from_pretrained accepts); head re-initialised"})
     patch_size: int = field(default=2, metadata={"help": "patch side in pixels"})
-    dim: int = field(default=64, metadata={"help": "token width"})
+    dim: int = field(default=32, metadata={"help": "token width"})
     depth: int = field(default=4, metadata={"help": "number of encoder blocks"})
     num_heads: int = field(default=4, metadata={"help": "attention heads"})
     mlp_ratio: float = field(default=2.0, metadata={"help": "MLP hidden width / token width"})
@@ -64,15 +64,15 @@ class TrainConfig:
     num_classes: int = field(default=0, metadata={
         "help": "number of classes / regression targets (0 = from the data; a mismatch is an error)"})
     # ---------------------------------------------------------------- optimisation
-    epochs: int = field(default=30, metadata={"help": "training epochs"})
-    batch_size: int = field(default=16, metadata={"help": "global batch size (split across ranks)"})
+    epochs: int = field(default=100, metadata={"help": "training epochs"})
+    batch_size: int = field(default=64, metadata={"help": "global batch size (split across ranks)"})
     accum_steps: int = field(default=1, metadata={"help": "gradient accumulation steps per optimizer step"})
-    lr: float = field(default=2e-3, metadata={"help": "peak learning rate (AdamW)"})
+    lr: float = field(default=3e-3, metadata={"help": "peak learning rate (AdamW)"})
     min_lr: float = field(default=1e-5, metadata={"help": "final learning rate of the cosine decay"})
     weight_decay: float = field(default=0.05, metadata={
         "help": "AdamW weight decay (never on norms, biases, position embeddings, prefix tokens)"})
     betas: tuple[float, float] = field(default=(0.9, 0.999), metadata={"help": "AdamW betas"})
-    warmup_epochs: float = field(default=1.0, metadata={"help": "linear warmup length in epochs"})
+    warmup_epochs: float = field(default=3.0, metadata={"help": "linear warmup length in epochs"})
     layer_decay: float = field(default=1.0, metadata={"help": "layer-wise lr decay (1.0 = off; 0.65-0.75 for fine-tuning)"})
     grad_clip: float = field(default=1.0, metadata={"help": "clip gradient global norm (0 = off)"})
     label_smoothing: float = field(default=0.1, metadata={"help": "label smoothing for cross-entropy"})
@@ -97,7 +97,7 @@ class TrainConfig:
     seed: int = field(default=0, metadata={"help": "random seed (data split, init, order, augmentation)"})
     deterministic: bool = field(default=False, metadata={"help": "deterministic algorithms (bit-exact resume on CPU)"})
     threads: int = field(default=0, metadata={
-        "help": "torch CPU threads (0 = auto: 1 for tiny models, which run fastest single-threaded)"})
+        "help": "torch CPU threads (0 = every core; 1 is faster when other jobs share the cores)"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
     amp: str = field(default="off", metadata={"help": "off | bf16 | fp16 (CUDA; fp16 uses a grad scaler)"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model (CUDA)"})
