@@ -18,8 +18,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fused import linear_add
-
 
 class Attention(nn.Module):
     """Args:
@@ -42,8 +40,8 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop) if proj_drop > 0 else None
 
-    def forward(self, x: torch.Tensor, return_attention: bool = False, residual: torch.Tensor | None = None):
-        """(B, N, D) -> (B, N, D) [, weights (B, heads, N, N)]; adds ``residual`` when given."""
+    def forward(self, x: torch.Tensor, return_attention: bool = False):
+        """(B, N, D) -> (B, N, D) [, weights (B, heads, N, N)]."""
         B, N, D = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, heads, N, head_dim)
@@ -59,12 +57,7 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=self.scale)
             weights = None
         out = out.transpose(1, 2).reshape(B, N, D)
-        if residual is not None and self.proj_drop is None:
-            out = linear_add(out, self.proj, residual)
-        else:
-            out = self.proj(out)
-            if self.proj_drop is not None:
-                out = self.proj_drop(out)
-            if residual is not None:
-                out = residual + out
+        out = self.proj(out)
+        if self.proj_drop is not None:
+            out = self.proj_drop(out)
         return (out, weights) if return_attention else out

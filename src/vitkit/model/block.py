@@ -14,7 +14,6 @@ from torch import nn
 from ..config import ACTIVATIONS
 from ..errors import ConfigError
 from .attention import Attention
-from .fused import linear_act, linear_add
 
 
 class QuickGELU(nn.Module):
@@ -49,21 +48,16 @@ class Mlp(nn.Module):
 
     def __init__(self, dim: int, hidden_dim: int, act: str = "gelu", drop: float = 0.0) -> None:
         super().__init__()
-        self.act_name = act
         self.fc1 = nn.Linear(dim, hidden_dim)
         self.act = make_act(act)
         self.fc2 = nn.Linear(hidden_dim, dim)
         self.drop = nn.Dropout(drop) if drop > 0 else None
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """MLP(x), or residual + MLP(x) when ``residual`` is given (fused on CPU inference)."""
-        h = linear_act(x, self.fc1, self.act_name, self.act)  # (B, N, hidden): feeds fc2
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.fc1(x))  # (B, N, hidden): the hidden output feeds fc2
         if self.drop is not None:
-            out = self.drop(self.fc2(self.drop(h)))
-            return out if residual is None else residual + out
-        if residual is None:
-            return self.fc2(h)
-        return linear_add(h, self.fc2, residual)
+            return self.drop(self.fc2(self.drop(h)))
+        return self.fc2(h)
 
 
 def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -138,10 +132,6 @@ class Block(nn.Module):
         return y
 
     def forward(self, x: torch.Tensor, return_attention: bool = False):
-        if self.norm_first and self.ls1 is None and self.drop_path1 is None and not return_attention:
-            # Plain pre-norm block: residual adds go into the projections (fused on CPU inference).
-            x = self.attn(self.norm1(x), residual=x)
-            return self.mlp(self.norm2(x), residual=x)
         attn_w = None
         h = self.norm1(x) if self.norm_first else x
         if return_attention:
