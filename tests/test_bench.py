@@ -43,6 +43,9 @@ def test_run_benchmark_reports_both_impls(train):
         assert len(r.times_s) == 2 and r.median_s > 0
         assert r.images_per_s == pytest.approx(2 / r.median_s)
         assert r.mode == ("train" if train else "inference") and r.mfu is None  # no MFU on CPU
+    vk, tm = res
+    want = sorted(t / v for t, v in zip(tm.times_s, vk.times_s))
+    assert vk.ratio_vs_timm == pytest.approx((want[0] + want[1]) / 2)  # median of the 2 paired ratios
 
 
 def test_bench_cli_json(capsys):
@@ -50,7 +53,8 @@ def test_bench_cli_json(capsys):
                  "--image-size", "32", "--json"]) == 0
     lines = [json.loads(s) for s in capsys.readouterr().out.strip().splitlines()]
     assert [(d["impl"], d["batch_size"]) for d in lines] == [("vitkit", 1), ("timm", 1), ("vitkit", 2), ("timm", 2)]
-    assert all(d["ratio_vs_timm"] > 0 for d in lines)
+    assert all(d["ratio_vs_timm"] > 0 for d in lines if d["impl"] == "vitkit")
+    assert all(d["ratio_vs_timm"] is None for d in lines if d["impl"] == "timm")
 
 
 def test_bench_rejects_bad_dtype():

@@ -3,7 +3,8 @@
 Method: both models get identical weights (timm's state dict loads into vitkit one to one), are
 warmed up, then timed in *interleaved* rounds (vitkit, timm, timm, vitkit, ...) so that drift in
 machine load hits both alike. Reported: the median over rounds of images/s (inference) or of
-step time (forward + cross-entropy + backward + AdamW step, same optimizer settings for both).
+step time (forward + cross-entropy + backward + AdamW step, same optimizer settings for both),
+and the ratio vitkit/timm as the median of the per-round ratios t_timm / t_vitkit.
 On CUDA, MFU = achieved FLOP/s / the device's peak dense FLOP/s for the dtype.
 """
 
@@ -48,6 +49,8 @@ class BenchResult:
     images_per_s: float = 0.0
     tflops: float = 0.0
     mfu: float | None = None
+    ratio_vs_timm: float | None = None  # median over rounds of t_timm / t_vitkit (paired, same round)
+    ratio_iqr: tuple[float, float] | None = None  # quartiles of the per-round ratios: the noise
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -203,6 +206,15 @@ def run_benchmark(
     times = time_steps(steps, dev, warmup, runs, progress=progress)
     flops_per_image = count_flops(c)["flops"] * (3.0 if train else 1.0)
     peak = peak_flops(dev, dtype)
+    # Paired ratio: each round times both impls back to back, so a per-round ratio cancels the
+    # machine's drift (throughput on a shared VM moves +-20% between rounds; the ratio much less).
+    paired = iqr = None
+    if "timm" in times:
+        per_round = [t / v for t, v in zip(times["timm"], times["vitkit"])]
+        paired = statistics.median(per_round)
+        if len(per_round) >= 4:
+            q = statistics.quantiles(per_round, n=4)
+            iqr = (q[0], q[2])
     results = []
     for impl, ts in times.items():
         med = statistics.median(ts)
@@ -211,5 +223,6 @@ def run_benchmark(
         results.append(BenchResult(
             name=c.name or "custom", impl=impl, batch_size=batch_size, dtype=dtype, device=dev.type,
             mode="train" if train else "inference", compiled=compile, times_s=ts, median_s=med,
-            images_per_s=ips, tflops=achieved / 1e12, mfu=(achieved / peak) if peak else None))
+            images_per_s=ips, tflops=achieved / 1e12, mfu=(achieved / peak) if peak else None,
+            ratio_vs_timm=paired if impl == "vitkit" else None, ratio_iqr=iqr if impl == "vitkit" else None))
     return results

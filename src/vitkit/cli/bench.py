@@ -54,18 +54,17 @@ def run(args) -> int:
         results = run_benchmark(args.name, batch_size=bs, dtype=args.dtype, device=args.device, train=args.train,
                                 compile=args.compile, warmup=args.warmup, runs=args.runs,
                                 compare_timm=not args.no_timm, progress=not args.json, **overrides)
-        by = {r.impl: r for r in results}
-        ratio = by["vitkit"].images_per_s / by["timm"].images_per_s if "timm" in by else None
+        ratio = results[0].ratio_vs_timm
         for r in results:
             if args.json:
-                d = r.to_dict()
-                d["ratio_vs_timm"] = ratio
-                print(json.dumps(d))
+                print(json.dumps(r.to_dict()))
                 continue
             mfu = f"{100 * r.mfu:6.1f}%" if r.mfu is not None else "     -"
             tail = f"   {ratio:.3f}" if (ratio is not None and r.impl == "vitkit") else ""
+            if tail and r.ratio_iqr:
+                tail += f" (IQR {r.ratio_iqr[0]:.3f}-{r.ratio_iqr[1]:.3f})"
             print(f"{r.impl:<8}{r.batch_size:>6}{1000 * r.median_s:>11.2f}{r.images_per_s:>10.1f}"
                   f"{r.tflops:>9.3f}{mfu:>7}{tail}")
     if not args.json:
-        print("ratio = vitkit images/s / timm images/s (> 1: vitkit faster); medians of interleaved rounds")
+        print("ratio = vitkit speed / timm speed (> 1: vitkit faster), median of per-round paired ratios")
     return 0
