@@ -240,30 +240,20 @@ def _coerce(value: Any, annotation: Any, name: str) -> Any:
         if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
             return False
         raise ConfigError(f"{name} must be true or false, got {value!r}")
-    if tp is int:
+    if tp in (int, float):
+        kind = "an int" if tp is int else "a number"
         if isinstance(value, bool):
-            raise ConfigError(f"{name} must be an int, got {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
+            raise ConfigError(f"{name} must be {kind}, got {value!r}")
+        if isinstance(value, int) or (tp is float and isinstance(value, float)):
+            return tp(value)
+        if tp is int and isinstance(value, float) and value.is_integer():
             return int(value)
         if isinstance(value, str):
             try:
-                return int(value)
+                return tp(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{name} must be an int, got {value!r}")
-    if tp is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{name} must be a number, got {value!r}")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{name} must be a number, got {value!r}")
+        raise ConfigError(f"{name} must be {kind}, got {value!r}")
     if tp is str:
         if isinstance(value, str):
             return value
