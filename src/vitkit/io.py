@@ -196,3 +196,17 @@ def latest_run(root: str | Path = RUNS_ROOT) -> Path | None:
         return None
     runs = [d for d in root.iterdir() if d.is_dir() and (is_vitkit_dir(d / "best") or is_vitkit_dir(d / "last"))]
     return max(runs, key=lambda d: d.stat().st_mtime) if runs else None
+
+
+def model_source_or_latest_run(source: str | Path | None, root: str | Path = RUNS_ROOT) -> str:
+    """``source`` if given, else the most recent training run under ``root``; with neither, a
+    CheckpointError that says how to get a model."""
+    if source is not None:
+        return str(source)
+    run = latest_run(root)
+    if run is None:
+        raise CheckpointError(
+            f"no model given and no training run found under {root}/. Train one first with `make demo` or "
+            "`vitkit train`, or pass --model (a vitkit model directory, a training run directory, or a "
+            "pretrained source such as timm/vit_base_patch16_224.augreg2_in21k_ft_in1k)")
+    return str(run)

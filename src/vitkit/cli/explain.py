@@ -10,10 +10,6 @@ DESCRIPTION = (
     "of `vitkit train` (under runs/) is used."
 )
 
-NO_MODEL = ("no model given and no training run found under {root}/. Train one first with "
-            "`make demo` or `vitkit train`, or pass --model (a vitkit model directory, a training run "
-            "directory, or a pretrained source such as timm/vit_base_patch16_224.augreg2_in21k_ft_in1k)")
-
 
 def _indices(text: str | None):
     """'0,5,-1' or 'all' or None -> list of ints or None (= all)."""
@@ -55,18 +51,14 @@ def run(args) -> int:
     from .. import from_pretrained
     from ..data.image import load_image
     from ..errors import InputError
-    from ..io import latest_run
+    from ..io import model_source_or_latest_run
     from ..viz.report import explain, write_report
 
     layers, heads = _indices(args.layers), _indices(args.heads)
     if args.topk < 1:
         raise InputError(f"--topk must be >= 1, got {args.topk}")
-    source = args.model
-    if source is None:
-        run_dir = latest_run(args.runs)
-        if run_dir is None:
-            raise InputError(NO_MODEL.format(root=args.runs))
-        source = str(run_dir)
+    source = model_source_or_latest_run(args.model, args.runs)
+    if args.model is None:
         print(f"using the most recent training run: {source}")
     # check the image before loading a (possibly large) model
     probe = load_image(args.image, mode=None, max_pixels=args.max_pixels)

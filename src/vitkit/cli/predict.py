@@ -86,14 +86,9 @@ def run(args) -> int:
     import sys
 
     from .. import from_pretrained
-    from ..errors import CheckpointError
-    from ..io import latest_run
+    from ..io import model_source_or_latest_run
 
-    source = args.model
-    if source is None:
-        source = latest_run()
-        if source is None:
-            raise CheckpointError("no --model given and no training run found under runs/; pass --model SOURCE")
+    source = model_source_or_latest_run(args.model)
     kw = {"format": args.format} if args.format else {}
     if args.num_heads:
         kw["num_heads"] = args.num_heads
