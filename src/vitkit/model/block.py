@@ -9,11 +9,12 @@ Input (B, N, D) -> output (B, N, D).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..config import ACTIVATIONS
 from ..errors import ConfigError
-from .attention import Attention
+from .attention import Attention, Workspace, linear_into
 
 
 class QuickGELU(nn.Module):
@@ -39,6 +40,33 @@ def make_act(name: str) -> nn.Module:
     return table[name]()
 
 
+def act_(act: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Apply an activation module in place (inference only: autograd needs the input)."""
+    if isinstance(act, nn.GELU):
+        return torch.ops.aten.gelu_(x, approximate=act.approximate)
+    if isinstance(act, nn.ReLU):
+        return x.relu_()
+    if isinstance(act, nn.SiLU):
+        return F.silu(x, inplace=True)
+    if isinstance(act, nn.Tanh):
+        return x.tanh_()
+    if isinstance(act, nn.Identity):
+        return x
+    return x.copy_(act(x))
+
+
+def layer_norm_into(norm: nn.Module, x: torch.Tensor, ws: Workspace, name: str = "norm") -> torch.Tensor:
+    """``norm(x)`` for (B, N, D) x, into a workspace buffer when ``norm`` is a plain LayerNorm
+    (the same ``native_layer_norm`` kernel ``F.layer_norm`` runs on the CPU)."""
+    if not (isinstance(norm, nn.LayerNorm) and norm.elementwise_affine and len(norm.normalized_shape) == 1):
+        return norm(x)
+    B, N, D = x.shape
+    out, _, _ = torch.ops.aten.native_layer_norm.out(
+        x, [D], norm.weight, norm.bias, norm.eps,
+        out0=ws.get(name, B, N, D), out1=ws.get(name + ".mean", B, N, 1), out2=ws.get(name + ".rstd", B, N, 1))
+    return out
+
+
 class Mlp(nn.Module):
     """fc1 -> act -> dropout -> fc2 -> dropout. (B, N, D) -> (B, N, D).
 
@@ -58,6 +86,13 @@ class Mlp(nn.Module):
         if self.drop is not None:
             return self.drop(self.fc2(self.drop(h)))
         return self.fc2(h)
+
+    def forward_into(self, x: torch.Tensor, ws: Workspace) -> torch.Tensor:
+        """Inference: (B, N, D) -> (B*N, D) workspace buffer "out"; the hidden layer is one
+        reused buffer, activated in place."""
+        B, N, D = x.shape
+        h = linear_into(self.fc1, x.reshape(B * N, D), ws.get("hidden", B * N, self.fc1.out_features))
+        return linear_into(self.fc2, act_(self.act, h), ws.get("out", B * N, self.fc2.out_features))
 
 
 def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -146,3 +181,28 @@ class Block(nn.Module):
             x = self.norm1(x + a)
             x = self.norm2(x + self._branch(self.mlp(x), self.ls2, self.drop_path2))
         return (x, attn_w) if return_attention else x
+
+    def forward_into(self, x: torch.Tensor, ws: Workspace) -> torch.Tensor:
+        """Inference (eval mode, no autograd): update the residual stream ``x`` (B, N, D,
+        contiguous, owned by the caller) in place and return it.
+
+        Same kernels, same order, same results as :meth:`forward` (tested bit-exact); the
+        branch outputs land in reused workspace buffers and are added into ``x`` in place, so a
+        block allocates only the attention kernel's output."""
+        B, N, D = x.shape
+        flat = x.view(B * N, D)
+        h = layer_norm_into(self.norm1, x, ws) if self.norm_first else x
+        a = self.attn.forward_into(h, ws)
+        if self.ls1 is not None:
+            a.mul_(self.ls1.gamma)
+        flat.add_(a)
+        if not self.norm_first:
+            x.copy_(layer_norm_into(self.norm1, x, ws))
+        h = layer_norm_into(self.norm2, x, ws) if self.norm_first else x
+        m = self.mlp.forward_into(h, ws)
+        if self.ls2 is not None:
+            m.mul_(self.ls2.gamma)
+        flat.add_(m)
+        if not self.norm_first:
+            x.copy_(layer_norm_into(self.norm2, x, ws))
+        return x

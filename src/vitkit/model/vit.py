@@ -23,9 +23,11 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules import module as _nn_module
 
 from ..config import ViTConfig
 from ..errors import ConfigError, InputError
+from .attention import Workspace
 from .block import Block, make_act
 from .patch_embed import PatchEmbed
 from .pos_embed import resample_pos_embed, sincos_1d, sincos_2d
@@ -169,9 +171,31 @@ class ViT(nn.Module):
         self.patch_embed.check_input(x)
         return self._pos_embed(self.patch_embed(x))
 
+    # Inference on the CPU writes each block's matmuls into a few reused buffers (see
+    # Block.forward_into): same kernels, bit-identical outputs, far fewer page faults. Set to
+    # False on a model (or the class) to force the plain path.
+    inference_workspace: bool = True
+
+    def _use_workspace(self, x: torch.Tensor) -> bool:
+        """The buffer-reusing path applies to eval-mode CPU inference without autograd, autocast
+        or a tracer/compiler watching (those want the plain, functional graph), and only while no
+        hook watches a block (hooks must fire, and must not see a buffer that later changes)."""
+        return (self.inference_workspace and not self.training and not torch.is_grad_enabled()
+                and x.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
+                and not torch.jit.is_tracing() and not torch.jit.is_scripting()
+                and not torch.compiler.is_compiling() and not torch.onnx.is_in_onnx_export()
+                and not _nn_module._global_forward_hooks and not _nn_module._global_forward_pre_hooks
+                and not any(m._forward_hooks or m._forward_pre_hooks for m in self.blocks.modules()))
+
     def forward_features(self, x: torch.Tensor, return_attention: bool = False):
         """Image -> all tokens after the final norm (B, R+N, D) [, list of attention maps]."""
         x = self.embed(x)
+        if not return_attention and self._use_workspace(x):
+            ws = Workspace(x)
+            stream = ws.get("stream", *x.shape).copy_(x)  # owned here: blocks update it in place
+            for blk in self.blocks:
+                stream = blk.forward_into(stream, ws)
+            return self.norm(stream)
         attns = []
         for blk in self.blocks:
             if return_attention:
