@@ -48,6 +48,19 @@ def test_run_benchmark_reports_both_impls(train):
     assert vk.ratio_vs_timm == pytest.approx((want[0] + want[1]) / 2)  # median of the 2 paired ratios
 
 
+@pytest.mark.parametrize("same", [False, True])
+def test_train_step_optimizers(same):
+    """By default each side steps with its own library's AdamW (vitkit: fused; timm:
+    create_optimizer_v2); --same-optimizer gives both a plain torch AdamW."""
+    res = run_benchmark("vit_tiny_patch16_224", batch_size=2, train=True, warmup=0, runs=1,
+                        image_size=32, depth=1, same_optimizer=same)
+    names = {r.impl: r.optimizer for r in res}
+    if same:
+        assert names == {"vitkit": "AdamW (torch default)", "timm": "AdamW (torch default)"}
+    else:
+        assert names == {"vitkit": "AdamW (fused)", "timm": "AdamW (torch default)"}
+
+
 def test_bench_cli_json(capsys):
     assert main(["bench", "vit_tiny_patch16_224", "--batch-size", "1", "2", "--runs", "1", "--warmup", "0",
                  "--image-size", "32", "--json"]) == 0

@@ -3,8 +3,13 @@
 Method: both models get identical weights (timm's state dict loads into vitkit one to one), are
 warmed up, then timed in *interleaved* rounds (vitkit, timm, timm, vitkit, ...) so that drift in
 machine load hits both alike. Reported: the median over rounds of images/s (inference) or of
-step time (forward + cross-entropy + backward + AdamW step, same optimizer settings for both),
-and the ratio vitkit/timm as the median of the per-round ratios t_timm / t_vitkit.
+step time (forward + cross-entropy + backward + AdamW step), and the ratio vitkit/timm as the
+median of the per-round ratios t_timm / t_vitkit.
+
+The training step is each library's own: AdamW (lr 1e-4, weight decay 0.05, none on norms and
+biases) as its factory builds it, ``vitkit.train.optim.build_optimizer`` (fused kernel) against
+``timm.optim.create_optimizer_v2(model, "adamw")``; ``same_optimizer=True`` gives both a plain
+``torch.optim.AdamW`` instead, to compare the models alone.
 On CUDA, MFU = achieved FLOP/s / the device's peak dense FLOP/s for the dtype.
 """
 
@@ -51,6 +56,7 @@ class BenchResult:
     mfu: float | None = None
     ratio_vs_timm: float | None = None  # median over rounds of t_timm / t_vitkit (paired, same round)
     ratio_iqr: tuple[float, float] | None = None  # quartiles of the per-round ratios: the noise
+    optimizer: str | None = None  # train mode: which AdamW implementation stepped
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -73,9 +79,36 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+BENCH_LR, BENCH_WD = 1e-4, 0.05
+
+
+def bench_optimizer(impl: str, model: nn.Module, same_optimizer: bool = False) -> torch.optim.Optimizer:
+    """The AdamW a training step of ``impl`` ("vitkit" | "timm") uses: its library's factory, or
+    a plain ``torch.optim.AdamW`` for both with ``same_optimizer``."""
+    if same_optimizer:
+        return torch.optim.AdamW(model.parameters(), lr=BENCH_LR, weight_decay=BENCH_WD)
+    if impl == "timm":
+        from timm.optim import create_optimizer_v2
+
+        return create_optimizer_v2(model, "adamw", lr=BENCH_LR, weight_decay=BENCH_WD)
+    from types import SimpleNamespace
+
+    from ..train.optim import build_optimizer
+
+    cfg = SimpleNamespace(lr=BENCH_LR, weight_decay=BENCH_WD, betas=(0.9, 0.999), layer_decay=1.0)
+    return build_optimizer(model, cfg)
+
+
+def describe_optimizer(opt: torch.optim.Optimizer) -> str:
+    d = opt.defaults
+    kind = "fused" if d.get("fused") else "foreach" if d.get("foreach") else "torch default"
+    return f"{type(opt).__name__} ({kind})"
+
+
 def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, train: bool, dtype: str,
-              device: torch.device) -> Callable[[], None]:
-    """One benchmark step as a closure: inference forward, or forward+backward+AdamW."""
+              device: torch.device, opt: torch.optim.Optimizer | None = None) -> Callable[[], None]:
+    """One benchmark step as a closure: inference forward, or forward+backward+``opt`` step
+    (default: a plain AdamW)."""
     amp = (torch.autocast(device.type, dtype=DTYPES[dtype]) if dtype != "fp32"
            else contextlib.nullcontext())
     if not train:
@@ -87,7 +120,8 @@ def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, train: bool, d
 
         return infer
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
+    if opt is None:
+        opt = torch.optim.AdamW(model.parameters(), lr=BENCH_LR, weight_decay=BENCH_WD)
     scaler = torch.amp.GradScaler(device.type) if dtype == "fp16" else None
     loss_fn = nn.CrossEntropyLoss()
 
@@ -174,9 +208,11 @@ def run_benchmark(
     runs: int = 10,
     compare_timm: bool = True,
     progress: bool = False,
+    same_optimizer: bool = False,
     **overrides: Any,
 ) -> list[BenchResult]:
-    """Time vitkit (and timm, when installed) on one configuration; returns one result per impl."""
+    """Time vitkit (and timm, when installed) on one configuration; returns one result per impl.
+    Training steps use each library's AdamW factory unless ``same_optimizer`` (module docstring)."""
     from .. import create_model
 
     if dtype not in DTYPES:
@@ -197,12 +233,16 @@ def run_benchmark(
             models["timm"] = ref
     x = torch.randn(batch_size, c.in_channels, *c.image_hw, device=dev)
     y = torch.randint(0, max(c.num_classes, 1), (batch_size,), device=dev)
-    steps = {}
+    steps, opt_names = {}, {}
     for impl, m in models.items():
         m = m.to(dev)
+        opt = None
+        if train:  # built on the plain module: parameter names without torch.compile's prefix
+            opt = bench_optimizer(impl, m, same_optimizer)
+            opt_names[impl] = describe_optimizer(opt)
         if compile:
             m = torch.compile(m)
-        steps[impl] = make_step(m, x, y, train, dtype, dev)
+        steps[impl] = make_step(m, x, y, train, dtype, dev, opt=opt)
     times = time_steps(steps, dev, warmup, runs, progress=progress)
     flops_per_image = count_flops(c)["flops"] * (3.0 if train else 1.0)
     peak = peak_flops(dev, dtype)
@@ -224,5 +264,6 @@ def run_benchmark(
             name=c.name or "custom", impl=impl, batch_size=batch_size, dtype=dtype, device=dev.type,
             mode="train" if train else "inference", compiled=compile, times_s=ts, median_s=med,
             images_per_s=ips, tflops=achieved / 1e12, mfu=(achieved / peak) if peak else None,
-            ratio_vs_timm=paired if impl == "vitkit" else None, ratio_iqr=iqr if impl == "vitkit" else None))
+            ratio_vs_timm=paired if impl == "vitkit" else None, ratio_iqr=iqr if impl == "vitkit" else None,
+            optimizer=opt_names.get(impl)))
     return results

@@ -27,6 +27,10 @@ def add_arguments(p) -> None:
     p.add_argument("--no-timm", action="store_true", help="do not run the timm comparison")
     p.add_argument("--image-size", type=int, default=None, help="override the preset's input size")
     p.add_argument("--num-classes", type=int, default=None, help="override the number of classes")
+    p.add_argument("--same-optimizer", action="store_true",
+                   help="with --train: step both models with a plain torch.optim.AdamW (compares the models "
+                        "alone); by default each uses its own library's AdamW factory, as its trainer does "
+                        "(vitkit: fused kernel; timm: create_optimizer_v2)")
     p.add_argument("--json", action="store_true", help="print results as JSON lines")
 
 
@@ -53,7 +57,8 @@ def run(args) -> int:
     for bs in args.batch_size:
         results = run_benchmark(args.name, batch_size=bs, dtype=args.dtype, device=args.device, train=args.train,
                                 compile=args.compile, warmup=args.warmup, runs=args.runs,
-                                compare_timm=not args.no_timm, progress=not args.json, **overrides)
+                                compare_timm=not args.no_timm, progress=not args.json,
+                                same_optimizer=args.same_optimizer, **overrides)
         ratio = results[0].ratio_vs_timm
         for r in results:
             if args.json:
@@ -63,8 +68,9 @@ def run(args) -> int:
             tail = f"   {ratio:.3f}" if (ratio is not None and r.impl == "vitkit") else ""
             if tail and r.ratio_iqr:
                 tail += f" (IQR {r.ratio_iqr[0]:.3f}-{r.ratio_iqr[1]:.3f})"
+            opt = f"   [{r.optimizer}]" if r.optimizer else ""
             print(f"{r.impl:<8}{r.batch_size:>6}{1000 * r.median_s:>11.2f}{r.images_per_s:>10.1f}"
-                  f"{r.tflops:>9.3f}{mfu:>7}{tail}")
+                  f"{r.tflops:>9.3f}{mfu:>7}{tail}{opt}")
     if not args.json:
         print("ratio = vitkit speed / timm speed (> 1: vitkit faster), median of per-round paired ratios")
     return 0

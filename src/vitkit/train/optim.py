@@ -43,11 +43,29 @@ def param_groups(model: torch.nn.Module, weight_decay: float, layer_decay: float
     return [groups[k] for k in sorted(groups)]
 
 
+FUSED_DEVICES = ("cpu", "cuda")  # where torch's single-kernel AdamW runs
+
+
+def adamw(groups, lr: float, betas=(0.9, 0.999), weight_decay: float = 0.0) -> torch.optim.AdamW:
+    """``torch.optim.AdamW`` with the fused kernel wherever every parameter allows it.
+
+    The fused step is one pass over each tensor instead of torch's default per-parameter loop of
+    ~6 elementwise kernels (on the CPU the default is that loop, not foreach): ViT-S/16's step
+    measured 62 ms -> 20 ms on the 2-core CPU (BENCHMARKS.md). Same update rule, same state
+    dict layout (checkpoints load either way)."""
+    params = [p for g in groups for p in (g["params"] if isinstance(g, dict) else [g])]
+    fused = bool(params) and all(p.device.type in FUSED_DEVICES and p.is_floating_point() for p in params)
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), weight_decay=weight_decay,
+                             fused=True if fused else None)
+
+
 def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
+    """AdamW over :func:`param_groups` (fused kernel where available); ``cfg`` needs ``lr``,
+    ``betas``, ``weight_decay`` and ``layer_decay`` (a :class:`~vitkit.train.TrainConfig`)."""
     groups = param_groups(model, cfg.weight_decay, cfg.layer_decay)
     for g in groups:
         g.pop("names")
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    return adamw(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
 
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, peak_lr: float, min_lr: float = 0.0) -> float:
