@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # Reproduces the CPU figures in BENCHMARKS.md: vitkit vs timm, same weights, interleaved rounds,
 # ratio = median of per-round paired ratios (with its IQR: the VM's noise).
+# Training steps use each library's own AdamW factory (add --same-optimizer to compare the models alone).
 # Usage: benchmarks/run_cpu.sh [VITKIT_CMD]   (default: .venv/bin/vitkit)
 set -euo pipefail
 VITKIT=${1:-.venv/bin/vitkit}
-"$VITKIT" bench vit_small_patch16_224 --batch-size 8 32 --runs 16 --warmup 3
-"$VITKIT" bench vit_small_patch16_224 --batch-size 8 32 --runs 8 --warmup 2 --train
-"$VITKIT" bench vit_base_patch16_224 --batch-size 8 32 --runs 8 --warmup 2
-"$VITKIT" bench vit_base_patch16_224 --batch-size 8 --runs 6 --warmup 1 --train
+"$VITKIT" bench vit_small_patch16_224 --batch-size 8 --runs 30 --warmup 3
+"$VITKIT" bench vit_small_patch16_224 --batch-size 32 --runs 16 --warmup 3
+"$VITKIT" bench vit_small_patch16_224 --batch-size 8 --runs 16 --warmup 2 --train
+"$VITKIT" bench vit_small_patch16_224 --batch-size 32 --runs 8 --warmup 2 --train
+"$VITKIT" bench vit_base_patch16_224 --batch-size 8 --runs 16 --warmup 2
+"$VITKIT" bench vit_base_patch16_224 --batch-size 32 --runs 8 --warmup 2
+"$VITKIT" bench vit_base_patch16_224 --batch-size 8 --runs 8 --warmup 2 --train
 "$VITKIT" bench vit_base_patch16_224 --batch-size 32 --runs 4 --warmup 1 --train

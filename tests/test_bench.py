@@ -43,6 +43,7 @@ def test_run_benchmark_reports_both_impls(train):
         assert len(r.times_s) == 2 and r.median_s > 0
         assert r.images_per_s == pytest.approx(2 / r.median_s)
         assert r.mode == ("train" if train else "inference") and r.mfu is None  # no MFU on CPU
+        assert r.page_faults is not None and r.page_faults >= 0  # counted on Linux
     vk, tm = res
     want = sorted(t / v for t, v in zip(tm.times_s, vk.times_s))
     assert vk.ratio_vs_timm == pytest.approx((want[0] + want[1]) / 2)  # median of the 2 paired ratios

@@ -214,6 +214,13 @@ def test_drop_path():
     m = ViT(ViTConfig(image_size=8, patch_size=4, dim=16, depth=5, num_heads=2, drop_path=0.4))
     rates = [b.drop_path1.p if isinstance(b.drop_path1, DropPath) else 0.0 for b in m.blocks]
     assert rates == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.4])
+    # timm's linspace(0, rate, depth) for every depth, one block included (it gets 0)
+    for depth in (1, 2, 3):
+        ours = ViT(ViTConfig(image_size=8, patch_size=4, dim=16, depth=depth, num_heads=2, drop_path=0.4))
+        tm = VisionTransformer(img_size=8, patch_size=4, embed_dim=16, depth=depth, num_heads=2, drop_path_rate=0.4)
+        want = [getattr(b.drop_path1, "drop_prob", 0.0) for b in tm.blocks]
+        got = [b.drop_path1.p if b.drop_path1 is not None else 0.0 for b in ours.blocks]
+        assert got == pytest.approx(want), depth
     # eval: identical to the same weights without stochastic depth
     m0 = ViT(m.config.replace(drop_path=0.0))
     m0.load_state_dict(m.state_dict())

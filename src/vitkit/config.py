@@ -71,7 +71,7 @@ class ViTConfig:
     qk_scale: float | None = None  # None = head_dim ** -0.5, applied to scores *before* softmax
     dropout: float = 0.0  # after the position embedding, inside the MLP and after attn proj
     attn_dropout: float = 0.0  # on the attention weights
-    drop_path: float = 0.0  # stochastic depth, rate rises linearly from 0 to this over depth
+    drop_path: float = 0.0  # stochastic depth, rate rises linearly from 0 (first block) to this (last)
     act: str = "gelu"  # MLP activation; JAX checkpoints use exact gelu too, "gelu_tanh" for approx
     norm_eps: float = 1e-6  # 1e-6 in timm/JAX/torchvision; Hugging Face defaults to 1e-12
     norm_first: bool = True  # pre-norm (paper). False = post-norm x = norm(x + f(x)), no final norm

@@ -57,6 +57,7 @@ class BenchResult:
     ratio_vs_timm: float | None = None  # median over rounds of t_timm / t_vitkit (paired, same round)
     ratio_iqr: tuple[float, float] | None = None  # quartiles of the per-round ratios: the noise
     optimizer: str | None = None  # train mode: which AdamW implementation stepped
+    page_faults: float | None = None  # median minor page faults per step (fresh memory touched)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -140,15 +141,27 @@ def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, train: bool, d
     return step
 
 
+def minor_faults() -> int | None:
+    """Minor page faults of this process so far (each = the kernel mapping and zeroing a fresh
+    4 KiB page); None where the platform does not count them."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def time_steps(steps: dict[str, Callable[[], None]], device: torch.device, warmup: int, runs: int,
-               progress: bool = False) -> dict[str, list[float]]:
-    """Warm up each step, then time them in interleaved rounds (order alternates per round)."""
+               progress: bool = False) -> tuple[dict[str, list[float]], dict[str, list[int]]]:
+    """Warm up each step, then time them in interleaved rounds (order alternates per round).
+    Returns seconds per step and minor page faults per step (empty where not counted)."""
     for fn in steps.values():
         for _ in range(warmup):
             fn()
     _sync(device)
     names = list(steps)
     times: dict[str, list[float]] = {n: [] for n in names}
+    faults: dict[str, list[int]] = {n: [] for n in names}
     rounds = range(runs)
     if progress:
         from tqdm import tqdm
@@ -157,11 +170,14 @@ def time_steps(steps: dict[str, Callable[[], None]], device: torch.device, warmu
     for r in rounds:
         for n in (names if r % 2 == 0 else names[::-1]):
             _sync(device)
+            f0 = minor_faults()
             t0 = time.perf_counter()
             steps[n]()
             _sync(device)
             times[n].append(time.perf_counter() - t0)
-    return times
+            if f0 is not None:
+                faults[n].append(minor_faults() - f0)
+    return times, faults
 
 
 def timm_equivalent(config: ViTConfig):
@@ -243,7 +259,7 @@ def run_benchmark(
         if compile:
             m = torch.compile(m)
         steps[impl] = make_step(m, x, y, train, dtype, dev, opt=opt)
-    times = time_steps(steps, dev, warmup, runs, progress=progress)
+    times, faults = time_steps(steps, dev, warmup, runs, progress=progress)
     flops_per_image = count_flops(c)["flops"] * (3.0 if train else 1.0)
     peak = peak_flops(dev, dtype)
     # Paired ratio: each round times both impls back to back, so a per-round ratio cancels the
@@ -265,5 +281,6 @@ def run_benchmark(
             mode="train" if train else "inference", compiled=compile, times_s=ts, median_s=med,
             images_per_s=ips, tflops=achieved / 1e12, mfu=(achieved / peak) if peak else None,
             ratio_vs_timm=paired if impl == "vitkit" else None, ratio_iqr=iqr if impl == "vitkit" else None,
-            optimizer=opt_names.get(impl)))
+            optimizer=opt_names.get(impl),
+            page_faults=statistics.median(faults[impl]) if faults.get(impl) else None))
     return results

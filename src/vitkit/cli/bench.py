@@ -53,7 +53,8 @@ def run(args) -> int:
             dev = torch.cuda.get_device_name(torch.device(args.device))
         print(f"# {args.name} {mode}, {args.dtype}, device {dev}, torch {torch.__version__}, "
               f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
-        print(f"{'impl':<8}{'batch':>6}{'median ms':>11}{'img/s':>10}{'TFLOP/s':>9}{'MFU':>7}   ratio vitkit/timm")
+        print(f"{'impl':<8}{'batch':>6}{'median ms':>11}{'img/s':>10}{'TFLOP/s':>9}{'MFU':>7}{'faults':>9}"
+              "   ratio vitkit/timm")
     for bs in args.batch_size:
         results = run_benchmark(args.name, batch_size=bs, dtype=args.dtype, device=args.device, train=args.train,
                                 compile=args.compile, warmup=args.warmup, runs=args.runs,
@@ -69,8 +70,10 @@ def run(args) -> int:
             if tail and r.ratio_iqr:
                 tail += f" (IQR {r.ratio_iqr[0]:.3f}-{r.ratio_iqr[1]:.3f})"
             opt = f"   [{r.optimizer}]" if r.optimizer else ""
+            faults = f"{r.page_faults:>9.0f}" if r.page_faults is not None else "        -"
             print(f"{r.impl:<8}{r.batch_size:>6}{1000 * r.median_s:>11.2f}{r.images_per_s:>10.1f}"
-                  f"{r.tflops:>9.3f}{mfu:>7}{tail}{opt}")
+                  f"{r.tflops:>9.3f}{mfu:>7}{faults}{tail}{opt}")
     if not args.json:
-        print("ratio = vitkit speed / timm speed (> 1: vitkit faster), median of per-round paired ratios")
+        print("ratio = vitkit speed / timm speed (> 1: vitkit faster), median of per-round paired ratios; "
+              "faults = median minor page faults per step (fresh 4 KiB pages the kernel had to zero)")
     return 0

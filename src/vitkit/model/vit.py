@@ -65,8 +65,10 @@ class ViT(nn.Module):
             self.register_buffer("pos_embed", self._fixed_pos_embed(), persistent=False)
         self.pos_drop = nn.Dropout(c.dropout) if c.dropout > 0 else nn.Identity()
 
-        # stochastic depth rises linearly from 0 to drop_path (plain Python: works on the meta device)
-        rates = [c.drop_path * i / (c.depth - 1) for i in range(c.depth)] if c.depth > 1 else [c.drop_path]
+        # stochastic depth rises linearly from 0 (first block) to drop_path (last block), as timm's
+        # linspace(0, drop_path, depth): a single block is the first one and gets 0. Plain Python:
+        # works on the meta device.
+        rates = [c.drop_path * i / (c.depth - 1) for i in range(c.depth)] if c.depth > 1 else [0.0]
         self.blocks = nn.ModuleList(
             Block(D, c.num_heads, c.hidden_dim, qkv_bias=c.qkv_bias, qk_scale=c.qk_scale,
                   attn_drop=c.attn_dropout, proj_drop=c.dropout, act=c.act, norm_eps=c.norm_eps,
