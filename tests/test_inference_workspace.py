@@ -54,22 +54,24 @@ def count_fast(monkeypatch):
 def test_workspace_path_is_bit_identical(layout, count_fast):
     m = _model(**LAYOUTS[layout])
     x = torch.randn(3, m.config.in_channels, *m.config.image_hw)
-    ref = m(x)  # autograd on -> the plain path
+    ref, ref_logits = m.forward_features(x), m(x)  # autograd on -> the plain path
     assert not count_fast
     with torch.inference_mode():
-        fast = m(x)
-    assert len(count_fast) == m.config.depth  # the workspace path ran, once per block
+        fast = m.forward_features(x)
+        assert len(count_fast) == m.config.depth  # the workspace path ran, once per block
+        fast_logits = m(x)  # (with a class token, the last block runs for it alone, in both)
     with torch.no_grad():
         fast2 = m.forward_features(x)
         m.inference_workspace = False
         plain2 = m.forward_features(x)
     assert torch.equal(fast, ref.detach())
+    assert torch.equal(fast_logits, ref_logits.detach())
     assert torch.equal(fast2, plain2)
     # the check can fail: a changed weight changes the workspace path's output
     with torch.no_grad():
         m.blocks[-1].mlp.fc2.bias[0] += 1.0
         m.inference_workspace = True
-        assert not torch.equal(m(x), fast)
+        assert not torch.equal(m.forward_features(x), fast)
 
 
 def test_outputs_do_not_share_buffers():
@@ -125,3 +127,56 @@ def test_workspace_path_allocates_less():
     m.inference_workspace = False
     plain = _allocated_bytes(m, x)
     assert fast < 0.5 * plain, (fast, plain)
+
+
+# --------------------------------------------------------------------------- class-token-only last block
+CLS_LAYOUTS = {k: v for k, v in LAYOUTS.items() if "mean" not in k and "features" not in k}
+
+
+@pytest.fixture
+def count_first_token(monkeypatch):
+    calls = []
+    orig = Block.forward_first_token
+
+    def spy(self, x):
+        calls.append(tuple(x.shape))
+        return orig(self, x)
+
+    monkeypatch.setattr(Block, "forward_first_token", spy)
+    return calls
+
+
+@pytest.mark.parametrize("layout", sorted(CLS_LAYOUTS))
+def test_last_block_for_the_class_token_only(layout, count_first_token):
+    """forward() lets the last block compute the class token alone; logits and gradients equal
+    those of the full computation (forward_head(forward_features(x))) to float rounding."""
+    m = _model(**CLS_LAYOUTS[layout]).train()  # dropout is 0: train mode is deterministic here
+    x = torch.randn(3, m.config.in_channels, *m.config.image_hw)
+    y = torch.tensor([0, 3, 4])
+    full = m.forward_head(m.forward_features(x))
+    torch.nn.functional.cross_entropy(full, y).backward()
+    g_full = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad()
+    assert not count_first_token
+    short = m(x)
+    assert count_first_token == [(3, m.config.num_tokens, m.config.dim)]
+    torch.testing.assert_close(short, full, atol=2e-6, rtol=1e-5)
+    torch.nn.functional.cross_entropy(short, y).backward()
+    for n, p in m.named_parameters():
+        torch.testing.assert_close(p.grad, g_full[n], atol=2e-6, rtol=1e-4, msg=lambda s, n=n: f"{n}: {s}")
+    # the last block's MLP acts on one token per image: its weights still get a gradient
+    assert m.blocks[-1].mlp.fc1.weight.grad.abs().sum() > 0
+    with torch.no_grad():  # the inference path (workspace for the first blocks) agrees too
+        torch.testing.assert_close(m.eval()(x), full.detach(), atol=2e-6, rtol=1e-5)
+
+
+def test_full_last_block_where_every_token_is_read_or_watched(count_first_token):
+    for kw in (dict(pooling="mean"), dict(pooling="mean", class_token=False)):
+        m = _model(**kw)
+        m(torch.randn(2, 3, 16, 16))
+    m = _model()
+    seen = []
+    m.blocks[-1].register_forward_hook(lambda mod, i, o: seen.append(tuple(o.shape)))
+    m(torch.randn(2, 3, 16, 16))
+    assert seen == [(2, 17, 32)]  # a hook on the last block sees every token
+    assert not count_first_token

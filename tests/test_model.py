@@ -125,6 +125,37 @@ def test_logits_equal_timm(case):
         assert (ours(x) - b).abs().max() > 1e-4
 
 
+@pytest.mark.parametrize("path", ["full", "forward"])
+def test_training_step_gradients_equal_timm(path):
+    """Training through every token runs timm's kernels in timm's order: same loss and gradients
+    to the bit. ``forward`` (last block for the class token only) gives them to float rounding."""
+    tm = VisionTransformer(**BASE_T).train()
+    with torch.no_grad():
+        for p in tm.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    ours = ViT(ViTConfig(**BASE_O)).train()
+    ours.load_state_dict(tm.state_dict(), strict=True)
+    x = torch.randn(3, 3, *tm.patch_embed.img_size)
+    y = torch.tensor([0, 1, 6])
+    ours_fn = (lambda t: ours.forward_head(ours.forward_features(t))) if path == "full" else ours
+    losses = []
+    for fn in (ours_fn, tm):
+        loss = F.cross_entropy(fn(x), y)
+        loss.backward()
+        losses.append(loss)
+    grads_t = dict(tm.named_parameters())
+    if path == "full":
+        assert torch.equal(losses[0], losses[1])
+    else:
+        torch.testing.assert_close(losses[0], losses[1], atol=1e-6, rtol=1e-6)
+    for n, p in ours.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, n
+        if path == "full":
+            assert torch.equal(p.grad, grads_t[n].grad), n
+        else:
+            torch.testing.assert_close(p.grad, grads_t[n].grad, atol=2e-6, rtol=1e-4)
+
+
 # --------------------------------------------------------------------------- blocks
 def _randomize(module: nn.Module) -> None:
     with torch.no_grad():

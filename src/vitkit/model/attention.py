@@ -91,6 +91,25 @@ class Attention(nn.Module):
             out = self.proj_drop(out)
         return (out, weights) if return_attention else out
 
+    def forward_first_query(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, N, D) -> (B, 1, D): the output for token 0 alone (the class token).
+
+        Keys and values still come from every token; only token 0's query is projected and
+        attended with, and only its output projected: the rows :meth:`forward` would compute
+        for token 0, at 1/N of the query-side cost."""
+        B, N, D = x.shape
+        w, b = self.qkv.weight, self.qkv.bias
+        q = F.linear(x[:, :1], w[:D], None if b is None else b[:D])
+        kv = F.linear(x, w[D:], None if b is None else b[D:])
+        q = q.reshape(B, 1, self.num_heads, self.head_dim).transpose(1, 2)
+        k, v = kv.reshape(B, N, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        dropout_p = self.attn_drop if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=self.scale)
+        out = self.proj(out.transpose(1, 2).reshape(B, 1, D))
+        if self.proj_drop is not None:
+            out = self.proj_drop(out)
+        return out
+
     def forward_into(self, x: torch.Tensor, ws: Workspace) -> torch.Tensor:
         """Inference: (B, N, D) -> the projected output as a (B*N, D) workspace buffer ("out").
 
