@@ -137,3 +137,38 @@ def test_load_image_uses_its_own_pixel_limit(tmp_path, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
     with pytest.raises(InputError, match="1,600 pixels, over the limit of 1,000"):
         load_image(img, max_pixels=1000)
+
+
+def test_load_image_restores_pillow_limit_under_concurrent_calls(tmp_path, monkeypatch):
+    """Threads opening images at once must leave Pillow's global limit as they found it (each
+    call swaps it around the header read; unserialized, a thread can save another's None and
+    restore that last)."""
+    import threading
+    import time
+
+    from PIL import Image
+
+    from vitkit.data.image import load_image
+
+    img = _png(tmp_path / "a.png", (40, 40))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    real_open = Image.open
+
+    def slow_open(*args, **kwargs):  # a slow header read widens the window a race needs
+        time.sleep(0.02)
+        return real_open(*args, **kwargs)
+
+    monkeypatch.setattr(Image, "open", slow_open)
+    barrier, sizes = threading.Barrier(4), []
+
+    def worker():
+        barrier.wait()
+        sizes.append(load_image(img, max_pixels=10_000).size)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sizes == [(40, 40)] * 4
+    assert Image.MAX_IMAGE_PIXELS == 1000

@@ -9,6 +9,7 @@ need no download.
 
 from __future__ import annotations
 
+import threading
 import warnings
 from pathlib import Path
 
@@ -18,6 +19,9 @@ from PIL import Image, UnidentifiedImageError
 from ..errors import InputError
 
 DEFAULT_MAX_PIXELS = 100_000_000
+# Pillow's limit is a module global: concurrent load_image calls (DataLoader threads, a server)
+# must not restore each other's swapped value, so the header read holds this lock.
+_PIL_LIMIT_LOCK = threading.Lock()
 
 
 def load_image(path: str | Path, mode: str | None = "RGB", max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
@@ -37,12 +41,13 @@ def load_image(path: str | Path, mode: str | None = "RGB", max_pixels: int = DEF
             # ways. Image.open reads only the header, so switch it off there and apply our limit
             # just below, before anything is decoded.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            pil_limit = Image.MAX_IMAGE_PIXELS
-            Image.MAX_IMAGE_PIXELS = None
-            try:
-                img = Image.open(p)
-            finally:
-                Image.MAX_IMAGE_PIXELS = pil_limit
+            with _PIL_LIMIT_LOCK:
+                pil_limit = Image.MAX_IMAGE_PIXELS
+                Image.MAX_IMAGE_PIXELS = None
+                try:
+                    img = Image.open(p)
+                finally:
+                    Image.MAX_IMAGE_PIXELS = pil_limit
             w, h = img.size
             if w * h > max_pixels:
                 raise InputError(
