@@ -19,8 +19,9 @@ from PIL import Image, UnidentifiedImageError
 from ..errors import InputError
 
 DEFAULT_MAX_PIXELS = 100_000_000
-# Pillow's limit is a module global: concurrent load_image calls (DataLoader threads, a server)
-# must not restore each other's swapped value, so the header read holds this lock.
+# Pillow's limit is a module global: load_image calls from threads of one process (a thread pool,
+# a server; DataLoader workers are processes) must not restore each other's swapped value, so the
+# header read holds this lock. Another library's Image.open in that window still sees no limit.
 _PIL_LIMIT_LOCK = threading.Lock()
 
 
