@@ -16,7 +16,7 @@ $(VENV)/.stamp-base: pyproject.toml constraints.txt
 
 $(VENV)/.stamp-dev: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q -c constraints.txt -e '.[dev,hub]'
+	$(PIP) install -q -c constraints.txt -e '.[dev,hub,data,features]'
 	touch $(VENV)/.stamp-base $@
 
 install: $(VENV)/.stamp-base
