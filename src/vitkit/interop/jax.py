@@ -29,7 +29,7 @@ import torch
 
 from ..config import ViTConfig
 from ..errors import CheckpointError
-from .common import Converted, grid_from_rows
+from .common import Converted, grid_from_rows, size_hints
 
 
 def read_npz(path: str | Path) -> dict[str, np.ndarray]:
@@ -116,8 +116,7 @@ def convert(path: str | Path, arch: ViTConfig | None = None, hints: dict[str, An
             pass  # zero-init heads of upstream-only checkpoints still load as they are
     rows = pos.shape[1]
     pos_prefix = has_cls and not big_vision
-    size_hint = (hints or {}).get("image_size") or (arch.image_size if arch is not None else None)
-    image = grid_from_rows(rows - int(pos_prefix), (ph, pw), size_hint)
+    image = grid_from_rows(rows - int(pos_prefix), (ph, pw), *size_hints(hints, arch))
     config = ViTConfig(
         image_size=image if image[0] != image[1] else image[0], patch_size=(ph, pw), in_channels=C,
         num_classes=num_classes, dim=D, depth=depth, num_heads=int(heads or 1),
