@@ -11,6 +11,7 @@ in the weights: see :func:`~vitkit.interop.common.guess_heads`.
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from .common import (
     size_hints,
 )
 
+log = logging.getLogger("vitkit.interop")
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors")
 
 # timm act_layer strings (model_args) -> vitkit. Anything else is an error naming the value.
@@ -184,6 +186,8 @@ def convert(path: str | Path, arch: ViTConfig | None = None, hints: dict[str, An
     notes: list[str] = []
     config = infer_config(state, args, str(p), hints=size_hints(hints, arch, *own), notes=notes,
                           architecture=architecture)
+    if "norm_eps" in meta:  # written by vitkit's export (timm's model_args cannot hold it)
+        config = config.replace(norm_eps=float(meta["norm_eps"]))
     labels = meta.get("label_names")
     if isinstance(labels, dict):
         labels = [labels[str(i)] for i in range(len(labels))] if all(str(i) in labels for i in range(len(labels))) else None
@@ -193,28 +197,70 @@ def convert(path: str | Path, arch: ViTConfig | None = None, hints: dict[str, An
 
 
 # --------------------------------------------------------------------------- export
-def to_timm_kwargs(config: ViTConfig) -> dict[str, Any]:
-    """Arguments of ``timm.models.vision_transformer.VisionTransformer`` for this config."""
+def to_timm_kwargs(config: ViTConfig, serializable: bool = False) -> dict[str, Any]:
+    """Arguments of ``timm.models.vision_transformer.VisionTransformer`` (or, with ``dist_token``,
+    ``timm.models.deit.VisionTransformerDistilled``) for this config. ``serializable``: only
+    JSON values (timm's ``model_args``: classes like the norm with its eps come from the
+    architecture name then, see :func:`timm_architecture`)."""
     c = config
     if not c.norm_first or c.pos_embed not in ("learned", "none") or c.head_hidden_dim or c.qk_scale:
         raise ConfigError("this config has no timm VisionTransformer equivalent (post-norm, sin/cos table, "
                           "pre-logits layer or custom qk_scale)")
     if c.act not in ("gelu", "gelu_tanh", "quick_gelu", "relu", "silu"):
         raise ConfigError(f"activation {c.act!r} has no timm equivalent here")
+    norm_pre, patch_bias = getattr(c, "norm_pre", False), getattr(c, "patch_bias", True)
+    if norm_pre == patch_bias:
+        raise ConfigError(f"timm ties the patch bias to pre_norm (bias = not pre_norm); this config has "
+                          f"norm_pre={norm_pre}, patch_bias={patch_bias}")
     import torch.nn as nn
 
-    act = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}.get(c.act)
-    kw = dict(img_size=c.image_hw, patch_size=c.patch_hw, in_chans=c.in_channels, num_classes=c.num_classes,
-              embed_dim=c.dim, depth=c.depth, num_heads=c.num_heads, mlp_ratio=c.hidden_dim / c.dim,
-              qkv_bias=c.qkv_bias, class_token=c.class_token, reg_tokens=c.num_registers,
-              no_embed_class=not c.pos_embed_prefix, init_values=c.layer_scale,
-              global_pool="avg" if c.pooling == "mean" else "token", fc_norm=c.fc_norm,
-              pos_embed="learn" if c.pos_embed == "learned" else "none")
-    if act is not None:
-        kw["act_layer"] = act
-    if c.act == "gelu_tanh":
-        kw["act_layer"] = "gelu_tanh"
+    swiglu = getattr(c, "mlp_layer", "mlp") == "swiglu"
+    pool = {"mean": "avg", "map": "map"}.get(c.pooling, "token")
+    kw: dict[str, Any] = dict(
+        img_size=list(c.image_hw) if serializable else c.image_hw,
+        patch_size=list(c.patch_hw) if serializable else c.patch_hw, in_chans=c.in_channels,
+        num_classes=c.num_classes, embed_dim=c.dim, depth=c.depth, num_heads=c.num_heads,
+        mlp_ratio=(2 if swiglu else 1) * c.hidden_dim / c.dim, qkv_bias=c.qkv_bias, class_token=c.class_token,
+        reg_tokens=c.num_registers, no_embed_class=not c.pos_embed_prefix, init_values=c.layer_scale,
+        global_pool=pool, fc_norm=c.fc_norm, pos_embed="learn" if c.pos_embed == "learned" else "none",
+        pre_norm=norm_pre)
+    if getattr(c, "dynamic_img_size", False):
+        kw["dynamic_img_size"] = True
+    if serializable:
+        if c.act != "gelu":
+            kw["act_layer"] = c.act
+        return kw
+    from functools import partial
+
+    kw["act_layer"] = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}.get(c.act, c.act)
+    if getattr(c, "norm_layer", "layernorm") == "rmsnorm":
+        from timm.layers import RmsNorm
+
+        kw["norm_layer"] = partial(RmsNorm, eps=c.norm_eps)
+    else:
+        kw["norm_layer"] = partial(nn.LayerNorm, eps=c.norm_eps)
+    if swiglu:
+        from timm.layers import SwiGLUPacked
+
+        kw["mlp_layer"] = SwiGLUPacked
     return kw
+
+
+def timm_architecture(config: ViTConfig) -> str:
+    """A timm architecture whose fixed parts (norm eps, MLP type, model class) match this config;
+    ``model_args`` set the sizes. ``timm.create_model(architecture, **model_args)`` rebuilds it."""
+    c = config
+    if c.name and c.name in PRESETS and c.norm_eps == 1e-6:
+        return c.name
+    if getattr(c, "dist_token", False):
+        return "deit_base_distilled_patch16_224"
+    if getattr(c, "mlp_layer", "mlp") == "swiglu":
+        return "vit_giant_patch14_dinov2"
+    if getattr(c, "norm_pre", False):
+        return "vit_base_patch16_clip_quickgelu_224" if c.act == "quick_gelu" else "vit_base_patch16_clip_224"
+    if c.pooling == "map":
+        return "vit_base_patch16_siglip_224"
+    return "vit_base_patch16_224"
 
 
 def export(model, path: str | Path) -> Path:
@@ -225,19 +271,26 @@ def export(model, path: str | Path) -> Path:
 
     c = model.config
     kw = to_timm_kwargs(c)
-    if int(c.hidden_dim) != int(c.dim * kw["mlp_ratio"]):
+    swiglu = getattr(c, "mlp_layer", "mlp") == "swiglu"
+    if int(c.hidden_dim) * (2 if swiglu else 1) != int(c.dim * kw["mlp_ratio"]):
         raise ConfigError(f"mlp_dim {c.hidden_dim} is not reachable by timm's mlp_ratio for dim {c.dim}")
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v for k, v in model.state_dict().items()}
     if c.pos_embed != "learned":
         state.pop("pos_embed", None)
+    for head in ("head", "head_dist"):  # timm heads always have a bias: a zero one is the same map
+        if f"{head}.weight" in state and f"{head}.bias" not in state:
+            state[f"{head}.bias"] = torch.zeros(state[f"{head}.weight"].shape[0])
     pre = model.preprocess_cfg or {}
-    model_args = {k: (list(v) if isinstance(v, tuple) else v) for k, v in kw.items() if k != "act_layer"}
-    if c.act != "gelu":
-        model_args["act_layer"] = c.act
+    model_args = to_timm_kwargs(c, serializable=True)
+    if c.norm_eps != 1e-6 and not getattr(c, "norm_pre", False):
+        log.warning("timm's model_args cannot carry LayerNorm eps %g; timm.create_model(%r, **model_args) uses "
+                    "its architecture's (vitkit reads it back from norm_eps in config.json)", c.norm_eps,
+                    timm_architecture(c))
     meta = {
-        "architecture": "vit_base_patch16_224" if c.name is None else c.name,
+        "architecture": timm_architecture(c),
+        "norm_eps": c.norm_eps,
         "num_classes": c.num_classes,
         "num_features": c.dim,
         "global_pool": model_args["global_pool"],
