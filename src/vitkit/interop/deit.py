@@ -10,9 +10,13 @@
   dirs and load as ViT. Resampling: :func:`~vitkit.interop.resample.resample_hf`.
 
 What ``model(x)`` returns: ``DeiTForImageClassificationWithTeacher`` and timm's distilled models:
-the average of the two heads, ``(head(cls) + head_dist(dist)) / 2`` (as both at inference);
-``DeiTForImageClassification``: ``classifier(cls)`` (the distillation token only attends);
-``DeiTModel``: its pooler (dense + tanh on the class token), as HF's ``pooler_output``.
+the average of the two heads, ``(head(cls) + head_dist(dist)) / 2`` (as both at inference).
+``DeiTModel``: the average of the class and distillation tokens after the final norm (timm's
+distilled ``pre_logits``); HF's ``pooler_output`` (``tanh(dense(cls))``, a layer the published
+distilled checkpoints never trained: it is newly initialised when a DeiTModel is made from them)
+is not reproduced, and its weights are ignored with a note. ``forward_features`` equals HF's
+``last_hidden_state``. ``DeiTForImageClassification`` (one classifier on the class token while
+the distillation token rides along) has no vitkit equivalent and is refused with that reason.
 """
 
 from __future__ import annotations
@@ -67,6 +71,10 @@ def convert_hf(path: str | Path, arch: ViTConfig | None = None, hints: dict[str,
 
     directory, meta, wfile, raw = read_dir(path)
     archs = [str(a) for a in meta.get("architectures") or []]
+    if "DeiTForImageClassification" in archs:
+        raise CheckpointError(f"{directory}: DeiTForImageClassification classifies the class token alone while a "
+                              "distillation token rides along; vitkit's distilled ViT averages two heads "
+                              "(DeiTForImageClassificationWithTeacher, timm) and has no such layout")
     raw = {(k[len("deit."):] if k.startswith("deit.") else k): v for k, v in raw.items()}
     notes: list[str] = []
     state, unmatched = HF_TABLE.to_vitkit(raw, notes)
@@ -74,10 +82,12 @@ def convert_hf(path: str | Path, arch: ViTConfig | None = None, hints: dict[str,
         raise CheckpointError(f"{wfile}: no embeddings.patch_embeddings.projection.weight; not a DeiT")
     state = fuse_qkv(state, str(wfile))
     classifier = "head.weight" in state
-    if classifier and "pre_logits.fc.weight" in state:
+    if "pre_logits.fc.weight" in state:
         state.pop("pre_logits.fc.weight")
         state.pop("pre_logits.fc.bias", None)
-        notes.append("pooler weights ignored: the DeiT classifiers do not use them")
+        notes.append("pooler weights ignored: the DeiT classifiers do not use them" if classifier else
+                     "pooler (tanh(dense(cls))) ignored: model(x) is the average of the class and distillation "
+                     "tokens after the final norm, as timm's distilled pre-logits")
     dim, in_ch, ph, pw = state["patch_embed.proj.weight"].shape
     hints = dict(hints or {})
     dist = "dist_token" in state
@@ -85,14 +95,12 @@ def convert_hf(path: str | Path, arch: ViTConfig | None = None, hints: dict[str,
                                 *size_hints(hints, arch, meta.get("image_size")), prefix_rows=True)
     depth = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k)))
     num_classes = state["head.weight"].shape[0] if classifier else 0
-    pooler = "pre_logits.fc.weight" in state
     config = ViTConfig(
         image_size=image if image[0] != image[1] else image[0], patch_size=(ph, pw), in_channels=in_ch,
         num_classes=num_classes, dim=dim, depth=depth,
         num_heads=guess_heads(dim, meta.get("num_attention_heads") or hints.get("num_heads"), str(directory)),
         mlp_dim=state["blocks.0.mlp.fc1.weight"].shape[0], qkv_bias=bool(meta.get("qkv_bias", True)),
         norm_eps=float(meta.get("layer_norm_eps", 1e-12)), act=hints.get("act") or hf_act(meta.get("hidden_act", "gelu")),
-        head_hidden_dim=state["pre_logits.fc.weight"].shape[0] if pooler else None, head_act="tanh",
         **({"dist_token": True} if dist else {}),
     )
     pre = preprocess_from_dir(directory, config, {"input_size": [in_ch, 224, 224], **PREPROCESS}
