@@ -94,6 +94,7 @@ def _timm(variant, **kw):
     ("vit_small_patch14_dinov2", dict(img_size=28)),
     ("vit_small_patch14_reg4_dinov2", dict(img_size=42)),
     ("vit_small_patch14_reg4_dinov2", dict(img_size=(28, 42))),
+    ("vit_giant_patch14_dinov2", dict(img_size=28)),  # SwiGLUPacked
 ])
 def test_timm_dinov2_state_dict_exact(variant, kw, tmp_path):
     ref = _timm(variant, **kw)
@@ -169,3 +170,42 @@ def test_original_hub_other_size_uses_the_offset_interpolation(tmp_path):
     # and it differs from HF's size-based interpolation (the point of naming each one)
     from vitkit.interop.resample import resample_hf
     assert max_diff(resample_hf(ref.pos_embed.detach(), (3, 5), (2, 2), 1), want) > 1e-4
+
+
+# ----------------------------------------------------------------------------- SwiGLU (giant)
+def test_hf_dinov2_swiglu_file_and_memory_names(tmp_path):
+    """use_swiglu_ffn: files hold mlp.weights_in (packed [w1; w2]); transformers 5 splits it into
+    gate_proj / up_proj in memory. Both load to mlp_layer='swiglu' with the same outputs."""
+    ref = make_hf(image_size=28, use_swiglu_ffn=True)
+    ref.save_pretrained(tmp_path / "file")
+    sd = ref.state_dict()
+    assert any(".mlp.gate_proj." in k for k in sd)
+    (tmp_path / "mem").mkdir()
+    save_state_dict({k: v.contiguous() for k, v in sd.items()}, tmp_path / "mem" / "model.safetensors")
+    (tmp_path / "mem" / "config.json").write_text(json.dumps(ref.config.to_dict()))
+    x = torch.randn(2, 3, 28, 28)
+    want = hf_out(ref, x).pooler_output
+    for d in ("file", "mem"):
+        model = vitkit.from_pretrained(tmp_path / d)
+        assert model.config.mlp_layer == "swiglu"
+        with torch.no_grad():
+            assert max_diff(model(x), want) <= 1e-5
+
+
+def test_original_hub_giant_swiglu_w12_w3(tmp_path):
+    from timm.models.vision_transformer import _convert_dinov2
+
+    ref = _timm("vit_giant_patch14_dinov2", img_size=28)
+    hub = _hub_from_timm(ref)
+    hub = {k.replace("mlp.fc1", "mlp.w12").replace("mlp.fc2", "mlp.w3"): v for k, v in hub.items()}
+    back = _timm("vit_giant_patch14_dinov2", img_size=28)
+    back.load_state_dict(_convert_dinov2(dict(hub), back))
+    save_state_dict(hub, tmp_path / "g.safetensors")
+    model = vitkit.from_pretrained(tmp_path / "g.safetensors", num_heads=2)
+    x = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        assert max_diff(model(x), back(x)) <= 1e-5
+        assert max_diff(back(x), ref(x)) <= 1e-6
+    out = vitkit.interop.dinov2.export_hub(model, tmp_path / "again.safetensors")
+    from vitkit.interop.common import read_state_dict
+    assert "blocks.0.mlp.w12.weight" in read_state_dict(out)
