@@ -56,6 +56,7 @@ def test_export_timm_loads_into_timm_and_back(name, tmp_path):
         assert max_diff(again(x), model(x)) <= 1e-5
 
 
+@pytest.mark.slow  # ~10 s per family on 2 cores (the torch.export-based ONNX exporter)
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_export_onnx_every_family(name, tmp_path):
     ort = pytest.importorskip("onnxruntime")

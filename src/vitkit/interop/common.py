@@ -247,6 +247,19 @@ def layout_from_rows(rows: int, num_prefix: int, patch: tuple[int, int], *size_h
     return grid_from_rows(rows - (num_prefix if with_prefix else 0), patch, *size_hints), with_prefix
 
 
+def family_parts(config: ViTConfig, allowed: tuple[str, ...] = ()) -> list[str]:
+    """The config's parts beyond the plain ViT (``norm_pre``, no patch bias, ``pooling='map'``...)
+    that are not in ``allowed``: an exporter to a format without them refuses such a model."""
+    c = config
+    parts = {
+        "norm_pre": bool(getattr(c, "norm_pre", False)), "patch_bias": not getattr(c, "patch_bias", True),
+        "head_bias": not getattr(c, "head_bias", True), "dist_token": bool(getattr(c, "dist_token", False)),
+        "map": c.pooling == "map", "swiglu": getattr(c, "mlp_layer", "mlp") == "swiglu",
+        "rmsnorm": getattr(c, "norm_layer", "layernorm") == "rmsnorm",
+    }
+    return [k for k, on in parts.items() if on and k not in allowed]
+
+
 # --------------------------------------------------------------------------- the converted bundle
 @dataclass
 class Converted:

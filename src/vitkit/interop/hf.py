@@ -24,7 +24,7 @@ import torch
 
 from ..config import ViTConfig
 from ..errors import CheckpointError, ConfigError
-from .common import Converted, dir_config, read_json, read_state_dict, rename
+from .common import Converted, dir_config, family_parts, read_json, read_state_dict, rename
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 _HF_ACTS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",
@@ -228,9 +228,11 @@ def export(model, path: str | Path) -> Path:
     c = model.config
     if (not c.norm_first or c.pooling != "cls" or c.num_registers or c.pos_embed != "learned"
             or not c.pos_embed_prefix or c.layer_scale is not None or c.fc_norm or c.qk_scale
-            or c.act not in _ACT_BACK):
+            or c.act not in _ACT_BACK or family_parts(c)):
         raise ConfigError("this config has no Hugging Face ViT equivalent (HF ViT is pre-norm, class-token "
-                          "pooled, learned table with a class row, no registers / layer scale / fc_norm)")
+                          "pooled, learned table with a class row, no registers / layer scale / fc_norm / "
+                          f"family parts {family_parts(c)}); DINOv2, CLIP, SigLIP and DeiT export to timm or their "
+                          "original layouts (export formats dinov2, openai_clip, jax)")
     if c.head_hidden_dim and c.num_classes:
         raise ConfigError("HF ViTForImageClassification has no pre-logits layer; export a model without one")
     sd = model.state_dict()

@@ -29,7 +29,7 @@ import torch
 
 from ..config import ViTConfig
 from ..errors import CheckpointError
-from .common import Converted, grid_from_rows, size_hints
+from .common import Converted, family_parts, grid_from_rows, size_hints
 
 
 def read_npz(path: str | Path) -> dict[str, np.ndarray]:
@@ -158,6 +158,8 @@ def export_npz(model, path: str | Path, layout: str = "vision_transformer") -> P
     """Write the model's weights as a JAX ``.npz`` in ``layout`` ("vision_transformer" or
     "big_vision", stacked blocks). Used by the tests to check both loaders exactly."""
     c = model.config
+    if family_parts(c, allowed=("map",)):
+        raise CheckpointError(f"the JAX .npz layouts have no place for {family_parts(c, allowed=('map',))}")
     sd = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
     D, H = c.dim, c.num_heads
     hd = D // H
