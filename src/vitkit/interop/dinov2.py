@@ -136,7 +136,7 @@ def _config(state: dict[str, torch.Tensor], *, registers: bool, heads: int | Non
 
 
 def _preprocess(config: ViTConfig) -> dict[str, Any]:
-    return {"input_size": [config.in_channels, 224, 224], **PREPROCESS}
+    return {"input_size": [config.in_channels, *config.image_hw], **PREPROCESS}
 
 
 # --------------------------------------------------------------------------- readers
@@ -182,6 +182,13 @@ def convert_hf(path: str | Path, arch: ViTConfig | None = None, hints: dict[str,
                      depth=meta.get("num_hidden_layers"), eps=float(meta.get("layer_norm_eps", 1e-6)),
                      hints=size_hints(hints, arch, size), source=str(directory), act=act)
     pre = preprocess_from_dir(directory, config, _preprocess(config))
+    if list(pre["input_size"][1:]) != list(config.image_hw):
+        # facebook/dinov2-*: config image_size 518, processor crop 224; HF then interpolates the
+        # table on every call. vitkit keeps one input size per model: the table's own.
+        notes.append(f"the preprocessor crops to {pre['input_size'][1:]} (HF interpolates the position table "
+                     f"on the fly); this model runs at {list(config.image_hw)}: pass image_size="
+                     f"{tuple(pre['input_size'][1:])} to load at the processor's size (table resampled as HF does)")
+        pre["input_size"] = [config.in_channels, *config.image_hw]
     return Converted(config=config, state=state, format="hf", source=str(directory), preprocess=pre,
                      unexpected=unmatched, notes=notes,
                      resample="hf_dinov2_registers" if meta.get("model_type") == "dinov2_with_registers" else "hf",
