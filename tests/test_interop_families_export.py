@@ -103,3 +103,31 @@ def test_one_registry_of_format_names():
         assert tuple(fmt.choices) == tuple(names)
     with pytest.raises(vitkit.errors.ConfigError, match="must be one of"):
         canonical("caffe")
+
+
+HF_EXPORTS = {  # family -> (transformers class, how it answers model(x))
+    "dinov2_reg": ("Dinov2WithRegistersModel", lambda o: o.pooler_output),
+    "dinov2_giant_swiglu": ("Dinov2Model", lambda o: o.pooler_output),
+    "clip": ("CLIPVisionModelWithProjection", lambda o: o.image_embeds),
+    "siglip": ("SiglipVisionModel", lambda o: o.pooler_output),
+    "deit_distilled_square": ("DeiTForImageClassificationWithTeacher", lambda o: o.logits),
+}
+
+
+@pytest.mark.parametrize("name", list(HF_EXPORTS))
+def test_export_hf_loads_in_transformers(name, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    cls_name, answer = HF_EXPORTS[name]
+    if name == "deit_distilled_square":
+        model = randomize(vitkit.ViT(vitkit.ViTConfig(image_size=32, patch_size=16, num_classes=5, dim=32, depth=2,
+                                                      num_heads=2, dist_token=True, norm_eps=1e-12)))
+    else:
+        model = family_model(name)
+    out = model.export_to("hf", tmp_path / "hf")
+    assert vitkit.interop.detect_format(out) == "hf"
+    peer = getattr(transformers, cls_name).from_pretrained(out).eval()
+    x = _x(model)
+    with torch.no_grad():
+        assert max_diff(answer(peer(pixel_values=x)), model(x)) <= 1e-5
+        again = vitkit.from_pretrained(out)
+        assert max_diff(again(x), model(x)) <= 1e-5

@@ -246,3 +246,48 @@ def convert_hf(path: str | Path, arch: ViTConfig | None = None, hints: dict[str,
     return Converted(config=config, state=state, format="hf", source=str(directory), preprocess=pre,
                      unexpected=unmatched, notes=notes, resample="hf",
                      info={"family": "clip", "architectures": meta.get("architectures"), "activation": act})
+
+
+def export_hf(model, path: str | Path) -> Path:
+    """A transformers ``CLIPVisionModelWithProjection`` (``CLIPVisionModel`` without a head)
+    directory through :data:`HF_TABLE`, with a CLIPImageProcessor config."""
+    from .common import family_parts
+    from .hf import act_back, split_qkv, write_dir
+
+    c = model.config
+    bad = family_parts(c, allowed=("norm_pre", "patch_bias", "head_bias"))
+    if (bad or not c.norm_pre or c.patch_bias or not c.class_token or c.pooling != "cls" or c.num_registers
+            or c.layer_scale is not None or c.fc_norm or c.head_hidden_dim or not c.qkv_bias or not c.pos_embed_prefix
+            or c.image_hw[0] != c.image_hw[1] or c.patch_hw[0] != c.patch_hw[1]):
+        raise ConfigError("no Hugging Face CLIP vision equivalent: it needs norm_pre, no patch bias, a class token "
+                          "with a table row, square input and patches, qkv bias, and no registers / layer scale / "
+                          f"fc_norm / pre-logits{f' / {bad}' if bad else ''}")
+    D = c.dim
+    sd = dict(model.state_dict())
+    if "head.bias" in sd:
+        if sd["head.bias"].abs().max() > 0:
+            raise ConfigError("CLIP's visual_projection has no bias; this head has a non-zero one")
+        sd.pop("head.bias")
+    sd["cls_token"] = sd["cls_token"].reshape(D)
+    sd["pos_embed"] = sd["pos_embed"].reshape(-1, D)
+    out, left = HF_TABLE.from_vitkit(split_qkv(sd, D, ("q", "k", "v")))
+    if left:
+        raise ConfigError(f"the HF CLIP layout has no names for {left}")
+    proj = c.num_classes > 0
+    if proj:  # CLIPVisionModelWithProjection keeps the tower under vision_model.
+        out = {(k if k.startswith("visual_projection") else f"vision_model.{k}"): v for k, v in out.items()}
+    meta = {
+        "architectures": ["CLIPVisionModelWithProjection" if proj else "CLIPVisionModel"],
+        "model_type": "clip_vision_model", "hidden_size": D, "intermediate_size": c.hidden_dim,
+        "num_hidden_layers": c.depth, "num_attention_heads": c.num_heads, "image_size": c.image_hw[0],
+        "patch_size": c.patch_hw[0], "num_channels": c.in_channels, "hidden_act": act_back(c.act),
+        "layer_norm_eps": c.norm_eps, "attention_dropout": 0.0, "projection_dim": c.num_classes or 512,
+    }
+    pre = model.preprocess_cfg or {}
+    size = c.image_hw[0]
+    processor = {"image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": size},
+                 "resample": 3, "do_center_crop": True, "crop_size": {"height": size, "width": size},
+                 "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+                 "image_mean": list(pre.get("mean", OPENAI_MEAN)), "image_std": list(pre.get("std", OPENAI_STD)),
+                 "do_convert_rgb": True}
+    return write_dir(path, out, meta, processor)

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ViTConfig
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
 from .common import Converted, guess_heads, layout_from_rows, size_hints
 from .table import RenameTable
 
@@ -109,3 +109,39 @@ def convert_hf(path: str | Path, arch: ViTConfig | None = None, hints: dict[str,
     return Converted(config=config, state=state, format="hf", source=str(directory), preprocess=pre,
                      labels=labels_from_meta(meta, num_classes), unexpected=unmatched, notes=notes, resample="hf",
                      info={"family": "deit", "architectures": archs})
+
+
+def export_hf(model, path: str | Path) -> Path:
+    """A transformers ``DeiTForImageClassificationWithTeacher`` (``DeiTModel`` without heads)
+    directory through :data:`HF_TABLE` (file names). Non-distilled DeiTs export as HF ViT."""
+    from .common import family_parts
+    from .hf import act_back, split_qkv, write_dir
+
+    c = model.config
+    bad = family_parts(c, allowed=("dist_token",))
+    if (bad or not c.dist_token or c.num_registers or c.layer_scale is not None or c.fc_norm or c.head_hidden_dim
+            or not c.pos_embed_prefix or c.pos_embed != "learned" or not c.norm_first):
+        raise ConfigError("no Hugging Face DeiT equivalent: it needs the distillation token, a learned table with "
+                          "rows for both prefix tokens, and no registers / layer scale / fc_norm / pre-logits"
+                          f"{f' / {bad}' if bad else ''}")
+    D = c.dim
+    sd = split_qkv(dict(model.state_dict()), D, ("query", "key", "value"))
+    out, left = HF_TABLE.from_vitkit(sd)
+    if left:
+        raise ConfigError(f"the HF DeiT layout has no names for {left}")
+    heads = c.num_classes > 0
+    if heads:
+        out = {(k if k.startswith(("cls_classifier", "distillation_classifier")) else f"deit.{k}"): v
+               for k, v in out.items()}
+    labels = model.labels or [f"LABEL_{i}" for i in range(max(c.num_classes, 2))]
+    h, w = c.image_hw
+    meta = {
+        "architectures": ["DeiTForImageClassificationWithTeacher" if heads else "DeiTModel"], "model_type": "deit",
+        "hidden_size": D, "num_hidden_layers": c.depth, "num_attention_heads": c.num_heads,
+        "intermediate_size": c.hidden_dim, "hidden_act": act_back(c.act), "layer_norm_eps": c.norm_eps,
+        "image_size": h if h == w else [h, w], "patch_size": c.patch_hw[0] if c.patch_hw[0] == c.patch_hw[1]
+        else list(c.patch_hw), "num_channels": c.in_channels, "qkv_bias": c.qkv_bias,
+        "encoder_stride": c.patch_hw[0], "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
+        "id2label": {str(i): str(n) for i, n in enumerate(labels)}, "label2id": {str(n): i for i, n in enumerate(labels)},
+    }
+    return write_dir(path, out, meta)

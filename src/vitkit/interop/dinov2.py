@@ -222,3 +222,56 @@ def export_hub(model, path: str | Path) -> Path:
 
 
 export = export_hub
+
+
+def export_hf(model, path: str | Path) -> Path:
+    """A transformers ``Dinov2Model`` (``Dinov2WithRegistersModel`` with registers) directory
+    through :data:`HF_TABLE` (file names); a table without a class row gets a zero one (the class
+    token keeps the sum: same outputs)."""
+    from ..errors import ConfigError
+    from .common import family_parts
+    from .hf import act_back, split_qkv, write_dir
+
+    c = model.config
+    bad = family_parts(c, allowed=("swiglu",))
+    if (bad or not c.class_token or c.pooling != "cls" or c.num_classes or c.fc_norm or c.head_hidden_dim
+            or not c.norm_first or c.pos_embed != "learned" or c.image_hw[0] != c.image_hw[1]
+            or (c.num_registers and c.pos_embed_prefix)):
+        raise ConfigError("no Hugging Face Dinov2 equivalent: it needs a square input, a class token read after "
+                          "the final norm, no classifier head (Dinov2ForImageClassification reads [cls, mean]), "
+                          f"registers without position rows, and none of {bad or 'norm_pre/map/dist_token'}")
+    D, h = c.dim, c.hidden_dim
+    swiglu = c.mlp_layer == "swiglu"
+
+    def width(r: int) -> int:  # Dinov2MLP / Dinov2SwiGLUFFN hidden width for an (int) mlp_ratio
+        return (int(int(D * r) * 2 / 3) + 7) // 8 * 8 if swiglu else int(D * r)
+
+    ratio = next((r for r in range(1, 17) if width(r) == h), None)
+    if ratio is None:
+        raise ConfigError(f"MLP width {h} is not reachable through HF Dinov2's integer mlp_ratio for dim {D}")
+    sd = _unfold_registers(model.state_dict(), c)
+    if not c.num_registers and not c.pos_embed_prefix:
+        sd["pos_embed"] = torch.cat([torch.zeros_like(sd["pos_embed"][:, :1]), sd["pos_embed"]], dim=1)
+    for i in range(c.depth):
+        for ls in ("ls1", "ls2"):
+            sd.setdefault(f"blocks.{i}.{ls}.gamma", torch.ones(D))  # HF Dinov2 always has layer scale
+    out, left = HF_TABLE.from_vitkit(split_qkv(sd, D, ("query", "key", "value")))
+    if left:
+        raise ConfigError(f"the HF Dinov2 layout has no names for {left}")
+    if swiglu:
+        out = {k.replace(".mlp.fc1.", ".mlp.weights_in.").replace(".mlp.fc2.", ".mlp.weights_out."): v
+               for k, v in out.items()}
+    out["embeddings.mask_token"] = torch.zeros(1, D)
+    regs = c.num_registers
+    meta = {
+        "architectures": ["Dinov2WithRegistersModel" if regs else "Dinov2Model"],
+        "model_type": "dinov2_with_registers" if regs else "dinov2", "hidden_size": D,
+        "num_hidden_layers": c.depth, "num_attention_heads": c.num_heads, "mlp_ratio": ratio,
+        "hidden_act": act_back(c.act if not swiglu else "silu"), "layer_norm_eps": c.norm_eps,
+        "image_size": c.image_hw[0], "patch_size": c.patch_hw[0] if c.patch_hw[0] == c.patch_hw[1] else list(c.patch_hw),
+        "num_channels": c.in_channels, "qkv_bias": c.qkv_bias, "layerscale_value": 1.0, "use_swiglu_ffn": swiglu,
+        "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0, "drop_path_rate": 0.0,
+    }
+    if regs:
+        meta["num_register_tokens"] = regs
+    return write_dir(path, out, meta)

@@ -217,7 +217,58 @@ _ACT_BACK = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "relu": "relu", "
              "silu": "silu", "tanh": "tanh"}
 
 
+def write_dir(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
+              processor: dict[str, Any] | None = None) -> Path:
+    """A transformers directory: model.safetensors + config.json (+ preprocessor_config.json)."""
+    import json
+
+    from ..io import atomic_write_text, save_state_dict
+
+    root = Path(path)
+    root.mkdir(parents=True, exist_ok=True)
+    save_state_dict({k: v.contiguous() for k, v in tensors.items()}, root / "model.safetensors",
+                    metadata={"format": "pt"})
+    atomic_write_text(root / "config.json", json.dumps(meta, indent=2) + "\n")
+    if processor is not None:
+        atomic_write_text(root / "preprocessor_config.json", json.dumps(processor, indent=2) + "\n")
+    return root
+
+
+def act_back(act: str) -> str:
+    if act not in _ACT_BACK:
+        raise ConfigError(f"activation {act!r} has no transformers name")
+    return _ACT_BACK[act]
+
+
+def split_qkv(tensors: dict[str, torch.Tensor], dim: int, names: tuple[str, str, str]) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`fuse_qkv`: ``blocks.N.attn.qkv.*`` -> ``blocks.N.attn.<q|k|v name>.*``."""
+    out = {}
+    for k, v in tensors.items():
+        m = re.fullmatch(r"(blocks\.\d+\.attn)\.qkv\.(weight|bias)", k)
+        if m:
+            for name, part in zip(names, v.split(dim, dim=0)):
+                out[f"{m.group(1)}.{name}.{m.group(2)}"] = part
+        else:
+            out[k] = v
+    return out
+
+
 def export(model, path: str | Path) -> Path:
+    """Write a transformers directory for the model's family: ``DeiTForImageClassificationWithTeacher``
+    / ``DeiTModel`` (distillation token), ``SiglipVisionModel`` (attention pooling),
+    ``CLIPVisionModel[WithProjection]`` (ln_pre), ``Dinov2[WithRegisters]Model`` (layer scale or
+    registers), else ViT (below)."""
+    from importlib import import_module
+
+    c = model.config
+    family = ("deit" if c.dist_token else "siglip" if c.pooling == "map" else "clip" if c.norm_pre
+              else "dinov2" if (c.layer_scale is not None or c.num_registers or c.mlp_layer == "swiglu") else None)
+    if family is not None:
+        return import_module(f"vitkit.interop.{family}").export_hf(model, path)
+    return export_vit(model, path)
+
+
+def export_vit(model, path: str | Path) -> Path:
     """Write a transformers ViT directory (legacy file key names, as ``save_pretrained`` does):
     ``ViTForImageClassification`` when the model has a head, ``ViTModel`` (with its pooler when
     the model has a pre-logits layer) otherwise."""

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from ..config import ViTConfig
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
 from .common import Converted, layout_from_rows, size_hints
 from .table import RenameTable
 
@@ -129,3 +129,38 @@ def convert_hf(path: str | Path, arch: ViTConfig | None = None, hints: dict[str,
     return Converted(config=config, state=state, format="hf", source=str(directory), preprocess=pre,
                      unexpected=unmatched, notes=notes, resample="hf",
                      info={"family": "siglip", "architectures": archs})
+
+
+def export_hf(model, path: str | Path) -> Path:
+    """A transformers ``SiglipVisionModel`` directory through :data:`HF_TABLE`."""
+    from .common import family_parts
+    from .hf import act_back, split_qkv, write_dir
+
+    c = model.config
+    bad = family_parts(c, allowed=("map",))
+    if (bad or c.pooling != "map" or c.class_token or c.num_registers
+            or c.layer_scale is not None or c.num_classes or not c.qkv_bias or c.image_hw[0] != c.image_hw[1]
+            or c.patch_hw[0] != c.patch_hw[1] or c.pos_embed != "learned"):
+        raise ConfigError("no Hugging Face SiglipVisionModel equivalent: it needs attention pooling, no class token "
+                          "or registers, a learned table, square input and patches, qkv bias, no head / layer scale"
+                          f"{f' / {bad}' if bad else ''}")
+    D = c.dim
+    sd = dict(model.state_dict())
+    sd["pos_embed"] = sd["pos_embed"].reshape(-1, D)
+    for kind in ("weight", "bias"):
+        sd[f"attn_pool.in_proj.{kind}"] = torch.cat([sd.pop(f"attn_pool.q.{kind}"), sd.pop(f"attn_pool.kv.{kind}")])
+    out, left = HF_TABLE.from_vitkit(split_qkv(sd, D, ("q", "k", "v")))
+    if left:
+        raise ConfigError(f"the HF SigLIP layout has no names for {left}")
+    meta = {
+        "architectures": ["SiglipVisionModel"], "model_type": "siglip_vision_model", "hidden_size": D,
+        "intermediate_size": c.hidden_dim, "num_hidden_layers": c.depth, "num_attention_heads": c.num_heads,
+        "image_size": c.image_hw[0], "patch_size": c.patch_hw[0], "num_channels": c.in_channels,
+        "hidden_act": act_back(c.act), "layer_norm_eps": c.norm_eps, "attention_dropout": 0.0,
+    }
+    pre = model.preprocess_cfg or {}
+    processor = {"image_processor_type": "SiglipImageProcessor", "do_resize": True,
+                 "size": {"height": c.image_hw[0], "width": c.image_hw[1]}, "resample": 2, "do_rescale": True,
+                 "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(pre.get("mean", [0.5] * 3)),
+                 "image_std": list(pre.get("std", [0.5] * 3))}
+    return write_dir(path, out, meta, processor)
