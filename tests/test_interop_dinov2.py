@@ -209,3 +209,15 @@ def test_original_hub_giant_swiglu_w12_w3(tmp_path):
     out = vitkit.interop.dinov2.export_hub(model, tmp_path / "again.safetensors")
     from vitkit.interop.common import read_state_dict
     assert "blocks.0.mlp.w12.weight" in read_state_dict(out)
+
+
+def test_timm_dinov2_dynamic_size_matches_timm(tmp_path):
+    """dynamic_img_size: any input size at run time, the table resampled as timm does (timm's own
+    dynamic_img_size path is the oracle; a non-square input on a register model)."""
+    ref = _timm("vit_small_patch14_reg4_dinov2", img_size=28, dynamic_img_size=True)
+    save_state_dict(ref.state_dict(), tmp_path / "w.safetensors")
+    model = vitkit.from_pretrained(tmp_path / "w.safetensors", num_heads=2, dynamic_img_size=True)
+    for hw in ((28, 28), (42, 56)):
+        x = torch.randn(2, 3, *hw)
+        with torch.no_grad():
+            assert max_diff(model(x), ref(x)) <= 1e-5

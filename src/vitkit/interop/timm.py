@@ -192,6 +192,9 @@ def convert(path: str | Path, arch: ViTConfig | None = None, hints: dict[str, An
     if isinstance(labels, dict):
         labels = [labels[str(i)] for i in range(len(labels))] if all(str(i) in labels for i in range(len(labels))) else None
     info = {"architecture": meta.get("architecture"), "tag": pcfg.get("tag")} if meta else {}
+    c = config  # the family the layout says (informational: the layout itself is what loads)
+    info["family"] = ("deit" if c.dist_token else "siglip" if c.pooling == "map" else "clip" if c.norm_pre
+                      else "dinov2" if (architecture or "").find("dinov2") >= 0 or c.mlp_layer == "swiglu" else None)
     return Converted(config=config, state=state, format="timm", source=str(p), preprocess=_preprocess(pcfg, config),
                      labels=list(labels) if labels else None, notes=notes, info={k: v for k, v in info.items() if v})
 
