@@ -106,3 +106,17 @@ def test_timm_deit_hub_dir_with_config(tmp_path):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert max_diff(model(x), ref(x)) <= 1e-5
+
+
+def test_hf_deit_in_memory_names(tmp_path):
+    """transformers 5 renames DeiT in memory (deit.layers.N.attention.q_proj ...): a state_dict()
+    saved as is loads too."""
+    ref = hf(transformers.DeiTForImageClassificationWithTeacher, **HF_CONFIGS["p16_32"])
+    sd = ref.state_dict()
+    assert any(".attention.q_proj." in k for k in sd)
+    save_state_dict({k: v.contiguous() for k, v in sd.items()}, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps(ref.config.to_dict()))
+    model = vitkit.from_pretrained(tmp_path)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert max_diff(model(x), ref(pixel_values=x).logits) <= 1e-5

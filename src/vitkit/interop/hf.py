@@ -102,6 +102,8 @@ def read_dir(path: str | Path) -> tuple[Path, dict[str, Any], Path, dict[str, to
 def vision_config(meta: dict[str, Any]) -> dict[str, Any]:
     """The vision tower's config of a two-tower model (CLIPModel, SiglipModel), else ``meta``."""
     vc = meta.get("vision_config")
+    if not isinstance(vc, dict):
+        vc = meta.get("vision_config_dict")  # early transformers wrote the sub-config under this key
     return dict(vc) if isinstance(vc, dict) else meta
 
 
