@@ -410,18 +410,9 @@ class ViT(nn.Module):
         return eval_transform(self.preprocess_cfg or default_preprocess(self.config))
 
     # ------------------------------------------------------------------ persistence
-    def save_pretrained(self, directory, **kwargs: Any):
-        """Write ``config.json`` + ``model.safetensors`` (no pickle); see :func:`vitkit.io.save_pretrained`."""
-        from ..io import save_pretrained
-
-        return save_pretrained(self, directory, **kwargs)
-
-    def export_to(self, format: str, path, **kwargs: Any):
-        """Export to "timm" | "hf" | "torchvision" | "jax" | "onnx" | "torchscript" | "vitkit";
-        see :mod:`vitkit.interop.export`."""
-        from ..interop.export import export_to
-
-        return export_to(self, format, path, **kwargs)
+    # ``model.save_pretrained(dir)`` and ``model.export_to(format, path)`` are attached by the
+    # vitkit package (vitkit/__init__.py: thin delegations to vitkit.save_pretrained /
+    # vitkit.export_to), so this module needs nothing from vitkit.io or vitkit.interop.
 
     def num_params(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
