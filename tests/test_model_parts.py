@@ -225,3 +225,29 @@ def test_new_parts_are_none_when_off(tiny_config):
     m = ViT(tiny_config())
     assert m.norm_pre is None and m.attn_pool is None and m.dist_token is None and m.head_dist is None
     assert not any(k.startswith(("norm_pre", "attn_pool", "dist_token", "head_dist")) for k in m.state_dict())
+
+
+def test_model_package_imports_nothing_from_io_or_interop():
+    """No cycle: vitkit.io imports the model, so the model must not import io / interop (at
+    module or function level); persistence methods are attached by the vitkit package."""
+    import ast
+    from pathlib import Path
+
+    import vitkit.model
+
+    found = []
+    for f in Path(vitkit.model.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                mod = ("." * node.level) + (node.module or "")
+                names = [a.name for a in node.names]
+                if any(t in mod.split(".") for t in ("io", "interop")) or (mod.strip(".") == "" and
+                                                                          {"io", "interop"} & set(names)):
+                    found.append(f"{f.name}: from {mod} import {names}")
+            elif isinstance(node, ast.Import):
+                found += [f"{f.name}: import {a.name}" for a in node.names if a.name.startswith(("vitkit.io",
+                                                                                                 "vitkit.interop"))]
+    assert not found, found
+    import vitkit
+
+    assert ViT.save_pretrained.__doc__ == vitkit.save_pretrained.__doc__ and callable(ViT.export_to)

@@ -261,9 +261,16 @@ class ViT(nn.Module):
     def _run_blocks(self, x: torch.Tensor, last_queries: int | None = None) -> torch.Tensor:
         """Tokens entering block 0 -> tokens after the final norm; ``last_queries=k``: the last
         block computes the first k tokens' outputs alone, (B, k, D)."""
-        last = len(self.blocks) - 1
-        for i, blk in enumerate(self.blocks):
-            x = self._block(blk, x, last_queries if i == last else None)
+        if self.grad_checkpointing:
+            last = len(self.blocks) - 1
+            for i, blk in enumerate(self.blocks):
+                x = self._block(blk, x, last_queries if i == last else None)
+            return self.norm(x)
+        blocks = self.blocks
+        for i in range(len(blocks) - (last_queries is not None)):
+            x = blocks[i](x)
+        if last_queries is not None:
+            x = blocks[-1](x, last_queries)
         return self.norm(x)
 
     def forward_features(self, x: torch.Tensor, return_attention: bool = False):
@@ -410,18 +417,9 @@ class ViT(nn.Module):
         return eval_transform(self.preprocess_cfg or default_preprocess(self.config))
 
     # ------------------------------------------------------------------ persistence
-    def save_pretrained(self, directory, **kwargs: Any):
-        """Write ``config.json`` + ``model.safetensors`` (no pickle); see :func:`vitkit.io.save_pretrained`."""
-        from ..io import save_pretrained
-
-        return save_pretrained(self, directory, **kwargs)
-
-    def export_to(self, format: str, path, **kwargs: Any):
-        """Export to "timm" | "hf" | "torchvision" | "jax" | "onnx" | "torchscript" | "vitkit";
-        see :mod:`vitkit.interop.export`."""
-        from ..interop.export import export_to
-
-        return export_to(self, format, path, **kwargs)
+    # ``model.save_pretrained(dir)`` and ``model.export_to(format, path)`` are attached by the
+    # vitkit package (vitkit/__init__.py: thin delegations to vitkit.save_pretrained /
+    # vitkit.export_to), so this module needs nothing from vitkit.io or vitkit.interop.
 
     def num_params(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
