@@ -1,6 +1,7 @@
 """Load and save ViT weights from and to the formats people have: vitkit's own, timm, Hugging
-Face transformers, torchvision, Google's JAX ``.npz`` (vision_transformer and big_vision), and
-hub ids. One entry point, :func:`from_pretrained`, which detects the format, says what it found,
+Face transformers, torchvision, Google's JAX ``.npz`` (vision_transformer and big_vision), the
+original DINOv2 and OpenAI / OpenCLIP state dicts, and hub ids; for the ViT family (DeiT,
+DINOv2, CLIP, SigLIP: see :mod:`vitkit.interop.families`). Format names: :mod:`.formats`. One entry point, :func:`from_pretrained`, which detects the format, says what it found,
 builds the model from the checkpoint's own config (or from its tensor shapes), loads every tensor
 through a strict name-and-shape check, and attaches preprocessing and labels.
 
@@ -160,7 +161,7 @@ def from_pretrained(source, arch: Any = None, format: str | None = None, strict:
         labels = default_labels(target.num_classes) if fmt != "vitkit" else None
     model.labels = labels
     model.pretrained_info = {**base_info, "format": fmt, "source": src, **info, **conv.info,
-                             "report": report.to_dict()}
+                             "pos_resample": conv.resample, "report": report.to_dict()}
     model.load_report = report
     return model.to(device).eval()
 

@@ -9,8 +9,9 @@
   ``visual.transformer.resblocks.N.{ln_1, attn.in_proj_weight, attn.out_proj, ln_2, mlp.c_fc,
   mlp.c_proj}``, ``visual.ln_post``, ``visual.proj``; keys without the ``visual.`` prefix (a
   saved ``model.visual``) read too; every non-visual key is the text tower, ignored with a note.
-  Resampling: timm's (timm is the reference port of these files; OpenCLIP's own
-  ``resize_pos_embed`` is bicubic with ``align_corners=False`` and no antialias, like HF's).
+  Resampling: :func:`~vitkit.interop.resample.resample_timm`, which is also what OpenCLIP's
+  own ``resize_pos_embed`` computes (bicubic, ``antialias=True``, ``align_corners=False`` in
+  current open_clip; releases before the antialias argument did not antialias).
 * timm ``vit_*_clip_*``: read by :mod:`vitkit.interop.timm` (``norm_pre``, no patch bias, eps 1e-5).
 
 Layout: ViT with ``norm_pre`` (ln_pre), no patch bias, LayerNorm eps 1e-5, the class token
