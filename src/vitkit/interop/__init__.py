@@ -132,6 +132,8 @@ def from_pretrained(source, arch: Any = None, format: str | None = None, strict:
         conv = Converted(config=model.config, state=model.state_dict(), format="vitkit", source=str(source),
                          preprocess=model.preprocess_cfg, labels=model.labels)
         base_info = dict(model.pretrained_info or {})
+        # a converted model saved by vitkit keeps resampling as its original source does
+        conv.resample = str(base_info.get("pos_resample", "timm"))
     else:
         conv = convert_source(source, fmt, arch, hints={**overrides, **adapt})
         if overrides:
