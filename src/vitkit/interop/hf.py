@@ -24,31 +24,40 @@ import torch
 
 from ..config import ViTConfig
 from ..errors import CheckpointError, ConfigError
-from .common import Converted, dir_config, family_parts, read_json, read_state_dict, rename
+from .common import Converted, dir_config, family_parts, read_json, read_state_dict
+from .table import RenameTable
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 _HF_ACTS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",
             "relu": "relu", "quick_gelu": "quick_gelu", "silu": "silu", "swish": "silu", "tanh": "tanh"}
 
-# legacy (file) names and 5.x in-memory names -> vitkit; q/k/v are fused afterwards
-_RULES = [
-    (r"embeddings\.cls_token", "cls_token"),
-    (r"embeddings\.position_embeddings", "pos_embed"),
-    (r"embeddings\.patch_embeddings\.projection\.(weight|bias)", r"patch_embed.proj.\1"),
-    (r"embeddings\.mask_token", ""),  # ViTForMaskedImageModeling only; unused for inference
-    (r"(?:encoder\.layer|layers)\.(\d+)\.layernorm_before\.(weight|bias)", r"blocks.\1.norm1.\2"),
-    (r"(?:encoder\.layer|layers)\.(\d+)\.layernorm_after\.(weight|bias)", r"blocks.\1.norm2.\2"),
-    (r"encoder\.layer\.(\d+)\.attention\.attention\.(query|key|value)\.(weight|bias)", r"blocks.\1.attn.\2.\3"),
-    (r"layers\.(\d+)\.attention\.(q|k|v)_proj\.(weight|bias)", r"blocks.\1.attn.\2.\3"),
-    (r"encoder\.layer\.(\d+)\.attention\.output\.dense\.(weight|bias)", r"blocks.\1.attn.proj.\2"),
-    (r"layers\.(\d+)\.attention\.o_proj\.(weight|bias)", r"blocks.\1.attn.proj.\2"),
-    (r"encoder\.layer\.(\d+)\.intermediate\.dense\.(weight|bias)", r"blocks.\1.mlp.fc1.\2"),
-    (r"encoder\.layer\.(\d+)\.output\.dense\.(weight|bias)", r"blocks.\1.mlp.fc2.\2"),
-    (r"layers\.(\d+)\.mlp\.(fc1|fc2)\.(weight|bias)", r"blocks.\1.mlp.\2.\3"),
-    (r"layernorm\.(weight|bias)", r"norm.\1"),
-    (r"pooler\.dense\.(weight|bias)", r"pre_logits.fc.\1"),
-    (r"classifier\.(weight|bias)", r"head.\1"),
-]
+# HF ViT: one table, both directions (vitkit name, HF name after the optional "vit." prefix). The
+# legacy file names come first (export writes them, as save_pretrained does); the transformers 5.x
+# in-memory names follow (import only). q/k/v are fused after import and split before export.
+TABLE = RenameTable([
+    ("cls_token", "embeddings.cls_token"),
+    ("pos_embed", "embeddings.position_embeddings"),
+    ("patch_embed.proj.{p}", "embeddings.patch_embeddings.projection.{p}"),
+    ("blocks.{i}.norm1.{p}", "encoder.layer.{i}.layernorm_before.{p}"),
+    ("blocks.{i}.norm2.{p}", "encoder.layer.{i}.layernorm_after.{p}"),
+    ("blocks.{i}.attn.query.{p}", "encoder.layer.{i}.attention.attention.query.{p}"),
+    ("blocks.{i}.attn.key.{p}", "encoder.layer.{i}.attention.attention.key.{p}"),
+    ("blocks.{i}.attn.value.{p}", "encoder.layer.{i}.attention.attention.value.{p}"),
+    ("blocks.{i}.attn.proj.{p}", "encoder.layer.{i}.attention.output.dense.{p}"),
+    ("blocks.{i}.mlp.fc1.{p}", "encoder.layer.{i}.intermediate.dense.{p}"),
+    ("blocks.{i}.mlp.fc2.{p}", "encoder.layer.{i}.output.dense.{p}"),
+    ("norm.{p}", "layernorm.{p}"),
+    ("pre_logits.fc.{p}", "pooler.dense.{p}"),
+    ("head.{p}", "classifier.{p}"),
+    ("blocks.{i}.norm1.{p}", "layers.{i}.layernorm_before.{p}"),
+    ("blocks.{i}.norm2.{p}", "layers.{i}.layernorm_after.{p}"),
+    ("blocks.{i}.attn.q.{p}", "layers.{i}.attention.q_proj.{p}"),
+    ("blocks.{i}.attn.k.{p}", "layers.{i}.attention.k_proj.{p}"),
+    ("blocks.{i}.attn.v.{p}", "layers.{i}.attention.v_proj.{p}"),
+    ("blocks.{i}.attn.proj.{p}", "layers.{i}.attention.o_proj.{p}"),
+    ("blocks.{i}.mlp.fc1.{p}", "layers.{i}.mlp.fc1.{p}"),
+    ("blocks.{i}.mlp.fc2.{p}", "layers.{i}.mlp.fc2.{p}"),
+], dropped={"embeddings.mask_token": "ViTForMaskedImageModeling's mask token is unused for inference"})
 _QKV = {"query": 0, "key": 1, "value": 2, "q": 0, "k": 1, "v": 2}
 
 
@@ -195,12 +204,12 @@ def convert(path: str | Path, arch: ViTConfig | None = None, hints: dict[str, An
         return import_module(f"vitkit.interop.{MODEL_TYPES[mt]}").convert_hf(path, arch, hints)
     directory, meta, p, raw = read_dir(path)
     raw = _strip_prefix(raw)
-    state, unmatched = rename(raw, _RULES)
+    notes: list[str] = []
+    state, unmatched = TABLE.to_vitkit(raw, notes)
     state = fuse_qkv(state, str(p))
     is_classifier = any(str(a).endswith("ForImageClassification") for a in meta.get("architectures") or [])
     has_classifier = "head.weight" in state
     has_pooler = "pre_logits.fc.weight" in state and not is_classifier
-    notes = []
     if "pre_logits.fc.weight" in state and is_classifier:
         # ViTForImageClassification never uses a pooler; weights from a ViTModel parent are ignored as HF does
         state.pop("pre_logits.fc.weight")
@@ -288,33 +297,15 @@ def export_vit(model, path: str | Path) -> Path:
                           "original layouts (export formats dinov2, openai_clip, jax)")
     if c.head_hidden_dim and c.num_classes:
         raise ConfigError("HF ViTForImageClassification has no pre-logits layer; export a model without one")
-    sd = model.state_dict()
-    out: dict[str, torch.Tensor] = {}
-    pre = "vit." if c.num_classes else ""
-    out[pre + "embeddings.cls_token"] = sd["cls_token"]
-    out[pre + "embeddings.position_embeddings"] = sd["pos_embed"]
-    out[pre + "embeddings.patch_embeddings.projection.weight"] = sd["patch_embed.proj.weight"]
-    out[pre + "embeddings.patch_embeddings.projection.bias"] = sd["patch_embed.proj.bias"]
+    sd = dict(model.state_dict())
+    if c.num_classes:
+        sd = {k: v for k, v in sd.items() if not k.startswith("pre_logits.")}
     D = c.dim
-    for i in range(c.depth):
-        b, L = f"blocks.{i}.", f"{pre}encoder.layer.{i}."
-        for kind in ("weight", "bias"):
-            if f"{b}attn.qkv.{kind}" in sd:
-                q, k, v = sd[f"{b}attn.qkv.{kind}"].split(D, dim=0)
-                out[f"{L}attention.attention.query.{kind}"] = q
-                out[f"{L}attention.attention.key.{kind}"] = k
-                out[f"{L}attention.attention.value.{kind}"] = v
-            out[f"{L}attention.output.dense.{kind}"] = sd[f"{b}attn.proj.{kind}"]
-            out[f"{L}intermediate.dense.{kind}"] = sd[f"{b}mlp.fc1.{kind}"]
-            out[f"{L}output.dense.{kind}"] = sd[f"{b}mlp.fc2.{kind}"]
-            out[f"{L}layernorm_before.{kind}"] = sd[f"{b}norm1.{kind}"]
-            out[f"{L}layernorm_after.{kind}"] = sd[f"{b}norm2.{kind}"]
-    for kind in ("weight", "bias"):
-        out[f"{pre}layernorm.{kind}"] = sd[f"norm.{kind}"]
-        if c.num_classes:
-            out[f"classifier.{kind}"] = sd[f"head.{kind}"]
-        elif c.head_hidden_dim:
-            out[f"pooler.dense.{kind}"] = sd[f"pre_logits.fc.{kind}"]
+    out, left = TABLE.from_vitkit(split_qkv(sd, D, ("query", "key", "value")))
+    if left:
+        raise ConfigError(f"HF ViT has no names for {left}")
+    if c.num_classes:  # ViTForImageClassification keeps the backbone under vit.
+        out = {(k if k.startswith("classifier.") else f"vit.{k}"): v for k, v in out.items()}
     labels = model.labels or [f"LABEL_{i}" for i in range(max(c.num_classes, 2))]
     h, w = c.image_hw
     ph, pw = c.patch_hw

@@ -11,8 +11,9 @@ implementations disagree in small ways that change outputs by ~1e-3:
   SigLIP: bicubic to the target *size*, ``align_corners=False``, no antialias, fp32 (Dinov2
   casts explicitly; the others are fp32 for fp32 weights).
 * :func:`resample_hf_dinov2_registers`: Hugging Face ``Dinov2WithRegisters``: the same but with
-  ``antialias=True`` (transformers 5.23; it differs from Dinov2's when shrinking *and* enlarging,
-  since torch's antialiased bicubic uses a different kernel support).
+  ``antialias=True`` (transformers 5.23). It differs from Dinov2's when shrinking *and* when
+  enlarging: torch's antialiased bicubic uses PIL's cubic coefficient (a = -0.5), the plain
+  path a = -0.75.
 * :func:`resample_dinov2_original`: facebookresearch/dinov2 ``interpolate_pos_encoding``:
   bicubic by a *scale factor* ``(g + 0.1) / M`` (``interpolate_offset=0.1``, a workaround from
   DINO for a floating point error), no antialias. With a scale factor, ``F.interpolate`` maps
