@@ -1,6 +1,8 @@
 """Check a report in a real headless Chromium, over the DevTools protocol on a pipe.
 
-Used by the tests (tests/test_report_browser.py) and to make the docs screenshot. Chromium is
+Used by the tests (tests/test_report_browser.py, tests/test_explore_browser.py) and to make the
+docs screenshots. :class:`Page` drives one page (evaluate JS, click, keys, read the fragment,
+screenshots); :func:`check_page` is the one-shot check of a static report. Chromium is
 started with ``--remote-debugging-pipe`` (protocol messages on fds 3/4, NUL-terminated JSON), so
 no port, websocket library or network is needed. We navigate to the file, wait for ``load``, ask
 the page (its own script) whether every ``<img>`` decoded, collect console errors / uncaught
@@ -179,8 +181,11 @@ class Page:
     def send(self, method: str, params: dict | None = None) -> dict:
         return self.pipe.send(method, params, session=self.session)
 
-    def navigate(self, fragment: str = "") -> None:
-        """Load the page (again) with this fragment and wait for its ``load`` event."""
+    def navigate(self, fragment: str = "", path: str | Path | None = None) -> None:
+        """Load the page (again, or the file ``path`` from now on) with this fragment, in a fresh
+        document (via about:blank: a fragment change alone would not reload), and wait for ``load``."""
+        if path is not None:
+            self.url = Path(path).resolve().as_uri()
         url = self.url + ("#" + fragment.lstrip("#") if fragment else "")
         self.send("Page.navigate", {"url": "about:blank"})
         self.pipe.wait_event("Page.loadEventFired")
@@ -204,6 +209,12 @@ class Page:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"page never satisfied {expression!r}; errors: {self.errors()}")
             time.sleep(interval)
+
+    def key(self, key: str, code: int) -> None:
+        """Press and release one key in the focused element (``key("ArrowLeft", 37)``)."""
+        for kind in ("rawKeyDown", "keyUp"):
+            self.send("Input.dispatchKeyEvent", {"type": kind, "key": key, "code": key,
+                                                 "windowsVirtualKeyCode": code, "nativeVirtualKeyCode": code})
 
     def move(self, x: float, y: float) -> None:
         self.send("Input.dispatchMouseEvent", {"type": "mouseMoved", "x": x, "y": y})

@@ -192,8 +192,7 @@ def pack(arrays: dict[str, np.ndarray]) -> tuple[dict[str, Any], bytes]:
     return layout, zlib.compress(b"".join(chunks), 6)
 
 
-def render_explore(meta: dict[str, Any], arrays: dict[str, np.ndarray], title: str = "vitkit explore") -> str:
-    """The self-contained page (str)."""
+def _page(meta: dict[str, Any], arrays: dict[str, np.ndarray], title: str) -> str:
     layout, blob = pack(arrays)
     meta = dict(meta, arrays=layout)
     meta_json = json.dumps(meta).replace("</", "<\\/")  # nothing in a <script> may close it
@@ -204,6 +203,30 @@ def render_explore(meta: dict[str, Any], arrays: dict[str, np.ndarray], title: s
             f"<script type='application/json' id='vitkit-meta'>{meta_json}</script>"
             f"<script type='application/octet-stream' id='vitkit-data'>{data}</script>"
             f"<script>{PAGE_SCRIPT}</script></body></html>")
+
+
+def render_explore(meta: dict[str, Any], arrays: dict[str, np.ndarray], title: str = "vitkit explore",
+                   budget: int | None = SIZE_BUDGET) -> str:
+    """The self-contained page (str), at most ``budget`` bytes where it can be.
+
+    The attention weights are never reduced. When the page is over the budget, the attribution
+    is shipped for the last layer only (the layer slider then does not move it), and then for the
+    top class only; what was reduced is listed in ``meta["reduced"]`` and shown on the page. A page
+    still over the budget after both is returned as it is (callers can compare its size)."""
+    meta = dict(meta, reduced=[])
+    page = _page(meta, arrays, title)
+    if budget is None or len(page.encode("utf-8")) <= budget or "attr_q" not in arrays:
+        return page
+    arrays = dict(arrays)
+    arrays["attr_q"], arrays["attr_s"] = arrays["attr_q"][:, -1:].copy(), arrays["attr_s"][:, -1:].copy()
+    meta["reduced"] = [f"attribution: last layer only (the page was over {budget / 1e6:g} MB)"]
+    page = _page(meta, arrays, title)
+    if len(page.encode("utf-8")) <= budget:
+        return page
+    arrays["attr_q"], arrays["attr_s"] = arrays["attr_q"][:1].copy(), arrays["attr_s"][:1].copy()
+    meta["classes"] = meta["classes"][:1]
+    meta["reduced"].append("attribution: the top class only")
+    return _page(meta, arrays, title)
 
 
 def explore(model, image, topk: int = 5, classes: int = 3) -> tuple[dict[str, Any], dict[str, np.ndarray]]:

@@ -77,7 +77,10 @@ PAGE_SCRIPT = r"""
       return out;
     }
     if (st.mode === 'rollout') return rowQ(D.roll_q, D.roll_s, l * T + t);
-    if (st.mode === 'attribution') return rowQ(D.attr_q, D.attr_s, (classRank(st.cls) * L + l) * T + t);
+    if (st.mode === 'attribution') {  // shipped per layer, or for the last layer only (meta.reduced)
+      const LA = meta.arrays.attr_q.shape[1];
+      return rowQ(D.attr_q, D.attr_s, (classRank(st.cls) * LA + (LA === L ? l : 0)) * T + t);
+    }
     const out = new Float64Array(T), base = (l * T + t) * T;  // similarity: fixed [-1, 1] code
     for (let j = 0; j < T; j++) out[j] = D.sim_q[base + j] / 127.5 - 1;
     return out;
@@ -256,7 +259,8 @@ PAGE_SCRIPT = r"""
     $('head').disabled = state.mode === 'rollout' || state.mode === 'attribution';
     if (state.cls !== null) $('cls').value = String(state.cls);
     for (const tr of document.querySelectorAll('#preds tr')) tr.classList.toggle('sel', state.mode === 'attribution' && +tr.dataset.k === state.cls);
-    $('note').textContent = NOTES[state.mode] + (meta.readout === 'mean' ? ' Readout query "mean": the mean over the ' +
+    $('note').textContent = NOTES[state.mode] + (meta.reduced.length ? ' Reduced to fit the size budget: ' +
+      meta.reduced.join('; ') + '.' : '') + (meta.readout === 'mean' ? ' Readout query "mean": the mean over the ' +
       'patch queries (this model mean-pools).' : meta.readout === 'map' ? ' Readout query "map": the attention-pooling ' +
       'head\'s latent query.' : '');
   }
