@@ -170,3 +170,21 @@ def test_over_budget_page_ships_less_attribution_never_less_attention():
     m2, d2 = _unpack(render_explore(meta, arrays, budget=1000))
     assert d2["attr_q"].shape == (1, 1, 17, 17) and len(m2["reduced"]) == 2 and len(m2["classes"]) == 1
     np.testing.assert_array_equal(d2["attn_q"], dec_full["attn_q"])  # attention untouched
+
+
+def test_map_pooling_and_distillation_token():
+    torch.manual_seed(0)
+    m = vitkit.create_model(vitkit.ViTConfig(image_size=16, patch_size=8, in_channels=3, num_classes=4, dim=16,
+                                             depth=2, num_heads=2, class_token=False, pooling="map"))
+    x = torch.randn(1, 3, 16, 16)
+    meta, arrays = explore_data(m, x)
+    assert meta["readout"] == "map" and meta["prefix"] == []
+    with torch.no_grad():  # the pooling head's own weights over the patch tokens
+        _, w = m.attn_pool(m.forward_features(x), return_attention=True)
+    np.testing.assert_allclose(arrays["pool"], w[0, :, 0].numpy(), atol=1e-6)
+    np.testing.assert_allclose(arrays["pool"].sum(-1), 1, atol=1e-5)
+    m = vitkit.create_model(vitkit.ViTConfig(image_size=16, patch_size=8, in_channels=3, num_classes=4, dim=16,
+                                             depth=2, num_heads=2, dist_token=True, num_registers=1))
+    meta, arrays = explore_data(m, x)
+    assert meta["readout"] == "cls" and meta["prefix"] == ["cls", "dist", "reg0"]
+    assert arrays["attn_q"].shape == (2, 2, 7, 7) and "pool" not in arrays

@@ -42,7 +42,9 @@ def pages(tmp_path_factory):
     root = tmp_path_factory.mktemp("explore")
     x = torch.rand(1, 3, 24, 32) * 2 - 1
     out = {}
-    for name, cfg in {"reg": dict(num_registers=2), "mean": dict(class_token=False, pooling="mean")}.items():
+    kinds = {"reg": dict(num_registers=2), "mean": dict(class_token=False, pooling="mean"),
+             "map": dict(class_token=False, pooling="map")}
+    for name, cfg in kinds.items():
         meta, arrays = explore_data(_model(**cfg), x, classes=2)
         path = root / f"{name}.html"
         path.write_text(render_explore(meta, arrays))
@@ -144,4 +146,17 @@ def test_mean_readout_page(page, pages):
     row = rows.mean(axis=0)  # the readout of mean pooling: the mean over the patch queries
     v, top = _shown_max(page)
     assert top == int(np.argmax(row)) and abs(v - row.max()) < 1e-4
+    assert page.errors() == []
+
+
+def test_map_readout_page(page, pages):
+    path, meta, arrays = pages["map"]
+    assert meta["readout"] == "map"
+    for head in (1, "mean"):
+        page.navigate(f"layer=0&head={head}&mode=attention", path=path)
+        assert page.wait_for(READY) == "1"
+        assert page.fragment.startswith(f"layer=0&head={head}&patch=map&mode=attention")
+        row = arrays["pool"][1] if head == 1 else arrays["pool"].mean(0)  # the pooling head's own weights
+        v, top = _shown_max(page)
+        assert top == int(np.argmax(row)) and abs(v - row.max()) < 1e-4
     assert page.errors() == []

@@ -98,15 +98,17 @@ def readout_token(model) -> str:
 
 
 def _pool_attention(model, x: torch.Tensor) -> np.ndarray | None:
-    """The attention-pooling head's weights (heads, T) for the first image, or None without one."""
+    """The attention-pooling head's weights for the first image as (heads, T) (zero on the prefix
+    tokens: the head pools the patch tokens, as ``ViT.pool`` feeds it), or None without one."""
     pool = getattr(model, "attn_pool", None)
     if pool is None or model.config.pooling != "map":
         return None
+    R = model.num_prefix_tokens
     with torch.no_grad():
         tokens = model.forward_features(x[:1])
-        _, w = pool(tokens, return_attention=True)  # (1, heads, Q, T)
-    w = w[0].float().cpu().numpy()
-    return w.mean(axis=1) if w.ndim == 3 else w  # several latent queries: their mean
+        _, w = pool(tokens[:, R:], return_attention=True)  # (1, heads, 1, N)
+    w = w[0].float().cpu().numpy().mean(axis=1)  # (heads, N); several latent queries: their mean
+    return np.concatenate([np.zeros((w.shape[0], R), w.dtype), w], axis=1)
 
 
 def _png(image: np.ndarray) -> bytes:
