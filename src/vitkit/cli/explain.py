@@ -95,6 +95,8 @@ def run(args) -> int:
 
     page = write_explore(model, img, args.out, topk=args.topk, classes=args.explore_classes,
                          title=f"vitkit explore: {Path(str(args.image)).name}")
-    print(f"wrote {page} ({page.stat().st_size / 1e6:.1f} MB): interactive attention, rollout, attribution, "
+    size = page.stat().st_size
+    size_text = f"{size / 1e6:.1f} MB" if size >= 1e6 else f"{size / 1e3:.0f} kB"
+    print(f"wrote {page} ({size_text}): interactive attention, rollout, attribution, "
           "similarity; state in the URL fragment (#layer=L&head=H&patch=P&mode=M)")
     return 0

@@ -197,7 +197,9 @@ PAGE_SCRIPT = r"""
   function normalise(row, mode) {  // over the patch keys
     let lo = Infinity, hi = -Infinity;
     for (let t = R; t < T; t++) { lo = Math.min(lo, row[t]); hi = Math.max(hi, row[t]); }
-    if (mode !== 'similarity') lo = Math.min(0, lo);
+    // attention weights: from 0 (their scale means something); rollout and relevance carry the
+    // identity's uniform share (1/N for the mean query) and similarity is signed: min to max
+    if (mode === 'attention') lo = Math.min(0, lo);
     const span = hi - lo > 0 ? hi - lo : 1;
     return v => (v - lo) / span;
   }
