@@ -187,3 +187,35 @@ def test_map_pooling_and_distillation_token():
     meta, arrays = explore_data(m, x)
     assert meta["readout"] == "cls" and meta["prefix"] == ["cls", "dist", "reg0"]
     assert arrays["attn_q"].shape == (2, 2, 7, 7) and "pool" not in arrays
+
+
+@pytest.mark.parametrize("variant, kw, prefix, readout", [
+    ("vit_small_patch14_reg4_dinov2", dict(img_size=(28, 42)), ["cls", "reg0", "reg1", "reg2", "reg3"], "cls"),
+    ("vit_base_patch16_clip_224", dict(img_size=32), ["cls"], "cls"),
+    ("vit_base_patch16_siglip_224", dict(img_size=32), [], "map"),
+    ("deit_tiny_distilled_patch16_224", dict(img_size=32), ["cls", "dist"], "cls"),
+])
+def test_every_family_loaded_from_timm(variant, kw, prefix, readout, tmp_path):
+    """Each family as vitkit loads it (timm weights -> from_pretrained): its tokens, its readout,
+    and the page's prediction equal timm's own output for the same image."""
+    timm = pytest.importorskip("timm")
+    from test_interop_common import randomize
+    from vitkit.io import save_state_dict
+
+    torch.manual_seed(0)
+    ref = randomize(timm.create_model(variant, pretrained=False, embed_dim=32, depth=2, num_heads=2, num_classes=5,
+                                      **kw)).eval()
+    save_state_dict(ref.state_dict(), tmp_path / "w.safetensors")
+    size = kw["img_size"] if isinstance(kw["img_size"], tuple) else (kw["img_size"],) * 2
+    hint = {"image_size": size} if size[0] != size[1] else {}
+    model = vitkit.from_pretrained(tmp_path / "w.safetensors", num_heads=2, **hint)
+    x = torch.randn(1, 3, *size)
+    meta, arrays = explore_data(model, x, topk=3, classes=2)
+    assert meta["prefix"] == prefix and meta["readout"] == readout
+    T = len(prefix) + (size[0] // 14 * size[1] // 14 if "dinov2" in variant else (size[0] // 16) ** 2)
+    assert arrays["attn_q"].shape == (2, 2, T, T)
+    with torch.no_grad():
+        want = ref(x)[0].softmax(-1)
+    assert [p["index"] for p in meta["predictions"]] == want.topk(3).indices.tolist()
+    np.testing.assert_allclose([p["p"] for p in meta["predictions"]], want.topk(3).values.numpy(), atol=1e-5)
+    assert ("pool" in arrays) == (readout == "map")
