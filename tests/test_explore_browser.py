@@ -84,6 +84,11 @@ def test_interactions_change_pixels_and_fragment_and_reopen_identically(page, pa
     assert page.fragment.startswith("layer=2&head=mean&patch=5&")
     h1 = page.evaluate(HASH_JS)
     assert h1 != h0
+    frag = page.fragment
+    page.move(*_patch_xy(page, meta, 7))  # hovering previews another query, without selecting it
+    assert page.evaluate(HASH_JS) not in (h1, h0) and page.fragment == frag
+    page.move(2, 2)  # off the canvas: back to the selected patch
+    assert page.evaluate(HASH_JS) == h1
     page.evaluate("document.getElementById('layer').focus()")
     page.key("ArrowLeft", 37)  # the slider, moved by the keyboard
     assert page.fragment.startswith("layer=1&head=mean&patch=5&")
