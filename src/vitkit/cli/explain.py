@@ -91,7 +91,7 @@ def run(args) -> int:
             print(f"  {v:8.4f}  {name}")
     html = write_report(ex, args.out, title=f"vitkit explain: {Path(str(args.image)).name}")
     print(f"wrote {html} and {len(ex.figures)} PNG figures to {Path(args.out)}/")
-    from ..viz.explore import write_explore
+    from ..viz.explore import SIZE_BUDGET, write_explore
 
     page = write_explore(model, img, args.out, topk=args.topk, classes=args.explore_classes,
                          title=f"vitkit explore: {Path(str(args.image)).name}")
@@ -99,4 +99,7 @@ def run(args) -> int:
     size_text = f"{size / 1e6:.1f} MB" if size >= 1e6 else f"{size / 1e3:.0f} kB"
     print(f"wrote {page} ({size_text}): interactive attention, rollout, attribution, "
           "similarity; state in the URL fragment (#layer=L&head=H&patch=P&mode=M)")
+    if size > SIZE_BUDGET:  # attention alone is layers x heads x tokens^2 bytes before compression
+        print(f"note: explore.html is over {SIZE_BUDGET / 1e6:g} MB (attribution already reduced to the last "
+              f"layer and top class); large pages open slowly")
     return 0
