@@ -111,7 +111,9 @@ def test_rgb_non_square_and_featureless_model():
     torch.manual_seed(0)
     m = vitkit.create_model(vitkit.ViTConfig(image_size=(16, 8), patch_size=4, in_channels=3, num_classes=0,
                                              dim=16, depth=1, num_heads=2))
+    m.train()
     meta, arrays = explore_data(m, torch.randn(1, 3, 16, 8))
+    assert m.training  # the mode the caller had is restored
     assert meta["grid"] == [4, 2] and meta["channels"] == 3 and meta["predictions"] == [] and meta["classes"] == []
     assert "attr_q" not in arrays and arrays["attn_q"].shape == (1, 2, 9, 9)
 

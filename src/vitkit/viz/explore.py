@@ -137,9 +137,14 @@ def explore_data(model, x: torch.Tensor, topk: int = 5, classes: int = 3) -> tup
     if T != R + gh * gw:
         raise InputError(f"the attention maps have {T} tokens, expected {R} prefix + {gh}x{gw} patches")
     roll = np.stack([rollout([A[i][None] for i in range(layer + 1)])[0] for layer in range(L)])  # (L, T, T)
+    was_training = model.training
     model.eval()
-    with torch.no_grad():
-        _, hidden = model.forward_intermediates(x, norm=False)
+    try:
+        with torch.no_grad():
+            _, hidden = model.forward_intermediates(x, norm=False)
+        pool = _pool_attention(model, x)
+    finally:
+        model.train(was_training)
     feats = torch.stack([h[0].double().cpu() for h in hidden])  # (L, T, D)
     feats = torch.nn.functional.normalize(feats, dim=-1)
     sim = (feats @ feats.transpose(1, 2)).numpy()  # (L, T, T) cosine similarity
@@ -150,7 +155,6 @@ def explore_data(model, x: torch.Tensor, topk: int = 5, classes: int = 3) -> tup
     if len(cls_idx):
         arrays["attr_q"], arrays["attr_s"] = quantise_rows(rel)
     arrays["sim_q"] = quantise_signed(sim)
-    pool = _pool_attention(model, x)
     if pool is not None:
         arrays["pool"] = pool.astype(np.float32)
 
