@@ -21,7 +21,9 @@ def add_arguments(p) -> None:
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, mps)")
     p.add_argument("--max-pixels", type=int, default=None,
                    help="refuse images with more pixels than this (default: vitkit.data.image's 100 megapixels)")
-    p.add_argument("--format", default=None, help="force the checkpoint format (vitkit, timm, hf, torchvision, jax)")
+    from ..interop.formats import READ_FORMATS
+
+    p.add_argument("--format", default=None, choices=READ_FORMATS, help="force the checkpoint format (default: detect)")
     p.add_argument("--num-heads", type=int, default=None, help="attention heads, for checkpoints that cannot say")
 
 

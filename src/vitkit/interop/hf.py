@@ -24,7 +24,7 @@ import torch
 
 from ..config import ViTConfig
 from ..errors import CheckpointError, ConfigError
-from .common import Converted, dir_config, read_json, read_state_dict, rename
+from .common import Converted, dir_config, family_parts, read_json, read_state_dict, rename
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 _HF_ACTS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",
@@ -52,18 +52,64 @@ _RULES = [
 _QKV = {"query": 0, "key": 1, "value": 2, "q": 0, "k": 1, "v": 2}
 
 
+# transformers model_type -> the vitkit module that reads it (one "hf" format, one family per module)
+MODEL_TYPES = {"vit": "hf", "deit": "deit", "dinov2": "dinov2", "dinov2_with_registers": "dinov2",
+               "clip": "clip", "clip_vision_model": "clip", "siglip": "siglip", "siglip_vision_model": "siglip",
+               "siglip2": "siglip", "siglip2_vision_model": "siglip"}
+
+
+def model_type(meta: dict[str, Any]) -> str | None:
+    mt = meta.get("model_type")
+    if mt in MODEL_TYPES:
+        return mt
+    if any(str(a).startswith("ViT") for a in meta.get("architectures") or []):
+        return "vit"
+    return None
+
+
 def is_hf_dir(path: Path) -> bool:
     meta = dir_config(path)
-    if meta is None:
-        return False
-    return meta.get("model_type") == "vit" or any(str(a).startswith("ViT") for a in meta.get("architectures") or [])
+    return meta is not None and model_type(meta) is not None
+
+
+def looks_like_hf(keys) -> bool:
+    return any(".attention.attention.query" in k or ".attention.q_proj" in k or ".self_attn.q_proj" in k
+               for k in keys)
+
+
+def hf_act(name: Any, source: str = "") -> str:
+    """vitkit's name for a transformers ``hidden_act``; an unknown one is an error naming it."""
+    act = _HF_ACTS.get(str(name))
+    if act is None:
+        raise CheckpointError(f"{source}: HF hidden_act={name!r} is not an activation vitkit knows "
+                              f"(known: {sorted(_HF_ACTS)}); pass act=... to choose one")
+    return act
+
+
+def read_dir(path: str | Path) -> tuple[Path, dict[str, Any], Path, dict[str, torch.Tensor]]:
+    """(directory, config.json, weight file, raw tensors) of a transformers checkpoint dir or file."""
+    p = Path(path)
+    directory = p if p.is_dir() else p.parent
+    meta = read_json(directory / "config.json")
+    if p.is_dir():
+        files = [p / f for f in WEIGHT_FILES if (p / f).is_file()]
+        if not files:
+            raise CheckpointError(f"{p}: Hugging Face directory without weights (expected one of {WEIGHT_FILES})")
+        p = files[0]
+    return directory, meta, p, read_state_dict(p)
+
+
+def vision_config(meta: dict[str, Any]) -> dict[str, Any]:
+    """The vision tower's config of a two-tower model (CLIPModel, SiglipModel), else ``meta``."""
+    vc = meta.get("vision_config")
+    return dict(vc) if isinstance(vc, dict) else meta
 
 
 def _strip_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {(k[4:] if k.startswith("vit.") else k): v for k, v in state.items()}
 
 
-def _fuse_qkv(state: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+def fuse_qkv(state: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     parts: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
     for k, v in state.items():
@@ -79,10 +125,18 @@ def _fuse_qkv(state: dict[str, torch.Tensor], source: str) -> dict[str, torch.Te
     return out
 
 
+def labels_from_meta(meta: dict[str, Any], num_labels: int) -> list[str] | None:
+    id2label = meta.get("id2label") or {}
+    if not num_labels or len(id2label) != num_labels:
+        return None
+    labels = [str(id2label.get(str(i), id2label.get(i, i))) for i in range(num_labels)]
+    if all(re.fullmatch(r"LABEL_\d+", x) for x in labels):
+        return None  # transformers' placeholders carry no information
+    return labels
+
+
 def config_from_hf(meta: dict[str, Any], has_pooler: bool, has_classifier: bool, num_labels: int) -> ViTConfig:
-    act = _HF_ACTS.get(str(meta.get("hidden_act", "gelu")))
-    if act is None:
-        raise CheckpointError(f"HF hidden_act={meta.get('hidden_act')!r} is not supported")
+    act = hf_act(meta.get("hidden_act", "gelu"))
     pooler_act = _HF_ACTS.get(str(meta.get("pooler_act", "tanh")), "tanh")
     dim = int(meta.get("hidden_size", 768))
     image = meta.get("image_size", 224)
@@ -98,38 +152,49 @@ def config_from_hf(meta: dict[str, Any], has_pooler: bool, has_classifier: bool,
     )
 
 
-def _preprocess(directory: Path, config: ViTConfig) -> dict[str, Any]:
+def preprocess_from_dir(directory: Path, config: ViTConfig, defaults: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Preprocessing from ``preprocessor_config.json`` over the family's processor ``defaults``
+    (ViTImageProcessor's when none: resize to the size, bilinear, mean = std = 0.5)."""
     pp = directory / "preprocessor_config.json"
     C, (H, W) = config.in_channels, config.image_hw
     out = {"input_size": [C, H, W], "mean": [0.5] * C, "std": [0.5] * C, "interpolation": "bilinear",
-           "crop_pct": 1.0}  # ViTImageProcessor defaults: resize to 224x224 bilinear, mean = std = 0.5
+           "crop_pct": 1.0}
+    out.update(defaults or {})
     if pp.is_file():
         p = read_json(pp)
         if p.get("image_mean") is not None:
             out["mean"] = list(p["image_mean"])
         if p.get("image_std") is not None:
             out["std"] = list(p["image_std"])
-        size = p.get("size")
+        size = p.get("crop_size") if p.get("do_center_crop") and p.get("crop_size") else p.get("size")
         if isinstance(size, dict) and "height" in size:
             out["input_size"] = [C, int(size["height"]), int(size["width"])]
+        elif isinstance(size, dict) and "shortest_edge" in size:
+            out["input_size"] = [C, int(size["shortest_edge"]), int(size["shortest_edge"])]
         elif isinstance(size, int):
             out["input_size"] = [C, size, size]
-        out["interpolation"] = {0: "nearest", 2: "bilinear", 3: "bicubic"}.get(p.get("resample", 2), "bilinear")
+        if "resample" in p:
+            out["interpolation"] = {0: "nearest", 2: "bilinear", 3: "bicubic"}.get(p["resample"], "bilinear")
     return out
 
 
 def convert(path: str | Path, arch: ViTConfig | None = None, hints: dict[str, Any] | None = None) -> Converted:
+    """Read a transformers checkpoint: ViT here; DeiT, Dinov2, CLIP, SigLIP in their family modules."""
+    from importlib import import_module
+
     p = Path(path)
     directory = p if p.is_dir() else p.parent
     meta = read_json(directory / "config.json")
-    if p.is_dir():
-        files = [p / f for f in WEIGHT_FILES if (p / f).is_file()]
-        if not files:
-            raise CheckpointError(f"{p}: Hugging Face directory without weights (expected one of {WEIGHT_FILES})")
-        p = files[0]
-    raw = _strip_prefix(read_state_dict(p))
+    mt = model_type(meta)
+    if mt is None:
+        raise CheckpointError(f"{directory}: config.json model_type={meta.get('model_type')!r} is not one vitkit "
+                              f"reads (known: {list(MODEL_TYPES)})")
+    if MODEL_TYPES[mt] != "hf":
+        return import_module(f"vitkit.interop.{MODEL_TYPES[mt]}").convert_hf(path, arch, hints)
+    directory, meta, p, raw = read_dir(path)
+    raw = _strip_prefix(raw)
     state, unmatched = rename(raw, _RULES)
-    state = _fuse_qkv(state, str(p))
+    state = fuse_qkv(state, str(p))
     is_classifier = any(str(a).endswith("ForImageClassification") for a in meta.get("architectures") or [])
     has_classifier = "head.weight" in state
     has_pooler = "pre_logits.fc.weight" in state and not is_classifier
@@ -141,15 +206,10 @@ def convert(path: str | Path, arch: ViTConfig | None = None, hints: dict[str, An
         notes.append("pooler weights ignored: ViTForImageClassification does not use them")
     num_labels = state["head.weight"].shape[0] if has_classifier else 0
     config = config_from_hf(meta, has_pooler, has_classifier, num_labels)
-    id2label = meta.get("id2label") or {}
-    labels = None
-    if has_classifier and id2label and len(id2label) == num_labels:
-        labels = [str(id2label.get(str(i), id2label.get(i, i))) for i in range(num_labels)]
-        if all(re.fullmatch(r"LABEL_\d+", x) for x in labels):
-            labels = None  # transformers' placeholders carry no information
+    labels = labels_from_meta(meta, num_labels) if has_classifier else None
     return Converted(config=config, state=state, format="hf", source=str(directory),
-                     preprocess=_preprocess(directory, config), labels=labels, unexpected=unmatched, notes=notes,
-                     info={"architectures": meta.get("architectures")})
+                     preprocess=preprocess_from_dir(directory, config), labels=labels, unexpected=unmatched, notes=notes,
+                     info={"architectures": meta.get("architectures")}, resample="hf")
 
 
 # --------------------------------------------------------------------------- export
@@ -168,9 +228,11 @@ def export(model, path: str | Path) -> Path:
     c = model.config
     if (not c.norm_first or c.pooling != "cls" or c.num_registers or c.pos_embed != "learned"
             or not c.pos_embed_prefix or c.layer_scale is not None or c.fc_norm or c.qk_scale
-            or c.act not in _ACT_BACK):
+            or c.act not in _ACT_BACK or family_parts(c)):
         raise ConfigError("this config has no Hugging Face ViT equivalent (HF ViT is pre-norm, class-token "
-                          "pooled, learned table with a class row, no registers / layer scale / fc_norm)")
+                          "pooled, learned table with a class row, no registers / layer scale / fc_norm / "
+                          f"family parts {family_parts(c)}); DINOv2, CLIP, SigLIP and DeiT export to timm or their "
+                          "original layouts (export formats dinov2, openai_clip, jax)")
     if c.head_hidden_dim and c.num_classes:
         raise ConfigError("HF ViTForImageClassification has no pre-logits layer; export a model without one")
     sd = model.state_dict()

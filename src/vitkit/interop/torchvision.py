@@ -19,7 +19,7 @@ import torch
 from ..config import ViTConfig
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ..errors import CheckpointError, ConfigError
-from .common import Converted, grid_from_rows, guess_heads, read_state_dict, rename
+from .common import Converted, family_parts, grid_from_rows, guess_heads, read_state_dict, rename, size_hints
 
 _RULES = [
     (r"class_token", "cls_token"),
@@ -50,8 +50,7 @@ def convert(path: str | Path, arch: ViTConfig | None = None, hints: dict[str, An
     dim, in_ch, ph, pw = state["patch_embed.proj.weight"].shape
     depth = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k)))
     rows = state["pos_embed"].shape[1]
-    size_hint = (hints or {}).get("image_size") or (arch.image_size if arch is not None else None)
-    image = grid_from_rows(rows - 1, (ph, pw), size_hint)
+    image = grid_from_rows(rows - 1, (ph, pw), *size_hints(hints, arch))
     heads = guess_heads(dim, (hints or {}).get("num_heads") or (arch.num_heads if arch else None), str(p))
     config = ViTConfig(
         image_size=image if image[0] != image[1] else image[0], patch_size=(ph, pw), in_channels=in_ch,
@@ -73,8 +72,10 @@ def export_state_dict(model) -> dict[str, torch.Tensor]:
     """The model's weights in torchvision's names (for ``torchvision.models.VisionTransformer``)."""
     c = model.config
     if (not c.norm_first or c.pooling != "cls" or c.num_registers or c.layer_scale is not None or c.fc_norm
-            or c.act != "gelu" or not c.qkv_bias or c.image_hw[0] != c.image_hw[1] or c.pos_embed != "learned"):
-        raise ConfigError("this config has no torchvision VisionTransformer equivalent")
+            or c.act != "gelu" or not c.qkv_bias or c.image_hw[0] != c.image_hw[1] or c.pos_embed != "learned"
+            or family_parts(c)):
+        raise ConfigError("this config has no torchvision VisionTransformer equivalent (torchvision's ViT is "
+                          f"square, class-token pooled, exact GELU, none of {family_parts(c) or 'the family parts'})")
     inverse = {"cls_token": "class_token", "patch_embed.proj": "conv_proj", "pos_embed": "encoder.pos_embedding",
                "norm": "encoder.ln", "pre_logits.fc": "heads.pre_logits", "head": "heads.head"}
     out = {}
