@@ -23,6 +23,9 @@ from typing import Any
 
 from ..errors import ConfigError
 
+# Where a run writes is chosen per invocation, never by a recipe (a run's saved config.yaml reused as
+# a recipe must not train into that run): save() omits these and read_config_file() drops them.
+NOT_RECIPE = ("out", "overwrite")
 DATASETS = ("digits", "cifar10", "cifar100", "mnist", "fashion-mnist", "imagefolder", "csv")
 
 
@@ -103,7 +106,10 @@ class TrainConfig:
     compile: bool = field(default=False, metadata={"help": "torch.compile the model (CUDA)"})
     strategy: str = field(default="ddp", metadata={"help": "ddp | fsdp when launched with torchrun"})
     eval_every: int = field(default=1, metadata={"help": "validate every N epochs (and always on the last)"})
-    out: str | None = field(default=None, metadata={"help": "run directory (default runs/<timestamp>)"})
+    out: str | None = field(default=None, metadata={
+        "help": "run directory, new or empty (default: a fresh runs/<timestamp>-<suffix>); never saved in config.yaml"})
+    overwrite: bool = field(default=False, metadata={
+        "help": "let --out replace an existing run directory (its files are deleted first); never saved"})
     tensorboard: bool = field(default=False, metadata={"help": "also write TensorBoard events (needs tensorboard)"})
     max_steps: int = field(default=0, metadata={"help": "stop after N optimizer steps (0 = no limit; for tests)"})
     progress: bool = field(default=True, metadata={"help": "tqdm progress bars"})
@@ -160,15 +166,18 @@ class TrainConfig:
         return cls.from_dict({**read_config_file(path), **overrides})
 
     def save(self, path: str | Path) -> Path:
+        """Write the recipe: every option except where to write (``out``, ``overwrite``), so that
+        ``vitkit train --config OLD_RUN/config.yaml`` starts a new run instead of writing into the old one."""
         from ..io import atomic_write_text
 
         path = Path(path)
+        d = {k: v for k, v in self.to_dict().items() if k not in NOT_RECIPE}
         if path.suffix == ".json":
-            text = json.dumps(self.to_dict(), indent=2) + "\n"
+            text = json.dumps(d, indent=2) + "\n"
         else:
             import yaml
 
-            text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+            text = yaml.safe_dump(d, sort_keys=False)
         return atomic_write_text(path, text)
 
     def replace(self, **overrides: Any) -> TrainConfig:
@@ -191,7 +200,9 @@ def check_keys(data: dict[str, Any]) -> None:
         raise ConfigError(f"unknown training option(s): {', '.join(msgs)}")
 
 
-def read_config_file(path: str | Path) -> dict[str, Any]:
+def read_config_file(path: str | Path, *, note=None) -> dict[str, Any]:
+    """Options from a yaml / json recipe. ``out`` / ``overwrite`` in it are dropped (with a note through
+    ``note``, default: stderr): pass them on the command line."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file {p} does not exist")
@@ -211,7 +222,18 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: expected a mapping of option: value, got {type(data).__name__}")
-    return {str(k).replace("-", "_"): v for k, v in data.items()}
+    data = {str(k).replace("-", "_"): v for k, v in data.items()}
+    dropped = [k for k in NOT_RECIPE if k in data and data.pop(k) not in (None, False)]
+    if dropped:
+        if note is None:
+            import sys
+
+            def note(msg):
+                print(msg, file=sys.stderr)
+
+        note(f"note: {p} sets {', '.join(dropped)}: ignored (a recipe never says where to write; "
+             f"pass --out DIR on the command line)")
+    return data
 
 
 def _coerce(value: Any, annotation: Any, name: str) -> Any:
