@@ -25,7 +25,9 @@ def add_arguments(p) -> None:
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
-        help_ = f.metadata.get("help", f.name) + f" (default: {default if not isinstance(default, tuple) else ' '.join(map(str, default))})"
+        help_ = f.metadata.get("help", f.name)
+        if default is not None and "default" not in help_:  # each default said once (see cli.main.HelpFormatter)
+            help_ += f" (default: {default if not isinstance(default, tuple) else ' '.join(map(str, default))})"
         if isinstance(default, bool):
             p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                            help=help_)

@@ -1,7 +1,7 @@
 """Reading images safely: clear errors for missing, corrupt or oversized files.
 
 ``load_image(path)`` returns a PIL image in the requested mode. Pillow's own decompression-bomb
-guard is kept and tightened to ``max_pixels`` (default 100 megapixels): a larger image is refused
+guard is kept and tightened to ``max_pixels`` (default 100 megapixels, or ``VITKIT_MAX_IMAGE_PIXELS``): a larger image is refused
 with a message before it is decoded. ``builtin_image`` gives real images that ship with
 scikit-learn (``sample:china.jpg``, ``sample:flower.jpg``, ``digits:N``), so demos and tests
 need no download.
@@ -17,6 +17,7 @@ to k exactly. 16-bit RGB(A) / LA PNGs need nothing: Pillow already keeps their h
 
 from __future__ import annotations
 
+import os
 import threading
 import warnings
 from pathlib import Path
@@ -57,8 +58,13 @@ def to_uint8(x):
     return torch.div(v + 128, 257, rounding_mode="floor").to(torch.uint8)
 
 
-def load_image(path: str | Path, mode: str | None = "RGB", max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Open, check and decode one image file. Raises InputError naming the file on any problem."""
+def load_image(path: str | Path, mode: str | None = "RGB", max_pixels: int | None = None) -> Image.Image:
+    """Open, check and decode one image file. Raises InputError naming the file on any problem.
+
+    ``max_pixels`` None: ``VITKIT_MAX_IMAGE_PIXELS`` from the environment (read at each call, so
+    it reaches training's DataLoader workers too), else 100 megapixels."""
+    if max_pixels is None:
+        max_pixels = int(os.environ.get("VITKIT_MAX_IMAGE_PIXELS", "") or DEFAULT_MAX_PIXELS)
     spec = str(path)
     if spec.startswith(("sample:", "digits:")):
         img = builtin_image(spec)
@@ -85,7 +91,8 @@ def load_image(path: str | Path, mode: str | None = "RGB", max_pixels: int = DEF
             if w * h > max_pixels:
                 raise InputError(
                     f"{p}: image is {w}x{h} = {w * h:,} pixels, over the limit of {max_pixels:,}; "
-                    "downscale it first or raise max_pixels"
+                    "downscale it first, or raise the limit: --max-pixels N (predict, explain) or the "
+                    "environment variable VITKIT_MAX_IMAGE_PIXELS=N (every command, training included)"
                 )
             img.load()
     except InputError:
