@@ -160,6 +160,8 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, log=print) -> dict
 
     The run directory is claimed (locked, checked, cleared on --overwrite) before anything else, by
     rank 0 only: the other ranks of a torchrun job get its name from rank 0 once the group is up."""
+    if resume is not None and cfg.overwrite:
+        raise ConfigError("--overwrite replaces a run with a new one; it cannot be combined with --resume")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) != 0:
         return _train(cfg, resume, log, None)
     with claim_run_dir(Path(resume) if resume is not None else make_run_dir(cfg), overwrite=cfg.overwrite,
