@@ -20,7 +20,7 @@ def add_arguments(p) -> None:
     p.add_argument("--batch-size", "-b", type=int, default=32, help="images per forward pass")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, mps)")
     p.add_argument("--max-pixels", type=int, default=None,
-                   help="refuse images with more pixels than this (default: vitkit.data.image's 100 megapixels)")
+                   help="refuse images with more pixels than this (default: VITKIT_MAX_IMAGE_PIXELS, else 100 megapixels)")
     p.add_argument("--format", default=None, help="the format of the model you READ: vitkit, timm, hf, torchvision, jax "
                                                       "(default: detected from its files; predict writes no model)")
     p.add_argument("--num-heads", type=int, default=None, help="attention heads, for checkpoints that cannot say")
