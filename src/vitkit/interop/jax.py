@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from ..config import ViTConfig
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
 from .common import Converted, family_parts, grid_from_rows, size_hints
 
 
@@ -154,12 +154,27 @@ def convert(path: str | Path, arch: ViTConfig | None = None, hints: dict[str, An
                      resample="big_vision" if big_vision else "timm")
 
 
+def _check_jax_equivalent(c) -> None:
+    """The JAX layouts hold a pre-norm ViT with a learned position table, LayerNorm, a GELU MLP and
+    class-token (or, without a class token, mean or MAP) pooling; anything else has no equivalent there."""
+    parts = family_parts(c, allowed=("map",))
+    if parts:
+        raise ConfigError(f"this config has no JAX vision_transformer / big_vision equivalent: the .npz layouts "
+                          f"have no place for {parts}")
+    if (not c.norm_first or c.pos_embed != "learned" or c.num_registers or c.layer_scale is not None
+            or c.fc_norm or c.qk_scale or c.act not in ("gelu", "gelu_tanh")
+            or (c.pooling == "cls") != c.class_token):
+        raise ConfigError("this config has no JAX vision_transformer / big_vision equivalent (those are pre-norm "
+                          "with a learned position table, GELU, class-token pooling (mean or MAP without a class "
+                          "token), no registers / layer scale / fc_norm); this model has "
+                          f"pos_embed={c.pos_embed!r}, pooling={c.pooling!r}, act={c.act!r}")
+
+
 def export_npz(model, path: str | Path, layout: str = "vision_transformer") -> Path:
     """Write the model's weights as a JAX ``.npz`` in ``layout`` ("vision_transformer" or
     "big_vision", stacked blocks). Used by the tests to check both loaders exactly."""
     c = model.config
-    if family_parts(c, allowed=("map",)):
-        raise CheckpointError(f"the JAX .npz layouts have no place for {family_parts(c, allowed=('map',))}")
+    _check_jax_equivalent(c)
     sd = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
     D, H = c.dim, c.num_heads
     hd = D // H
