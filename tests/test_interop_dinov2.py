@@ -225,12 +225,12 @@ def test_timm_dinov2_dynamic_size_matches_timm(tmp_path):
 
 def test_saved_vitkit_copy_keeps_the_source_resampling(tmp_path):
     """An HF Dinov2 converted and saved by vitkit, loaded again at another size, still resamples as
-    HF does (pretrained_info carries the implementation's name)."""
+    HF does (the config carries the implementation's name)."""
     ref = make_hf(**HF_CONFIGS["plain_28"])
     ref.save_pretrained(tmp_path / "hf")
     vitkit.from_pretrained(tmp_path / "hf").save_pretrained(tmp_path / "vk")
     model = vitkit.from_pretrained(tmp_path / "vk", image_size=(42, 56))
-    assert model.pretrained_info["pos_resample"] == "hf"
+    assert model.config.pos_resample == "hf" and "pos_resample" not in model.pretrained_info
     x = torch.randn(2, 3, 42, 56)
     with torch.no_grad():
         assert max_diff(model(x), hf_out(ref, x).pooler_output) <= 1e-5

@@ -29,6 +29,9 @@ NORM_LAYERS = ("layernorm", "rmsnorm")
 MLP_LAYERS = ("mlp", "swiglu")
 TASKS = ("classification", "regression")
 PATCH_EMBEDS = ("conv", "unfold", "rearrange")
+# how a learned position table is resampled to another grid, named after the implementation it
+# reproduces (functions in vitkit.model.pos_embed.POS_RESAMPLERS)
+POS_RESAMPLES = ("timm", "hf", "hf_dinov2_registers", "dinov2", "big_vision")
 
 
 def to_2tuple(value: Any, name: str) -> tuple[int, int]:
@@ -96,6 +99,7 @@ class ViTConfig:
     head_bias: bool = True  # bias of the classifier / projection head (CLIP's visual.proj: False)
     dist_token: bool = False  # DeiT distillation token after the class token, with its own head (head_dist)
     dynamic_img_size: bool = False  # forward takes any HxW divisible by the patch; position table resampled per grid
+    pos_resample: str = "timm"  # interpolation of the table at another grid, as the weights' source does it (POS_RESAMPLES)
     name: str | None = None  # preset name this config came from, informational
 
     def __post_init__(self) -> None:
@@ -197,6 +201,7 @@ class ViTConfig:
         _choice(self.patch_embed, PATCH_EMBEDS, "patch_embed")
         _choice(self.norm_layer, NORM_LAYERS, "norm_layer")
         _choice(self.mlp_layer, MLP_LAYERS, "mlp_layer")
+        _choice(self.pos_resample, POS_RESAMPLES, "pos_resample")
         if self.dist_token and not (self.class_token and self.pooling == "cls"):
             raise ConfigError(f"dist_token=True (DeiT) reads the class and distillation tokens: it needs "
                               f"class_token=True and pooling='cls', got class_token={self.class_token}, "

@@ -135,8 +135,11 @@ def from_pretrained(source, arch: Any = None, format: str | None = None, strict:
         conv = Converted(config=model.config, state=model.state_dict(), format="vitkit", source=str(source),
                          preprocess=model.preprocess_cfg, labels=model.labels)
         base_info = dict(model.pretrained_info or {})
-        # a converted model saved by vitkit keeps resampling as its original source does
-        conv.resample = str(base_info.get("pos_resample", "timm"))
+        # the config says how the source resamples (pos_resample); copies saved before that field
+        # existed kept the name in pretrained_info
+        legacy = base_info.pop("pos_resample", None)
+        if legacy and "pos_resample" not in overrides and conv.config.pos_resample == "timm":
+            conv.config = conv.config.replace(pos_resample=str(legacy))
     else:
         conv = convert_source(source, fmt, arch, hints={**overrides, **adapt})
         if overrides:
@@ -145,7 +148,7 @@ def from_pretrained(source, arch: Any = None, format: str | None = None, strict:
     report = LoadReport(source=src, format=fmt, notes=list(conv.notes))
     report.unexpected.extend(conv.unexpected)
     target = conv.config.replace(**adapt) if adapt else conv.config
-    state, skip = adapt_state(conv.state, conv.config, target, report.notes, resample=conv.resample)
+    state, skip = adapt_state(conv.state, conv.config, target, report.notes)
     model = ViT(target)
     load_into(model, state, report, strict=strict, skip_missing=skip)
     log.info("loaded %s checkpoint %s: %d tensors%s", fmt, src, report.loaded,
@@ -166,7 +169,7 @@ def from_pretrained(source, arch: Any = None, format: str | None = None, strict:
         labels = default_labels(target.num_classes) if fmt != "vitkit" else None
     model.labels = labels
     model.pretrained_info = {**base_info, "format": fmt, "source": src, **info, **conv.info,
-                             "pos_resample": conv.resample, "report": report.to_dict()}
+                             "report": report.to_dict()}
     model.load_report = report
     return model.to(device).eval()
 

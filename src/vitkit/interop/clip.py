@@ -244,8 +244,8 @@ def convert_hf(path: str | Path, arch: ViTConfig | None = None, hints: dict[str,
     config = _clip_config(state, heads=heads, act=act, eps=float(vc.get("layer_norm_eps", 1e-5)),
                           hints=size_hints(hints, arch, vc.get("image_size")), source=str(directory))
     pre = preprocess_from_dir(directory, config, _preprocess(config))
-    return Converted(config=config, state=state, format="hf", source=str(directory), preprocess=pre,
-                     unexpected=unmatched, notes=notes, resample="hf",
+    return Converted(config=config.replace(pos_resample="hf"), state=state, format="hf", source=str(directory), preprocess=pre,
+                     unexpected=unmatched, notes=notes,
                      info={"family": "clip", "architectures": meta.get("architectures"), "activation": act})
 
 

@@ -274,26 +274,24 @@ class Converted:
     unexpected: list[str] = field(default_factory=list)  # source keys no rule understood
     notes: list[str] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
-    # how the source implementation resamples its position table (a name in interop.resample)
-    resample: str = "timm"
 
 
-def adapt_state(state: dict[str, torch.Tensor], old: ViTConfig, new: ViTConfig, notes: list[str],
-                resample: str = "timm") -> tuple[dict[str, torch.Tensor], tuple[str, ...]]:
+def adapt_state(state: dict[str, torch.Tensor], old: ViTConfig, new: ViTConfig,
+                notes: list[str]) -> tuple[dict[str, torch.Tensor], tuple[str, ...]]:
     """Move a checkpoint's tensors from config ``old`` to ``new``: resample the learned position
     table to a new grid, drop the head when the class count changes (re-initialised), sum the
     patch kernel over RGB for a 1-channel model. Returns the state and the names left at init.
-    ``resample`` names the source implementation's interpolation (:mod:`vitkit.interop.resample`)."""
-    from .resample import get_resampler
+    The table is resampled as the source implementation does it (``old.pos_resample``)."""
+    from ..model.pos_embed import get_pos_resampler
 
     state = dict(state)
     skip: tuple[str, ...] = ()
     if "pos_embed" in state and old.grid_size != new.grid_size:
         pe = state["pos_embed"]
         prefix = pe.shape[1] - old.num_patches
-        state["pos_embed"] = get_resampler(resample)(pe, new.grid_size, old.grid_size, prefix)
+        state["pos_embed"] = get_pos_resampler(old.pos_resample)(pe, new.grid_size, old.grid_size, prefix)
         notes.append(f"position embedding resampled from grid {old.grid_size} to {new.grid_size} "
-                     f"(image {old.image_hw} -> {new.image_hw}) as {resample} does (vitkit.interop.resample)")
+                     f"(image {old.image_hw} -> {new.image_hw}) as {old.pos_resample} does (vitkit.model.pos_embed)")
     if old.in_channels != new.in_channels and "patch_embed.proj.weight" in state:
         w = state["patch_embed.proj.weight"]
         if new.in_channels == 1:

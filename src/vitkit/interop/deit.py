@@ -106,8 +106,8 @@ def convert_hf(path: str | Path, arch: ViTConfig | None = None, hints: dict[str,
     pre = preprocess_from_dir(directory, config, {"input_size": [in_ch, 224, 224], **PREPROCESS}
                               if config.image_hw == (224, 224) else {"input_size": [in_ch, *config.image_hw],
                                                                      **PREPROCESS, "crop_pct": 1.0})
-    return Converted(config=config, state=state, format="hf", source=str(directory), preprocess=pre,
-                     labels=labels_from_meta(meta, num_classes), unexpected=unmatched, notes=notes, resample="hf",
+    return Converted(config=config.replace(pos_resample="hf"), state=state, format="hf", source=str(directory), preprocess=pre,
+                     labels=labels_from_meta(meta, num_classes), unexpected=unmatched, notes=notes,
                      info={"family": "deit", "architectures": archs})
 
 

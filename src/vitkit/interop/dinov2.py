@@ -153,8 +153,8 @@ def convert(path: str | Path, arch: ViTConfig | None = None, hints: dict[str, An
     hints = hints or {}
     config = _config(state, registers=registers, heads=hints.get("num_heads") or (arch.num_heads if arch else None),
                      depth=None, eps=1e-6, hints=size_hints(hints, arch), source=str(p))
-    return Converted(config=config, state=state, format="dinov2", source=str(p), preprocess=_preprocess(config),
-                     unexpected=unmatched, notes=notes, resample="dinov2",
+    return Converted(config=config.replace(pos_resample="dinov2"), state=state, format="dinov2", source=str(p), preprocess=_preprocess(config),
+                     unexpected=unmatched, notes=notes,
                      info={"family": "dinov2", "registers": config.num_registers})
 
 
@@ -189,9 +189,9 @@ def convert_hf(path: str | Path, arch: ViTConfig | None = None, hints: dict[str,
                      f"on the fly); this model runs at {list(config.image_hw)}: pass image_size="
                      f"{tuple(pre['input_size'][1:])} to load at the processor's size (table resampled as HF does)")
         pre["input_size"] = [config.in_channels, *config.image_hw]
-    return Converted(config=config, state=state, format="hf", source=str(directory), preprocess=pre,
-                     unexpected=unmatched, notes=notes,
-                     resample="hf_dinov2_registers" if meta.get("model_type") == "dinov2_with_registers" else "hf",
+    resample = "hf_dinov2_registers" if meta.get("model_type") == "dinov2_with_registers" else "hf"
+    return Converted(config=config.replace(pos_resample=resample), state=state, format="hf", source=str(directory),
+                     preprocess=pre, unexpected=unmatched, notes=notes,
                      info={"family": "dinov2", "architectures": archs, "registers": config.num_registers})
 
 

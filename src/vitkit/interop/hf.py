@@ -218,9 +218,9 @@ def convert(path: str | Path, arch: ViTConfig | None = None, hints: dict[str, An
     num_labels = state["head.weight"].shape[0] if has_classifier else 0
     config = config_from_hf(meta, has_pooler, has_classifier, num_labels)
     labels = labels_from_meta(meta, num_labels) if has_classifier else None
-    return Converted(config=config, state=state, format="hf", source=str(directory),
+    return Converted(config=config.replace(pos_resample="hf"), state=state, format="hf", source=str(directory),
                      preprocess=preprocess_from_dir(directory, config), labels=labels, unexpected=unmatched, notes=notes,
-                     info={"architectures": meta.get("architectures")}, resample="hf")
+                     info={"architectures": meta.get("architectures")})
 
 
 # --------------------------------------------------------------------------- export

@@ -126,8 +126,8 @@ def convert_hf(path: str | Path, arch: ViTConfig | None = None, hints: dict[str,
         act=act, class_token=False, pos_embed_prefix=False, pooling="map" if has_head else "mean",
     )
     pre = preprocess_from_dir(directory, config, {"input_size": [in_ch, *config.image_hw], **PREPROCESS})
-    return Converted(config=config, state=state, format="hf", source=str(directory), preprocess=pre,
-                     unexpected=unmatched, notes=notes, resample="hf",
+    return Converted(config=config.replace(pos_resample="hf"), state=state, format="hf", source=str(directory), preprocess=pre,
+                     unexpected=unmatched, notes=notes,
                      info={"family": "siglip", "architectures": archs})
 
 

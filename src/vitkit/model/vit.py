@@ -31,7 +31,7 @@ from ..errors import ConfigError, InputError
 from .attention import AttentionPoolLatent
 from .block import Block, Mlp, make_act, make_norm
 from .patch_embed import PatchEmbed
-from .pos_embed import resample_pos_embed, sincos_1d, sincos_2d
+from .pos_embed import get_pos_resampler, sincos_1d, sincos_2d
 
 
 class ViT(nn.Module):
@@ -175,8 +175,9 @@ class ViT(nn.Module):
     # ------------------------------------------------------------------ forward stages
     def _pos_table(self, grid: tuple[int, int]) -> torch.Tensor | None:
         """The position table for a patch grid: ``pos_embed`` itself at the configured grid;
-        with ``dynamic_img_size`` at another grid, the learned table resampled (bicubic, as
-        :meth:`set_image_size` and timm) or the sin/cos table computed for that grid.
+        with ``dynamic_img_size`` at another grid, the learned table resampled as the weights'
+        source does it (``config.pos_resample``, as :meth:`set_image_size`) or the sin/cos table
+        computed for that grid.
 
         Resampled tables are cached per grid while no gradient flows into the table (eval,
         ``no_grad``, frozen table); the cache key holds the table's identity, version (bumped by
@@ -188,14 +189,15 @@ class ViT(nn.Module):
             return pos
         cacheable = not (pos.requires_grad and torch.is_grad_enabled()) and not torch.compiler.is_compiling()
         if cacheable:
-            key = (id(pos), pos._version, pos.data_ptr(), pos.dtype, pos.device, self.grid_size)
+            key = (id(pos), pos._version, pos.data_ptr(), pos.dtype, pos.device, self.grid_size,
+                   self.config.pos_resample)
             hit = self._pos_cache.get(grid)
             if hit is not None and hit[0] == key:
                 return hit[1]
         c = self.config
         if c.pos_embed == "learned":
             prefix = c.num_prefix_tokens if pos.shape[1] != c.num_patches else 0
-            table = resample_pos_embed(pos, grid, self.grid_size, num_prefix_tokens=prefix)
+            table = get_pos_resampler(c.pos_resample)(pos, grid, self.grid_size, prefix)
         elif c.pos_embed == "sincos1d":
             table = sincos_1d(c.num_prefix_tokens + grid[0] * grid[1], c.dim)[None].to(pos)
         else:
@@ -393,8 +395,8 @@ class ViT(nn.Module):
 
     # ------------------------------------------------------------------ resolution change
     def set_image_size(self, image_size) -> None:
-        """Change the input resolution in place: learned tables are resampled (bicubic),
-        sin/cos tables recomputed. The patch size stays."""
+        """Change the input resolution in place: learned tables are resampled as the weights'
+        source does it (``config.pos_resample``), sin/cos tables recomputed. The patch size stays."""
         old = self.config
         new = old.replace(image_size=image_size)  # validates divisibility
         self.patch_embed.set_image_size(new.image_hw)
@@ -402,8 +404,8 @@ class ViT(nn.Module):
         if isinstance(self.pos_embed, nn.Parameter):
             prefix = old.num_prefix_tokens if self.pos_embed.shape[1] != old.num_patches else 0
             with torch.no_grad():
-                table = resample_pos_embed(self.pos_embed.data, new.grid_size, old.grid_size,
-                                           num_prefix_tokens=prefix)
+                table = get_pos_resampler(old.pos_resample)(self.pos_embed.data, new.grid_size, old.grid_size,
+                                                            prefix)
             self.pos_embed = nn.Parameter(table)
         elif self.pos_embed is not None:
             self.pos_embed = self._fixed_pos_embed().to(self.pos_embed.device)
