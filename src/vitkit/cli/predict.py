@@ -31,7 +31,8 @@ def add_arguments(p) -> None:
 def predict_files(model, files, top_k: int = 5, batch_size: int = 32, max_pixels: int | None = None,
                   progress: bool = False) -> list[dict]:
     """One result dict per file, in order: {"file", "predictions": [{"index","label","prob"}]} for
-    classifiers, {"file", "outputs": [...]} for regression / feature models, {"file", "error"} on failure."""
+    classifiers, {"file", "embedding": [...], "dim", "norm"} for embedding models (CLIP, SigLIP,
+    DINOv2, num_classes 0), {"file", "outputs": [...]} for regression, {"file", "error"} on failure."""
     import torch
 
     from ..data.image import load_image
@@ -48,12 +49,15 @@ def predict_files(model, files, top_k: int = 5, batch_size: int = 32, max_pixels
     device = next(model.parameters()).device
     results: list[dict] = [{"file": str(f)} for f in files]
     pending: list[tuple[int, torch.Tensor]] = []
-    classify = cfg.task == "classification" and cfg.num_classes > 0
+    from ..interop.labels import embedding_output
+
+    embedding = embedding_output(model)  # a softmax over embedding dimensions means nothing
+    classify = cfg.task == "classification" and cfg.num_classes > 0 and not embedding
     labels = model.labels
     if not classify:
         from ..interop.labels import output_names
 
-        names = output_names(model) if cfg.num_classes > 0 else None
+        names = output_names(model) if cfg.num_classes > 0 and not embedding else None
 
     def flush() -> None:
         if not pending:
@@ -68,6 +72,8 @@ def predict_files(model, files, top_k: int = 5, batch_size: int = 32, max_pixels
                 results[i]["predictions"] = [
                     {"index": int(ci), "label": labels[int(ci)] if labels else f"class_{int(ci)}", "prob": float(pi)}
                     for pi, ci in zip(p, c)]
+            elif embedding:
+                results[i].update(dim=row.numel(), norm=float(row.norm()), embedding=[float(v) for v in row])
             else:
                 results[i]["outputs"] = [float(v) for v in row]
                 if names is not None:
@@ -108,11 +114,14 @@ def run(args) -> int:
     if args.json:
         print(json.dumps({"model": str(source), "results": results}, indent=2))
     else:
+        _say_embedding(model, source)
         for r in results:
             if "error" in r:
                 continue
             print(r["file"])
-            if "predictions" in r:
+            if "embedding" in r:
+                print(f"  embedding: {r['dim']}-d, L2 norm {r['norm']:.6g}")
+            elif "predictions" in r:
                 width = max(len(p["label"]) for p in r["predictions"])
                 for rank, p in enumerate(r["predictions"], 1):
                     print(f"  {rank:>2}. {p['label']:<{width}}  {p['prob']:.4f}")
@@ -125,3 +134,19 @@ def run(args) -> int:
     for r in failed:
         print(f"vitkit predict: error: {r['error']}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _say_embedding(model, source) -> None:
+    """Once, before the per-image lines of an embedding model: what it outputs and where the vectors go."""
+    from ..interop.labels import embedding_output
+
+    if not embedding_output(model):
+        return
+    c = model.config
+    family = (model.pretrained_info or {}).get("family")
+    D = c.num_classes or c.head_hidden_dim or c.dim
+    print(f"this model{f' ({family})' if family else ''} outputs {D}-d image embeddings, not class scores; "
+          f"shown is each embedding's L2 norm. `vitkit predict --json` prints the vectors; "
+          f"`vitkit embed IMAGES --model {source} --out FILE.parquet` writes them as a table for search, k-NN and "
+          "probes" + (f" (its default --pool model is the {c.head_hidden_dim or c.dim}-d vector before this "
+                      "model's projection head)" if c.num_classes else "") + ".")

@@ -30,3 +30,19 @@ def output_names(model) -> list[str]:
         if names and len(names) == n:
             return [str(x) for x in names]
     return [f"output {i}" for i in range(n)]
+
+
+EMBEDDING_FAMILIES = ("clip", "siglip", "dinov2")  # sources whose model(x) is an image embedding
+
+
+def embedding_output(model) -> bool:
+    """True when ``model(x)`` is an embedding rather than class scores: a model without a head
+    (num_classes 0: the pooled features, e.g. SigLIP's attention-pooled output, DINOv2's class
+    token), or a CLIP / SigLIP / DINOv2 source whose head is its projection (CLIP's
+    ``visual.proj``: ``num_classes`` is the projection width) and carries no class names. A head
+    fine-tuned by ``vitkit train`` carries its class names, so it stays a classifier."""
+    c = model.config
+    if c.num_classes == 0:
+        return True
+    info = getattr(model, "pretrained_info", None) or {}
+    return c.task == "classification" and info.get("family") in EMBEDDING_FAMILIES and not getattr(model, "labels", None)
