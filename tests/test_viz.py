@@ -248,3 +248,54 @@ def test_figures_do_not_touch_pyplot_state():
     assert plt.get_fignums() == before
     png = viz.to_png(ex.figures["attention"])
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _map_model(**kw):
+    torch.manual_seed(0)
+    m = vitkit.create_model(vitkit.ViTConfig(image_size=16, patch_size=8, in_channels=1, num_classes=4, dim=16,
+                                             depth=2, num_heads=2, pooling="map", **kw)).eval()
+    with torch.no_grad():  # a non-zero latent and keys, so the pooling weights are not uniform
+        m.attn_pool.latent.normal_()
+        m.attn_pool.q.weight.mul_(20)
+    return m
+
+
+def _pool_weights_by_hand(m, x):
+    """softmax(q(latent) . k(patch tokens)^T * scale) per head from attn_pool's own parameters."""
+    p, R = m.attn_pool, m.num_prefix_tokens
+    with torch.no_grad():
+        tokens = m.forward_features(x)[0, R:]  # (N, D): the patch tokens ViT.pool feeds the head
+        H, hd = p.num_heads, p.head_dim
+        q = p.q(p.latent[0]).reshape(H, hd)  # (H, hd)
+        k = p.kv(tokens)[:, : H * hd].reshape(-1, H, hd).transpose(0, 1)  # (H, N, hd)
+        return torch.softmax((k @ q[:, :, None])[..., 0] * p.scale, dim=-1).numpy()  # (H, N)
+
+
+@pytest.mark.parametrize("class_token", [False, True])
+def test_report_readout_for_map_pooling_is_the_pooling_heads_attention(class_token):
+    """SigLIP-style attention pooling: the report's readout map is attn_pool's own attention over
+    the patches (not the mean over patch queries), the same function explore.html uses."""
+    m = _map_model(class_token=class_token, num_registers=1)
+    assert viz.readout_query(m) == "map"
+    ex = viz.explain(m, "digits:0")
+    from vitkit.viz.report import prepare_image
+
+    x, _ = prepare_image(m, "digits:0")
+    want = _pool_weights_by_hand(m, x)  # (H, N)
+    gh, gw = m.config.grid_size
+    assert ex.query == "map" and ex.attention_maps.shape == (1, 2, gh, gw)
+    np.testing.assert_allclose(ex.attention_maps.mean(axis=1)[0], want.mean(0).reshape(gh, gw), atol=1e-6)
+    np.testing.assert_allclose(ex.attention_maps[0], want.reshape(2, gh, gw), atol=1e-6)
+    mean_query = viz.attention_maps(m, x, layers=[-1], query="mean").mean(axis=1)[0]
+    assert np.abs(mean_query - want.mean(0).reshape(gh, gw)).max() > 1e-3  # what the report showed before
+    # one function for both pages: explore's pooling weights are the report's
+    _, arrays = viz.explore_data(m, x)
+    R = m.num_prefix_tokens
+    np.testing.assert_allclose(arrays["pool"][:, R:].reshape(2, gh, gw), ex.attention_maps[0], atol=1e-6)
+    # rollout / prefix rows: the rows mixed by the head-averaged pooling weights (explore's rule)
+    w = np.concatenate([np.zeros(R), want.mean(0)])
+    roll = viz.rollout(ex.attentions)[0]
+    np.testing.assert_allclose(ex.rollout_map, (w @ roll)[R:].reshape(gh, gw), atol=1e-6)
+    np.testing.assert_allclose(ex.prefix["from_readout"][-1, 0], (w @ ex.attentions[-1][0, 0].double().numpy())[:R],
+                               atol=1e-6)
+    assert "attention-pooling head" in ex.info["readout query"]

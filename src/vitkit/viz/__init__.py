@@ -22,7 +22,9 @@ from .attention import (
     mean_attention_distance,
     model_attention_distance,
     patch_centers,
+    pool_attention,
     prefix_attention,
+    readout_maps,
     readout_query,
     rollout,
     rollout_map,
@@ -48,7 +50,7 @@ from .report import Explanation, explain, render_html, write_report
 
 __all__ = [
     "attention_maps", "check_indices", "get_attentions", "mean_attention_distance", "model_attention_distance",
-    "patch_centers", "prefix_attention", "readout_query", "rollout", "rollout_map", "attention_figure",
+    "patch_centers", "pool_attention", "prefix_attention", "readout_maps", "readout_query", "rollout", "rollout_map", "attention_figure",
     "distance_figure", "filters_figure", "patch_grid_figure", "posemb_figure", "predictions_figure",
     "rollout_figure", "to_png", "token_figure", "upsample", "embedding_filters", "display_image",
     "patch_tokens", "posemb_similarity", "Explanation", "explain", "render_html", "write_report",

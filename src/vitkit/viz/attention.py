@@ -11,7 +11,10 @@ attention goes to them is reported separately (:func:`prefix_attention`).
 * :func:`attention_maps`: for chosen layers and heads, the attention of the *readout query* over
   the patch keys, on the patch grid. The readout query is the class token when the model pools it;
   with mean pooling (or no class token) it is the mean over the patch queries, which is what the
-  pooled output averages.
+  pooled output averages; with attention pooling (SigLIP's MAP head) it is the pooling head's own
+  latent query (:func:`pool_attention`), which attends once, after the last block. Maps that
+  propagate through the layers (rollout, relevance) read it out as the mix of the token rows
+  weighted by its head-averaged weights, as explore.html does.
 * :func:`rollout`: Abnar & Zuidema, "Quantifying Attention Flow in Transformers" (ACL 2020):
   average the heads, add the identity for the residual connection, renormalise the rows to sum to 1,
   and multiply across layers, ``R = A_L' ... A_2' A_1'``.
@@ -87,18 +90,62 @@ def check_indices(values: Sequence[int] | None, size: int, what: str) -> list[in
 
 
 def readout_query(model) -> str:
-    """``"cls"`` when the model reads out the class token, else ``"mean"`` (mean over patch queries)."""
+    """What the model reads out: ``"cls"`` (class-token pooling), ``"map"`` (attention pooling:
+    the pooling head's latent query) or ``"mean"`` (the mean over the patch queries)."""
     c = model.config
+    if c.pooling == "map":
+        return "map"
     return "cls" if (c.class_token and c.pooling == "cls") else "mean"
 
 
-def _query_rows(a: np.ndarray, query: str, R: int) -> np.ndarray:
-    """a (..., T, T) -> (..., T): the class-token row, or the mean over the patch-query rows."""
+def pool_attention(model, x: torch.Tensor) -> np.ndarray | None:
+    """The attention-pooling head's own weights for the first image as (heads, T) (zero on the
+    prefix tokens: the head pools the patch tokens, as ``ViT.pool`` feeds it), or None without one.
+    The one MAP readout of the report and explore.html."""
+    pool = getattr(model, "attn_pool", None)
+    if pool is None or model.config.pooling != "map":
+        return None
+    R = model.num_prefix_tokens
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            tokens = model.forward_features(x[:1])
+            _, w = pool(tokens[:, R:], return_attention=True)  # (1, heads, 1, N)
+    finally:
+        model.train(was_training)
+    w = w[0].float().cpu().numpy().mean(axis=1)  # (heads, N); several latent queries: their mean
+    return np.concatenate([np.zeros((w.shape[0], R), w.dtype), w], axis=1)
+
+
+def _query_rows(a: np.ndarray, query: str, R: int, pool: np.ndarray | None = None) -> np.ndarray:
+    """a (..., T, T) -> (..., T): the class-token row, the mean over the patch-query rows, or (map)
+    the rows mixed by the pooling head's head-averaged weights ``pool`` (heads, T)."""
     if query == "cls":
         return a[..., 0, :]
     if query == "mean":
         return a[..., R:, :].mean(axis=-2)
-    raise InputError(f"query must be 'cls' or 'mean', got {query!r}")
+    if query == "map":
+        if pool is None:
+            raise InputError("the 'map' readout needs the pooling head's weights (pool_attention(model, x))")
+        return np.einsum("t,...tj->...j", pool.mean(axis=0).astype(np.float64), a)
+    raise InputError(f"query must be 'cls', 'mean' or 'map', got {query!r}")
+
+
+def readout_maps(model, A: np.ndarray, layers: Sequence[int], heads: Sequence[int], query: str,
+                 pool: np.ndarray | None = None) -> np.ndarray:
+    """(depth, heads, T, T) attention of one image -> the readout query's maps over the patches,
+    ``(len(layers), len(heads), gh, gw)``; for ``"map"`` the pooling head's own weights ``pool``
+    (heads, T) for the chosen heads, one row ``(1, len(heads), gh, gw)`` (it attends once, after
+    the last block)."""
+    R = model.num_prefix_tokens
+    gh, gw = model.grid_size
+    if query == "map":
+        if pool is None:
+            raise InputError("the 'map' readout needs the pooling head's weights (pool_attention(model, x))")
+        return pool[list(heads), R:].reshape(1, len(heads), gh, gw).astype(np.float64)
+    rows = _query_rows(A[list(layers)][:, list(heads)], query, R)  # (L, h, T)
+    return rows[..., R:].reshape(len(layers), len(heads), gh, gw)
 
 
 def attention_maps(model, x: torch.Tensor, layers: Sequence[int] | None = None,
@@ -107,17 +154,15 @@ def attention_maps(model, x: torch.Tensor, layers: Sequence[int] | None = None,
 
     Returns an array ``(len(layers), len(heads), gh, gw)`` for the first image of ``x``. Values
     are the raw attention weights (the part of the row that lands on patches; prefix keys left out).
+    With attention pooling (``query="map"``) one row: the pooling head's own weights, per head.
     """
     c = model.config
     layers = check_indices(layers, c.depth, "layer")
     heads = check_indices(heads, c.num_heads, "head")
     _, attns = get_attentions(model, x)
-    A = _as_numpy_layers([attns[i][:1] for i in layers])[:, 0]  # (L, h, T, T)
-    A = A[:, heads]
-    R = c.num_prefix_tokens
-    rows = _query_rows(A, query or readout_query(model), R)  # (L, h, T)
-    gh, gw = c.grid_size
-    return rows[..., R:].reshape(len(layers), len(heads), gh, gw)
+    A = _as_numpy_layers(attns)[:, 0]  # (depth, h, T, T)
+    query = query or readout_query(model)
+    return readout_maps(model, A, layers, heads, query, pool_attention(model, x) if query == "map" else None)
 
 
 def rollout(attentions, add_residual: bool = True, head_fusion: str = "mean",
@@ -158,7 +203,8 @@ def rollout_map(model, x: torch.Tensor, attentions=None, query: str | None = Non
         _, attentions = get_attentions(model, x)
     Rm = rollout(attentions, **kwargs)[0]  # (T, T)
     R = c.num_prefix_tokens
-    row = _query_rows(Rm, query or readout_query(model), R)
+    query = query or readout_query(model)
+    row = _query_rows(Rm, query, R, pool_attention(model, x) if query == "map" else None)
     return row[R:].reshape(c.grid_size)
 
 
@@ -199,18 +245,18 @@ def model_attention_distance(model, x: torch.Tensor, attentions=None) -> np.ndar
     return mean_attention_distance(attentions, c.grid_size, c.patch_hw, c.num_prefix_tokens)
 
 
-def prefix_attention(model, attentions) -> dict[str, np.ndarray]:
+def prefix_attention(model, attentions, pool: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """How much attention the patch queries (and the readout query) put on each prefix token.
 
     Returns ``{"names": [...], "from_patches": (L, heads, R), "from_readout": (L, heads, R)}``
     for the first image: mean over the patch queries of the weight on each prefix key, and the
-    readout query's weight on each. Register tokens are left out of the overlays; this is where
-    they are reported.
+    readout query's weight on each (attention pooling: pass ``pool = pool_attention(model, x)``).
+    Register tokens are left out of the overlays; this is where they are reported.
     """
     c = model.config
     R = c.num_prefix_tokens
     names = (["cls"] if c.class_token else []) + [f"reg{i}" for i in range(c.num_registers)]
     A = _as_numpy_layers(attentions)[:, 0]  # (L, h, T, T)
     from_patches = A[:, :, R:, :R].mean(axis=2)
-    from_readout = _query_rows(A, readout_query(model), R)[..., :R]
+    from_readout = _query_rows(A, readout_query(model), R, pool)[..., :R]
     return {"names": names, "from_patches": from_patches, "from_readout": from_readout}

@@ -76,13 +76,15 @@ def attention_with_relevance(model, x: torch.Tensor, classes: Sequence[int] | No
 def relevance_map(model, x: torch.Tensor, cls: int | None = None, query: str | None = None) -> np.ndarray:
     """The readout query's row of ``R_L`` over the patches, a (gh, gw) map, for class ``cls``
     (None = the predicted class). The readout query is the class token when the model pools it,
-    else the mean over the patch rows (see :func:`vitkit.viz.readout_query`)."""
-    from .attention import _query_rows, readout_query
+    the mean over the patch rows, or the pooling head's weights mixing the rows (see
+    :func:`vitkit.viz.readout_query`)."""
+    from .attention import _query_rows, pool_attention, readout_query
 
     c = model.config
     _, _, _, rel = attention_with_relevance(model, x, None if cls is None else [cls], topk=1)
     if rel.shape[0] == 0:
         raise InputError("relevance needs a classification head (this model has num_classes=0 or regresses)")
     R = c.num_prefix_tokens
-    row = _query_rows(rel[0, -1], query or readout_query(model), R)
+    query = query or readout_query(model)
+    row = _query_rows(rel[0, -1], query, R, pool_attention(model, x) if query == "map" else None)
     return row[R:].reshape(c.grid_size)

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-from .attention import readout_query, rollout
+from .attention import pool_attention, readout_query, rollout
 from .attribution import attention_with_relevance
 from .explore_page import PAGE_SCRIPT, PAGE_STYLE
 
@@ -88,29 +88,6 @@ def prefix_names(model) -> list[str]:
     return names
 
 
-def readout_token(model) -> str:
-    """What the model reads out, as a query name of the page: ``cls`` (class-token pooling),
-    ``map`` (attention pooling: the pooling head's latent query) or ``mean`` (mean pooling: the
-    mean over the patch queries, which is what the pooled output averages)."""
-    if model.config.pooling == "map":
-        return "map"
-    return readout_query(model)
-
-
-def _pool_attention(model, x: torch.Tensor) -> np.ndarray | None:
-    """The attention-pooling head's weights for the first image as (heads, T) (zero on the prefix
-    tokens: the head pools the patch tokens, as ``ViT.pool`` feeds it), or None without one."""
-    pool = getattr(model, "attn_pool", None)
-    if pool is None or model.config.pooling != "map":
-        return None
-    R = model.num_prefix_tokens
-    with torch.no_grad():
-        tokens = model.forward_features(x[:1])
-        _, w = pool(tokens[:, R:], return_attention=True)  # (1, heads, 1, N)
-    w = w[0].float().cpu().numpy().mean(axis=1)  # (heads, N); several latent queries: their mean
-    return np.concatenate([np.zeros((w.shape[0], R), w.dtype), w], axis=1)
-
-
 def _png(image: np.ndarray) -> bytes:
     from PIL import Image
 
@@ -142,7 +119,7 @@ def explore_data(model, x: torch.Tensor, topk: int = 5, classes: int = 3) -> tup
     try:
         with torch.no_grad():
             _, hidden = model.forward_intermediates(x, norm=False)
-        pool = _pool_attention(model, x)
+        pool = pool_attention(model, x)
     finally:
         model.train(was_training)
     feats = torch.stack([h[0].double().cpu() for h in hidden])  # (L, T, D)
@@ -170,7 +147,7 @@ def explore_data(model, x: torch.Tensor, topk: int = 5, classes: int = 3) -> tup
     img = display_image(model, x)
     meta = {
         "grid": [gh, gw], "patch": list(c.patch_hw), "image": list(img.shape[:2]), "channels": c.in_channels,
-        "layers": L, "heads": H, "tokens": T, "prefix": prefix_names(model), "readout": readout_token(model),
+        "layers": L, "heads": H, "tokens": T, "prefix": prefix_names(model), "readout": readout_query(model),
         "pooling": c.pooling, "predictions": preds, "regression": getattr(c, "task", "") == "regression",
         "classes": [{"index": int(k), "name": name(int(k)), "p": float(logits.softmax(-1)[k])} for k in cls_idx],
         "model": c.name or "vit", "image_png": "data:image/png;base64," + base64.b64encode(_png(img)).decode("ascii"),

@@ -153,14 +153,14 @@ def posemb_figure(sim: np.ndarray | None, note: str = "") -> Figure:
     return fig
 
 
-def attention_figure(image: np.ndarray, maps: np.ndarray, layers: Sequence[int], heads: Sequence[int],
+def attention_figure(image: np.ndarray, maps: np.ndarray, layers: Sequence[int | str], heads: Sequence[int],
                      query: str = "cls") -> Figure:
     """Readout-query attention per (layer, head), upsampled to the image and overlaid."""
     H, W = image.shape[:2]
     L, nh = maps.shape[:2]
     cell = 1.6
     fig = new_figure(cell * nh * max(W / H, 0.5) + 0.5, cell * L + 0.7)
-    who = "class token" if query == "cls" else "mean patch query"
+    who = {"cls": "class token", "map": "pooling query"}.get(query, "mean patch query")
     fig.suptitle(f"{who} -> patches (each panel normalised)", fontsize=9)
     for a, layer in enumerate(layers):
         for b, head in enumerate(heads):
@@ -172,7 +172,7 @@ def attention_figure(image: np.ndarray, maps: np.ndarray, layers: Sequence[int],
             if a == 0:
                 ax.set_title(f"head {head}", fontsize=8)
             if b == 0:
-                ax.set_ylabel(f"layer {layer}", fontsize=8)
+                ax.set_ylabel(f"layer {layer}" if isinstance(layer, int) else str(layer), fontsize=8)
     return fig
 
 
@@ -188,8 +188,8 @@ def rollout_figure(image: np.ndarray, rmap: np.ndarray, query: str = "cls") -> F
     ax.set_yticks([])
     ax = fig.add_subplot(1, 2, 2)
     im = ax.imshow(rmap, cmap="viridis", interpolation="nearest")
-    ax.set_title(f"rollout of the {'class token' if query == 'cls' else 'mean patch query'} on the patch grid",
-                 fontsize=9)
+    who = {"cls": "class token", "map": "pooling-weighted rows"}.get(query, "mean patch query")
+    ax.set_title(f"rollout of the {who} on the patch grid", fontsize=9)
     fig.colorbar(im, ax=ax, shrink=0.8)
     return fig
 

@@ -28,7 +28,9 @@ from .attention import (
     check_indices,
     get_attentions,
     mean_attention_distance,
+    pool_attention,
     prefix_attention,
+    readout_maps,
     readout_query,
     rollout,
 )
@@ -56,6 +58,10 @@ SECTIONS = [
 ]
 
 
+READOUT_NAMES = {"cls": "class token", "mean": "mean of patch queries",
+                 "map": "attention-pooling head (its own weights; rollout mixes the rows by them)"}
+
+
 @dataclass
 class Explanation:
     """Everything ``vitkit explain`` computes for one image (arrays are numpy, first image only)."""
@@ -64,9 +70,9 @@ class Explanation:
     tokens: np.ndarray  # (N, ph*pw*C) raw patch tokens
     layers: list[int]
     heads: list[int]
-    query: str  # "cls" or "mean"
+    query: str  # "cls", "mean" or "map" (attention pooling; see vitkit.viz.readout_query)
     attentions: list[torch.Tensor]  # per layer (1, heads, T, T), from model(x, return_attention=True)
-    attention_maps: np.ndarray  # (len(layers), len(heads), gh, gw)
+    attention_maps: np.ndarray  # (len(layers), len(heads), gh, gw); map: (1, len(heads), gh, gw), the pooling head's
     rollout_map: np.ndarray  # (gh, gw)
     distance: np.ndarray  # (depth, heads) pixels
     posemb: np.ndarray | None  # (gh, gw, gh, gw) or None
@@ -147,10 +153,10 @@ def explain(model, image, layers=None, heads=None, topk: int = 5, filters: int =
     R = c.num_prefix_tokens
     gh, gw = c.grid_size
     query = readout_query(model)
+    pool = pool_attention(model, x)  # (heads, T) for attention pooling, else None
     A = np.stack([a[0].double().numpy() for a in attns])  # (depth, heads, T, T)
-    rows = _query_rows(A, query, R)  # (depth, heads, T)
-    maps = rows[layers][:, heads, R:].reshape(len(layers), len(heads), gh, gw)
-    rmap = _query_rows(rollout(attns)[0], query, R)[R:].reshape(gh, gw)
+    maps = readout_maps(model, A, layers, heads, query, pool)
+    rmap = _query_rows(rollout(attns)[0], query, R, pool)[R:].reshape(gh, gw)
     dist = mean_attention_distance(attns, (gh, gw), c.patch_hw, R)
     img = display_image(model, x)
     tokens = patch_tokens(img, c.patch_hw)
@@ -165,13 +171,13 @@ def explain(model, image, layers=None, heads=None, topk: int = 5, filters: int =
     info.update({"model": c.name or "vit", "image_size": f"{c.image_hw[0]}x{c.image_hw[1]}",
                  "patch_size": f"{c.patch_hw[0]}x{c.patch_hw[1]}", "grid": f"{gh}x{gw}",
                  "tokens": f"{R} prefix + {c.num_patches} patches", "pos_embed": c.pos_embed,
-                 "pooling": c.pooling, "readout query": "class token" if query == "cls" else "mean of patch queries",
+                 "pooling": c.pooling, "readout query": READOUT_NAMES[query],
                  "token shown": token_index})
     if model.pretrained_info:
         info["weights"] = json.dumps(model.pretrained_info, default=str)[:300]
     ex = Explanation(image=img, tokens=tokens, layers=layers, heads=heads, query=query, attentions=attns,
                      attention_maps=maps, rollout_map=rmap, distance=dist, posemb=posemb_similarity(model),
-                     filters=comps, filters_ratio=ratio, prefix=prefix_attention(model, attns),
+                     filters=comps, filters_ratio=ratio, prefix=prefix_attention(model, attns, pool),
                      predictions=preds, regression=regression, walkthrough=walk, info=info)
     ex.figures = make_figures(ex, c.patch_hw, token_index, c.pos_embed)
     return ex
@@ -184,7 +190,8 @@ def make_figures(ex: Explanation, patch_hw, token_index: int, pos_embed: str) ->
         "tokens": F.token_figure(ex.image, ex.tokens, patch_hw, token_index),
         "filters": F.filters_figure(ex.filters, ex.filters_ratio),
         "posemb": F.posemb_figure(ex.posemb, note),
-        "attention": F.attention_figure(ex.image, ex.attention_maps, ex.layers, ex.heads, ex.query),
+        "attention": F.attention_figure(ex.image, ex.attention_maps, ["attn_pool"] if ex.query == "map" else ex.layers,
+                                        ex.heads, ex.query),
         "rollout": F.rollout_figure(ex.image, ex.rollout_map, ex.query),
         "distance": F.distance_figure(ex.distance, ex.image.shape[:2]),
     }
