@@ -31,8 +31,7 @@ def add_arguments(p) -> None:
 def predict_files(model, files, top_k: int = 5, batch_size: int = 32, max_pixels: int | None = None,
                   progress: bool = False) -> list[dict]:
     """One result dict per file, in order: {"file", "predictions": [{"index","label","prob"}]} for
-    classifiers, {"file", "embedding": [...], "dim", "norm"} for embedding models (CLIP, SigLIP,
-    DINOv2, num_classes 0), {"file", "outputs": [...]} for regression, {"file", "error"} on failure."""
+    classifiers, {"file", "outputs": [...]} for regression / feature models, {"file", "error"} on failure."""
     import torch
 
     from ..data.image import load_image
@@ -51,7 +50,9 @@ def predict_files(model, files, top_k: int = 5, batch_size: int = 32, max_pixels
     pending: list[tuple[int, torch.Tensor]] = []
     from ..interop.labels import embedding_output
 
-    embedding = embedding_output(model)  # a softmax over embedding dimensions means nothing
+    # embedding models (CLIP, SigLIP, DINOv2, num_classes 0): {"file", "embedding", "dim", "norm"},
+    # never a softmax over embedding dimensions
+    embedding = embedding_output(model)
     classify = cfg.task == "classification" and cfg.num_classes > 0 and not embedding
     labels = model.labels
     if not classify:
