@@ -32,7 +32,13 @@ LAYOUTS = {
     "sincos2d": dict(pos_embed="sincos2d"),
     "pre_logits": dict(head_hidden_dim=32),
     "post_norm_registers_ls": dict(norm_first=False, num_registers=2, layer_scale=0.5),
+    "norm_pre_no_patch_bias": dict(norm_pre=True, patch_bias=False, head_bias=False),
+    "dist_token": dict(dist_token=True),
+    "map_pooling": dict(pooling="map"),
+    "dynamic_img_size": dict(dynamic_img_size=True),
 }
+# Parts the engine does not reproduce: the Predictor runs the model's forward, still equal.
+MODEL_PATH_LAYOUTS = {"swiglu": dict(mlp_layer="swiglu"), "rmsnorm": dict(norm_layer="rmsnorm")}
 
 
 def perturbed(**overrides) -> ViT:
@@ -60,8 +66,33 @@ def test_fp32_engine_equals_model(layout):
     assert p.path == "engine", p.notes
     got = p(x)
     assert got.shape == want.shape and got.dtype == torch.float32
-    # bit-identical through the full blocks; the class-token-only last block may round differently
-    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    # same kernels on the same views as the model's forward: the same bits
+    assert torch.equal(got, want), (got - want).abs().max()
+
+
+@pytest.mark.parametrize("layout", list(MODEL_PATH_LAYOUTS))
+def test_fp32_unknown_layouts_take_the_model_path(layout):
+    m = perturbed(**MODEL_PATH_LAYOUTS[layout])
+    x = batch(m)
+    p = Predictor(m)
+    assert p.path == "model" and p.notes
+    with torch.no_grad():
+        assert torch.equal(p(x), m(x))
+
+
+def test_dynamic_image_size_other_input_size():
+    m = perturbed(dynamic_img_size=True)
+    x = torch.randn(2, 3, 40, 24)
+    with torch.no_grad():
+        torch.testing.assert_close(Predictor(m)(x), m(x), rtol=0, atol=1e-6)
+
+
+def test_class_token_last_block_follows_the_model_switch():
+    m = perturbed()
+    m.last_block_prefix_only = False
+    x = batch(m)
+    with torch.no_grad():
+        assert torch.equal(Predictor(m)(x), m(x))  # every block in full: bit-identical
 
 
 def test_fp32_full_blocks_are_bit_exact():

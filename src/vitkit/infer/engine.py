@@ -8,8 +8,8 @@ per buffer instead of once per layer (~10x fewer faults, 1.07-1.25x over timm me
 this moved out of the model). Same kernels in the same order as the model's forward: the fp32
 output is bit-identical to ``model(x)`` for the full blocks (tested).
 
-What it walks: ``model.embed`` (patch embedding, prefix tokens, position embedding: the
-model's own code), an optional ``norm_pre``, then per block ``norm1``, ``attn.qkv``, SDPA,
+What it walks: ``model.embed`` (patch embedding, prefix tokens, position embedding,
+``norm_pre``: the model's own code), then per block ``norm1``, ``attn.qkv``, SDPA,
 ``attn.proj``, ``ls1``, ``norm2``, ``mlp.fc1``, ``mlp.act``, ``mlp.fc2``, ``ls2`` (pre- or
 post-norm), then ``model.norm`` and ``model.forward_head`` (pooling and head: the model's own
 code). With class-token pooling the last block computes token 0's output only (keys and values
@@ -164,7 +164,7 @@ class BlockPlan:
 class Plan:
     model: nn.Module
     blocks: list[BlockPlan]
-    first_token_only: bool  # class-token pooling: the last block computes token 0 alone
+    head_tokens: int | None  # class-token pooling: the last block computes these leading tokens alone
     modules: list[nn.Module]  # every module the walk replaces: hooks on them force the model's path
 
 
@@ -172,7 +172,7 @@ def _children(m: nn.Module) -> set[str]:
     return {n for n, _ in m.named_children()}
 
 
-def _plain_layernorm(m: Any) -> bool:
+def _plain_layernorm(m: Any) -> bool:  # what layer_norm_into reproduces
     return (type(m) is nn.LayerNorm and m.elementwise_affine and m.bias is not None
             and len(m.normalized_shape) == 1)
 
@@ -234,8 +234,6 @@ def plan_for(model: nn.Module, linear: str = "dense") -> tuple[Plan | None, str]
         if why:
             return None, why
     c = model.config
-    if getattr(c, "dist_token", False):
-        return None, "distillation token (two heads)"
     Lin = make_linear(linear)
     plans = []
     for blk in blocks:
@@ -247,11 +245,13 @@ def plan_for(model: nn.Module, linear: str = "dense") -> tuple[Plan | None, str]
             fc1=Lin(m.fc1), fc2=Lin(m.fc2), act=m.act,
             gamma1=None if blk.ls1 is None else blk.ls1.gamma, gamma2=None if blk.ls2 is None else blk.ls2.gamma,
             num_heads=int(a.num_heads), head_dim=int(a.head_dim), scale=float(a.scale)))
-    first = c.pooling == "cls" and bool(c.class_token)
+    # As the model's forward: a class-token head reads the class (and distillation) token only,
+    # unless the model turns that off (``last_block_prefix_only = False``).
+    head_tokens = None
+    if c.pooling == "cls" and getattr(model, "last_block_prefix_only", True):
+        head_tokens = 2 if getattr(c, "dist_token", False) else 1
     modules = list(blocks.modules()) + [model.norm]
-    if hasattr(model, "norm_pre"):
-        modules.append(model.norm_pre)
-    return Plan(model=model, blocks=plans, first_token_only=first, modules=modules), ""
+    return Plan(model=model, blocks=plans, head_tokens=head_tokens, modules=modules), ""
 
 
 # --------------------------------------------------------------------------- the walk
@@ -280,45 +280,42 @@ def _block_into(p: BlockPlan, x: torch.Tensor, ws: Workspace) -> torch.Tensor:
     return x
 
 
-def _first_token(p: BlockPlan, x: torch.Tensor, ws: Workspace) -> torch.Tensor:
-    """(B, N, D) -> (B, 1, D): the block's output for token 0 only. Every token is still a key
-    and a value; the query, the output projection, the residuals, the norms after attention and
-    the MLP run for token 0 alone (~1/6 of the block's cost at 197 tokens)."""
+def _leading_tokens(p: BlockPlan, x: torch.Tensor, k: int, ws: Workspace) -> torch.Tensor:
+    """(B, N, D) -> (B, k, D): the block's output for the first k tokens only (what a class-token
+    head reads; k = 2 with a distillation token). Every token is still a key and a value; the
+    queries, the output projection, the residuals, the norms after attention and the MLP run
+    for those k tokens alone (~1/6 of the block's cost at 197 tokens). The same calls on the
+    same views as the model's ``Block.forward(x, num_queries=k)``, so the same bits."""
     B, N, D = x.shape
     h = layer_norm_into(p.norm1, x, ws) if p.norm_first else x
-    q = p.q(h[:, 0].contiguous())  # (B, D)
+    q = p.q(h[:, :k]).reshape(B, k, p.num_heads, p.head_dim).transpose(1, 2)  # (B, heads, k, hd)
     kv = p.kv(h.reshape(B * N, D), ws.get("qkv", B * N, 2 * D))
-    q = q.view(B, 1, p.num_heads, p.head_dim).transpose(1, 2)  # (B, heads, 1, hd)
-    k, v = kv.view(B, N, 2, p.num_heads, p.head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # (B, heads, N, hd)
-    o = F.scaled_dot_product_attention(q, k, v, scale=p.scale)
-    a = p.proj(o.transpose(1, 2).reshape(B, D))
+    k_, v = kv.view(B, N, 2, p.num_heads, p.head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # (B, heads, N, hd)
+    o = F.scaled_dot_product_attention(q, k_, v, scale=p.scale)
+    a = p.proj(o.transpose(1, 2).reshape(B, k, D))
     if p.gamma1 is not None:
         a = a * p.gamma1
-    x0 = x[:, 0] + a  # (B, D)
+    x0 = x[:, :k] + a  # (B, k, D)
     if not p.norm_first:
-        x0 = F.layer_norm(x0, (D,), p.norm1.weight, p.norm1.bias, p.norm1.eps)
-    h = F.layer_norm(x0, (D,), p.norm2.weight, p.norm2.bias, p.norm2.eps) if p.norm_first else x0
+        x0 = p.norm1(x0)
+    h = p.norm2(x0) if p.norm_first else x0
     m = p.fc2(act_(p.act, p.fc1(h)))
     if p.gamma2 is not None:
         m = m * p.gamma2
     x0 = x0 + m
-    if not p.norm_first:
-        x0 = F.layer_norm(x0, (D,), p.norm2.weight, p.norm2.bias, p.norm2.eps)
-    return x0[:, None]
+    return p.norm2(x0) if not p.norm_first else x0
 
 
 def run(plan: Plan, x: torch.Tensor) -> torch.Tensor:
     """Image (B, C, H, W) -> what ``plan.model(x)`` returns, in eval mode without autograd."""
     m = plan.model
-    t = m.embed(x)  # (B, R+N, D): the model's own patch/prefix/position code
-    if hasattr(m, "norm_pre"):
-        t = m.norm_pre(t)
+    t = m.embed(x)  # (B, R+N, D): the model's own patch/prefix/position/norm_pre code
     B, N, D = t.shape
     ws = Workspace(t)
     s = ws.get("stream", B, N, D).copy_(t)  # owned here: blocks update it in place
-    full = plan.blocks[:-1] if plan.first_token_only else plan.blocks
-    for p in full:
+    k = plan.head_tokens
+    for p in plan.blocks[:-1] if k else plan.blocks:
         s = _block_into(p, s, ws)
-    if plan.first_token_only:
-        s = _first_token(plan.blocks[-1], s, ws)
+    if k:
+        s = _leading_tokens(plan.blocks[-1], s, k, ws)
     return m.forward_head(m.norm(s))
