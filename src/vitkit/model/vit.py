@@ -261,9 +261,16 @@ class ViT(nn.Module):
     def _run_blocks(self, x: torch.Tensor, last_queries: int | None = None) -> torch.Tensor:
         """Tokens entering block 0 -> tokens after the final norm; ``last_queries=k``: the last
         block computes the first k tokens' outputs alone, (B, k, D)."""
-        last = len(self.blocks) - 1
-        for i, blk in enumerate(self.blocks):
-            x = self._block(blk, x, last_queries if i == last else None)
+        if self.grad_checkpointing:
+            last = len(self.blocks) - 1
+            for i, blk in enumerate(self.blocks):
+                x = self._block(blk, x, last_queries if i == last else None)
+            return self.norm(x)
+        blocks = self.blocks
+        for i in range(len(blocks) - (last_queries is not None)):
+            x = blocks[i](x)
+        if last_queries is not None:
+            x = blocks[-1](x, last_queries)
         return self.norm(x)
 
     def forward_features(self, x: torch.Tensor, return_attention: bool = False):
