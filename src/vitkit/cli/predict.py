@@ -23,26 +23,39 @@ def add_arguments(p) -> None:
                    help="refuse images with more pixels than this (default: vitkit.data.image's 100 megapixels)")
     p.add_argument("--format", default=None, help="force the checkpoint format (vitkit, timm, hf, torchvision, jax)")
     p.add_argument("--num-heads", type=int, default=None, help="attention heads, for checkpoints that cannot say")
+    add_dtype_argument(p)
+
+
+def add_dtype_argument(p) -> None:
+    """``--dtype`` as predict and explain take it (see vitkit.infer.Predictor)."""
+    p.add_argument("--dtype", choices=["fp32", "bf16", "int8"], default="fp32",
+                   help="inference precision (vitkit.infer.Predictor): fp32 is exact; bf16 (CPUs with native "
+                        "bf16, else fp32 with a note; GPUs) and int8 (dynamic quantization, CPU) are faster "
+                        "approximations, see docs/inference.md for their agreement with fp32")
 
 
 def predict_files(model, files, top_k: int = 5, batch_size: int = 32, max_pixels: int | None = None,
-                  progress: bool = False) -> list[dict]:
+                  progress: bool = False, dtype: str = "fp32") -> list[dict]:
     """One result dict per file, in order: {"file", "predictions": [{"index","label","prob"}]} for
-    classifiers, {"file", "outputs": [...]} for regression / feature models, {"file", "error"} on failure."""
+    classifiers, {"file", "outputs": [...]} for regression / feature models, {"file", "error"} on failure.
+    The forward runs through ``vitkit.infer.Predictor(model, dtype)``."""
     import torch
     from tqdm import tqdm
 
     from ..data.image import DEFAULT_MAX_PIXELS, load_image
+    from ..data.transforms import eval_transform
     from ..errors import InputError
+    from ..infer import Predictor
+    from ..preprocess import Preprocess
 
     if top_k < 1:
         raise InputError(f"--top-k must be >= 1, got {top_k}")
     if batch_size < 1:
         raise InputError(f"--batch-size must be >= 1, got {batch_size}")
     cfg = model.config
-    transform = model.preprocess
+    transform = eval_transform(Preprocess.of(model))
     mode = "L" if cfg.in_channels == 1 else "RGB"
-    device = next(model.parameters()).device
+    predictor = Predictor(model.eval(), dtype)
     results: list[dict] = [{"file": str(f)} for f in files]
     pending: list[tuple[int, torch.Tensor]] = []
     classify = cfg.task == "classification" and cfg.num_classes > 0
@@ -52,8 +65,7 @@ def predict_files(model, files, top_k: int = 5, batch_size: int = 32, max_pixels
         if not pending:
             return
         idx, xs = zip(*pending)
-        with torch.no_grad():
-            out = model(torch.stack(xs).to(device)).float().cpu()
+        out = predictor(torch.stack(xs)).cpu()
         for i, row in zip(idx, out):
             if classify:
                 probs = row.softmax(-1)
@@ -94,7 +106,8 @@ def run(args) -> int:
         kw["num_heads"] = args.num_heads
     model = from_pretrained(source, device=args.device, **kw).eval()
     results = predict_files(model, args.images, top_k=args.top_k, batch_size=args.batch_size,
-                            max_pixels=args.max_pixels, progress=len(args.images) > args.batch_size and not args.json)
+                            max_pixels=args.max_pixels, progress=len(args.images) > args.batch_size and not args.json,
+                            dtype=args.dtype)
     failed = [r for r in results if "error" in r]
     if args.json:
         print(json.dumps({"model": str(source), "results": results}, indent=2))
