@@ -19,6 +19,7 @@ effective rates (model FLOPs per second), as MFU is defined.
 from __future__ import annotations
 
 import contextlib
+import functools
 import statistics
 import time
 from collections.abc import Callable
@@ -226,7 +227,7 @@ def predictor_steps(model: nn.Module, x: torch.Tensor, dtypes: tuple[str, ...]) 
     steps, notes = {}, {}
     for dt in dtypes:
         p = Predictor(model, dt)
-        steps[f"vitkit-{dt}"] = (lambda p: lambda: p(x))(p)
+        steps[f"vitkit-{dt}"] = functools.partial(p, x)
         notes[f"vitkit-{dt}"] = f"Predictor {p.dtype} ({p.path})" + (f": {'; '.join(p.notes)}" if p.notes else "")
     return steps, notes
 
