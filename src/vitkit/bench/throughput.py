@@ -276,10 +276,10 @@ def run_benchmark(
     """Time vitkit (and timm, when installed) on one configuration; returns one result per impl.
     Training steps use each library's AdamW factory unless ``same_optimizer`` (module docstring).
 
-    Inference on the CPU can add ``vitkit.infer.Predictor`` paths (``predictor=("fp32", "bf16",
-    "int8")``: impls "vitkit-fp32", ...) and ONNX Runtime's dynamic int8 quantization of the
-    exported model (``ort_int8``: impl "ort-int8"), timed in the same interleaved rounds; every
-    impl's ratio is against timm fp32 eager (without autocast, whatever ``dtype`` says)."""
+    fp32 inference on the CPU can add ``vitkit.infer.Predictor`` paths (``predictor=("fp32",
+    "bf16", "int8")``: impls "vitkit-fp32", ...) and ONNX Runtime's dynamic int8 quantization of
+    the exported model (``ort_int8``: impl "ort-int8"), timed in the same interleaved rounds;
+    every impl's ratio is against timm (fp32 eager there). Other modes ignore both."""
     from .. import create_model
 
     if dtype not in DTYPES:
@@ -311,7 +311,9 @@ def run_benchmark(
             m = torch.compile(m)
         steps[impl] = make_step(m, x, y, train, dtype, dev, opt=opt)
     notes: dict[str, str] = {}
-    extra = not train and not compile and dev.type == "cpu"
+    # The Predictor picks its own precision: its rows (and ORT's) go with fp32 CPU inference,
+    # where timm's row is fp32 eager, the reference the goals name.
+    extra = not train and not compile and dev.type == "cpu" and dtype == "fp32"
     if predictor and extra:
         more, notes = predictor_steps(model, x, tuple(predictor))
         steps.update(more)
@@ -321,10 +323,6 @@ def run_benchmark(
 
         tmp = tempfile.TemporaryDirectory(prefix="vitkit-bench-")
         steps["ort-int8"], notes["ort-int8"] = ort_int8_step(model, x, tmp.name)
-    if "timm" in steps and dtype != "fp32" and len(steps) > 2:
-        # the Predictor/ORT ratios are against timm fp32 eager: time that, not timm under autocast
-        steps["timm"] = make_step(models["timm"], x, y, train, "fp32", dev)
-        notes["timm"] = "fp32 eager (the reference of every ratio)"
     try:
         times, faults = time_steps(steps, dev, warmup, runs, progress=progress)
     finally:
@@ -346,7 +344,7 @@ def run_benchmark(
         med = statistics.median(ts)
         ips = batch_size / med
         achieved = flops_per_image * ips
-        row_dtype = impl.split("-")[1] if "-" in impl else ("fp32" if impl in notes else dtype)
+        row_dtype = impl.split("-")[1] if "-" in impl else dtype
         results.append(BenchResult(
             name=c.name or "custom", impl=impl, batch_size=batch_size, dtype=row_dtype, device=dev.type,
             mode="train" if train else "inference", compiled=compile, times_s=ts, median_s=med,

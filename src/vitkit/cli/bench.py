@@ -8,7 +8,7 @@ DESCRIPTION = (
     "warmed up and interleaved round by round, and reports medians and the vitkit/timm ratio. "
     "Inference reports images/s (higher is better); --train reports the time of one step of "
     "forward + cross-entropy + backward + AdamW (lower is better). On CUDA, MFU is reported too. "
-    "CPU inference also times vitkit.infer.Predictor (--predictor) and, with --ort-int8, ONNX Runtime's "
+    "fp32 CPU inference also times vitkit.infer.Predictor (--predictor) and, with --ort-int8, ONNX Runtime's "
     "dynamic int8 quantization of the exported model, in the same rounds; every ratio is against timm "
     "fp32 eager. Rows: vitkit = the model's forward; vitkit-DTYPE = Predictor(model, DTYPE)."
 )
@@ -35,10 +35,10 @@ def add_arguments(p) -> None:
                         "alone); by default each uses its own library's AdamW factory, as its trainer does "
                         "(vitkit: fused kernel; timm: create_optimizer_v2)")
     p.add_argument("--predictor", nargs="*", choices=["fp32", "bf16", "int8"], default=["fp32", "bf16", "int8"],
-                   help="CPU inference: also time Predictor(model, DTYPE) for these dtypes (none: give the flag "
+                   help="fp32 CPU inference: also time Predictor(model, DTYPE) for these dtypes (none: give the flag "
                         "without values)")
     p.add_argument("--ort-int8", action="store_true",
-                   help="CPU inference: also time ONNX Runtime's dynamic int8 quantization of the exported model "
+                   help="fp32 CPU inference: also time ONNX Runtime's dynamic int8 quantization of the exported model "
                         "(the peer of --predictor int8; needs vitkit[onnx]; exporting takes a while)")
     p.add_argument("--json", action="store_true", help="print results as JSON lines")
 
