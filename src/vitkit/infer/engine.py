@@ -8,7 +8,8 @@ per buffer instead of once per layer (~10x fewer faults, 1.07-1.25x over timm me
 this moved out of the model). Same kernels in the same order as the model's forward: the fp32
 output is bit-identical to ``model(x)`` for the full blocks (tested).
 
-What it walks: ``model.embed`` (patch embedding, prefix tokens, position embedding,
+Norms: LayerNorm (into buffers) or RMSNorm (its own call); MLP: fc1-act-fc2 or the packed
+SwiGLU. What it walks: ``model.embed`` (patch embedding, prefix tokens, position embedding,
 ``norm_pre``: the model's own code), then per block ``norm1``, ``attn.qkv``, SDPA,
 ``attn.proj``, ``ls1``, ``norm2``, ``mlp.fc1``, ``mlp.act``, ``mlp.fc2``, ``ls2`` (pre- or
 post-norm), then ``model.norm`` and ``model.forward_head`` (pooling and head: the model's own
@@ -127,9 +128,11 @@ def act_(act: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x.copy_(act(x))  # QuickGELU and other elementwise modules: same values, one copy
 
 
-def layer_norm_into(norm: nn.LayerNorm, x: torch.Tensor, ws: Workspace, name: str = "norm") -> torch.Tensor:
+def layer_norm_into(norm: nn.Module, x: torch.Tensor, ws: Workspace, name: str = "norm") -> torch.Tensor:
     """``norm(x)`` for (B, N, D) x into a workspace buffer: the ``native_layer_norm`` kernel
-    ``F.layer_norm`` runs on the CPU, so bit-identical."""
+    ``F.layer_norm`` runs on the CPU, so bit-identical. RMSNorm: its own call (allocates)."""
+    if type(norm) is nn.RMSNorm:
+        return norm(x)
     B, N, D = x.shape
     out, _, _ = torch.ops.aten.native_layer_norm.out(
         x, [D], norm.weight, norm.bias, norm.eps,
@@ -153,6 +156,7 @@ class BlockPlan:
     fc1: Any
     fc2: Any
     act: nn.Module
+    glu: bool  # SwiGLU: fc1 gives [gate; value], act(gate) * value feeds fc2
     gamma1: torch.Tensor | None
     gamma2: torch.Tensor | None
     num_heads: int
@@ -173,6 +177,8 @@ def _children(m: nn.Module) -> set[str]:
 
 
 def _plain_layernorm(m: Any) -> bool:  # what layer_norm_into reproduces
+    if type(m) is nn.RMSNorm:
+        return len(m.normalized_shape) == 1
     return (type(m) is nn.LayerNorm and m.elementwise_affine and m.bias is not None
             and len(m.normalized_shape) == 1)
 
@@ -191,7 +197,7 @@ def _block_reason(i: int, blk: nn.Module) -> str | None:
         return f"block {i} does not say whether it is pre- or post-norm"
     for n in ("norm1", "norm2"):
         if not _plain_layernorm(getattr(blk, n, None)):
-            return f"block {i} {n} is {type(getattr(blk, n, None)).__name__}, not a plain LayerNorm"
+            return f"block {i} {n} is {type(getattr(blk, n, None)).__name__}, not a plain LayerNorm or RMSNorm"
     attn, mlp = getattr(blk, "attn", None), getattr(blk, "mlp", None)
     if attn is None or type(attn).__name__ != "Attention" or _children(attn) - {"qkv", "proj", "proj_drop"}:
         return f"block {i} attention is not the plain fused-qkv Attention"
@@ -199,8 +205,10 @@ def _block_reason(i: int, blk: nn.Module) -> str | None:
         return f"block {i} attention projections are not nn.Linear"
     if not all(hasattr(attn, a) for a in ("num_heads", "head_dim", "scale")):
         return f"block {i} attention lacks num_heads/head_dim/scale"
-    if mlp is None or type(mlp).__name__ != "Mlp" or _children(mlp) - {"fc1", "act", "fc2", "drop"}:
-        return f"block {i} MLP is not the plain fc1-act-fc2 Mlp ({type(mlp).__name__})"
+    if mlp is None or type(mlp).__name__ not in ("Mlp", "SwiGLU") or _children(mlp) - {"fc1", "act", "fc2", "drop"}:
+        return f"block {i} MLP is not the plain fc1-act-fc2 Mlp or the packed SwiGLU ({type(mlp).__name__})"
+    if type(mlp).__name__ == "SwiGLU" and not (type(mlp.act) is nn.SiLU and mlp.fc1.out_features == 2 * mlp.fc2.in_features):
+        return f"block {i} SwiGLU is not the packed [gate; value] fc1 with a SiLU gate"
     if not (type(mlp.fc1) is nn.Linear and type(mlp.fc2) is nn.Linear):
         return f"block {i} MLP layers are not nn.Linear"
     if not _is_quickgelu_or_known(mlp.act):
@@ -242,7 +250,7 @@ def plan_for(model: nn.Module, linear: str = "dense") -> tuple[Plan | None, str]
         plans.append(BlockPlan(
             norm_first=blk.norm_first, norm1=blk.norm1, norm2=blk.norm2,
             qkv=Lin(a.qkv), q=Lin(a.qkv, slice(0, D)), kv=Lin(a.qkv, slice(D, None)), proj=Lin(a.proj),
-            fc1=Lin(m.fc1), fc2=Lin(m.fc2), act=m.act,
+            fc1=Lin(m.fc1), fc2=Lin(m.fc2), act=m.act, glu=type(m).__name__ == "SwiGLU",
             gamma1=None if blk.ls1 is None else blk.ls1.gamma, gamma2=None if blk.ls2 is None else blk.ls2.gamma,
             num_heads=int(a.num_heads), head_dim=int(a.head_dim), scale=float(a.scale)))
     # As the model's forward: a class-token head reads the class (and distillation) token only,
@@ -271,7 +279,12 @@ def _block_into(p: BlockPlan, x: torch.Tensor, ws: Workspace) -> torch.Tensor:
         x.copy_(layer_norm_into(p.norm1, x, ws))
     h = layer_norm_into(p.norm2, x, ws) if p.norm_first else x
     hid = p.fc1(h.reshape(B * N, D), ws.get("hidden", B * N, p.fc1.out_features))
-    m = p.fc2(act_(p.act, hid), ws.get("out", B * N, D))
+    if p.glu:  # act(gate) * value into a contiguous buffer: the input fc2 gets in the model
+        gate, value = hid.chunk(2, dim=-1)
+        hid = torch.mul(act_(p.act, gate), value, out=ws.get("glu", B * N, gate.shape[1]))
+    else:
+        hid = act_(p.act, hid)
+    m = p.fc2(hid, ws.get("out", B * N, D))
     if p.gamma2 is not None:
         m.mul_(p.gamma2)
     flat.add_(m)
@@ -299,7 +312,11 @@ def _leading_tokens(p: BlockPlan, x: torch.Tensor, k: int, ws: Workspace) -> tor
     if not p.norm_first:
         x0 = p.norm1(x0)
     h = p.norm2(x0) if p.norm_first else x0
-    m = p.fc2(act_(p.act, p.fc1(h)))
+    if p.glu:
+        gate, value = p.fc1(h).chunk(2, dim=-1)
+        m = p.fc2(p.act(gate) * value)
+    else:
+        m = p.fc2(act_(p.act, p.fc1(h)))
     if p.gamma2 is not None:
         m = m * p.gamma2
     x0 = x0 + m
