@@ -20,8 +20,11 @@ def add_arguments(p) -> None:
     p.add_argument("--batch-size", "-b", type=int, default=32, help="images per forward pass")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, mps)")
     p.add_argument("--max-pixels", type=int, default=None,
-                   help="refuse images with more pixels than this (default: vitkit.data.image's 100 megapixels)")
-    p.add_argument("--format", default=None, help="force the checkpoint format (vitkit, timm, hf, torchvision, jax)")
+                   help="refuse images with more pixels than this (default: VITKIT_MAX_IMAGE_PIXELS, else 100 megapixels)")
+    from ..interop.formats import READ_FORMATS
+
+    p.add_argument("--format", default=None, choices=READ_FORMATS,
+                   help="the format of the model you READ (default: detected from its files; predict writes no model)")
     p.add_argument("--num-heads", type=int, default=None, help="attention heads, for checkpoints that cannot say")
     add_dtype_argument(p)
 
@@ -40,13 +43,13 @@ def predict_files(model, files, top_k: int = 5, batch_size: int = 32, max_pixels
     classifiers, {"file", "outputs": [...]} for regression / feature models, {"file", "error"} on failure.
     The forward runs through ``vitkit.infer.Predictor(model, dtype)``."""
     import torch
-    from tqdm import tqdm
 
-    from ..data.image import DEFAULT_MAX_PIXELS, load_image
+    from ..data.image import load_image
     from ..data.transforms import eval_transform
     from ..errors import InputError
     from ..infer import Predictor
     from ..preprocess import Preprocess
+    from ..progress import progress_bar
 
     if top_k < 1:
         raise InputError(f"--top-k must be >= 1, got {top_k}")
@@ -60,6 +63,10 @@ def predict_files(model, files, top_k: int = 5, batch_size: int = 32, max_pixels
     pending: list[tuple[int, torch.Tensor]] = []
     classify = cfg.task == "classification" and cfg.num_classes > 0
     labels = model.labels
+    if not classify:
+        from ..interop.labels import output_names
+
+        names = output_names(model) if cfg.num_classes > 0 else None
 
     def flush() -> None:
         if not pending:
@@ -75,11 +82,13 @@ def predict_files(model, files, top_k: int = 5, batch_size: int = 32, max_pixels
                     for pi, ci in zip(p, c)]
             else:
                 results[i]["outputs"] = [float(v) for v in row]
+                if names is not None:
+                    results[i]["names"] = names
         pending.clear()
 
-    for i, f in enumerate(tqdm(files, desc="predict", unit="img", disable=not progress)):
+    for i, f in enumerate(progress_bar(files, desc="predict", unit="img", disable=not progress)):
         try:
-            img = load_image(f, mode=mode, max_pixels=max_pixels or DEFAULT_MAX_PIXELS)
+            img = load_image(f, mode=mode, max_pixels=max_pixels)
             x = transform(img)
             if x.shape[0] != cfg.in_channels:
                 raise InputError(f"{f}: preprocessing gave {x.shape[0]} channels, model expects {cfg.in_channels}")
@@ -120,6 +129,10 @@ def run(args) -> int:
                 width = max(len(p["label"]) for p in r["predictions"])
                 for rank, p in enumerate(r["predictions"], 1):
                     print(f"  {rank:>2}. {p['label']:<{width}}  {p['prob']:.4f}")
+            elif "names" in r:
+                width = max(len(n) for n in r["names"])
+                for n, v in zip(r["names"], r["outputs"]):
+                    print(f"  {n:<{width}}  {v:.6g}")
             else:
                 print("  outputs: " + ", ".join(f"{v:.6g}" for v in r["outputs"]))
     for r in failed:

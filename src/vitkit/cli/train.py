@@ -5,7 +5,8 @@ from __future__ import annotations
 HELP = "train a ViT (default: the 8x8 digits that ship with scikit-learn) and write a run directory"
 DESCRIPTION = """Train a Vision Transformer. With no arguments: the digits recipe (about a minute on 2 CPU cores).
 Options come from the defaults, then --config FILE (yaml or json), then the --key value flags below.
-The run directory (--out, default runs/<timestamp>) receives config.yaml, metrics.jsonl, summary.json,
+The run directory (--out: new or empty; default a fresh runs/<timestamp>-<suffix>; --overwrite replaces a
+run there) belongs to this run alone (locked while it runs) and receives config.yaml, metrics.jsonl, summary.json,
 best/ and last/ (vitkit models: `vitkit predict --model RUN_DIR img.png`), train_state.pt (for --resume),
 curves.png and confusion_matrix.png. SIGINT/SIGTERM saves the state and exits non-zero; continue with
 --resume RUN_DIR. Multi-process: torchrun --nproc_per_node N -m vitkit train ... (see docs/training.md)."""
@@ -24,7 +25,9 @@ def add_arguments(p) -> None:
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
-        help_ = f.metadata.get("help", f.name) + f" (default: {default if not isinstance(default, tuple) else ' '.join(map(str, default))})"
+        help_ = f.metadata.get("help", f.name)
+        if default is not None and "default" not in help_:  # each default said once (see cli.main.HelpFormatter)
+            help_ += f" (default: {default if not isinstance(default, tuple) else ' '.join(map(str, default))})"
         if isinstance(default, bool):
             p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                            help=help_)
@@ -50,7 +53,7 @@ def config_from_args(args):
             from ..errors import CheckpointError
 
             raise CheckpointError(f"--resume {args.resume}: no {CONFIG_FILE} there (not a vitkit training run)")
-        base = read_config_file(saved)
+        base = read_config_file(saved, note=lambda msg: None)  # the run dir is --resume's argument
     if getattr(args, "config", None):
         base.update(read_config_file(args.config))
     return TrainConfig.from_dict({**base, **flags})

@@ -35,6 +35,7 @@ from .checkpoint import STATE_NAME, load_state, rng_state, save_state, set_rng_s
 from .config import TrainConfig
 from .distributed import all_reduce_sum, barrier, cleanup, init_distributed, shard, wrap_model
 from .optim import build_optimizer, lr_at, set_lr
+from .rundir import claim_run_dir
 
 CONFIG_FILE = "config.yaml"
 _STEP_SLEEP = float(os.environ.get("VITKIT_TEST_STEP_SLEEP", "0") or 0)
@@ -119,10 +120,9 @@ def preprocess_cfg(data: DataSplits) -> dict[str, Any]:
             "interpolation": "bilinear", "crop_pct": 1.0}
 
 
-def make_run_dir(cfg: TrainConfig) -> Path:
-    if cfg.out:
-        return Path(cfg.out)
-    return Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+def make_run_dir(cfg: TrainConfig) -> Path | None:
+    """``--out``, or None: ``claim_run_dir`` then creates a fresh ``runs/<timestamp>-<suffix>``."""
+    return Path(cfg.out) if cfg.out else None
 
 
 def _unwrap(model):
@@ -156,7 +156,20 @@ class _SignalFlag:
 
 # --------------------------------------------------------------------------- the loop
 def train(cfg: TrainConfig, resume: str | Path | None = None, log=print) -> dict[str, Any]:
-    """Train (or resume) one run; returns the summary dict (also written to summary.json)."""
+    """Train (or resume) one run; returns the summary dict (also written to summary.json).
+
+    The run directory is claimed (locked, checked, cleared on --overwrite) before anything else, by
+    rank 0 only: the other ranks of a torchrun job get its name from rank 0 once the group is up."""
+    if resume is not None and cfg.overwrite:
+        raise ConfigError("--overwrite replaces a run with a new one; it cannot be combined with --resume")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) != 0:
+        return _train(cfg, resume, log, None)
+    with claim_run_dir(Path(resume) if resume is not None else make_run_dir(cfg), overwrite=cfg.overwrite,
+                       resume=resume is not None) as run_dir:
+        return _train(cfg, resume, log, run_dir)
+
+
+def _train(cfg: TrainConfig, resume: str | Path | None, log, run_dir: Path | None) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     t0 = time.time()
@@ -170,6 +183,10 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, log=print) -> dict
     dist = init_distributed(device.type)
     if dist.enabled and device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
+    if dist.enabled:  # rank 0 claimed the run directory; the others write nothing but must know it
+        names = [str(run_dir) if run_dir is not None else None]
+        torch.distributed.broadcast_object_list(names, src=0)
+        run_dir = Path(names[0])
     main = dist.is_main
     say = log if main else (lambda *a, **k: None)
     if cfg.deterministic:
@@ -190,8 +207,6 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, log=print) -> dict
     n_params = model.num_params()
     threads = set_threads(cfg, n_params, device)
     model.to(device)
-    if resume is None:
-        run_dir = make_run_dir(cfg)
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(run_dir / CONFIG_FILE)
