@@ -18,6 +18,7 @@ from .errors import CheckpointError, ConfigError, InputError, VitkitError
 from .io import load_model
 from .io import save_pretrained as _save_pretrained
 from .model.vit import ViT
+from .preprocess import Preprocess, preprocess_property
 
 __version__ = "0.1.0"
 
@@ -64,8 +65,11 @@ _save_pretrained_method.__doc__ = save_pretrained.__doc__
 _export_to_method.__doc__ = export_to.__doc__
 ViT.save_pretrained = _save_pretrained_method  # type: ignore[attr-defined]
 ViT.export_to = _export_to_method  # type: ignore[attr-defined]
+# ``model.preprocess_cfg`` accepts a dict (or None, or a Preprocess) and stores a validated
+# Preprocess; attached here like the methods above so the model package stays torch-only.
+ViT.preprocess_cfg = preprocess_property()  # type: ignore[attr-defined]
 
 __all__ = [
     "ViT", "ViTConfig", "PRESETS", "create_model", "list_models", "get_config", "resolve_name", "load_model",
-    "from_pretrained", "save_pretrained", "export_to", "VitkitError", "ConfigError", "InputError", "CheckpointError", "__version__",
+    "Preprocess", "from_pretrained", "save_pretrained", "export_to", "VitkitError", "ConfigError", "InputError", "CheckpointError", "__version__",
 ]

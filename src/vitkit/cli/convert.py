@@ -30,7 +30,9 @@ def run(args) -> int:
     size = None
     if args.image_size:
         if len(args.image_size) > 2:
-            raise ValueError(f"--image-size takes 1 or 2 numbers, got {args.image_size}")
+            from ..errors import ConfigError
+
+            raise ConfigError(f"--image-size takes 1 or 2 numbers, got {args.image_size}")
         size = args.image_size[0] if len(args.image_size) == 1 else tuple(args.image_size)
     kw = {}
     if args.num_heads:

@@ -48,6 +48,9 @@ def add_arguments(p) -> None:
                    help="refuse images with more pixels than this (default: VITKIT_MAX_IMAGE_PIXELS, else 100 megapixels)")
     p.add_argument("--out", default="explain_out", help="output directory for report.html and the PNG figures")
     p.add_argument("--device", default="cpu", help="torch device")
+    from .predict import add_dtype_argument
+
+    add_dtype_argument(p)  # the predictions; attention maps always come from the model's fp32 explicit path
 
 
 def run(args) -> int:
@@ -58,8 +61,9 @@ def run(args) -> int:
     from .. import from_pretrained
     from ..data.image import load_image
     from ..errors import InputError
+    from ..infer import Predictor
     from ..io import model_source_or_latest_run
-    from ..viz.report import explain, write_report
+    from ..viz.report import _predictions, explain, prepare_image, write_report
 
     layers, heads = _indices(args.layers), _indices(args.heads)
     if args.topk < 1:
@@ -76,6 +80,12 @@ def run(args) -> int:
     mode = "L" if model.config.in_channels == 1 else "RGB"
     img = probe.convert(mode)
     ex = explain(model, img, layers=layers, heads=heads, topk=args.topk, filters=args.filters)
+    # The predictions come from the Predictor at the asked precision (fp32: the same numbers as
+    # the explicit path); the maps need the attention weights, which only the model returns.
+    predictor = Predictor(model, args.dtype)
+    x, _ = prepare_image(model, img)
+    ex.predictions, ex.regression = _predictions(model, predictor(x), args.topk)
+    ex.info["predictions"] = f"{predictor.dtype} ({predictor.path})"
     ex.info["source"] = str(args.image)
     ex.info["model source"] = source
     c = model.config

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.datasets import load_batch
+from ..errors import ConfigError
 from ..train.distributed import DistInfo, all_reduce_sum
 from ..train.metrics import classification_report, confusion_matrix, regression_report, regression_stats
 
@@ -108,7 +109,7 @@ def evaluate_model(model, splits, split: str = "test", **kw) -> dict[str, Any]:
     pre = getattr(model, "preprocess_cfg", None) or {}
     ds = getattr(splits, split)
     if ds is None:
-        raise ValueError(f"dataset {splits.name!r} has no {split} split")
+        raise ConfigError(f"dataset {splits.name!r} has no {split} split")
     return evaluate(model, ds, task=splits.task, num_outputs=splits.num_outputs,
                     mean=pre.get("mean", splits.mean), std=pre.get("std", splits.std),
                     labels=splits.classes, **kw)

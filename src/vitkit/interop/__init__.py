@@ -116,10 +116,8 @@ def from_pretrained(source, arch: Any = None, format: str | None = None, strict:
     The returned model (eval mode) carries ``pretrained_info`` (format, source, load report),
     ``preprocess_cfg`` and ``labels``.
     """
-    from ..io import load_model
-    from ..model.vit import ViT
+    from ..io import read_converted
     from .hub import download, looks_like_hub_id
-    from .labels import default_labels
 
     src = str(source)
     info: dict[str, Any] = {}
@@ -131,20 +129,27 @@ def from_pretrained(source, arch: Any = None, format: str | None = None, strict:
     adapt = {k: v for k, v in (("image_size", image_size), ("num_classes", num_classes),
                                ("in_channels", in_channels)) if v is not None}
     if fmt == "vitkit":
-        model = load_model(source, strict=strict, **overrides)
-        conv = Converted(config=model.config, state=model.state_dict(), format="vitkit", source=str(source),
-                         preprocess=model.preprocess_cfg, labels=model.labels)
-        base_info = dict(model.pretrained_info or {})
-        # the config says how the source resamples (pos_resample); copies saved before that field
-        # existed kept the name in pretrained_info
-        legacy = base_info.pop("pos_resample", None)
-        if legacy and "pos_resample" not in overrides and conv.config.pos_resample == "timm":
-            conv.config = conv.config.replace(pos_resample=str(legacy))
+        conv = read_converted(source)  # tensors + config, no model built yet
     else:
         conv = convert_source(source, fmt, arch, hints={**overrides, **adapt})
-        if overrides:
-            conv.config = conv.config.replace(**overrides)
-        base_info = {}
+    if overrides:
+        conv.config = conv.config.replace(**overrides)
+    return load_converted(conv, adapt=adapt, strict=strict, device=device, source=src, info=info)
+
+
+def load_converted(conv: Converted, adapt: dict[str, Any] | None = None, strict: bool = True,
+                   device: str | Any = "cpu", source: str | None = None, info: dict[str, Any] | None = None):
+    """The one place a model is built and loaded, for every format (vitkit's own included):
+    adapt the tensors to ``adapt`` (image_size / num_classes / in_channels), build the ViT once,
+    copy every tensor through the strict name-and-shape check (:func:`load_into`), attach
+    preprocessing, labels and ``pretrained_info`` (with the load report)."""
+    from ..model.vit import ViT
+    from ..preprocess import Preprocess
+    from .labels import default_labels
+
+    adapt = adapt or {}
+    src = source or conv.source
+    fmt = conv.format
     report = LoadReport(source=src, format=fmt, notes=list(conv.notes))
     report.unexpected.extend(conv.unexpected)
     target = conv.config.replace(**adapt) if adapt else conv.config
@@ -156,19 +161,17 @@ def from_pretrained(source, arch: Any = None, format: str | None = None, strict:
     for note in report.notes:
         log.info("%s: %s", src, note)
 
-    pre = dict(conv.preprocess) if conv.preprocess else None
-    if pre is not None and (adapt.get("image_size") is not None or adapt.get("in_channels") is not None):
-        C, (H, W) = target.in_channels, target.image_hw
-        pre["input_size"] = [C, H, W]
-        if len(pre.get("mean", [])) != C:
-            pre["mean"] = [sum(pre["mean"]) / len(pre["mean"])] * C
-            pre["std"] = [sum(pre["std"]) / len(pre["std"])] * C
+    pre = Preprocess.coerce(conv.preprocess, where=src)
+    if pre is not None and (target.in_channels, *target.image_hw) != pre.input_size:
+        if (target.in_channels, target.image_hw) != (conv.config.in_channels, conv.config.image_hw):
+            pre = pre.for_input(target.in_channels, target.image_hw)  # the model was resized here
     model.preprocess_cfg = pre
     labels = conv.labels if conv.labels and len(conv.labels) == target.num_classes else None
     if labels is None and target.num_classes == conv.config.num_classes:
         labels = default_labels(target.num_classes) if fmt != "vitkit" else None
     model.labels = labels
-    model.pretrained_info = {**base_info, "format": fmt, "source": src, **info, **conv.info,
+    saved, found = (conv.info, {}) if fmt == "vitkit" else ({}, conv.info)  # vitkit: the saved info, updated
+    model.pretrained_info = {**saved, "format": fmt, "source": src, **(info or {}), **found,
                              "report": report.to_dict()}
     model.load_report = report
     return model.to(device).eval()
@@ -180,4 +183,5 @@ def export_to(model, format: str, path, **kw: Any):
     return _export(model, format, path, **kw)
 
 
-__all__ = ["from_pretrained", "detect_format", "convert_source", "export_to", "LoadReport", "FORMATS"]
+__all__ = ["from_pretrained", "load_converted", "detect_format", "convert_source", "export_to", "LoadReport",
+           "FORMATS"]

@@ -269,7 +269,7 @@ class Converted:
     state: dict[str, torch.Tensor]
     format: str
     source: str
-    preprocess: dict[str, Any] | None = None
+    preprocess: Any = None  # a vitkit.preprocess.Preprocess or its dict form (validated on load)
     labels: list[str] | None = None
     unexpected: list[str] = field(default_factory=list)  # source keys no rule understood
     notes: list[str] = field(default_factory=list)

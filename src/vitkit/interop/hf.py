@@ -116,6 +116,24 @@ def vision_config(meta: dict[str, Any]) -> dict[str, Any]:
     return dict(vc) if isinstance(vc, dict) else meta
 
 
+def vision_tower(raw: dict[str, torch.Tensor], text_prefixes: tuple[str, ...], note: str,
+                 notes: list[str]) -> dict[str, torch.Tensor]:
+    """The image tower of a two-tower (CLIP / SigLIP) state dict, ``vision_model.`` stripped; the
+    text tower's tensors (``text_prefixes``) are counted into one note instead of being loaded."""
+    vis: dict[str, torch.Tensor] = {}
+    text = 0
+    for k, v in raw.items():
+        if k.startswith("vision_model."):
+            vis[k[len("vision_model."):]] = v
+        elif k.startswith(text_prefixes):
+            text += 1
+        else:
+            vis[k] = v
+    if text:
+        notes.append(f"{note} ({text} tensors)")
+    return vis
+
+
 def _strip_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {(k[4:] if k.startswith("vit.") else k): v for k, v in state.items()}
 

@@ -80,7 +80,7 @@ def split_in_proj(state: dict[str, torch.Tensor]) -> None:
 
 def convert_hf(path: str | Path, arch: ViTConfig | None = None, hints: dict[str, Any] | None = None) -> Converted:
     """A transformers SiglipVisionModel or SiglipModel directory."""
-    from .hf import fuse_qkv, hf_act, preprocess_from_dir, read_dir, vision_config
+    from .hf import fuse_qkv, hf_act, preprocess_from_dir, read_dir, vision_config, vision_tower
 
     directory, meta, wfile, raw = read_dir(path)
     archs = [str(a) for a in meta.get("architectures") or []]
@@ -93,17 +93,7 @@ def convert_hf(path: str | Path, arch: ViTConfig | None = None, hints: dict[str,
                               "load the SiglipVisionModel backbone instead")
     vc = vision_config(meta)
     notes: list[str] = []
-    vis: dict[str, torch.Tensor] = {}
-    text = 0
-    for k, v in raw.items():
-        if k.startswith("vision_model."):
-            vis[k[len("vision_model."):]] = v
-        elif k.startswith(("text_model.", "logit_scale", "logit_bias")):
-            text += 1
-        else:
-            vis[k] = v
-    if text:
-        notes.append(f"{_TEXT_NOTE} ({text} tensors)")
+    vis = vision_tower(raw, ("text_model.", "logit_scale", "logit_bias"), _TEXT_NOTE, notes)
     state, unmatched = HF_TABLE.to_vitkit(vis, notes)
     if "patch_embed.proj.weight" not in state:
         raise CheckpointError(f"{wfile}: no embeddings.patch_embedding.weight; not a SigLIP vision tower")
