@@ -44,7 +44,7 @@ import os
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset, IterableDataset, Sampler
+from torch.utils.data import Dataset, Sampler
 
 from ..errors import InputError, VitkitError
 from .augment import AugmentSpec, sample_transform
@@ -194,7 +194,7 @@ class Loader:
         self.skipped = 0
         self._yielded = 0
         self._pending: dict[str, Any] | None = None
-        self._iterable = isinstance(dataset, IterableDataset) or hasattr(dataset, "shard_stream")
+        self._iterable = hasattr(dataset, "stream")  # shards: an IterableDataset per epoch
         aug = augment if train else None
         mean = list(mean if mean is not None else getattr(dataset, "mean", [0.5] * 3))
         std = list(std if std is not None else getattr(dataset, "std", [0.5] * 3))
