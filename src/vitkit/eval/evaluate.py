@@ -35,7 +35,7 @@ def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
 def evaluate(model, data, *, task: str = "classification", num_outputs: int, mean, std,
              batch_size: int = 256, device: str | torch.device = "cpu", dist: DistInfo | None = None,
              regression_loss: str = "mse", labels: list[str] | None = None, progress: bool = False,
-             amp_dtype: torch.dtype | None = None, workers: int = 0) -> dict[str, Any]:
+             amp_dtype: torch.dtype | None = None, workers: int | None = 0) -> dict[str, Any]:
     from ..progress import progress_bar
     from ..train.data import eval_loader
 
@@ -44,7 +44,7 @@ def evaluate(model, data, *, task: str = "classification", num_outputs: int, mea
     was_training = model.training
     model.eval()
     if isinstance(data, torch.utils.data.Dataset):
-        data = eval_loader(data, batch_size, dist=dist, workers=workers, pin=device.type == "cuda")
+        data = eval_loader(data, batch_size, dist=dist, workers=workers, device_type=device.type)
     # sums stay on the device: one host sync at the end, not one per batch
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     count = torch.zeros((), dtype=torch.float64, device=device)
@@ -98,12 +98,14 @@ def evaluate(model, data, *, task: str = "classification", num_outputs: int, mea
 
 
 def evaluate_model(model, splits, split: str = "test", **kw) -> dict[str, Any]:
-    """Evaluate a vitkit model on one split of :func:`vitkit.data.datasets.build_datasets`'s result,
-    with the model's own preprocessing mean/std when it has them."""
+    """Evaluate a vitkit model on one split of :func:`vitkit.data.build_data`'s result, with the
+    model's own preprocessing mean/std when it has them."""
+    from ..errors import ConfigError
+
     pre = getattr(model, "preprocess_cfg", None) or {}
+    get = pre.get if isinstance(pre, dict) else (lambda k, d: getattr(pre, k, None) or d)
     ds = getattr(splits, split)
     if ds is None:
-        raise ValueError(f"dataset {splits.name!r} has no {split} split")
+        raise ConfigError(f"dataset {splits.name!r} has no {split} split")
     return evaluate(model, ds, task=splits.task, num_outputs=splits.num_outputs,
-                    mean=pre.get("mean", splits.mean), std=pre.get("std", splits.std),
-                    labels=splits.classes, **kw)
+                    mean=get("mean", splits.mean), std=get("std", splits.std), labels=splits.classes, **kw)

@@ -60,10 +60,6 @@ def amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
 
 
-def auto_workers() -> int:
-    return max(0, min(8, (os.cpu_count() or 1) - 1))
-
-
 # --------------------------------------------------------------------------- architecture
 def auto_patch_size(hw: tuple[int, int]) -> int:
     """Smallest patch side >= 2 dividing both sides with at most AUTO_PATCH_TOKENS tokens

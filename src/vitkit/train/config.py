@@ -21,19 +21,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..data.registry import dataset_names
 from ..errors import ConfigError
 
 # From-scratch architecture when a field is not given (the digits recipe, benchmarks/train_digits.md).
 ARCH_DEFAULTS: dict[str, Any] = {"dim": 32, "depth": 4, "num_heads": 4, "mlp_ratio": 2.0, "pos_embed": "sincos2d",
                                  "pooling": "mean", "fc_norm": False}
 ARCH_FIELDS = ("patch_size", *ARCH_DEFAULTS)  # what --pretrained / --model fix
-DATASETS = ("digits", "cifar10", "cifar100", "mnist", "fashion-mnist", "imagefolder", "csv")
+DATASETS = dataset_names()
 
 
 @dataclass
 class TrainConfig:
     # ---------------------------------------------------------------- data
-    dataset: str = field(default="digits", metadata={"help": f"dataset: one of {', '.join(DATASETS)}"})
+    dataset: str = field(default="digits", metadata={
+        "help": f"dataset: one of {', '.join(DATASETS)} (see docs/training.md)"})
     data_dir: str | None = field(default=None, metadata={
         "help": "where the dataset files are (torchvision datasets, imagefolder root, csv file or its dir)"})
     download: bool = field(default=False, metadata={"help": "download torchvision datasets into --data-dir"})
@@ -48,6 +50,12 @@ class TrainConfig:
         "help": "log and skip unreadable images instead of stopping with the file's path"})
     target_columns: str | None = field(default=None, metadata={
         "help": "csv: comma-separated target column names (default: every column but the first)"})
+    allow_absolute_paths: bool = field(default=False, metadata={
+        "help": "csv: accept image paths outside the CSV's folder (absolute or ../)"})
+    allow_empty_classes: bool = field(default=False, metadata={
+        "help": "imagefolder: accept an empty class folder (a class with no training images)"})
+    image_column: str = field(default="image", metadata={"help": "hf: the image column"})
+    label_column: str = field(default="label", metadata={"help": "hf: the label column"})
     workers: int | None = field(default=None, metadata={
         "help": "DataLoader worker processes for file datasets (default: CPU cores - 1, at most 8; 0 = read in "
                 "the training process). In-memory datasets (digits, mnist, cifar) never need workers"})

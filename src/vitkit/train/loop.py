@@ -40,15 +40,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..data import DataSpec, DataSplits, build_data
 from ..data.augment import apply_affine, mix_transform, sample_affine, step_generator
-from ..data.datasets import DataSplits, build_datasets
 from ..errors import CheckpointError, ConfigError, VitkitError
 from ..eval.evaluate import evaluate, normalize
 from ..io import atomic_write_text
 from ..progress import progress_bar
 from .build import (
     amp_dtype,
-    auto_workers,
     build_ema,
     build_model,
     build_optimizer_and_schedule,
@@ -186,8 +185,8 @@ def build_run(cfg: TrainConfig, device: torch.device, dist: DistInfo, say) -> tu
         check_fixed_arch(cfg, vc, f"--pretrained {cfg.pretrained}")
         if not cfg.image_size and vc.image_hw[0] == vc.image_hw[1]:
             cfg = cfg.replace(image_size=vc.image_hw[0])
-    data = build_datasets(cfg)
-    for note in data.notes:
+    data = build_data(DataSpec.from_config(cfg))
+    for note in data.notes + ([f"input size: {data.size_note}"] if data.size_note else []):
         say(note)
     model, cfg = build_model(cfg, data)
     model.labels = list(data.classes) if data.classes else None
@@ -197,9 +196,11 @@ def build_run(cfg: TrainConfig, device: torch.device, dist: DistInfo, say) -> tu
     check_tokens(model, say)
     set_threads(cfg, device)
     model.to(device)
-    workers = cfg.workers if cfg.workers is not None else auto_workers()
-    batch = min(cfg.batch_size, len(data.train))  # drop the last partial batch: equal batches keep DDP exact
-    loader = train_loader(data.train, batch, seed=cfg.seed, dist=dist, workers=workers, pin=device.type == "cuda")
+    hflip = cfg.hflip == "on" or (cfg.hflip == "auto" and data.hflip_ok)
+    affine = cfg.augment and bool(cfg.affine_degrees or cfg.affine_translate or cfg.affine_scale
+                                  or cfg.affine_shear or hflip)
+    batch = min(cfg.batch_size, len(data.train))  # the last partial batch is dropped: equal batches keep DDP exact
+    loader = train_loader(data, cfg, batch_size=batch, dist=dist, device_type=device.type, device_flips=affine)
     dmodel = wrap_model(model, dist, cfg.strategy, device)  # before the optimizer: FSDP swaps the parameters
     optimizer, total, warmup = build_optimizer_and_schedule(cfg, model, len(loader), say)
     ema = build_ema(cfg, model)
@@ -210,10 +211,8 @@ def build_run(cfg: TrainConfig, device: torch.device, dist: DistInfo, say) -> tu
     loss_kind = cfg.loss if cfg.loss != "auto" else ("ce" if data.task == "classification" else "mse")
     if data.task == "regression" and loss_kind == "ce":
         raise ConfigError("loss 'ce' needs a classification dataset; use mse or l1 for csv regression")
-    hflip = cfg.hflip == "on" or (cfg.hflip == "auto" and data.hflip_ok)
-    affine = cfg.augment and bool(cfg.affine_degrees or cfg.affine_translate or cfg.affine_scale
-                                  or cfg.affine_shear or hflip)
-    val = eval_loader(data.val, 256, dist=dist, workers=workers, pin=device.type == "cuda") if data.val is not None else None
+    val = eval_loader(data.val, 256, dist=dist, workers=cfg.workers, device_type=device.type) \
+        if data.val is not None else None
     run = Run(cfg=cfg, data=data, device=device, dist=dist, dmodel=dmodel, amp=amp, loss_fn=make_loss(data.task,
               loss_kind, cfg.label_smoothing), mixer=mix_transform(cfg, data.num_outputs)
               if cfg.augment and data.task == "classification" else None, affine=affine, hflip=hflip,
@@ -523,14 +522,14 @@ def finish(run: Run, st: RunState, t0: float) -> dict[str, Any]:
     best_dir = run.run_dir / "best"
     best_model = load_model(best_dir, device=run.device) if best_dir.exists() else st.model
     test = data.test if data.test is not None else data.val
-    workers = run.val_loader.num_workers if run.val_loader is not None else 0
-    r = evaluate(best_model, test, workers=workers, **run.eval_kw)
+    r = evaluate(best_model, test, workers=run.cfg.workers, **run.eval_kw)
     wall = round(time.time() - t0 + st.wall_seconds, 2)
     summary: dict[str, Any] = {
         "dataset": data.name, "task": data.task, "epochs": st.history[-1]["epoch"] if st.history else 0,
         "steps": st.step, "params": st.model.num_params(), "test_split": split, "test_loss": r["loss"],
         "best_epoch": st.best["epoch"], "best_weights": st.best["which"], "wall_seconds": wall,
-        "world_size": dist.world_size, "threads": torch.get_num_threads(), "run_dir": str(run.run_dir)}
+        "world_size": dist.world_size, "threads": torch.get_num_threads(), "run_dir": str(run.run_dir),
+        "skipped_images": st.loader.skipped + len(getattr(data, "skipped_files", []))}
     if data.task == "classification":
         summary.update(test_accuracy=r["accuracy"], test_macro_f1=r["macro_f1"],
                        best_val_accuracy=st.best["val_accuracy"],
