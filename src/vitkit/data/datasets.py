@@ -205,7 +205,8 @@ def resolve_hw(spec, native: int | None = None, paths=None) -> tuple[tuple[int, 
 
 
 def stratified_split(targets: np.ndarray, fractions: list[float], seed: int) -> list[np.ndarray]:
-    """Split indices into len(fractions)+1 parts, class by class (sizes rounded per class), seeded."""
+    """Split indices into len(fractions)+1 parts, class by class (sizes rounded per class, at least one
+    when the fraction is > 0 and the class can spare it), seeded."""
     rng = np.random.RandomState(seed)
     parts: list[list[int]] = [[] for _ in range(len(fractions) + 1)]
     for c in np.unique(targets):
@@ -214,6 +215,8 @@ def stratified_split(targets: np.ndarray, fractions: list[float], seed: int) -> 
         start = 0
         for k, f in enumerate(fractions):
             n = int(round(f * len(idx)))
+            if n == 0 and f > 0 and len(idx) - start >= 2:  # tiny classes: hold out one rather than none
+                n = 1
             parts[k].extend(idx[start:start + n].tolist())
             start += n
         parts[-1].extend(idx[start:].tolist())
@@ -424,6 +427,7 @@ def _imagefolder(cfg) -> DataSplits:
                              "model never sees; remove them, add images, or pass --allow-empty-classes")
         log.warning("imagefolder: empty class folder(s) kept as classes: %s", names)
         notes.append(f"imagefolder: empty class folder(s) kept as classes (--allow-empty-classes): {names}")
+    hw, size_note, from_data = resolve_hw(cfg, paths=tr_paths)  # every training image (before a val split) may be probed
     splits = {}
     for s in ("val", "test"):
         if (root / s).is_dir():
@@ -432,7 +436,10 @@ def _imagefolder(cfg) -> DataSplits:
                 raise InputError(f"imagefolder: {root / s} holds no images; remove it or add images per class")
             splits[s] = (p, y)
     if not splits:
-        tr_i, va_i = stratified_split(tr_y.numpy(), [1 - cfg.val_fraction], cfg.seed)
+        va_i, tr_i = stratified_split(tr_y.numpy(), [cfg.val_fraction], cfg.seed)
+        if not len(va_i):
+            raise InputError(f"imagefolder: no val/ or test/ folder, and --val-fraction {cfg.val_fraction} of "
+                             f"{len(tr_y)} training images holds none out: add {root / 'val'} or raise --val-fraction")
         splits["val"] = ([tr_paths[i] for i in va_i], tr_y[va_i])
         tr_paths, tr_y = [tr_paths[i] for i in tr_i], tr_y[tr_i]
         notes.append(f"imagefolder: no val/ or test/; validation split from train ({cfg.val_fraction:.0%}, "
@@ -441,7 +448,6 @@ def _imagefolder(cfg) -> DataSplits:
         only = next(iter(splits))
         splits["val" if only == "test" else "test"] = splits[only]
         notes.append(f"imagefolder: only {only}/ found; it serves as both validation and test set")
-    hw, size_note, from_data = resolve_hw(cfg, paths=tr_paths)
     mk = lambda split, p, y: FileImageDataset(p, y, hw, "RGB", cfg.skip_bad_images, split=split)  # noqa: E731
     mean, std = [0.5] * 3, [0.5] * 3  # fixed: avoids a full pass over the files
     return DataSplits(name="imagefolder", train=mk("train", tr_paths, tr_y), val=mk("validation", *splits["val"]),

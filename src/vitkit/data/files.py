@@ -77,12 +77,15 @@ def decode_bytes(data: bytes, name: str, channels: int = 3, max_pixels: int = DE
     return x
 
 
+# torchvision 0.29 marks its decoders deprecated in favour of TorchCodec (not a dependency here);
+# they are libjpeg-turbo / libpng / libwebp and still the fastest path we have. Only that message is hidden.
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
+                        category=DeprecationWarning)
+
+
 def _tv_decoder():
-    # torchvision 0.29 marks its decoders deprecated in favour of TorchCodec (not a dependency here);
-    # they are libjpeg-turbo / libpng and still the fastest path we have.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        from torchvision.io import ImageReadMode, decode_image
+    from torchvision.io import ImageReadMode, decode_image
+
     return ImageReadMode, decode_image
 
 

@@ -207,7 +207,11 @@ class Loader:
         else:
             tf = sample_transform(hw, mean, std, aug, normalize=normalize)
         self.workers = workers
-        kw: dict[str, Any] = dict(num_workers=workers, collate_fn=_identity, pin_memory=device_type == "cuda")
+        # A private generator: DataLoader draws its workers' base seed from it at every iter(); from the
+        # global RNG that draw would shift the trainer's dropout / MixUp stream, and differently after a
+        # mid-epoch resume. (Our augmentation seeds come from (seed, epoch, index), not from it.)
+        kw: dict[str, Any] = dict(num_workers=workers, collate_fn=_identity, pin_memory=device_type == "cuda",
+                                  generator=torch.Generator().manual_seed(seed))
         if workers > 0:
             kw.update(prefetch_factor=prefetch_factor, persistent_workers=not self._iterable)
         if self._iterable:
