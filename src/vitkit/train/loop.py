@@ -40,7 +40,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..data import DataSpec, DataSplits, build_data
+from ..data import DataSpec, DataSplits, DataWorkerError, build_data
 from ..data.augment import apply_affine, mix_transform, sample_affine, step_generator
 from ..errors import CheckpointError, ConfigError, VitkitError
 from ..eval.evaluate import evaluate, normalize
@@ -137,6 +137,7 @@ class Run:
     say: Any
     run_dir: Path = None  # type: ignore[assignment]
     tb: Any = None
+    on_step: Any = None
     eval_kw: dict[str, Any] = field(default_factory=dict)
 
 
@@ -145,8 +146,12 @@ def _quiet(*a, **k) -> None:
 
 
 # --------------------------------------------------------------------------- the loop
-def train(cfg: TrainConfig, resume: str | Path | None = None, log=print, overwrite: bool = False) -> dict[str, Any]:
-    """Train (or resume) one run; returns the summary dict (also written to summary.json)."""
+def train(cfg: TrainConfig, resume: str | Path | None = None, log=print, overwrite: bool = False,
+          on_step=None) -> dict[str, Any]:
+    """Train (or resume) one run; returns the summary dict (also written to summary.json).
+
+    ``on_step(state)``: called after every optimizer step with the :class:`RunState` (progress
+    hooks; tests use it to interrupt a run at an exact step)."""
     t0 = time.time()
     saved = None
     if resume is not None:
@@ -163,7 +168,7 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, log=print, overwri
     with _SignalFlag() as flag:
         run, st = build_run(cfg, device, dist, say)  # everything is checked before a directory exists
         with run_directory(run.cfg, resume, overwrite, dist) as run_dir:
-            run.run_dir = run_dir
+            run.run_dir, run.on_step = run_dir, on_step
             start(run, st, saved)
             try:
                 while st.epoch < run.cfg.epochs:
@@ -172,6 +177,13 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, log=print, overwri
                     if not whole:  # --max-steps reached inside the epoch
                         break
                 summary = finish(run, st, t0)
+            except RuntimeError as e:  # torch reports a dead worker from its SIGCHLD handler, anywhere
+                if "DataLoader worker" not in str(e):
+                    raise
+                raise DataWorkerError(
+                    f"a data loader worker died ({str(e).strip().splitlines()[0]}); nothing was saved after "
+                    f"the last checkpoint {run_dir / STATE_NAME}: continue with vitkit train --resume {run_dir}"
+                ) from e
             finally:
                 if run.tb is not None:
                     run.tb.close()
@@ -352,6 +364,8 @@ def run_epoch(run: Run, st: RunState, flag: _SignalFlag) -> bool:
         st.batch_pos += 1
         st.seconds = time.time() - begin
         bar.update(1)
+        if run.on_step is not None:
+            run.on_step(st)
         at_limit = bool(cfg.max_steps) and st.step >= cfg.max_steps
         local_signal = flag.signum and not run.dist.enabled  # torchrun: all ranks stop at a read point
         if local_signal or at_limit or st.step % cfg.log_every == 0:
