@@ -269,6 +269,13 @@ def test_webdataset_workers_ranks_resume_and_class_names(tmp_path):
     fresh = make_loader(d.train, batch_size=4, train=True, seed=3, workers=2, augment=aug)
     fresh.load_state_dict(state)
     assert _same(head + list(fresh), a[per:])
+    # read in the training process, the stream leaves the caller's RNG draws between batches alone
+    torch.manual_seed(5)
+    ref = torch.rand(4)
+    torch.manual_seed(5)
+    it = iter(make_loader(d.train, batch_size=4, train=True, seed=3, workers=0, augment=aug))
+    got = [(next(it), torch.rand(2))[1] for _ in range(2)]
+    assert torch.equal(torch.cat(got), ref)
     # evaluation: every validation sample once, in shard order
     ys = [y for _, y in make_loader(d.val, batch_size=2, train=False, workers=0)]
     assert torch.cat(ys).tolist() == [k % 3 for k in range(21, 26)]

@@ -107,6 +107,27 @@ class AugmentSpec:
                 or self.random_erasing > 0)
 
 
+def _channels_last(x: torch.Tensor) -> torch.Tensor:
+    """(C, H, W) with channels-last storage: torch's uint8 antialiased resize is ~3x faster on it (a
+    decoded image already is; a crop of one is a strided view and is not)."""
+    return x.unsqueeze(0).contiguous(memory_format=torch.channels_last)[0]
+
+
+class _RandomResizedCrop(T.RandomResizedCrop):
+    """torchvision's RandomResizedCrop (its own crop sampling), with the crop made channels-last
+    contiguous before the resize: same pixels, ~3x faster on uint8 (measured 1.9 -> 0.6 ms at 224)."""
+
+    def transform(self, inpt, params):
+        x = T.functional.crop(inpt, params["top"], params["left"], params["height"], params["width"])
+        return T.functional.resize(_channels_last(x), self.size, interpolation=self.interpolation,
+                                   antialias=self.antialias)
+
+
+class _Resize(T.Resize):
+    def transform(self, inpt, params):
+        return super().transform(_channels_last(inpt), params)
+
+
 def sample_transform(image_hw: tuple[int, int], mean, std, augment: AugmentSpec | None = None,
                      normalize: bool = True, resize: bool = True) -> T.Compose:
     """uint8 (or float [0, 1]) (C, H, W) -> float32 at ``image_hw``, normalised when asked.
@@ -115,9 +136,9 @@ def sample_transform(image_hw: tuple[int, int], mean, std, augment: AugmentSpec 
     preprocessing has crop_pct 1.0, so ``vitkit predict`` sees the same pixels)."""
     ops: list = []
     if augment is not None and augment.random_resized_crop:
-        ops.append(T.RandomResizedCrop(image_hw, scale=augment.rrc_scale, antialias=True))
+        ops.append(_RandomResizedCrop(image_hw, scale=augment.rrc_scale, antialias=True))
     elif resize:
-        ops.append(T.Resize(image_hw, antialias=True))
+        ops.append(_Resize(image_hw, antialias=True))
     if augment is not None and augment.hflip:
         ops.append(T.RandomHorizontalFlip())
     if augment is not None and augment.auto_augment != "none":

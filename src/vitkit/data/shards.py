@@ -191,31 +191,34 @@ class ShardStream(IterableDataset):
             y = int(bytes(sample["cls"]).decode().strip())
         except (InputError, ValueError) as e:
             return _Bad(f"{e} ({self.split} shard sample)")
-        torch.manual_seed(sample_seed(self.seed, self.epoch, p))
+        torch.default_generator.manual_seed(sample_seed(self.seed, self.epoch, p))
         return self.transform(x), torch.tensor(y)
 
     def __iter__(self):
-        from .loader import collate
+        from .loader import _one_thread, collate
 
         info = torch.utils.data.get_worker_info()
         wid, W = (info.id, info.num_workers) if info is not None else (0, 1)
         n_global, B = self._n_global(), self.B
-        items, local_b = [], -1
-        with torch.random.fork_rng(devices=[], enabled=info is None):
-            for p, sample in enumerate(self._samples()):
-                g = p // B
-                if g >= n_global or p >= self.n:
-                    break
-                lo, hi = self._local(min(B, self.n - g * B))
-                within = p - g * B
-                if within == lo:
-                    local_b += 1  # batches numbered as the loader yields them (empty slices never count)
-                if not (lo <= within < hi) or local_b < self.start_batch or (local_b - self.start_batch) % W != wid:
-                    continue
-                items.append(self._decode(p, sample))
-                if within == hi - 1:
-                    yield collate(items, self.skip_bad)
-                    items = []
+        raw, local_b = [], -1
+        for p, sample in enumerate(self._samples()):
+            g = p // B
+            if g >= n_global or p >= self.n:
+                break
+            lo, hi = self._local(min(B, self.n - g * B))
+            within = p - g * B
+            if within == lo:
+                local_b += 1  # batches numbered as the loader yields them (empty slices never count)
+            if not (lo <= within < hi) or local_b < self.start_batch or (local_b - self.start_batch) % W != wid:
+                continue
+            raw.append((p, sample))
+            if within == hi - 1:
+                # decode the batch; in the training process (workers=0) on one thread and under a forked
+                # RNG, and never across a yield (the trainer runs between yields)
+                with torch.random.fork_rng(devices=[], enabled=info is None), _one_thread(info is None):
+                    items = [self._decode(q, smp) for q, smp in raw]
+                raw = []
+                yield collate(items, self.skip_bad)
 
 
 def build_webdataset(spec):
