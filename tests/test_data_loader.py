@@ -126,6 +126,16 @@ def test_imagefolder_pixels_and_size_follow_the_files(tmp_path):
         r = 10 if int(yi) == 0 else 200
         px = (xi * 255).round()
         assert torch.all(px[0] == r) and torch.all(px[2] == 7) and torch.all((px[1] - r >= 0) & (px[1] - r <= 2))
+    # evaluation batches = what `vitkit predict` computes for the saved preprocessing (resize, normalise)
+    from vitkit.data.transforms import eval_transform
+
+    pre = {"input_size": [3, 16, 16], "mean": [0.2, 0.4, 0.6], "std": [0.3, 0.2, 0.1], "interpolation": "bilinear",
+           "crop_pct": 1.0}
+    noisy = _folder(tmp_path / "noisy", n=2, size=(37, 23), splits=("train", "val"))
+    d16 = build_data(DataSpec(dataset="imagefolder", data_dir=str(noisy), image_size=16))
+    x16, _ = next(iter(make_loader(d16.val, batch_size=8, train=False, workers=0, mean=pre["mean"], std=pre["std"])))
+    ref = torch.stack([eval_transform(pre)(Image.open(p).convert("RGB")) for p in d16.val.paths])
+    torch.testing.assert_close(x16, ref, atol=1e-5, rtol=0)
     Image.new("RGB", (40, 20)).save(root / "train" / "a" / "odd.png")
     d2 = build_data(DataSpec(dataset="imagefolder", data_dir=str(root), val_fraction=0.5))
     assert d2.image_hw == (224, 224) and not d2.size_from_data and "different sizes" in d2.size_note

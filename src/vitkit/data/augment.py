@@ -128,25 +128,48 @@ class _Resize(T.Resize):
         return super().transform(_channels_last(inpt), params)
 
 
-def sample_transform(image_hw: tuple[int, int], mean, std, augment: AugmentSpec | None = None,
-                     normalize: bool = True, resize: bool = True) -> T.Compose:
-    """uint8 (or float [0, 1]) (C, H, W) -> float32 at ``image_hw``, normalised when asked.
+class SamplePipeline:
+    """The loader's image pipeline, in two halves so the float work is one vectorised op per batch:
 
-    Without ``augment`` (evaluation) the image is resized straight to ``image_hw`` (the run's
-    preprocessing has crop_pct 1.0, so ``vitkit predict`` sees the same pixels)."""
-    ops: list = []
-    if augment is not None and augment.random_resized_crop:
-        ops.append(_RandomResizedCrop(image_hw, scale=augment.rrc_scale, antialias=True))
-    elif resize:
-        ops.append(_Resize(image_hw, antialias=True))
-    if augment is not None and augment.hflip:
-        ops.append(T.RandomHorizontalFlip())
-    if augment is not None and augment.auto_augment != "none":
-        aa = T.RandAugment() if augment.auto_augment == "randaugment" else T.TrivialAugmentWide()
-        ops += [T.ToDtype(torch.uint8, scale=True), aa]
-    ops.append(T.ToDtype(torch.float32, scale=True))
-    if normalize:
-        ops.append(T.Normalize(list(mean), list(std)))
-    if augment is not None and augment.random_erasing > 0:
-        ops.append(T.RandomErasing(p=augment.random_erasing, value=0))
-    return T.Compose(ops)
+    * ``sample(img)``: per image, on uint8 (or the float [0, 1] of an in-memory dataset): crop /
+      resize to ``image_hw`` (RandomResizedCrop when training asks, else a straight resize: the run's
+      preprocessing has crop_pct 1.0, so ``vitkit predict`` sees the same pixels), flip,
+      RandAugment / TrivialAugment (uint8 ops); returns a contiguous (C, H, W) tensor.
+    * ``batch(images, seeds)``: stack, to float32 in [0, 1], normalise (when asked), then
+      RandomErasing per image (on the normalised image: erased pixels are the mean colour, as timm
+      does), each under its own seed.
+    """
+
+    def __init__(self, image_hw, mean, std, augment: AugmentSpec | None = None, normalize: bool = True):
+        ops: list = []
+        if augment is not None and augment.random_resized_crop:
+            ops.append(_RandomResizedCrop(image_hw, scale=augment.rrc_scale, antialias=True))
+        else:
+            ops.append(_Resize(image_hw, antialias=True))
+        if augment is not None and augment.hflip:
+            ops.append(T.RandomHorizontalFlip())
+        if augment is not None and augment.auto_augment != "none":
+            aa = T.RandAugment() if augment.auto_augment == "randaugment" else T.TrivialAugmentWide()
+            ops += [T.ToDtype(torch.uint8, scale=True), aa]
+        self.per_sample = T.Compose(ops)
+        self.mean = torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1) if normalize else None
+        self.std = torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1) if normalize else None
+        p = augment.random_erasing if augment is not None else 0.0
+        self.erasing = T.RandomErasing(p=p, value=0) if p > 0 else None
+
+    def sample(self, img: torch.Tensor) -> torch.Tensor:
+        return self.per_sample(img).contiguous()
+
+    def batch(self, images: list[torch.Tensor], seeds: list[int]) -> torch.Tensor:
+        x = torch.stack(images)  # (B, C, H, W), uint8 (or float in [0, 1])
+        scale = 1.0 / 255.0 if x.dtype == torch.uint8 else 1.0
+        x = x.to(torch.float32)
+        if self.mean is not None:  # (x * scale - mean) / std as one multiply-add pass
+            x = torch.addcmul(-self.mean / self.std, x, scale / self.std)
+        elif scale != 1.0:
+            x.mul_(scale)
+        if self.erasing is not None:
+            for k, s in enumerate(seeds):
+                torch.default_generator.manual_seed((s + 1) % (1 << 63))
+                x[k] = self.erasing(x[k])
+        return x

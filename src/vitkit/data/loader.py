@@ -13,12 +13,12 @@ seeded by (seed, e) (``train=True``; evaluation keeps the dataset's order), cut 
 rank ``r`` of ``world_size`` takes its contiguous slice of each global batch. So the ranks cover an
 epoch exactly once, and N processes see the same global batches as one (DDP gives the same result).
 
-Augmentation randomness. Sample ``i`` of epoch ``e`` is transformed under ``torch.manual_seed(
-f(seed, e, i))`` inside whichever process loads it (torchvision.transforms.v2 draws from torch's
+Augmentation randomness. Sample ``i`` of epoch ``e`` is transformed with torch's default
+generator seeded with ``f(seed, e, i)`` inside whichever process loads it (torchvision.transforms.v2 draws from torch's
 global RNG; in the main process, with ``workers=0``, the caller's RNG is saved and restored around
 it). So batches are bit-identical for any ``workers``, on any rank layout, and after a resume.
 
-Workers decode (``vitkit.data.files``) and augment (``vitkit.data.augment.sample_transform``) in
+Workers decode (``vitkit.data.files``) and augment (``vitkit.data.augment.SamplePipeline``) in
 worker processes: persistent, prefetching, pinned memory when the device is CUDA (move batches
 with ``.to(device, non_blocking=True)``). In-memory datasets without per-sample augmentation take
 a batched fast path in the main process (one indexing op per batch, no per-sample Python, no
@@ -47,7 +47,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from ..errors import InputError, VitkitError
-from .augment import AugmentSpec, sample_transform
+from .augment import AugmentSpec, SamplePipeline
 from .deps import require
 
 log = logging.getLogger("vitkit.data")
@@ -169,12 +169,12 @@ class EpochDataset(Dataset):
             img, y = self.source.read(i)
         except InputError as e:
             return _Bad(str(e))
-        torch.default_generator.manual_seed(sample_seed(self.seed, epoch, i))
-        return self.transform(img), y
+        s = sample_seed(self.seed, epoch, i)
+        torch.default_generator.manual_seed(s)
+        return self.transform.sample(img), y, s
 
     def __getitem__(self, key):
-        epoch, i = key
-        return self._one(epoch, i)
+        return self.__getitems__([key])
 
     def __getitems__(self, keys):
         """A whole batch -> (x, y, skipped messages). Runs in a worker, or in the main process."""
@@ -184,20 +184,20 @@ class EpochDataset(Dataset):
         main = torch.utils.data.get_worker_info() is None
         with torch.random.fork_rng(devices=[], enabled=main), _one_thread(main):
             items = [self._one(e, i) for e, i in keys]
-        return collate(items, self.skip_bad)
+            return collate(items, self.skip_bad, self.transform)
 
 
-def collate(items, skip_bad: bool):
-    """Samples (or _Bad markers) -> (x, y, skipped messages, fatal message or None). A bad file is
-    returned, not raised: the main process raises it as an InputError that starts with the file's
-    name (a worker's exception would arrive wrapped in its traceback)."""
+def collate(items, skip_bad: bool, pipeline: SamplePipeline):
+    """Samples (image, target, seed) or _Bad markers -> (x, y, skipped messages, fatal message or
+    None). A bad file is returned, not raised: the main process raises it as an InputError that
+    starts with the file's name (a worker's exception would arrive wrapped in its traceback)."""
     bad = [it.message for it in items if isinstance(it, _Bad)]
     if bad and not skip_bad:
         return None, None, [], bad[0]
     good = [it for it in items if not isinstance(it, _Bad)]
     if not good:
         return None, None, bad, None
-    x = torch.stack([g[0] for g in good])
+    x = pipeline.batch([g[0] for g in good], [g[2] for g in good])
     y = torch.stack([torch.as_tensor(g[1]) for g in good])
     return x, y, bad, None
 
@@ -227,7 +227,7 @@ class Loader:
             tf = _Normalize(mean, std) if normalize else _identity
             workers = 0  # an indexing op per batch: workers would only add copies
         else:
-            tf = sample_transform(hw, mean, std, aug, normalize=normalize)
+            tf = SamplePipeline(hw, mean, std, aug, normalize=normalize)
         self.workers = workers
         # A private generator: DataLoader draws its workers' base seed from it at every iter(); from the
         # global RNG that draw would shift the trainer's dropout / MixUp stream, and differently after a

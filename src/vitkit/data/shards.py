@@ -191,8 +191,9 @@ class ShardStream(IterableDataset):
             y = int(bytes(sample["cls"]).decode().strip())
         except (InputError, ValueError) as e:
             return _Bad(f"{e} ({self.split} shard sample)")
-        torch.default_generator.manual_seed(sample_seed(self.seed, self.epoch, p))
-        return self.transform(x), torch.tensor(y)
+        s = sample_seed(self.seed, self.epoch, p)
+        torch.default_generator.manual_seed(s)
+        return self.transform.sample(x), torch.tensor(y), s
 
     def __iter__(self):
         from .loader import _one_thread, collate
@@ -217,8 +218,9 @@ class ShardStream(IterableDataset):
                 # RNG, and never across a yield (the trainer runs between yields)
                 with torch.random.fork_rng(devices=[], enabled=info is None), _one_thread(info is None):
                     items = [self._decode(q, smp) for q, smp in raw]
+                    batch = collate(items, self.skip_bad, self.transform)
                 raw = []
-                yield collate(items, self.skip_bad)
+                yield batch
 
 
 def build_webdataset(spec):
