@@ -7,9 +7,10 @@ Two kinds:
   ``torch.Generator`` seeded from (seed, step) and are drawn for the *global* batch, so a resumed
   run and an N-process DDP run see exactly the same augmentation as one uninterrupted process.
   This is what the digits recipe uses: small affine jitter, never flips (a flipped 2 is not a 2).
-* Per-sample torchvision v2 transforms (RandomResizedCrop, RandAugment / TrivialAugment,
-  RandomErasing) and batch MixUp / CutMix (``torchvision.transforms.v2.MixUp`` / ``CutMix``), which
-  draw from torch's global RNG (saved and restored with the training state).
+* Per-sample torchvision v2 transforms (RandomResizedCrop, flip, RandAugment / TrivialAugment,
+  RandomErasing: :class:`AugmentSpec`, :class:`SamplePipeline`), run in the loader's workers under
+  a seed per (seed, epoch, sample index); batch MixUp / CutMix (``torchvision.transforms.v2.MixUp``
+  / ``CutMix``) on the device, from torch's global RNG (saved and restored with the training state).
 """
 
 from __future__ import annotations
@@ -47,19 +48,6 @@ def sample_affine(n: int, g: torch.Generator, degrees: float, translate: float, 
 def apply_affine(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
     return F.grid_sample(x, grid.to(x.device), mode="bilinear", padding_mode="zeros", align_corners=False)
-
-
-def per_sample_transform(cfg, image_hw: tuple[int, int]):
-    """v2 transforms applied image by image on float [0, 1] tensors, or None if nothing is on."""
-    ops = []
-    if cfg.random_resized_crop:
-        ops.append(T.RandomResizedCrop(image_hw, scale=(0.35, 1.0), antialias=True))
-    if cfg.auto_augment != "none":
-        aa = T.RandAugment() if cfg.auto_augment == "randaugment" else T.TrivialAugmentWide()
-        ops += [T.ToDtype(torch.uint8, scale=True), aa, T.ToDtype(torch.float32, scale=True)]
-    if cfg.random_erasing > 0:
-        ops.append(T.RandomErasing(p=cfg.random_erasing, value=0))
-    return T.Compose(ops) if ops else None
 
 
 def mix_transform(cfg, num_classes: int):

@@ -1,7 +1,9 @@
-"""Datasets for ``vitkit train`` / ``vitkit eval``. Every dataset yields ``(image, target)`` with
-``image`` a float tensor (C, H, W) in [0, 1] at the model's input size (normalisation with the
-dataset's mean/std happens in the training loop, and the same mean/std go into the saved model's
-``preprocess_cfg`` so ``vitkit predict`` sees the same numbers).
+"""Dataset builders (``DataSpec -> DataSplits``, listed in :mod:`vitkit.data.registry`) and the
+split datasets they return. A split dataset is a *source*: ``read(i)`` gives one image as stored
+(uint8, or float [0, 1] for digits) and its target; in-memory ones also have ``read_batch`` (the
+loader's batched fast path). Decoding, resizing, augmentation and normalisation happen in
+:func:`vitkit.data.loader.make_loader` (in its workers), and the normalisation mean/std go into the
+saved model's preprocessing so ``vitkit predict`` sees the same numbers.
 
 * ``digits``: scikit-learn's 1,797 8x8 digits (shipped inside scikit-learn, no download). Grey
   values 0..16 are mapped to [0, 1] by ``v / 16``, the same scale as a user's 8-bit PNG through
@@ -69,8 +71,6 @@ class TensorImageDataset(Dataset):
                                                 antialias=True).clamp(0, 1)
         return x, self.targets[idx]
 
-    get_batch = read_batch  # the name the pre-loader training loop and evaluate() use
-
     def subset(self, idx) -> TensorImageDataset:
         idx = torch.as_tensor(idx, dtype=torch.long)
         return TensorImageDataset(self.images[idx], self.targets[idx], self.image_hw)
@@ -87,13 +87,12 @@ class FileImageDataset(Dataset):
     in_memory = False
 
     def __init__(self, paths: list[Path], targets: torch.Tensor, image_hw: tuple[int, int], mode: str = "RGB",
-                 skip_bad: bool = False, transform=None, split: str = "train"):
+                 skip_bad: bool = False, split: str = "train"):
         self.paths = [Path(p) for p in paths]
         self.targets = targets
         self.image_hw = tuple(image_hw)
         self.mode = mode
         self.skip_bad = skip_bad
-        self.transform = transform  # pre-loader training loop only: float [0, 1] per-sample transform
         self.split = split
 
     def __len__(self) -> int:
@@ -110,40 +109,7 @@ class FileImageDataset(Dataset):
 
     def subset(self, idx) -> FileImageDataset:
         return FileImageDataset([self.paths[int(i)] for i in idx], self.targets[torch.as_tensor(idx, dtype=torch.long)],
-                                self.image_hw, self.mode, self.skip_bad, self.transform, self.split)
-
-    def __getitem__(self, i: int):
-        """float [0, 1] at image_hw (the pre-loader path: ``load_batch``); None if skipped."""
-        from torchvision.transforms import v2 as T
-
-        try:
-            x, y = self.read(i)
-        except InputError as e:
-            if self.skip_bad:
-                log.warning("skipping unreadable image: %s", e)
-                return None
-            raise
-        x = T.functional.to_dtype(x, torch.float32, scale=True)
-        if self.transform is None or not any(isinstance(t, T.RandomResizedCrop) for t in self.transform.transforms):
-            x = T.functional.resize(x, list(self.image_hw), antialias=True).clamp(0, 1)
-        if self.transform is not None:
-            x = self.transform(x)
-        return x, y
-
-
-def collate_skip_none(batch):
-    batch = [b for b in batch if b is not None]
-    if not batch:
-        return None
-    return torch.stack([b[0] for b in batch]), torch.stack([torch.as_tensor(b[1]) for b in batch])
-
-
-def load_batch(dataset, indices: list[int]):
-    """(x, y) float [0, 1] for a list of indices, or None when every image in it was skipped. In the
-    training process: the pre-loader path (use :func:`vitkit.data.loader.make_loader` instead)."""
-    if hasattr(dataset, "get_batch"):
-        return dataset.get_batch(indices)
-    return collate_skip_none([dataset[i] for i in indices])
+                                self.image_hw, self.mode, self.skip_bad, self.split)
 
 
 @dataclass
@@ -260,19 +226,6 @@ def build_data(spec) -> DataSplits:
     for _, ds in splits.splits():
         ds.mean, ds.std, ds.image_hw = list(splits.mean), list(splits.std), tuple(splits.image_hw)
         ds.skip_bad = spec.skip_bad_images
-    return splits
-
-
-def build_datasets(cfg) -> DataSplits:
-    """``build_data`` from a TrainConfig (or anything with the same field names). The per-sample
-    float transform is attached for the pre-loader training loop (``load_batch``) only."""
-    from .spec import DataSpec
-
-    splits = build_data(DataSpec.from_config(cfg))
-    if getattr(cfg, "augment", False) and isinstance(splits.train, FileImageDataset):
-        from .augment import per_sample_transform
-
-        splits.train.transform = per_sample_transform(cfg, splits.image_hw)
     return splits
 
 
