@@ -228,6 +228,41 @@ def test_a_dead_worker_leaves_the_last_checkpoint_resumable(tmp_path):
     _same_run(ref, run)
 
 
+_DRIVER = """
+import os, signal, sys
+from vitkit.train.config import TrainConfig
+from vitkit.train.loop import TrainingInterrupted, train
+cfg = TrainConfig.from_file(sys.argv[1], out=sys.argv[2])
+stop_at = int(sys.argv[3]) if len(sys.argv) > 3 else 0
+def on_step(st):  # the signal reaches rank 1 only: rank 0 learns it from the collective check
+    if st.step == stop_at and os.environ.get("RANK") == "1":
+        os.kill(os.getpid(), signal.SIGTERM)
+try:
+    train(cfg, resume=sys.argv[2] if stop_at < 0 else None, on_step=on_step if stop_at > 0 else None)
+except TrainingInterrupted as e:
+    print(e, file=sys.stderr)
+    sys.exit(128 + e.signum)
+"""
+
+
+def _torchrun(tmp_path: Path, recipe: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    driver = tmp_path / "driver.py"
+    driver.write_text(_DRIVER)
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(driver), str(recipe), str(out), *extra], capture_output=True, text=True, timeout=300)
+
+
+def _close(a: Path, b: Path) -> None:
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=2e-5, msg=k)
+    ma, mb = _metrics(a), _metrics(b)
+    assert [m["val_accuracy"] for m in ma] == [m["val_accuracy"] for m in mb]
+    for x, y in zip(ma, mb):
+        assert x["train_loss"] == pytest.approx(y["train_loss"], rel=1e-4)
+
+
 @pytest.mark.slow
 def test_two_process_ddp_matches_single_process_same_global_batch(tmp_path):
     args = ["--epochs", "2", "--subset", "128", "--batch-size", "32", "--no-augment", "--drop-path", "0", *TINY]
@@ -239,15 +274,35 @@ def test_two_process_ddp_matches_single_process_same_global_batch(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert "world 2" in ddp.stdout
-    a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=2e-5, msg=k)
-    ma, mb = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
-    assert [m["val_accuracy"] for m in ma] == [m["val_accuracy"] for m in mb]
-    for x, y in zip(ma, mb):
-        assert x["train_loss"] == pytest.approx(y["train_loss"], rel=1e-4)
+    _close(tmp_path / "one", tmp_path / "two")
     assert json.loads((tmp_path / "two" / "summary.json").read_text())["world_size"] == 2
+
+
+@pytest.mark.slow
+def test_ddp_and_fsdp_with_file_data_and_workers_match_one_process_and_fsdp_resumes(tmp_path):
+    """imagefolder, 1 worker per rank, per-sample crops + device affine/flips: 2 DDP processes == 1
+    process; 2 FSDP (fully_shard, gloo) processes == 1 process; an FSDP run stopped by SIGTERM on one
+    rank stops within --log-every steps on both, and resumes to the same weights."""
+    from vitkit.train.checkpoint import load_state
+    from vitkit.train.loop import train
+
+    data = _image_folder(tmp_path / "data")
+    cfg = _folder_cfg(data, tmp_path / "one", workers=1, ema=False, drop_path=0.0, log_every=2)
+    recipe = tmp_path / "recipe.yaml"
+    cfg.replace(out=None).save(recipe)
+    train(cfg, log=lambda *a: None)
+    ddp = _torchrun(tmp_path, recipe, tmp_path / "ddp")
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    _close(tmp_path / "one", tmp_path / "ddp")
+    cfg.replace(out=None, strategy="fsdp").save(recipe)
+    fsdp = tmp_path / "fsdp"
+    stopped = _torchrun(tmp_path, recipe, fsdp, "4")  # SIGTERM on rank 1 after step 4 (mid-epoch 2)
+    assert stopped.returncode != 0 and "interrupted by signal 15" in stopped.stderr, stopped.stderr[-3000:]
+    saved = load_state(fsdp / "train_state.pt")
+    assert saved["step"] in (4, 5) and saved["batch_pos"] > 0  # read points every 2 steps: step 4 is one
+    resumed = _torchrun(tmp_path, recipe, fsdp, "-1")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _close(tmp_path / "one", fsdp)
 
 
 def test_csv_regression_run_and_eval(tmp_path, capsys):

@@ -410,6 +410,7 @@ def non_finite(run: Run, st: RunState, bad_step: int, bad_loss: float) -> NonFin
 
 def interrupt(run: Run, st: RunState, signum: int) -> None:
     save_checkpoint(run, st, mid_epoch=True)
+    barrier(run.dist)  # no rank exits (and makes torchrun kill the others) before rank 0 has written
     raise TrainingInterrupted(
         f"interrupted by signal {signum} at step {st.step} (epoch {st.epoch + 1}); state saved to "
         f"{run.run_dir / STATE_NAME}. Continue with: vitkit train --resume {run.run_dir}", signum)

@@ -69,11 +69,13 @@ class RunState:
 
     def state_dict(self, dist: DistInfo, *, mid_epoch: bool, finished: bool = False) -> dict[str, Any]:
         """Collective under torchrun (RNG states are gathered from every rank)."""
-        rngs = [rng_state()]
-        if dist.enabled:  # every rank's RNG (dropout / stochastic-depth streams differ per rank)
-            gathered = [None] * dist.world_size
-            torch.distributed.all_gather_object(gathered, rngs[0])
-            rngs = gathered
+        # per rank: the RNG (dropout / stochastic-depth streams differ per rank) and this epoch's
+        # running sums (each rank's own shard; they are all-reduced at the epoch end)
+        mine = {"rng": rng_state(), "sums": [float(v) for v in self.sums.tolist()]}
+        ranks = [mine]
+        if dist.enabled:
+            ranks = [None] * dist.world_size
+            torch.distributed.all_gather_object(ranks, mine)
         if self.fsdp:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
@@ -81,13 +83,13 @@ class RunState:
                                              options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         else:
             optim = self.optimizer.state_dict()
-        sums = [float(v) for v in self.sums.tolist()]
         return {"model": self.model_state(), "optimizer": optim,
                 "ema": self.ema.state_dict() if self.ema is not None else None, "scaler": self.scaler.state_dict(),
                 # at an epoch end the next epoch starts from set_epoch alone: no position to keep
-                "loader": self.loader.state_dict() if mid_epoch else None, "rng": rngs,
+                "loader": self.loader.state_dict() if mid_epoch else None, "rng": [r["rng"] for r in ranks],
                 "epoch": self.epoch, "step": self.step, "batch_pos": self.batch_pos, "seconds": self.seconds,
-                "history": self.history, "best": self.best, "sums": sums, "wall_seconds": self.wall_seconds,
+                "history": self.history, "best": self.best, "sums": [r["sums"] for r in ranks],
+                "wall_seconds": self.wall_seconds,
                 "finished": finished}
 
     def load_state_dict(self, state: dict[str, Any], dist: DistInfo) -> None:
@@ -115,6 +117,9 @@ class RunState:
         self.seconds, self.wall_seconds = state.get("seconds", 0.0), state.get("wall_seconds", 0.0)
         self.history = [dict(h) for h in state["history"]]
         self.best = dict(state["best"])
-        self.reset_sums(state.get("sums", (0.0, 0.0, 0.0)))
+        sums = state["sums"]
+        if len(sums) != dist.world_size:  # resumed with another world size: rank 0 carries the total
+            sums = [[sum(col) for col in zip(*sums)]] + [[0.0, 0.0, 0.0]] * (dist.world_size - 1)
+        self.reset_sums(sums[dist.rank])
         rngs = state["rng"]
         set_rng_state(rngs[dist.rank] if dist.rank < len(rngs) else rngs[0])
