@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.data import Dataset
 
 from ..errors import InputError
 from .deps import require
@@ -24,7 +25,7 @@ from .deps import require
 SPLIT_NAMES = {"train": "train", "validation": "val", "valid": "val", "val": "val", "test": "test"}
 
 
-class HFImageDataset:
+class HFImageDataset(Dataset):
     """One split of a ``datasets.Dataset``; ``read(i)`` decodes row i's image (in a worker)."""
 
     in_memory = False

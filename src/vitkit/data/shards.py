@@ -32,7 +32,7 @@ import tarfile
 from pathlib import Path
 
 import torch
-from torch.utils.data import IterableDataset
+from torch.utils.data import Dataset, IterableDataset
 
 from ..errors import InputError
 from .deps import require
@@ -113,9 +113,9 @@ def _class_names(root: Path, labels: set[int]) -> list[str]:
     return names
 
 
-class ShardDataset:
+class ShardDataset(Dataset):
     """One split's shards, indexed (sample count, labels); ``stream(...)`` gives the per-epoch
-    IterableDataset the loader iterates."""
+    IterableDataset the loader iterates (a Dataset only as a marker: no random access)."""
 
     in_memory = False
 
