@@ -29,7 +29,7 @@ def load_batch(ds, indices):
     from vitkit.data.loader import EpochDataset
 
     pipe = SamplePipeline(ds.image_hw, ds.mean, ds.std, normalize=False)
-    x, y, skipped, fatal = EpochDataset(ds, pipe, 0, ds.skip_bad, False).__getitems__([(0, i) for i in indices])
+    x, y, skipped, fatal, _ = EpochDataset(ds, pipe, 0, ds.skip_bad, False).__getitems__([(0, i) for i in indices])
     if fatal:
         raise InputError(fatal)
     return x, y

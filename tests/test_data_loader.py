@@ -371,3 +371,26 @@ def test_registry_and_spec_from_config():
     spec = DataSpec.from_config(TrainConfig(progress=False, image_size=16, seed=4))
     assert (spec.dataset, spec.image_size, spec.seed) == ("digits", 16, 4)
     assert DataSpec.from_config({"dataset": "csv", "data_dir": "x"}).data_dir == "x"
+
+
+def test_model_preprocessing_row_indices_and_skipped_files(tmp_path):
+    """Feature extraction's needs: the model's own preprocessing (as `vitkit predict`), the row of
+    each image, and which files could not be read."""
+    from vitkit.data.transforms import eval_transform
+
+    root = _folder(tmp_path, n=3, size=(30, 22), splits=("train", "val"))
+    bad = root / "val" / "cat" / "1.png"
+    bad.write_bytes(b"not a png")
+    d = build_data(DataSpec(dataset="imagefolder", data_dir=str(root), skip_bad_images=True))
+    pre = {"input_size": [3, 16, 16], "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.2, 0.2], "interpolation": "bicubic",
+           "crop_pct": 0.875}
+    loader = make_loader(d.val, batch_size=4, train=False, workers=1, preprocess=pre, with_index=True)
+    rows, xs = [], []
+    for x, _, idx in loader:
+        rows += idx.tolist()
+        xs.append(x)
+    bad_row = d.val.paths.index(bad)
+    assert rows == [i for i in range(len(d.val)) if i != bad_row]
+    assert len(loader.skipped_files) == 1 and loader.skipped_files[0].startswith(str(bad))
+    ref = torch.stack([eval_transform(pre)(Image.open(d.val.paths[i]).convert("RGB")) for i in rows])
+    torch.testing.assert_close(torch.cat(xs), ref, atol=1e-5, rtol=0)

@@ -145,6 +145,16 @@ class SamplePipeline:
         p = augment.random_erasing if augment is not None else 0.0
         self.erasing = T.RandomErasing(p=p, value=0) if p > 0 else None
 
+    @classmethod
+    def from_preprocess(cls, preprocess) -> SamplePipeline:
+        """A model's own preprocessing (``model.preprocess_cfg``: resize / center crop / interpolation
+        / mean / std) per image, exactly what ``vitkit predict`` applies (``eval_transform``)."""
+        from .transforms import eval_transform
+
+        pipe = cls((1, 1), [0.0], [1.0], None, normalize=False)
+        pipe.per_sample = eval_transform(preprocess)  # ends normalised float: batch() only stacks
+        return pipe
+
     def sample(self, img: torch.Tensor) -> torch.Tensor:
         return self.per_sample(img).contiguous()
 

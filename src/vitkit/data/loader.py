@@ -171,7 +171,7 @@ class EpochDataset(Dataset):
             return _Bad(str(e))
         s = sample_seed(self.seed, epoch, i)
         torch.default_generator.manual_seed(s)
-        return self.transform.sample(img), y, s
+        return self.transform.sample(img), y, s, i
 
     def __getitem__(self, key):
         return self.__getitems__([key])
@@ -179,8 +179,9 @@ class EpochDataset(Dataset):
     def __getitems__(self, keys):
         """A whole batch -> (x, y, skipped messages). Runs in a worker, or in the main process."""
         if self.fast:  # in memory, no per-sample randomness: one gather + one resize for the batch
-            x, y = self.source.read_batch([i for _, i in keys])
-            return self.transform(x), y, [], None
+            idx = [i for _, i in keys]
+            x, y = self.source.read_batch(idx)
+            return self.transform(x), y, [], None, torch.tensor(idx)
         main = torch.utils.data.get_worker_info() is None
         with torch.random.fork_rng(devices=[], enabled=main), _one_thread(main):
             items = [self._one(e, i) for e, i in keys]
@@ -193,13 +194,13 @@ def collate(items, skip_bad: bool, pipeline: SamplePipeline):
     starts with the file's name (a worker's exception would arrive wrapped in its traceback)."""
     bad = [it.message for it in items if isinstance(it, _Bad)]
     if bad and not skip_bad:
-        return None, None, [], bad[0]
+        return None, None, [], bad[0], None
     good = [it for it in items if not isinstance(it, _Bad)]
     if not good:
-        return None, None, bad, None
+        return None, None, bad, None, None
     x = pipeline.batch([g[0] for g in good], [g[2] for g in good])
     y = torch.stack([torch.as_tensor(g[1]) for g in good])
-    return x, y, bad, None
+    return x, y, bad, None, torch.tensor([g[3] for g in good])
 
 
 class Loader:
@@ -208,12 +209,14 @@ class Loader:
 
     def __init__(self, dataset, *, batch_size: int, train: bool, seed: int, workers: int, rank: int,
                  world_size: int, device_type: str, drop_last: bool, augment: AugmentSpec | None,
-                 mean, std, normalize: bool, prefetch_factor: int):
+                 mean, std, normalize: bool, prefetch_factor: int, preprocess=None, with_index: bool = False):
         sdl = require("torchdata.stateful_dataloader", "the vitkit data loader")
         self.dataset = dataset
         self.train = train
         self.epoch = 0
         self.skipped = 0
+        self.skipped_files: list[str] = []  # their messages, each starting with the file's name
+        self.with_index = with_index
         self._yielded = 0
         self._pending: dict[str, Any] | None = None
         self._iterable = hasattr(dataset, "stream")  # shards: an IterableDataset per epoch
@@ -221,8 +224,11 @@ class Loader:
         mean = list(mean if mean is not None else getattr(dataset, "mean", [0.5] * 3))
         std = list(std if std is not None else getattr(dataset, "std", [0.5] * 3))
         hw = tuple(dataset.image_hw)
-        fast = bool(getattr(dataset, "in_memory", False)) and (aug is None or not aug.per_sample)
-        if fast:
+        fast = (bool(getattr(dataset, "in_memory", False)) and (aug is None or not aug.per_sample)
+                and preprocess is None)
+        if preprocess is not None:
+            tf = SamplePipeline.from_preprocess(preprocess)
+        elif fast:
             # batch tensors: only normalisation left to do (read_batch already resized)
             tf = _Normalize(mean, std) if normalize else _identity
             workers = 0  # an indexing op per batch: workers would only add copies
@@ -284,16 +290,17 @@ class Loader:
                     raise DataWorkerError(f"a data loader worker died ({str(e).splitlines()[0]}); nothing was "
                                           "saved by the loader, the last checkpoint is intact") from e
                 raise
-            x, y, bad, fatal = batch
+            x, y, bad, fatal, idx = batch
             if fatal is not None:
                 raise InputError(fatal)
             self._yielded += 1
             for m in bad:
                 log.warning("skipped unreadable image: %s", m)
             self.skipped += len(bad)
+            self.skipped_files += bad
             if x is None:  # every image of this batch was unreadable
                 continue
-            yield x, y
+            yield (x, y, idx) if self.with_index else (x, y)
         self._yielded = 0
         self.epoch_done = True
 
@@ -332,7 +339,7 @@ class _Normalize:
 def make_loader(dataset, *, batch_size: int, train: bool, seed: int = 0, workers: int | None = None,
                 rank: int = 0, world_size: int = 1, device_type: str = "cpu", drop_last: bool | None = None,
                 augment: AugmentSpec | None = None, mean=None, std=None, normalize: bool = True,
-                prefetch_factor: int = 4) -> Loader:
+                prefetch_factor: int = 4, preprocess=None, with_index: bool = False) -> Loader:
     """A :class:`Loader` over ``dataset`` (a split of :func:`vitkit.data.build_data`'s result).
 
     batch_size: GLOBAL batch size (each of ``world_size`` ranks gets its slice).
@@ -340,6 +347,10 @@ def make_loader(dataset, *, batch_size: int, train: bool, seed: int = 0, workers
     workers: worker processes (None = :func:`default_workers`; 0 = load in this process).
     drop_last: default ``train`` (equal batches for every step and rank).
     mean / std: normalisation (default: the dataset's own, set by build_data).
+    preprocess: a model's preprocessing (``model.preprocess_cfg``) instead of the resize + mean/std
+        above: per image exactly what ``vitkit predict`` does (resize, center crop, normalise).
+    with_index: yield (x, y, indices) — each row's index in ``dataset`` (rows of skipped files are
+        absent; their messages are in ``loader.skipped_files``).
     """
     if workers is None:
         workers = default_workers()
@@ -347,4 +358,5 @@ def make_loader(dataset, *, batch_size: int, train: bool, seed: int = 0, workers
         raise InputError(f"workers must be >= 0, got {workers}")
     return Loader(dataset, batch_size=batch_size, train=train, seed=seed, workers=workers, rank=rank,
                   world_size=world_size, device_type=device_type, drop_last=train if drop_last is None else drop_last,
-                  augment=augment, mean=mean, std=std, normalize=normalize, prefetch_factor=prefetch_factor)
+                  augment=augment, mean=mean, std=std, normalize=normalize, prefetch_factor=prefetch_factor,
+                  preprocess=preprocess, with_index=with_index)

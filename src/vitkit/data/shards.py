@@ -193,7 +193,7 @@ class ShardStream(IterableDataset):
             return _Bad(f"{e} ({self.split} shard sample)")
         s = sample_seed(self.seed, self.epoch, p)
         torch.default_generator.manual_seed(s)
-        return self.transform.sample(x), torch.tensor(y), s
+        return self.transform.sample(x), torch.tensor(y), s, p
 
     def __iter__(self):
         from .loader import _one_thread, collate
