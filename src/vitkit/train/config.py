@@ -100,6 +100,10 @@ class TrainConfig:
     loss: str = field(default="auto", metadata={"help": "auto | ce | mse | l1 (auto: ce for classes, mse for csv)"})
     ema: bool = field(default=True, metadata={"help": "keep an EMA of the weights and evaluate it too"})
     ema_decay: float = field(default=0.99, metadata={"help": "EMA decay per optimizer step"})
+    select: str = field(default="final", metadata={
+        "help": "which weights become best/ (and are tested): final = where the schedule ends (the EMA when "
+                "--ema), best = the epoch best on validation (model or EMA). On digits' 179 validation images "
+                "'best' picks noise: final tested higher over seeds (benchmarks/train_digits.md)"})
     # ---------------------------------------------------------------- augmentation
     augment: bool = field(default=True, metadata={"help": "training augmentation on/off (all pieces below)"})
     affine_degrees: float = field(default=5.0, metadata={"help": "random rotation range +-degrees"})
@@ -152,6 +156,7 @@ class TrainConfig:
             choice("pooling", ("mean", "cls"))
         choice("loss", ("auto", "ce", "mse", "l1"))
         choice("hflip", ("auto", "on", "off"))
+        choice("select", ("final", "best"))
         choice("auto_augment", ("none", "randaugment", "trivialaugment"))
         choice("amp", ("off", "bf16", "fp16"))
         choice("strategy", ("ddp", "fsdp"))

@@ -431,8 +431,9 @@ def end_epoch(run: Run, st: RunState, flag: _SignalFlag) -> None:
     st.epoch += 1
     st.batch_pos, st.seconds = 0, 0.0
     st.reset_sums()
-    if st.epoch % cfg.eval_every == 0 or st.epoch == cfg.epochs or (cfg.max_steps and st.step >= cfg.max_steps):
-        evaluate_epoch(run, st, rec)
+    last = st.epoch == cfg.epochs or bool(cfg.max_steps and st.step >= cfg.max_steps)
+    if st.epoch % cfg.eval_every == 0 or last:
+        evaluate_epoch(run, st, rec, last)
     rec["epoch_seconds"] = round(seconds, 3)
     rec["images_per_second"] = round(count / max(seconds, 1e-9), 1)
     st.history.append(rec)
@@ -453,12 +454,10 @@ def end_epoch(run: Run, st: RunState, flag: _SignalFlag) -> None:
             f"{run.run_dir / STATE_NAME}. Continue with: vitkit train --resume {run.run_dir}", signum)
 
 
-def evaluate_epoch(run: Run, st: RunState, rec: dict[str, Any]) -> None:
-    """Model and EMA on the validation split; the better one (accuracy, then loss) becomes best/."""
-    if run.val_loader is None:
-        return
+def evaluate_epoch(run: Run, st: RunState, rec: dict[str, Any], last: bool) -> None:
+    """Model and EMA on the validation split, into ``rec``; then best/ (see --select)."""
     cands = [("model", st.model)] + ([("ema", st.ema.module)] if st.ema is not None else [])
-    for which, m in cands:
+    for which, m in cands if run.val_loader is not None else []:
         r = evaluate(m, run.val_loader, **run.eval_kw)
         pre = "val" if which == "model" else "val_ema"
         rec[f"{pre}_loss"] = r["loss"]
@@ -470,12 +469,18 @@ def evaluate_epoch(run: Run, st: RunState, rec: dict[str, Any]) -> None:
         else:
             rec[f"{pre}_mae"], rec[f"{pre}_rmse"], rec[f"{pre}_r2"] = r["mae"], r["rmse"], r["r2"]
             score = [-r["loss"], -r["loss"]]
-        # Validation accuracy moves in steps of 1/len(val) (0.56% on digits): on a tie the lower
-        # validation loss wins, otherwise an early lucky epoch is kept forever.
-        if score > st.best["score"]:
+        # --select best: validation accuracy moves in steps of 1/len(val) (0.56% on digits): on a
+        # tie the lower validation loss wins, otherwise an early lucky epoch is kept forever.
+        if run.cfg.select == "best" and score > st.best["score"]:
             st.best = {"score": score, "epoch": st.epoch, "which": which, "val_accuracy": r.get("accuracy"),
                        "val_loss": r["loss"]}
             save_model(run, st, m, run.run_dir / "best", which)
+    if run.cfg.select == "final" and last:  # the weights the schedule ends with (EMA when kept)
+        which, m = cands[-1]
+        pre = "val" if which == "model" else "val_ema"
+        st.best = {"score": [0.0, 0.0], "epoch": st.epoch, "which": which,
+                   "val_accuracy": rec.get(f"{pre}_accuracy"), "val_loss": rec.get(f"{pre}_loss")}
+        save_model(run, st, m, run.run_dir / "best", which)
 
 
 def save_checkpoint(run: Run, st: RunState, *, mid_epoch: bool, finished: bool = False) -> None:
