@@ -53,5 +53,5 @@ def test_hub_offline_error_says_what_to_do(monkeypatch):
     with pytest.raises(vitkit.CheckpointError) as e:
         vitkit.from_pretrained("google/vit-base-patch16-224")
     msg = str(e.value)
-    assert "huggingface-cli download google/vit-base-patch16-224" in msg
+    assert "hf download google/vit-base-patch16-224" in msg
     assert "pass its path as source" in msg

@@ -307,13 +307,22 @@ def get_config(name: str, **overrides: Any) -> ViTConfig:
 
 
 def list_models(pattern: str | None = None) -> list[str]:
-    """Preset names, optionally filtered by a shell-style pattern (``"vit_base*"``)."""
+    """Preset names matching ``pattern``: a shell-style pattern (``"vit_base*"``), a paper name
+    (``"ViT-B/16"`` = every size of it, ``"ViT-L/16@384"``, ``"ViT-B"``) or a plain substring
+    (``"small"``, ``"patch16"``); case-insensitive."""
     import fnmatch
 
     names = list(PRESETS)
-    if pattern:
-        names = [n for n in names if fnmatch.fnmatch(n, pattern)]
-    return names
+    if not pattern:
+        return names
+    key = pattern.strip().lower()
+    m = re.match(r"^vit-(ti|s|b|l|h)(?:/(\d+))?(?:[@_-](\d+))?$", key)
+    if m:
+        variant = PAPER_ABBREV[{"ti": "Ti", "s": "S", "b": "B", "l": "L", "h": "H"}[m.group(1)]]
+        key = f"vit_{variant}_patch{m.group(2) or '*'}_{m.group(3) or '*'}"
+    elif not any(ch in key for ch in "*?["):
+        key = f"*{key}*"
+    return [n for n in names if fnmatch.fnmatchcase(n.lower(), key)]
 
 
 __all__ = ["ViTConfig", "PRESETS", "VARIANTS", "get_config", "list_models", "resolve_name", "to_2tuple"]

@@ -9,6 +9,7 @@ place of a good one.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -18,7 +19,7 @@ from typing import Any
 import torch
 
 from .config import ViTConfig
-from .errors import CheckpointError
+from .errors import CheckpointError, VitkitError
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
@@ -46,11 +47,43 @@ def atomic_write(path: str | Path, write_fn) -> Path:
                 os.close(dfd)
         except OSError:
             pass
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        why = _write_failure(e, path)
+        if why:
+            raise WriteError(f"cannot write {path}: {why}; "
+                             f"{'the previous file is unchanged' if path.exists() else 'nothing was written'}"
+                             ) from e
         raise
     return path
+
+
+# A full disk or quota while saving becomes one line naming the file (a CLI prints it as
+# "vitkit train: error: cannot write runs/x/best/model.safetensors: no space left on device; ...").
+_NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def _write_failure(e: BaseException, path: Path) -> str | None:
+    """'no space left on device' (or the like) when ``e`` is a full disk / quota, else None.
+    torch.save reports a full disk as a RuntimeError ("... file write failed"), not an OSError."""
+    if isinstance(e, VitkitError):
+        return None
+    if isinstance(e, OSError) and e.errno in _NO_ROOM:
+        return os.strerror(e.errno).lower()
+    if isinstance(e, RuntimeError) and ("write failed" in str(e) or "failed writing" in str(e)):
+        import shutil
+
+        try:
+            free = shutil.disk_usage(path.parent).free
+        except OSError:
+            return "the write failed"
+        return f"the write failed ({free:,} bytes free on that disk)"
+    return None
+
+
+class WriteError(VitkitError, OSError):
+    """A file could not be written (disk full, quota); still an OSError for callers that catch those."""
 
 
 def _file_mode(path: Path) -> int:
@@ -114,7 +147,29 @@ def read_meta(directory: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{cfg} is not valid JSON: {e}") from e
     if meta.get("format") != "vitkit" or "config" not in meta:
         raise CheckpointError(f"{cfg} is not a vitkit config (expected 'format': 'vitkit' and a 'config' entry)")
+    labels, n = meta.get("labels"), (meta["config"] or {}).get("num_classes") if isinstance(meta["config"], dict) else None
+    if labels is not None and (not isinstance(labels, list) or (isinstance(n, int) and n > 0 and len(labels) != n)):
+        got = f"{len(labels)} names" if isinstance(labels, list) else f"a {type(labels).__name__}"
+        raise CheckpointError(f"{cfg}: field 'labels' has {got} but config.num_classes is {n}; "
+                              "fix or remove the list (one name per output)")
     return meta
+
+
+def config_json_problem(directory: str | Path) -> str | None:
+    """Why ``directory/config.json`` (or that of its best/ or last/) cannot be parsed, naming the
+    file and the JSON error; None when each present one parses (or there is none)."""
+    for d in (Path(directory), Path(directory) / "best", Path(directory) / "last"):
+        cfg = d / CONFIG_NAME
+        if cfg.is_file():
+            try:
+                json.loads(cfg.read_text())
+            except UnicodeDecodeError as e:
+                return f"{cfg} is not a text file ({e.reason} at byte {e.start})"
+            except ValueError as e:
+                return f"{cfg} is not valid JSON: {e}"
+            except OSError as e:
+                return f"cannot read {cfg}: {e.strerror or e}"
+    return None
 
 
 def load_safetensors(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
@@ -185,6 +240,9 @@ def resolve_model_dir(path: str | Path) -> Path:
             return p / sub
     if not p.exists():
         raise CheckpointError(f"{p}: no such file or directory")
+    problem = config_json_problem(p)
+    if problem:
+        raise CheckpointError(problem)
     raise CheckpointError(f"{p} is neither a vitkit model directory (config.json + model.safetensors) "
                           "nor a training run (with best/ or last/)")
 

@@ -167,9 +167,9 @@ def time_steps(steps: dict[str, Callable[[], None]], device: torch.device, warmu
     faults: dict[str, list[int]] = {n: [] for n in names}
     rounds = range(runs)
     if progress:
-        from tqdm import tqdm
+        from ..progress import progress_bar
 
-        rounds = tqdm(rounds, desc="timing", unit="round", leave=False)
+        rounds = progress_bar(rounds, desc="timing", unit="round", leave=False)
     for r in rounds:
         for n in (names if r % 2 == 0 else names[::-1]):
             _sync(device)

@@ -9,7 +9,8 @@ def add_arguments(p) -> None:
     p.add_argument("source", help="checkpoint file or directory, or a hub id (google/vit-base-patch16-224)")
     p.add_argument("out_dir", help="output directory (config.json + model.safetensors)")
     p.add_argument("--format", default=None, choices=["vitkit", "timm", "hf", "torchvision", "jax"],
-                   help="force the source format instead of detecting it")
+                   help="the format of SOURCE, the checkpoint you READ (default: detected from its files); "
+                        "convert always writes vitkit's format")
     p.add_argument("--arch", default=None, help="preset for what the weights cannot tell (e.g. vit_base_patch16_224)")
     p.add_argument("--num-heads", type=int, default=None, help="attention heads, for checkpoints that cannot say")
     p.add_argument("--image-size", type=int, nargs="+", metavar=("H", "W"),

@@ -29,16 +29,17 @@ def _indices(text: str | None):
 def add_arguments(p) -> None:
     p.add_argument("image", help="image file, or a built-in image: sample:china.jpg, sample:flower.jpg, digits:N")
     p.add_argument("--model", default=None,
-                   help="vitkit model directory, training run directory, or pretrained source; "
-                        "None = the most recent run under --runs")
+                   help="vitkit model directory, training run directory, or pretrained source "
+                        "(default: the most recent run under --runs)")
     p.add_argument("--runs", default="runs", help="where to look for the most recent training run")
     p.add_argument("--layers", default=None,
                    help="layers for the attention maps: comma-separated indices (negative from the end) "
-                        "or 'all'; None = first, middle and last")
+                        "or 'all' (default: first, middle and last)")
     p.add_argument("--heads", default="all", help="heads for the attention maps: comma-separated indices or 'all'")
     p.add_argument("--topk", type=int, default=5, help="number of top predictions to show")
     p.add_argument("--filters", type=int, default=28, help="number of principal components of the embedding filters")
-    p.add_argument("--max-pixels", type=int, default=100_000_000, help="refuse images larger than this many pixels")
+    p.add_argument("--max-pixels", type=int, default=None,
+                   help="refuse images with more pixels than this (default: VITKIT_MAX_IMAGE_PIXELS, else 100 megapixels)")
     p.add_argument("--out", default="explain_out", help="output directory for report.html and the PNG figures")
     p.add_argument("--device", default="cpu", help="torch device")
 

@@ -9,13 +9,14 @@ FORMATS = ["timm", "hf", "onnx", "torchscript", "torchvision", "jax", "vitkit"]
 
 def add_arguments(p) -> None:
     p.add_argument("model", help="model source: vitkit dir, run dir, checkpoint file/dir or hub id")
-    p.add_argument("--format", "-f", required=True, choices=FORMATS, help="target format")
+    p.add_argument("--format", "-f", required=True, choices=FORMATS,
+                   help="the format to WRITE (the target); the input's format is detected, or forced with --source-format")
     p.add_argument("--out", "-o", required=True,
                    help="output path: a directory for timm/hf/vitkit, a file for onnx/torchscript/torchvision/jax")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 17)")
     p.add_argument("--layout", default="vision_transformer", choices=["vision_transformer", "big_vision"],
                    help="npz layout for --format jax")
-    p.add_argument("--source-format", default=None, help="force the input checkpoint format")
+    p.add_argument("--source-format", default=None, help="the format of the model you READ (default: detected from its files)")
     p.add_argument("--num-heads", type=int, default=None, help="attention heads, for checkpoints that cannot say")
     p.add_argument("--verify", action="store_true",
                    help="for onnx: run the exported graph in onnxruntime and print the max abs difference")

@@ -14,6 +14,19 @@ from ..errors import VitkitError
 COMMANDS = ["models", "summary", "bench", "train", "eval", "predict", "explain", "export", "convert"]
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Every option's default shown once: appended as ``(default: X)`` unless the help text already
+    says what the default is (or there is nothing to say: None, False, a suppressed default)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        d = action.default
+        if ("default" in text or d is None or d is False or d is argparse.SUPPRESS or not action.option_strings
+                or isinstance(action, (argparse._HelpAction, argparse._VersionAction))):
+            return text
+        return text + " (default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
 
@@ -31,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
                 continue  # subcommand not part of this build
             raise
         p = sub.add_parser(name, help=mod.HELP, description=getattr(mod, "DESCRIPTION", mod.HELP),
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           formatter_class=HelpFormatter)
         mod.add_arguments(p)
         p.set_defaults(_run=mod.run)
     return parser

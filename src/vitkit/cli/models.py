@@ -6,7 +6,8 @@ HELP = "list the model presets with parameters and GFLOPs at their native size"
 
 
 def add_arguments(p) -> None:
-    p.add_argument("pattern", nargs="?", default=None, help="shell-style filter, e.g. 'vit_base*'")
+    p.add_argument("pattern", nargs="?", default=None,
+                   help="filter: a substring (small), a shell pattern ('vit_base*') or a paper name (ViT-B/16)")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON instead of a table")
 
 
@@ -16,8 +17,15 @@ def run(args) -> int:
     from ..bench.flops import count_flops, count_params
     from ..config import PRESETS, list_models
 
+    names = list_models(args.pattern)
+    if not names:
+        import sys
+
+        print(f"vitkit models: no preset matches {args.pattern!r}; filter by a substring (small, patch16), "
+              "a shell pattern ('vit_base*') or a paper name (ViT-B/16, ViT-L/16@384)", file=sys.stderr)
+        return 1
     rows = []
-    for name in list_models(args.pattern):
+    for name in names:
         c = PRESETS[name]
         fl = count_flops(c)
         rows.append({"name": name, "image_size": c.image_hw[0], "patch_size": c.patch_hw[0], "dim": c.dim,

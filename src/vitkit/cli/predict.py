@@ -20,8 +20,9 @@ def add_arguments(p) -> None:
     p.add_argument("--batch-size", "-b", type=int, default=32, help="images per forward pass")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, mps)")
     p.add_argument("--max-pixels", type=int, default=None,
-                   help="refuse images with more pixels than this (default: vitkit.data.image's 100 megapixels)")
-    p.add_argument("--format", default=None, help="force the checkpoint format (vitkit, timm, hf, torchvision, jax)")
+                   help="refuse images with more pixels than this (default: VITKIT_MAX_IMAGE_PIXELS, else 100 megapixels)")
+    p.add_argument("--format", default=None, help="the format of the model you READ: vitkit, timm, hf, torchvision, jax "
+                                                      "(default: detected from its files; predict writes no model)")
     p.add_argument("--num-heads", type=int, default=None, help="attention heads, for checkpoints that cannot say")
 
 
@@ -30,10 +31,10 @@ def predict_files(model, files, top_k: int = 5, batch_size: int = 32, max_pixels
     """One result dict per file, in order: {"file", "predictions": [{"index","label","prob"}]} for
     classifiers, {"file", "outputs": [...]} for regression / feature models, {"file", "error"} on failure."""
     import torch
-    from tqdm import tqdm
 
-    from ..data.image import DEFAULT_MAX_PIXELS, load_image
+    from ..data.image import load_image
     from ..errors import InputError
+    from ..progress import progress_bar
 
     if top_k < 1:
         raise InputError(f"--top-k must be >= 1, got {top_k}")
@@ -47,6 +48,10 @@ def predict_files(model, files, top_k: int = 5, batch_size: int = 32, max_pixels
     pending: list[tuple[int, torch.Tensor]] = []
     classify = cfg.task == "classification" and cfg.num_classes > 0
     labels = model.labels
+    if not classify:
+        from ..interop.labels import output_names
+
+        names = output_names(model) if cfg.num_classes > 0 else None
 
     def flush() -> None:
         if not pending:
@@ -63,11 +68,13 @@ def predict_files(model, files, top_k: int = 5, batch_size: int = 32, max_pixels
                     for pi, ci in zip(p, c)]
             else:
                 results[i]["outputs"] = [float(v) for v in row]
+                if names is not None:
+                    results[i]["names"] = names
         pending.clear()
 
-    for i, f in enumerate(tqdm(files, desc="predict", unit="img", disable=not progress)):
+    for i, f in enumerate(progress_bar(files, desc="predict", unit="img", disable=not progress)):
         try:
-            img = load_image(f, mode=mode, max_pixels=max_pixels or DEFAULT_MAX_PIXELS)
+            img = load_image(f, mode=mode, max_pixels=max_pixels)
             x = transform(img)
             if x.shape[0] != cfg.in_channels:
                 raise InputError(f"{f}: preprocessing gave {x.shape[0]} channels, model expects {cfg.in_channels}")
@@ -107,6 +114,10 @@ def run(args) -> int:
                 width = max(len(p["label"]) for p in r["predictions"])
                 for rank, p in enumerate(r["predictions"], 1):
                     print(f"  {rank:>2}. {p['label']:<{width}}  {p['prob']:.4f}")
+            elif "names" in r:
+                width = max(len(n) for n in r["names"])
+                for n, v in zip(r["names"], r["outputs"]):
+                    print(f"  {n:<{width}}  {v:.6g}")
             else:
                 print("  outputs: " + ", ".join(f"{v:.6g}" for v in r["outputs"]))
     for r in failed:

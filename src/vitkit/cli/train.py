@@ -5,7 +5,8 @@ from __future__ import annotations
 HELP = "train a ViT (default: the 8x8 digits that ship with scikit-learn) and write a run directory"
 DESCRIPTION = """Train a Vision Transformer. With no arguments: the digits recipe (under a minute on 2 CPU cores).
 Options come from the defaults, then --config FILE (yaml or json), then the --key value flags below.
-The run directory (--out, default runs/<timestamp>) receives config.yaml, metrics.jsonl, summary.json,
+The run directory (--out: new or empty; default a fresh runs/<timestamp>-<suffix>; --overwrite replaces a
+run there) belongs to this run alone (locked while it runs) and receives config.yaml, metrics.jsonl, summary.json,
 best/ and last/ (vitkit models: `vitkit predict --model RUN_DIR img.png`), train_state.pt (for --resume),
 curves.png and confusion_matrix.png. SIGINT/SIGTERM saves the state and exits non-zero; continue with
 --resume RUN_DIR. Multi-process: torchrun --nproc_per_node N -m vitkit train ... (see docs/training.md)."""
@@ -21,14 +22,12 @@ def add_arguments(p) -> None:
     p.add_argument("--config", metavar="FILE", help="yaml or json file of training options (flags below override it)")
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue an interrupted run from RUN_DIR/train_state.pt with its saved config")
-    p.add_argument("--overwrite", action="store_true",
-                   help="clear --out first when it already holds a run (without it such a directory is refused)")
     defaults = TrainConfig()
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
         help_ = f.metadata.get("help", f.name)
-        if default is not None and "(default" not in help_:
+        if default is not None and "(default" not in help_:  # each default said once (see cli.main.HelpFormatter)
             shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
             help_ += f" (default: {shown})"
         tp = _resolve(f.type)
@@ -60,11 +59,9 @@ def config_from_args(args):
             from ..errors import CheckpointError
 
             raise CheckpointError(f"--resume {args.resume}: no {CONFIG_FILE} there (not a vitkit training run)")
-        base = read_config_file(saved)
+        base = read_config_file(saved, note=lambda msg: None)  # the run dir is --resume's argument
     if getattr(args, "config", None):
-        recipe = read_config_file(args.config)
-        recipe.pop("out", None)  # a recipe never says where to write: a reused run config would train into the old run
-        base.update(recipe)
+        base.update(read_config_file(args.config))  # drops out / overwrite: a recipe never says where to write
     return TrainConfig.from_dict({**base, **flags})
 
 
@@ -88,7 +85,7 @@ def run(args) -> int:
 
     cfg = config_from_args(args)
     try:
-        summary = train(cfg, resume=args.resume, overwrite=args.overwrite)
+        summary = train(cfg, resume=args.resume)
     except TrainingInterrupted as e:
         import sys
 

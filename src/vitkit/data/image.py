@@ -1,14 +1,23 @@
 """Reading images safely: clear errors for missing, corrupt or oversized files.
 
 ``load_image(path)`` returns a PIL image in the requested mode. Pillow's own decompression-bomb
-guard is kept and tightened to ``max_pixels`` (default 100 megapixels): a larger image is refused
+guard is kept and tightened to ``max_pixels`` (default 100 megapixels, or ``VITKIT_MAX_IMAGE_PIXELS``): a larger image is refused
 with a message before it is decoded. ``builtin_image`` gives real images that ship with
 scikit-learn (``sample:china.jpg``, ``sample:flower.jpg``, ``digits:N``), so demos and tests
 need no download.
+
+High bit depth: Pillow opens 16-bit grayscale PNG/TIFF as mode ``I;16`` (``I;16B``, ``I`` in some
+versions), and ``convert("L")`` then *clips* at 255 (a 0..65535 gradient becomes 0, 255, 255, ...).
+``load_image`` scales such images to 8 bits first with ``to_uint8``: v -> round(v / 257), i.e.
+v * 255/65535 rounded, which maps 65535 to 255 and an 8-bit value stored as 16 bits (k * 257) back
+to k exactly. 16-bit RGB(A) / LA PNGs need nothing: Pillow already keeps their high byte.
+``to_uint8`` also takes tensors, so a decoder that returns ``torch.uint16`` (torchvision's
+``decode_image`` on a 16-bit PNG) gives the same 8-bit values as ``load_image``.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import warnings
 from pathlib import Path
@@ -25,8 +34,37 @@ DEFAULT_MAX_PIXELS = 100_000_000
 _PIL_LIMIT_LOCK = threading.Lock()
 
 
-def load_image(path: str | Path, mode: str | None = "RGB", max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Open, check and decode one image file. Raises InputError naming the file on any problem."""
+HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def to_uint8(x):
+    """8-bit values from an image array or tensor: uint8 unchanged; 16-bit (uint16, or a wider int
+    holding 0..65535, as Pillow's mode "I") -> round(v / 257) clipped to 0..255. numpy in, numpy out;
+    torch in, torch out (same shape)."""
+    if isinstance(x, np.ndarray):
+        if x.dtype == np.uint8:
+            return x
+        if x.dtype.kind not in "iu":
+            raise InputError(f"to_uint8: expected integer image values, got dtype {x.dtype}")
+        v = np.clip(x.astype(np.int64), 0, 65535)
+        return ((v + 128) // 257).astype(np.uint8)
+    import torch
+
+    if x.dtype == torch.uint8:
+        return x
+    if x.dtype.is_floating_point or x.dtype == torch.bool:
+        raise InputError(f"to_uint8: expected integer image values, got dtype {x.dtype}")
+    v = x.to(torch.int32).clamp_(0, 65535)  # uint16 supports few ops; int32 holds every value
+    return torch.div(v + 128, 257, rounding_mode="floor").to(torch.uint8)
+
+
+def load_image(path: str | Path, mode: str | None = "RGB", max_pixels: int | None = None) -> Image.Image:
+    """Open, check and decode one image file. Raises InputError naming the file on any problem.
+
+    ``max_pixels`` None: ``VITKIT_MAX_IMAGE_PIXELS`` from the environment (read at each call, so
+    it reaches training's DataLoader workers too), else 100 megapixels."""
+    if max_pixels is None:
+        max_pixels = int(os.environ.get("VITKIT_MAX_IMAGE_PIXELS", "") or DEFAULT_MAX_PIXELS)
     spec = str(path)
     if spec.startswith(("sample:", "digits:")):
         img = builtin_image(spec)
@@ -53,7 +91,8 @@ def load_image(path: str | Path, mode: str | None = "RGB", max_pixels: int = DEF
             if w * h > max_pixels:
                 raise InputError(
                     f"{p}: image is {w}x{h} = {w * h:,} pixels, over the limit of {max_pixels:,}; "
-                    "downscale it first or raise max_pixels"
+                    "downscale it first, or raise the limit: --max-pixels N (predict, explain) or the "
+                    "environment variable VITKIT_MAX_IMAGE_PIXELS=N (every command, training included)"
                 )
             img.load()
     except InputError:
@@ -64,6 +103,8 @@ def load_image(path: str | Path, mode: str | None = "RGB", max_pixels: int = DEF
         raise InputError(f"{p}: not a readable image file (unknown or corrupt format)") from e
     except (OSError, SyntaxError, ValueError) as e:
         raise InputError(f"{p}: cannot decode image ({e})") from e
+    if img.mode in HIGH_BIT_MODES:  # 16-bit grey: scale, don't let convert() clip at 255
+        img = Image.fromarray(to_uint8(np.asarray(img)))
     return img.convert(mode) if mode else img
 
 

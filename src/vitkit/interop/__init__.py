@@ -28,7 +28,7 @@ _ADAPT = ("image_size", "num_classes", "in_channels")
 
 def detect_format(path: str | Path) -> str:
     """Name the format of a local file or directory from its files and keys (never guesses)."""
-    from ..io import is_vitkit_dir
+    from ..io import config_json_problem, is_vitkit_dir
     from . import hf, jax, timm, torchvision
 
     p = Path(path)
@@ -41,6 +41,9 @@ def detect_format(path: str | Path) -> str:
             return "timm"
         if hf.is_hf_dir(p):
             return "hf"
+        problem = config_json_problem(p)  # a malformed config.json, not an unknown format
+        if problem:
+            raise CheckpointError(problem)
         raise CheckpointError(
             f"{p}: cannot tell the checkpoint format: expected a vitkit dir (config.json with format 'vitkit'), "
             "a run dir with best/ or last/, a timm hub dir (config.json with 'architecture' and "

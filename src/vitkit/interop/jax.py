@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from ..config import ViTConfig
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
 from .common import Converted, grid_from_rows
 
 
@@ -134,10 +134,25 @@ def convert(path: str | Path, arch: ViTConfig | None = None, hints: dict[str, An
                      info={"layout": layout, "stacked": stacked})
 
 
+def _check_jax_equivalent(c) -> None:
+    """The JAX layouts hold a pre-norm ViT with a learned position table, LayerNorm, a GELU MLP and
+    class-token (or, without a class token, mean) pooling; anything else has no equivalent there."""
+    if (not c.norm_first or c.pos_embed != "learned" or c.num_registers or c.layer_scale is not None
+            or c.fc_norm or c.qk_scale or c.act not in ("gelu", "gelu_tanh")
+            or c.pooling not in ("cls", "mean") or (c.pooling == "mean") == c.class_token
+            or getattr(c, "norm_layer", "layernorm") != "layernorm" or getattr(c, "mlp_layer", "mlp") != "mlp"
+            or getattr(c, "dist_token", False) or getattr(c, "norm_pre", False)):
+        raise ConfigError("this config has no JAX vision_transformer / big_vision equivalent (those are pre-norm "
+                          "with a learned position table, GELU, class-token pooling (mean without a class token), "
+                          f"no registers / layer scale / fc_norm); this model has pos_embed={c.pos_embed!r}, "
+                          f"pooling={c.pooling!r}, act={c.act!r}")
+
+
 def export_npz(model, path: str | Path, layout: str = "vision_transformer") -> Path:
     """Write the model's weights as a JAX ``.npz`` in ``layout`` ("vision_transformer" or
     "big_vision", stacked blocks). Used by the tests to check both loaders exactly."""
     c = model.config
+    _check_jax_equivalent(c)
     sd = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
     D, H = c.dim, c.num_heads
     hd = D // H

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -28,6 +29,9 @@ from ..errors import ConfigError
 ARCH_DEFAULTS: dict[str, Any] = {"dim": 32, "depth": 4, "num_heads": 4, "mlp_ratio": 2.0, "pos_embed": "sincos2d",
                                  "pooling": "mean", "fc_norm": False}
 ARCH_FIELDS = ("patch_size", *ARCH_DEFAULTS)  # what --pretrained / --model fix
+# Where a run writes is chosen per invocation, never by a recipe (a run's saved config.yaml reused as
+# a recipe must not train into that run): save() omits these and read_config_file() drops them.
+NOT_RECIPE = ("out", "overwrite")
 DATASETS = dataset_names()
 
 
@@ -128,7 +132,10 @@ class TrainConfig:
     compile: bool = field(default=False, metadata={"help": "torch.compile the model (CUDA or CPU; the first steps compile)"})
     strategy: str = field(default="ddp", metadata={"help": "ddp | fsdp when launched with torchrun"})
     eval_every: int = field(default=1, metadata={"help": "validate every N epochs (and always on the last)"})
-    out: str | None = field(default=None, metadata={"help": "run directory (default runs/<timestamp>)"})
+    out: str | None = field(default=None, metadata={
+        "help": "run directory, new or empty (default: a fresh runs/<timestamp>-<suffix>); never saved in config.yaml"})
+    overwrite: bool = field(default=False, metadata={
+        "help": "let --out replace an existing run directory (its files are deleted first); never saved"})
     tensorboard: bool = field(default=False, metadata={"help": "also write TensorBoard events (needs tensorboard)"})
     max_steps: int = field(default=0, metadata={"help": "stop after N optimizer steps (0 = no limit; for tests)"})
     progress: bool = field(default=True, metadata={"help": "progress bars (plain periodic lines when stderr is not a terminal)"})
@@ -143,9 +150,9 @@ class TrainConfig:
         def choice(name: str, options: tuple[str, ...]) -> None:
             v = getattr(self, name)
             if v not in options:
-                close = difflib.get_close_matches(str(v), options, n=1)
+                close = difflib.get_close_matches(str(v)[:100], options, n=1)
                 hint = f"; did you mean {close[0]!r}?" if close else ""
-                raise ConfigError(f"{name} must be one of {list(options)}, got {v!r}{hint}")
+                raise ConfigError(f"{name} must be one of {list(options)}, got {_short(v)}{hint}")
 
         for f in dataclasses.fields(self):
             setattr(self, f.name, _coerce(getattr(self, f.name), f.type, f.name))
@@ -198,15 +205,18 @@ class TrainConfig:
         return cls.from_dict({**read_config_file(path), **overrides})
 
     def save(self, path: str | Path) -> Path:
+        """Write the recipe: every option except where to write (``out``, ``overwrite``), so that
+        ``vitkit train --config OLD_RUN/config.yaml`` starts a new run instead of writing into the old one."""
         from ..io import atomic_write_text
 
         path = Path(path)
+        d = {k: v for k, v in self.to_dict().items() if k not in NOT_RECIPE}
         if path.suffix == ".json":
-            text = json.dumps(self.to_dict(), indent=2) + "\n"
+            text = json.dumps(d, indent=2) + "\n"
         else:
             import yaml
 
-            text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+            text = yaml.safe_dump(d, sort_keys=False)
         return atomic_write_text(path, text)
 
     def replace(self, **overrides: Any) -> TrainConfig:
@@ -224,12 +234,14 @@ def check_keys(data: dict[str, Any]) -> None:
     if unknown:
         msgs = []
         for k in unknown:
-            close = difflib.get_close_matches(str(k).replace("-", "_"), known, n=1)
-            msgs.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            close = difflib.get_close_matches(str(k)[:100].replace("-", "_"), known, n=1)
+            msgs.append(_short(k) + (f" (did you mean {close[0]!r}?)" if close else ""))
         raise ConfigError(f"unknown training option(s): {', '.join(msgs)}")
 
 
-def read_config_file(path: str | Path) -> dict[str, Any]:
+def read_config_file(path: str | Path, *, note=None) -> dict[str, Any]:
+    """Options from a yaml / json recipe. ``out`` / ``overwrite`` in it are dropped (with a note through
+    ``note``, default: stderr): pass them on the command line."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file {p} does not exist")
@@ -238,10 +250,10 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         if p.suffix.lower() == ".json":
             data = json.loads(text)
         else:
-            import yaml
-
-            data = yaml.safe_load(text)
-    except ValueError as e:  # json.JSONDecodeError and yaml.YAMLError (a ValueError subclass? no) below
+            data = _load_yaml(text, p)
+    except ConfigError:
+        raise
+    except ValueError as e:  # json.JSONDecodeError; yaml.YAMLError is not a ValueError: below
         raise ConfigError(f"{p}: cannot parse: {e}") from e
     except Exception as e:  # yaml.YAMLError
         raise ConfigError(f"{p}: cannot parse: {e}") from e
@@ -249,7 +261,86 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: expected a mapping of option: value, got {type(data).__name__}")
-    return {str(k).replace("-", "_"): v for k, v in data.items()}
+    data = {str(k).replace("-", "_"): v for k, v in data.items()}
+    dropped = [k for k in NOT_RECIPE if k in data and data.pop(k) not in (None, False)]
+    if dropped:
+        if note is None:
+            import sys
+
+            def note(msg):
+                print(msg, file=sys.stderr)
+
+        note(f"note: {p} sets {', '.join(dropped)}: ignored (a recipe never says where to write; "
+             f"pass --out DIR on the command line)")
+    return data
+
+
+# A recipe is a flat mapping of ~80 options. YAML aliases let a 1 KB file stand for an exponentially
+# large value ("billion laughs"): PyYAML shares the aliased objects, but anything that walks or prints
+# the value (dataclasses.asdict, repr in an error) expands it. So a recipe whose value tree, aliases
+# expanded, has more nodes than this is refused before it is constructed.
+MAX_RECIPE_NODES = 10_000
+MAX_RECIPE_BYTES = 1 << 20
+
+
+def _load_yaml(text: str, path: Path) -> Any:
+    import yaml
+
+    if len(text) > MAX_RECIPE_BYTES:
+        raise ConfigError(f"{path}: {len(text):,} bytes is not a training recipe (limit {MAX_RECIPE_BYTES:,})")
+
+    class BoundedLoader(yaml.SafeLoader):
+        def get_single_node(self):
+            node = super().get_single_node()
+            if node is not None:
+                n = _expanded_nodes(node, {}, MAX_RECIPE_NODES + 1)
+                if n > MAX_RECIPE_NODES:
+                    raise ConfigError(f"{path}: the recipe expands to more than {MAX_RECIPE_NODES:,} values "
+                                      f"(nested YAML aliases?); a training recipe is a flat list of options")
+            return node
+
+    loader = BoundedLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
+def _expanded_nodes(node: Any, memo: dict[int, int], limit: int) -> int:
+    """Node count of the tree with every alias expanded, computed on the (shared) graph in
+    linear time (memoised per node; cycles count as over the limit)."""
+    import yaml
+
+    key = id(node)
+    if key in memo:
+        if memo[key] < 0:  # a recursive alias: infinite when expanded
+            return limit
+        return memo[key]
+    memo[key] = -1
+    n = 1
+    if isinstance(node, yaml.SequenceNode):
+        children = node.value
+    elif isinstance(node, yaml.MappingNode):
+        children = [c for kv in node.value for c in kv]
+    else:
+        children = []
+    for c in children:
+        n += _expanded_nodes(c, memo, limit)
+        if n >= limit:
+            break
+    memo[key] = min(n, limit)
+    return memo[key]
+
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 60
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 4
+_REPR.maxlevel = 2
+
+
+def _short(value: Any) -> str:
+    """A bounded repr for error messages: never print (or build) a whole huge value."""
+    return _REPR.repr(value)
 
 
 def _coerce(value: Any, annotation: Any, name: str) -> Any:
@@ -268,7 +359,7 @@ def _coerce(value: Any, annotation: Any, name: str) -> Any:
         if isinstance(value, str):
             value = [v for v in value.replace(",", " ").split()]
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise ConfigError(f"{name} must be {len(args)} values, got {value!r}")
+            raise ConfigError(f"{name} must be {len(args)} values, got {_short(value)}")
         return tuple(_coerce(v, a, name) for v, a in zip(value, args))
     if tp is bool:
         if isinstance(value, bool):
@@ -277,11 +368,11 @@ def _coerce(value: Any, annotation: Any, name: str) -> Any:
             return True
         if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
             return False
-        raise ConfigError(f"{name} must be true or false, got {value!r}")
+        raise ConfigError(f"{name} must be true or false, got {_short(value)}")
     if tp in (int, float):
         kind = "an int" if tp is int else "a number"
         if isinstance(value, bool):
-            raise ConfigError(f"{name} must be {kind}, got {value!r}")
+            raise ConfigError(f"{name} must be {kind}, got {_short(value)}")
         if isinstance(value, int) or (tp is float and isinstance(value, float)):
             return tp(value)
         if tp is int and isinstance(value, float) and value.is_integer():
@@ -291,11 +382,11 @@ def _coerce(value: Any, annotation: Any, name: str) -> Any:
                 return tp(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{name} must be {kind}, got {value!r}")
+        raise ConfigError(f"{name} must be {kind}, got {_short(value)}")
     if tp is str:
         if isinstance(value, str):
             return value
-        raise ConfigError(f"{name} must be a string, got {value!r}")
+        raise ConfigError(f"{name} must be a string, got {_short(value)}")
     return value
 
 

@@ -146,18 +146,14 @@ def _quiet(*a, **k) -> None:
 
 
 # --------------------------------------------------------------------------- the loop
-def train(cfg: TrainConfig, resume: str | Path | None = None, log=print, overwrite: bool = False,
-          on_step=None) -> dict[str, Any]:
+def train(cfg: TrainConfig, resume: str | Path | None = None, log=print, on_step=None) -> dict[str, Any]:
     """Train (or resume) one run; returns the summary dict (also written to summary.json).
 
     ``on_step(state)``: called after every optimizer step with the :class:`RunState` (progress
     hooks; tests use it to interrupt a run at an exact step)."""
     t0 = time.time()
-    saved = None
-    if resume is not None:
-        saved = load_state(Path(resume) / STATE_NAME)
-        if saved.get("finished"):
-            raise CheckpointError(f"{resume} already finished ({saved['epoch']} epochs); nothing to resume")
+    if resume is not None and cfg.overwrite:
+        raise ConfigError("--overwrite replaces a run with a new one; it cannot be combined with --resume")
     device = pick_device(cfg.device)
     dist = init_distributed(device.type)
     if dist.enabled and device.type == "cuda":
@@ -166,29 +162,41 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, log=print, overwri
     setup_backends(cfg, device)
     torch.manual_seed(cfg.seed)
     with _SignalFlag() as flag:
-        run, st = build_run(cfg, device, dist, say)  # everything is checked before a directory exists
-        with run_directory(run.cfg, resume, overwrite, dist) as run_dir:
-            run.run_dir, run.on_step = run_dir, on_step
-            start(run, st, saved)
-            try:
-                while st.epoch < run.cfg.epochs:
-                    whole = run_epoch(run, st, flag)
-                    end_epoch(run, st, flag)
-                    if not whole:  # --max-steps reached inside the epoch
-                        break
-                summary = finish(run, st, t0)
-            except RuntimeError as e:  # torch reports a dead worker from its SIGCHLD handler, anywhere
-                if "DataLoader worker" not in str(e):
-                    raise
-                raise DataWorkerError(
-                    f"a data loader worker died ({str(e).strip().splitlines()[0]}); nothing was saved after "
-                    f"the last checkpoint {run_dir / STATE_NAME}: continue with vitkit train --resume {run_dir}"
-                ) from e
-            finally:
-                if run.tb is not None:
-                    run.tb.close()
+        if resume is None:  # everything is checked before a directory is claimed
+            run, st = build_run(cfg, device, dist, say)
+            with run_directory(run.cfg, None, dist) as run_dir:
+                summary = run_all(run, st, run_dir, None, flag, on_step, t0)
+        else:  # the lock first: the state of a live run is neither read nor resumed twice
+            with run_directory(cfg, resume, dist) as run_dir:
+                saved = load_state(run_dir / STATE_NAME)
+                if saved.get("finished"):
+                    raise CheckpointError(f"{resume} already finished ({saved['epoch']} epochs); nothing to resume")
+                run, st = build_run(cfg, device, dist, say)
+                summary = run_all(run, st, run_dir, saved, flag, on_step, t0)
     cleanup(dist)
     return summary
+
+
+def run_all(run: Run, st: RunState, run_dir: Path, saved, flag: _SignalFlag, on_step, t0: float) -> dict[str, Any]:
+    """Epochs until the end (or --max-steps), then finish; in the claimed run directory."""
+    run.run_dir, run.on_step = run_dir, on_step
+    start(run, st, saved)
+    try:
+        while st.epoch < run.cfg.epochs:
+            whole = run_epoch(run, st, flag)
+            end_epoch(run, st, flag)
+            if not whole:  # --max-steps reached inside the epoch
+                break
+        return finish(run, st, t0)
+    except RuntimeError as e:  # torch reports a dead worker from its SIGCHLD handler, anywhere
+        if "DataLoader worker" not in str(e):
+            raise
+        raise DataWorkerError(
+            f"a data loader worker died ({str(e).strip().splitlines()[0]}); nothing was saved after the last "
+            f"checkpoint {run_dir / STATE_NAME}: continue with vitkit train --resume {run_dir}") from e
+    finally:
+        if run.tb is not None:
+            run.tb.close()
 
 
 def build_run(cfg: TrainConfig, device: torch.device, dist: DistInfo, say) -> tuple[Run, RunState]:
@@ -246,20 +254,16 @@ def make_loss(task: str, kind: str, label_smoothing: float):
 
 
 @contextlib.contextmanager
-def run_directory(cfg: TrainConfig, resume, overwrite: bool, dist: DistInfo):
-    """The one place a run directory is chosen, created and held for the life of the run.
+def run_directory(cfg: TrainConfig, resume, dist: DistInfo):
+    """The one place a run directory is chosen, created and held for the life of the run:
+    :func:`vitkit.train.rundir.claim_run_dir` (unique default names, a lock held by the live run,
+    refusal of a directory that holds another run unless ``--overwrite``). Rank 0 claims and tells
+    the other ranks the path."""
+    from .rundir import claim_run_dir
 
-    With ``vitkit.train.rundir`` (unique default names, a lock held by the live run, refusal of a
-    directory that holds another run unless ``overwrite``) the claim is its ``claim_run_dir``;
-    rank 0 claims and tells the other ranks the path."""
     path = Path(resume) if resume is not None else (Path(cfg.out) if cfg.out else None)
     if dist.is_main:
-        try:
-            from .rundir import claim_run_dir
-        except ImportError:  # the run-directory module has not landed: plain create
-            claim_run_dir = None
-        cm = (claim_run_dir(path, overwrite=overwrite, resume=resume is not None) if claim_run_dir
-              else _plain_run_dir(path))
+        cm = claim_run_dir(path, overwrite=cfg.overwrite, resume=resume is not None)
     else:
         cm = contextlib.nullcontext(None)
     with cm as run_dir:
@@ -268,13 +272,6 @@ def run_directory(cfg: TrainConfig, resume, overwrite: bool, dist: DistInfo):
             torch.distributed.broadcast_object_list(box, src=0)
             run_dir = Path(box[0])
         yield Path(run_dir)
-
-
-@contextlib.contextmanager
-def _plain_run_dir(path: Path | None):
-    run_dir = path or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    yield run_dir
 
 
 def start(run: Run, st: RunState, saved: dict[str, Any] | None) -> None:

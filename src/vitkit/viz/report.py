@@ -115,7 +115,9 @@ def _predictions(model, logits: torch.Tensor, topk: int) -> tuple[list[tuple[str
     if c.num_classes == 0:
         return [], False
     if c.task == "regression":
-        return [(f"output {i}", float(v)) for i, v in enumerate(out)], True
+        from ..interop.labels import output_names
+
+        return list(zip(output_names(model), (float(v) for v in out))), True
     p = out.softmax(-1)
     k = min(topk, p.numel())
     vals, idx = p.topk(k)
