@@ -294,10 +294,19 @@ class Loader:
             except StopIteration:
                 break
             except RuntimeError as e:
-                if "DataLoader worker" in str(e) and ("killed" in str(e) or "exited unexpectedly" in str(e)):
-                    raise DataWorkerError(f"a data loader worker died ({str(e).splitlines()[0]}); nothing was "
-                                          "saved by the loader, the last checkpoint is intact") from e
-                raise
+                if not ("DataLoader worker" in str(e) and ("killed" in str(e) or "exited unexpectedly" in str(e))):
+                    raise
+                died = str(e).splitlines()[0]
+            else:
+                died = None
+            if died is not None:
+                # Stop the other workers now and unregister their pids: torch's SIGCHLD handler would
+                # otherwise raise this again, later, at a random point of the process.
+                shutdown = getattr(it, "_shutdown_workers", None)
+                if shutdown is not None:
+                    shutdown()
+                raise DataWorkerError(f"a data loader worker died ({died}); nothing was saved by the loader, "
+                                      "the last checkpoint is intact")
             x, y, bad, fatal, idx = batch
             if fatal is not None:
                 raise InputError(fatal)
