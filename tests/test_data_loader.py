@@ -304,23 +304,34 @@ def test_webdataset_errors_before_training(tmp_path):
 
 
 def test_missing_optional_dependency_names_the_extra(tmp_path, monkeypatch):
-    import importlib
+    import sys
 
-    real = importlib.import_module
-
-    def fake(name, *a, **k):
-        if name.split(".")[0] in ("webdataset", "datasets"):
-            raise ImportError(f"No module named {name!r}")
-        return real(name, *a, **k)
-
-    monkeypatch.setattr(importlib, "import_module", fake)
     (tmp_path / "s").mkdir()
     root = _shards(tmp_path / "s", per=(4,), val=4)
+    for name in ("webdataset", "datasets", "torchdata", "torchdata.stateful_dataloader"):
+        monkeypatch.setitem(sys.modules, name, None)  # "import name" now raises ImportError
     d = build_data(DataSpec(dataset="webdataset", data_dir=str(root)))  # indexing needs only tarfile
     with pytest.raises(ConfigError, match=r"pip install 'vitkit\[data\]'"):
         list(make_loader(d.train, batch_size=2, train=True, workers=0))
     with pytest.raises(ConfigError, match=r"pip install 'vitkit\[data\]'"):
         build_data(DataSpec(dataset="hf", data_dir=str(tmp_path)))
+    # without torchdata the loader is torch's DataLoader: same batches, same exact resume
+    folder = build_data(DataSpec(dataset="imagefolder", data_dir=str(_folder(tmp_path / "f", n=4))))
+    loader = make_loader(folder.train, batch_size=2, train=True, seed=3, workers=1, augment=AUG)
+    assert not loader.stateful and type(loader._dl) is torch.utils.data.DataLoader
+    loader.set_epoch(1)
+    full = [(x.clone(), y.clone()) for x, y in loader]
+    it = iter(loader)
+    head = [next(it) for _ in range(2)]
+    state = loader.state_dict()
+    del it
+    fresh = make_loader(folder.train, batch_size=2, train=True, seed=3, workers=1, augment=AUG)
+    fresh.load_state_dict(state)
+    assert _same(head + list(fresh), full)
+    monkeypatch.undo()
+    with_torchdata = make_loader(folder.train, batch_size=2, train=True, seed=3, workers=0, augment=AUG)
+    with_torchdata.set_epoch(1)
+    assert with_torchdata.stateful and _same(list(with_torchdata), full)
 
 
 # --------------------------------------------------------------------------- Hugging Face datasets

@@ -28,7 +28,9 @@ Resume. ``state_dict()`` -> {"epoch", "batches" (yielded this epoch), "dl" (the
 StatefulDataLoader's own state), "skipped"}; a fresh loader given ``load_state_dict(state)``
 continues with exactly the batches the uninterrupted loader would have yielded next (the sampler is
 fast-forwarded, no image is decoded for the skipped batches). WebDataset shards resume the same
-way: see ``vitkit.data.shards``.
+way: see ``vitkit.data.shards``. Without torchdata (the ``vitkit[data]`` extra) the loader is torch's
+DataLoader and resuming skips the batches already done in the (deterministic) batch sampler: same
+batches, so the default ``vitkit train`` needs no extra.
 
 Bad files. An unreadable image stops iteration with an ``InputError`` whose message starts with the
 file's name (raised in the main process, not a worker traceback); with ``skip_bad=True`` the file
@@ -48,7 +50,6 @@ from torch.utils.data import Dataset, Sampler
 
 from ..errors import InputError, VitkitError
 from .augment import AugmentSpec, SamplePipeline
-from .deps import require
 
 log = logging.getLogger("vitkit.data")
 
@@ -85,6 +86,7 @@ class GlobalBatchSampler(Sampler):
         self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
         self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
         self.epoch = 0
+        self.start_batch = 0  # resume without torchdata: skip this many batches once
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -105,10 +107,14 @@ class GlobalBatchSampler(Sampler):
         return gb[start:start + per + (1 if self.rank < extra else 0)]
 
     def __iter__(self):
+        skip, self.start_batch = self.start_batch, 0
+        n = 0
         for gb in self.global_batches():
             local = self._local(gb)
             if local:
-                yield [(self.epoch, i) for i in local]
+                n += 1
+                if n > skip:
+                    yield [(self.epoch, i) for i in local]
 
     def __len__(self) -> int:
         B = self.batch_size
@@ -210,7 +216,7 @@ class Loader:
     def __init__(self, dataset, *, batch_size: int, train: bool, seed: int, workers: int, rank: int,
                  world_size: int, device_type: str, drop_last: bool, augment: AugmentSpec | None,
                  mean, std, normalize: bool, prefetch_factor: int, preprocess=None, with_index: bool = False):
-        sdl = require("torchdata.stateful_dataloader", "the vitkit data loader")
+        loader_cls, self.stateful = _dataloader_class()
         self.dataset = dataset
         self.train = train
         self.epoch = 0
@@ -247,12 +253,12 @@ class Loader:
             self._ds = dataset.stream(batch_size=batch_size, train=train, seed=seed, rank=rank,
                                       world_size=world_size, drop_last=drop_last, transform=tf,
                                       skip_bad=getattr(dataset, "skip_bad", False))
-            self._dl = _quiet(sdl.StatefulDataLoader, self._ds, batch_size=None, **kw)
+            self._dl = _quiet(loader_cls, self._ds, batch_size=None, **kw)
         else:
             self.sampler = GlobalBatchSampler(len(dataset), batch_size, shuffle=train, seed=seed, rank=rank,
                                               world_size=world_size, drop_last=drop_last)
             self._ds = EpochDataset(dataset, tf, seed, getattr(dataset, "skip_bad", False), fast)
-            self._dl = _quiet(sdl.StatefulDataLoader, self._ds, batch_sampler=self.sampler, **kw)
+            self._dl = _quiet(loader_cls, self._ds, batch_sampler=self.sampler, **kw)
 
     # ------------------------------------------------------------------ epochs and length
     def set_epoch(self, epoch: int) -> None:
@@ -272,8 +278,10 @@ class Loader:
         pending, self._pending = self._pending, None
         if pending is not None and pending["epoch"] == self.epoch and 0 < pending["batches"] < len(self):
             start = pending["batches"]
-            if self.sampler is not None:
+            if self.sampler is not None and self.stateful and pending.get("dl") is not None:
                 self._dl.load_state_dict(pending["dl"])
+            elif self.sampler is not None:  # no torchdata: the sampler skips the batches already done
+                self.sampler.start_batch = start
             else:
                 self._ds.start_batch = start
         elif self.sampler is None:
@@ -286,10 +294,19 @@ class Loader:
             except StopIteration:
                 break
             except RuntimeError as e:
-                if "DataLoader worker" in str(e) and ("killed" in str(e) or "exited unexpectedly" in str(e)):
-                    raise DataWorkerError(f"a data loader worker died ({str(e).splitlines()[0]}); nothing was "
-                                          "saved by the loader, the last checkpoint is intact") from e
-                raise
+                if not ("DataLoader worker" in str(e) and ("killed" in str(e) or "exited unexpectedly" in str(e))):
+                    raise
+                died = str(e).splitlines()[0]
+            else:
+                died = None
+            if died is not None:
+                # Stop the other workers now and unregister their pids: torch's SIGCHLD handler would
+                # otherwise raise this again, later, at a random point of the process.
+                shutdown = getattr(it, "_shutdown_workers", None)
+                if shutdown is not None:
+                    shutdown()
+                raise DataWorkerError(f"a data loader worker died ({died}); nothing was saved by the loader, "
+                                      "the last checkpoint is intact")
             x, y, bad, fatal, idx = batch
             if fatal is not None:
                 raise InputError(fatal)
@@ -307,7 +324,7 @@ class Loader:
     # ------------------------------------------------------------------ resume
     def state_dict(self) -> dict[str, Any]:
         mid = 0 < self._yielded < len(self)
-        dl = self._dl.state_dict() if (mid and self.sampler is not None) else None
+        dl = self._dl.state_dict() if (mid and self.sampler is not None and self.stateful) else None
         return {"epoch": self.epoch, "batches": self._yielded if mid else 0, "dl": dl, "skipped": self.skipped}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -317,6 +334,18 @@ class Loader:
         self.skipped = int(state.get("skipped", 0))
         self._pending = dict(state) if state.get("batches") else None
         self.set_epoch(self.epoch)
+
+
+def _dataloader_class():
+    """torchdata's StatefulDataLoader (its state_dict holds the mid-epoch position, workers included),
+    else torch's DataLoader: the default `vitkit train` must not need the `vitkit[data]` extra, and the
+    batch sampler is deterministic, so resuming there means skipping the batches already done."""
+    try:
+        from torchdata.stateful_dataloader import StatefulDataLoader
+    except ImportError:
+        log.debug("torchdata not installed (pip install 'vitkit[data]'): torch DataLoader + sampler resume")
+        return torch.utils.data.DataLoader, False
+    return StatefulDataLoader, True
 
 
 def _quiet(fn, *args, **kw):
