@@ -186,7 +186,7 @@ def test_a_dead_worker_is_a_clear_error(tmp_path):
 
     class Dying(type(d.train)):
         def read(self, i):
-            if i == 2:
+            if i == 0:  # the first batch: the training process is waiting for it when the worker dies
                 os.kill(os.getpid(), signal.SIGKILL)
             return super().read(i)
 

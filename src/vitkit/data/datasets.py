@@ -143,11 +143,12 @@ class DataSplits:
 NATIVE_SIZE = {"digits": 8, "mnist": 28, "fashion-mnist": 28, "cifar10": 32, "cifar100": 32}
 
 
-def resolve_hw(spec, native: int | None = None, paths=None) -> tuple[tuple[int, int], str, bool]:
+def resolve_hw(spec, native: int | None = None, paths=None, sizes=None) -> tuple[tuple[int, int], str, bool]:
     """(image_hw, how it was chosen, whether it came from the files).
 
-    ``--image-size`` wins; else a dataset's native size; else the common size of a sample of the
-    files when they all agree and no side exceeds PROBE_MAX_SIDE; else DEFAULT_FILE_IMAGE_SIZE."""
+    ``--image-size`` wins; else a dataset's native size; else the common (H, W) of a sample of the
+    files (``paths`` to probe, or ``sizes`` already read) when they all agree and no side exceeds
+    PROBE_MAX_SIDE; else DEFAULT_FILE_IMAGE_SIZE."""
     from .spec import DEFAULT_FILE_IMAGE_SIZE, PROBE_MAX_SIDE
 
     if spec.image_size:
@@ -159,6 +160,7 @@ def resolve_hw(spec, native: int | None = None, paths=None) -> tuple[tuple[int, 
         from .files import probe_sizes
 
         sizes = probe_sizes(paths)
+    if sizes is not None:
         common = set(sizes)
         if len(common) == 1:
             (h, w), = common

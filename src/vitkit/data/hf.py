@@ -110,7 +110,7 @@ def _load(path: Path) -> dict:
 
 
 def build_hf(spec):
-    from .datasets import DataSplits, _need_dir, stratified_split
+    from .datasets import DataSplits, _need_dir, resolve_hw, stratified_split
     from .files import image_header
 
     datasets = require("datasets", "--dataset hf")
@@ -170,10 +170,7 @@ def build_hf(spec):
             continue
         if len(sizes) >= 32:
             break
-    from .datasets import resolve_hw
-    from .shards import _resolve_from_sizes
-
-    hw, size_note, from_data = _resolve_from_sizes(spec, sizes, resolve_hw)
+    hw, size_note, from_data = resolve_hw(spec, sizes=sizes)
     mk = lambda s: HFImageDataset(splits[s], img_col, lab_col, hw, s, torch.as_tensor(labels[s], dtype=torch.long))  # noqa: E731
     return DataSplits(name="hf", train=mk("train"), val=mk("val"), test=mk("test"), task="classification",
                       num_outputs=len(classes), in_channels=3, image_hw=hw, classes=classes, mean=[0.5] * 3,

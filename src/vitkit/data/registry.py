@@ -19,22 +19,20 @@ from ..errors import ConfigError
 class DatasetEntry:
     builder: str  # "module:function" under vitkit.data
     help: str
-    in_memory: bool  # whole dataset in memory (fast batched path, no workers needed)
-    needs_dir: bool
 
 
 DATASETS: dict[str, DatasetEntry] = {
-    "digits": DatasetEntry("datasets:_digits", "scikit-learn's 1,797 8x8 digits (built in)", True, False),
-    "mnist": DatasetEntry("datasets:_mnist", "MNIST idx files in DIR/MNIST/raw (--download fetches them)", True, True),
-    "fashion-mnist": DatasetEntry("datasets:_mnist", "Fashion-MNIST idx files in DIR/FashionMNIST/raw", True, True),
-    "cifar10": DatasetEntry("datasets:_cifar", "CIFAR-10 python batches in DIR/cifar-10-batches-py", True, True),
-    "cifar100": DatasetEntry("datasets:_cifar", "CIFAR-100 python batches in DIR/cifar-100-python", True, True),
-    "imagefolder": DatasetEntry("datasets:_imagefolder", "DIR/train/<class>/*.jpg (+ val/, test/)", False, True),
-    "csv": DatasetEntry("datasets:_csv", "regression: CSV of image path + numeric target columns", False, True),
+    "digits": DatasetEntry("datasets:_digits", "scikit-learn's 1,797 8x8 digits (built in)"),
+    "mnist": DatasetEntry("datasets:_mnist", "MNIST idx files in DIR/MNIST/raw (--download fetches them)"),
+    "fashion-mnist": DatasetEntry("datasets:_mnist", "Fashion-MNIST idx files in DIR/FashionMNIST/raw"),
+    "cifar10": DatasetEntry("datasets:_cifar", "CIFAR-10 python batches in DIR/cifar-10-batches-py"),
+    "cifar100": DatasetEntry("datasets:_cifar", "CIFAR-100 python batches in DIR/cifar-100-python"),
+    "imagefolder": DatasetEntry("datasets:_imagefolder", "DIR/train/<class>/*.jpg (+ val/, test/)"),
+    "csv": DatasetEntry("datasets:_csv", "regression: CSV of image path + numeric target columns"),
     "webdataset": DatasetEntry("shards:build_webdataset", "tar shards DIR/train-*.tar (+ val-*, test-*): "
-                               ".jpg/.png/.webp + .cls", False, True),
+                               ".jpg/.png/.webp + .cls"),
     "hf": DatasetEntry("hf:build_hf", "Hugging Face dataset saved with save_to_disk, or a folder of parquet "
-                       "files", False, True),
+                       "files"),
 }
 
 

@@ -254,36 +254,18 @@ def build_webdataset(spec):
         index["test" if only == "val" else "val"] = index[only]
         shards["test" if only == "val" else "val"] = shards[only]
         notes.append(f"webdataset: only {only}-*.tar found; it serves as both validation and test set")
-    spec_paths = None
-    if not spec.image_size:
-        from .files import image_header
+    from .files import image_header
 
-        sizes = []
-        for name, data in probe:
-            try:
-                sizes.append(image_header(data, name)[1][::-1])
-            except InputError:
-                continue
-        spec_paths = sizes
-    hw, size_note, from_data = _resolve_from_sizes(spec, spec_paths, resolve_hw)
+    sizes = []
+    for name, data in probe:  # (H, W) of the first training images, from their headers
+        try:
+            sizes.append(image_header(data, name)[1][::-1])
+        except InputError:
+            continue
+    hw, size_note, from_data = resolve_hw(spec, sizes=sizes)
     mk = lambda s: ShardDataset(shards[s], [lab for _, lab in index[s]], hw, s)  # noqa: E731
     notes.append("webdataset: " + ", ".join(f"{s} {len(index[s])} samples in {len(shards[s])} shard(s)"
                                             for s in ("train", "val", "test")))
     return DataSplits(name="webdataset", train=mk("train"), val=mk("val"), test=mk("test"), task="classification",
                       num_outputs=len(classes), in_channels=3, image_hw=hw, classes=classes, mean=[0.5] * 3,
                       std=[0.5] * 3, hflip_ok=True, notes=notes, size_note=size_note, size_from_data=from_data)
-
-
-def _resolve_from_sizes(spec, sizes, resolve_hw):
-    """resolve_hw's rule, from already probed (H, W) sizes."""
-    from .spec import DEFAULT_FILE_IMAGE_SIZE, PROBE_MAX_SIDE
-
-    if spec.image_size or not sizes:
-        return resolve_hw(spec)
-    common = set(sizes)
-    d = DEFAULT_FILE_IMAGE_SIZE
-    if len(common) == 1:
-        (h, w), = common
-        if max(h, w) <= PROBE_MAX_SIDE:
-            return (h, w), f"all {len(sizes)} probed images are {w}x{h} (W x H): trained at that size", True
-    return (d, d), f"probed shard images differ in size or exceed {PROBE_MAX_SIDE}: default {d}x{d}", False
