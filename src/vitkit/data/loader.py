@@ -319,7 +319,6 @@ class Loader:
                 continue
             yield (x, y, idx) if self.with_index else (x, y)
         self._yielded = 0
-        self.epoch_done = True
 
     # ------------------------------------------------------------------ resume
     def state_dict(self) -> dict[str, Any]:

@@ -19,6 +19,9 @@ collects them), so the batches are identical for any ``--workers``. Reading ever
 worker costs I/O (tar bytes are cheap next to JPEG decoding on a local disk); with many remote
 shards, pre-split them instead.
 
+The stream's workers are not persistent: they start again each epoch (they learn the epoch and
+the resume position from the pickled dataset), which costs a second or so per epoch.
+
 Resume mid-epoch is EXACT: the loader's state holds (epoch, batches yielded); a resumed loader
 replays the same stream and skips the batches already trained on without decoding them.
 """
