@@ -298,6 +298,11 @@ def test_webdataset_errors_before_training(tmp_path):
     (tmp_path / "b").mkdir()
     root = _shards(tmp_path / "b", classes_txt=False)
     assert build_data(DataSpec(dataset="webdataset", data_dir=str(root))).classes == ["0", "1", "2"]
+    (root / "classes.json").write_text('{"0": "zero", "1": "one", "2": "two"}')
+    assert build_data(DataSpec(dataset="webdataset", data_dir=str(root))).classes == ["zero", "one", "two"]
+    (root / "classes.json").write_text('["zero", "one"]')
+    with pytest.raises(InputError, match="names 2 classes but the shards use label 2"):
+        build_data(DataSpec(dataset="webdataset", data_dir=str(root)))
     (tmp_path / "c").mkdir()
     with pytest.raises(InputError, match="no train-\\*.tar"):
         build_data(DataSpec(dataset="webdataset", data_dir=str(tmp_path / "c")))
