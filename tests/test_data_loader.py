@@ -153,6 +153,21 @@ def test_sixteen_bit_png_is_scaled_not_saturated(tmp_path):
     np.testing.assert_array_equal(x[0].numpy(), (ramp >> 8).astype(np.uint8))  # 65280 -> 255, 256 -> 1
 
 
+def test_formats_torchvision_cannot_decode_go_through_pillow(tmp_path):
+    from vitkit.data.files import decode_file
+
+    rgb = np.random.RandomState(0).randint(0, 255, (6, 7, 3)).astype(np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "x.bmp")
+    assert torch.equal(decode_file(tmp_path / "x.bmp"), torch.from_numpy(rgb).permute(2, 0, 1))
+    grey16 = (np.arange(42).reshape(6, 7) * 1500).astype(np.uint16)  # 16-bit TIFF, Pillow mode I;16
+    Image.fromarray(grey16).save(tmp_path / "g.tif")
+    want = np.floor(grey16.astype(np.float64) * 255 / 65535 + 0.5).astype(np.uint8)
+    np.testing.assert_array_equal(decode_file(tmp_path / "g.tif")[1].numpy(), want)
+    Image.fromarray(rgb).convert("CMYK").save(tmp_path / "c.jpg")  # CMYK JPEG: same RGB as Pillow's
+    ref = np.asarray(Image.open(tmp_path / "c.jpg").convert("RGB"))
+    assert torch.equal(decode_file(tmp_path / "c.jpg"), torch.from_numpy(ref.copy()).permute(2, 0, 1))
+
+
 def test_bad_image_in_a_worker_names_the_file_or_is_skipped_and_counted(tmp_path):
     root = _folder(tmp_path, n=4, splits=("train", "val"))
     bad = root / "train" / "dog" / "zz_broken.png"
