@@ -4,10 +4,11 @@ It is filled from defaults, then ``--config file.yaml|json``, then ``--key value
 (type-checked; unknown keys are rejected with a suggestion), and saved as ``config.yaml`` in the
 run directory so a run can be reproduced or resumed from its files alone.
 
-The defaults are the digits recipe measured in ``benchmarks/train_digits.md``: a 4-block, 64-wide
+The defaults are the digits recipe measured in ``benchmarks/train_digits.md``: a 4-block, 32-wide
 ViT on 2x2 patches of the 8x8 digits (16 tokens), sin-cos 2-D position embedding, mean pooling,
 mild random affine augmentation (bilinear resampling blurs 8x8 images: stronger jitter hurt),
-label smoothing 0.1, stochastic depth 0.1, AdamW (lr 2e-3, batch 16: more steps beat bigger batches here), warmup + cosine, EMA.
+label smoothing 0.1, stochastic depth 0.1, AdamW (lr 3e-3, batch 64), 3 warm-up epochs + cosine over
+150 epochs, EMA 0.99, and the final (EMA) weights reported (``select="final"``).
 """
 
 from __future__ import annotations
@@ -89,7 +90,9 @@ class TrainConfig:
     num_classes: int = field(default=0, metadata={
         "help": "number of classes / regression targets (0 = from the data; a mismatch is an error)"})
     # ---------------------------------------------------------------- optimisation
-    epochs: int = field(default=100, metadata={"help": "training epochs"})
+    epochs: int = field(default=150, metadata={
+        "help": "training epochs (the digits default: 150 reached 98.9%% mean test accuracy over seeds 0-2, "
+                "100 reached 98.1%%)"})
     batch_size: int = field(default=64, metadata={"help": "global batch size (split across ranks)"})
     accum_steps: int = field(default=1, metadata={"help": "gradient accumulation steps per optimizer step"})
     lr: float = field(default=3e-3, metadata={"help": "peak learning rate (AdamW)"})
