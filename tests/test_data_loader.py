@@ -190,6 +190,13 @@ def test_imagefolder_checks_before_training(tmp_path):
         build_data(DataSpec(dataset="imagefolder", data_dir=str(root)))
     d = build_data(DataSpec(dataset="imagefolder", data_dir=str(root), allow_empty_classes=True))
     assert d.classes == ["cat", "dog", "empty"]
+    # a broken validation image is reported as such before training (or dropped and recorded)
+    broken = root / "val" / "dog" / "0.png"
+    broken.write_bytes(b"\x89PNG broken")
+    with pytest.raises(InputError, match=r"imagefolder: validation image .*dog/0.png: not a readable image"):
+        build_data(DataSpec(dataset="imagefolder", data_dir=str(root), allow_empty_classes=True))
+    d = build_data(DataSpec(dataset="imagefolder", data_dir=str(root), allow_empty_classes=True, skip_bad_images=True))
+    assert d.skipped_files == [str(broken)] and len(d.val) == 3 and d.test is d.val
     root = _folder(tmp_path / "b", n=2, splits=("train",))
     _folder(tmp_path / "b", n=2, classes=("cat", "owl"), splits=("val",))
     with pytest.raises(InputError, match="owl is not among the training classes"):
@@ -412,7 +419,8 @@ def test_model_preprocessing_row_indices_and_skipped_files(tmp_path):
     root = _folder(tmp_path, n=3, size=(30, 22), splits=("train", "val"))
     bad = root / "val" / "cat" / "1.png"
     bad.write_bytes(b"not a png")
-    d = build_data(DataSpec(dataset="imagefolder", data_dir=str(root), skip_bad_images=True))
+    # check_files=False: leave the bad file to the loader (by default build_data drops it up front)
+    d = build_data(DataSpec(dataset="imagefolder", data_dir=str(root), skip_bad_images=True, check_files=False))
     pre = {"input_size": [3, 16, 16], "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.2, 0.2], "interpolation": "bicubic",
            "crop_pct": 0.875}
     loader = make_loader(d.val, batch_size=4, train=False, workers=1, preprocess=pre, with_index=True)

@@ -407,10 +407,21 @@ def _imagefolder(cfg) -> DataSplits:
         notes.append(f"imagefolder: only {only}/ found; it serves as both validation and test set")
     mk = lambda split, p, y: FileImageDataset(p, y, hw, "RGB", cfg.skip_bad_images, split=split)  # noqa: E731
     mean, std = [0.5] * 3, [0.5] * 3  # fixed: avoids a full pass over the files
-    return DataSplits(name="imagefolder", train=mk("train", tr_paths, tr_y), val=mk("validation", *splits["val"]),
-                      test=mk("test", *splits["test"]) if "test" in splits else None, task="classification",
-                      num_outputs=len(classes), in_channels=3, image_hw=hw, classes=classes, mean=mean,
-                      std=std, hflip_ok=True, notes=notes, size_note=size_note, size_from_data=from_data)
+    val = mk("validation", *splits["val"])
+    test = mk("test", *splits["test"]) if "test" in splits else None
+    skipped: list[str] = []
+    if cfg.check_files:
+        # Evaluation images are opened (headers) now, so a bad one stops the run before the first step,
+        # not after an epoch or at the final test. Training images are checked as the workers read them.
+        where = lambda k: "imagefolder: "  # noqa: E731
+        val = _check_files(val, "validation", where, cfg.skip_bad_images, skipped)
+        if test is not None:
+            test = val if splits["test"] is splits["val"] else _check_files(test, "test", where,
+                                                                             cfg.skip_bad_images, skipped)
+    return DataSplits(name="imagefolder", train=mk("train", tr_paths, tr_y), val=val, test=test,
+                      task="classification", num_outputs=len(classes), in_channels=3, image_hw=hw, classes=classes,
+                      mean=mean, std=std, hflip_ok=True, notes=notes, size_note=size_note, size_from_data=from_data,
+                      skipped_files=skipped)
 
 
 def _csv_rows(path: Path, cfg):
@@ -451,20 +462,21 @@ def _csv_rows(path: Path, cfg):
     return paths, torch.tensor(targets, dtype=torch.float32), cols, lines
 
 
-def _check_files(ds: FileImageDataset, split: str, lines, csv_path, skip: bool, skipped: list[str]):
-    """Open every file's header before training: a bad file stops here, naming its split and line."""
-    from .files import image_header, read_bytes
+def _check_files(ds: FileImageDataset, split: str, where, skip: bool, skipped: list[str]):
+    """Open every file's header before training: a bad file stops here, named with ``where(k)`` (its
+    dataset and line) and its split, or with ``skip`` is logged, recorded and left out."""
+    from .files import file_header
 
     keep = []
     for k, p in enumerate(ds.paths):
         try:
-            image_header(read_bytes(p), str(p))
+            file_header(p)
             keep.append(k)
         except InputError as e:
-            where = f"csv: {csv_path} line {lines[k]}: {split} image {e}"
+            msg = f"{where(k)}{split} image {e}"
             if not skip:
-                raise InputError(where + " (--skip-bad-images leaves such rows out)") from None
-            log.warning("skipping %s", where)
+                raise InputError(msg + " (--skip-bad-images leaves such files out)") from None
+            log.warning("skipping %s", msg)
             skipped.append(str(p))
     return ds if len(keep) == len(ds) else ds.subset(keep)
 
@@ -496,7 +508,8 @@ def _csv(cfg) -> DataSplits:
     for split, idx in (("train", tr_i), ("validation", va_i), ("test", te_i)):
         ds = FileImageDataset([paths[i] for i in idx], y[idx], hw, "RGB", cfg.skip_bad_images, split=split)
         if cfg.check_files:
-            ds = _check_files(ds, split, [lines[i] for i in idx], path, cfg.skip_bad_images, skipped)
+            ds = _check_files(ds, split, lambda k, idx=idx: f"csv: {path} line {lines[idx[k]]}: ",
+                              cfg.skip_bad_images, skipped)
         if not len(ds):
             raise InputError(f"csv: no readable {split} image left after skipping bad files")
         out[split] = ds

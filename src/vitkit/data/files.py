@@ -36,15 +36,16 @@ def read_bytes(path: str | Path) -> bytes:
         raise InputError(f"{p}: cannot read ({e.strerror or e})") from None
 
 
-def image_header(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS):
-    """(format, (width, height)) from the header only; InputError naming ``name`` if unreadable."""
+def image_header(data, name: str, max_pixels: int = DEFAULT_MAX_PIXELS):
+    """(format, (width, height)) from the header only (``data``: bytes or a binary file object);
+    InputError naming ``name`` if unreadable."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with warnings.catch_warnings():
             # Our own limit below replaces Pillow's warning; its hard error (2x its limit) still applies.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data)
     except Image.DecompressionBombError as e:
         raise InputError(f"{name}: image too large to decode safely ({e})") from None
     except UnidentifiedImageError:
@@ -110,6 +111,20 @@ def _decode_pil(data: bytes, name: str, channels: int) -> torch.Tensor:
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
 
 
+def file_header(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS):
+    """``image_header`` of a file, reading only the bytes the header needs."""
+    p = Path(path)
+    try:
+        with open(p, "rb") as f:
+            return image_header(f, str(p), max_pixels)
+    except FileNotFoundError:
+        raise InputError(f"{p}: no such file") from None
+    except IsADirectoryError:
+        raise InputError(f"{p}: is a directory, expected an image file") from None
+    except PermissionError as e:
+        raise InputError(f"{p}: cannot read ({e.strerror or e})") from None
+
+
 def decode_file(path: str | Path, channels: int = 3, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
     return decode_bytes(read_bytes(path), str(path), channels, max_pixels)
 
@@ -123,7 +138,7 @@ def probe_sizes(paths, k: int = 32) -> list[tuple[int, int]]:
     out = []
     for p in paths[::step][:k]:
         try:
-            _, (w, h) = image_header(read_bytes(p), str(p))
+            _, (w, h) = file_header(p)
         except InputError:
             continue  # reported by the file checks / in the workers, not here
         out.append((h, w))
