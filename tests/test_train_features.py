@@ -191,3 +191,17 @@ def test_eval_of_a_run_uses_its_own_data_and_names_the_split(tmp_path, capsys):
     s = train(TrainConfig(dataset="imagefolder", data_dir=str(with_test), out=str(tmp_path / "run2"), workers=0,
                           **{**TINY, "subset": 0, "batch_size": 6}), log=_quiet)
     assert s["test_split"] == "test"
+
+
+def test_preset_takes_explicit_overrides_and_the_record_is_the_built_model():
+    """--model PRESET with --patch-size / --depth: the preset's other values, the given ones applied
+    (README: ViT-S at 32x32 with patch 4); config.yaml records what was built."""
+    from vitkit.data import DataSpec, build_data
+    from vitkit.train.build import build_model
+
+    data = build_data(DataSpec(image_size=32))
+    model, rec = build_model(TrainConfig(model="vit_tiny_patch16_224", image_size=32, patch_size=4, depth=2), data)
+    c = model.config
+    assert (c.patch_size, c.depth, c.dim, c.num_heads, c.image_hw) in ((4, 2, 192, 3, (32, 32)),
+                                                                         ((4, 4), 2, 192, 3, (32, 32)))
+    assert (rec.patch_size, rec.depth, rec.dim, rec.num_heads, rec.mlp_ratio, rec.image_size) == (4, 2, 192, 3, 4.0, 32)

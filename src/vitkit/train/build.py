@@ -89,7 +89,7 @@ def model_arch(vc) -> dict[str, Any]:
 
 
 def check_fixed_arch(cfg: TrainConfig, vc, what: str) -> None:
-    """Architecture values given with ``--pretrained`` / ``--model`` must be the model's own."""
+    """Architecture values given with ``--pretrained`` must be the model's own."""
     arch = model_arch(vc)
     clash = []
     for k, v in _explicit_arch(cfg).items():
@@ -119,10 +119,11 @@ def build_model(cfg: TrainConfig, data: DataSplits):
     if cfg.pretrained:
         model = load_pretrained(cfg.pretrained, data, drop_path=cfg.drop_path, dropout=cfg.dropout)
         check_fixed_arch(cfg, model.config, f"--pretrained {cfg.pretrained}")
-    elif cfg.model:
-        vc = get_config(cfg.model, **common)
-        check_fixed_arch(cfg, vc, f"--model {cfg.model}")
-        model = ViT(vc)
+    elif cfg.model:  # a preset's architecture, with the options given explicitly overriding it
+        arch = _explicit_arch(cfg)
+        if "pooling" in arch:
+            arch["class_token"] = arch["pooling"] == "cls"
+        model = ViT(get_config(cfg.model, **common, **arch))
     else:
         a = {**ARCH_DEFAULTS, **_explicit_arch(cfg)}
         a["patch_size"] = a.get("patch_size") or auto_patch_size(data.image_hw)

@@ -29,7 +29,7 @@ from ..errors import ConfigError
 # From-scratch architecture when a field is not given (the digits recipe, benchmarks/train_digits.md).
 ARCH_DEFAULTS: dict[str, Any] = {"dim": 32, "depth": 4, "num_heads": 4, "mlp_ratio": 2.0, "pos_embed": "sincos2d",
                                  "pooling": "mean", "fc_norm": False}
-ARCH_FIELDS = ("patch_size", *ARCH_DEFAULTS)  # what --pretrained / --model fix
+ARCH_FIELDS = ("patch_size", *ARCH_DEFAULTS)  # what --pretrained fixes and --model presets set
 # Where a run writes is chosen per invocation, never by a recipe (a run's saved config.yaml reused as
 # a recipe must not train into that run): save() omits these and read_config_file() drops them.
 NOT_RECIPE = ("out", "overwrite")
@@ -70,8 +70,8 @@ class TrainConfig:
     pretrained: str | None = field(default=None, metadata={
         "help": "fine-tune from weights (vitkit dir, or any source vitkit.from_pretrained accepts); head re-initialised"})
     # Architecture: None = not given. From scratch that means ARCH_DEFAULTS (patch size: chosen from the
-    # image size, see vitkit.train.build.auto_patch_size); with --pretrained / --model, the model's own
-    # value. A value given together with --pretrained / --model that the model does not have is an error.
+    # image size, see vitkit.train.build.auto_patch_size); with --model PRESET, the preset's (a value
+    # given overrides it); with --pretrained, the model's own (a value it does not have is an error).
     patch_size: int | None = field(default=None, metadata={
         "help": "patch side in pixels (default: the smallest that keeps at most 256 tokens, e.g. 2 for 8x8 "
                 "digits, 16 for 224x224)"})
