@@ -4,7 +4,8 @@
 refused before anything is decoded), then decodes JPEG / PNG / WebP with ``torchvision.io``
 (libjpeg-turbo / libpng straight into a (C, H, W) uint8 tensor, no PIL round trip) and every other
 format Pillow reads (BMP, TIFF, GIF, PPM ...) with ``vitkit.data.image.load_image``'s rules.
-High-bit-depth images (16-bit PNG) are scaled to 8 bits (65535 -> 255), never clipped.
+High-bit-depth images (16-bit PNG / TIFF) are scaled to 8 bits with ``vitkit.data.image.to_uint8``
+(round(v / 257), the same as ``load_image`` for predict and explain), never clipped.
 
 Every failure is an ``InputError`` whose message starts with the file's name.
 """
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError
-from .image import DEFAULT_MAX_PIXELS
+from .image import DEFAULT_MAX_PIXELS, to_uint8
 
 # Formats torchvision.io decodes itself (faster than PIL and no PIL -> tensor copy).
 _TV_FORMATS = {"JPEG", "PNG", "WEBP"}
@@ -61,8 +62,6 @@ def image_header(data, name: str, max_pixels: int = DEFAULT_MAX_PIXELS):
 
 def decode_bytes(data: bytes, name: str, channels: int = 3, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
     """Encoded image bytes -> uint8 tensor (channels, H, W). ``name`` is used in error messages."""
-    from torchvision.transforms.v2 import functional as F
-
     ImageReadMode, decode_image = _tv_decoder()
     fmt, _ = image_header(data, name, max_pixels)
     if fmt in _TV_FORMATS:
@@ -73,8 +72,8 @@ def decode_bytes(data: bytes, name: str, channels: int = 3, max_pixels: int = DE
             raise InputError(f"{name}: cannot decode image ({str(e).splitlines()[0]})") from None
     else:
         x = _decode_pil(data, name, channels)
-    if x.dtype != torch.uint8:  # 16-bit PNG: scale, do not clip
-        x = F.to_dtype(x, torch.uint8, scale=True)
+    if x.dtype != torch.uint8:  # 16-bit PNG: round(v / 257), as load_image (predict) does
+        x = to_uint8(x)
     return x
 
 
@@ -101,10 +100,8 @@ def _decode_pil(data: bytes, name: str, channels: int) -> torch.Tensor:
             img.load()
     except (OSError, SyntaxError, ValueError) as e:
         raise InputError(f"{name}: cannot decode image ({e})") from None
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # high bit depth grey: scale to 8 bits
-        arr = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
-        img = Image.fromarray(np.clip(arr * (255.0 / top) + 0.5, 0, 255).astype(np.uint8))
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # high bit depth grey: round(v / 257), as load_image
+        img = Image.fromarray(to_uint8(np.asarray(img)))
     img = img.convert("RGB" if channels == 3 else "L")
     arr = np.asarray(img, dtype=np.uint8)
     arr = arr[:, :, None] if arr.ndim == 2 else arr

@@ -43,6 +43,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import weakref
 from typing import Any
 
 import torch
@@ -209,6 +210,16 @@ def collate(items, skip_bad: bool, pipeline: SamplePipeline):
     return x, y, bad, None, torch.tensor([g[3] for g in good])
 
 
+_LOADERS: weakref.WeakSet = weakref.WeakSet()
+
+
+def _shutdown(it) -> None:
+    """Shut a DataLoader iterator's workers down (torch's own cleanup, also what its __del__ runs)."""
+    stop = getattr(it, "_shutdown_workers", None)
+    if stop is not None:
+        stop()
+
+
 class Loader:
     """Iterable over (x, y) batches with ``set_epoch``, ``state_dict``, ``load_state_dict``, ``len``;
     see the module docstring. Build with :func:`make_loader`."""
@@ -217,6 +228,7 @@ class Loader:
                  world_size: int, device_type: str, drop_last: bool, augment: AugmentSpec | None,
                  mean, std, normalize: bool, prefetch_factor: int, preprocess=None, with_index: bool = False):
         loader_cls, self.stateful = _dataloader_class()
+        _LOADERS.add(self)
         self.dataset = dataset
         self.train = train
         self.epoch = 0
@@ -300,11 +312,13 @@ class Loader:
             else:
                 died = None
             if died is not None:
-                # Stop the other workers now and unregister their pids: torch's SIGCHLD handler would
-                # otherwise raise this again, later, at a random point of the process.
-                shutdown = getattr(it, "_shutdown_workers", None)
-                if shutdown is not None:
-                    shutdown()
+                # Stop the workers of this and every other vitkit loader now and unregister their pids:
+                # a worker death is fatal to the run, and torch's SIGCHLD handler would otherwise raise
+                # again, later, anywhere in the process, for each dead worker still registered (an
+                # out-of-memory kill can take several, of several loaders).
+                _shutdown(it)
+                for other in list(_LOADERS):
+                    other.close()
                 raise DataWorkerError(f"a data loader worker died ({died}); nothing was saved by the loader, "
                                       "the last checkpoint is intact")
             x, y, bad, fatal, idx = batch
@@ -319,6 +333,12 @@ class Loader:
                 continue
             yield (x, y, idx) if self.with_index else (x, y)
         self._yielded = 0
+
+    def close(self) -> None:
+        """Stop this loader's worker processes now (they also stop when the loader is collected)."""
+        _shutdown(getattr(self._dl, "_iterator", None))
+        if hasattr(self._dl, "_iterator"):
+            self._dl._iterator = None
 
     # ------------------------------------------------------------------ resume
     def state_dict(self) -> dict[str, Any]:
