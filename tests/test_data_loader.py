@@ -169,6 +169,18 @@ def test_formats_torchvision_cannot_decode_go_through_pillow(tmp_path):
     assert torch.equal(decode_file(tmp_path / "c.jpg"), torch.from_numpy(ref.copy()).permute(2, 0, 1))
 
 
+def test_pixel_limit_from_the_environment_reaches_the_checks_and_workers(tmp_path, monkeypatch):
+    root = _folder(tmp_path, n=2, size=(20, 12), splits=("train", "val"))
+    monkeypatch.setenv("VITKIT_MAX_IMAGE_PIXELS", "200")  # 20x12 = 240 pixels
+    with pytest.raises(InputError, match="240 pixels, over the limit of 200.*VITKIT_MAX_IMAGE_PIXELS"):
+        build_data(DataSpec(dataset="imagefolder", data_dir=str(root)))
+    d = build_data(DataSpec(dataset="imagefolder", data_dir=str(root), check_files=False))
+    with pytest.raises(InputError, match="over the limit of 200"):
+        list(make_loader(d.train, batch_size=2, train=True, workers=1))
+    monkeypatch.setenv("VITKIT_MAX_IMAGE_PIXELS", "240")
+    assert sum(len(y) for _, y in make_loader(d.train, batch_size=2, train=True, workers=1)) == 4
+
+
 def test_bad_image_in_a_worker_names_the_file_or_is_skipped_and_counted(tmp_path):
     root = _folder(tmp_path, n=4, splits=("train", "val"))
     bad = root / "train" / "dog" / "zz_broken.png"

@@ -13,13 +13,14 @@ Every failure is an ``InputError`` whose message starts with the file's name.
 from __future__ import annotations
 
 import io
+import os
 import warnings
 from pathlib import Path
 
 import torch
 
 from ..errors import InputError
-from .image import DEFAULT_MAX_PIXELS, to_uint8
+from .image import _PIL_LIMIT_LOCK, DEFAULT_MAX_PIXELS, to_uint8
 
 # Formats torchvision.io decodes itself (faster than PIL and no PIL -> tensor copy).
 _TV_FORMATS = {"JPEG", "PNG", "WEBP"}
@@ -37,16 +38,26 @@ def read_bytes(path: str | Path) -> bytes:
         raise InputError(f"{p}: cannot read ({e.strerror or e})") from None
 
 
-def image_header(data, name: str, max_pixels: int = DEFAULT_MAX_PIXELS):
+def max_pixels_limit() -> int:
+    """The pixel limit ``load_image`` applies: VITKIT_MAX_IMAGE_PIXELS, else 100 megapixels (read at
+    each call: the environment reaches the DataLoader workers)."""
+    return int(os.environ.get("VITKIT_MAX_IMAGE_PIXELS", "") or DEFAULT_MAX_PIXELS)
+
+
+def image_header(data, name: str, max_pixels: int | None = None):
     """(format, (width, height)) from the header only (``data``: bytes or a binary file object);
     InputError naming ``name`` if unreadable."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with warnings.catch_warnings():
-            # Our own limit below replaces Pillow's warning; its hard error (2x its limit) still applies.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data)
+            with _PIL_LIMIT_LOCK:  # Pillow's own limit off for the header read: ours (below) applies
+                pil_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+                try:
+                    img = Image.open(io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data)
+                finally:
+                    Image.MAX_IMAGE_PIXELS = pil_limit
     except Image.DecompressionBombError as e:
         raise InputError(f"{name}: image too large to decode safely ({e})") from None
     except UnidentifiedImageError:
@@ -54,13 +65,15 @@ def image_header(data, name: str, max_pixels: int = DEFAULT_MAX_PIXELS):
     except (OSError, SyntaxError, ValueError) as e:
         raise InputError(f"{name}: cannot read the image header ({e})") from None
     w, h = img.size
+    max_pixels = max_pixels or max_pixels_limit()
     if w * h > max_pixels:
         raise InputError(f"{name}: image is {w}x{h} = {w * h:,} pixels, over the limit of {max_pixels:,}; "
-                         "downscale it first")
+                         "downscale it first, or raise the limit with the environment variable "
+                         "VITKIT_MAX_IMAGE_PIXELS=N")
     return img.format, (w, h)
 
 
-def decode_bytes(data: bytes, name: str, channels: int = 3, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+def decode_bytes(data: bytes, name: str, channels: int = 3, max_pixels: int | None = None) -> torch.Tensor:
     """Encoded image bytes -> uint8 tensor (channels, H, W). ``name`` is used in error messages."""
     ImageReadMode, decode_image = _tv_decoder()
     fmt, _ = image_header(data, name, max_pixels)
@@ -108,7 +121,7 @@ def _decode_pil(data: bytes, name: str, channels: int) -> torch.Tensor:
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
 
 
-def file_header(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS):
+def file_header(path: str | Path, max_pixels: int | None = None):
     """``image_header`` of a file, reading only the bytes the header needs."""
     p = Path(path)
     try:
@@ -122,7 +135,7 @@ def file_header(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS):
         raise InputError(f"{p}: cannot read ({e.strerror or e})") from None
 
 
-def decode_file(path: str | Path, channels: int = 3, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+def decode_file(path: str | Path, channels: int = 3, max_pixels: int | None = None) -> torch.Tensor:
     return decode_bytes(read_bytes(path), str(path), channels, max_pixels)
 
 
