@@ -8,9 +8,9 @@
 from .augment import AugmentSpec
 from .datasets import DataSplits, build_data
 from .image import builtin_image, load_image
-from .loader import DataWorkerError, default_workers, make_loader
+from .loader import DataWorkerError, close_all_loaders, default_workers, make_loader
 from .registry import DATASETS, dataset_names
 from .spec import DataSpec
 
 __all__ = ["load_image", "builtin_image", "DataSpec", "DataSplits", "build_data", "make_loader", "AugmentSpec",
-           "default_workers", "DataWorkerError", "DATASETS", "dataset_names"]
+           "default_workers", "DataWorkerError", "close_all_loaders", "DATASETS", "dataset_names"]

@@ -213,6 +213,14 @@ def collate(items, skip_bad: bool, pipeline: SamplePipeline):
 _LOADERS: weakref.WeakSet = weakref.WeakSet()
 
 
+def close_all_loaders() -> None:
+    """Stop the workers of every live vitkit loader. Call it when a worker died outside the loader's
+    own ``next()`` (torch then raises "DataLoader worker ... killed" from its SIGCHLD handler wherever
+    the process is): every dead worker left registered would raise that again, later, anywhere."""
+    for loader in list(_LOADERS):
+        loader.close()
+
+
 def _shutdown(it) -> None:
     """Shut a DataLoader iterator's workers down (torch's own cleanup, also what its __del__ runs)."""
     stop = getattr(it, "_shutdown_workers", None)
@@ -317,8 +325,7 @@ class Loader:
                 # again, later, anywhere in the process, for each dead worker still registered (an
                 # out-of-memory kill can take several, of several loaders).
                 _shutdown(it)
-                for other in list(_LOADERS):
-                    other.close()
+                close_all_loaders()
                 raise DataWorkerError(f"a data loader worker died ({died}); nothing was saved by the loader, "
                                       "the last checkpoint is intact")
             x, y, bad, fatal, idx = batch
