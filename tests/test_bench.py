@@ -64,7 +64,7 @@ def test_train_step_optimizers(same):
 
 def test_bench_cli_json(capsys):
     assert main(["bench", "vit_tiny_patch16_224", "--batch-size", "1", "2", "--runs", "1", "--warmup", "0",
-                 "--image-size", "32", "--json"]) == 0
+                 "--image-size", "32", "--json", "--predictor"]) == 0  # --predictor alone: no Predictor rows
     lines = [json.loads(s) for s in capsys.readouterr().out.strip().splitlines()]
     assert [(d["impl"], d["batch_size"]) for d in lines] == [("vitkit", 1), ("timm", 1), ("vitkit", 2), ("timm", 2)]
     assert all(d["ratio_vs_timm"] > 0 for d in lines if d["impl"] == "vitkit")
@@ -74,3 +74,47 @@ def test_bench_cli_json(capsys):
 def test_bench_rejects_bad_dtype():
     with pytest.raises(ValueError, match="dtype"):
         run_benchmark("vit_tiny_patch16_224", dtype="fp8", image_size=32)
+
+
+def test_bench_predictor_rows_are_paired_against_timm_fp32(capsys):
+    """Default CPU inference: the model's forward, timm, and the Predictor's fp32/bf16/int8 rows,
+    each with its paired ratio against timm fp32 eager (the same rounds) and a note on what ran."""
+    assert main(["bench", "vit_tiny_patch16_224", "--batch-size", "2", "--runs", "2", "--warmup", "0",
+                 "--image-size", "32", "--json", "--num-classes", "3"]) == 0
+    rows = {d["impl"]: d for d in map(json.loads, capsys.readouterr().out.strip().splitlines())}
+    assert list(rows) == ["vitkit", "timm", "vitkit-fp32", "vitkit-bf16", "vitkit-int8"]
+    for impl in ("vitkit", "vitkit-fp32", "vitkit-bf16", "vitkit-int8"):
+        assert rows[impl]["ratio_vs_timm"] > 0
+    assert rows["vitkit-fp32"]["note"] == "Predictor fp32 (engine)"
+    assert rows["vitkit-int8"]["dtype"] == "int8" and "int8 (engine)" in rows["vitkit-int8"]["note"]
+    assert rows["timm"]["ratio_vs_timm"] is None
+
+
+@pytest.mark.slow
+def test_bench_ort_int8_row():
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    res = run_benchmark("vit_tiny_patch16_224", batch_size=2, warmup=0, runs=2, image_size=32, depth=1,
+                        predictor=("int8",), ort_int8=True)
+    rows = {r.impl: r for r in res}
+    assert list(rows) == ["vitkit", "timm", "vitkit-int8", "ort-int8"]
+    assert rows["ort-int8"].ratio_vs_timm > 0 and "quantize_dynamic" in rows["ort-int8"].note
+
+
+def test_ort_int8_session_matches_the_model():
+    """The ORT peer computes the same function (int8-close): its logits against the model's."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    import tempfile
+
+    from vitkit.bench.throughput import ort_int8_step
+
+    torch.manual_seed(0)
+    m = vitkit.create_model("vit_tiny_patch16_224", image_size=32, depth=1, num_classes=5).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with tempfile.TemporaryDirectory() as d:
+        step, _ = ort_int8_step(m, x, d)
+        got = torch.from_numpy(step()[0])  # the timed call returns the session's outputs
+    with torch.no_grad():
+        want = m(x)
+    assert (got - want).abs().max() < 0.1 * want.abs().max()

@@ -39,6 +39,7 @@ def test_8bit_values_stored_as_16_bits_come_back_exactly():
     np.testing.assert_array_equal(to_uint8(k.astype(np.uint8)), k)  # uint8 unchanged
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torchvision 0.29 points at torchcodec; same decode
 def test_to_uint8_on_torchvision_uint16_decode_matches_load_image(tmp_path):
     from torchvision.io import decode_image, read_file
 

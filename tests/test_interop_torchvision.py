@@ -48,14 +48,15 @@ def test_torchvision_exact(name, tmp_path):
 def test_real_vit_b_32_shapes_meta():
     """The real torchvision vit_b_32 architecture maps one to one (checked on the meta device: names
     and shapes only, no weights needed)."""
-    from vitkit.interop.common import rename
-    from vitkit.interop.torchvision import _RULES
+    from vitkit.interop.torchvision import TABLE
 
     with torch.device("meta"):
         ref = tv.models.vit_b_32()
         mine = vitkit.create_model("vit_base_patch32_224")
-    state, unmatched = rename(ref.state_dict(), _RULES)
+    state, unmatched = TABLE.to_vitkit(ref.state_dict())
     assert not unmatched
+    back, left = TABLE.from_vitkit(state)  # the same table exports
+    assert not left and set(back) == set(ref.state_dict())
     assert {k: tuple(v.shape) for k, v in state.items()} == {k: tuple(v.shape) for k, v in mine.state_dict().items()}
 
 

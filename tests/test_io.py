@@ -11,7 +11,7 @@ import torch
 
 import vitkit
 from vitkit import ViT
-from vitkit.errors import CheckpointError
+from vitkit.errors import CheckpointError, ConfigError
 from vitkit.io import (
     atomic_write,
     atomic_write_text,
@@ -41,7 +41,8 @@ def test_round_trip_bit_exact(tmp_path, tiny_config, kw):
         for p in m.parameters():
             p.add_(torch.randn_like(p))
     m.labels = [f"class{i}" for i in range(m.config.num_classes)]
-    m.preprocess_cfg = {"input_size": [m.config.in_channels, *m.config.image_hw], "mean": [0.5], "std": [0.5],
+    C = m.config.in_channels
+    m.preprocess_cfg = {"input_size": [C, *m.config.image_hw], "mean": [0.5] * C, "std": [0.5] * C,
                         "interpolation": "bicubic", "crop_pct": 0.9}
     m.save_pretrained(tmp_path / "m")
     back = vitkit.load_model(tmp_path / "m")
@@ -182,7 +183,7 @@ def test_saved_files_get_ordinary_permissions(tmp_path, tiny_config):
 def test_misshaped_weights_are_a_checkpoint_error(tmp_path, tiny_config):
     m = ViT(tiny_config(num_classes=3))
     m.save_pretrained(tmp_path)
-    with pytest.raises(CheckpointError, match=r"head.weight: file \(3, 32\) vs model \(10, 32\)"):
+    with pytest.raises(CheckpointError, match=r"head.weight: model expects \[10, 32\], checkpoint has \[3, 32\]"):
         load_model(tmp_path, num_classes=10)
     # strict=False: everything but the new head is loaded (fine-tuning with a new class count)
     ft = load_model(tmp_path, strict=False, num_classes=10)
@@ -204,3 +205,125 @@ def test_load_at_a_new_image_size_resamples(tmp_path, tiny_config):
     with torch.no_grad():
         assert torch.equal(big(x), m(x))
     assert load_model(tmp_path, image_size=16).config.image_hw == (16, 16)  # same size: a no-op
+
+
+# --------------------------------------------------------------------------- one loader, typed preprocessing
+def test_from_pretrained_vitkit_dir_builds_the_model_once(tmp_path, tiny_config, monkeypatch):
+    """One strict loader: a vitkit directory is read as tensors + config and built once (it used
+    to be built by load_model, then again by from_pretrained)."""
+    from vitkit.model import vit as vit_mod
+
+    m = ViT(tiny_config()).eval()
+    m.save_pretrained(tmp_path / "m")
+    built = []
+    real_init = vit_mod.ViT.__init__
+
+    def counting_init(self, *a, **k):
+        built.append(1)
+        real_init(self, *a, **k)
+
+    monkeypatch.setattr(vit_mod.ViT, "__init__", counting_init)
+    back = vitkit.from_pretrained(tmp_path / "m")
+    assert len(built) == 1
+    load_model(tmp_path / "m")
+    assert len(built) == 2
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(back(x), m(x))
+
+
+def test_preprocess_attribute_accepts_a_dict_and_stores_a_preprocess(tiny_config):
+    from vitkit.preprocess import Preprocess
+
+    m = ViT(tiny_config())
+    assert m.preprocess_cfg is None
+    m.preprocess_cfg = {"input_size": [3, 16, 16], "mean": [0.1, 0.2, 0.3], "std": [0.5] * 3, "crop_pct": 0.9}
+    pre = m.preprocess_cfg
+    assert isinstance(pre, Preprocess) and pre.crop_mode == "center" and pre.interpolation == "bicubic"
+    assert pre["mean"] == [0.1, 0.2, 0.3] and pre.get("crop_pct") == 0.9 and dict(pre) == pre.to_dict()
+    with pytest.raises(ConfigError, match=r"preprocess.std: values must be non-zero"):
+        m.preprocess_cfg = {"input_size": [3, 16, 16], "mean": [0.5] * 3, "std": [0.5, 0.0, 0.5]}
+    assert m.preprocess_cfg is pre  # a rejected value changes nothing
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(input_size=[3, 0, 16]), r"preprocess.input_size: expected three positive integers"),
+    (dict(input_size=[3, 16]), r"preprocess.input_size"),
+    (dict(mean=[0.5, 0.5]), r"preprocess.mean: has 2 values but input_size \[3, 16, 16\] has 3 channel"),
+    (dict(std=[1, 1, 0]), r"preprocess.std: values must be non-zero"),
+    (dict(interpolation="lanczos9"), r"preprocess.interpolation: expected one of"),
+    (dict(crop_pct=0), r"preprocess.crop_pct: expected a number in \(0, 1\]"),
+    (dict(crop_mode="border"), r"preprocess.crop_mode"),
+    (dict(colour="yes"), r"unknown key\(s\) \['colour'\]"),
+])
+def test_preprocess_validation_names_the_field(bad, match):
+    from vitkit.preprocess import Preprocess
+
+    good = {"input_size": [3, 16, 16], "mean": [0.5] * 3, "std": [0.5] * 3}
+    with pytest.raises(ConfigError, match=match):
+        Preprocess.from_dict({**good, **bad})
+
+
+def test_bad_saved_preprocess_names_the_file_and_field(tmp_path, tiny_config):
+    ViT(tiny_config()).save_pretrained(tmp_path / "m")
+    cfg = tmp_path / "m" / "config.json"
+    meta = json.loads(cfg.read_text())
+    meta["preprocess"] = {"input_size": [3, 16, 16], "mean": [0.5] * 3, "std": [0.5, 0.5]}
+    cfg.write_text(json.dumps(meta))
+    for load in (load_model, vitkit.from_pretrained):
+        with pytest.raises(CheckpointError, match=r"config.json: preprocess.std: has 2 values"):
+            load(tmp_path / "m")
+
+
+def test_old_config_json_without_crop_mode_loads_and_transforms_as_before(tmp_path, tiny_config):
+    """Files saved before Preprocess: no crop_mode key. They load, save back with crop_mode, and
+    give the transform vitkit built from them then (oracle: that transform written out)."""
+    from PIL import Image
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import v2 as T
+
+    from vitkit.data.transforms import eval_transform
+
+    m = ViT(tiny_config())
+    m.save_pretrained(tmp_path / "m")
+    cfg = tmp_path / "m" / "config.json"
+    img = Image.fromarray((torch.rand(30, 47, 3) * 255).byte().numpy())
+    for crop_pct in (0.875, 1.0):
+        meta = json.loads(cfg.read_text())
+        meta["preprocess"] = {"input_size": [3, 16, 16], "mean": [0.4, 0.5, 0.6], "std": [0.2, 0.3, 0.4],
+                              "interpolation": "bilinear", "crop_pct": crop_pct}
+        cfg.write_text(json.dumps(meta))
+        back = load_model(tmp_path / "m")
+        bil = InterpolationMode.BILINEAR
+        size = [T.Resize(18, interpolation=bil, antialias=True), T.CenterCrop((16, 16))] if crop_pct < 1 else \
+            [T.Resize((16, 16), interpolation=bil, antialias=True)]
+        old = T.Compose([T.ToImage(), *size, T.ToDtype(torch.float32, scale=True),
+                         T.Normalize([0.4, 0.5, 0.6], [0.2, 0.3, 0.4])])
+        assert torch.equal(eval_transform(back.preprocess_cfg)(img), old(img))
+        assert torch.equal(back.preprocess(img), old(img))
+        back.save_pretrained(tmp_path / "again")
+        saved = json.loads((tmp_path / "again" / "config.json").read_text())["preprocess"]
+        assert saved["crop_mode"] == ("center" if crop_pct < 1 else "squash")
+
+
+@pytest.mark.parametrize("crop_mode", ["center", "squash"])
+@pytest.mark.parametrize("crop_pct", [0.875, 1.0])
+def test_eval_transform_matches_timm(crop_mode, crop_pct):
+    """Oracle: timm's eval transform with the same settings on a non-square image."""
+    import numpy as np
+    from PIL import Image
+    from timm.data import create_transform
+
+    from vitkit.data.transforms import eval_transform
+    from vitkit.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (61, 90, 3), dtype=np.uint8))
+    pre = Preprocess((3, 32, 32), IMAGENET_MEAN, IMAGENET_STD, "bicubic", crop_pct, crop_mode)
+    ref = create_transform((3, 32, 32), is_training=False, interpolation="bicubic", mean=IMAGENET_MEAN,
+                           std=IMAGENET_STD, crop_pct=crop_pct, crop_mode=crop_mode)
+    ours, theirs = eval_transform(pre)(img), ref(img)
+    # same geometry; torchvision's tensor bicubic and PIL's round a few pixels one level apart
+    level = 1 / 255 / min(IMAGENET_STD)
+    torch.testing.assert_close(ours, theirs, atol=level * 1.01, rtol=0)
+    assert (ours - theirs).abs().gt(1e-5).float().mean() < 0.02

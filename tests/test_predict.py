@@ -109,3 +109,69 @@ def test_predict_from_peer_checkpoint_uses_its_preprocessing(tmp_path, capsys):
         p = ref(tf(load_image("sample:china.jpg"))[None]).softmax(-1)[0]
     assert r["index"] == int(p.argmax()) and r["prob"] == pytest.approx(float(p.max()), abs=1e-5)
     assert r["label"] == vitkit.interop.labels.imagenet_labels()[r["index"]]
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "int8"])
+def test_predict_dtype_runs_the_predictor(run_dir, tmp_path, capsys, dtype):
+    """--dtype bf16/int8: probabilities close to the fp32 forward (oracle: the model itself);
+    the same top-1 on these clearly separated inputs."""
+    from vitkit.infer import bf16_native
+
+    model, run = run_dir
+    files = _images(tmp_path)
+    assert main(["predict", "--model", str(run), *files, "--json", "--dtype", dtype, "-k", "4"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    with torch.no_grad():
+        probs = model.eval()(torch.stack([model.preprocess(load_image(f)) for f in files])).softmax(-1)
+    for r, p in zip(doc["results"], probs):
+        got = torch.zeros(4)
+        for q in r["predictions"]:
+            got[q["index"]] = q["prob"]
+        err = (got - p).abs().max().item()
+        assert err < 0.02, err
+        if dtype == "int8" or bf16_native():
+            assert err > 0  # the low-precision path really ran
+
+
+def test_predict_rejects_an_unknown_dtype(run_dir, capsys):
+    _, run = run_dir
+    with pytest.raises(SystemExit):
+        main(["predict", "--model", str(run), "sample:china.jpg", "--dtype", "fp16"])
+    assert "invalid choice: 'fp16'" in capsys.readouterr().err
+
+
+def test_cli_catches_vitkit_errors_only(tmp_path, capsys, monkeypatch):
+    """A VitkitError is a clean one-line message (exit 2); any other exception is a bug and
+    keeps its traceback (it propagates out of main)."""
+    assert main(["predict", "--model", str(tmp_path / "nowhere"), "sample:china.jpg"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vitkit predict: error:") and "no such file or directory" in err
+    assert "Traceback" not in err
+
+    import vitkit.cli.predict as predict_cli
+
+    def buggy(args):
+        raise ValueError("an internal bug, not a user error")
+
+    monkeypatch.setattr(predict_cli, "run", buggy)
+    with pytest.raises(ValueError, match="internal bug"):
+        main(["predict", "sample:china.jpg"])
+    monkeypatch.setattr(predict_cli, "run", lambda args: (_ for _ in ()).throw(FileNotFoundError("gone")))
+    with pytest.raises(FileNotFoundError):
+        main(["predict", "sample:china.jpg"])
+
+
+def test_explain_dtype_predictions(run_dir, tmp_path, capsys):
+    """explain --dtype int8: the predictions printed come from the int8 Predictor (close to the
+    fp32 ones the model gives)."""
+    model, run = run_dir
+    out = tmp_path / "ex"
+    assert main(["explain", "sample:flower.jpg", "--model", str(run), "--dtype", "int8", "--topk", "2",
+                 "--out", str(out), "--layers", "0", "--filters", "4"]) == 0
+    text = capsys.readouterr().out
+    lines = text.split("top-2:")[1].strip().splitlines()[:2]
+    got = {ln.split()[1]: float(ln.split()[0]) for ln in lines}
+    with torch.no_grad():
+        p = model.eval()(model.preprocess(load_image("sample:flower.jpg"))[None]).softmax(-1)[0]
+    for name, v in got.items():
+        assert v == pytest.approx(float(p[model.labels.index(name)]), abs=0.02)

@@ -1,7 +1,7 @@
 """vitkit's own format: a directory with ``config.json`` and ``model.safetensors``. No pickle.
 
 ``config.json`` holds ``{"format": "vitkit", "format_version": 1, "config": {ViTConfig fields},
-"preprocess": {...} | null, "labels": [...] | null, "pretrained_info": {...} | null}`` so a model
+"preprocess": {vitkit.preprocess.Preprocess fields} | null, "labels": [...] | null, "pretrained_info": {...} | null}`` so a model
 can be rebuilt from its files alone. Files are written atomically (temporary file in the same
 directory, flush + fsync, rename), so a crash while saving never leaves a half-written file in
 place of a good one.
@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from .config import ViTConfig
-from .errors import CheckpointError, VitkitError
+from .errors import CheckpointError, ConfigError, VitkitError
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
@@ -116,7 +116,7 @@ def save_pretrained(model, directory: str | Path, **extra: Any) -> Path:
         "format": "vitkit",
         "format_version": FORMAT_VERSION,
         "config": model.config.to_dict(),
-        "preprocess": getattr(model, "preprocess_cfg", None),
+        "preprocess": _preprocess_dict(getattr(model, "preprocess_cfg", None)),
         "labels": getattr(model, "labels", None),
         "pretrained_info": getattr(model, "pretrained_info", None),
     }
@@ -124,6 +124,12 @@ def save_pretrained(model, directory: str | Path, **extra: Any) -> Path:
     save_state_dict(model.state_dict(), directory / WEIGHTS_NAME, metadata={"format": "pt"})
     atomic_write_text(directory / CONFIG_NAME, json.dumps(meta, indent=2, default=str) + "\n")
     return directory
+
+
+def _preprocess_dict(pre: Any) -> dict[str, Any] | None:
+    from .preprocess import Preprocess
+
+    return None if pre is None else Preprocess.from_dict(pre).to_dict()
 
 
 def is_vitkit_dir(path: str | Path) -> bool:
@@ -182,44 +188,46 @@ def load_safetensors(path: str | Path, device: str | torch.device = "cpu") -> di
         raise CheckpointError(f"cannot read safetensors file {path}: {e}") from e
 
 
-def load_model(directory: str | Path, device: str | torch.device = "cpu", strict: bool = True, **overrides: Any):
-    """Rebuild a :class:`vitkit.ViT` from a directory written by :func:`save_pretrained` (bit-exact).
-
-    ``overrides`` change config fields; ``image_size=`` loads at the saved size and then calls
-    ``model.set_image_size`` (learned position table resampled, sin/cos recomputed)."""
-    from .model.vit import ViT
+def read_converted(directory: str | Path):
+    """A vitkit model directory (or run directory) as a :class:`vitkit.interop.common.Converted`
+    bundle: config, tensors, preprocessing, labels and the saved ``pretrained_info``, without
+    building a model (the one strict loader, :func:`vitkit.interop.load_converted`, does)."""
+    from .interop.common import Converted
+    from .preprocess import Preprocess
 
     directory = resolve_model_dir(directory)
     meta = read_meta(directory)
-    config = ViTConfig.from_dict(meta["config"])
+    where = directory / CONFIG_NAME
+    try:
+        config = ViTConfig.from_dict(meta["config"])
+        pre = Preprocess.coerce(meta.get("preprocess"), where=str(where))
+    except ConfigError as e:
+        raise CheckpointError(f"{where}: {e}" if str(where) not in str(e) else str(e)) from e
+    state = load_safetensors(directory / WEIGHTS_NAME)
+    info = meta.get("pretrained_info") or {}
+    conv = Converted(config=config, state=state, format="vitkit", source=str(directory), preprocess=pre,
+                     labels=meta.get("labels"), info={k: v for k, v in info.items() if k != "report"})
+    # a converted model saved by vitkit keeps resampling its position table as its source does
+    conv.resample = str(info.get("pos_resample", "timm"))
+    return conv
+
+
+def load_model(directory: str | Path, device: str | torch.device = "cpu", strict: bool = True, **overrides: Any):
+    """Rebuild a :class:`vitkit.ViT` from a directory written by :func:`save_pretrained` (bit-exact).
+
+    ``overrides`` change config fields (a changed ``num_classes`` then mis-shapes the head: a
+    CheckpointError, or with ``strict=False`` a fresh head and everything else loaded);
+    ``image_size=`` loads at the saved size and resamples the learned position table (sin/cos
+    recomputed), as ``model.set_image_size``. Loads through the same strict name-and-shape
+    check as every other format (:func:`vitkit.interop.load_converted`)."""
+    from .interop import load_converted
+
+    conv = read_converted(directory)
     new_size = overrides.pop("image_size", None)
     if overrides:
-        config = config.replace(**overrides)
-    model = ViT(config)
-    state = load_safetensors(directory / WEIGHTS_NAME)
-    # Shape mismatches (e.g. an override num_classes=10) would make load_state_dict raise a bare
-    # RuntimeError; report them with the missing/unexpected keys instead. strict=False keeps the
-    # model's fresh init for those tensors (a new head for fine-tuning) and loads everything else.
-    own = model.state_dict()
-    misshaped = {k: (tuple(v.shape), tuple(own[k].shape)) for k, v in state.items()
-                 if k in own and v.shape != own[k].shape}
-    result = model.load_state_dict({k: v for k, v in state.items() if k not in misshaped}, strict=False)
-    if strict and (result.missing_keys or result.unexpected_keys or misshaped):
-        shapes = ", ".join(f"{k}: file {a} vs model {b}" for k, (a, b) in misshaped.items())
-        raise CheckpointError(
-            f"{directory / WEIGHTS_NAME} does not match its config: missing {result.missing_keys}, "
-            f"unexpected {result.unexpected_keys}, mis-shaped [{shapes}]"
-            + ("; pass strict=False to keep fresh weights for these" if misshaped else "")
-        )
-    model.preprocess_cfg = meta.get("preprocess")
-    if new_size is not None and config.replace(image_size=new_size).image_hw != config.image_hw:
-        model.set_image_size(new_size)
-        if model.preprocess_cfg and "input_size" in model.preprocess_cfg:
-            model.preprocess_cfg = {**model.preprocess_cfg,
-                                    "input_size": [config.in_channels, *model.config.image_hw]}
-    model.labels = meta.get("labels")
-    model.pretrained_info = meta.get("pretrained_info") or {"format": "vitkit", "source": str(directory)}
-    return model.to(device).eval()
+        conv.config = conv.config.replace(**overrides)
+    adapt = {"image_size": new_size} if new_size is not None else {}
+    return load_converted(conv, adapt=adapt, strict=strict, device=device)
 
 
 # --------------------------------------------------------------------------- run directories

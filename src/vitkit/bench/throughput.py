@@ -19,6 +19,7 @@ effective rates (model FLOPs per second), as MFU is defined.
 from __future__ import annotations
 
 import contextlib
+import functools
 import statistics
 import time
 from collections.abc import Callable
@@ -57,10 +58,11 @@ class BenchResult:
     images_per_s: float = 0.0
     tflops: float = 0.0
     mfu: float | None = None
-    ratio_vs_timm: float | None = None  # median over rounds of t_timm / t_vitkit (paired, same round)
+    ratio_vs_timm: float | None = None  # median over rounds of t_timm / t_impl (paired, same round)
     ratio_iqr: tuple[float, float] | None = None  # quartiles of the per-round ratios: the noise
     optimizer: str | None = None  # train mode: which AdamW implementation stepped
     page_faults: float | None = None  # median minor page faults per step (fresh memory touched)
+    note: str | None = None  # what ran, where the impl name does not say it all (Predictor path, ORT)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -216,6 +218,45 @@ def timm_equivalent(config: ViTConfig):
     return VisionTransformer(**kw)
 
 
+def predictor_steps(model: nn.Module, x: torch.Tensor, dtypes: tuple[str, ...]) -> tuple[
+        dict[str, Callable[[], None]], dict[str, str]]:
+    """One inference step per ``vitkit.infer.Predictor`` dtype ("vitkit-fp32", ...), and a note
+    per step saying which path runs (a CPU without native bf16 runs fp32: the note says so)."""
+    from ..infer import Predictor
+
+    steps, notes = {}, {}
+    for dt in dtypes:
+        p = Predictor(model, dt)
+        steps[f"vitkit-{dt}"] = functools.partial(p, x)
+        notes[f"vitkit-{dt}"] = f"Predictor {p.dtype} ({p.path})" + (f": {'; '.join(p.notes)}" if p.notes else "")
+    return steps, notes
+
+
+def ort_int8_step(model: nn.Module, x: torch.Tensor, workdir: str) -> tuple[Callable[[], None], str]:
+    """ONNX Runtime's dynamic int8 quantization of the exported model (the peer of the int8
+    Predictor): export to ONNX, ``onnxruntime.quantization.quantize_dynamic`` (int8 weights,
+    per-channel), one CPU session with torch's thread count."""
+    from pathlib import Path
+
+    try:
+        import onnxruntime as ort
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+    except ImportError as e:
+        raise ConfigError("the ONNX Runtime comparison needs onnxruntime: pip install 'vitkit[onnx]'") from e
+    from ..interop.export import export_onnx
+
+    fp32 = export_onnx(model, Path(workdir) / "model.onnx")
+    q = Path(workdir) / "model.int8.onnx"
+    quantize_dynamic(str(fp32), str(q), weight_type=QuantType.QInt8, per_channel=True)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = torch.get_num_threads()
+    so.inter_op_num_threads = 1
+    sess = ort.InferenceSession(str(q), so, providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    xn = x.cpu().numpy()
+    return (lambda: sess.run(None, {name: xn})), f"onnxruntime {ort.__version__} quantize_dynamic QInt8 per-channel"
+
+
 def run_benchmark(
     name: str | ViTConfig,
     batch_size: int = 8,
@@ -228,10 +269,17 @@ def run_benchmark(
     compare_timm: bool = True,
     progress: bool = False,
     same_optimizer: bool = False,
+    predictor: tuple[str, ...] = (),
+    ort_int8: bool = False,
     **overrides: Any,
 ) -> list[BenchResult]:
     """Time vitkit (and timm, when installed) on one configuration; returns one result per impl.
-    Training steps use each library's AdamW factory unless ``same_optimizer`` (module docstring)."""
+    Training steps use each library's AdamW factory unless ``same_optimizer`` (module docstring).
+
+    fp32 inference on the CPU can add ``vitkit.infer.Predictor`` paths (``predictor=("fp32",
+    "bf16", "int8")``: impls "vitkit-fp32", ...) and ONNX Runtime's dynamic int8 quantization of
+    the exported model (``ort_int8``: impl "ort-int8"), timed in the same interleaved rounds;
+    every impl's ratio is against timm (fp32 eager there). Other modes ignore both."""
     from .. import create_model
 
     if dtype not in DTYPES:
@@ -262,28 +310,45 @@ def run_benchmark(
         if compile:
             m = torch.compile(m)
         steps[impl] = make_step(m, x, y, train, dtype, dev, opt=opt)
-    times, faults = time_steps(steps, dev, warmup, runs, progress=progress)
+    notes: dict[str, str] = {}
+    # The Predictor picks its own precision: its rows (and ORT's) go with fp32 CPU inference,
+    # where timm's row is fp32 eager, the reference the goals name.
+    extra = not train and not compile and dev.type == "cpu" and dtype == "fp32"
+    if predictor and extra:
+        more, notes = predictor_steps(model, x, tuple(predictor))
+        steps.update(more)
+    tmp = None
+    if ort_int8 and extra:
+        import tempfile
+
+        tmp = tempfile.TemporaryDirectory(prefix="vitkit-bench-")
+        steps["ort-int8"], notes["ort-int8"] = ort_int8_step(model, x, tmp.name)
+    try:
+        times, faults = time_steps(steps, dev, warmup, runs, progress=progress)
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
     flops_per_image = count_flops(c)["flops"] * (3.0 if train else 1.0)
     peak = peak_flops(dev, dtype)
     # Paired ratio: each round times both impls back to back, so a per-round ratio cancels the
     # machine's drift (throughput on a shared VM moves +-20% between rounds; the ratio much less).
-    paired = iqr = None
-    if "timm" in times:
-        per_round = [t / v for t, v in zip(times["timm"], times["vitkit"])]
-        paired = statistics.median(per_round)
-        if len(per_round) >= 4:
-            q = statistics.quantiles(per_round, n=4)
-            iqr = (q[0], q[2])
+    def paired(impl: str) -> tuple[float | None, tuple[float, float] | None]:
+        if "timm" not in times or impl == "timm":
+            return None, None
+        per_round = [t / v for t, v in zip(times["timm"], times[impl])]
+        q = statistics.quantiles(per_round, n=4) if len(per_round) >= 4 else None
+        return statistics.median(per_round), (q[0], q[2]) if q else None
+
     results = []
     for impl, ts in times.items():
         med = statistics.median(ts)
         ips = batch_size / med
         achieved = flops_per_image * ips
+        row_dtype = impl.split("-")[1] if "-" in impl else dtype
         results.append(BenchResult(
-            name=c.name or "custom", impl=impl, batch_size=batch_size, dtype=dtype, device=dev.type,
+            name=c.name or "custom", impl=impl, batch_size=batch_size, dtype=row_dtype, device=dev.type,
             mode="train" if train else "inference", compiled=compile, times_s=ts, median_s=med,
             images_per_s=ips, tflops=achieved / 1e12, mfu=(achieved / peak) if peak else None,
-            ratio_vs_timm=paired if impl == "vitkit" else None, ratio_iqr=iqr if impl == "vitkit" else None,
-            optimizer=opt_names.get(impl),
-            page_faults=statistics.median(faults[impl]) if faults.get(impl) else None))
+            ratio_vs_timm=paired(impl)[0], ratio_iqr=paired(impl)[1], optimizer=opt_names.get(impl),
+            page_faults=statistics.median(faults[impl]) if faults.get(impl) else None, note=notes.get(impl)))
     return results

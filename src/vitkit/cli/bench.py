@@ -7,7 +7,10 @@ DESCRIPTION = (
     "Times vitkit and (when installed) the same architecture from timm with identical weights, "
     "warmed up and interleaved round by round, and reports medians and the vitkit/timm ratio. "
     "Inference reports images/s (higher is better); --train reports the time of one step of "
-    "forward + cross-entropy + backward + AdamW (lower is better). On CUDA, MFU is reported too."
+    "forward + cross-entropy + backward + AdamW (lower is better). On CUDA, MFU is reported too. "
+    "fp32 CPU inference also times vitkit.infer.Predictor (--predictor) and, with --ort-int8, ONNX Runtime's "
+    "dynamic int8 quantization of the exported model, in the same rounds; every ratio is against timm "
+    "fp32 eager. Rows: vitkit = the model's forward; vitkit-DTYPE = Predictor(model, DTYPE)."
 )
 
 
@@ -31,6 +34,12 @@ def add_arguments(p) -> None:
                    help="with --train: step both models with a plain torch.optim.AdamW (compares the models "
                         "alone); by default each uses its own library's AdamW factory, as its trainer does "
                         "(vitkit: fused kernel; timm: create_optimizer_v2)")
+    p.add_argument("--predictor", nargs="*", choices=["fp32", "bf16", "int8"], default=["fp32", "bf16", "int8"],
+                   help="fp32 CPU inference: also time Predictor(model, DTYPE) for these dtypes (none: give the flag "
+                        "without values)")
+    p.add_argument("--ort-int8", action="store_true",
+                   help="fp32 CPU inference: also time ONNX Runtime's dynamic int8 quantization of the exported model "
+                        "(the peer of --predictor int8; needs vitkit[onnx]; exporting takes a while)")
     p.add_argument("--json", action="store_true", help="print results as JSON lines")
 
 
@@ -53,27 +62,29 @@ def run(args) -> int:
             dev = torch.cuda.get_device_name(torch.device(args.device))
         print(f"# {args.name} {mode}, {args.dtype}, device {dev}, torch {torch.__version__}, "
               f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
-        print(f"{'impl':<8}{'batch':>6}{'median ms':>11}{'img/s':>10}{'TFLOP/s':>9}{'MFU':>7}{'faults':>9}"
-              "   ratio vitkit/timm")
+        print(f"{'impl':<12}{'batch':>6}{'median ms':>11}{'img/s':>10}{'TFLOP/s':>9}{'MFU':>7}{'faults':>9}"
+              "   ratio vs timm")
     for bs in args.batch_size:
         results = run_benchmark(args.name, batch_size=bs, dtype=args.dtype, device=args.device, train=args.train,
                                 compile=args.compile, warmup=args.warmup, runs=args.runs,
                                 compare_timm=not args.no_timm, progress=not args.json,
-                                same_optimizer=args.same_optimizer, **overrides)
-        ratio = results[0].ratio_vs_timm
+                                same_optimizer=args.same_optimizer, predictor=tuple(args.predictor or ()),
+                                ort_int8=args.ort_int8, **overrides)
         for r in results:
             if args.json:
                 print(json.dumps(r.to_dict()))
                 continue
             mfu = f"{100 * r.mfu:6.1f}%" if r.mfu is not None else "     -"
-            tail = f"   {ratio:.3f}" if (ratio is not None and r.impl == "vitkit") else ""
+            ratio = r.ratio_vs_timm
+            tail = f"   {ratio:.3f}" if ratio is not None else ""
             if tail and r.ratio_iqr:
                 tail += f" (IQR {r.ratio_iqr[0]:.3f}-{r.ratio_iqr[1]:.3f})"
             opt = f"   [{r.optimizer}]" if r.optimizer else ""
             faults = f"{r.page_faults:>9.0f}" if r.page_faults is not None else "        -"
-            print(f"{r.impl:<8}{r.batch_size:>6}{1000 * r.median_s:>11.2f}{r.images_per_s:>10.1f}"
-                  f"{r.tflops:>9.3f}{mfu:>7}{faults}{tail}{opt}")
+            note = f"   [{r.note}]" if r.note else ""
+            print(f"{r.impl:<12}{r.batch_size:>6}{1000 * r.median_s:>11.2f}{r.images_per_s:>10.1f}"
+                  f"{r.tflops:>9.3f}{mfu:>7}{faults}{tail}{opt}{note}")
     if not args.json:
-        print("ratio = vitkit speed / timm speed (> 1: vitkit faster), median of per-round paired ratios; "
+        print("ratio = speed / timm fp32 eager speed (> 1: faster), median of per-round paired ratios; "
               "faults = median minor page faults per step (fresh 4 KiB pages the kernel had to zero)")
     return 0

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
-HELP = "convert any loadable checkpoint (timm, hf, torchvision, jax, hub id) to vitkit's format"
+HELP = "convert any loadable checkpoint (timm, hf, torchvision, jax, dinov2, openai_clip, hub id) to vitkit's format"
 
 
 def add_arguments(p) -> None:
+    from ..interop.formats import READ_FORMATS, help_text
+
     p.add_argument("source", help="checkpoint file or directory, or a hub id (google/vit-base-patch16-224)")
     p.add_argument("out_dir", help="output directory (config.json + model.safetensors)")
-    p.add_argument("--format", default=None, choices=["vitkit", "timm", "hf", "torchvision", "jax"],
-                   help="the format of SOURCE, the checkpoint you READ (default: detected from its files); "
+    p.add_argument("--format", default=None, choices=READ_FORMATS,
+                   help=f"the format of SOURCE, the checkpoint you READ (default: detected from its files; {help_text()}); "
                         "convert always writes vitkit's format")
     p.add_argument("--arch", default=None, help="preset for what the weights cannot tell (e.g. vit_base_patch16_224)")
     p.add_argument("--num-heads", type=int, default=None, help="attention heads, for checkpoints that cannot say")
+    p.add_argument("--act", default=None,
+                   help="MLP activation when the checkpoint cannot say (OpenCLIP state dicts: quick_gelu or gelu)")
     p.add_argument("--image-size", type=int, nargs="+", metavar=("H", "W"),
                    help="resample the position embedding to this input size: H [W]")
     p.add_argument("--num-classes", type=int, default=None, help="new class count (the head is re-initialised)")
@@ -26,11 +30,15 @@ def run(args) -> int:
     size = None
     if args.image_size:
         if len(args.image_size) > 2:
-            raise ValueError(f"--image-size takes 1 or 2 numbers, got {args.image_size}")
+            from ..errors import ConfigError
+
+            raise ConfigError(f"--image-size takes 1 or 2 numbers, got {args.image_size}")
         size = args.image_size[0] if len(args.image_size) == 1 else tuple(args.image_size)
     kw = {}
     if args.num_heads:
         kw["num_heads"] = args.num_heads
+    if args.act:
+        kw["act"] = args.act
     model = from_pretrained(args.source, arch=args.arch, format=args.format, strict=not args.no_strict,
                             image_size=size, num_classes=args.num_classes, in_channels=args.in_channels, **kw)
     model.save_pretrained(args.out_dir)

@@ -1,12 +1,16 @@
 """vitkit explain: see inside a ViT for one image (patches, tokens, position embeddings,
-attention maps, rollout, attention distance, predictions) as one self-contained HTML report."""
+attention maps, rollout, attention distance, predictions) as one self-contained HTML report, and
+explore.html beside it: an interactive page of every layer's and head's attention, rollout,
+class attribution and token similarity."""
 
 from __future__ import annotations
 
 HELP = "explain one image: patches, tokens, position embeddings, attention maps and rollout, as an HTML report"
 DESCRIPTION = (
     "Run a model on one image and write a self-contained HTML report (images embedded, opens offline) "
-    "plus every figure as a PNG, and print the shape walk-through. Without --model the most recent run "
+    "plus every figure as a PNG, and print the shape walk-through; also write explore.html, an interactive "
+    "page (choose a token, layer, head and mode: attention, rollout, attribution, similarity). "
+    "Without --model the most recent run "
     "of `vitkit train` (under runs/) is used."
 )
 
@@ -37,11 +41,16 @@ def add_arguments(p) -> None:
                         "or 'all' (default: first, middle and last)")
     p.add_argument("--heads", default="all", help="heads for the attention maps: comma-separated indices or 'all'")
     p.add_argument("--topk", type=int, default=5, help="number of top predictions to show")
+    p.add_argument("--explore-classes", type=int, default=3,
+                   help="explore.html: number of top classes whose attribution (Chefer et al. 2021) is shipped")
     p.add_argument("--filters", type=int, default=28, help="number of principal components of the embedding filters")
     p.add_argument("--max-pixels", type=int, default=None,
                    help="refuse images with more pixels than this (default: VITKIT_MAX_IMAGE_PIXELS, else 100 megapixels)")
     p.add_argument("--out", default="explain_out", help="output directory for report.html and the PNG figures")
     p.add_argument("--device", default="cpu", help="torch device")
+    from .predict import add_dtype_argument
+
+    add_dtype_argument(p)  # the predictions; attention maps always come from the model's fp32 explicit path
 
 
 def run(args) -> int:
@@ -52,12 +61,15 @@ def run(args) -> int:
     from .. import from_pretrained
     from ..data.image import load_image
     from ..errors import InputError
+    from ..infer import Predictor
     from ..io import model_source_or_latest_run
-    from ..viz.report import explain, write_report
+    from ..viz.report import _predictions, explain, prepare_image, write_report
 
     layers, heads = _indices(args.layers), _indices(args.heads)
     if args.topk < 1:
         raise InputError(f"--topk must be >= 1, got {args.topk}")
+    if args.explore_classes < 1:
+        raise InputError(f"--explore-classes must be >= 1, got {args.explore_classes}")
     source = model_source_or_latest_run(args.model, args.runs)
     if args.model is None:
         print(f"using the most recent training run: {source}")
@@ -68,6 +80,12 @@ def run(args) -> int:
     mode = "L" if model.config.in_channels == 1 else "RGB"
     img = probe.convert(mode)
     ex = explain(model, img, layers=layers, heads=heads, topk=args.topk, filters=args.filters)
+    # The predictions come from the Predictor at the asked precision (fp32: the same numbers as
+    # the explicit path); the maps need the attention weights, which only the model returns.
+    predictor = Predictor(model, args.dtype)
+    x, _ = prepare_image(model, img)
+    ex.predictions, ex.regression = _predictions(model, predictor(x), args.topk)
+    ex.info["predictions"] = f"{predictor.dtype} ({predictor.path})"
     ex.info["source"] = str(args.image)
     ex.info["model source"] = source
     c = model.config
@@ -84,4 +102,15 @@ def run(args) -> int:
             print(f"  {v:8.4f}  {name}")
     html = write_report(ex, args.out, title=f"vitkit explain: {Path(str(args.image)).name}")
     print(f"wrote {html} and {len(ex.figures)} PNG figures to {Path(args.out)}/")
+    from ..viz.explore import SIZE_BUDGET, write_explore
+
+    page = write_explore(model, img, args.out, topk=args.topk, classes=args.explore_classes,
+                         title=f"vitkit explore: {Path(str(args.image)).name}")
+    size = page.stat().st_size
+    size_text = f"{size / 1e6:.1f} MB" if size >= 1e6 else f"{size / 1e3:.0f} kB"
+    print(f"wrote {page} ({size_text}): interactive attention, rollout, attribution, "
+          "similarity; state in the URL fragment (#layer=L&head=H&patch=P&mode=M)")
+    if size > SIZE_BUDGET:  # attention alone is layers x heads x tokens^2 bytes before compression
+        print(f"note: explore.html is over {SIZE_BUDGET / 1e6:g} MB (attribution already reduced to the last "
+              f"layer and top class); large pages open slowly")
     return 0

@@ -2,21 +2,22 @@
 
 from __future__ import annotations
 
-HELP = "export a model to timm, hf, torchvision, jax, onnx or torchscript"
-
-FORMATS = ["timm", "hf", "onnx", "torchscript", "torchvision", "jax", "vitkit"]
+HELP = "export a model to timm, hf, torchvision, jax, dinov2, openai_clip, onnx or torchscript"
 
 
 def add_arguments(p) -> None:
+    from ..interop.formats import READ_FORMATS, WRITE_FORMATS
+
     p.add_argument("model", help="model source: vitkit dir, run dir, checkpoint file/dir or hub id")
-    p.add_argument("--format", "-f", required=True, choices=FORMATS,
+    p.add_argument("--format", "-f", required=True, choices=WRITE_FORMATS,
                    help="the format to WRITE (the target); the input's format is detected, or forced with --source-format")
     p.add_argument("--out", "-o", required=True,
                    help="output path: a directory for timm/hf/vitkit, a file for onnx/torchscript/torchvision/jax")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 17)")
-    p.add_argument("--layout", default="vision_transformer", choices=["vision_transformer", "big_vision"],
-                   help="npz layout for --format jax")
-    p.add_argument("--source-format", default=None, help="the format of the model you READ (default: detected from its files)")
+    p.add_argument("--layout", default="vision_transformer", choices=["vision_transformer", "big_vision", "big_vision_img"],
+                   help="npz layout for --format jax (big_vision_img: under params/img/, as SigLIP's image tower)")
+    p.add_argument("--source-format", default=None, choices=READ_FORMATS,
+                   help="the format of the model you READ (default: detected from its files)")
     p.add_argument("--num-heads", type=int, default=None, help="attention heads, for checkpoints that cannot say")
     p.add_argument("--verify", action="store_true",
                    help="for onnx: run the exported graph in onnxruntime and print the max abs difference")

@@ -58,7 +58,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args._run(args) or 0)
-    except (VitkitError, ValueError, FileNotFoundError) as e:
+    except VitkitError as e:
+        # vitkit's own errors name what was expected and what came: a clean message. Anything
+        # else is a bug (or an unconverted library error) and keeps its traceback.
         print(f"vitkit {args.command}: error: {e}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `vitkit models | head`

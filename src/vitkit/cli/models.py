@@ -9,10 +9,36 @@ def add_arguments(p) -> None:
     p.add_argument("pattern", nargs="?", default=None,
                    help="filter: a substring (small), a shell pattern ('vit_base*') or a paper name (ViT-B/16)")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON instead of a table")
+    p.add_argument("--families", action="store_true",
+                   help="list the model families vitkit loads exactly (DeiT, DINOv2, CLIP, SigLIP...), the "
+                        "formats and hub ids they come in and what model(x) returns, instead of the presets")
+
+
+def _print_families(as_json: bool) -> int:
+    import json
+
+    from ..interop.families import families_table
+
+    rows = families_table()
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for r in rows:
+        print(f"{r['family']}")
+        print(f"  model(x):   {r['returns']}")
+        print(f"  preprocess: {r['preprocess']}")
+        for src in r["sources"]:
+            print(f"  from        {src}")
+        print(f"  hub ids:    {', '.join(r['hub_ids'])}")
+    print("Load any of them with vitkit.from_pretrained(path or hub id); see docs/weights.md.")
+    return 0
 
 
 def run(args) -> int:
     import json
+
+    if getattr(args, "families", False):
+        return _print_families(args.json)
 
     from ..bench.flops import count_flops, count_params
     from ..config import PRESETS, list_models

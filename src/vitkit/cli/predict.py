@@ -21,19 +21,34 @@ def add_arguments(p) -> None:
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, mps)")
     p.add_argument("--max-pixels", type=int, default=None,
                    help="refuse images with more pixels than this (default: VITKIT_MAX_IMAGE_PIXELS, else 100 megapixels)")
-    p.add_argument("--format", default=None, help="the format of the model you READ: vitkit, timm, hf, torchvision, jax "
-                                                      "(default: detected from its files; predict writes no model)")
+    from ..interop.formats import READ_FORMATS
+
+    p.add_argument("--format", default=None, choices=READ_FORMATS,
+                   help="the format of the model you READ (default: detected from its files; predict writes no model)")
     p.add_argument("--num-heads", type=int, default=None, help="attention heads, for checkpoints that cannot say")
+    add_dtype_argument(p)
+
+
+def add_dtype_argument(p) -> None:
+    """``--dtype`` as predict and explain take it (see vitkit.infer.Predictor)."""
+    p.add_argument("--dtype", choices=["fp32", "bf16", "int8"], default="fp32",
+                   help="inference precision (vitkit.infer.Predictor): fp32 is exact; bf16 (CPUs with native "
+                        "bf16, else fp32 with a note; GPUs) and int8 (dynamic quantization, CPU) are faster "
+                        "approximations, see docs/inference.md for their agreement with fp32")
 
 
 def predict_files(model, files, top_k: int = 5, batch_size: int = 32, max_pixels: int | None = None,
-                  progress: bool = False) -> list[dict]:
+                  progress: bool = False, dtype: str = "fp32") -> list[dict]:
     """One result dict per file, in order: {"file", "predictions": [{"index","label","prob"}]} for
-    classifiers, {"file", "outputs": [...]} for regression / feature models, {"file", "error"} on failure."""
+    classifiers, {"file", "outputs": [...]} for regression / feature models, {"file", "error"} on failure.
+    The forward runs through ``vitkit.infer.Predictor(model, dtype)``."""
     import torch
 
     from ..data.image import load_image
+    from ..data.transforms import eval_transform
     from ..errors import InputError
+    from ..infer import Predictor
+    from ..preprocess import Preprocess
     from ..progress import progress_bar
 
     if top_k < 1:
@@ -41,9 +56,9 @@ def predict_files(model, files, top_k: int = 5, batch_size: int = 32, max_pixels
     if batch_size < 1:
         raise InputError(f"--batch-size must be >= 1, got {batch_size}")
     cfg = model.config
-    transform = model.preprocess
+    transform = eval_transform(Preprocess.of(model))
     mode = "L" if cfg.in_channels == 1 else "RGB"
-    device = next(model.parameters()).device
+    predictor = Predictor(model.eval(), dtype)
     results: list[dict] = [{"file": str(f)} for f in files]
     pending: list[tuple[int, torch.Tensor]] = []
     classify = cfg.task == "classification" and cfg.num_classes > 0
@@ -57,8 +72,7 @@ def predict_files(model, files, top_k: int = 5, batch_size: int = 32, max_pixels
         if not pending:
             return
         idx, xs = zip(*pending)
-        with torch.no_grad():
-            out = model(torch.stack(xs).to(device)).float().cpu()
+        out = predictor(torch.stack(xs)).cpu()
         for i, row in zip(idx, out):
             if classify:
                 probs = row.softmax(-1)
@@ -101,7 +115,8 @@ def run(args) -> int:
         kw["num_heads"] = args.num_heads
     model = from_pretrained(source, device=args.device, **kw).eval()
     results = predict_files(model, args.images, top_k=args.top_k, batch_size=args.batch_size,
-                            max_pixels=args.max_pixels, progress=len(args.images) > args.batch_size and not args.json)
+                            max_pixels=args.max_pixels, progress=len(args.images) > args.batch_size and not args.json,
+                            dtype=args.dtype)
     failed = [r for r in results if "error" in r]
     if args.json:
         print(json.dumps({"model": str(source), "results": results}, indent=2))

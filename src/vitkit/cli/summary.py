@@ -20,7 +20,9 @@ def _size(v):
     if v is None:
         return None
     if len(v) > 2:
-        raise ValueError(f"expected 1 or 2 numbers (H [W]), got {v}")
+        from ..errors import ConfigError
+
+        raise ConfigError(f"--image-size takes 1 or 2 numbers (H [W]), got {v}")
     return v[0] if len(v) == 1 else tuple(v)
 
 

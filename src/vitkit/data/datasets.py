@@ -302,7 +302,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
 def _read_cifar_batch(path: Path) -> dict:
     if not path.is_file():
-        raise FileNotFoundError(path)
+        raise InputError(f"{path}: no such file (expected a CIFAR python batch there)")
     try:
         with open(path, "rb") as f:
             d = _RestrictedUnpickler(io.BytesIO(f.read()), encoding="latin1").load()

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..errors import ConfigError
 from ..train.distributed import DistInfo, all_reduce_sum
 from ..train.metrics import classification_report, confusion_matrix, regression_report, regression_stats
 
@@ -100,8 +101,6 @@ def evaluate(model, data, *, task: str = "classification", num_outputs: int, mea
 def evaluate_model(model, splits, split: str = "test", **kw) -> dict[str, Any]:
     """Evaluate a vitkit model on one split of :func:`vitkit.data.build_data`'s result, with the
     model's own preprocessing mean/std when it has them."""
-    from ..errors import ConfigError
-
     pre = getattr(model, "preprocess_cfg", None) or {}
     get = pre.get if isinstance(pre, dict) else (lambda k, d: getattr(pre, k, None) or d)
     ds = getattr(splits, split)

@@ -1,6 +1,7 @@
 """Load and save ViT weights from and to the formats people have: vitkit's own, timm, Hugging
-Face transformers, torchvision, Google's JAX ``.npz`` (vision_transformer and big_vision), and
-hub ids. One entry point, :func:`from_pretrained`, which detects the format, says what it found,
+Face transformers, torchvision, Google's JAX ``.npz`` (vision_transformer and big_vision), the
+original DINOv2 and OpenAI / OpenCLIP state dicts, and hub ids; for the ViT family (DeiT,
+DINOv2, CLIP, SigLIP: see :mod:`vitkit.interop.families`). Format names: :mod:`.formats`. One entry point, :func:`from_pretrained`, which detects the format, says what it found,
 builds the model from the checkpoint's own config (or from its tensor shapes), loads every tensor
 through a strict name-and-shape check, and attaches preprocessing and labels.
 
@@ -19,17 +20,18 @@ from typing import Any
 from ..config import ViTConfig, get_config
 from ..errors import CheckpointError, ConfigError
 from .common import Converted, LoadReport, adapt_state, load_into, read_state_dict
+from .formats import READ_FORMATS, canonical, reader
 
 log = logging.getLogger("vitkit.interop")
 
-FORMATS = ("vitkit", "timm", "hf", "torchvision", "jax")
+FORMATS = READ_FORMATS  # the registry (vitkit.interop.formats) is the one list of format names
 _ADAPT = ("image_size", "num_classes", "in_channels")
 
 
 def detect_format(path: str | Path) -> str:
     """Name the format of a local file or directory from its files and keys (never guesses)."""
     from ..io import config_json_problem, is_vitkit_dir
-    from . import hf, jax, timm, torchvision
+    from . import clip, dinov2, hf, jax, timm, torchvision
 
     p = Path(path)
     if not p.exists():
@@ -47,7 +49,7 @@ def detect_format(path: str | Path) -> str:
         raise CheckpointError(
             f"{p}: cannot tell the checkpoint format: expected a vitkit dir (config.json with format 'vitkit'), "
             "a run dir with best/ or last/, a timm hub dir (config.json with 'architecture' and "
-            "'pretrained_cfg') or a Hugging Face ViT dir (config.json with model_type 'vit')"
+            f"'pretrained_cfg') or a Hugging Face dir (config.json with model_type one of {list(hf.MODEL_TYPES)})"
         )
     if p.name in ("config.json", "model.safetensors", "pytorch_model.bin") and p.parent != p:
         try:
@@ -59,9 +61,13 @@ def detect_format(path: str | Path) -> str:
     keys = list(read_state_dict(p))
     if torchvision.looks_like_torchvision(keys):
         return "torchvision"
+    if clip.looks_like_openai_clip(keys):
+        return "openai_clip"
+    if dinov2.looks_like_dinov2(keys):
+        return "dinov2"
     if timm.looks_like_timm(keys):
         return "timm"
-    if any(".attention.attention.query" in k or ".attention.q_proj" in k for k in keys):
+    if hf.looks_like_hf(keys):
         return "hf"
     if jax.looks_like_jax(keys):
         return "jax"
@@ -78,17 +84,14 @@ def _arch_config(arch: Any) -> ViTConfig | None:
 def convert_source(source: str | Path, format: str | None = None, arch: Any = None,
                    hints: dict[str, Any] | None = None) -> Converted:
     """Read any non-vitkit source into a :class:`~vitkit.interop.common.Converted` bundle."""
-    from . import hf, jax, timm, torchvision
-
-    fmt = format or detect_format(source)
-    readers = {"timm": timm.convert, "hf": hf.convert, "torchvision": torchvision.convert, "jax": jax.convert}
-    if fmt not in readers:
-        raise ConfigError(f"format must be one of {FORMATS}, got {fmt!r}")
+    fmt = canonical(format) if format else detect_format(source)
+    if fmt == "vitkit":
+        raise ConfigError("a vitkit checkpoint needs no conversion; load it with vitkit.load_model")
     p = Path(source)
     if fmt == "hf" and p.is_file() and p.suffix != ".json":
         if not (p.parent / "config.json").is_file():
             raise CheckpointError(f"{p}: a Hugging Face weight file needs its config.json next to it")
-    return readers[fmt](source, _arch_config(arch), hints)
+    return reader(fmt)(source, _arch_config(arch), hints)
 
 
 def from_pretrained(source, arch: Any = None, format: str | None = None, strict: bool = True,
@@ -102,9 +105,10 @@ def from_pretrained(source, arch: Any = None, format: str | None = None, strict:
             state dict; a JAX ``.npz``; or a hub id (``google/vit-base-patch16-224``).
         arch: preset name or ViTConfig for what the weights cannot tell (number of heads,
             non-square grid). Shapes always win over ``arch`` for what they do tell.
-        format: force one of "vitkit", "timm", "hf", "torchvision", "jax" (default: detect).
+        format: force one of :data:`vitkit.interop.formats.READ_FORMATS` (default: detect).
         strict: raise CheckpointError listing missing / unexpected / mis-shaped tensors.
-        image_size: load at another resolution (the position table is resampled, bicubic).
+        image_size: the checkpoint's size when its table is a non-square grid, else a resolution to
+            load at (the position table is resampled as the source implementation does it).
         num_classes: another class count (the head is re-initialised; a warning says so).
         in_channels: 1 for grey input from an RGB checkpoint (patch kernels summed over RGB).
         **overrides: other ViTConfig fields (num_heads, act, norm_eps, drop_path, dropout...).
@@ -112,10 +116,8 @@ def from_pretrained(source, arch: Any = None, format: str | None = None, strict:
     The returned model (eval mode) carries ``pretrained_info`` (format, source, load report),
     ``preprocess_cfg`` and ``labels``.
     """
-    from ..io import load_model
-    from ..model.vit import ViT
+    from ..io import read_converted
     from .hub import download, looks_like_hub_id
-    from .labels import default_labels
 
     src = str(source)
     info: dict[str, Any] = {}
@@ -123,25 +125,35 @@ def from_pretrained(source, arch: Any = None, format: str | None = None, strict:
         info["hub_id"] = src
         source = download(src)
         log.info("hub id %s resolved to %s", src, source)
-    fmt = format or detect_format(source)
-    if fmt not in FORMATS:
-        raise ConfigError(f"format must be one of {FORMATS}, got {fmt!r}")
+    fmt = canonical(format) if format else detect_format(source)
     adapt = {k: v for k, v in (("image_size", image_size), ("num_classes", num_classes),
                                ("in_channels", in_channels)) if v is not None}
     if fmt == "vitkit":
-        model = load_model(source, strict=strict, **overrides)
-        conv = Converted(config=model.config, state=model.state_dict(), format="vitkit", source=str(source),
-                         preprocess=model.preprocess_cfg, labels=model.labels)
-        base_info = dict(model.pretrained_info or {})
+        conv = read_converted(source)  # tensors + config, no model built yet
     else:
         conv = convert_source(source, fmt, arch, hints={**overrides, **adapt})
-        if overrides:
-            conv.config = conv.config.replace(**overrides)
-        base_info = {}
+    if overrides:
+        conv.config = conv.config.replace(**overrides)
+    return load_converted(conv, adapt=adapt, strict=strict, device=device, source=src, info=info)
+
+
+def load_converted(conv: Converted, adapt: dict[str, Any] | None = None, strict: bool = True,
+                   device: str | Any = "cpu", source: str | None = None, info: dict[str, Any] | None = None):
+    """The one place a model is built and loaded, for every format (vitkit's own included):
+    adapt the tensors to ``adapt`` (image_size / num_classes / in_channels), build the ViT once,
+    copy every tensor through the strict name-and-shape check (:func:`load_into`), attach
+    preprocessing, labels and ``pretrained_info`` (with the load report)."""
+    from ..model.vit import ViT
+    from ..preprocess import Preprocess
+    from .labels import default_labels
+
+    adapt = adapt or {}
+    src = source or conv.source
+    fmt = conv.format
     report = LoadReport(source=src, format=fmt, notes=list(conv.notes))
     report.unexpected.extend(conv.unexpected)
     target = conv.config.replace(**adapt) if adapt else conv.config
-    state, skip = adapt_state(conv.state, conv.config, target, report.notes)
+    state, skip = adapt_state(conv.state, conv.config, target, report.notes, resample=conv.resample)
     model = ViT(target)
     load_into(model, state, report, strict=strict, skip_missing=skip)
     log.info("loaded %s checkpoint %s: %d tensors%s", fmt, src, report.loaded,
@@ -149,20 +161,18 @@ def from_pretrained(source, arch: Any = None, format: str | None = None, strict:
     for note in report.notes:
         log.info("%s: %s", src, note)
 
-    pre = dict(conv.preprocess) if conv.preprocess else None
-    if pre is not None and (adapt.get("image_size") is not None or adapt.get("in_channels") is not None):
-        C, (H, W) = target.in_channels, target.image_hw
-        pre["input_size"] = [C, H, W]
-        if len(pre.get("mean", [])) != C:
-            pre["mean"] = [sum(pre["mean"]) / len(pre["mean"])] * C
-            pre["std"] = [sum(pre["std"]) / len(pre["std"])] * C
+    pre = Preprocess.coerce(conv.preprocess, where=src)
+    if pre is not None and (target.in_channels, *target.image_hw) != pre.input_size:
+        if (target.in_channels, target.image_hw) != (conv.config.in_channels, conv.config.image_hw):
+            pre = pre.for_input(target.in_channels, target.image_hw)  # the model was resized here
     model.preprocess_cfg = pre
     labels = conv.labels if conv.labels and len(conv.labels) == target.num_classes else None
     if labels is None and target.num_classes == conv.config.num_classes:
         labels = default_labels(target.num_classes) if fmt != "vitkit" else None
     model.labels = labels
-    model.pretrained_info = {**base_info, "format": fmt, "source": src, **info, **conv.info,
-                             "report": report.to_dict()}
+    saved, found = (conv.info, {}) if fmt == "vitkit" else ({}, conv.info)  # vitkit: the saved info, updated
+    model.pretrained_info = {**saved, "format": fmt, "source": src, **(info or {}), **found,
+                             "pos_resample": conv.resample, "report": report.to_dict()}
     model.load_report = report
     return model.to(device).eval()
 
@@ -173,4 +183,5 @@ def export_to(model, format: str, path, **kw: Any):
     return _export(model, format, path, **kw)
 
 
-__all__ = ["from_pretrained", "detect_format", "convert_source", "export_to", "LoadReport", "FORMATS"]
+__all__ = ["from_pretrained", "load_converted", "detect_format", "convert_source", "export_to", "LoadReport",
+           "FORMATS"]

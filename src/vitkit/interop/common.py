@@ -192,21 +192,72 @@ def guess_heads(dim: int, hint: int | None = None, source: str = "") -> int:
     return heads
 
 
-def grid_from_rows(n: int, patch: tuple[int, int], size_hint: Any = None) -> tuple[int, int]:
-    """Image size (H, W) for a table of ``n`` patch rows: the hint when it fits, else square."""
-    if size_hint is not None:
-        from ..config import to_2tuple
+def _fits(hint: Any, n: int, patch: tuple[int, int]) -> tuple[int, int] | None:
+    if hint is None:
+        return None
+    from ..config import to_2tuple
 
-        h, w = to_2tuple(size_hint, "image_size")
-        if (h // patch[0]) * (w // patch[1]) == n:
-            return h, w
+    h, w = to_2tuple(hint, "image_size")
+    return (h, w) if (h // patch[0]) * (w // patch[1]) == n and h % patch[0] == 0 and w % patch[1] == 0 else None
+
+
+def grid_from_rows(n: int, patch: tuple[int, int], *size_hints: Any) -> tuple[int, int]:
+    """Image size (H, W) for a table of ``n`` patch rows: the first hint (user's ``image_size``,
+    ``arch``'s size, the checkpoint's own config...) whose grid has ``n`` cells, else square.
+    Hints that do not fit are skipped: ``image_size`` may also be a target to resample to."""
+    for hint in size_hints:
+        if (hw := _fits(hint, n, patch)) is not None:
+            return hw
     if not is_square(n):
+        given = [h for h in size_hints if h is not None]
         raise CheckpointError(
-            f"the position table has {n} patch rows, not a square grid; pass arch= or image_size=(H, W) "
-            "so the grid can be known"
+            f"the position table has {n} patch rows, not a square grid"
+            + (f", and none of the sizes given ({', '.join(map(str, given))}) has {n} patches of {patch}"
+               if given else "")
+            + "; pass image_size=(H, W) (or arch=) with (H/ph)*(W/pw) = the number of rows"
         )
     s = math.isqrt(n)
     return s * patch[0], s * patch[1]
+
+
+def size_hints(hints: dict[str, Any] | None, arch: ViTConfig | None, *more: Any) -> tuple[Any, ...]:
+    """Candidate image sizes to read a position table's grid by, in order of trust: the user's
+    ``image_size``, then ``arch``'s, then the checkpoint's own (``more``)."""
+    return ((hints or {}).get("image_size"), arch.image_size if arch is not None else None, *more)
+
+
+def layout_from_rows(rows: int, num_prefix: int, patch: tuple[int, int], *size_hints: Any,
+                     prefix_rows: bool | None = None, prefer_prefix: bool = True) -> tuple[tuple[int, int], bool]:
+    """(image size, whether the table has rows for the ``num_prefix`` prefix tokens) for a learned
+    table of ``rows`` rows. ``prefix_rows`` when the source says; else the first size hint that
+    fits either reading decides; else the square reading (when both are square: prefix rows if
+    ``prefer_prefix``, timm's default, else none, as timm's register models)."""
+    if prefix_rows is not None or num_prefix == 0:
+        with_prefix = bool(prefix_rows) and num_prefix > 0
+        return grid_from_rows(rows - (num_prefix if with_prefix else 0), patch, *size_hints), with_prefix
+    for hint in size_hints:
+        if (hw := _fits(hint, rows - num_prefix, patch)) is not None:
+            return hw, True
+        if (hw := _fits(hint, rows, patch)) is not None:
+            return hw, False
+    if is_square(rows - num_prefix) and is_square(rows):
+        with_prefix = prefer_prefix
+    else:
+        with_prefix = is_square(rows - num_prefix)
+    return grid_from_rows(rows - (num_prefix if with_prefix else 0), patch, *size_hints), with_prefix
+
+
+def family_parts(config: ViTConfig, allowed: tuple[str, ...] = ()) -> list[str]:
+    """The config's parts beyond the plain ViT (``norm_pre``, no patch bias, ``pooling='map'``...)
+    that are not in ``allowed``: an exporter to a format without them refuses such a model."""
+    c = config
+    parts = {
+        "norm_pre": bool(getattr(c, "norm_pre", False)), "patch_bias": not getattr(c, "patch_bias", True),
+        "head_bias": not getattr(c, "head_bias", True), "dist_token": bool(getattr(c, "dist_token", False)),
+        "map": c.pooling == "map", "swiglu": getattr(c, "mlp_layer", "mlp") == "swiglu",
+        "rmsnorm": getattr(c, "norm_layer", "layernorm") == "rmsnorm",
+    }
+    return [k for k, on in parts.items() if on and k not in allowed]
 
 
 # --------------------------------------------------------------------------- the converted bundle
@@ -218,28 +269,31 @@ class Converted:
     state: dict[str, torch.Tensor]
     format: str
     source: str
-    preprocess: dict[str, Any] | None = None
+    preprocess: Any = None  # a vitkit.preprocess.Preprocess or its dict form (validated on load)
     labels: list[str] | None = None
     unexpected: list[str] = field(default_factory=list)  # source keys no rule understood
     notes: list[str] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
+    # how the source implementation resamples its position table (a name in interop.resample)
+    resample: str = "timm"
 
 
-def adapt_state(state: dict[str, torch.Tensor], old: ViTConfig, new: ViTConfig, notes: list[str]) -> tuple[
-        dict[str, torch.Tensor], tuple[str, ...]]:
+def adapt_state(state: dict[str, torch.Tensor], old: ViTConfig, new: ViTConfig, notes: list[str],
+                resample: str = "timm") -> tuple[dict[str, torch.Tensor], tuple[str, ...]]:
     """Move a checkpoint's tensors from config ``old`` to ``new``: resample the learned position
     table to a new grid, drop the head when the class count changes (re-initialised), sum the
-    patch kernel over RGB for a 1-channel model. Returns the state and the names left at init."""
-    from ..model.pos_embed import resample_pos_embed
+    patch kernel over RGB for a 1-channel model. Returns the state and the names left at init.
+    ``resample`` names the source implementation's interpolation (:mod:`vitkit.interop.resample`)."""
+    from .resample import get_resampler
 
     state = dict(state)
     skip: tuple[str, ...] = ()
     if "pos_embed" in state and old.grid_size != new.grid_size:
         pe = state["pos_embed"]
         prefix = pe.shape[1] - old.num_patches
-        state["pos_embed"] = resample_pos_embed(pe, new.grid_size, old.grid_size, num_prefix_tokens=prefix)
-        notes.append(f"position embedding resampled (bicubic) from grid {old.grid_size} to {new.grid_size} "
-                     f"(image {old.image_hw} -> {new.image_hw})")
+        state["pos_embed"] = get_resampler(resample)(pe, new.grid_size, old.grid_size, prefix)
+        notes.append(f"position embedding resampled from grid {old.grid_size} to {new.grid_size} "
+                     f"(image {old.image_hw} -> {new.image_hw}) as {resample} does (vitkit.interop.resample)")
     if old.in_channels != new.in_channels and "patch_embed.proj.weight" in state:
         w = state["patch_embed.proj.weight"]
         if new.in_channels == 1:

@@ -7,6 +7,8 @@
   file key names, preprocessor_config.json).
 * ``"torchvision"``: a safetensors state dict in torchvision's names.
 * ``"jax"``: a ``.npz`` in the vision_transformer layout (``layout="big_vision"`` for the other).
+* ``"dinov2"``: the original facebookresearch/dinov2 hub state dict (safetensors).
+* ``"openai_clip"``: an OpenAI / OpenCLIP ``visual.*`` state dict (safetensors).
 * ``"onnx"``: an ONNX graph, opset >= 17, dynamic batch axis, input ``pixel_values``
   (B, C, H, W) -> output ``logits``. Needs the ``onnx`` package (and onnxscript for the
   torch.export-based exporter; the TorchScript-based one is used when that is missing).
@@ -22,9 +24,10 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
+from .formats import WRITE_FORMATS as EXPORT_FORMATS  # the one registry
 
 log = logging.getLogger("vitkit.interop")
-EXPORT_FORMATS = ("vitkit", "timm", "hf", "torchvision", "jax", "onnx", "torchscript")
+__all__ = ["export_to", "export_onnx", "export_torchscript", "EXPORT_FORMATS"]
 
 
 class _Logits(torch.nn.Module):
@@ -94,7 +97,9 @@ def export_torchscript(model, path: str | Path) -> Path:
 
 def export_to(model, format: str, path: str | Path, **kw: Any) -> Path:
     """Write ``model`` in ``format`` to ``path`` (a directory for vitkit/timm/hf, a file else)."""
-    fmt = format.lower()
+    from .formats import canonical
+
+    fmt = canonical(format, writing=True)
     was_training = model.training
     model.eval()
     try:
@@ -104,7 +109,7 @@ def export_to(model, format: str, path: str | Path, **kw: Any) -> Path:
             from .timm import export
 
             out = export(model, path)
-        elif fmt in ("hf", "huggingface", "transformers"):
+        elif fmt == "hf":
             from .hf import export
 
             out = export(model, path)
@@ -119,10 +124,14 @@ def export_to(model, format: str, path: str | Path, **kw: Any) -> Path:
             out = export_npz(model, path, layout=kw.get("layout", "vision_transformer"))
         elif fmt == "onnx":
             out = export_onnx(model, path, opset=int(kw.get("opset", 18)), dynamic_batch=kw.get("dynamic_batch", True))
-        elif fmt in ("torchscript", "jit"):
+        elif fmt == "torchscript":
             out = export_torchscript(model, path)
-        else:
-            raise ConfigError(f"export format must be one of {list(EXPORT_FORMATS)}, got {format!r}")
+        else:  # a registered format whose module has export(model, path): dinov2, openai_clip
+            from importlib import import_module
+
+            from .formats import FORMATS
+
+            out = import_module(f"vitkit.interop.{FORMATS[fmt].module}").export(model, path)
     finally:
         model.train(was_training)
     log.info("exported %s model to %s", fmt, out)

@@ -29,7 +29,7 @@ import torch
 
 from ..config import ViTConfig
 from ..errors import CheckpointError, ConfigError
-from .common import Converted, grid_from_rows
+from .common import Converted, family_parts, grid_from_rows, size_hints
 
 
 def read_npz(path: str | Path) -> dict[str, np.ndarray]:
@@ -104,6 +104,26 @@ def convert(path: str | Path, arch: ViTConfig | None = None, hints: dict[str, An
             s[f"{b}mlp.{name}.weight"] = _t(blk(i, f"{mlpb}/Dense_{r}/kernel").T)
             s[f"{b}mlp.{name}.bias"] = _t(blk(i, f"{mlpb}/Dense_{r}/bias"))
     s["norm.weight"], s["norm.bias"] = _t(get("Transformer/encoder_norm/scale")), _t(get("Transformer/encoder_norm/bias"))
+    has_map = f"{prefix}MAPHead_0/probe" in w
+    if has_map:  # SigLIP's attention-pooling head (big_vision MAPHead), as timm's _load_weights reads it
+        from .siglip import NPZ_MAP_HEAD as M
+
+        mha = M["attn_pool.mha"]
+        s["attn_pool.latent"] = _t(get(M["attn_pool.latent"])).reshape(1, -1, D)
+        q = get(f"{mha}/query/kernel")
+        s["attn_pool.q.weight"] = _t(q.reshape(D, -1).T)
+        s["attn_pool.q.bias"] = _t(get(f"{mha}/query/bias").reshape(-1))
+        s["attn_pool.kv.weight"] = _t(np.concatenate([get(f"{mha}/{n}/kernel").reshape(D, -1).T
+                                                      for n in ("key", "value")], axis=0))
+        s["attn_pool.kv.bias"] = _t(np.concatenate([get(f"{mha}/{n}/bias").reshape(-1) for n in ("key", "value")]))
+        s["attn_pool.proj.weight"] = _t(get(f"{mha}/out/kernel").reshape(-1, D).T)
+        s["attn_pool.proj.bias"] = _t(get(f"{mha}/out/bias"))
+        s["attn_pool.norm.weight"] = _t(get(f"{M['attn_pool.norm']}/scale"))
+        s["attn_pool.norm.bias"] = _t(get(f"{M['attn_pool.norm']}/bias"))
+        for name in ("fc1", "fc2"):
+            src = M[f"attn_pool.mlp.{name}"]
+            s[f"attn_pool.mlp.{name}.weight"] = _t(get(f"{src}/kernel").T)
+            s[f"attn_pool.mlp.{name}.bias"] = _t(get(f"{src}/bias"))
     head_hidden = None
     if f"{prefix}pre_logits/kernel" in w:
         s["pre_logits.fc.weight"], s["pre_logits.fc.bias"] = _t(get("pre_logits/kernel").T), _t(get("pre_logits/bias"))
@@ -116,14 +136,13 @@ def convert(path: str | Path, arch: ViTConfig | None = None, hints: dict[str, An
             pass  # zero-init heads of upstream-only checkpoints still load as they are
     rows = pos.shape[1]
     pos_prefix = has_cls and not big_vision
-    size_hint = (hints or {}).get("image_size") or (arch.image_size if arch is not None else None)
-    image = grid_from_rows(rows - int(pos_prefix), (ph, pw), size_hint)
+    image = grid_from_rows(rows - int(pos_prefix), (ph, pw), *size_hints(hints, arch))
+    extra: dict[str, Any] = {"pooling": "map"} if has_map else {"pooling": "cls" if has_cls else "mean"}
     config = ViTConfig(
         image_size=image if image[0] != image[1] else image[0], patch_size=(ph, pw), in_channels=C,
         num_classes=num_classes, dim=D, depth=depth, num_heads=int(heads or 1),
         mlp_dim=s["blocks.0.mlp.fc1.weight"].shape[0], qkv_bias=qkv_bias, norm_eps=1e-6, act="gelu_tanh",
-        pos_embed_prefix=pos_prefix, class_token=has_cls, pooling="cls" if has_cls else "mean",
-        head_hidden_dim=head_hidden, head_act="tanh",
+        pos_embed_prefix=pos_prefix, class_token=has_cls, head_hidden_dim=head_hidden, head_act="tanh", **extra,
     )
     H, W = config.image_hw
     pre = {"input_size": [C, H, W], "mean": [0.5] * C, "std": [0.5] * C, "interpolation": "bilinear",
@@ -131,21 +150,24 @@ def convert(path: str | Path, arch: ViTConfig | None = None, hints: dict[str, An
     unexpected = [k for k in w if k not in used]
     layout = "big_vision" if big_vision else "vision_transformer"
     return Converted(config=config, state=s, format="jax", source=str(p), preprocess=pre, unexpected=unexpected,
-                     info={"layout": layout, "stacked": stacked})
+                     info={"layout": layout, "stacked": stacked, **({"family": "siglip"} if has_map else {})},
+                     resample="big_vision" if big_vision else "timm")
 
 
 def _check_jax_equivalent(c) -> None:
     """The JAX layouts hold a pre-norm ViT with a learned position table, LayerNorm, a GELU MLP and
-    class-token (or, without a class token, mean) pooling; anything else has no equivalent there."""
+    class-token (or, without a class token, mean or MAP) pooling; anything else has no equivalent there."""
+    parts = family_parts(c, allowed=("map",))
+    if parts:
+        raise ConfigError(f"this config has no JAX vision_transformer / big_vision equivalent: the .npz layouts "
+                          f"have no place for {parts}")
     if (not c.norm_first or c.pos_embed != "learned" or c.num_registers or c.layer_scale is not None
             or c.fc_norm or c.qk_scale or c.act not in ("gelu", "gelu_tanh")
-            or c.pooling not in ("cls", "mean") or (c.pooling == "mean") == c.class_token
-            or getattr(c, "norm_layer", "layernorm") != "layernorm" or getattr(c, "mlp_layer", "mlp") != "mlp"
-            or getattr(c, "dist_token", False) or getattr(c, "norm_pre", False)):
+            or (c.pooling == "cls") != c.class_token):
         raise ConfigError("this config has no JAX vision_transformer / big_vision equivalent (those are pre-norm "
-                          "with a learned position table, GELU, class-token pooling (mean without a class token), "
-                          f"no registers / layer scale / fc_norm); this model has pos_embed={c.pos_embed!r}, "
-                          f"pooling={c.pooling!r}, act={c.act!r}")
+                          "with a learned position table, GELU, class-token pooling (mean or MAP without a class "
+                          "token), no registers / layer scale / fc_norm); this model has "
+                          f"pos_embed={c.pos_embed!r}, pooling={c.pooling!r}, act={c.act!r}")
 
 
 def export_npz(model, path: str | Path, layout: str = "vision_transformer") -> Path:
@@ -156,12 +178,14 @@ def export_npz(model, path: str | Path, layout: str = "vision_transformer") -> P
     sd = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
     D, H = c.dim, c.num_heads
     hd = D // H
-    bv = layout == "big_vision"
+    if layout not in ("vision_transformer", "big_vision", "big_vision_img"):
+        raise CheckpointError(f"layout must be vision_transformer, big_vision or big_vision_img, got {layout!r}")
+    bv = layout.startswith("big_vision")
     if bv and c.class_token and c.pos_embed_prefix:
         raise CheckpointError("big_vision layout has no position row for the class token (use pos_embed_prefix=False)")
     if not bv and c.class_token and not c.pos_embed_prefix:
         raise CheckpointError("vision_transformer layout needs a class row in the position table")
-    pre = "params/" if bv else ""
+    pre = {"big_vision": "params/", "big_vision_img": "params/img/"}.get(layout, "")  # img/: two-tower SigLIP
     mha, ln2, mlpb = ("MultiHeadDotProductAttention_0", "LayerNorm_1", "MlpBlock_0") if bv else (
         "MultiHeadDotProductAttention_1", "LayerNorm_2", "MlpBlock_3")
     out: dict[str, np.ndarray] = {f"{pre}embedding/kernel": sd["patch_embed.proj.weight"].transpose(2, 3, 1, 0),
@@ -193,6 +217,21 @@ def export_npz(model, path: str | Path, layout: str = "vision_transformer") -> P
                 out[f"Transformer/encoderblock_{i}/{name}"] = a
     out[f"{pre}Transformer/encoder_norm/scale"] = sd["norm.weight"]
     out[f"{pre}Transformer/encoder_norm/bias"] = sd["norm.bias"]
+    if "attn_pool.latent" in sd:
+        from .siglip import NPZ_MAP_HEAD as M
+
+        mha = f"{pre}{M['attn_pool.mha']}"
+        out[f"{pre}{M['attn_pool.latent']}"] = sd["attn_pool.latent"]
+        kw, vw = np.split(sd["attn_pool.kv.weight"], 2, axis=0)
+        kb, vb = np.split(sd["attn_pool.kv.bias"], 2)
+        for n, wt, bs in (("query", sd["attn_pool.q.weight"], sd["attn_pool.q.bias"]), ("key", kw, kb), ("value", vw, vb)):
+            out[f"{mha}/{n}/kernel"], out[f"{mha}/{n}/bias"] = wt.T.reshape(D, H, hd), bs.reshape(H, hd)
+        out[f"{mha}/out/kernel"], out[f"{mha}/out/bias"] = sd["attn_pool.proj.weight"].T.reshape(H, hd, D), sd["attn_pool.proj.bias"]
+        out[f"{pre}{M['attn_pool.norm']}/scale"] = sd["attn_pool.norm.weight"]
+        out[f"{pre}{M['attn_pool.norm']}/bias"] = sd["attn_pool.norm.bias"]
+        for name in ("fc1", "fc2"):
+            out[f"{pre}{M[f'attn_pool.mlp.{name}']}/kernel"] = sd[f"attn_pool.mlp.{name}.weight"].T
+            out[f"{pre}{M[f'attn_pool.mlp.{name}']}/bias"] = sd[f"attn_pool.mlp.{name}.bias"]
     if "pre_logits.fc.weight" in sd:
         out[f"{pre}pre_logits/kernel"], out[f"{pre}pre_logits/bias"] = sd["pre_logits.fc.weight"].T, sd["pre_logits.fc.bias"]
     if "head.weight" in sd:

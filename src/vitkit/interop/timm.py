@@ -11,6 +11,7 @@ in the weights: see :func:`~vitkit.interop.common.guess_heads`.
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -19,11 +20,22 @@ import torch
 
 from ..config import PRESETS, ViTConfig, resolve_name
 from ..errors import CheckpointError, ConfigError
-from .common import Converted, dir_config, grid_from_rows, guess_heads, is_square, read_json, read_state_dict
+from .common import (
+    Converted,
+    dir_config,
+    guess_heads,
+    layout_from_rows,
+    read_json,
+    read_state_dict,
+    size_hints,
+)
 
+log = logging.getLogger("vitkit.interop")
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors")
 
-_ACTS = {"gelu": "gelu", "gelu_tanh": "gelu_tanh", "quick_gelu": "quick_gelu", "relu": "relu", "silu": "silu"}
+# timm act_layer strings (model_args) -> vitkit. Anything else is an error naming the value.
+_ACTS = {"gelu": "gelu", "gelu_tanh": "gelu_tanh", "quick_gelu": "quick_gelu", "relu": "relu", "silu": "silu",
+         "swish": "silu", "tanh": "tanh"}
 
 
 def is_timm_dir(path: Path) -> bool:
@@ -36,58 +48,93 @@ def looks_like_timm(keys) -> bool:
     return "patch_embed.proj.weight" in keys and any(k.startswith("blocks.0.attn.qkv") for k in keys)
 
 
-def infer_config(state: dict[str, torch.Tensor], args: dict[str, Any], source: str) -> ViTConfig:
-    """A ViTConfig from timm ``model_args`` (may be empty) and the tensor shapes."""
+def act_from_args(args: dict[str, Any], architecture: str | None, source: str, notes: list[str]) -> str:
+    """The MLP activation: ``model_args['act_layer']``, else the architecture name (timm's
+    ``*_quickgelu_*`` variants), else timm's default GELU. An unknown name is an error."""
+    raw = args.get("act_layer")
+    if raw is not None:
+        act = _ACTS.get(str(raw).lower())
+        if act is None:
+            raise CheckpointError(f"{source}: timm act_layer={raw!r} is not an activation vitkit knows "
+                                  f"(known: {sorted(_ACTS)}); pass act=... to choose one")
+        return act
+    if architecture and "quickgelu" in architecture:
+        return "quick_gelu"
+    return "gelu"
+
+
+def infer_config(state: dict[str, torch.Tensor], args: dict[str, Any], source: str,
+                 hints: tuple[Any, ...] = (), notes: list[str] | None = None,
+                 architecture: str | None = None) -> ViTConfig:
+    """A ViTConfig from timm ``model_args`` (may be empty), size ``hints`` (the user's image_size,
+    arch's, the checkpoint config's; the first whose grid fits the table is used) and the shapes."""
+    notes = notes if notes is not None else []
     w = state.get("patch_embed.proj.weight")
     if w is None:
         raise CheckpointError(f"{source}: no patch_embed.proj.weight, not a timm ViT state dict")
     dim, in_ch, ph, pw = w.shape
     depth = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k)))
     class_token = "cls_token" in state
+    dist = "dist_token" in state
     regs = state["reg_token"].shape[1] if "reg_token" in state else 0
-    prefix = int(class_token) + regs
-    mlp_dim = state["blocks.0.mlp.fc1.weight"].shape[0]
+    prefix = int(class_token) + int(dist) + regs
+    fc1, fc2 = state["blocks.0.mlp.fc1.weight"], state["blocks.0.mlp.fc2.weight"]
+    # SwiGLUPacked (DINOv2 giant): fc1 holds [w1; w2], twice the width fc2 reads
+    swiglu = fc1.shape[0] == 2 * fc2.shape[1]
+    mlp_dim = fc2.shape[1]
     qkv_bias = "blocks.0.attn.qkv.bias" in state
-    layer_scale = float(state["blocks.0.ls1.gamma"].flatten()[0]) if "blocks.0.ls1.gamma" in state else None
-    if layer_scale is not None:
+    layer_scale = None
+    if "blocks.0.ls1.gamma" in state:
         layer_scale = args.get("init_values") or 1e-5  # the init value; the loaded gamma replaces it
     fc_norm = "fc_norm.weight" in state
     head_hidden = state["pre_logits.fc.weight"].shape[0] if "pre_logits.fc.weight" in state else None
     num_classes = state["head.weight"].shape[0] if "head.weight" in state else 0
     pool = args.get("global_pool")
-    pooling = "mean" if (pool == "avg" or fc_norm or not class_token) else "cls"
-    if pool not in (None, "", "token", "avg"):
-        raise CheckpointError(f"{source}: timm global_pool={pool!r} is not supported (only 'token' and 'avg')")
-    size_hint = args.get("img_size")
+    if pool not in (None, "", "token", "avg", "map"):
+        raise CheckpointError(f"{source}: timm global_pool={pool!r} is not supported (only 'token', 'avg', 'map')")
+    if "attn_pool.latent" in state or pool == "map":
+        pooling = "map"
+    else:
+        pooling = "mean" if (pool == "avg" or fc_norm or not class_token) else "cls"
     pos_prefix = True
     if "pos_embed" in state:
         rows = state["pos_embed"].shape[1]
-        if "no_embed_class" in args:
-            pos_prefix = not args["no_embed_class"]
-        elif size_hint is not None:
-            from ..config import to_2tuple
-
-            h, wd = to_2tuple(size_hint, "img_size")
-            pos_prefix = rows != (h // ph) * (wd // pw)
-        else:
-            # No config: timm's default table has prefix rows; a square table without them is
-            # no_embed_class (DeiT-III, *_reg4 models). Ambiguous only for non-square grids whose
-            # N + prefix happens to be square: pass arch= / a hub config for those.
-            pos_prefix = is_square(rows - prefix) or not is_square(rows)
-        n = rows - (prefix if pos_prefix else 0)
-        image_size = grid_from_rows(n, (ph, pw), size_hint)
+        known = None if "no_embed_class" not in args else not args["no_embed_class"]
+        # No config: timm's default table has prefix rows; a square table without them is
+        # no_embed_class (DeiT-III, *_reg4 models). A size hint that fits decides; when both
+        # readings are square, register models read as no_embed_class (all of timm's are).
+        image_size, pos_prefix = layout_from_rows(rows, prefix, (ph, pw), *hints, args.get("img_size"),
+                                                  prefix_rows=known, prefer_prefix=regs == 0)
         pos = "learned"
     else:
         pos = "none"
-        image_size = size_hint or 224
-    act = _ACTS.get(str(args.get("act_layer", "gelu")), "gelu")
+        image_size = next((h for h in (*hints, args.get("img_size")) if h is not None), 224)
+    act = "silu" if swiglu else act_from_args(args, architecture, source, notes)
     heads = guess_heads(dim, args.get("num_heads"), source)
+    extra: dict[str, Any] = {}
+    if swiglu:
+        extra["mlp_layer"] = "swiglu"
+    if "norm_pre.weight" in state:
+        extra["norm_pre"] = True
+    if "patch_embed.proj.bias" not in state:
+        extra["patch_bias"] = False
+    if "head.weight" in state and "head.bias" not in state:
+        extra["head_bias"] = False
+    if dist:
+        extra["dist_token"] = True
+    if "blocks.0.norm1.weight" in state and "blocks.0.norm1.bias" not in state:
+        extra["norm_layer"] = "rmsnorm"
+    # timm's CLIP models (pre_norm=True) use LayerNorm eps 1e-5 (OpenAI's nn.LayerNorm); the rest 1e-6
+    eps = 1e-5 if ("norm_pre.weight" in state or (architecture and "_clip_" in architecture)) else 1e-6
+    if "norm_pre.weight" in state and "act_layer" not in args and not (architecture and "quickgelu" in architecture):
+        notes.append(f"activation {act!r} as timm's vit_*_clip_* models (OpenAI's own weights use QuickGELU: "
+                     "pass act='quick_gelu' for those)")
     return ViTConfig(
         image_size=tuple(image_size) if isinstance(image_size, (list, tuple)) else image_size,
         patch_size=(ph, pw), in_channels=in_ch, num_classes=num_classes, dim=dim, depth=depth,
-        num_heads=heads, mlp_dim=mlp_dim, qkv_bias=qkv_bias, norm_eps=1e-6, act=act, pos_embed=pos,
+        num_heads=heads, mlp_dim=mlp_dim, qkv_bias=qkv_bias, norm_eps=eps, act=act, pos_embed=pos,
         pos_embed_prefix=pos_prefix, pooling=pooling, class_token=class_token, num_registers=regs,
-        fc_norm=fc_norm, head_hidden_dim=head_hidden, head_act="tanh", layer_scale=layer_scale,
+        fc_norm=fc_norm, head_hidden_dim=head_hidden, head_act="tanh", layer_scale=layer_scale, **extra,
     )
 
 
@@ -117,53 +164,106 @@ def convert(path: str | Path, arch: ViTConfig | None = None, hints: dict[str, An
     if meta.get("global_pool") and "global_pool" not in args:
         args["global_pool"] = meta["global_pool"]
     hints = dict(hints or {})
-    if arch is not None:
-        args.setdefault("num_heads", arch.num_heads)
-        args.setdefault("img_size", arch.image_size)
-    elif meta.get("architecture"):
+    architecture = meta.get("architecture")
+    preset = None
+    if architecture:
         try:
-            preset = PRESETS[resolve_name(meta["architecture"])]
-            args.setdefault("num_heads", preset.num_heads)
-            args.setdefault("img_size", preset.image_size)
+            preset = PRESETS[resolve_name(architecture)]
         except ConfigError:
             pass
     if hints.get("num_heads"):
         args["num_heads"] = hints["num_heads"]
+    elif arch is not None:
+        args.setdefault("num_heads", arch.num_heads)
+    elif preset is not None:
+        args.setdefault("num_heads", preset.num_heads)
+    if hints.get("act"):
+        args["act_layer"] = hints["act"]  # the user's word beats the file's (and an unknown name there)
     pcfg = meta.get("pretrained_cfg") or {}
-    if "input_size" in pcfg and "img_size" not in args:
-        args["img_size"] = tuple(pcfg["input_size"][1:])
-    config = infer_config(state, args, str(p))
+    own = (args.get("img_size"), tuple(pcfg["input_size"][1:]) if "input_size" in pcfg else None,
+           preset.image_size if preset is not None else None)
+    args.pop("img_size", None)
+    notes: list[str] = []
+    config = infer_config(state, args, str(p), hints=size_hints(hints, arch, *own), notes=notes,
+                          architecture=architecture)
+    if "norm_eps" in meta:  # written by vitkit's export (timm's model_args cannot hold it)
+        config = config.replace(norm_eps=float(meta["norm_eps"]))
     labels = meta.get("label_names")
     if isinstance(labels, dict):
         labels = [labels[str(i)] for i in range(len(labels))] if all(str(i) in labels for i in range(len(labels))) else None
     info = {"architecture": meta.get("architecture"), "tag": pcfg.get("tag")} if meta else {}
+    c = config  # the family the layout says (informational: the layout itself is what loads)
+    info["family"] = ("deit" if c.dist_token else "siglip" if c.pooling == "map" else "clip" if c.norm_pre
+                      else "dinov2" if (architecture or "").find("dinov2") >= 0 or c.mlp_layer == "swiglu" else None)
     return Converted(config=config, state=state, format="timm", source=str(p), preprocess=_preprocess(pcfg, config),
-                     labels=list(labels) if labels else None, info={k: v for k, v in info.items() if v})
+                     labels=list(labels) if labels else None, notes=notes, info={k: v for k, v in info.items() if v})
 
 
 # --------------------------------------------------------------------------- export
-def to_timm_kwargs(config: ViTConfig) -> dict[str, Any]:
-    """Arguments of ``timm.models.vision_transformer.VisionTransformer`` for this config."""
+def to_timm_kwargs(config: ViTConfig, serializable: bool = False) -> dict[str, Any]:
+    """Arguments of ``timm.models.vision_transformer.VisionTransformer`` (or, with ``dist_token``,
+    ``timm.models.deit.VisionTransformerDistilled``) for this config. ``serializable``: only
+    JSON values (timm's ``model_args``: classes like the norm with its eps come from the
+    architecture name then, see :func:`timm_architecture`)."""
     c = config
     if not c.norm_first or c.pos_embed not in ("learned", "none") or c.head_hidden_dim or c.qk_scale:
         raise ConfigError("this config has no timm VisionTransformer equivalent (post-norm, sin/cos table, "
                           "pre-logits layer or custom qk_scale)")
     if c.act not in ("gelu", "gelu_tanh", "quick_gelu", "relu", "silu"):
         raise ConfigError(f"activation {c.act!r} has no timm equivalent here")
+    norm_pre, patch_bias = getattr(c, "norm_pre", False), getattr(c, "patch_bias", True)
+    if norm_pre == patch_bias:
+        raise ConfigError(f"timm ties the patch bias to pre_norm (bias = not pre_norm); this config has "
+                          f"norm_pre={norm_pre}, patch_bias={patch_bias}")
     import torch.nn as nn
 
-    act = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}.get(c.act)
-    kw = dict(img_size=c.image_hw, patch_size=c.patch_hw, in_chans=c.in_channels, num_classes=c.num_classes,
-              embed_dim=c.dim, depth=c.depth, num_heads=c.num_heads, mlp_ratio=c.hidden_dim / c.dim,
-              qkv_bias=c.qkv_bias, class_token=c.class_token, reg_tokens=c.num_registers,
-              no_embed_class=not c.pos_embed_prefix, init_values=c.layer_scale,
-              global_pool="avg" if c.pooling == "mean" else "token", fc_norm=c.fc_norm,
-              pos_embed="learn" if c.pos_embed == "learned" else "none")
-    if act is not None:
-        kw["act_layer"] = act
-    if c.act == "gelu_tanh":
-        kw["act_layer"] = "gelu_tanh"
+    swiglu = getattr(c, "mlp_layer", "mlp") == "swiglu"
+    pool = {"mean": "avg", "map": "map"}.get(c.pooling, "token")
+    kw: dict[str, Any] = dict(
+        img_size=list(c.image_hw) if serializable else c.image_hw,
+        patch_size=list(c.patch_hw) if serializable else c.patch_hw, in_chans=c.in_channels,
+        num_classes=c.num_classes, embed_dim=c.dim, depth=c.depth, num_heads=c.num_heads,
+        mlp_ratio=(2 if swiglu else 1) * c.hidden_dim / c.dim, qkv_bias=c.qkv_bias, class_token=c.class_token,
+        reg_tokens=c.num_registers, no_embed_class=not c.pos_embed_prefix, init_values=c.layer_scale,
+        global_pool=pool, fc_norm=c.fc_norm, pos_embed="learn" if c.pos_embed == "learned" else "none",
+        pre_norm=norm_pre)
+    if getattr(c, "dynamic_img_size", False):
+        kw["dynamic_img_size"] = True
+    if serializable:
+        if c.act != "gelu":
+            kw["act_layer"] = c.act
+        return kw
+    from functools import partial
+
+    kw["act_layer"] = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}.get(c.act, c.act)
+    if getattr(c, "norm_layer", "layernorm") == "rmsnorm":
+        from timm.layers import RmsNorm
+
+        kw["norm_layer"] = partial(RmsNorm, eps=c.norm_eps)
+    else:
+        kw["norm_layer"] = partial(nn.LayerNorm, eps=c.norm_eps)
+    if swiglu:
+        from timm.layers import SwiGLUPacked
+
+        kw["mlp_layer"] = SwiGLUPacked
     return kw
+
+
+def timm_architecture(config: ViTConfig) -> str:
+    """A timm architecture whose fixed parts (norm eps, MLP type, model class) match this config;
+    ``model_args`` set the sizes. ``timm.create_model(architecture, **model_args)`` rebuilds it."""
+    c = config
+    if c.name and c.name in PRESETS and c.norm_eps == 1e-6:
+        return c.name
+    if getattr(c, "dist_token", False):
+        return "deit_base_distilled_patch16_224"
+    if getattr(c, "mlp_layer", "mlp") == "swiglu":
+        return "vit_giant_patch14_dinov2"
+    if getattr(c, "norm_pre", False):
+        return "vit_base_patch16_clip_quickgelu_224" if c.act == "quick_gelu" else "vit_base_patch16_clip_224"
+    if c.pooling == "map":
+        return "vit_base_patch16_siglip_224"
+    return "vit_base_patch16_224"
 
 
 def export(model, path: str | Path) -> Path:
@@ -174,19 +274,26 @@ def export(model, path: str | Path) -> Path:
 
     c = model.config
     kw = to_timm_kwargs(c)
-    if int(c.hidden_dim) != int(c.dim * kw["mlp_ratio"]):
+    swiglu = getattr(c, "mlp_layer", "mlp") == "swiglu"
+    if int(c.hidden_dim) * (2 if swiglu else 1) != int(c.dim * kw["mlp_ratio"]):
         raise ConfigError(f"mlp_dim {c.hidden_dim} is not reachable by timm's mlp_ratio for dim {c.dim}")
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v for k, v in model.state_dict().items()}
     if c.pos_embed != "learned":
         state.pop("pos_embed", None)
+    for head in ("head", "head_dist"):  # timm heads always have a bias: a zero one is the same map
+        if f"{head}.weight" in state and f"{head}.bias" not in state:
+            state[f"{head}.bias"] = torch.zeros(state[f"{head}.weight"].shape[0])
     pre = model.preprocess_cfg or {}
-    model_args = {k: (list(v) if isinstance(v, tuple) else v) for k, v in kw.items() if k != "act_layer"}
-    if c.act != "gelu":
-        model_args["act_layer"] = c.act
+    model_args = to_timm_kwargs(c, serializable=True)
+    if c.norm_eps != 1e-6 and not getattr(c, "norm_pre", False):
+        log.warning("timm's model_args cannot carry LayerNorm eps %g; timm.create_model(%r, **model_args) uses "
+                    "its architecture's (vitkit reads it back from norm_eps in config.json)", c.norm_eps,
+                    timm_architecture(c))
     meta = {
-        "architecture": "vit_base_patch16_224" if c.name is None else c.name,
+        "architecture": timm_architecture(c),
+        "norm_eps": c.norm_eps,
         "num_classes": c.num_classes,
         "num_features": c.dim,
         "global_pool": model_args["global_pool"],

@@ -19,22 +19,26 @@ import torch
 from ..config import ViTConfig
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ..errors import CheckpointError, ConfigError
-from .common import Converted, grid_from_rows, guess_heads, read_state_dict, rename
+from .common import Converted, family_parts, grid_from_rows, guess_heads, read_state_dict, size_hints
+from .table import RenameTable
 
-_RULES = [
-    (r"class_token", "cls_token"),
-    (r"conv_proj\.(weight|bias)", r"patch_embed.proj.\1"),
-    (r"encoder\.pos_embedding", "pos_embed"),
-    (r"encoder\.layers\.encoder_layer_(\d+)\.ln_1\.(weight|bias)", r"blocks.\1.norm1.\2"),
-    (r"encoder\.layers\.encoder_layer_(\d+)\.ln_2\.(weight|bias)", r"blocks.\1.norm2.\2"),
-    (r"encoder\.layers\.encoder_layer_(\d+)\.self_attention\.in_proj_(weight|bias)", r"blocks.\1.attn.qkv.\2"),
-    (r"encoder\.layers\.encoder_layer_(\d+)\.self_attention\.out_proj\.(weight|bias)", r"blocks.\1.attn.proj.\2"),
-    (r"encoder\.layers\.encoder_layer_(\d+)\.mlp\.(?:0|linear_1)\.(weight|bias)", r"blocks.\1.mlp.fc1.\2"),
-    (r"encoder\.layers\.encoder_layer_(\d+)\.mlp\.(?:3|linear_2)\.(weight|bias)", r"blocks.\1.mlp.fc2.\2"),
-    (r"encoder\.ln\.(weight|bias)", r"norm.\1"),
-    (r"heads\.pre_logits\.(weight|bias)", r"pre_logits.fc.\1"),
-    (r"heads\.head\.(weight|bias)", r"head.\1"),
-]
+# one table, both directions (vitkit name, torchvision name); the first spelling is what export writes
+TABLE = RenameTable([
+    ("cls_token", "class_token"),
+    ("patch_embed.proj.{p}", "conv_proj.{p}"),
+    ("pos_embed", "encoder.pos_embedding"),
+    ("blocks.{i}.norm1.{p}", "encoder.layers.encoder_layer_{i}.ln_1.{p}"),
+    ("blocks.{i}.norm2.{p}", "encoder.layers.encoder_layer_{i}.ln_2.{p}"),
+    ("blocks.{i}.attn.qkv.{p}", "encoder.layers.encoder_layer_{i}.self_attention.in_proj_{p}"),
+    ("blocks.{i}.attn.proj.{p}", "encoder.layers.encoder_layer_{i}.self_attention.out_proj.{p}"),
+    ("blocks.{i}.mlp.fc1.{p}", "encoder.layers.encoder_layer_{i}.mlp.0.{p}"),
+    ("blocks.{i}.mlp.fc2.{p}", "encoder.layers.encoder_layer_{i}.mlp.3.{p}"),
+    ("blocks.{i}.mlp.fc1.{p}", "encoder.layers.encoder_layer_{i}.mlp.linear_1.{p}"),  # older torchvision
+    ("blocks.{i}.mlp.fc2.{p}", "encoder.layers.encoder_layer_{i}.mlp.linear_2.{p}"),
+    ("norm.{p}", "encoder.ln.{p}"),
+    ("pre_logits.fc.{p}", "heads.pre_logits.{p}"),
+    ("head.{p}", "heads.head.{p}"),
+])
 
 
 def looks_like_torchvision(keys) -> bool:
@@ -44,14 +48,13 @@ def looks_like_torchvision(keys) -> bool:
 def convert(path: str | Path, arch: ViTConfig | None = None, hints: dict[str, Any] | None = None) -> Converted:
     p = Path(path)
     raw = read_state_dict(p)
-    state, unmatched = rename(raw, _RULES)
+    state, unmatched = TABLE.to_vitkit(raw)
     if "patch_embed.proj.weight" not in state:
         raise CheckpointError(f"{p}: no conv_proj.weight; not a torchvision ViT state dict")
     dim, in_ch, ph, pw = state["patch_embed.proj.weight"].shape
     depth = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k)))
     rows = state["pos_embed"].shape[1]
-    size_hint = (hints or {}).get("image_size") or (arch.image_size if arch is not None else None)
-    image = grid_from_rows(rows - 1, (ph, pw), size_hint)
+    image = grid_from_rows(rows - 1, (ph, pw), *size_hints(hints, arch))
     heads = guess_heads(dim, (hints or {}).get("num_heads") or (arch.num_heads if arch else None), str(p))
     config = ViTConfig(
         image_size=image if image[0] != image[1] else image[0], patch_size=(ph, pw), in_channels=in_ch,
@@ -73,26 +76,11 @@ def export_state_dict(model) -> dict[str, torch.Tensor]:
     """The model's weights in torchvision's names (for ``torchvision.models.VisionTransformer``)."""
     c = model.config
     if (not c.norm_first or c.pooling != "cls" or c.num_registers or c.layer_scale is not None or c.fc_norm
-            or c.act != "gelu" or not c.qkv_bias or c.image_hw[0] != c.image_hw[1] or c.pos_embed != "learned"):
-        raise ConfigError("this config has no torchvision VisionTransformer equivalent")
-    inverse = {"cls_token": "class_token", "patch_embed.proj": "conv_proj", "pos_embed": "encoder.pos_embedding",
-               "norm": "encoder.ln", "pre_logits.fc": "heads.pre_logits", "head": "heads.head"}
-    out = {}
-    for k, v in model.state_dict().items():
-        m = re.fullmatch(r"blocks\.(\d+)\.(.*)", k)
-        if m:
-            sub = {"norm1": "ln_1", "norm2": "ln_2", "attn.qkv.weight": "self_attention.in_proj_weight",
-                   "attn.qkv.bias": "self_attention.in_proj_bias", "attn.proj": "self_attention.out_proj",
-                   "mlp.fc1": "mlp.0", "mlp.fc2": "mlp.3"}
-            rest = m.group(2)
-            for a, b in sub.items():
-                if rest.startswith(a):
-                    rest = b + rest[len(a):]
-                    break
-            out[f"encoder.layers.encoder_layer_{m.group(1)}.{rest}"] = v
-            continue
-        for a, b in inverse.items():
-            if k == a or k.startswith(a + "."):
-                out[b + k[len(a):]] = v
-                break
+            or c.act != "gelu" or not c.qkv_bias or c.image_hw[0] != c.image_hw[1] or c.pos_embed != "learned"
+            or family_parts(c)):
+        raise ConfigError("this config has no torchvision VisionTransformer equivalent (torchvision's ViT is "
+                          f"square, class-token pooled, exact GELU, none of {family_parts(c) or 'the family parts'})")
+    out, left = TABLE.from_vitkit(dict(model.state_dict()))
+    if left:
+        raise ConfigError(f"torchvision's ViT has no names for {left}")
     return out

@@ -11,6 +11,8 @@ Maps are numpy arrays; figures are matplotlib Figures on the Agg canvas (no pypl
     sim = viz.posemb_similarity(model)                       # (gh, gw, gh, gw)
     comps, ratio = viz.embedding_filters(model, k=28)        # (k, ph, pw, C)
     ex = viz.explain(model, "digits:0"); viz.write_report(ex, "explain_out")
+    viz.write_explore(model, "digits:0", "explain_out")      # explore.html, the interactive page
+    logits, A, classes, R = viz.attention_with_relevance(model, x, topk=3)  # Chefer et al. 2021
 """
 
 from .attention import (
@@ -25,6 +27,8 @@ from .attention import (
     rollout,
     rollout_map,
 )
+from .attribution import attention_with_relevance, relevance_map
+from .explore import explore, explore_data, render_explore, write_explore
 from .figures import (
     attention_figure,
     distance_figure,
@@ -48,4 +52,5 @@ __all__ = [
     "distance_figure", "filters_figure", "patch_grid_figure", "posemb_figure", "predictions_figure",
     "rollout_figure", "to_png", "token_figure", "upsample", "embedding_filters", "display_image",
     "patch_tokens", "posemb_similarity", "Explanation", "explain", "render_html", "write_report",
+    "attention_with_relevance", "relevance_map", "explore", "explore_data", "render_explore", "write_explore",
 ]

@@ -1,0 +1,48 @@
+"""The ViT families vitkit loads exactly, as data: where each ships, hub ids to try on a connected
+machine, and what ``model(x)`` returns. ``vitkit models --families`` prints this table;
+docs/weights.md explains it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    sources: tuple[str, ...]  # "format: what" (format names from vitkit.interop.formats)
+    hub_ids: tuple[str, ...]
+    returns: str  # what model(x) is
+    preprocess: str
+
+
+FAMILIES: tuple[Family, ...] = (
+    Family("vit", ("timm: vit_*", "hf: ViTModel, ViTForImageClassification", "torchvision: vit_*",
+                   "jax: vision_transformer / big_vision .npz"),
+           ("google/vit-base-patch16-224", "timm/vit_base_patch16_224.augreg2_in21k_ft_in1k"),
+           "logits (or pooled features without a head)", "per checkpoint (0.5/0.5 for Google/HF ViT)"),
+    Family("deit", ("timm: deit_*, deit3_*, deit_*_distilled_*",
+                    "hf: DeiTForImageClassificationWithTeacher, DeiTModel"),
+           ("facebook/deit-base-distilled-patch16-224", "timm/deit3_small_patch16_224.fb_in1k"),
+           "logits; distilled: (head(cls) + head_dist(dist)) / 2",
+           "ImageNet mean/std, bicubic resize 256, centre crop 224"),
+    Family("dinov2", ("hf: Dinov2Model, Dinov2WithRegistersModel", "timm: vit_*_patch14_dinov2, *_reg4_dinov2",
+                      "dinov2: facebookresearch/dinov2 hub state dicts"),
+           ("facebook/dinov2-small", "facebook/dinov2-with-registers-small", "timm/vit_small_patch14_reg4_dinov2.lvd142m"),
+           "class token after the final norm (HF pooler_output, x_norm_clstoken)",
+           "ImageNet mean/std, bicubic, centre crop 0.875"),
+    Family("clip", ("hf: CLIPVisionModel, CLIPVisionModelWithProjection, CLIPModel (image tower)",
+                    "openai_clip: OpenAI / OpenCLIP state dicts (visual.*)", "timm: vit_*_clip_*"),
+           ("openai/clip-vit-base-patch16", "openai/clip-vit-large-patch14", "timm/vit_base_patch16_clip_224.openai"),
+           "projected image embedding (get_image_features; not L2-normalised); pooler_output without projection",
+           "OpenAI CLIP mean/std, bicubic resize of the short side, centre crop"),
+    Family("siglip", ("hf: SiglipVisionModel, SiglipModel (image tower; SigLIP2 fixed-res too)",
+                      "jax: big_vision .npz (params/img/..., MAPHead_0)", "timm: vit_*_siglip_*"),
+           ("google/siglip-base-patch16-224", "google/siglip2-base-patch16-224", "timm/vit_base_patch16_siglip_224.webli"),
+           "attention-pooled output (pooler_output / get_image_features)", "mean = std = 0.5, resize to the size"),
+)
+
+
+def families_table() -> list[dict[str, str | list[str]]]:
+    return [{"family": f.name, "sources": list(f.sources), "hub_ids": list(f.hub_ids), "returns": f.returns,
+             "preprocess": f.preprocess} for f in FAMILIES]
