@@ -178,9 +178,14 @@ def load_pretrained(source: str, data: DataSplits, **overrides):
 
 
 class _InitHolder(torch.nn.Module):
-    """Gives ViT.init_weights a module tree holding only the new head (it reads these three)."""
+    """Gives ViT.init_weights a module tree holding only the new head: every optional part it looks
+    for (tokens, position table, attention pooling...) is absent (None)."""
 
-    cls_token = reg_token = pos_embed = None
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return None
 
 
 def check_tokens(model, say) -> None:
