@@ -217,6 +217,9 @@ def close_all_loaders() -> None:
     """Stop the workers of every live vitkit loader. Call it when a worker died outside the loader's
     own ``next()`` (torch then raises "DataLoader worker ... killed" from its SIGCHLD handler wherever
     the process is): every dead worker left registered would raise that again, later, anywhere."""
+    import gc
+
+    gc.collect()  # loaders no longer referenced but not yet collected (cycles): their __del__ stops them
     for loader in list(_LOADERS):
         loader.close()
 
