@@ -214,9 +214,9 @@ def test_a_dead_worker_leaves_the_last_checkpoint_resumable(tmp_path):
     train(_folder_cfg(data, ref), log=lambda *a: None)
 
     def kill_workers(st):
-        if st.step == 4:
-            for child in multiprocessing.active_children():
-                os.kill(child.pid, signal.SIGKILL)
+        if st.step == 4:  # one worker of the training loader: the oldest child (the eval loader's start later)
+            victim = min(multiprocessing.active_children(), key=lambda c: c.pid)
+            os.kill(victim.pid, signal.SIGKILL)
             time.sleep(0.5)  # let the loader notice
 
     from vitkit.data import DataWorkerError
