@@ -10,13 +10,29 @@ import pytest
 import torch
 from PIL import Image
 
-from vitkit.data.datasets import build_datasets, load_batch, stratified_split
+from vitkit.data import DataSpec
+from vitkit.data.datasets import build_data, stratified_split
 from vitkit.errors import ConfigError, InputError
-from vitkit.train.config import TrainConfig
 
 
 def cfg(**kw):
-    return TrainConfig(progress=False, **kw)
+    return DataSpec(**kw)
+
+
+def build_datasets(spec):
+    return build_data(spec)
+
+
+def load_batch(ds, indices):
+    """(x in [0, 1], y) of ``indices`` through the evaluation loader (workers decode)."""
+    from vitkit.data.augment import SamplePipeline
+    from vitkit.data.loader import EpochDataset
+
+    pipe = SamplePipeline(ds.image_hw, ds.mean, ds.std, normalize=False)
+    x, y, skipped, fatal, _ = EpochDataset(ds, pipe, 0, ds.skip_bad, False).__getitems__([(0, i) for i in indices])
+    if fatal:
+        raise InputError(fatal)
+    return x, y
 
 
 def test_digits_split_is_fixed_stratified_disjoint_and_scaled():
@@ -25,12 +41,12 @@ def test_digits_split_is_fixed_stratified_disjoint_and_scaled():
     d = build_datasets(cfg())
     sizes = [len(d.train), len(d.val), len(d.test)]
     assert sum(sizes) == 1797 and 340 <= sizes[2] <= 380  # ~20 % test
-    x, y = d.test.get_batch(list(range(len(d.test))))
+    x, y = d.test.read_batch(list(range(len(d.test))))
     assert x.shape[1:] == (1, 8, 8) and 0 <= x.min() and x.max() <= 1
     # every test image is a real digit scaled by 1/16, and no image is in two splits
     ref = load_digits()
     keys = {tuple(np.round(im.ravel() / 16, 5)) for im in ref.images}
-    sets = [{tuple(np.round(v.ravel().numpy(), 5)) for v in ds.get_batch(list(range(len(ds))))[0]}
+    sets = [{tuple(np.round(v.ravel().numpy(), 5)) for v in ds.read_batch(list(range(len(ds))))[0]}
             for ds in (d.train, d.val, d.test)]
     assert sets[2] <= keys
     assert not (sets[0] & sets[2]) or len(sets[0] & sets[2]) < 5  # sklearn digits has a few exact duplicates
@@ -38,7 +54,7 @@ def test_digits_split_is_fixed_stratified_disjoint_and_scaled():
     assert counts.min() >= 33 and counts.max() <= 38  # stratified: ~36 per class
     assert torch.equal(build_datasets(cfg(seed=5)).test.targets, d.test.targets)  # split does not move with seed
     assert torch.equal(build_datasets(cfg(image_size=16)).test.targets, d.test.targets)
-    assert build_datasets(cfg(image_size=16)).test.get_batch([0])[0].shape == (1, 1, 16, 16)
+    assert build_datasets(cfg(image_size=16)).test.read_batch([0])[0].shape == (1, 1, 16, 16)
 
 
 def test_stratified_split_proportions():
@@ -67,7 +83,7 @@ def test_mnist_from_idx_files_and_missing_files_message(tmp_path):
         _idx(raw / f"{prefix}-labels-idx1-ubyte", labels[:n])
     d = build_datasets(cfg(dataset="mnist", data_dir=str(tmp_path), val_fraction=0.25))
     assert (len(d.train), len(d.val), len(d.test), d.num_outputs, d.in_channels) == (30, 10, 20, 10, 1)
-    x, y = d.test.get_batch([3])
+    x, y = d.test.read_batch([3])
     np.testing.assert_allclose(x[0, 0].numpy(), imgs[3] / 255.0, atol=1e-6)
     assert int(y[0]) == 3 and d.hflip_ok is False
 
@@ -92,7 +108,7 @@ def test_cifar10_python_batches_and_label_range(tmp_path):
     _cifar_files(tmp_path / "ok", [i % 10 for i in range(50)])
     d = build_datasets(cfg(dataset="cifar10", data_dir=str(tmp_path / "ok")))
     assert (len(d.train) + len(d.val), len(d.test), d.in_channels, d.classes[2]) == (50, 6, 3, "c2")
-    assert torch.allclose(d.test.get_batch([0])[0], torch.full((1, 3, 32, 32), 7 / 255))
+    assert torch.allclose(d.test.read_batch([0])[0], torch.full((1, 3, 32, 32), 7 / 255))
     _cifar_files(tmp_path / "bad", [i % 10 for i in range(45)] + [12] * 5)
     with pytest.raises(InputError, match=r"outside the class range 0..9: \[12\]"):
         build_datasets(cfg(dataset="cifar10", data_dir=str(tmp_path / "bad")))
@@ -126,7 +142,7 @@ def _imagefolder(root, n=3, bad=False):
 
 def test_imagefolder_and_bad_image_stop_or_skip(tmp_path):
     _imagefolder(tmp_path, bad=True)
-    d = build_datasets(cfg(dataset="imagefolder", data_dir=str(tmp_path), image_size=16, augment=False))
+    d = build_datasets(cfg(dataset="imagefolder", data_dir=str(tmp_path), image_size=16))
     assert d.classes == ["cat", "dog"] and len(d.train) == 7 and d.test is d.test and len(d.val) == 6
     x, y = load_batch(d.val, [0, 5])
     assert x.shape == (2, 3, 16, 16) and y.tolist() == [0, 1]

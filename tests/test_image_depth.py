@@ -52,15 +52,14 @@ def test_to_uint8_on_torchvision_uint16_decode_matches_load_image(tmp_path):
 
 
 def test_imagefolder_training_reads_16bit_images_scaled(tmp_path):
-    from vitkit.data.datasets import build_datasets
-    from vitkit.train.config import TrainConfig
+    from vitkit.data import DataSpec, build_data, make_loader
 
     for c in ("a", "b"):
         (tmp_path / "train" / c).mkdir(parents=True)
         for i in range(4):
             v = _gradient16(tmp_path / "train" / c / f"{i}.png", n=8)
-    data = build_datasets(TrainConfig(dataset="imagefolder", data_dir=str(tmp_path), image_size=8,
-                                      val_fraction=0.5, augment=False))
-    x = data.train[0][0]  # (C, 8, 8) float in [0, 1], no resize at the native size
+    data = build_data(DataSpec(dataset="imagefolder", data_dir=str(tmp_path), image_size=8, val_fraction=0.5))
+    x, _ = next(iter(make_loader(data.train, batch_size=1, train=False, workers=0, normalize=False)))
+    x = x[0]  # (C, 8, 8) float in [0, 1] as training reads it (decoded by the loader), no resize at the native size
     want = torch.from_numpy(_expect(v)).float() / 255
     torch.testing.assert_close(x[0], want, atol=1e-6, rtol=0)

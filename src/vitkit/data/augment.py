@@ -7,14 +7,16 @@ Two kinds:
   ``torch.Generator`` seeded from (seed, step) and are drawn for the *global* batch, so a resumed
   run and an N-process DDP run see exactly the same augmentation as one uninterrupted process.
   This is what the digits recipe uses: small affine jitter, never flips (a flipped 2 is not a 2).
-* Per-sample torchvision v2 transforms (RandomResizedCrop, RandAugment / TrivialAugment,
-  RandomErasing) and batch MixUp / CutMix (``torchvision.transforms.v2.MixUp`` / ``CutMix``), which
-  draw from torch's global RNG (saved and restored with the training state).
+* Per-sample torchvision v2 transforms (RandomResizedCrop, flip, RandAugment / TrivialAugment,
+  RandomErasing: :class:`AugmentSpec`, :class:`SamplePipeline`), run in the loader's workers under
+  a seed per (seed, epoch, sample index); batch MixUp / CutMix (``torchvision.transforms.v2.MixUp``
+  / ``CutMix``) on the device, from torch's global RNG (saved and restored with the training state).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -48,19 +50,6 @@ def apply_affine(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     return F.grid_sample(x, grid.to(x.device), mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
-def per_sample_transform(cfg, image_hw: tuple[int, int]):
-    """v2 transforms applied image by image on float [0, 1] tensors, or None if nothing is on."""
-    ops = []
-    if cfg.random_resized_crop:
-        ops.append(T.RandomResizedCrop(image_hw, scale=(0.35, 1.0), antialias=True))
-    if cfg.auto_augment != "none":
-        aa = T.RandAugment() if cfg.auto_augment == "randaugment" else T.TrivialAugmentWide()
-        ops += [T.ToDtype(torch.uint8, scale=True), aa, T.ToDtype(torch.float32, scale=True)]
-    if cfg.random_erasing > 0:
-        ops.append(T.RandomErasing(p=cfg.random_erasing, value=0))
-    return T.Compose(ops) if ops else None
-
-
 def mix_transform(cfg, num_classes: int):
     """MixUp / CutMix (one of them per batch) on (images, int labels) -> (images, soft labels)."""
     ops = []
@@ -71,3 +60,114 @@ def mix_transform(cfg, num_classes: int):
     if not ops:
         return None
     return ops[0] if len(ops) == 1 else T.RandomChoice(ops)
+
+
+# --------------------------------------------------------------------------- per-sample, in workers
+@dataclass
+class AugmentSpec:
+    """Per-sample training augmentation, run in the DataLoader workers on uint8 images.
+
+    Order: crop / resize first (on uint8, the cheap size), flip, RandAugment / TrivialAugment
+    (uint8 ops), then float + normalise, then RandomErasing (on the normalised image, so erased
+    pixels are the mean colour, as timm does)."""
+
+    random_resized_crop: bool = False
+    rrc_scale: tuple[float, float] = (0.35, 1.0)
+    hflip: bool = False
+    auto_augment: str = "none"  # none | randaugment | trivialaugment
+    random_erasing: float = 0.0
+
+    @classmethod
+    def from_config(cls, cfg, hflip_ok: bool) -> AugmentSpec | None:
+        """From a TrainConfig-like object; None when ``cfg.augment`` is off. ``hflip_ok``: the
+        dataset's own answer to "does a mirrored image keep its label" (used when hflip is auto)."""
+        if not getattr(cfg, "augment", True):
+            return None
+        hflip = getattr(cfg, "hflip", "auto")
+        return cls(random_resized_crop=bool(getattr(cfg, "random_resized_crop", False)),
+                   hflip=hflip == "on" or (hflip == "auto" and hflip_ok),
+                   auto_augment=getattr(cfg, "auto_augment", "none"),
+                   random_erasing=float(getattr(cfg, "random_erasing", 0.0)))
+
+    @property
+    def per_sample(self) -> bool:
+        return (self.random_resized_crop or self.hflip or self.auto_augment != "none"
+                or self.random_erasing > 0)
+
+
+def _channels_last(x: torch.Tensor) -> torch.Tensor:
+    """(C, H, W) with channels-last storage: torch's uint8 antialiased resize is ~3x faster on it (a
+    decoded image already is; a crop of one is a strided view and is not)."""
+    return x.unsqueeze(0).contiguous(memory_format=torch.channels_last)[0]
+
+
+class _RandomResizedCrop(T.RandomResizedCrop):
+    """torchvision's RandomResizedCrop (its own crop sampling), with the crop made channels-last
+    contiguous before the resize: same pixels, ~3x faster on uint8 (measured 1.9 -> 0.6 ms at 224)."""
+
+    def transform(self, inpt, params):
+        x = T.functional.crop(inpt, params["top"], params["left"], params["height"], params["width"])
+        return T.functional.resize(_channels_last(x), self.size, interpolation=self.interpolation,
+                                   antialias=self.antialias)
+
+
+class _Resize(T.Resize):
+    def transform(self, inpt, params):
+        return super().transform(_channels_last(inpt), params)
+
+
+class SamplePipeline:
+    """The loader's image pipeline, in two halves so the float work is one vectorised op per batch:
+
+    * ``sample(img)``: per image, on uint8 (or the float [0, 1] of an in-memory dataset): crop /
+      resize to ``image_hw`` (RandomResizedCrop when training asks, else a straight resize: the run's
+      preprocessing has crop_pct 1.0, so ``vitkit predict`` sees the same pixels), flip,
+      RandAugment / TrivialAugment (uint8 ops); returns a contiguous (C, H, W) tensor.
+    * ``batch(images, seeds)``: stack, to float32 in [0, 1], normalise (when asked), then
+      RandomErasing per image (on the normalised image: erased pixels are the mean colour, as timm
+      does), each under its own seed.
+    """
+
+    def __init__(self, image_hw, mean, std, augment: AugmentSpec | None = None, normalize: bool = True):
+        ops: list = []
+        if augment is not None and augment.random_resized_crop:
+            ops.append(_RandomResizedCrop(image_hw, scale=augment.rrc_scale, antialias=True))
+        else:
+            ops.append(_Resize(image_hw, antialias=True))
+        if augment is not None and augment.hflip:
+            ops.append(T.RandomHorizontalFlip())
+        if augment is not None and augment.auto_augment != "none":
+            aa = T.RandAugment() if augment.auto_augment == "randaugment" else T.TrivialAugmentWide()
+            ops += [T.ToDtype(torch.uint8, scale=True), aa]
+        self.per_sample = T.Compose(ops)
+        self.mean = torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1) if normalize else None
+        self.std = torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1) if normalize else None
+        p = augment.random_erasing if augment is not None else 0.0
+        self.erasing = T.RandomErasing(p=p, value=0) if p > 0 else None
+
+    @classmethod
+    def from_preprocess(cls, preprocess) -> SamplePipeline:
+        """A model's own preprocessing (``model.preprocess_cfg``: resize / center crop / interpolation
+        / mean / std) per image, exactly what ``vitkit predict`` applies (``eval_transform``)."""
+        from .transforms import eval_transform
+
+        pipe = cls((1, 1), [0.0], [1.0], None, normalize=False)
+        pipe.per_sample = eval_transform(preprocess)  # ends normalised float: batch() only stacks
+        return pipe
+
+    def sample(self, img: torch.Tensor) -> torch.Tensor:
+        return self.per_sample(img).contiguous()
+
+    def batch(self, images: list[torch.Tensor], seeds: list[int]) -> torch.Tensor:
+        x = torch.stack(images)  # (B, C, H, W), uint8 (or float in [0, 1])
+        scale = 1.0 / 255.0 if x.dtype == torch.uint8 else 1.0
+        x = x.to(torch.float32)
+        if self.mean is not None:  # (x * scale - mean) / std as one multiply-add pass
+            x = torch.addcmul(-self.mean / self.std, x, scale / self.std)
+        elif scale != 1.0:
+            x.mul_(scale)
+        if self.erasing is not None:
+            for k, s in enumerate(seeds):
+                torch.default_generator.manual_seed((s + 1) % (1 << 63))
+                x[k] = self.erasing(x[k])
+        return x

@@ -4,10 +4,11 @@ torchrun sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT; we ini
 process group from them (gloo on CPU, nccl on CUDA). Only rank 0 logs and writes files; metric
 sums are all-reduced so every rank sees the global numbers.
 
-Data sharding: every rank draws the same seeded permutation and the same global batches, and
-rank r takes its contiguous slice of each global batch (what ``DistributedSampler`` does per
-epoch, but batch-aligned). So N processes with global batch B see exactly the samples a single
-process with batch B sees, and DDP's gradient average equals the single-process batch mean.
+Data sharding lives in the loader (:func:`vitkit.data.make_loader`): every rank draws the same seeded
+permutation and the same global batches, and rank r takes its contiguous slice of each global batch
+(what ``DistributedSampler`` does per epoch, but batch-aligned). So N processes with global batch B
+see exactly the samples a single process with batch B sees, and DDP's gradient average equals the
+single-process batch mean.
 """
 
 from __future__ import annotations
@@ -46,16 +47,6 @@ def init_distributed(device_type: str) -> DistInfo:
             torch.cuda.set_device(local)
         dist.init_process_group(backend=backend)
     return DistInfo(rank=rank, world_size=world, local_rank=local)
-
-
-def shard(batch_indices: list[int], info: DistInfo) -> list[int]:
-    """Rank's contiguous slice of one global batch (sizes differ by at most one)."""
-    if not info.enabled:
-        return batch_indices
-    n = len(batch_indices)
-    per, extra = divmod(n, info.world_size)
-    start = info.rank * per + min(info.rank, extra)
-    return batch_indices[start:start + per + (1 if info.rank < extra else 0)]
 
 
 def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:

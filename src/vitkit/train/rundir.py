@@ -101,6 +101,7 @@ def claim_run_dir(path: str | Path | None, *, overwrite: bool = False, resume: b
 
     lock_path = path / LOCK_NAME
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    _HELD.add(fd)
     ok = False
     try:
         if fcntl is not None:
@@ -120,9 +121,27 @@ def claim_run_dir(path: str | Path | None, *, overwrite: bool = False, resume: b
         ok = True
         yield path
     finally:
-        os.close(fd)  # releases the flock
+        _HELD.discard(fd)
+        os.close(fd)  # releases the flock (forked children closed their copies: _close_held_in_child)
         if not ok or created:
             _remove_if_unused(path, created)
+
+
+# A forked child (a DataLoader worker) inherits the lock's file descriptor, and flock holds until every
+# descriptor of the open file is closed: persistent workers that outlive an interrupted run (until
+# their loader is collected) would keep its directory "in use" by a dead run. Children close them.
+_HELD: set[int] = set()
+
+
+def _close_held_in_child() -> None:
+    for fd in list(_HELD):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_held_in_child)
 
 
 def _check_new(path: Path, overwrite: bool) -> None:

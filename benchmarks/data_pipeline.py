@@ -1,0 +1,225 @@
+"""Data-pipeline benchmark (issue 10 section 9): JPEG folder -> batches, and training from it.
+
+Writes its own synthetic photo-sized JPEG folder (seeded), then in one run reports:
+
+1. Loader throughput (images/s), for each --workers value: vitkit's ``make_loader`` vs torchvision
+   ``ImageFolder`` + ``DataLoader`` vs timm ``create_loader``, all with RandomResizedCrop 224
+   (scale 0.08-1) + horizontal flip + normalise, batch 64, persistent workers. Rounds alternate the
+   three loaders; the ratio vs torchvision is the median of the per-round ratios (with its range).
+2. Training throughput of a small ViT (ViT-S width, 4 blocks, patch 16 at 224) from the JPEG folder
+   (vitkit loader, --train-workers, default vitkit's own default: cores - 1) vs the same model fed
+   in-memory tensors of the same shape: the goal is >= 0.9x. On a CPU the loader's workers share
+   the cores with the model, so the ratio says how much of the machine decoding takes.
+
+Goals (issue 10): loader >= 1.0x torchvision at equal workers; file-data training >= 0.9x in memory.
+
+    PYTHONPATH=src python benchmarks/data_pipeline.py                 # ~3-4 min on 2 idle cores
+    PYTHONPATH=src python benchmarks/data_pipeline.py --tiny          # sanity run, ~30 s
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def write_jpegs(root: Path, n: int, w: int, h: int, classes: int = 10, seed: int = 0) -> Path:
+    """Photo-like JPEGs (smooth gradients + blobs + noise, quality 90), ``classes`` folders."""
+    from PIL import Image
+
+    rng = np.random.RandomState(seed)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    for i in range(n):
+        d = root / "train" / f"c{i % classes}"
+        d.mkdir(parents=True, exist_ok=True)
+        base = np.stack([np.sin(xx / rng.uniform(20, 80) + rng.uniform(0, 6)) * 80 + 120,
+                         np.cos(yy / rng.uniform(20, 80) + rng.uniform(0, 6)) * 80 + 120,
+                         (xx + yy) / (w + h) * 200 + rng.uniform(0, 40)], -1)
+        cx, cy, r = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(20, 100)
+        base[(xx - cx) ** 2 + (yy - cy) ** 2 < r * r] *= 0.4
+        img = np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(img).save(d / f"{i:05d}.jpg", quality=90)
+    return root
+
+
+# --------------------------------------------------------------------------- the three loaders
+def vitkit_loader(root: Path, workers: int, batch: int, size: int):
+    from vitkit.data import AugmentSpec, DataSpec, build_data, make_loader
+
+    data = build_data(DataSpec(dataset="imagefolder", data_dir=str(root), image_size=size, val_fraction=0.01))
+    aug = AugmentSpec(random_resized_crop=True, rrc_scale=(0.08, 1.0), hflip=True)
+    return make_loader(data.train, batch_size=batch, train=True, seed=0, workers=workers, augment=aug,
+                       mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+
+
+def torchvision_loader(root: Path, workers: int, batch: int, size: int):
+    from torchvision import datasets, transforms
+
+    tf = transforms.Compose([transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(),
+                             transforms.ToTensor(),
+                             transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    ds = datasets.ImageFolder(str(root / "train"), transform=tf)
+    return torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True,
+                                       persistent_workers=workers > 0, prefetch_factor=4 if workers else None)
+
+
+def timm_loader(root: Path, workers: int, batch: int, size: int):
+    from timm.data import create_dataset, create_loader
+
+    ds = create_dataset("", root=str(root / "train"), is_training=True)
+    return create_loader(ds, input_size=(3, size, size), batch_size=batch, is_training=True, scale=(0.08, 1.0),
+                         hflip=0.5, color_jitter=0.0, re_prob=0.0, num_workers=workers, use_prefetcher=False,
+                         persistent_workers=workers > 0, device=torch.device("cpu"))
+
+
+def timed(loader, batches: int) -> float:
+    """images/s over ``batches`` batches, after the first batch of a fresh epoch (pipeline full)."""
+    it = iter(loader)
+    next(it)
+    n, t0 = 0, time.perf_counter()
+    for _ in range(batches):
+        x, _ = next(it)
+        n += len(x)
+    dt = time.perf_counter() - t0
+    del it
+    return n / dt
+
+
+def bench_loaders(root, workers_list, rounds, batches, batch, size):
+    rows = []
+    for w in workers_list:
+        loaders = {"vitkit": vitkit_loader(root, w, batch, size), "torchvision": torchvision_loader(root, w, batch, size),
+                   "timm": timm_loader(root, w, batch, size)}
+        for ld in loaders.values():  # start persistent workers, warm caches
+            timed(ld, 1)
+        res = {k: [] for k in loaders}
+        for r in range(rounds):
+            order = list(loaders) if r % 2 == 0 else list(reversed(loaders))  # alternate who goes first
+            for k in order:
+                res[k].append(timed(loaders[k], batches))
+        ratio = [a / b for a, b in zip(res["vitkit"], res["torchvision"])]
+        ratio_timm = [a / b for a, b in zip(res["vitkit"], res["timm"])]
+        row = {"workers": w, **{f"{k}_img_s": round(statistics.median(v), 1) for k, v in res.items()},
+               "ratio_vs_torchvision": round(statistics.median(ratio), 3),
+               "ratio_range": [round(min(ratio), 3), round(max(ratio), 3)],
+               "ratio_vs_timm": round(statistics.median(ratio_timm), 3)}
+        rows.append(row)
+        print(f"workers {w}: vitkit {row['vitkit_img_s']:.0f} img/s  torchvision {row['torchvision_img_s']:.0f}  "
+              f"timm {row['timm_img_s']:.0f}  |  vitkit/torchvision {row['ratio_vs_torchvision']:.3f} "
+              f"(rounds {row['ratio_range'][0]:.3f}-{row['ratio_range'][1]:.3f})  vitkit/timm "
+              f"{row['ratio_vs_timm']:.3f}", flush=True)
+        del loaders
+    return rows
+
+
+# --------------------------------------------------------------------------- training: files vs memory
+def bench_training(root, workers, rounds, steps, batch, size, dim, depth):
+    from vitkit import ViT, ViTConfig
+    from vitkit.data import AugmentSpec, DataSpec, build_data, make_loader
+
+    torch.manual_seed(0)
+    model = ViT(ViTConfig(image_size=size, patch_size=16, in_channels=3, num_classes=10, dim=dim, depth=depth,
+                          num_heads=max(1, dim // 64), mlp_dim=dim * 4)).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    data = build_data(DataSpec(dataset="imagefolder", data_dir=str(root), image_size=size, val_fraction=0.01))
+    aug = AugmentSpec(random_resized_crop=True, rrc_scale=(0.08, 1.0), hflip=True)
+    loader = make_loader(data.train, batch_size=batch, train=True, seed=0, workers=workers, augment=aug)
+    mem_x = torch.randn(batch, 3, size, size)
+    mem_y = torch.randint(0, 10, (batch,))
+
+    def step(x, y):
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def from_files(epoch):
+        loader.set_epoch(epoch)
+        it = iter(loader)
+        step(*next(it))  # pipeline full
+        n, t0 = 0, time.perf_counter()
+        for _ in range(steps):
+            x, y = next(it)
+            step(x, y)
+            n += len(x)
+        return n / (time.perf_counter() - t0)
+
+    def from_memory():
+        step(mem_x, mem_y)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step(mem_x, mem_y)
+        return steps * batch / (time.perf_counter() - t0)
+
+    from_memory()
+    files, mem = [], []
+    for r in range(rounds):
+        if r % 2:
+            mem.append(from_memory())
+            files.append(from_files(r))
+        else:
+            files.append(from_files(r))
+            mem.append(from_memory())
+    ratio = [a / b for a, b in zip(files, mem)]
+    row = {"workers": workers, "model": f"ViT dim {dim} depth {depth} patch 16 @ {size}",
+           "files_img_s": round(statistics.median(files), 1), "memory_img_s": round(statistics.median(mem), 1),
+           "ratio_files_vs_memory": round(statistics.median(ratio), 3),
+           "ratio_range": [round(min(ratio), 3), round(max(ratio), 3)]}
+    print(f"training ({row['model']}, batch {batch}, {workers} workers): JPEG folder {row['files_img_s']:.0f} img/s, "
+          f"in memory {row['memory_img_s']:.0f} img/s  |  files/memory {row['ratio_files_vs_memory']:.3f} "
+          f"(rounds {row['ratio_range'][0]:.3f}-{row['ratio_range'][1]:.3f})", flush=True)
+    return row
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--images", type=int, default=1000, help="JPEGs to write")
+    p.add_argument("--image-wh", default="400x300", help="their width x height")
+    p.add_argument("--workers", default="0,1,2", help="comma-separated worker counts to compare")
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds per measurement")
+    p.add_argument("--batches", type=int, default=6, help="timed batches per loader round")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--size", type=int, default=224, help="crop size")
+    p.add_argument("--train-steps", type=int, default=6, help="timed steps per training round")
+    p.add_argument("--dim", type=int, default=384, help="training model width (depth --depth, patch 16)")
+    p.add_argument("--depth", type=int, default=4)
+    p.add_argument("--train-workers", type=int, default=None,
+                   help="loader workers for the training comparison (default: vitkit's default_workers())")
+    p.add_argument("--tiny", action="store_true", help="sanity run: few small images, one round")
+    p.add_argument("--json", help="also write the results to this file")
+    args = p.parse_args(argv)
+    if args.tiny:
+        args.images, args.image_wh, args.rounds, args.batches, args.batch_size = 80, "160x120", 1, 2, 16
+        args.size, args.train_steps, args.dim, args.depth, args.workers = 64, 2, 64, 1, "0,1"
+    w, h = (int(v) for v in args.image_wh.lower().split("x"))
+    workers = [int(v) for v in args.workers.split(",")]
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    t0 = time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = write_jpegs(Path(tmp), args.images, w, h)
+        print(f"wrote {args.images} JPEGs of {w}x{h} in {time.time() - t0:.1f} s; torch threads "
+              f"{torch.get_num_threads()}", flush=True)
+        loaders = bench_loaders(root, workers, args.rounds, args.batches, args.batch_size, args.size)
+        from vitkit.data import default_workers
+
+        tw = default_workers() if args.train_workers is None else args.train_workers
+        training = bench_training(root, tw, args.rounds, args.train_steps, args.batch_size, args.size,
+                                  args.dim, args.depth)
+    out = {"images": args.images, "image_wh": [w, h], "batch_size": args.batch_size, "crop": args.size,
+           "loaders": loaders, "training": training, "seconds": round(time.time() - t0, 1)}
+    print(f"total {out['seconds']:.0f} s")
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
