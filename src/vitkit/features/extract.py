@@ -1,0 +1,119 @@
+"""Feature vectors from a model's public stages: the one place that decides what an "embedding" is.
+
+``FeatureExtractor(model, FeatureSpec(pool, layers, normalize, dtype))(x)`` maps a preprocessed
+batch (B, C, H, W) to (B, F) float32:
+
+* ``pool="model"`` (default): the model's own pooled output,
+  ``model.forward_head(model.forward_features(x), pre_logits=True)`` (class token or mean,
+  fc_norm, pre-logits layer: whatever the weights define).
+* ``"cls"``: the class token after the final norm (DINOv2's ``x_norm_clstoken``).
+* ``"mean"``: the mean of the patch tokens after the final norm (prefix tokens excluded).
+* ``"cls+mean"``: both, concatenated (2D), as DINOv2's linear evaluation uses.
+* ``layers=n``: the same pooling applied to each of the last n blocks' outputs (each after the
+  final norm, via ``forward_intermediates``), concatenated in block order (n x the width).
+* ``normalize``: L2-normalise the final (concatenated) vector.
+* ``dtype``: ``fp32`` runs the model as is (exact); ``bf16`` / ``int8`` go through
+  ``vitkit.infer.Predictor``, the fast inference path that wraps the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import ConfigError
+
+POOLS = ("model", "cls", "mean", "cls+mean")
+DTYPES = ("fp32", "bf16", "int8")
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    pool: str = "model"  # model | cls | mean | cls+mean (see the module docstring)
+    layers: int = 1  # last n blocks, concatenated
+    normalize: bool = False  # L2 over the final vector
+    dtype: str = "fp32"  # fp32 (exact) | bf16 | int8 (vitkit.infer.Predictor)
+
+    def __post_init__(self) -> None:
+        if self.pool not in POOLS:
+            raise ConfigError(f"pool must be one of {', '.join(POOLS)}, got {self.pool!r}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if not isinstance(self.layers, int) or self.layers < 1:
+            raise ConfigError(f"layers must be an integer >= 1 (the last n blocks), got {self.layers!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class FeatureExtractor:
+    """Callable: preprocessed batch (B, C, H, W) -> features (B, F) float32, on the model's device."""
+
+    def __init__(self, model, spec: FeatureSpec | None = None) -> None:
+        self.model = model.eval()
+        self.spec = spec or FeatureSpec()
+        depth = len(model.blocks)
+        if self.spec.layers > depth:
+            raise ConfigError(f"layers={self.spec.layers}: the model has only {depth} blocks")
+        if self.spec.pool in ("cls", "cls+mean") and not model.config.class_token:
+            raise ConfigError(f"pool={self.spec.pool!r} needs a class token; this model has none (use mean)")
+        self._predictor = self._make_predictor()
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _make_predictor(self):
+        if self.spec.dtype == "fp32":
+            return None
+        # SEAM(infer): bf16 / int8 run through vitkit.infer.Predictor (owned by the INFER helper),
+        # never through a copy of its tricks here.
+        try:
+            from ..infer import Predictor
+        except ImportError as e:
+            raise ConfigError(f"dtype={self.spec.dtype!r} needs vitkit.infer (the fast inference path), "
+                              "which this build lacks; use dtype fp32") from e
+        return Predictor(self.model, dtype=self.spec.dtype)
+
+    def _pool(self, m, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, T, D) tokens after the final norm -> (B, D') by the chosen pooling."""
+        pool = self.spec.pool
+        if pool == "model":
+            return m.forward_head(tokens, pre_logits=True)
+        R = m.num_prefix_tokens
+        parts = []
+        if pool in ("cls", "cls+mean"):
+            parts.append(tokens[:, 0])
+        if pool in ("mean", "cls+mean"):
+            parts.append(tokens[:, R:].mean(dim=1))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+
+    def _stage_model(self):
+        # SEAM(infer): with bf16/int8 the stage calls go to the model the Predictor runs (its
+        # converted copy when it keeps one), so they get the same speed path as Predictor(x).
+        if self._predictor is None:
+            return self.model
+        return getattr(self._predictor, "model", self.model)
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device, non_blocking=True)
+        spec = self.spec
+        if (self._predictor is not None and spec.pool == "model" and spec.layers == 1
+                and self.model.config.num_classes == 0):
+            # A model without a classifier returns its pooled pre-logits from forward (the
+            # infer contract): the Predictor's own fast forward computes exactly them.
+            feats = self._predictor(x)
+        else:
+            m = self._stage_model()
+            if spec.layers == 1:
+                feats = self._pool(m, m.forward_features(x))
+            else:
+                inter = m.forward_intermediates(x, spec.layers, norm=True, intermediates_only=True)
+                feats = torch.cat([self._pool(m, t) for t in inter], dim=-1)
+        feats = feats.float()
+        if spec.normalize:
+            feats = F.normalize(feats, dim=-1)
+        return feats
