@@ -90,29 +90,31 @@ def test_labels_and_num_classes_checked_before_training(tmp_path, capsys):
 
 
 def test_nan_loss_stops_naming_the_step_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    """The loss is read every --log-every steps (no sync per step): the run stops at the next read
+    point after the first non-finite loss, names that step, and saves nothing after it."""
     import vitkit.train.loop as loop
     from vitkit.train.checkpoint import load_state
     from vitkit.train.config import TrainConfig
 
-    real = loop.build_datasets
+    real = loop.build_data
     calls = {"n": 0}
 
-    def poisoned(cfg):
-        splits = real(cfg)
-        get = splits.train.get_batch
+    def poisoned(spec):
+        splits = real(spec)
+        read = splits.train.read_batch
 
-        def get_batch(idx):
+        def read_batch(idx):
             calls["n"] += 1
-            x, y = get(idx)
+            x, y = read(idx)
             return (x * float("nan") if calls["n"] > 6 else x), y
 
-        splits.train.get_batch = get_batch
+        splits.train.read_batch = read_batch
         return splits
 
-    monkeypatch.setattr(loop, "build_datasets", poisoned)
+    monkeypatch.setattr(loop, "build_data", poisoned)
     cfg = TrainConfig(epochs=3, subset=64, batch_size=16, dim=32, depth=1, num_heads=2, progress=False,
-                      out=str(tmp_path / "r"))
-    with pytest.raises(loop.NonFiniteLoss, match=r"loss is nan at step 6 \(epoch 2, batch 3\)"):
+                      log_every=100, out=str(tmp_path / "r"))
+    with pytest.raises(loop.NonFiniteLoss, match=r"loss is nan at step 6 \(epoch 2, batch 3\); stopped at step 8"):
         loop.train(cfg, log=lambda *a: None)
     state = load_state(tmp_path / "r" / "train_state.pt")
     assert state["epoch"] == 1 and state["step"] == 4

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 HELP = "train a ViT (default: the 8x8 digits that ship with scikit-learn) and write a run directory"
-DESCRIPTION = """Train a Vision Transformer. With no arguments: the digits recipe (about a minute on 2 CPU cores).
+DESCRIPTION = """Train a Vision Transformer. With no arguments: the digits recipe (under a minute on 2 CPU cores).
 Options come from the defaults, then --config FILE (yaml or json), then the --key value flags below.
 The run directory (--out, default runs/<timestamp>) receives config.yaml, metrics.jsonl, summary.json,
 best/ and last/ (vitkit models: `vitkit predict --model RUN_DIR img.png`), train_state.pt (for --resume),
@@ -14,18 +14,28 @@ curves.png and confusion_matrix.png. SIGINT/SIGTERM saves the state and exits no
 def add_arguments(p) -> None:
     import argparse
     import dataclasses
+    import typing
 
-    from ..train.config import TrainConfig
+    from ..train.config import TrainConfig, _resolve
 
     p.add_argument("--config", metavar="FILE", help="yaml or json file of training options (flags below override it)")
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue an interrupted run from RUN_DIR/train_state.pt with its saved config")
+    p.add_argument("--overwrite", action="store_true",
+                   help="clear --out first when it already holds a run (without it such a directory is refused)")
     defaults = TrainConfig()
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
-        help_ = f.metadata.get("help", f.name) + f" (default: {default if not isinstance(default, tuple) else ' '.join(map(str, default))})"
-        if isinstance(default, bool):
+        help_ = f.metadata.get("help", f.name)
+        if default is not None and "(default" not in help_:
+            shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
+            help_ += f" (default: {shown})"
+        tp = _resolve(f.type)
+        is_bool = tp is bool or bool in typing.get_args(tp)
+        # default=SUPPRESS: only the flags the user passed reach the config (explicit values matter,
+        # e.g. architecture flags with --pretrained are an error, not silently ignored)
+        if is_bool:
             p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                            help=help_)
         elif isinstance(default, tuple):
@@ -52,8 +62,23 @@ def config_from_args(args):
             raise CheckpointError(f"--resume {args.resume}: no {CONFIG_FILE} there (not a vitkit training run)")
         base = read_config_file(saved)
     if getattr(args, "config", None):
-        base.update(read_config_file(args.config))
+        recipe = read_config_file(args.config)
+        recipe.pop("out", None)  # a recipe never says where to write: a reused run config would train into the old run
+        base.update(recipe)
     return TrainConfig.from_dict({**base, **flags})
+
+
+def next_steps(summary: dict) -> str:
+    """What to try after a run (the demo's last words)."""
+    run = summary["run_dir"]
+    img = "digits:5" if summary["dataset"] == "digits" else "IMAGE.png"
+    lines = ["", "next:",
+             f"  vitkit predict --model {run} {img}        # classify an image (digits:5 is a built-in digit)",
+             f"  vitkit explain --model {run} {img}        # what the model looks at",
+             f"  vitkit eval --model {run}                  # test-split report + confusion matrix",
+             "  vitkit train --dataset imagefolder --data-dir DIR   # your own images: DIR/train/<class>/*.jpg "
+             "(see docs/training.md)"]
+    return "\n".join(lines)
 
 
 def run(args) -> int:
@@ -63,10 +88,14 @@ def run(args) -> int:
 
     cfg = config_from_args(args)
     try:
-        train(cfg, resume=args.resume)
+        summary = train(cfg, resume=args.resume, overwrite=args.overwrite)
     except TrainingInterrupted as e:
         import sys
 
         print(f"vitkit train: {e}", file=sys.stderr)
         return 130 if e.signum == signal.SIGINT else 128 + e.signum
+    import os
+
+    if os.environ.get("RANK", "0") == "0":  # torchrun: rank 0 only
+        print(next_steps(summary))
     return 0

@@ -15,6 +15,7 @@ Two kinds:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -71,3 +72,60 @@ def mix_transform(cfg, num_classes: int):
     if not ops:
         return None
     return ops[0] if len(ops) == 1 else T.RandomChoice(ops)
+
+
+# --------------------------------------------------------------------------- per-sample, in workers
+@dataclass
+class AugmentSpec:
+    """Per-sample training augmentation, run in the DataLoader workers on uint8 images.
+
+    Order: crop / resize first (on uint8, the cheap size), flip, RandAugment / TrivialAugment
+    (uint8 ops), then float + normalise, then RandomErasing (on the normalised image, so erased
+    pixels are the mean colour, as timm does)."""
+
+    random_resized_crop: bool = False
+    rrc_scale: tuple[float, float] = (0.35, 1.0)
+    hflip: bool = False
+    auto_augment: str = "none"  # none | randaugment | trivialaugment
+    random_erasing: float = 0.0
+
+    @classmethod
+    def from_config(cls, cfg, hflip_ok: bool) -> AugmentSpec | None:
+        """From a TrainConfig-like object; None when ``cfg.augment`` is off. ``hflip_ok``: the
+        dataset's own answer to "does a mirrored image keep its label" (used when hflip is auto)."""
+        if not getattr(cfg, "augment", True):
+            return None
+        hflip = getattr(cfg, "hflip", "auto")
+        return cls(random_resized_crop=bool(getattr(cfg, "random_resized_crop", False)),
+                   hflip=hflip == "on" or (hflip == "auto" and hflip_ok),
+                   auto_augment=getattr(cfg, "auto_augment", "none"),
+                   random_erasing=float(getattr(cfg, "random_erasing", 0.0)))
+
+    @property
+    def per_sample(self) -> bool:
+        return (self.random_resized_crop or self.hflip or self.auto_augment != "none"
+                or self.random_erasing > 0)
+
+
+def sample_transform(image_hw: tuple[int, int], mean, std, augment: AugmentSpec | None = None,
+                     normalize: bool = True, resize: bool = True) -> T.Compose:
+    """uint8 (or float [0, 1]) (C, H, W) -> float32 at ``image_hw``, normalised when asked.
+
+    Without ``augment`` (evaluation) the image is resized straight to ``image_hw`` (the run's
+    preprocessing has crop_pct 1.0, so ``vitkit predict`` sees the same pixels)."""
+    ops: list = []
+    if augment is not None and augment.random_resized_crop:
+        ops.append(T.RandomResizedCrop(image_hw, scale=augment.rrc_scale, antialias=True))
+    elif resize:
+        ops.append(T.Resize(image_hw, antialias=True))
+    if augment is not None and augment.hflip:
+        ops.append(T.RandomHorizontalFlip())
+    if augment is not None and augment.auto_augment != "none":
+        aa = T.RandAugment() if augment.auto_augment == "randaugment" else T.TrivialAugmentWide()
+        ops += [T.ToDtype(torch.uint8, scale=True), aa]
+    ops.append(T.ToDtype(torch.float32, scale=True))
+    if normalize:
+        ops.append(T.Normalize(list(mean), list(std)))
+    if augment is not None and augment.random_erasing > 0:
+        ops.append(T.RandomErasing(p=augment.random_erasing, value=0))
+    return T.Compose(ops)

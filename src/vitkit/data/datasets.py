@@ -24,6 +24,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import math
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,63 +41,94 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".
 
 
 class TensorImageDataset(Dataset):
-    """In-memory images (N, C, H, W), uint8 (0..255) or float (0..1), with integer/float targets."""
+    """In-memory images (N, C, H, W), uint8 (0..255) or float (0..1), with integer/float targets.
+
+    ``read_batch`` is the loader's fast path: one gather and one batched resize per batch."""
+
+    in_memory = True
 
     def __init__(self, images: torch.Tensor, targets: torch.Tensor, image_hw: tuple[int, int] | None = None):
         self.images = images
         self.targets = targets
-        self.image_hw = image_hw
+        self.image_hw = tuple(image_hw) if image_hw is not None else tuple(images.shape[-2:])
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def get_batch(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
+    def read(self, i: int):
+        """One image as stored (uint8 or float, native size) and its target: the per-sample path."""
+        return self.images[i], self.targets[i]
+
+    def read_batch(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x float [0, 1] at image_hw, y) for a list of indices."""
         idx = torch.as_tensor(indices, dtype=torch.long)
         x = self.images[idx]
         x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
-        if self.image_hw is not None and tuple(x.shape[-2:]) != tuple(self.image_hw):
+        if tuple(x.shape[-2:]) != tuple(self.image_hw):
             x = torch.nn.functional.interpolate(x, size=self.image_hw, mode="bilinear", align_corners=False,
                                                 antialias=True).clamp(0, 1)
         return x, self.targets[idx]
 
+    get_batch = read_batch  # the name the pre-loader training loop and evaluate() use
+
+    def subset(self, idx) -> TensorImageDataset:
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        return TensorImageDataset(self.images[idx], self.targets[idx], self.image_hw)
+
     def __getitem__(self, i: int):
-        x, y = self.get_batch([i])
+        x, y = self.read_batch([i])
         return x[0], y[0]
 
 
 class FileImageDataset(Dataset):
-    """Images read from files on access (clear error naming a bad file, or skip with a log line)."""
+    """Images read from files on access, decoded in the loader's workers (``read``: uint8, native
+    size; an unreadable file raises InputError naming it, or is skipped with ``skip_bad``)."""
 
-    def __init__(self, paths: list[Path], targets: torch.Tensor, image_hw: tuple[int, int], mode: str,
-                 skip_bad: bool = False, transform=None):
-        self.paths = paths
+    in_memory = False
+
+    def __init__(self, paths: list[Path], targets: torch.Tensor, image_hw: tuple[int, int], mode: str = "RGB",
+                 skip_bad: bool = False, transform=None, split: str = "train"):
+        self.paths = [Path(p) for p in paths]
         self.targets = targets
-        self.image_hw = image_hw
+        self.image_hw = tuple(image_hw)
         self.mode = mode
         self.skip_bad = skip_bad
-        self.transform = transform  # per-sample train transform on float [0, 1] tensors
+        self.transform = transform  # pre-loader training loop only: float [0, 1] per-sample transform
+        self.split = split
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int):
-        from torchvision.transforms import v2 as T
-
-        from .image import load_image
+    def read(self, i: int):
+        from .files import decode_file
 
         try:
-            img = load_image(self.paths[i], mode=self.mode)
+            x = decode_file(self.paths[i], channels=1 if self.mode == "L" else 3)
+        except InputError as e:
+            raise InputError(f"{e} ({self.split} image)") from None
+        return x, self.targets[i]
+
+    def subset(self, idx) -> FileImageDataset:
+        return FileImageDataset([self.paths[int(i)] for i in idx], self.targets[torch.as_tensor(idx, dtype=torch.long)],
+                                self.image_hw, self.mode, self.skip_bad, self.transform, self.split)
+
+    def __getitem__(self, i: int):
+        """float [0, 1] at image_hw (the pre-loader path: ``load_batch``); None if skipped."""
+        from torchvision.transforms import v2 as T
+
+        try:
+            x, y = self.read(i)
         except InputError as e:
             if self.skip_bad:
                 log.warning("skipping unreadable image: %s", e)
                 return None
-            raise InputError(f"bad training image: {e}") from e
-        x = T.functional.to_dtype(T.functional.to_image(img), torch.float32, scale=True)
+            raise
+        x = T.functional.to_dtype(x, torch.float32, scale=True)
         if self.transform is None or not any(isinstance(t, T.RandomResizedCrop) for t in self.transform.transforms):
             x = T.functional.resize(x, list(self.image_hw), antialias=True).clamp(0, 1)
         if self.transform is not None:
             x = self.transform(x)
-        return x, self.targets[i]
+        return x, y
 
 
 def collate_skip_none(batch):
@@ -107,7 +139,8 @@ def collate_skip_none(batch):
 
 
 def load_batch(dataset, indices: list[int]):
-    """(x, y) for a list of indices, or None when every image in it was skipped."""
+    """(x, y) float [0, 1] for a list of indices, or None when every image in it was skipped. In the
+    training process: the pre-loader path (use :func:`vitkit.data.loader.make_loader` instead)."""
     if hasattr(dataset, "get_batch"):
         return dataset.get_batch(indices)
     return collate_skip_none([dataset[i] for i in indices])
@@ -128,9 +161,47 @@ class DataSplits:
     std: list[float]
     hflip_ok: bool  # whether horizontal flips preserve the label (not for digits / mnist)
     notes: list[str] = field(default_factory=list)
+    # How image_hw was chosen ("--image-size 64", "native 8x8", "all 32 probed files are 32x32", ...):
+    # the trainer prints it and picks a patch size that keeps the token count sane.
+    size_note: str = ""
+    size_from_data: bool = False  # image_hw is the files' own common size (not a fixed default)
+    skipped_files: list[str] = field(default_factory=list)  # dropped by the pre-training checks (--skip-bad-images)
+
+    def splits(self):
+        """(name, dataset) of the splits that exist."""
+        return [(k, getattr(self, k)) for k in ("train", "val", "test") if getattr(self, k) is not None]
 
 
 NATIVE_SIZE = {"digits": 8, "mnist": 28, "fashion-mnist": 28, "cifar10": 32, "cifar100": 32}
+
+
+def resolve_hw(spec, native: int | None = None, paths=None) -> tuple[tuple[int, int], str, bool]:
+    """(image_hw, how it was chosen, whether it came from the files).
+
+    ``--image-size`` wins; else a dataset's native size; else the common size of a sample of the
+    files when they all agree and no side exceeds PROBE_MAX_SIDE; else DEFAULT_FILE_IMAGE_SIZE."""
+    from .spec import DEFAULT_FILE_IMAGE_SIZE, PROBE_MAX_SIDE
+
+    if spec.image_size:
+        return (spec.image_size, spec.image_size), f"--image-size {spec.image_size}", False
+    if native:
+        return (native, native), f"native size {native}x{native}", False
+    d = DEFAULT_FILE_IMAGE_SIZE
+    if paths is not None:
+        from .files import probe_sizes
+
+        sizes = probe_sizes(paths)
+        common = set(sizes)
+        if len(common) == 1:
+            (h, w), = common
+            if max(h, w) <= PROBE_MAX_SIDE:
+                return (h, w), f"all {len(sizes)} probed images are {w}x{h} (W x H): trained at that size", True
+            return (d, d), (f"all {len(sizes)} probed images are {w}x{h}, larger than {PROBE_MAX_SIDE}: default "
+                            f"{d}x{d} (set --image-size to change)"), False
+        if common:
+            return (d, d), (f"probed images have {len(common)} different sizes: default {d}x{d} "
+                            "(set --image-size to change)"), False
+    return (d, d), f"default {d}x{d}", False
 
 
 def stratified_split(targets: np.ndarray, fractions: list[float], seed: int) -> list[np.ndarray]:
@@ -165,44 +236,45 @@ def check_labels(targets: torch.Tensor, num_classes: int, where: str) -> None:
                          f"{vals}")
 
 
-def build_datasets(cfg) -> DataSplits:
-    name = cfg.dataset
-    size = cfg.image_size or NATIVE_SIZE.get(name, 224)
-    hw = (size, size)
-    if name == "digits":
-        splits = _digits(cfg, hw)
-    elif name in ("mnist", "fashion-mnist"):
-        splits = _mnist(cfg, hw)
-    elif name in ("cifar10", "cifar100"):
-        splits = _cifar(cfg, hw)
-    elif name == "imagefolder":
-        splits = _imagefolder(cfg, hw)
-    elif name == "csv":
-        splits = _csv(cfg, hw)
-    else:  # pragma: no cover - TrainConfig validates
-        raise ConfigError(f"unknown dataset {name!r}")
+def build_data(spec) -> DataSplits:
+    """Build the splits of ``spec.dataset`` (a :class:`vitkit.data.spec.DataSpec`) through the
+    registry, with the checks every dataset gets (label range, --num-classes, subset), and with each
+    split carrying the normalisation and input size the loader uses (``ds.mean``, ``ds.std``,
+    ``ds.image_hw``)."""
+    from .registry import get_builder
+
+    name = spec.dataset
+    splits = get_builder(name)(spec)
     if splits.task == "classification":
-        for split_name in ("train", "val", "test"):
-            ds = getattr(splits, split_name)
-            if ds is not None:
-                check_labels(ds.targets, splits.num_outputs, f"{name} {split_name} split")
-    if cfg.num_classes and cfg.num_classes != splits.num_outputs:
+        for split_name, ds in splits.splits():
+            check_labels(ds.targets, splits.num_outputs, f"{name} {split_name} split")
+    if spec.num_classes and spec.num_classes != splits.num_outputs:
         what = "classes" if splits.task == "classification" else "regression targets"
-        raise ConfigError(f"--num-classes {cfg.num_classes} disagrees with the data: {name} has "
+        raise ConfigError(f"--num-classes {spec.num_classes} disagrees with the data: {name} has "
                           f"{splits.num_outputs} {what}")
-    if cfg.subset:
-        splits.train = _subset(splits.train, cfg.subset)
+    if spec.subset:
+        splits.train = splits.train.subset(range(min(spec.subset, len(splits.train))))
+    for _, ds in splits.splits():
+        ds.mean, ds.std, ds.image_hw = list(splits.mean), list(splits.std), tuple(splits.image_hw)
+        ds.skip_bad = spec.skip_bad_images
     return splits
 
 
-def _subset(ds, n: int):
-    n = min(n, len(ds))
-    if isinstance(ds, TensorImageDataset):
-        return TensorImageDataset(ds.images[:n], ds.targets[:n], ds.image_hw)
-    return FileImageDataset(ds.paths[:n], ds.targets[:n], ds.image_hw, ds.mode, ds.skip_bad, ds.transform)
+def build_datasets(cfg) -> DataSplits:
+    """``build_data`` from a TrainConfig (or anything with the same field names). The per-sample
+    float transform is attached for the pre-loader training loop (``load_batch``) only."""
+    from .spec import DataSpec
+
+    splits = build_data(DataSpec.from_config(cfg))
+    if getattr(cfg, "augment", False) and isinstance(splits.train, FileImageDataset):
+        from .augment import per_sample_transform
+
+        splits.train.transform = per_sample_transform(cfg, splits.image_hw)
+    return splits
 
 
-def _in_memory(name, cfg, hw, train_x, train_y, test_x, test_y, classes, hflip_ok, val_from_train=True):
+def _in_memory(name, cfg, train_x, train_y, test_x, test_y, classes, hflip_ok, val_from_train=True):
+    hw, note, _ = resolve_hw(cfg, NATIVE_SIZE[name])
     y = train_y.numpy()
     tr, va = stratified_split(y, [1 - cfg.val_fraction], cfg.seed) if val_from_train else (np.arange(len(y)), [])
     mean, std = _stats(train_x[torch.as_tensor(tr)])
@@ -210,12 +282,14 @@ def _in_memory(name, cfg, hw, train_x, train_y, test_x, test_y, classes, hflip_o
         name=name, train=TensorImageDataset(train_x[tr], train_y[tr], hw),
         val=TensorImageDataset(train_x[va], train_y[va], hw) if len(va) else None,
         test=TensorImageDataset(test_x, test_y, hw), task="classification", num_outputs=len(classes),
-        in_channels=train_x.shape[1], image_hw=hw, classes=classes, mean=mean, std=std, hflip_ok=hflip_ok)
+        in_channels=train_x.shape[1], image_hw=hw, classes=classes, mean=mean, std=std, hflip_ok=hflip_ok,
+        size_note=note)
 
 
-def _digits(cfg, hw) -> DataSplits:
+def _digits(cfg) -> DataSplits:
     from sklearn.datasets import load_digits
 
+    hw, note, _ = resolve_hw(cfg, NATIVE_SIZE["digits"])
     d = load_digits()
     images = torch.from_numpy(d.images.astype(np.float32) / 16.0)[:, None]  # (N, 1, 8, 8) in [0, 1]
     targets = torch.from_numpy(d.target.astype(np.int64))
@@ -225,7 +299,8 @@ def _digits(cfg, hw) -> DataSplits:
     ds = lambda idx: TensorImageDataset(images[idx], targets[idx], hw)  # noqa: E731
     return DataSplits(name="digits", train=ds(tr), val=ds(va), test=ds(te), task="classification", num_outputs=10,
                       in_channels=1, image_hw=hw, classes=[str(i) for i in range(10)], mean=mean, std=std,
-                      hflip_ok=False, notes=[f"digits split: {len(tr)} train / {len(va)} val / {len(te)} test"])
+                      hflip_ok=False, notes=[f"digits split: {len(tr)} train / {len(va)} val / {len(te)} test"],
+                      size_note=note)
 
 
 def _need_dir(cfg) -> Path:
@@ -234,7 +309,7 @@ def _need_dir(cfg) -> Path:
     return Path(cfg.data_dir).expanduser()
 
 
-def _mnist(cfg, hw) -> DataSplits:
+def _mnist(cfg) -> DataSplits:
     from torchvision import datasets
 
     root = _need_dir(cfg)
@@ -248,7 +323,7 @@ def _mnist(cfg, hw) -> DataSplits:
             "train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte (the standard files, "
             f"uncompressed). Run once with --download on a connected machine, or copy them there ({e})") from e
     classes = [str(c) for c in train.classes]
-    return _in_memory(cfg.dataset, cfg, hw, train.data[:, None].contiguous(), train.targets.long(),
+    return _in_memory(cfg.dataset, cfg, train.data[:, None].contiguous(), train.targets.long(),
                       test.data[:, None].contiguous(), test.targets.long(), classes, hflip_ok=False)
 
 
@@ -276,7 +351,7 @@ def _read_cifar_batch(path: Path) -> dict:
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in d.items()}
 
 
-def _cifar(cfg, hw) -> DataSplits:
+def _cifar(cfg) -> DataSplits:
     root = _need_dir(cfg)
     c10 = cfg.dataset == "cifar10"
     folder = root / ("cifar-10-batches-py" if c10 else "cifar-100-python")
@@ -305,16 +380,18 @@ def _cifar(cfg, hw) -> DataSplits:
     x, y = arrays(tr)
     tx, ty = arrays([te])
     classes = [str(c) for c in meta[names_key]]
-    return _in_memory(cfg.dataset, cfg, hw, x, y, tx, ty, classes, hflip_ok=True)
+    return _in_memory(cfg.dataset, cfg, x, y, tx, ty, classes, hflip_ok=True)
 
 
 def _list_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
-def _imagefolder(cfg, hw) -> DataSplits:
-    from .augment import per_sample_transform
-
+def _imagefolder(cfg) -> DataSplits:
+    """``DIR/train/<class>/*``, ``DIR/val/<class>/*``, ``DIR/test/<class>/*`` (val split from train,
+    stratified and seeded, when neither val/ nor test/ exists). Checked before training: class
+    folders of val/ and test/ must be training classes; an empty class folder is refused unless
+    ``allow_empty_classes`` (it would be a class the model can never learn)."""
     root = _need_dir(cfg)
     train_dir = root / "train"
     if not train_dir.is_dir():
@@ -322,45 +399,117 @@ def _imagefolder(cfg, hw) -> DataSplits:
     classes = sorted(d.name for d in train_dir.iterdir() if d.is_dir())
     if not classes:
         raise InputError(f"imagefolder: {train_dir} has no class sub-folders")
+    notes: list[str] = []
 
     def scan(split_dir: Path):
-        paths, labels = [], []
+        paths, labels, empty = [], [], []
         for d in sorted(x for x in split_dir.iterdir() if x.is_dir()):
             if d.name not in classes:
-                raise InputError(f"imagefolder: class folder {d} is not among the training classes {classes}")
+                raise InputError(f"imagefolder: class folder {d} is not among the training classes {classes} "
+                                 "(every class must have training images)")
             files = _list_images(d)
+            if not files:
+                empty.append(d)
             paths += files
             labels += [classes.index(d.name)] * len(files)
-        return paths, torch.tensor(labels, dtype=torch.long)
+        return paths, torch.tensor(labels, dtype=torch.long), empty
 
-    tr_paths, tr_y = scan(train_dir)
+    tr_paths, tr_y, empty = scan(train_dir)
     if not tr_paths:
         raise InputError(f"imagefolder: no images ({', '.join(IMAGE_EXTENSIONS)}) under {train_dir}")
-    mode = "RGB"
-    in_ch = 3
-    notes = []
-    splits = {s: scan(root / s) for s in ("val", "test") if (root / s).is_dir()}
+    if empty:
+        names = ", ".join(str(d) for d in empty)
+        if not cfg.allow_empty_classes:
+            raise InputError(f"imagefolder: class folder(s) without images: {names}. Each would become a class the "
+                             "model never sees; remove them, add images, or pass --allow-empty-classes")
+        log.warning("imagefolder: empty class folder(s) kept as classes: %s", names)
+        notes.append(f"imagefolder: empty class folder(s) kept as classes (--allow-empty-classes): {names}")
+    splits = {}
+    for s in ("val", "test"):
+        if (root / s).is_dir():
+            p, y, _ = scan(root / s)
+            if not p:
+                raise InputError(f"imagefolder: {root / s} holds no images; remove it or add images per class")
+            splits[s] = (p, y)
     if not splits:
         tr_i, va_i = stratified_split(tr_y.numpy(), [1 - cfg.val_fraction], cfg.seed)
         splits["val"] = ([tr_paths[i] for i in va_i], tr_y[va_i])
         tr_paths, tr_y = [tr_paths[i] for i in tr_i], tr_y[tr_i]
-        notes.append("imagefolder: no val/ or test/; validation split from train, no test split")
+        notes.append(f"imagefolder: no val/ or test/; validation split from train ({cfg.val_fraction:.0%}, "
+                     "stratified), no test split")
     elif "val" not in splits or "test" not in splits:
         only = next(iter(splits))
         splits["val" if only == "test" else "test"] = splits[only]
         notes.append(f"imagefolder: only {only}/ found; it serves as both validation and test set")
-    train_tf = per_sample_transform(cfg, hw) if cfg.augment else None
-    mk = lambda p, y, tf=None: FileImageDataset(p, y, hw, mode, cfg.skip_bad_images, tf)  # noqa: E731
-    mean, std = [0.5] * in_ch, [0.5] * in_ch  # fixed: avoids a full pass over the files
-    return DataSplits(name="imagefolder", train=mk(tr_paths, tr_y, train_tf), val=mk(*splits["val"]),
-                      test=mk(*splits["test"]) if "test" in splits else None, task="classification",
-                      num_outputs=len(classes), in_channels=in_ch, image_hw=hw, classes=classes, mean=mean,
-                      std=std, hflip_ok=True, notes=notes)
+    hw, size_note, from_data = resolve_hw(cfg, paths=tr_paths)
+    mk = lambda split, p, y: FileImageDataset(p, y, hw, "RGB", cfg.skip_bad_images, split=split)  # noqa: E731
+    mean, std = [0.5] * 3, [0.5] * 3  # fixed: avoids a full pass over the files
+    return DataSplits(name="imagefolder", train=mk("train", tr_paths, tr_y), val=mk("validation", *splits["val"]),
+                      test=mk("test", *splits["test"]) if "test" in splits else None, task="classification",
+                      num_outputs=len(classes), in_channels=3, image_hw=hw, classes=classes, mean=mean,
+                      std=std, hflip_ok=True, notes=notes, size_note=size_note, size_from_data=from_data)
 
 
-def _csv(cfg, hw) -> DataSplits:
-    from .augment import per_sample_transform
+def _csv_rows(path: Path, cfg):
+    """(paths, targets (N, T) float, target column names, line numbers), every row checked."""
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    if len(rows) < 2:
+        raise InputError(f"csv: {path} needs a header row and at least one data row")
+    header = [h.strip() for h in rows[0]]
+    cols = [c.strip() for c in cfg.target_columns.split(",")] if cfg.target_columns else header[1:]
+    missing = [c for c in cols if c not in header]
+    if missing or not cols:
+        raise InputError(f"csv: target column(s) {missing or cols} not in header {header}")
+    ci = [header.index(c) for c in cols]
+    base = path.parent.resolve()
+    paths, targets, lines = [], [], []
+    for n, r in enumerate(rows[1:], start=2):
+        if not r or not any(c.strip() for c in r):
+            continue
+        try:
+            t = [float(r[i]) for i in ci]
+        except (ValueError, IndexError):
+            raise InputError(f"csv: {path} line {n}: expected numbers in columns {cols}, got {r}") from None
+        if not all(math.isfinite(v) for v in t):
+            raise InputError(f"csv: {path} line {n}: target(s) {dict(zip(cols, t))} not finite (nan / inf); "
+                             "fix or remove the row")
+        raw = r[0].strip()
+        p = Path(raw)
+        full = (p if p.is_absolute() else path.parent / p).resolve()
+        if not cfg.allow_absolute_paths and (p.is_absolute() or not full.is_relative_to(base)):
+            raise InputError(f"csv: {path} line {n}: image path {raw!r} is outside the CSV's folder {base}; "
+                             "use paths relative to it, or pass --allow-absolute-paths to read it anyway")
+        paths.append(full)
+        targets.append(t)
+        lines.append(n)
+    if not paths:
+        raise InputError(f"csv: {path} has no data rows")
+    return paths, torch.tensor(targets, dtype=torch.float32), cols, lines
 
+
+def _check_files(ds: FileImageDataset, split: str, lines, csv_path, skip: bool, skipped: list[str]):
+    """Open every file's header before training: a bad file stops here, naming its split and line."""
+    from .files import image_header, read_bytes
+
+    keep = []
+    for k, p in enumerate(ds.paths):
+        try:
+            image_header(read_bytes(p), str(p))
+            keep.append(k)
+        except InputError as e:
+            where = f"csv: {csv_path} line {lines[k]}: {split} image {e}"
+            if not skip:
+                raise InputError(where + " (--skip-bad-images leaves such rows out)") from None
+            log.warning("skipping %s", where)
+            skipped.append(str(p))
+    return ds if len(keep) == len(ds) else ds.subset(keep)
+
+
+def _csv(cfg) -> DataSplits:
+    """Regression from a CSV: a header, the image path first (relative to the CSV's folder), then one
+    or more numeric targets. Checked before training: every target finite, every path inside the
+    CSV's folder (unless ``allow_absolute_paths``), every image opens (its header)."""
     path = _need_dir(cfg)
     if path.is_dir():
         found = sorted(path.glob("*.csv"))
@@ -369,35 +518,26 @@ def _csv(cfg, hw) -> DataSplits:
         path = found[0]
     if not path.is_file():
         raise InputError(f"csv: {path}: no such file")
-    with open(path, newline="") as f:
-        rows = list(csv.reader(f))
-    if len(rows) < 2:
-        raise InputError(f"csv: {path} needs a header row and at least one data row")
-    header, rows = rows[0], [r for r in rows[1:] if r]
-    cols = [c.strip() for c in cfg.target_columns.split(",")] if cfg.target_columns else header[1:]
-    missing = [c for c in cols if c not in header]
-    if missing or not cols:
-        raise InputError(f"csv: target column(s) {missing or cols} not in header {header}")
-    ci = [header.index(c) for c in cols]
-    paths, targets = [], []
-    for n, r in enumerate(rows, start=2):
-        try:
-            targets.append([float(r[i]) for i in ci])
-        except (ValueError, IndexError) as e:
-            raise InputError(f"csv: {path} line {n}: expected float targets in columns {cols}, got {r}") from e
-        p = Path(r[0])
-        paths.append(p if p.is_absolute() else path.parent / p)
-    y = torch.tensor(targets, dtype=torch.float32)
+    paths, y, cols, lines = _csv_rows(path, cfg)
     # seeded random split: val_fraction for validation, the same again for test (>= 1 row each)
     perm = np.random.RandomState(cfg.seed).permutation(len(y))
     n_hold = max(1, int(round(cfg.val_fraction * len(y)))) if len(y) >= 3 else 0
     te_i, va_i, tr_i = perm[:n_hold], perm[n_hold:2 * n_hold], perm[2 * n_hold:]
+    notes = [f"csv targets: {cols}"]
     if not n_hold:
         te_i = va_i = tr_i
-    mode = "RGB"
-    train_tf = per_sample_transform(cfg, hw) if cfg.augment else None
-    mk = lambda idx, tf=None: FileImageDataset([paths[i] for i in idx], y[idx], hw, mode,  # noqa: E731
-                                               cfg.skip_bad_images, tf)
-    return DataSplits(name="csv", train=mk(tr_i, train_tf), val=mk(va_i), test=mk(te_i), task="regression",
+        notes.append("csv: fewer than 3 rows; train, validation and test are the same rows")
+    hw, size_note, from_data = resolve_hw(cfg, paths=[paths[i] for i in tr_i])
+    skipped: list[str] = []
+    out = {}
+    for split, idx in (("train", tr_i), ("validation", va_i), ("test", te_i)):
+        ds = FileImageDataset([paths[i] for i in idx], y[idx], hw, "RGB", cfg.skip_bad_images, split=split)
+        if cfg.check_files:
+            ds = _check_files(ds, split, [lines[i] for i in idx], path, cfg.skip_bad_images, skipped)
+        if not len(ds):
+            raise InputError(f"csv: no readable {split} image left after skipping bad files")
+        out[split] = ds
+    return DataSplits(name="csv", train=out["train"], val=out["validation"], test=out["test"], task="regression",
                       num_outputs=len(cols), in_channels=3, image_hw=hw, classes=cols, mean=[0.5] * 3,
-                      std=[0.5] * 3, hflip_ok=False, notes=[f"csv targets: {cols}"])
+                      std=[0.5] * 3, hflip_ok=False, notes=notes, size_note=size_note, size_from_data=from_data,
+                      skipped_files=skipped)

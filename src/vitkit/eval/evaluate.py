@@ -1,9 +1,10 @@
 """Evaluate a model on a dataset split.
 
-``evaluate(model, dataset, ...)`` runs the model over ``dataset`` (anything
-:func:`vitkit.data.datasets.load_batch` reads) and returns plain numbers:
+``evaluate(model, data, ...)`` runs the model over ``data`` (a dataset split, read through
+:func:`vitkit.train.data.eval_loader`, or an iterable of ``(x, y)`` batches in [0, 1]) and returns plain numbers:
 
-* classification: ``loss`` (cross-entropy, no label smoothing), ``accuracy`` (top-1), ``top5``,
+* classification: ``loss`` (cross-entropy, no label smoothing), ``accuracy`` (top-1), ``top5`` (only
+  with more than 5 classes: with 5 or fewer it is always 1.0 and says nothing),
   ``confusion_matrix`` (list of lists, rows = true class), ``per_class`` precision / recall / F1 /
   support and their macro averages;
 * regression: ``loss`` (MSE or L1 as trained), ``mae``, ``rmse``, ``r2`` (mean over targets) and
@@ -20,7 +21,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..data.datasets import load_batch
 from ..train.distributed import DistInfo, all_reduce_sum
 from ..train.metrics import classification_report, confusion_matrix, regression_report, regression_stats
 
@@ -32,37 +32,31 @@ def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model, dataset, *, task: str = "classification", num_outputs: int, mean, std,
+def evaluate(model, data, *, task: str = "classification", num_outputs: int, mean, std,
              batch_size: int = 256, device: str | torch.device = "cpu", dist: DistInfo | None = None,
              regression_loss: str = "mse", labels: list[str] | None = None, progress: bool = False,
-             amp_dtype: torch.dtype | None = None) -> dict[str, Any]:
+             amp_dtype: torch.dtype | None = None, workers: int | None = 0) -> dict[str, Any]:
+    from ..progress import progress_bar
+    from ..train.data import eval_loader
+
     dist = dist or DistInfo()
     device = torch.device(device)
     was_training = model.training
     model.eval()
-    n = len(dataset)
-    per, extra = divmod(n, dist.world_size)
-    start = dist.rank * per + min(dist.rank, extra)
-    stop = start + per + (1 if dist.rank < extra else 0)
-    idx = list(range(start, stop))
+    if isinstance(data, torch.utils.data.Dataset):
+        data = eval_loader(data, batch_size, dist=dist, workers=workers, device_type=device.type)
+    # sums stay on the device: one host sync at the end, not one per batch
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     count = torch.zeros((), dtype=torch.float64, device=device)
     top5 = torch.zeros((), dtype=torch.float64, device=device)
     cm = torch.zeros(num_outputs, num_outputs, dtype=torch.int64, device=device)
     rstats = None
-    batches = [idx[i:i + batch_size] for i in range(0, len(idx), batch_size)]
-    it = batches
-    if progress:
-        from tqdm.auto import tqdm
-
-        it = tqdm(batches, desc="eval", leave=False, dynamic_ncols=True)
-    for b in it:
-        batch = load_batch(dataset, b)
-        if batch is None:
+    for batch in progress_bar(data, desc="eval", leave=False, disable=not progress):
+        if batch is None:  # every image of the batch skipped (--skip-bad-images)
             continue
         x, y = batch
         x = normalize(x.to(device, non_blocking=True), mean, std)
-        y = y.to(device)
+        y = y.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             out = model(x)
         out = out.float()
@@ -70,12 +64,12 @@ def evaluate(model, dataset, *, task: str = "classification", num_outputs: int, 
             loss_sum += F.cross_entropy(out, y, reduction="sum").double()
             k = min(5, out.shape[1])
             top5 += (out.topk(k, dim=1).indices == y[:, None]).any(1).sum()
-            cm += confusion_matrix(out.argmax(1), y, num_outputs).to(device)
+            cm += confusion_matrix(out.argmax(1), y, num_outputs)
         else:
             y = y.float().view_as(out)
             fn = F.mse_loss if regression_loss == "mse" else F.l1_loss
             loss_sum += fn(out, y, reduction="sum").double() / out.shape[1]
-            s = regression_stats(out, y).to(device)
+            s = regression_stats(out, y)
             rstats = s if rstats is None else rstats + s
         count += len(x)
     all_reduce_sum(loss_sum, dist)
@@ -88,7 +82,8 @@ def evaluate(model, dataset, *, task: str = "classification", num_outputs: int, 
         all_reduce_sum(top5, dist)
         all_reduce_sum(cm, dist)
         rep = classification_report(cm.cpu(), labels)
-        result.update(accuracy=rep["accuracy"], top5=float(top5) / total, macro_f1=rep["macro_f1"],
+        result.update(accuracy=rep["accuracy"], top5=float(top5) / total if num_outputs > 5 else None,
+                      macro_f1=rep["macro_f1"],
                       macro_precision=rep["macro_precision"], macro_recall=rep["macro_recall"],
                       per_class=rep["per_class"], confusion_matrix=cm.cpu().tolist())
     else:
@@ -103,12 +98,14 @@ def evaluate(model, dataset, *, task: str = "classification", num_outputs: int, 
 
 
 def evaluate_model(model, splits, split: str = "test", **kw) -> dict[str, Any]:
-    """Evaluate a vitkit model on one split of :func:`vitkit.data.datasets.build_datasets`'s result,
-    with the model's own preprocessing mean/std when it has them."""
+    """Evaluate a vitkit model on one split of :func:`vitkit.data.build_data`'s result, with the
+    model's own preprocessing mean/std when it has them."""
+    from ..errors import ConfigError
+
     pre = getattr(model, "preprocess_cfg", None) or {}
+    get = pre.get if isinstance(pre, dict) else (lambda k, d: getattr(pre, k, None) or d)
     ds = getattr(splits, split)
     if ds is None:
-        raise ValueError(f"dataset {splits.name!r} has no {split} split")
+        raise ConfigError(f"dataset {splits.name!r} has no {split} split")
     return evaluate(model, ds, task=splits.task, num_outputs=splits.num_outputs,
-                    mean=pre.get("mean", splits.mean), std=pre.get("std", splits.std),
-                    labels=splits.classes, **kw)
+                    mean=get("mean", splits.mean), std=get("std", splits.std), labels=splits.classes, **kw)

@@ -21,15 +21,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..data.registry import dataset_names
 from ..errors import ConfigError
 
-DATASETS = ("digits", "cifar10", "cifar100", "mnist", "fashion-mnist", "imagefolder", "csv")
+# From-scratch architecture when a field is not given (the digits recipe, benchmarks/train_digits.md).
+ARCH_DEFAULTS: dict[str, Any] = {"dim": 32, "depth": 4, "num_heads": 4, "mlp_ratio": 2.0, "pos_embed": "sincos2d",
+                                 "pooling": "mean", "fc_norm": False}
+ARCH_FIELDS = ("patch_size", *ARCH_DEFAULTS)  # what --pretrained / --model fix
+DATASETS = dataset_names()
 
 
 @dataclass
 class TrainConfig:
     # ---------------------------------------------------------------- data
-    dataset: str = field(default="digits", metadata={"help": f"dataset: one of {', '.join(DATASETS)}"})
+    dataset: str = field(default="digits", metadata={
+        "help": f"dataset: one of {', '.join(DATASETS)} (see docs/training.md)"})
     data_dir: str | None = field(default=None, metadata={
         "help": "where the dataset files are (torchvision datasets, imagefolder root, csv file or its dir)"})
     download: bool = field(default=False, metadata={"help": "download torchvision datasets into --data-dir"})
@@ -44,21 +50,36 @@ class TrainConfig:
         "help": "log and skip unreadable images instead of stopping with the file's path"})
     target_columns: str | None = field(default=None, metadata={
         "help": "csv: comma-separated target column names (default: every column but the first)"})
-    workers: int = field(default=0, metadata={"help": "DataLoader worker processes for file datasets"})
+    allow_absolute_paths: bool = field(default=False, metadata={
+        "help": "csv: accept image paths outside the CSV's folder (absolute or ../)"})
+    allow_empty_classes: bool = field(default=False, metadata={
+        "help": "imagefolder: accept an empty class folder (a class with no training images)"})
+    image_column: str = field(default="image", metadata={"help": "hf: the image column"})
+    label_column: str = field(default="label", metadata={"help": "hf: the label column"})
+    workers: int | None = field(default=None, metadata={
+        "help": "DataLoader worker processes for file datasets (default: CPU cores - 1, at most 8; 0 = read in "
+                "the training process). In-memory datasets (digits, mnist, cifar) never need workers"})
     # ---------------------------------------------------------------- model
     model: str | None = field(default=None, metadata={
         "help": "preset name (vit_tiny_patch16_224 ...) instead of the width/depth fields below"})
     pretrained: str | None = field(default=None, metadata={
         "help": "fine-tune from weights (vitkit dir, or any source vitkit.from_pretrained accepts); head re-initialised"})
-    patch_size: int = field(default=2, metadata={"help": "patch side in pixels"})
-    dim: int = field(default=32, metadata={"help": "token width"})
-    depth: int = field(default=4, metadata={"help": "number of encoder blocks"})
-    num_heads: int = field(default=4, metadata={"help": "attention heads"})
-    mlp_ratio: float = field(default=2.0, metadata={"help": "MLP hidden width / token width"})
-    pos_embed: str = field(default="sincos2d", metadata={"help": "learned | sincos1d | sincos2d | none"})
-    pooling: str = field(default="mean", metadata={"help": "mean (of patch tokens) | cls (class token)"})
-    fc_norm: bool = field(default=False, metadata={
-        "help": "mean pooling: final LayerNorm after pooling (timm's layout) instead of before"})
+    # Architecture: None = not given. From scratch that means ARCH_DEFAULTS (patch size: chosen from the
+    # image size, see vitkit.train.build.auto_patch_size); with --pretrained / --model, the model's own
+    # value. A value given together with --pretrained / --model that the model does not have is an error.
+    patch_size: int | None = field(default=None, metadata={
+        "help": "patch side in pixels (default: the smallest that keeps at most 256 tokens, e.g. 2 for 8x8 "
+                "digits, 16 for 224x224)"})
+    dim: int | None = field(default=None, metadata={"help": "token width (default 32)"})
+    depth: int | None = field(default=None, metadata={"help": "number of encoder blocks (default 4)"})
+    num_heads: int | None = field(default=None, metadata={"help": "attention heads (default 4)"})
+    mlp_ratio: float | None = field(default=None, metadata={"help": "MLP hidden width / token width (default 2)"})
+    pos_embed: str | None = field(default=None, metadata={"help": "learned | sincos1d | sincos2d | none (default sincos2d)"})
+    pooling: str | None = field(default=None, metadata={"help": "mean (of patch tokens) | cls (class token) (default mean)"})
+    fc_norm: bool | None = field(default=None, metadata={
+        "help": "mean pooling: final LayerNorm after pooling (timm's layout) instead of before (default off)"})
+    grad_checkpointing: bool = field(default=False, metadata={
+        "help": "activation checkpointing of the blocks: less memory, ~30%% more compute, same gradients"})
     drop_path: float = field(default=0.1, metadata={"help": "stochastic depth rate (max over depth)"})
     dropout: float = field(default=0.0, metadata={"help": "dropout rate"})
     num_classes: int = field(default=0, metadata={
@@ -99,14 +120,17 @@ class TrainConfig:
     threads: int = field(default=0, metadata={
         "help": "torch CPU threads (0 = every core; 1 is faster when other jobs share the cores)"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
-    amp: str = field(default="off", metadata={"help": "off | bf16 | fp16 (CUDA; fp16 uses a grad scaler)"})
-    compile: bool = field(default=False, metadata={"help": "torch.compile the model (CUDA)"})
+    amp: str = field(default="off", metadata={"help": "off | bf16 (CUDA or CPU autocast) | fp16 (CUDA, with a grad scaler)"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the model (CUDA or CPU; the first steps compile)"})
     strategy: str = field(default="ddp", metadata={"help": "ddp | fsdp when launched with torchrun"})
     eval_every: int = field(default=1, metadata={"help": "validate every N epochs (and always on the last)"})
     out: str | None = field(default=None, metadata={"help": "run directory (default runs/<timestamp>)"})
     tensorboard: bool = field(default=False, metadata={"help": "also write TensorBoard events (needs tensorboard)"})
     max_steps: int = field(default=0, metadata={"help": "stop after N optimizer steps (0 = no limit; for tests)"})
-    progress: bool = field(default=True, metadata={"help": "tqdm progress bars"})
+    progress: bool = field(default=True, metadata={"help": "progress bars (plain periodic lines when stderr is not a terminal)"})
+    log_every: int = field(default=25, metadata={
+        "help": "read loss / accuracy from the device every N steps (progress bar, non-finite check; under "
+                "torchrun also the stop-signal check): the only host syncs between epoch ends"})
 
     def __post_init__(self) -> None:
         self.validate()
@@ -122,14 +146,16 @@ class TrainConfig:
         for f in dataclasses.fields(self):
             setattr(self, f.name, _coerce(getattr(self, f.name), f.type, f.name))
         choice("dataset", DATASETS)
-        choice("pos_embed", ("learned", "sincos1d", "sincos2d", "none"))
-        choice("pooling", ("mean", "cls"))
+        if self.pos_embed is not None:
+            choice("pos_embed", ("learned", "sincos1d", "sincos2d", "none"))
+        if self.pooling is not None:
+            choice("pooling", ("mean", "cls"))
         choice("loss", ("auto", "ce", "mse", "l1"))
         choice("hflip", ("auto", "on", "off"))
         choice("auto_augment", ("none", "randaugment", "trivialaugment"))
         choice("amp", ("off", "bf16", "fp16"))
         choice("strategy", ("ddp", "fsdp"))
-        for name in ("epochs", "batch_size", "accum_steps", "eval_every"):
+        for name in ("epochs", "batch_size", "accum_steps", "eval_every", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("val_fraction", "test_fraction", "label_smoothing", "drop_path", "dropout", "random_erasing"):
@@ -139,6 +165,13 @@ class TrainConfig:
             raise ConfigError(f"layer_decay must be in (0, 1], got {self.layer_decay}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        for name in ("patch_size", "dim", "depth", "num_heads"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.workers is not None and self.workers < 0:
+            raise ConfigError(f"workers must be >= 0, got {self.workers}")
+        if self.amp == "fp16" and self.device == "cpu":
+            raise ConfigError("amp fp16 needs CUDA (it relies on a grad scaler); on the CPU use --amp bf16")
         if self.lr <= 0:
             raise ConfigError(f"lr must be positive, got {self.lr}")
 

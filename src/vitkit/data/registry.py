@@ -1,0 +1,56 @@
+"""The dataset registry: name -> builder. Adding a dataset is one line here plus its builder
+(a function ``DataSpec -> DataSplits``); train, eval and features read this table.
+
+Builders are imported on first use, so a format's optional dependencies (webdataset, datasets)
+load only when that format is asked for.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ..errors import ConfigError
+
+
+@dataclass(frozen=True)
+class DatasetEntry:
+    builder: str  # "module:function" under vitkit.data
+    help: str
+    in_memory: bool  # whole dataset in memory (fast batched path, no workers needed)
+    needs_dir: bool
+
+
+DATASETS: dict[str, DatasetEntry] = {
+    "digits": DatasetEntry("datasets:_digits", "scikit-learn's 1,797 8x8 digits (built in)", True, False),
+    "mnist": DatasetEntry("datasets:_mnist", "MNIST idx files in DIR/MNIST/raw (--download fetches them)", True, True),
+    "fashion-mnist": DatasetEntry("datasets:_mnist", "Fashion-MNIST idx files in DIR/FashionMNIST/raw", True, True),
+    "cifar10": DatasetEntry("datasets:_cifar", "CIFAR-10 python batches in DIR/cifar-10-batches-py", True, True),
+    "cifar100": DatasetEntry("datasets:_cifar", "CIFAR-100 python batches in DIR/cifar-100-python", True, True),
+    "imagefolder": DatasetEntry("datasets:_imagefolder", "DIR/train/<class>/*.jpg (+ val/, test/)", False, True),
+    "csv": DatasetEntry("datasets:_csv", "regression: CSV of image path + numeric target columns", False, True),
+    "webdataset": DatasetEntry("shards:build_webdataset", "tar shards DIR/train-*.tar (+ val-*, test-*): "
+                               ".jpg/.png/.webp + .cls", False, True),
+    "hf": DatasetEntry("hf:build_hf", "Hugging Face dataset saved with save_to_disk, or a folder of parquet "
+                       "files", False, True),
+}
+
+
+def dataset_names() -> tuple[str, ...]:
+    return tuple(DATASETS)
+
+
+def get_builder(name: str) -> Callable:
+    entry = DATASETS.get(name)
+    if entry is None:
+        close = difflib.get_close_matches(str(name), DATASETS, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"unknown dataset {name!r}: one of {', '.join(DATASETS)}{hint}")
+    module, func = entry.builder.split(":")
+    return getattr(importlib.import_module(f"vitkit.data.{module}"), func)
+
+
+def datasets_help() -> str:
+    return "; ".join(f"{k}: {v.help}" for k, v in DATASETS.items())

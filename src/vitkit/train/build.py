@@ -1,0 +1,220 @@
+"""Building a run: device, data, model (from scratch, a preset or pretrained weights), optimizer,
+schedule. Each a small function of the TrainConfig; :func:`vitkit.train.loop.train` calls them in order.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from typing import Any
+
+import torch
+
+from ..data.datasets import DataSplits
+from ..errors import ConfigError
+from .config import ARCH_DEFAULTS, ARCH_FIELDS, TrainConfig
+
+log = logging.getLogger("vitkit.train")
+
+# Tokens per image above which a configuration warns: attention cost grows with N^2, and the
+# issue-11 trap (32x32 images trained at 224 with patch 2 = 12,544 tokens: ~10 min per step on a CPU).
+TOKEN_BUDGET = 1024
+AUTO_PATCH_TOKENS = 256  # the default patch keeps at most this many tokens (ViT-B/16 at 224: 196)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} requested but CUDA is not available")
+    return dev
+
+
+def set_threads(cfg: TrainConfig, device: torch.device) -> int:
+    """``--threads 0`` = every core. On an idle 2-core machine even the 35k-parameter digits model
+    trains faster on 2 threads than on 1 (benchmarks/train_digits.md); pass ``--threads 1`` when
+    other jobs share the cores."""
+    if device.type != "cpu":
+        return torch.get_num_threads()
+    n = cfg.threads or (os.cpu_count() or 1)
+    torch.set_num_threads(n)
+    return n
+
+
+def setup_backends(cfg: TrainConfig, device: torch.device) -> None:
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = False
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    if device.type == "cuda":  # TF32 tensor cores for fp32 matmuls / convs (Ampere and later)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    if cfg.amp == "fp16" and device.type != "cuda":
+        raise ConfigError("--amp fp16 needs CUDA (it relies on a grad scaler); on the CPU use --amp bf16")
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
+
+
+# --------------------------------------------------------------------------- architecture
+def auto_patch_size(hw: tuple[int, int]) -> int:
+    """Smallest patch side >= 2 dividing both sides with at most AUTO_PATCH_TOKENS tokens
+    (8x8 -> 2, 28 -> 2, 32 -> 2, 224 -> 14... but 16 is preferred where it fits the budget)."""
+    H, W = hw
+    g = math.gcd(H, W)
+    divisors = [p for p in range(2, g + 1) if g % p == 0] or [1]
+    fits = [p for p in divisors if (H // p) * (W // p) <= AUTO_PATCH_TOKENS]
+    if not fits:
+        return divisors[-1]
+    standard = [p for p in (2, 4, 8, 16, 32) if p in fits]  # prefer the usual powers of two
+    return standard[0] if standard else fits[0]
+
+
+def _explicit_arch(cfg: TrainConfig) -> dict[str, Any]:
+    return {k: getattr(cfg, k) for k in ARCH_FIELDS if getattr(cfg, k) is not None}
+
+
+def model_arch(vc) -> dict[str, Any]:
+    """The TrainConfig architecture fields a ViTConfig corresponds to."""
+    ph = vc.patch_size if isinstance(vc.patch_size, int) else vc.patch_size[0]
+    arch = {"patch_size": ph, "dim": vc.dim, "depth": vc.depth, "num_heads": vc.num_heads,
+            "mlp_ratio": round(vc.mlp_dim / vc.dim, 6) if getattr(vc, "mlp_dim", None) else None,
+            "pos_embed": vc.pos_embed, "pooling": vc.pooling,
+            "fc_norm": bool(vc.fc_norm) if vc.pooling == "mean" else None}
+    return arch
+
+
+def check_fixed_arch(cfg: TrainConfig, vc, what: str) -> None:
+    """Architecture values given with ``--pretrained`` / ``--model`` must be the model's own."""
+    arch = model_arch(vc)
+    clash = []
+    for k, v in _explicit_arch(cfg).items():
+        have = arch.get(k)
+        same = have == v or (isinstance(v, float) and have is not None and math.isclose(v, have, rel_tol=1e-6))
+        if not same:
+            clash.append(f"--{k.replace('_', '-')} {v} (the model has {have})")
+    if clash:
+        raise ConfigError(f"{what} fixes the architecture; these options cannot apply: {', '.join(clash)}. "
+                          "Leave them out (the model's own values are used and recorded in config.yaml)")
+
+
+def probe_pretrained(cfg: TrainConfig):
+    """The pretrained model's config, read before the data (its input size is the default)."""
+    import vitkit
+
+    return vitkit.from_pretrained(cfg.pretrained).config
+
+
+def build_model(cfg: TrainConfig, data: DataSplits):
+    """(model, cfg with the architecture actually built filled in: what config.yaml records)."""
+    from .. import ViT, ViTConfig
+    from ..config import get_config
+
+    common = dict(image_size=data.image_hw, in_channels=data.in_channels, num_classes=data.num_outputs,
+                  task=data.task, drop_path=cfg.drop_path, dropout=cfg.dropout)
+    if cfg.pretrained:
+        model = load_pretrained(cfg.pretrained, data, drop_path=cfg.drop_path, dropout=cfg.dropout)
+        check_fixed_arch(cfg, model.config, f"--pretrained {cfg.pretrained}")
+    elif cfg.model:
+        vc = get_config(cfg.model, **common)
+        check_fixed_arch(cfg, vc, f"--model {cfg.model}")
+        model = ViT(vc)
+    else:
+        a = {**ARCH_DEFAULTS, **_explicit_arch(cfg)}
+        a["patch_size"] = a.get("patch_size") or auto_patch_size(data.image_hw)
+        vc = ViTConfig(patch_size=a["patch_size"], dim=a["dim"], depth=a["depth"], num_heads=a["num_heads"],
+                       mlp_ratio=a["mlp_ratio"], pos_embed=a["pos_embed"], pooling=a["pooling"],
+                       class_token=a["pooling"] == "cls", fc_norm=a["fc_norm"] and a["pooling"] == "mean",
+                       name="vitkit_train", **common)
+        model = ViT(vc)
+        # MAE / big_vision initialise the patch projection like a linear layer (xavier-uniform over
+        # the flattened patch). ViT's default trunc-normal(0.02) makes tokens of tiny patches (2x2x1 =
+        # 4 inputs) ~50x smaller than the sin-cos position table, and training on digits then stalls.
+        w = model.patch_embed.proj.weight
+        torch.nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+    if cfg.grad_checkpointing:
+        if not hasattr(model, "set_grad_checkpointing"):
+            raise ConfigError("--grad-checkpointing: this vitkit's ViT has no set_grad_checkpointing()")
+        model.set_grad_checkpointing(True)
+    recorded = {k: v for k, v in model_arch(model.config).items() if k in ARCH_FIELDS}
+    recorded = {k: v for k, v in recorded.items() if _representable(k, v)}
+    return model, cfg.replace(**recorded, image_size=data.image_hw[0] if data.image_hw[0] == data.image_hw[1]
+                              else cfg.image_size)
+
+
+def _representable(name: str, value) -> bool:
+    """Whether ``value`` is a valid TrainConfig value (e.g. a pretrained 'map' pooling is not)."""
+    try:
+        TrainConfig(**{name: value})
+    except ConfigError:
+        return False
+    return value is not None
+
+
+def load_pretrained(source: str, data: DataSplits, **overrides):
+    """Weights from ``source`` (any format ``vitkit.from_pretrained`` reads), resampled to this
+    dataset's input size and channels, with a fresh head for its classes / targets."""
+    import vitkit
+    from vitkit.model.vit import ViT
+
+    model = vitkit.from_pretrained(source, num_classes=data.num_outputs, image_size=data.image_hw,
+                                   in_channels=data.in_channels, **overrides)
+    # Fine-tuning always starts from a fresh head, even when the class count happens to match, with
+    # the model's own init (ViT.init_weights: truncated normal at +-2 std; nn.init.trunc_normal_'s
+    # bounds are absolute and would truncate nothing).
+    c = model.config
+    head_in = model.head.in_features if isinstance(model.head, torch.nn.Linear) else c.dim
+    holder = _InitHolder()
+    holder.head = torch.nn.Linear(head_in, data.num_outputs)
+    ViT.init_weights(holder)
+    model.head = holder.head
+    model.config = c.replace(num_classes=data.num_outputs, task=data.task)
+    return model.train()
+
+
+class _InitHolder(torch.nn.Module):
+    """Gives ViT.init_weights a module tree holding only the new head (it reads these three)."""
+
+    cls_token = reg_token = pos_embed = None
+
+
+def check_tokens(model, say) -> None:
+    c = model.config
+    n = c.num_tokens
+    if n > TOKEN_BUDGET:
+        H, W = c.image_hw
+        p = c.patch_size if isinstance(c.patch_size, int) else c.patch_size[0]
+        better = auto_patch_size((H, W))
+        say(f"warning: {n} tokens per image ({H}x{W} input, patch {p}) is over the budget of {TOKEN_BUDGET}: "
+            f"attention cost grows with the square of the token count, so each step is slow. Use a larger "
+            f"--patch-size (e.g. {better}: {(H // better) * (W // better)} tokens) or a smaller --image-size.")
+
+
+def preprocess_cfg(data: DataSplits) -> dict[str, Any]:
+    return {"input_size": [data.in_channels, *data.image_hw], "mean": list(data.mean), "std": list(data.std),
+            "interpolation": "bilinear", "crop_pct": 1.0}
+
+
+def build_optimizer_and_schedule(cfg: TrainConfig, model, steps_per_epoch: int, say):
+    """AdamW + (total_steps, warmup_steps) of the warmup-cosine schedule (lr_at is a pure function)."""
+    from .optim import build_optimizer
+
+    total = steps_per_epoch * cfg.epochs  # --max-steps stops a run early; it does not rescale the schedule
+    warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
+    if warmup >= total and cfg.warmup_epochs > 0:
+        say(f"warning: warm-up ({cfg.warmup_epochs:g} epochs = {warmup} steps) is as long as the whole run "
+            f"({total} steps): the learning rate never reaches its peak and never decays. Use fewer "
+            f"--warmup-epochs (or more --epochs).")
+    return build_optimizer(model, cfg), total, warmup
+
+
+def build_ema(cfg: TrainConfig, model):
+    if not cfg.ema or cfg.strategy == "fsdp":
+        return None
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
