@@ -129,7 +129,7 @@ def test_dataset_without_labels_says_so(folder, capsys):
     tmp, model, mdir = folder
     csv = tmp / "reg.csv"
     imgs = sorted((tmp / "ds" / "train").rglob("*.png"))[:6]
-    csv.write_text("path,y\n" + "".join(f"{p},{i}.5\n" for i, p in enumerate(imgs)))
+    csv.write_text("path,y\n" + "".join(f"{p.relative_to(tmp)},{i}.5\n" for i, p in enumerate(imgs)))
     with pytest.raises(InputError, match="no class labels"):
         knn_on_dataset(model, "csv", data_dir=str(csv), progress=False)
     from vitkit.cli.main import main

@@ -28,7 +28,7 @@ from ..io import atomic_write
 from ..progress import progress_bar
 from ._deps import require
 from .extract import FeatureExtractor, FeatureSpec
-from .loader import Chain, ImageFiles, TensorSplit, list_images, make_loader
+from .loader import Chain, ImageFiles, ReadSplit, TensorSplit, list_images, make_loader
 
 META_KEY = b"vitkit.features"
 # the settings that decide what a vector means: rows made with different ones must not mix
@@ -216,15 +216,14 @@ def embed_files(model, inputs: list[str], out, *, spec: FeatureSpec | None = Non
 
 # ---------------------------------------------------------------------------------- datasets
 def load_splits(dataset: str, data_dir: str | None = None, **options):
-    """The splits of a training dataset (same names and options as ``vitkit train``), at their
-    native size (the feature code resizes to the model's input)."""
-    # TODO(data): switch to the vitkit.data dataset registry once it lands.
-    from ..data.datasets import build_datasets
-    from ..train.config import TrainConfig
+    """The splits of a registered dataset (``vitkit.data`` registry: the same names and options as
+    ``vitkit train``), at their native size: the feature code applies the model's preprocessing."""
+    from ..data import DataSpec, build_data
 
-    cfg = TrainConfig(dataset=dataset, data_dir=data_dir, image_size=0, augment=False, progress=False,
-                      skip_bad_images=True, **options)
-    return build_datasets(cfg)
+    # Unreadable files are skipped and listed by the feature loader, so no up-front header pass.
+    spec = DataSpec(dataset=dataset, data_dir=data_dir, image_size=0, skip_bad_images=True, check_files=False,
+                    **options)
+    return build_data(spec)
 
 
 class SplitItems:
@@ -241,10 +240,16 @@ class SplitItems:
         if hasattr(ds, "paths"):  # image files: the model's own transform on each file
             self.paths = [str(p) for p in ds.paths]
             self.make = lambda todo: file_dataset(model, [self.paths[i] for i in todo])
-        else:  # in-memory tensors
+        elif hasattr(ds, "read_batch") or hasattr(ds, "get_batch"):  # in-memory tensors
             self.paths = [f"{splits.name}/{split}/{i}" for i in range(len(ds))]
             input_size, mean, std = preprocess_numbers(model)
             self.make = lambda todo: TensorSplit(_Subset(ds, todo), input_size, mean, std)
+        elif hasattr(ds, "read"):  # decoded per sample (Hugging Face datasets ...): the model's transform
+            self.paths = [f"{splits.name}/{split}/{i}" for i in range(len(ds))]
+            self.make = lambda todo: ReadSplit(ds, todo, model.preprocess, model.config.in_channels)
+        else:
+            raise InputError(f"{splits.name}: its {split} split cannot be read image by image (streamed shards); "
+                             "embed its image files, or convert it to an imagefolder")
 
 
 class _Subset:
@@ -255,7 +260,8 @@ class _Subset:
         return len(self.idx)
 
     def get_batch(self, indices):
-        return self.ds.get_batch([self.idx[i] for i in indices])
+        read = getattr(self.ds, "read_batch", None) or self.ds.get_batch
+        return read([self.idx[i] for i in indices])
 
 
 def embed_dataset(model, dataset: str, out, *, data_dir: str | None = None, splits_wanted=("train", "val", "test"),

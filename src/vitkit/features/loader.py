@@ -4,8 +4,11 @@ Two sources, one batch shape: ``(indices (B,), images (B, C, H, W) or None, fail
 ``failures`` lists ``(index, message)`` for images that could not be read (skipped, reported by the
 caller). Order is the source order, so row i of the output is item i of the input.
 
-# TODO(data): switch to vitkit.data loader (the registry's image-file dataset and its
-# StatefulDataLoader) once it lands; this is the smallest thing that works meanwhile.
+# TODO(data): switch to vitkit.data loader. Why not yet: vitkit.data.make_loader yields (x, y)
+# resized and normalised with the *dataset's* numbers and stops (or drops silently) on a bad
+# file, while features need the *model's* own preprocessing (its resize / crop / mean / std, as
+# `predict` uses), the row each image came from, and the list of unreadable files. A make_loader
+# option for a per-sample transform + (index, error) items would let this file shrink to a call.
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ class TensorSplit(Dataset):
         return len(self.ds)
 
     def __getitems__(self, indices: list[int]):
-        x, _ = self.ds.get_batch(indices)  # (B, c, h, w) in [0, 1]
+        x, _ = self.ds.get_batch(indices)  # (B, c, h, w) in [0, 1] (vitkit.data read_batch)
         if tuple(x.shape[-2:]) != (self.H, self.W):
             # bilinear + antialias: the resize the datasets use for training and `vitkit eval`
             x = torch.nn.functional.interpolate(x, size=(self.H, self.W), mode="bilinear",
@@ -69,6 +72,27 @@ class TensorSplit(Dataset):
 
     def __getitem__(self, i: int):
         return self.__getitems__([i])[0]
+
+
+class ReadSplit(Dataset):
+    """A dataset split with ``read(i) -> (uint8 image (C, H, W), target)`` (vitkit.data), each
+    image through the model's eval transform (grey -> RGB repeated for an RGB model)."""
+
+    def __init__(self, ds, indices: list[int], transform, in_channels: int) -> None:
+        self.ds, self.indices, self.transform, self.C = ds, indices, transform, in_channels
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        try:
+            img, _ = self.ds.read(self.indices[i])
+            img = torch.as_tensor(img)
+            if img.shape[0] == 1 and self.C == 3:
+                img = img.expand(3, -1, -1)
+            return i, self.transform(img), None
+        except (InputError, OSError, ValueError) as e:
+            return i, None, str(e)
 
 
 def collate(items):
