@@ -101,8 +101,27 @@ def test_approximate_backends_report_recall(table, backend, min_recall):
     _, ids = index.search(Q, 10)
     r = recall_at_k(ids, truth)
     assert min_recall <= r <= 1.0
+    # the streamed exact search (the recall reference for tables too big for memory) is exact too
+    _, streamed = EmbeddingIndex(path, backend=backend).search_streamed(Q, 10)
+    assert np.array_equal(streamed, truth)
     # recall_at_k itself, on a hand-made case: 1 of 2 right for the first query, 2 of 2 for the second
     assert recall_at_k(np.array([[1, 9], [3, 4]]), np.array([[1, 2], [4, 3]])) == 0.75
+
+
+def test_cli_reports_recall_of_an_approximate_backend(table, capsys):
+    pytest.importorskip("faiss")
+    tmp, path, X = table
+    from vitkit.cli.main import main
+
+    queries = [f"img/{i:05d}.png" for i in range(0, 3000, 100)]  # rows of the index as queries
+    assert main(["search", "--index", str(path), *queries, "--backend", "ivf", "--nprobe", "1", "--top-k", "10",
+                 "--report-recall", "--json"]) == 0
+    cap = capsys.readouterr()
+    got = json.loads(cap.out)
+    _, truth = brute_force(X, X[::100], 10)
+    found = np.array([[int(n["path"][4:9]) for n in r["neighbors"]] for r in got])
+    want = recall_at_k(found, truth)
+    assert f"recall@10 of ivf against exact search on these 30 queries: {want:.4f}" in cap.err
 
 
 def test_bad_indexes_are_clear_errors(table, tmp_path):

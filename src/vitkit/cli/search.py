@@ -19,6 +19,8 @@ def add_arguments(p) -> None:
                         "ivf / hnsw = FAISS approximate")
     p.add_argument("--nprobe", type=int, default=32, help="ivf: cells searched per query (more = better recall)")
     p.add_argument("--ef-search", type=int, default=128, help="hnsw: search breadth (more = better recall)")
+    p.add_argument("--report-recall", action="store_true",
+                   help="with ivf / hnsw: also search exactly (streamed) and report recall@k of these queries")
     p.add_argument("--model", "-m", default=None,
                    help="model for query images (default: the one recorded in the index)")
     p.add_argument("--device", default="cpu", help="torch device for embedding query images")
@@ -29,7 +31,7 @@ def run(args) -> int:
     import json
     import sys
 
-    from ..features import EmbeddingIndex, search_images
+    from ..features import EmbeddingIndex, query_vectors, recall_at_k
     from .embed import print_skipped
 
     note = lambda s: print(f"vitkit search: {s}", file=sys.stderr)  # noqa: E731
@@ -43,7 +45,18 @@ def run(args) -> int:
         from .. import from_pretrained
 
         model = from_pretrained(index.meta["model"], device=args.device).eval()
-    results, skipped = search_images(index, args.queries, args.top_k, model=model, batch_size=args.batch_size)
+    found, vecs, skipped = query_vectors(index, args.queries, model=model, batch_size=args.batch_size)
+    results = []
+    if found:
+        scores, ids = index.search(vecs, args.top_k)
+        results = [{"query": q, "neighbors": n} for q, n in zip(found, index.neighbors(scores, ids))]
+        if args.report_recall:
+            if index.backend in ("exact", "flat"):
+                note(f"{index.backend} search is exact: recall@{args.top_k} = 1")
+            else:
+                _, truth = index.search_streamed(vecs, args.top_k)
+                note(f"recall@{args.top_k} of {index.backend} against exact search on these {len(found)} "
+                     f"queries: {recall_at_k(ids, truth):.4f}")
     if args.json:
         print(json.dumps(results, indent=2))
     else:

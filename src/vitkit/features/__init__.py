@@ -17,10 +17,10 @@ from .embed import EmbedResult, embed_dataset, embed_files, labelled_features, r
 from .extract import POOLS, FeatureExtractor, FeatureSpec
 from .knn import knn_evaluate, knn_on_dataset, knn_scores, topk_accuracy
 from .probe import DEFAULT_CS, linear_probe, probe_on_dataset
-from .search import BACKENDS, EmbeddingIndex, recall_at_k, search_images
+from .search import BACKENDS, EmbeddingIndex, query_vectors, recall_at_k, search_images
 
 __all__ = [
     "FeatureSpec", "FeatureExtractor", "POOLS", "embed_files", "embed_dataset", "EmbedResult", "read_meta",
-    "labelled_features", "write_embeddings", "EmbeddingIndex", "search_images", "recall_at_k", "BACKENDS", "knn_scores",
+    "labelled_features", "write_embeddings", "EmbeddingIndex", "search_images", "query_vectors", "recall_at_k", "BACKENDS", "knn_scores",
     "knn_evaluate", "knn_on_dataset", "topk_accuracy", "linear_probe", "probe_on_dataset", "DEFAULT_CS",
 ]

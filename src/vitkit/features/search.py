@@ -239,16 +239,35 @@ class EmbeddingIndex:
         scores, ids = index.search(q, k)
         return scores, ids
 
+    def search_streamed(self, queries, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+        """Exact search reading the parquet file block by block (memory bounded whatever its size):
+        the reference an approximate backend's recall is measured against."""
+        q = torch.from_numpy(_l2_normalize_(np.array(queries, dtype=np.float32, copy=True)))
+        if q.shape[1] != self.dim:
+            raise InputError(f"query vectors have {q.shape[1]} dimensions, the index {self.path} has {self.dim}")
+        k = min(k, self.rows)
+        best_s = torch.full((len(q), 0), -float("inf"))
+        best_i = torch.zeros((len(q), 0), dtype=torch.long)
+        at = 0
+        for block in self.iter_vectors():
+            sim = q @ torch.from_numpy(_l2_normalize_(block)).T  # (Q, B)
+            s = torch.cat([best_s, sim], 1)
+            i = torch.cat([best_i, torch.arange(at, at + len(block)).expand(len(q), -1)], 1)
+            best_s, pos = s.topk(min(k, s.shape[1]), dim=1)
+            best_i = i.gather(1, pos)
+            at += len(block)
+        return best_s.numpy(), best_i.numpy()
+
     def neighbors(self, scores: np.ndarray, ids: np.ndarray) -> list[list[dict]]:
         return [[{"path": self.paths[i], "score": float(s), "label": self.labels[i]}
                  for s, i in zip(srow, irow) if i >= 0] for srow, irow in zip(scores, ids)]
 
 
-def search_images(index: EmbeddingIndex, queries: list[str], k: int = 10, *, model=None, batch_size: int = 64,
-                  workers: int = 0) -> tuple[list[dict], list[tuple[str, str]]]:
-    """Queries = rows of the index (by path) or image files, embedded the way the index was made
-    (the model recorded in its metadata unless ``model`` is given). Returns the JSON-ready results
-    ``[{"query", "neighbors": [{"path", "score", "label"}]}]`` and the unreadable queries."""
+def query_vectors(index: EmbeddingIndex, queries: list[str], *, model=None, batch_size: int = 64,
+                  workers: int = 0) -> tuple[list[str], np.ndarray, list[tuple[str, str]]]:
+    """Queries = rows of the index (by path: the stored vector) or image files, embedded the way
+    the index was made (the model recorded in its metadata unless ``model`` is given).
+    Returns (the queries that could be read, their vectors (Q, D), the unreadable ones with why)."""
     vecs: dict[str, np.ndarray] = {}
     in_index = [q for q in queries if index.row_of(q) is not None]
     if in_index:
@@ -276,7 +295,16 @@ def search_images(index: EmbeddingIndex, queries: list[str], k: int = 10, *, mod
             vecs.update((files[i], row) for i, row in zip(idx, f))
             skipped += [(files[i], msg) for i, msg in failures]
     found = [q for q in queries if q in vecs]
+    X = np.stack([vecs[q] for q in found]) if found else np.zeros((0, index.dim), np.float32)
+    return found, X, skipped
+
+
+def search_images(index: EmbeddingIndex, queries: list[str], k: int = 10, *, model=None, batch_size: int = 64,
+                  workers: int = 0) -> tuple[list[dict], list[tuple[str, str]]]:
+    """The JSON of ``vitkit search``: ``[{"query", "neighbors": [{"path", "score", "label"}]}]``,
+    and the unreadable queries (see :func:`query_vectors`)."""
+    found, X, skipped = query_vectors(index, queries, model=model, batch_size=batch_size, workers=workers)
     if not found:
         return [], skipped
-    scores, ids = index.search(np.stack([vecs[q] for q in found]), k)
+    scores, ids = index.search(X, k)
     return [{"query": q, "neighbors": n} for q, n in zip(found, index.neighbors(scores, ids))], skipped
