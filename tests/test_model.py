@@ -73,6 +73,9 @@ ODD = [
     dict(norm_first=False),
     dict(num_classes=0),
     dict(image_size=(16, 24), patch_size=(4, 8), in_channels=1),
+    dict(norm_layer="rmsnorm", norm_pre=True, patch_bias=False, head_bias=False),
+    dict(mlp_layer="swiglu", pooling="map", num_registers=1),
+    dict(dist_token=True, head_hidden_dim=8),
 ]
 
 

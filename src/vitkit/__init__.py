@@ -16,6 +16,7 @@ from typing import Any
 from .config import PRESETS, ViTConfig, get_config, list_models, resolve_name
 from .errors import CheckpointError, ConfigError, InputError, VitkitError
 from .io import load_model
+from .io import save_pretrained as _save_pretrained
 from .model.vit import ViT
 
 __version__ = "0.1.0"
@@ -35,7 +36,36 @@ def from_pretrained(source, **kwargs: Any) -> ViT:
     return _from_pretrained(source, **kwargs)
 
 
+def save_pretrained(model: ViT, directory, **kwargs: Any):
+    """Write ``config.json`` + ``model.safetensors`` (no pickle); see :func:`vitkit.io.save_pretrained`.
+    Also a method: ``model.save_pretrained(directory)``."""
+    return _save_pretrained(model, directory, **kwargs)
+
+
+def export_to(model: ViT, format: str, path, **kwargs: Any):
+    """Export to "timm" | "hf" | "torchvision" | "jax" | "onnx" | "torchscript" | "vitkit"; see
+    :mod:`vitkit.interop.export`. Also a method: ``model.export_to(format, path)``."""
+    from .interop.export import export_to as _export  # lazy: peers are imported only when needed
+
+    return _export(model, format, path, **kwargs)
+
+
+def _save_pretrained_method(self: ViT, directory, **kwargs: Any):
+    return save_pretrained(self, directory, **kwargs)
+
+
+def _export_to_method(self: ViT, format: str, path, **kwargs: Any):
+    return export_to(self, format, path, **kwargs)
+
+
+# The model module imports nothing from io/interop (no cycle); the package, which imports both
+# sides, gives ViT its two persistence methods as thin delegations.
+_save_pretrained_method.__doc__ = save_pretrained.__doc__
+_export_to_method.__doc__ = export_to.__doc__
+ViT.save_pretrained = _save_pretrained_method  # type: ignore[attr-defined]
+ViT.export_to = _export_to_method  # type: ignore[attr-defined]
+
 __all__ = [
     "ViT", "ViTConfig", "PRESETS", "create_model", "list_models", "get_config", "resolve_name", "load_model",
-    "from_pretrained", "VitkitError", "ConfigError", "InputError", "CheckpointError", "__version__",
+    "from_pretrained", "save_pretrained", "export_to", "VitkitError", "ConfigError", "InputError", "CheckpointError", "__version__",
 ]

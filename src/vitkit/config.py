@@ -24,7 +24,9 @@ from .errors import ConfigError
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "quick_gelu", "silu", "tanh", "identity")
 POS_EMBEDS = ("learned", "sincos1d", "sincos2d", "none")
-POOLINGS = ("cls", "mean")
+POOLINGS = ("cls", "mean", "map")
+NORM_LAYERS = ("layernorm", "rmsnorm")
+MLP_LAYERS = ("mlp", "swiglu")
 TASKS = ("classification", "regression")
 PATCH_EMBEDS = ("conv", "unfold", "rearrange")
 
@@ -77,7 +79,7 @@ class ViTConfig:
     norm_first: bool = True  # pre-norm (paper). False = post-norm x = norm(x + f(x)), no final norm
     pos_embed: str = "learned"  # learned | sincos1d (over token index) | sincos2d (patch grid) | none
     pos_embed_prefix: bool = True  # learned table has rows for the prefix tokens (timm no_embed_class=False)
-    pooling: str = "cls"  # cls = read the class token | mean = average of the patch tokens
+    pooling: str = "cls"  # cls = class token | mean = average of patch tokens | map = attention pooling (attn_pool)
     class_token: bool = True
     num_registers: int = 0  # register tokens (Darcet et al. 2024), after the class token
     fc_norm: bool = False  # timm's mean-pooling layout: final norm applied after pooling, not before
@@ -87,6 +89,13 @@ class ViTConfig:
     layer_scale: float | None = None  # LayerScale init value (CaiT / DeiT-III), None = off
     task: str = "classification"  # classification | regression (num_classes float outputs)
     patch_embed: str = "conv"  # conv (fastest) | unfold | rearrange: same weights, same tokens
+    norm_layer: str = "layernorm"  # layernorm | rmsnorm (no bias, no mean subtraction), every norm of the model
+    mlp_layer: str = "mlp"  # mlp (fc1 -> act -> fc2) | swiglu (fc1 packs [gate; value], 2*hidden wide; act(gate)*value)
+    norm_pre: bool = False  # a norm after prefix tokens + position embedding, before the blocks (CLIP's ln_pre)
+    patch_bias: bool = True  # bias of the patch projection (CLIP: False)
+    head_bias: bool = True  # bias of the classifier / projection head (CLIP's visual.proj: False)
+    dist_token: bool = False  # DeiT distillation token after the class token, with its own head (head_dist)
+    dynamic_img_size: bool = False  # forward takes any HxW divisible by the patch; position table resampled per grid
     name: str | None = None  # preset name this config came from, informational
 
     def __post_init__(self) -> None:
@@ -115,7 +124,7 @@ class ViTConfig:
 
     @property
     def num_prefix_tokens(self) -> int:
-        return int(self.class_token) + self.num_registers
+        return int(self.class_token) + int(self.dist_token) + self.num_registers
 
     @property
     def num_tokens(self) -> int:
@@ -148,7 +157,8 @@ class ViTConfig:
             raise ConfigError(f"num_classes must be an int >= 0, got {self.num_classes!r}")
         if isinstance(self.num_registers, bool) or not isinstance(self.num_registers, int) or self.num_registers < 0:
             raise ConfigError(f"num_registers must be an int >= 0, got {self.num_registers!r}")
-        for name in ("qkv_bias", "norm_first", "pos_embed_prefix", "class_token", "fc_norm"):
+        for name in ("qkv_bias", "norm_first", "pos_embed_prefix", "class_token", "fc_norm", "norm_pre",
+                     "patch_bias", "head_bias", "dist_token", "dynamic_img_size"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
         for name in ("mlp_dim", "head_hidden_dim"):
@@ -185,6 +195,12 @@ class ViTConfig:
         _choice(self.pooling, POOLINGS, "pooling")
         _choice(self.task, TASKS, "task")
         _choice(self.patch_embed, PATCH_EMBEDS, "patch_embed")
+        _choice(self.norm_layer, NORM_LAYERS, "norm_layer")
+        _choice(self.mlp_layer, MLP_LAYERS, "mlp_layer")
+        if self.dist_token and not (self.class_token and self.pooling == "cls"):
+            raise ConfigError(f"dist_token=True (DeiT) reads the class and distillation tokens: it needs "
+                              f"class_token=True and pooling='cls', got class_token={self.class_token}, "
+                              f"pooling={self.pooling!r}")
         if self.pooling == "cls" and not self.class_token:
             raise ConfigError("pooling='cls' needs class_token=True; use pooling='mean' without a class token")
         if self.pos_embed == "sincos2d" and self.dim % 4:

@@ -44,8 +44,8 @@ def layer_table(model: ViT) -> list[Row]:
     device = next(model.parameters()).device
     x = torch.zeros(1, c.in_channels, *c.image_hw, device=device)
     try:
-        with torch.no_grad():
-            model(x)
+        with torch.no_grad():  # every token through every block (forward() runs the last block for the class token only)
+            model.forward_head(model.forward_features(x))
     finally:
         for h in hooks:
             h.remove()

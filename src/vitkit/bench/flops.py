@@ -16,24 +16,33 @@ from ..config import ViTConfig
 def count_params(c: ViTConfig) -> int:
     D, H = c.dim, c.hidden_dim
     ph, pw = c.patch_hw
-    n = D * c.in_channels * ph * pw + D  # patch embedding
-    n += D * (int(c.class_token) + c.num_registers)
+    norm = D if c.norm_layer == "rmsnorm" else 2 * D  # rmsnorm has no bias
+    n = D * c.in_channels * ph * pw + (D if c.patch_bias else 0)  # patch embedding
+    n += D * c.num_prefix_tokens  # class, distillation and register tokens
     if c.pos_embed == "learned":
         n += D * (c.num_patches + (c.num_prefix_tokens if c.pos_embed_prefix else 0))
-    per_block = 2 * 2 * D  # two LayerNorms
+    if c.norm_pre:
+        n += norm
+    per_block = 2 * norm
     per_block += D * 3 * D + (3 * D if c.qkv_bias else 0) + D * D + D  # qkv + proj
-    per_block += D * H + H + H * D + D  # MLP
+    if c.mlp_layer == "swiglu":
+        per_block += D * 2 * H + 2 * H + H * D + D  # packed fc1 (gate; value) + fc2
+    else:
+        per_block += D * H + H + H * D + D  # MLP
     if c.layer_scale is not None:
         per_block += 2 * D
     n += c.depth * per_block
     if (c.norm_first and not c.fc_norm) or c.fc_norm:
-        n += 2 * D
+        n += norm
+    if c.pooling == "map":  # latent, q, kv, proj, norm, plain MLP as wide as the blocks' fc1
+        H = H * (2 if c.mlp_layer == "swiglu" else 1)
+        n += D + (D * D + D) + (2 * D * D + 2 * D) + (D * D + D) + norm + (D * H + H + H * D + D)
     head_in = D
     if c.head_hidden_dim:
         n += D * c.head_hidden_dim + c.head_hidden_dim
         head_in = c.head_hidden_dim
     if c.num_classes:
-        n += head_in * c.num_classes + c.num_classes
+        n += (1 + int(c.dist_token)) * (head_in * c.num_classes + (c.num_classes if c.head_bias else 0))
     return n
 
 

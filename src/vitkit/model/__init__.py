@@ -1,12 +1,13 @@
 """The ViT model and its reusable layers (torch only)."""
 
-from .attention import Attention
-from .block import Block, DropPath, LayerScale, Mlp, make_act
+from .attention import Attention, AttentionPoolLatent
+from .block import Block, DropPath, LayerScale, Mlp, SwiGLU, make_act, make_mlp, make_norm
 from .patch_embed import PatchEmbed, conv_to_linear_weight, linear_to_conv_weight, patchify
 from .pos_embed import resample_pos_embed, sincos_1d, sincos_2d
 from .vit import ViT
 
 __all__ = [
-    "Attention", "Block", "DropPath", "LayerScale", "Mlp", "make_act", "PatchEmbed", "conv_to_linear_weight",
-    "linear_to_conv_weight", "patchify", "resample_pos_embed", "sincos_1d", "sincos_2d", "ViT",
+    "Attention", "AttentionPoolLatent", "Block", "DropPath", "LayerScale", "Mlp", "SwiGLU", "make_act", "make_mlp",
+    "make_norm", "PatchEmbed", "conv_to_linear_weight", "linear_to_conv_weight", "patchify", "resample_pos_embed",
+    "sincos_1d", "sincos_2d", "ViT",
 ]

@@ -1,4 +1,4 @@
-"""Multi-head self-attention with one fused qkv projection.
+"""Multi-head self-attention with one fused qkv projection, and attention pooling (MAP).
 
     scores = (Q K^T) * scale,  scale = head_dim ** -0.5 (applied *before* the softmax)
     A = softmax(scores, dim=-1)          # over the keys: every row sums to 1
@@ -6,10 +6,13 @@
 
 Two of the tutorials get this wrong (softmax over the query axis; dividing by sqrt(D) after the
 softmax). The fast path calls ``F.scaled_dot_product_attention`` (fused kernels on CPU and GPU);
-``return_attention=True`` takes the explicit path and also returns A, (B, heads, N, N). The two
-paths are tested to give the same output.
+``return_attention=True`` takes the explicit path and also returns A. The two paths are tested
+to give the same output.
 
-Input (B, N, D) -> output (B, N, D).
+``num_queries=k`` computes the output of the first k tokens only: their queries attend over the
+keys and values of *every* token. It is what a class-token head needs from the last block.
+
+Input (B, N, D) -> output (B, N, D) (or (B, k, D) with ``num_queries=k``).
 """
 
 from __future__ import annotations
@@ -19,33 +22,15 @@ import torch.nn.functional as F
 from torch import nn
 
 
-class Workspace:
-    """Named scratch buffers for one allocation-light inference forward (see ``ViT.forward``).
-
-    The default CPU allocator hands large tensors back to the OS when they are freed, so every
-    fresh activation of a plain forward costs page faults (one per 4 KiB, 170k+ per ViT-S/16
-    forward at batch 32). A forward that writes its matmuls into a few buffers, reused by every
-    block, faults once per buffer instead of once per layer. Made per call: nothing stays
-    allocated afterwards and concurrent forwards never share a buffer.
-    """
-
-    def __init__(self, like: torch.Tensor) -> None:
-        self.like = like
-        self.buffers: dict[str, torch.Tensor] = {}
-
-    def get(self, name: str, *shape: int) -> torch.Tensor:
-        buf = self.buffers.get(name)
-        if buf is None or tuple(buf.shape) != shape:
-            buf = self.buffers[name] = self.like.new_empty(shape)
-        return buf
-
-
-def linear_into(layer: nn.Linear, x2d: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """``layer(x2d)`` written into ``out`` (M, out_features). Bit-identical to ``F.linear``,
-    which runs this same ``addmm(bias, x, W^T)`` for a contiguous input."""
-    if layer.bias is not None:
-        return torch.addmm(layer.bias, x2d, layer.weight.t(), out=out)
-    return torch.mm(x2d, layer.weight.t(), out=out)
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, dropout_p: float,
+            return_attention: bool):
+    """(B, h, M, hd) queries over (B, h, N, hd) keys/values -> (B, h, M, hd) [, weights (B, h, M, N)]."""
+    if not return_attention:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale), None
+    attn = (q @ k.transpose(-2, -1)) * scale  # (B, h, M, N)
+    weights = attn.softmax(dim=-1)  # over the keys
+    attn = F.dropout(weights, p=dropout_p) if dropout_p > 0 else weights
+    return attn @ v, weights
 
 
 class Attention(nn.Module):
@@ -69,54 +54,63 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop) if proj_drop > 0 else None
 
-    def forward(self, x: torch.Tensor, return_attention: bool = False):
-        """(B, N, D) -> (B, N, D) [, weights (B, heads, N, N)]."""
+    def forward(self, x: torch.Tensor, num_queries: int | None = None, return_attention: bool = False):
+        """(B, N, D) -> (B, M, D) [, weights (B, heads, M, N)], M = num_queries or N.
+
+        ``num_queries=k``: only the first k tokens' queries are projected and attended with, and
+        only their outputs projected (the rows the full call gives for them, at k/N of the
+        query-side cost); keys and values still come from all N tokens."""
         B, N, D = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # each (B, heads, N, head_dim)
-        dropout_p = self.attn_drop if self.training else 0.0
-        if return_attention:
-            attn = (q @ k.transpose(-2, -1)) * self.scale  # (B, heads, N, N)
-            attn = attn.softmax(dim=-1)  # over the keys
-            weights = attn
-            if dropout_p > 0:
-                attn = F.dropout(attn, p=dropout_p)
-            out = attn @ v  # (B, heads, N, head_dim)
+        H, hd = self.num_heads, self.head_dim
+        if num_queries is None:
+            M = N
+            q, k, v = self.qkv(x).reshape(B, N, 3, H, hd).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, hd)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=self.scale)
-            weights = None
-        out = out.transpose(1, 2).reshape(B, N, D)
-        out = self.proj(out)
+            M = num_queries
+            w, b = self.qkv.weight, self.qkv.bias  # rows [q; k; v]: slice the fused projection
+            q = F.linear(x[:, :M], w[:D], None if b is None else b[:D]).reshape(B, M, H, hd).transpose(1, 2)
+            kv = F.linear(x, w[D:], None if b is None else b[D:])
+            k, v = kv.reshape(B, N, 2, H, hd).permute(2, 0, 3, 1, 4).unbind(0)
+        dropout_p = self.attn_drop if self.training else 0.0
+        out, weights = _attend(q, k, v, self.scale, dropout_p, return_attention)
+        out = self.proj(out.transpose(1, 2).reshape(B, M, D))
         if self.proj_drop is not None:
             out = self.proj_drop(out)
         return (out, weights) if return_attention else out
 
-    def forward_first_query(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, N, D) -> (B, 1, D): the output for token 0 alone (the class token).
 
-        Keys and values still come from every token; only token 0's query is projected and
-        attended with, and only its output projected: the rows :meth:`forward` would compute
-        for token 0, at 1/N of the query-side cost."""
+class AttentionPoolLatent(nn.Module):
+    """Multi-head attention pooling (big_vision's MAPHead, SigLIP; timm's ``AttentionPoolLatent``
+    with the same parameter names): a learned probe ``latent`` attends over the tokens, then a
+    residual norm + MLP. (B, N, D) -> (B, D).
+
+    Args:
+        dim, num_heads: widths (the model's).
+        mlp: the MLP module (applied as ``x + mlp(norm(x))``).
+        norm: the norm module before the MLP.
+        qk_scale: score scale, None = head_dim ** -0.5.
+    """
+
+    def __init__(self, dim: int, num_heads: int, mlp: nn.Module, norm: nn.Module,
+                 qk_scale: float | None = None) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = qk_scale if qk_scale is not None else self.head_dim**-0.5
+        self.latent = nn.Parameter(torch.zeros(1, 1, dim))
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm = norm
+        self.mlp = mlp
+
+    def forward(self, x: torch.Tensor, return_attention: bool = False):
+        """(B, N, D) -> (B, D) [, weights (B, heads, 1, N)]."""
         B, N, D = x.shape
-        w, b = self.qkv.weight, self.qkv.bias
-        q = F.linear(x[:, :1], w[:D], None if b is None else b[:D])
-        kv = F.linear(x, w[D:], None if b is None else b[D:])
-        q = q.reshape(B, 1, self.num_heads, self.head_dim).transpose(1, 2)
-        k, v = kv.reshape(B, N, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        dropout_p = self.attn_drop if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=self.scale)
+        H, hd = self.num_heads, self.head_dim
+        q = self.q(self.latent).reshape(1, 1, H, hd).transpose(1, 2).expand(B, -1, -1, -1)  # (B, H, 1, hd)
+        k, v = self.kv(x).reshape(B, N, 2, H, hd).permute(2, 0, 3, 1, 4).unbind(0)
+        out, weights = _attend(q, k, v, self.scale, 0.0, return_attention)
         out = self.proj(out.transpose(1, 2).reshape(B, 1, D))
-        if self.proj_drop is not None:
-            out = self.proj_drop(out)
-        return out
-
-    def forward_into(self, x: torch.Tensor, ws: Workspace) -> torch.Tensor:
-        """Inference: (B, N, D) -> the projected output as a (B*N, D) workspace buffer ("out").
-
-        Same kernels and results as :meth:`forward` in eval mode; qkv and the output
-        projection are written into reused buffers instead of fresh tensors."""
-        B, N, D = x.shape
-        qkv = linear_into(self.qkv, x.reshape(B * N, D), ws.get("qkv", B * N, 3 * D))
-        q, k, v = qkv.view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
-        return linear_into(self.proj, out.transpose(1, 2).reshape(B * N, D), ws.get("out", B * N, D))
+        out = out + self.mlp(self.norm(out))
+        return (out[:, 0], weights) if return_attention else out[:, 0]

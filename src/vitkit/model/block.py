@@ -1,20 +1,20 @@
-"""Encoder block pieces: activations, MLP, stochastic depth, LayerScale, and the block itself.
+"""Encoder block and its parts: activations, norms, MLPs (plain and SwiGLU), stochastic depth,
+LayerScale, and the block itself, assembled from parts the config chooses (as timm's ``Block``).
 
 Pre-norm (paper, Eq. 2-3):   x = x + attn(norm1(x));  x = x + mlp(norm2(x))
 Post-norm (original Transformer, the Keras tutorial):   x = norm1(x + attn(x));  x = norm2(x + mlp(x))
 
-Input (B, N, D) -> output (B, N, D).
+Input (B, N, D) -> output (B, N, D); with ``num_queries=k`` -> (B, k, D), the first k tokens.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..config import ACTIVATIONS
+from ..config import ACTIVATIONS, MLP_LAYERS, NORM_LAYERS
 from ..errors import ConfigError
-from .attention import Attention, Workspace, linear_into
+from .attention import Attention
 
 
 class QuickGELU(nn.Module):
@@ -40,31 +40,13 @@ def make_act(name: str) -> nn.Module:
     return table[name]()
 
 
-def act_(act: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Apply an activation module in place (inference only: autograd needs the input)."""
-    if isinstance(act, nn.GELU):
-        return torch.ops.aten.gelu_(x, approximate=act.approximate)
-    if isinstance(act, nn.ReLU):
-        return x.relu_()
-    if isinstance(act, nn.SiLU):
-        return F.silu(x, inplace=True)
-    if isinstance(act, nn.Tanh):
-        return x.tanh_()
-    if isinstance(act, nn.Identity):
-        return x
-    return x.copy_(act(x))
-
-
-def layer_norm_into(norm: nn.Module, x: torch.Tensor, ws: Workspace, name: str = "norm") -> torch.Tensor:
-    """``norm(x)`` for (B, N, D) x, into a workspace buffer when ``norm`` is a plain LayerNorm
-    (the same ``native_layer_norm`` kernel ``F.layer_norm`` runs on the CPU)."""
-    if not (isinstance(norm, nn.LayerNorm) and norm.elementwise_affine and len(norm.normalized_shape) == 1):
-        return norm(x)
-    B, N, D = x.shape
-    out, _, _ = torch.ops.aten.native_layer_norm.out(
-        x, [D], norm.weight, norm.bias, norm.eps,
-        out0=ws.get(name, B, N, D), out1=ws.get(name + ".mean", B, N, 1), out2=ws.get(name + ".rstd", B, N, 1))
-    return out
+def make_norm(name: str, dim: int, eps: float = 1e-6) -> nn.Module:
+    """"layernorm" (weight and bias) or "rmsnorm" (weight only: x / rms(x) * weight)."""
+    if name == "layernorm":
+        return nn.LayerNorm(dim, eps=eps)
+    if name == "rmsnorm":
+        return nn.RMSNorm(dim, eps=eps)
+    raise ConfigError(f"unknown norm_layer {name!r}; expected one of {list(NORM_LAYERS)}")
 
 
 class Mlp(nn.Module):
@@ -87,12 +69,39 @@ class Mlp(nn.Module):
             return self.drop(self.fc2(self.drop(h)))
         return self.fc2(h)
 
-    def forward_into(self, x: torch.Tensor, ws: Workspace) -> torch.Tensor:
-        """Inference: (B, N, D) -> (B*N, D) workspace buffer "out"; the hidden layer is one
-        reused buffer, activated in place."""
-        B, N, D = x.shape
-        h = linear_into(self.fc1, x.reshape(B * N, D), ws.get("hidden", B * N, self.fc1.out_features))
-        return linear_into(self.fc2, act_(self.act, h), ws.get("out", B * N, self.fc2.out_features))
+
+class SwiGLU(nn.Module):
+    """SwiGLU MLP (Shazeer 2020) with a packed first layer: fc1 (D -> 2*hidden) holds
+    [gate; value] and ``h = silu(gate) * value``, then fc2 (hidden -> D).
+
+    The packing is timm's ``SwiGLUPacked`` (``GluMlp(gate_last=False)``: the activation takes the
+    *first* half) and DINOv2's ``SwiGLUFFNFused`` (``w12`` = fc1, ``w3`` = fc2), so both load
+    1:1. ``hidden_dim`` is the gated width (fc2's input); timm's ``hidden_features`` /
+    ``mlp_ratio`` count fc1's output, twice that.
+    """
+
+    def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, 2 * hidden_dim)
+        self.act = nn.SiLU()
+        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.drop = nn.Dropout(drop) if drop > 0 else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, value = self.fc1(x).chunk(2, dim=-1)  # each (B, N, hidden)
+        h = self.act(gate) * value
+        if self.drop is not None:
+            return self.drop(self.fc2(self.drop(h)))
+        return self.fc2(h)
+
+
+def make_mlp(name: str, dim: int, hidden_dim: int, act: str = "gelu", drop: float = 0.0) -> nn.Module:
+    """"mlp" (:class:`Mlp` with ``act``) or "swiglu" (:class:`SwiGLU`, always a SiLU gate)."""
+    if name == "mlp":
+        return Mlp(dim, hidden_dim, act=act, drop=drop)
+    if name == "swiglu":
+        return SwiGLU(dim, hidden_dim, drop=drop)
+    raise ConfigError(f"unknown mlp_layer {name!r}; expected one of {list(MLP_LAYERS)}")
 
 
 def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -134,27 +143,30 @@ class Block(nn.Module):
     Args:
         dim, num_heads, hidden_dim: widths.
         qkv_bias, qk_scale, attn_drop, proj_drop: see :class:`Attention`.
-        act: MLP activation name.
-        norm_eps: LayerNorm epsilon.
+        act: MLP activation name (the plain MLP's; SwiGLU gates with SiLU).
+        norm_eps: norm epsilon.
         drop_path: stochastic-depth rate of this block.
         layer_scale: LayerScale init value, None = off.
         norm_first: pre-norm (True) or post-norm (False).
+        norm_layer: "layernorm" | "rmsnorm".
+        mlp_layer: "mlp" | "swiglu".
     """
 
     def __init__(self, dim: int, num_heads: int, hidden_dim: int, qkv_bias: bool = True,
                  qk_scale: float | None = None, attn_drop: float = 0.0, proj_drop: float = 0.0,
                  act: str = "gelu", norm_eps: float = 1e-6, drop_path: float = 0.0,
-                 layer_scale: float | None = None, norm_first: bool = True) -> None:
+                 layer_scale: float | None = None, norm_first: bool = True, norm_layer: str = "layernorm",
+                 mlp_layer: str = "mlp") -> None:
         super().__init__()
         self.norm_first = norm_first
-        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.norm1 = make_norm(norm_layer, dim, norm_eps)
         self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, qk_scale=qk_scale, attn_drop=attn_drop,
                               proj_drop=proj_drop)
         # Optional pieces are None when off (not Identity): the hot path then makes no call at all.
         self.ls1 = LayerScale(dim, layer_scale) if layer_scale is not None else None
         self.drop_path1 = DropPath(drop_path) if drop_path > 0 else None
-        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
-        self.mlp = Mlp(dim, hidden_dim, act=act, drop=proj_drop)
+        self.norm2 = make_norm(norm_layer, dim, norm_eps)
+        self.mlp = make_mlp(mlp_layer, dim, hidden_dim, act=act, drop=proj_drop)
         self.ls2 = LayerScale(dim, layer_scale) if layer_scale is not None else None
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else None
 
@@ -166,14 +178,21 @@ class Block(nn.Module):
             y = dp(y)
         return y
 
-    def forward(self, x: torch.Tensor, return_attention: bool = False):
-        attn_w = None
+    def forward(self, x: torch.Tensor, num_queries: int | None = None, return_attention: bool = False):
+        """(B, N, D) -> (B, N, D) [, attention (B, heads, N, N)].
+
+        ``num_queries=k``: this block's output for the first k tokens only, (B, k, D) (what a
+        class-token head reads from the last block). Every token still serves as a key and
+        value; the queries, output projection, residuals, the norms after attention and the MLP
+        run for those k tokens alone. Same math as ``forward(x)[:, :k]``."""
         h = self.norm1(x) if self.norm_first else x
         if return_attention:
-            a, attn_w = self.attn(h, return_attention=True)
+            a, attn_w = self.attn(h, num_queries=num_queries, return_attention=True)
         else:
-            a = self.attn(h)
+            a = self.attn(h, num_queries=num_queries)
         a = self._branch(a, self.ls1, self.drop_path1)
+        if num_queries is not None:
+            x = x[:, :num_queries]
         if self.norm_first:
             x = x + a
             x = x + self._branch(self.mlp(self.norm2(x)), self.ls2, self.drop_path2)
@@ -181,42 +200,3 @@ class Block(nn.Module):
             x = self.norm1(x + a)
             x = self.norm2(x + self._branch(self.mlp(x), self.ls2, self.drop_path2))
         return (x, attn_w) if return_attention else x
-
-    def forward_first_token(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, N, D) -> (B, 1, D): this block's output for token 0 only (what a class-token head
-        reads from the last block). Every token still serves as a key and value; the query, the
-        output projection, the residuals, the norms after attention and the MLP run for token 0
-        alone. Same math as ``forward(x)[:, :1]``, about 1/6 of the block's cost at 197 tokens."""
-        h = self.norm1(x) if self.norm_first else x
-        a = self._branch(self.attn.forward_first_query(h), self.ls1, self.drop_path1)
-        x0 = x[:, :1]
-        if self.norm_first:
-            x0 = x0 + a
-            return x0 + self._branch(self.mlp(self.norm2(x0)), self.ls2, self.drop_path2)
-        x0 = self.norm1(x0 + a)
-        return self.norm2(x0 + self._branch(self.mlp(x0), self.ls2, self.drop_path2))
-
-    def forward_into(self, x: torch.Tensor, ws: Workspace) -> torch.Tensor:
-        """Inference (eval mode, no autograd): update the residual stream ``x`` (B, N, D,
-        contiguous, owned by the caller) in place and return it.
-
-        Same kernels, same order, same results as :meth:`forward` (tested bit-exact); the
-        branch outputs land in reused workspace buffers and are added into ``x`` in place, so a
-        block allocates only the attention kernel's output."""
-        B, N, D = x.shape
-        flat = x.view(B * N, D)
-        h = layer_norm_into(self.norm1, x, ws) if self.norm_first else x
-        a = self.attn.forward_into(h, ws)
-        if self.ls1 is not None:
-            a.mul_(self.ls1.gamma)
-        flat.add_(a)
-        if not self.norm_first:
-            x.copy_(layer_norm_into(self.norm1, x, ws))
-        h = layer_norm_into(self.norm2, x, ws) if self.norm_first else x
-        m = self.mlp.forward_into(h, ws)
-        if self.ls2 is not None:
-            m.mul_(self.ls2.gamma)
-        flat.add_(m)
-        if not self.norm_first:
-            x.copy_(layer_norm_into(self.norm2, x, ws))
-        return x

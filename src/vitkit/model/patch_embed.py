@@ -75,14 +75,17 @@ class PatchEmbed(nn.Module):
         dim: token width D.
         mode: ``"conv"`` (strided Conv2d), ``"unfold"`` (nn.Unfold + matmul) or
             ``"rearrange"`` (reshape/permute as einops + matmul).
-        bias: whether the projection has a bias (all published ViTs do).
+        bias: whether the projection has a bias (most published ViTs do; CLIP does not).
+        dynamic_size: accept any H x W divisible by the patch (the model resamples its position
+            table per grid); False = only ``image_size``.
 
     Input (B, C, H, W) -> output (B, N, D).
     """
 
     def __init__(self, image_size, patch_size, in_channels: int, dim: int, mode: str = "conv",
-                 bias: bool = True) -> None:
+                 bias: bool = True, dynamic_size: bool = False) -> None:
         super().__init__()
+        self.dynamic_size = dynamic_size
         self.image_size = to_2tuple(image_size, "image_size")
         self.patch_size = to_2tuple(patch_size, "patch_size")
         self.in_channels = in_channels
@@ -99,6 +102,10 @@ class PatchEmbed(nn.Module):
         gh, gw = self.grid_size
         return gh * gw
 
+    def grid_for(self, x: torch.Tensor) -> tuple[int, int]:
+        """(gh, gw) of the patch grid of an image batch (B, C, H, W)."""
+        return x.shape[-2] // self.patch_size[0], x.shape[-1] // self.patch_size[1]
+
     def check_input(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor):
             raise InputError(f"expected a torch.Tensor image batch (B, C, H, W), got {type(x).__name__}")
@@ -110,7 +117,13 @@ class PatchEmbed(nn.Module):
             )
         if x.shape[1] != self.in_channels:
             raise InputError(f"expected {self.in_channels} input channel(s), got {x.shape[1]} (shape {tuple(x.shape)})")
-        if tuple(x.shape[2:]) != self.image_size:
+        if self.dynamic_size:
+            H, W = x.shape[2:]
+            ph, pw = self.patch_size
+            if H % ph or W % pw or H < ph or W < pw:
+                raise InputError(f"expected an image size divisible by the patch size {ph}x{pw} (dynamic_img_size), "
+                                 f"got {H}x{W}; resize or pad to a multiple of the patch")
+        elif tuple(x.shape[2:]) != self.image_size:
             H, W = x.shape[2:]
             ph, pw = self.patch_size
             extra = ""
@@ -149,4 +162,5 @@ class PatchEmbed(nn.Module):
         self.image_size = size
 
     def extra_repr(self) -> str:
-        return f"image_size={self.image_size}, patch_size={self.patch_size}, grid={self.grid_size}, mode={self.mode}"
+        return (f"image_size={self.image_size}, patch_size={self.patch_size}, grid={self.grid_size}, mode={self.mode}"
+                + (", dynamic_size=True" if self.dynamic_size else ""))

@@ -6,9 +6,10 @@ Data flow (names are the public stages)::
       -> patch_embed               (B, N, D)      N = (H/ph) * (W/pw)
       -> + prefix tokens           (B, R+N, D)    class token and/or register tokens
       -> + position embedding      (B, R+N, D)    learned | sincos1d | sincos2d | none
+      -> norm_pre (optional)       (B, R+N, D)    CLIP's ln_pre
       -> blocks x depth            (B, R+N, D)
       -> norm                      (B, R+N, D)    = forward_features(x)
-      -> pool (+ fc_norm)          (B, D)         class token | mean of the patch tokens
+      -> pool (+ fc_norm)          (B, D)         class token | mean of the patch tokens | attn_pool (map)
       -> pre_logits (optional)     (B, D')        paper's representation layer (tanh)
       -> head                      (B, K)         = forward(x)
 
@@ -23,12 +24,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.modules import module as _nn_module
+from torch.utils.checkpoint import checkpoint
 
 from ..config import ViTConfig
 from ..errors import ConfigError, InputError
-from .attention import Workspace
-from .block import Block, make_act
+from .attention import AttentionPoolLatent
+from .block import Block, Mlp, make_act, make_norm
 from .patch_embed import PatchEmbed
 from .pos_embed import resample_pos_embed, sincos_1d, sincos_2d
 
@@ -55,8 +56,10 @@ class ViT(nn.Module):
         self.preprocess_cfg: dict[str, Any] | None = None  # mean/std/size/crop..., see vitkit.interop
         self.labels: list[str] | None = None
 
-        self.patch_embed = PatchEmbed(c.image_hw, c.patch_hw, c.in_channels, D, mode=c.patch_embed)
+        self.patch_embed = PatchEmbed(c.image_hw, c.patch_hw, c.in_channels, D, mode=c.patch_embed,
+                                      bias=c.patch_bias, dynamic_size=c.dynamic_img_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D)) if c.class_token else None
+        self.dist_token = nn.Parameter(torch.zeros(1, 1, D)) if c.dist_token else None
         self.reg_token = nn.Parameter(torch.zeros(1, c.num_registers, D)) if c.num_registers else None
         if c.pos_embed == "learned":
             rows = c.num_patches + (c.num_prefix_tokens if c.pos_embed_prefix else 0)
@@ -64,6 +67,7 @@ class ViT(nn.Module):
         else:
             self.register_buffer("pos_embed", self._fixed_pos_embed(), persistent=False)
         self.pos_drop = nn.Dropout(c.dropout) if c.dropout > 0 else nn.Identity()
+        self.norm_pre = make_norm(c.norm_layer, D, c.norm_eps) if c.norm_pre else None
 
         # stochastic depth rises linearly from 0 (first block) to drop_path (last block), as timm's
         # linspace(0, drop_path, depth): a single block is the first one and gets 0. Plain Python:
@@ -72,12 +76,20 @@ class ViT(nn.Module):
         self.blocks = nn.ModuleList(
             Block(D, c.num_heads, c.hidden_dim, qkv_bias=c.qkv_bias, qk_scale=c.qk_scale,
                   attn_drop=c.attn_dropout, proj_drop=c.dropout, act=c.act, norm_eps=c.norm_eps,
-                  drop_path=rates[i], layer_scale=c.layer_scale, norm_first=c.norm_first)
+                  drop_path=rates[i], layer_scale=c.layer_scale, norm_first=c.norm_first,
+                  norm_layer=c.norm_layer, mlp_layer=c.mlp_layer)
             for i in range(c.depth)
         )
         # Post-norm blocks end in a norm already; timm's mean-pool layout moves it after pooling.
-        self.norm = nn.LayerNorm(D, eps=c.norm_eps) if c.norm_first and not c.fc_norm else nn.Identity()
-        self.fc_norm = nn.LayerNorm(D, eps=c.norm_eps) if c.fc_norm else nn.Identity()
+        self.norm = make_norm(c.norm_layer, D, c.norm_eps) if c.norm_first and not c.fc_norm else nn.Identity()
+        # MAP head (timm's global_pool="map"): model's heads, norm and activation; a plain MLP as
+        # wide as the blocks' fc1 (2 * hidden_dim with swiglu, as timm's mlp_ratio). It reads the
+        # patch tokens (prefix tokens excluded, as timm).
+        map_hidden = c.hidden_dim * (2 if c.mlp_layer == "swiglu" else 1)
+        self.attn_pool = (AttentionPoolLatent(D, c.num_heads, Mlp(D, map_hidden, act=c.act),
+                                              make_norm(c.norm_layer, D, c.norm_eps), qk_scale=c.qk_scale)
+                          if c.pooling == "map" else None)
+        self.fc_norm = make_norm(c.norm_layer, D, c.norm_eps) if c.fc_norm else nn.Identity()
         if c.head_hidden_dim:
             self.pre_logits = nn.Sequential()
             self.pre_logits.add_module("fc", nn.Linear(D, c.head_hidden_dim))
@@ -87,7 +99,15 @@ class ViT(nn.Module):
             self.pre_logits = nn.Identity()
             head_in = D
         self.head_drop = nn.Dropout(c.head_dropout) if c.head_dropout > 0 else nn.Identity()
-        self.head = nn.Linear(head_in, c.num_classes) if c.num_classes > 0 else nn.Identity()
+        self.head = nn.Linear(head_in, c.num_classes, bias=c.head_bias) if c.num_classes > 0 else nn.Identity()
+        # DeiT: a second head reads the distillation token (timm's VisionTransformerDistilled).
+        self.head_dist = (nn.Linear(head_in, c.num_classes, bias=c.head_bias)
+                          if c.dist_token and c.num_classes > 0 else None)
+        # DeiT training with a teacher: True makes train-mode forward return (head(cls),
+        # head_dist(dist)) for a distillation loss. False (default; eval always): their average.
+        self.distilled_training = False
+        self.grad_checkpointing = False
+        self._pos_cache: dict[tuple[int, int], tuple[tuple, torch.Tensor]] = {}
         self.init_weights()
 
     # ------------------------------------------------------------------ construction helpers
@@ -124,7 +144,10 @@ class ViT(nn.Module):
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-        for p in (self.cls_token, self.reg_token):
+            elif isinstance(m, nn.RMSNorm):
+                nn.init.ones_(m.weight)
+        extra = [self.dist_token, self.attn_pool.latent if self.attn_pool is not None else None]
+        for p in (self.cls_token, self.reg_token, *extra):
             if p is not None:
                 tn(p)
         if isinstance(self.pos_embed, nn.Parameter):
@@ -132,7 +155,7 @@ class ViT(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names that must not be weight-decayed (besides all norms and biases)."""
-        names = {"cls_token", "reg_token", "pos_embed"}
+        names = {"cls_token", "dist_token", "reg_token", "pos_embed", "attn_pool.latent"}
         return {n for n, _ in self.named_parameters() if n in names}
 
     def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
@@ -150,15 +173,51 @@ class ViT(nn.Module):
         return self.patch_embed.grid_size
 
     # ------------------------------------------------------------------ forward stages
-    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, N, D) patch tokens -> (B, R+N, D) with prefix tokens and position embedding."""
+    def _pos_table(self, grid: tuple[int, int]) -> torch.Tensor | None:
+        """The position table for a patch grid: ``pos_embed`` itself at the configured grid;
+        with ``dynamic_img_size`` at another grid, the learned table resampled (bicubic, as
+        :meth:`set_image_size` and timm) or the sin/cos table computed for that grid.
+
+        Resampled tables are cached per grid while no gradient flows into the table (eval,
+        ``no_grad``, frozen table); the cache key holds the table's identity, version (bumped by
+        every in-place update: optimizer steps, ``load_state_dict``), dtype and device, so a
+        changed table is never served stale. Training recomputes (autograd needs the graph).
+        The cache is a plain attribute: not in ``state_dict``, not seen by ``torch.compile``."""
+        pos = self.pos_embed
+        if pos is None or grid == self.grid_size:
+            return pos
+        cacheable = not (pos.requires_grad and torch.is_grad_enabled()) and not torch.compiler.is_compiling()
+        if cacheable:
+            key = (id(pos), pos._version, pos.data_ptr(), pos.dtype, pos.device, self.grid_size)
+            hit = self._pos_cache.get(grid)
+            if hit is not None and hit[0] == key:
+                return hit[1]
+        c = self.config
+        if c.pos_embed == "learned":
+            prefix = c.num_prefix_tokens if pos.shape[1] != c.num_patches else 0
+            table = resample_pos_embed(pos, grid, self.grid_size, num_prefix_tokens=prefix)
+        elif c.pos_embed == "sincos1d":
+            table = sincos_1d(c.num_prefix_tokens + grid[0] * grid[1], c.dim)[None].to(pos)
+        else:
+            table = sincos_2d(grid, c.dim)[None].to(pos)
+        if cacheable:
+            if len(self._pos_cache) >= 16:  # many sizes in a row: keep memory bounded
+                self._pos_cache.clear()
+            self._pos_cache[grid] = (key, table)
+        return table
+
+    def _pos_embed(self, x: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
+        """(B, N, D) patch tokens -> (B, R+N, D) with prefix tokens and position embedding.
+        ``grid``: the (gh, gw) the tokens came from (default: the configured grid)."""
         B = x.shape[0]
         prefix = []
         if self.cls_token is not None:
             prefix.append(self.cls_token.expand(B, -1, -1))
+        if self.dist_token is not None:
+            prefix.append(self.dist_token.expand(B, -1, -1))
         if self.reg_token is not None:
             prefix.append(self.reg_token.expand(B, -1, -1))
-        pos = self.pos_embed
+        pos = self._pos_table(self.grid_size if grid is None else tuple(grid))
         covers_prefix = pos is not None and pos.shape[1] == x.shape[1] + self.num_prefix_tokens
         if pos is not None and not covers_prefix:
             x = x + pos  # table over the patches only (sincos2d, timm no_embed_class)
@@ -171,41 +230,40 @@ class ViT(nn.Module):
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Image (B, C, H, W) -> tokens entering the first block (B, R+N, D)."""
         self.patch_embed.check_input(x)
-        return self._pos_embed(self.patch_embed(x))
+        grid = self.patch_embed.grid_for(x)
+        x = self._pos_embed(self.patch_embed(x), grid)
+        return self.norm_pre(x) if self.norm_pre is not None else x
 
-    # Inference on the CPU writes each block's matmuls into a few reused buffers (see
-    # Block.forward_into): same kernels, bit-identical outputs, far fewer page faults. Set to
-    # False on a model (or the class) to force the plain path.
-    inference_workspace: bool = True
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing of every block (``torch.utils.checkpoint``, non-reentrant):
+        block activations are recomputed in the backward pass instead of kept. Same gradients
+        (dropout / drop_path masks replayed from the saved RNG state); applies only while
+        gradients are enabled."""
+        self.grad_checkpointing = bool(enable)
 
-    def _use_workspace(self, x: torch.Tensor) -> bool:
-        """The buffer-reusing path applies to eval-mode CPU inference without autograd, autocast
-        or a tracer/compiler watching (those want the plain, functional graph), and only while no
-        hook watches a block (hooks must fire, and must not see a buffer that later changes)."""
-        return (self.inference_workspace and not self.training and not torch.is_grad_enabled()
-                and x.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
-                and not torch.jit.is_tracing() and not torch.jit.is_scripting()
-                and not torch.compiler.is_compiling() and not torch.onnx.is_in_onnx_export()
-                and not self._blocks_hooked(self.blocks))
+    def _block(self, blk: Block, x: torch.Tensor, num_queries: int | None = None) -> torch.Tensor:
+        if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+            return checkpoint(blk, x, num_queries, use_reentrant=False)
+        return blk(x, num_queries)
 
-    def _blocks_hooked(self, blocks) -> bool:
-        return bool(_nn_module._global_forward_hooks or _nn_module._global_forward_pre_hooks
-                    or any(m._forward_hooks or m._forward_pre_hooks for b in blocks for m in b.modules()))
+    # Class-token heads: forward() runs the last block for the prefix tokens the head reads only
+    # (see _head_queries). Set False (on a model or the class) to run every token everywhere.
+    last_block_prefix_only: bool = True
 
-    def _run_blocks(self, x: torch.Tensor, first_token_only: bool = False) -> torch.Tensor:
-        """Tokens entering block 0 -> tokens after the final norm. ``first_token_only``: the
-        last block computes the class token's output alone, (B, 1, D)."""
-        full = self.blocks[:-1] if first_token_only else self.blocks
-        if self._use_workspace(x):
-            ws = Workspace(x)
-            x = ws.get("stream", *x.shape).copy_(x)  # owned here: blocks update it in place
-            for blk in full:
-                x = blk.forward_into(x, ws)
-        else:
-            for blk in full:
-                x = blk(x)
-        if first_token_only:
-            x = self.blocks[-1].forward_first_token(x)
+    def _head_queries(self) -> int | None:
+        """How many leading tokens the head reads, when that is all it reads: 1 (class token),
+        2 (class + distillation token), else None (mean / map pooling read every patch)."""
+        c = self.config
+        if not self.last_block_prefix_only or c.pooling != "cls" or not len(self.blocks):
+            return None
+        return 2 if c.dist_token else 1
+
+    def _run_blocks(self, x: torch.Tensor, last_queries: int | None = None) -> torch.Tensor:
+        """Tokens entering block 0 -> tokens after the final norm; ``last_queries=k``: the last
+        block computes the first k tokens' outputs alone, (B, k, D)."""
+        last = len(self.blocks) - 1
+        for i, blk in enumerate(self.blocks):
+            x = self._block(blk, x, last_queries if i == last else None)
         return self.norm(x)
 
     def forward_features(self, x: torch.Tensor, return_attention: bool = False):
@@ -220,39 +278,53 @@ class ViT(nn.Module):
         return self.norm(x), attns
 
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(B, R+N, D) -> (B, D): the class token, or the mean of the patch tokens."""
-        if self.config.pooling == "cls":
+        """(B, R+N, D) -> (B, D): the class token, the mean of the patch tokens, or attention
+        pooling over the patch tokens (map); then fc_norm. (Distilled models: see forward_head.)"""
+        pooling = self.config.pooling
+        if pooling == "cls":
             x = tokens[:, 0]
-        else:
+        elif pooling == "mean":
             x = tokens[:, self.num_prefix_tokens:].mean(dim=1)
+        else:
+            x = self.attn_pool(tokens[:, self.num_prefix_tokens:])
         return self.fc_norm(x)
 
-    def forward_head(self, tokens: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Tokens (B, R+N, D) -> logits (B, K), or the pooled pre-logits features if asked."""
+    def forward_head(self, tokens: torch.Tensor, pre_logits: bool = False):
+        """Tokens (B, R+N, D) (or just the leading prefix tokens) -> logits (B, K), or the
+        pooled pre-logits features if asked.
+
+        Distilled (``dist_token``): class token -> ``head``, distillation token -> ``head_dist``;
+        the result is their average (pre-logits: the average of the two features), as timm's
+        ``VisionTransformerDistilled``. In train mode with ``model.distilled_training = True``
+        it is the pair ``(logits_cls, logits_dist)`` for a distillation loss."""
         if tokens.ndim != 3:
             raise InputError(f"forward_head expects tokens (B, T, D), got shape {tuple(tokens.shape)}")
-        x = self.head_drop(self.pre_logits(self.pool(tokens)))
-        return x if pre_logits else self.head(x)
-
-    def _first_token_suffices(self) -> bool:
-        """The logits read only the class token: the last block then needs to compute nothing
-        else (keys and values still come from every token). Off while hooks watch the last
-        block or the final norm (they would see one token instead of all)."""
-        return (self.config.pooling == "cls" and self.config.class_token and len(self.blocks) > 0
-                and not self._blocks_hooked([self.blocks[-1], self.norm]))
+        if self.dist_token is None:
+            x = self.head_drop(self.pre_logits(self.pool(tokens)))
+            return x if pre_logits else self.head(x)
+        x = self.head_drop(self.pre_logits(self.fc_norm(tokens[:, 0])))
+        xd = self.head_drop(self.pre_logits(self.fc_norm(tokens[:, 1])))
+        if pre_logits:
+            return (x + xd) / 2
+        x = self.head(x)
+        xd = self.head_dist(xd) if self.head_dist is not None else xd
+        if self.distilled_training and self.training:
+            return x, xd
+        return (x + xd) / 2
 
     def forward(self, x: torch.Tensor, return_attention: bool = False):
         """Image (B, C, H, W) -> logits (B, K) [, attention maps per layer].
 
-        With class-token pooling the last block runs for the class token only
-        (:meth:`Block.forward_first_token`): the same logits, ~7% less compute for a 12-block
-        model, forward and backward. ``forward_features`` still returns every token."""
+        With class-token pooling the last block runs for the tokens the head reads only (the
+        class token, and the distillation token if any): the same logits, ~7% less compute for
+        a 12-block model, forward and backward. Consequence for forward hooks: in ``forward``
+        the last block and ``norm`` output (B, k, D), k = 1 or 2; every other module sees all
+        tokens. ``forward_features``, ``forward_intermediates`` and ``return_attention=True``
+        always compute every token; ``model.last_block_prefix_only = False`` turns it off."""
         if return_attention:
             tokens, attns = self.forward_features(x, return_attention=True)
             return self.forward_head(tokens), attns
-        if self._first_token_suffices():
-            return self.forward_head(self._run_blocks(self.embed(x), first_token_only=True))
-        return self.forward_head(self.forward_features(x))
+        return self.forward_head(self._run_blocks(self.embed(x), self._head_queries()))
 
     def forward_intermediates(
         self,
@@ -294,16 +366,17 @@ class ViT(nn.Module):
             raise InputError("indices is empty: give block indices, an int n (the last n blocks) or None (all)")
         wanted, last = set(take), max(take)
         outs: dict[int, torch.Tensor] = {}
+        self.patch_embed.check_input(x)
+        gh, gw = self.patch_embed.grid_for(x)
         x = self.embed(x)
         for i, blk in enumerate(self.blocks):
-            x = blk(x)
+            x = self._block(blk, x)
             if i in wanted:
                 outs[i] = self.norm(x) if norm else x
             if intermediates_only and i == last:
                 break
         inter = [outs[i] for i in take]
         if reshape:
-            gh, gw = self.grid_size
             R = self.num_prefix_tokens
             maps = [t[:, R:].transpose(1, 2).reshape(t.shape[0], -1, gh, gw) for t in inter]
             inter = list(zip(maps, [t[:, :R] for t in inter])) if return_prefix_tokens else maps
@@ -327,6 +400,7 @@ class ViT(nn.Module):
             self.pos_embed = nn.Parameter(table)
         elif self.pos_embed is not None:
             self.pos_embed = self._fixed_pos_embed().to(self.pos_embed.device)
+        self._pos_cache.clear()
 
     @property
     def preprocess(self):
@@ -336,18 +410,9 @@ class ViT(nn.Module):
         return eval_transform(self.preprocess_cfg or default_preprocess(self.config))
 
     # ------------------------------------------------------------------ persistence
-    def save_pretrained(self, directory, **kwargs: Any):
-        """Write ``config.json`` + ``model.safetensors`` (no pickle); see :func:`vitkit.io.save_pretrained`."""
-        from ..io import save_pretrained
-
-        return save_pretrained(self, directory, **kwargs)
-
-    def export_to(self, format: str, path, **kwargs: Any):
-        """Export to "timm" | "hf" | "torchvision" | "jax" | "onnx" | "torchscript" | "vitkit";
-        see :mod:`vitkit.interop.export`."""
-        from ..interop.export import export_to
-
-        return export_to(self, format, path, **kwargs)
+    # ``model.save_pretrained(dir)`` and ``model.export_to(format, path)`` are attached by the
+    # vitkit package (vitkit/__init__.py: thin delegations to vitkit.save_pretrained /
+    # vitkit.export_to), so this module needs nothing from vitkit.io or vitkit.interop.
 
     def num_params(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
