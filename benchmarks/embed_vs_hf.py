@@ -61,6 +61,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=4, help="paired timed rounds (after one warm-up of each)")
     ap.add_argument("--batch-size", type=int, default=32, help="batch size of both libraries")
     ap.add_argument("--workers", type=int, default=1, help="DataLoader decode workers of both libraries")
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "int8"],
+                    help="vitkit's --dtype (bf16 / int8 need vitkit.infer; HF always runs fp32)")
     ap.add_argument("--tiny", action="store_true", help="a 2-block, 64-wide ViT (sanity run)")
     ap.add_argument("--json", help="also write the results to this JSON file")
     args = ap.parse_args()
@@ -69,7 +71,7 @@ def main() -> None:
     from transformers import pipeline
 
     import vitkit
-    from vitkit.features import embed_files
+    from vitkit.features import FeatureSpec, embed_files
 
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
@@ -84,7 +86,7 @@ def main() -> None:
             return np.asarray([np.asarray(r).reshape(-1) for r in res], dtype=np.float32)
 
         def run_vitkit():
-            embed_files(model, files, out, source=str(mdir), batch_size=args.batch_size, workers=args.workers,
+            embed_files(model, files, out, spec=FeatureSpec(dtype=args.dtype), source=str(mdir), batch_size=args.batch_size, workers=args.workers,
                         overwrite=True, progress=False)
 
         def timed(fn):
@@ -116,7 +118,7 @@ def main() -> None:
         q = statistics.quantiles(ratios, n=4) if len(ratios) >= 2 else [ratios[0]] * 3
         res = {
             "model": "tiny ViT (random)" if args.tiny else "ViT-B/16 (random, HF ViTModel with pooler)",
-            "images": args.images, "rounds": args.rounds, "batch_size": args.batch_size, "workers": args.workers,
+            "vitkit_dtype": args.dtype, "images": args.images, "rounds": args.rounds, "batch_size": args.batch_size, "workers": args.workers,
             "torch_threads": torch.get_num_threads(), "transformers": transformers.__version__,
             "hf_img_per_s": args.images / statistics.median(t_hf),
             "vitkit_img_per_s": args.images / statistics.median(t_vk),

@@ -26,9 +26,10 @@ def add_feature_arguments(p, pool_help: str = "") -> None:
 
 def add_dataset_arguments(p, required: bool = False) -> None:
     """The training options' dataset syntax (see `vitkit train --help`)."""
+    from ..data.registry import dataset_names
+
     kw = {"required": True} if required else {"default": None}
-    p.add_argument("--dataset", **kw,
-                   help="digits | cifar10 | cifar100 | mnist | fashion-mnist | imagefolder | csv, as in vitkit train")
+    p.add_argument("--dataset", **kw, help=f"{' | '.join(dataset_names())}, as in vitkit train")
     p.add_argument("--data-dir", help="where the dataset files are (as in vitkit train)")
     p.add_argument("--download", action="store_true", help="download torchvision datasets into --data-dir")
     p.add_argument("--val-fraction", type=float, default=0.1,
