@@ -1,0 +1,15 @@
+"""Fast inference beside the model: :class:`Predictor` (fp32 buffer reuse, bf16, int8, compile).
+
+    from vitkit.infer import Predictor
+    predict = Predictor(model, dtype="bf16")     # "fp32" (exact) | "bf16" | "int8"
+    logits = predict(images)                      # what model(images) returns
+
+The model keeps one plain forward; everything that only makes inference faster lives here and
+reads the model's parts (see :mod:`vitkit.infer.engine`). How each choice was measured:
+docs/inference.md.
+"""
+
+from .agreement import Agreement, agreement
+from .predictor import DTYPES, Predictor, bf16_native
+
+__all__ = ["Predictor", "DTYPES", "agreement", "Agreement", "bf16_native"]

@@ -1,0 +1,321 @@
+"""The buffer-reusing CPU forward that :class:`~vitkit.infer.Predictor` runs, built beside the
+model from the model's own parts.
+
+Why: the default CPU allocator hands large tensors back to the OS when they are freed, so every
+fresh activation of a plain forward costs page faults (one per 4 KiB, 170k+ per ViT-S/16 forward
+at batch 32). Writing each block's matmuls into a few buffers reused by every block faults once
+per buffer instead of once per layer (~10x fewer faults, 1.07-1.25x over timm measured before
+this moved out of the model). Same kernels in the same order as the model's forward: the fp32
+output is bit-identical to ``model(x)`` for the full blocks (tested).
+
+What it walks: ``model.embed`` (patch embedding, prefix tokens, position embedding,
+``norm_pre``: the model's own code), then per block ``norm1``, ``attn.qkv``, SDPA,
+``attn.proj``, ``ls1``, ``norm2``, ``mlp.fc1``, ``mlp.act``, ``mlp.fc2``, ``ls2`` (pre- or
+post-norm), then ``model.norm`` and ``model.forward_head`` (pooling and head: the model's own
+code). With class-token pooling the last block computes token 0's output only (keys and values
+still come from every token). :func:`plan_for` returns None, with the reason, for any model it
+does not know part by part; the Predictor then runs the model's own forward.
+
+The matmuls are pluggable (:class:`Dense` for fp32 / bf16 weights, :class:`Int8` for dynamically
+quantized ones), so the same walk serves every dtype.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Workspace:
+    """Named scratch buffers for one forward. Made per call: nothing stays allocated afterwards
+    and concurrent forwards never share a buffer."""
+
+    def __init__(self, like: torch.Tensor) -> None:
+        self.like = like
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, *shape: int) -> torch.Tensor:
+        buf = self.buffers.get(name)
+        if buf is None or tuple(buf.shape) != shape:
+            buf = self.buffers[name] = self.like.new_empty(shape)
+        return buf
+
+
+# --------------------------------------------------------------------------- matmuls
+class Dense:
+    """``F.linear`` into a given buffer: ``addmm(bias, x, W^T, out=)`` is the kernel ``F.linear``
+    runs for a contiguous input, so the result is bit-identical. ``rows`` selects output rows
+    (the query or key/value part of a fused qkv). Reads the layer's tensors at call time, so a
+    Predictor over fp32 weights sees later weight updates."""
+
+    def __init__(self, layer: nn.Linear, rows: slice | None = None) -> None:
+        self.layer, self.rows = layer, rows
+
+    def _wb(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        w, b = self.layer.weight, self.layer.bias
+        if self.rows is not None:
+            w = w[self.rows]
+            b = None if b is None else b[self.rows]
+        return w, b
+
+    @property
+    def out_features(self) -> int:
+        return self._wb()[0].shape[0]
+
+    def __call__(self, x2d: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        w, b = self._wb()
+        if out is None:
+            return F.linear(x2d, w, b)
+        if b is not None:
+            return torch.addmm(b, x2d, w.t(), out=out)
+        return torch.mm(x2d, w.t(), out=out)
+
+
+class Int8:
+    """Dynamic int8 quantization of one Linear (weights int8 per output channel, activations
+    quantized per batch on the fly): torch's fbgemm/onednn dynamic linear kernel. Writes a
+    fresh tensor (the quantized kernel has no ``out=``)."""
+
+    def __init__(self, layer: nn.Linear, rows: slice | None = None) -> None:
+        w = layer.weight.detach().float()
+        b = None if layer.bias is None else layer.bias.detach().float()
+        if rows is not None:
+            w = w[rows]
+            b = None if b is None else b[rows]
+        self.out_features = w.shape[0]
+        # Symmetric per-output-channel scales (torch's per_channel_dynamic_qconfig): an outlier
+        # row does not coarsen every other row's grid.
+        scale = w.abs().amax(dim=1).clamp_min(1e-8) / 127.0
+        with warnings.catch_warnings():
+            # torch 2.14 marks its quantized tensor constructors deprecated (pytorch#184982) in
+            # favour of torchao, not a vitkit dependency; the kernels are still torch's fastest
+            # int8 path on the CPU (measured, docs/inference.md). This class is the one place to
+            # change when they go.
+            warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
+            qw = torch.quantize_per_channel(w, scale.double(), torch.zeros_like(scale, dtype=torch.long), 0,
+                                            torch.qint8)
+            self.packed = torch.ops.quantized.linear_prepack(qw, b)
+
+    def __call__(self, x2d: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        # reduce_range=True: the 7-bit activation range fbgemm needs to avoid int16 overflow in
+        # its AVX2/AVX512 accumulation (what torch.ao's quantize_dynamic uses on x86).
+        return torch.ops.quantized.linear_dynamic(x2d.contiguous(), self.packed, True)
+
+
+def make_linear(kind: str):
+    return {"dense": Dense, "int8": Int8}[kind]
+
+
+# --------------------------------------------------------------------------- in-place pieces
+def act_(act: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Apply a known activation module in place (inference only)."""
+    if isinstance(act, nn.GELU):
+        return torch.ops.aten.gelu_(x, approximate=act.approximate)
+    if isinstance(act, nn.ReLU):
+        return x.relu_()
+    if isinstance(act, nn.SiLU):
+        return F.silu(x, inplace=True)
+    if isinstance(act, nn.Tanh):
+        return x.tanh_()
+    if isinstance(act, nn.Identity):
+        return x
+    return x.copy_(act(x))  # QuickGELU and other elementwise modules: same values, one copy
+
+
+def layer_norm_into(norm: nn.LayerNorm, x: torch.Tensor, ws: Workspace, name: str = "norm") -> torch.Tensor:
+    """``norm(x)`` for (B, N, D) x into a workspace buffer: the ``native_layer_norm`` kernel
+    ``F.layer_norm`` runs on the CPU, so bit-identical."""
+    B, N, D = x.shape
+    out, _, _ = torch.ops.aten.native_layer_norm.out(
+        x, [D], norm.weight, norm.bias, norm.eps,
+        out0=ws.get(name, B, N, D), out1=ws.get(name + ".mean", B, N, 1), out2=ws.get(name + ".rstd", B, N, 1))
+    return out
+
+
+# --------------------------------------------------------------------------- the plan
+_ACTS = (nn.GELU, nn.ReLU, nn.SiLU, nn.Tanh, nn.Identity)
+
+
+@dataclass
+class BlockPlan:
+    norm_first: bool
+    norm1: nn.LayerNorm
+    norm2: nn.LayerNorm
+    qkv: Any
+    q: Any  # token-0 query rows of qkv (class-token-only last block)
+    kv: Any  # key/value rows of qkv
+    proj: Any
+    fc1: Any
+    fc2: Any
+    act: nn.Module
+    gamma1: torch.Tensor | None
+    gamma2: torch.Tensor | None
+    num_heads: int
+    head_dim: int
+    scale: float
+
+
+@dataclass
+class Plan:
+    model: nn.Module
+    blocks: list[BlockPlan]
+    head_tokens: int | None  # class-token pooling: the last block computes these leading tokens alone
+    modules: list[nn.Module]  # every module the walk replaces: hooks on them force the model's path
+
+
+def _children(m: nn.Module) -> set[str]:
+    return {n for n, _ in m.named_children()}
+
+
+def _plain_layernorm(m: Any) -> bool:  # what layer_norm_into reproduces
+    return (type(m) is nn.LayerNorm and m.elementwise_affine and m.bias is not None
+            and len(m.normalized_shape) == 1)
+
+
+def _is_quickgelu_or_known(act: nn.Module) -> bool:
+    return isinstance(act, _ACTS) or type(act).__name__ == "QuickGELU"
+
+
+def _block_reason(i: int, blk: nn.Module) -> str | None:
+    """None when block ``i`` is made only of parts the walk reproduces; else why not."""
+    allowed = {"norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2"}
+    extra = _children(blk) - allowed
+    if extra:
+        return f"block {i} has parts the engine does not know: {sorted(extra)}"
+    if not isinstance(getattr(blk, "norm_first", None), bool):
+        return f"block {i} does not say whether it is pre- or post-norm"
+    for n in ("norm1", "norm2"):
+        if not _plain_layernorm(getattr(blk, n, None)):
+            return f"block {i} {n} is {type(getattr(blk, n, None)).__name__}, not a plain LayerNorm"
+    attn, mlp = getattr(blk, "attn", None), getattr(blk, "mlp", None)
+    if attn is None or type(attn).__name__ != "Attention" or _children(attn) - {"qkv", "proj", "proj_drop"}:
+        return f"block {i} attention is not the plain fused-qkv Attention"
+    if not (type(getattr(attn, "qkv", None)) is nn.Linear and type(getattr(attn, "proj", None)) is nn.Linear):
+        return f"block {i} attention projections are not nn.Linear"
+    if not all(hasattr(attn, a) for a in ("num_heads", "head_dim", "scale")):
+        return f"block {i} attention lacks num_heads/head_dim/scale"
+    if mlp is None or type(mlp).__name__ != "Mlp" or _children(mlp) - {"fc1", "act", "fc2", "drop"}:
+        return f"block {i} MLP is not the plain fc1-act-fc2 Mlp ({type(mlp).__name__})"
+    if not (type(mlp.fc1) is nn.Linear and type(mlp.fc2) is nn.Linear):
+        return f"block {i} MLP layers are not nn.Linear"
+    if not _is_quickgelu_or_known(mlp.act):
+        return f"block {i} activation {type(mlp.act).__name__} is not one the engine applies in place"
+    for n in ("ls1", "ls2"):
+        ls = getattr(blk, n, None)
+        if ls is not None and not (type(ls).__name__ == "LayerScale" and isinstance(getattr(ls, "gamma", None), torch.Tensor)
+                                   and not _children(ls)):
+            return f"block {i} {n} is {type(ls).__name__}, not LayerScale"
+    return None
+
+
+_TOP = {"patch_embed", "pos_drop", "norm_pre", "blocks", "norm", "fc_norm", "pre_logits", "head_drop", "head",
+        "attn_pool", "head_dist"}
+
+
+def plan_for(model: nn.Module, linear: str = "dense") -> tuple[Plan | None, str]:
+    """The walk for ``model`` with ``linear`` matmuls ("dense" | "int8"), or (None, why not)."""
+    from ..model.vit import ViT
+
+    if not isinstance(model, ViT):
+        return None, f"{type(model).__name__} is not a vitkit ViT"
+    extra = _children(model) - _TOP
+    if extra:
+        return None, f"the model has parts the engine does not know: {sorted(extra)}"
+    blocks = getattr(model, "blocks", None)
+    if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
+        return None, "the model has no blocks"
+    for i, blk in enumerate(blocks):
+        why = _block_reason(i, blk)
+        if why:
+            return None, why
+    c = model.config
+    Lin = make_linear(linear)
+    plans = []
+    for blk in blocks:
+        a, m = blk.attn, blk.mlp
+        D = a.qkv.in_features
+        plans.append(BlockPlan(
+            norm_first=blk.norm_first, norm1=blk.norm1, norm2=blk.norm2,
+            qkv=Lin(a.qkv), q=Lin(a.qkv, slice(0, D)), kv=Lin(a.qkv, slice(D, None)), proj=Lin(a.proj),
+            fc1=Lin(m.fc1), fc2=Lin(m.fc2), act=m.act,
+            gamma1=None if blk.ls1 is None else blk.ls1.gamma, gamma2=None if blk.ls2 is None else blk.ls2.gamma,
+            num_heads=int(a.num_heads), head_dim=int(a.head_dim), scale=float(a.scale)))
+    # As the model's forward: a class-token head reads the class (and distillation) token only,
+    # unless the model turns that off (``last_block_prefix_only = False``).
+    head_tokens = None
+    if c.pooling == "cls" and getattr(model, "last_block_prefix_only", True):
+        head_tokens = 2 if getattr(c, "dist_token", False) else 1
+    modules = list(blocks.modules()) + [model.norm]
+    return Plan(model=model, blocks=plans, head_tokens=head_tokens, modules=modules), ""
+
+
+# --------------------------------------------------------------------------- the walk
+def _block_into(p: BlockPlan, x: torch.Tensor, ws: Workspace) -> torch.Tensor:
+    """Update the residual stream ``x`` (B, N, D, contiguous, owned by the caller) in place."""
+    B, N, D = x.shape
+    flat = x.view(B * N, D)
+    h = layer_norm_into(p.norm1, x, ws) if p.norm_first else x
+    qkv = p.qkv(h.reshape(B * N, D), ws.get("qkv", B * N, 3 * D))
+    q, k, v = qkv.view(B, N, 3, p.num_heads, p.head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # (B, heads, N, hd)
+    o = F.scaled_dot_product_attention(q, k, v, scale=p.scale)
+    a = p.proj(o.transpose(1, 2).reshape(B * N, D), ws.get("out", B * N, D))
+    if p.gamma1 is not None:
+        a.mul_(p.gamma1)
+    flat.add_(a)
+    if not p.norm_first:
+        x.copy_(layer_norm_into(p.norm1, x, ws))
+    h = layer_norm_into(p.norm2, x, ws) if p.norm_first else x
+    hid = p.fc1(h.reshape(B * N, D), ws.get("hidden", B * N, p.fc1.out_features))
+    m = p.fc2(act_(p.act, hid), ws.get("out", B * N, D))
+    if p.gamma2 is not None:
+        m.mul_(p.gamma2)
+    flat.add_(m)
+    if not p.norm_first:
+        x.copy_(layer_norm_into(p.norm2, x, ws))
+    return x
+
+
+def _leading_tokens(p: BlockPlan, x: torch.Tensor, k: int, ws: Workspace) -> torch.Tensor:
+    """(B, N, D) -> (B, k, D): the block's output for the first k tokens only (what a class-token
+    head reads; k = 2 with a distillation token). Every token is still a key and a value; the
+    queries, the output projection, the residuals, the norms after attention and the MLP run
+    for those k tokens alone (~1/6 of the block's cost at 197 tokens). The same calls on the
+    same views as the model's ``Block.forward(x, num_queries=k)``, so the same bits."""
+    B, N, D = x.shape
+    h = layer_norm_into(p.norm1, x, ws) if p.norm_first else x
+    q = p.q(h[:, :k]).reshape(B, k, p.num_heads, p.head_dim).transpose(1, 2)  # (B, heads, k, hd)
+    kv = p.kv(h.reshape(B * N, D), ws.get("qkv", B * N, 2 * D))
+    k_, v = kv.view(B, N, 2, p.num_heads, p.head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # (B, heads, N, hd)
+    o = F.scaled_dot_product_attention(q, k_, v, scale=p.scale)
+    a = p.proj(o.transpose(1, 2).reshape(B, k, D))
+    if p.gamma1 is not None:
+        a = a * p.gamma1
+    x0 = x[:, :k] + a  # (B, k, D)
+    if not p.norm_first:
+        x0 = p.norm1(x0)
+    h = p.norm2(x0) if p.norm_first else x0
+    m = p.fc2(act_(p.act, p.fc1(h)))
+    if p.gamma2 is not None:
+        m = m * p.gamma2
+    x0 = x0 + m
+    return p.norm2(x0) if not p.norm_first else x0
+
+
+def run(plan: Plan, x: torch.Tensor) -> torch.Tensor:
+    """Image (B, C, H, W) -> what ``plan.model(x)`` returns, in eval mode without autograd."""
+    m = plan.model
+    t = m.embed(x)  # (B, R+N, D): the model's own patch/prefix/position/norm_pre code
+    B, N, D = t.shape
+    ws = Workspace(t)
+    s = ws.get("stream", B, N, D).copy_(t)  # owned here: blocks update it in place
+    k = plan.head_tokens
+    for p in plan.blocks[:-1] if k else plan.blocks:
+        s = _block_into(p, s, ws)
+    if k:
+        s = _leading_tokens(plan.blocks[-1], s, k, ws)
+    return m.forward_head(m.norm(s))

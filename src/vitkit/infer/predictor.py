@@ -1,0 +1,183 @@
+"""``Predictor``: fast inference beside the model. See :mod:`vitkit.infer`."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import platform
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError, InputError
+from . import engine
+
+log = logging.getLogger("vitkit.infer")
+
+DTYPES = ("fp32", "bf16", "int8")
+
+
+@lru_cache(maxsize=1)
+def bf16_native() -> bool:
+    """Whether this CPU computes bf16 matmuls natively (x86 ``avx512_bf16`` / ``amx_bf16``, Arm
+    ``bf16``). Without it oneDNN emulates bf16 and is slower than fp32, so the Predictor does not
+    use it. Read from /proc/cpuinfo (Linux); False where that cannot be read."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    flags: set[str] = set()
+    for line in text.splitlines():
+        key, _, val = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            flags.update(val.split())
+    if platform.machine().lower() in ("aarch64", "arm64"):
+        return "bf16" in flags
+    return bool({"avx512_bf16", "amx_bf16"} & flags)
+
+
+def _hooked(modules: list[nn.Module]) -> bool:
+    """A forward hook on a module the engine replaces would not fire (or would see a reused
+    buffer); such a model runs its own forward instead. Instance hook dicts only."""
+    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+
+
+class Predictor:
+    """Fast inference for a vitkit model: ``Predictor(model, dtype)(x)`` returns what
+    ``model(x)`` returns (logits (B, K), or pooled features (B, D) when num_classes == 0), as
+    float32, without autograd.
+
+    Args:
+        model: a :class:`vitkit.ViT` (any nn.Module works through its own forward).
+        dtype: "fp32" (default): the model's weights, a buffer-reusing forward on the CPU;
+            equals ``model(x)`` (bit-identical through the full blocks). "bf16": a bf16 copy
+            of the weights and bf16 activations, on CPUs with native bf16 (else fp32, with a
+            logged note) and on GPUs. "int8": dynamic int8 quantization of every Linear in the
+            blocks (CPU). bf16 and int8 are approximations: measure their top-1 agreement with
+            :func:`vitkit.infer.agreement`.
+        compile: True: ``torch.compile`` the model's plain forward (the buffer-reusing walk
+            is not used: the compiler plans memory itself). "auto": compile on CUDA, not on
+            the CPU (measured: on this project's CPU compiling does not pay, see
+            docs/inference.md). False (default): eager.
+        verify: at construction, run one random image through the engine and the model's own
+            forward; any difference beyond float rounding switches to the model's forward
+            with a warning (a guard against layouts the engine misreads).
+
+    ``path`` says what runs ("engine" | "model" | "compiled"), ``notes`` why. fp32 reads the
+    model's weights at each call (later weight updates are seen); bf16 and int8 copy them at
+    construction. The structure (parts, hooks) is read at construction; an fp32 Predictor also
+    notices forward hooks added later and then runs the model's forward.
+    """
+
+    def __init__(self, model: nn.Module, dtype: str = "fp32", compile: bool | str = False,
+                 verify: bool = True) -> None:
+        if dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+        if compile not in (True, False, "auto"):
+            raise ConfigError(f"compile must be True, False or 'auto', got {compile!r}")
+        if not isinstance(model, nn.Module):
+            raise ConfigError(f"Predictor expects a torch nn.Module, got {type(model).__name__}")
+        self.model = model
+        self.notes: list[str] = []
+        p = next(model.parameters(), None)
+        self.device = p.device if p is not None else torch.device("cpu")
+        on_cpu = self.device.type == "cpu"
+        if compile == "auto":
+            compile = not on_cpu
+        if dtype == "bf16" and on_cpu and not bf16_native():
+            self._note("this CPU has no native bf16 (avx512_bf16 / amx_bf16): running fp32 instead")
+            dtype = "fp32"
+        if dtype == "int8" and not on_cpu:
+            raise ConfigError(f"dtype 'int8' (dynamic quantization) runs on the CPU only; the model is on {self.device}")
+        if dtype == "int8" and compile:
+            raise ConfigError("compile is not supported with dtype 'int8'")
+        self.dtype = dtype
+        self.compute_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+        # What runs: the model itself (fp32, int8) or a bf16 copy of it.
+        self._net = model if dtype != "bf16" else copy.deepcopy(model).to(torch.bfloat16)
+        self._plan: engine.Plan | None = None
+        self._compiled = None
+        self.path = "model"
+        if compile:
+            self._compiled = torch.compile(self._net)
+            self.path = "compiled"
+            self._note("torch.compile of the model's forward (first call compiles)")
+            return
+        if not on_cpu:
+            self._note(f"the buffer-reusing engine is for the CPU; running the model's forward on {self.device}")
+            return
+        plan, why = engine.plan_for(self._net, "int8" if dtype == "int8" else "dense")
+        if plan is not None and _hooked(plan.modules):
+            plan, why = None, "forward hooks are registered on the blocks or the final norm"
+        if plan is not None and verify:
+            why = self._verify()
+            if why:
+                plan = None
+        if plan is None:
+            if dtype == "int8":
+                self._note(f"int8 needs the engine, which cannot run this model ({why}): running fp32 instead")
+                self.dtype, self.compute_dtype = "fp32", torch.float32
+            else:
+                self._note(f"engine off ({why}): running the model's own forward")
+            return
+        self._plan = plan
+        self.path = "engine"
+
+    def _note(self, msg: str) -> None:
+        self.notes.append(msg)
+        log.warning("Predictor: %s", msg)
+
+    def _sample(self) -> torch.Tensor:
+        c = getattr(self.model, "config", None)
+        C, (H, W) = (c.in_channels, c.image_hw) if c is not None else (3, (224, 224))
+        g = torch.Generator().manual_seed(0)
+        return torch.randn(2, C, H, W, generator=g).to(self.device)
+
+    @torch.no_grad()
+    def _verify(self) -> str:
+        """'' when the fp32 walk of the original model equals its forward on a random batch."""
+        plan, why = engine.plan_for(self.model, "dense")
+        if plan is None:
+            return why
+        if self.model.training:
+            return ""  # calls then take the model's path anyway (train-mode forward)
+        x = self._sample()
+        try:
+            want, got = self.model(x), engine.run(plan, x)
+        except Exception as e:  # the engine misread the layout: say so, run the model instead
+            return f"the engine failed on this model ({type(e).__name__}: {e})"
+        if not isinstance(want, torch.Tensor) or want.shape != got.shape:
+            return f"the engine's output shape {tuple(got.shape)} differs from the model's"
+        err = (want - got).abs().max().item()
+        tol = 1e-5 * max(1.0, want.abs().max().item())
+        if not err <= tol:
+            msg = f"the engine differs from model(x) by {err:.3g} (> {tol:.3g})"
+            log.warning("Predictor: %s: please report this layout", msg)
+            return msg
+        return ""
+
+    # ------------------------------------------------------------------ calling
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) float batch -> ``model(x)`` (float32, no autograd)."""
+        if not isinstance(x, torch.Tensor) or x.ndim != 4 or not x.is_floating_point():
+            got = f"shape {tuple(x.shape)} {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
+            raise InputError(f"Predictor expects a float image batch (B, C, H, W), got {got}")
+        x = x.to(self.device, self.compute_dtype, non_blocking=True)
+        with torch.no_grad():
+            if self._compiled is not None:
+                out = self._compiled(x)
+            elif (self._plan is None or self._net.training
+                  or (self._net is self.model and _hooked(self._plan.modules))):
+                out = self._net(x)
+            else:
+                out = engine.run(self._plan, x)
+        return out.float() if isinstance(out, torch.Tensor) else out
+
+    def to(self, *a: Any, **k: Any) -> Predictor:  # pragma: no cover - guard
+        raise ConfigError("move the model, then build a new Predictor (bf16/int8 weights are copies)")
+
+    def __repr__(self) -> str:
+        return f"Predictor(dtype={self.dtype!r}, path={self.path!r}, device={self.device})"
