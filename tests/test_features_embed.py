@@ -211,3 +211,26 @@ def test_cli_embed_records_metadata(setup, capsys):
     assert meta["model"] == str(mdir.resolve())
     raw = pq.read_schema(out).metadata[b"vitkit.features"]
     assert json.loads(raw)["dim"] == 128
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "int8"])
+def test_fast_dtypes_run_through_the_predictor(setup, dtype):
+    """bf16 / int8: vitkit.infer.Predictor on the headless model; close to the exact fp32 vectors."""
+    pytest.importorskip("vitkit.infer")
+    tmp, files, model, mdir = setup
+    out = tmp / f"fast_{dtype}.parquet"
+    embed_files(model, [tmp / "imgs"], out, spec=FeatureSpec(dtype=dtype), batch_size=8, progress=False)
+    _, _, emb = read(out)
+    ref = direct(model, sorted(files), 8)
+    cos = np.sum(emb * ref, 1) / (np.linalg.norm(emb, axis=1) * np.linalg.norm(ref, axis=1))
+    assert cos.min() > 0.99
+    assert read_meta(out)["dtype"] == dtype
+    from vitkit.features import FeatureExtractor
+
+    pred = FeatureExtractor(model, FeatureSpec(dtype=dtype))._predictor
+    assert pred is not None and pred.model.config.num_classes == 0  # the headless twin, not model(x) logits
+    if pred.dtype == dtype:  # (a CPU without native bf16 runs fp32, with a note)
+        assert not np.array_equal(emb, ref)  # the fast path really ran
+    with pytest.raises(ConfigError, match="pool='model', layers=1"):
+        embed_files(model, [tmp / "imgs"], out, spec=FeatureSpec(pool="cls", dtype=dtype), overwrite=True,
+                    progress=False)

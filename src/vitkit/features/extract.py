@@ -12,8 +12,9 @@ batch (B, C, H, W) to (B, F) float32:
 * ``layers=n``: the same pooling applied to each of the last n blocks' outputs (each after the
   final norm, via ``forward_intermediates``), concatenated in block order (n x the width).
 * ``normalize``: L2-normalise the final (concatenated) vector.
-* ``dtype``: ``fp32`` runs the model as is (exact); ``bf16`` / ``int8`` go through
-  ``vitkit.infer.Predictor``, the fast inference path that wraps the model.
+* ``dtype``: ``fp32`` runs the model's stages as is (exact); ``bf16`` / ``int8`` go through
+  ``vitkit.infer.Predictor``, the fast inference path beside the model (default pooling, one
+  layer: the Predictor computes ``model(x)`` only).
 """
 
 from __future__ import annotations
@@ -66,16 +67,34 @@ class FeatureExtractor:
         return next(self.model.parameters()).device
 
     def _make_predictor(self):
+        """bf16 / int8: ``vitkit.infer.Predictor`` (the fast path beside the model, never a copy of
+        its tricks here). It runs the model's forward, which returns the pooled pre-logits when the
+        model has no classifier (num_classes == 0), so that is what it is given: the model itself,
+        or a headless twin (same config with num_classes=0, a copy of every weight but the head).
+        Other poolings and --layers need stage calls the Predictor does not offer: an error."""
         if self.spec.dtype == "fp32":
             return None
-        # SEAM(infer): bf16 / int8 run through vitkit.infer.Predictor (owned by the INFER helper),
-        # never through a copy of its tricks here.
-        try:
-            from ..infer import Predictor
-        except ImportError as e:
-            raise ConfigError(f"dtype={self.spec.dtype!r} needs vitkit.infer (the fast inference path), "
-                              "which this build lacks; use dtype fp32") from e
-        return Predictor(self.model, dtype=self.spec.dtype)
+        if self.spec.pool != "model" or self.spec.layers != 1:
+            raise ConfigError(f"dtype={self.spec.dtype!r} runs through vitkit.infer.Predictor, which computes the "
+                              f"model's own pooled output only (pool='model', layers=1); pool={self.spec.pool!r}, "
+                              f"layers={self.spec.layers} need dtype 'fp32'")
+        from ..infer import Predictor
+
+        return Predictor(self._headless(), dtype=self.spec.dtype)
+
+    def _headless(self):
+        m = self.model
+        if m.config.num_classes == 0:
+            return m
+        from ..model.vit import ViT
+
+        twin = ViT(m.config.replace(num_classes=0)).to(next(m.parameters()).device)
+        state = {k: v for k, v in m.state_dict().items() if not k.startswith(("head.", "head_dist."))}
+        missing, unexpected = twin.load_state_dict(state, strict=False)
+        if missing or unexpected:  # pragma: no cover - the head is the only difference
+            raise ConfigError(f"cannot build the headless twin for dtype={self.spec.dtype!r}: missing {missing}, "
+                              f"unexpected {unexpected}")
+        return twin.eval()
 
     def _pool(self, m, tokens: torch.Tensor) -> torch.Tensor:
         """(B, T, D) tokens after the final norm -> (B, D') by the chosen pooling."""
@@ -90,24 +109,14 @@ class FeatureExtractor:
             parts.append(tokens[:, R:].mean(dim=1))
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
-    def _stage_model(self):
-        # SEAM(infer): with bf16/int8 the stage calls go to the model the Predictor runs (its
-        # converted copy when it keeps one), so they get the same speed path as Predictor(x).
-        if self._predictor is None:
-            return self.model
-        return getattr(self._predictor, "model", self.model)
-
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.device, non_blocking=True)
         spec = self.spec
-        if (self._predictor is not None and spec.pool == "model" and spec.layers == 1
-                and self.model.config.num_classes == 0):
-            # A model without a classifier returns its pooled pre-logits from forward (the
-            # infer contract): the Predictor's own fast forward computes exactly them.
-            feats = self._predictor(x)
+        if self._predictor is not None:
+            feats = self._predictor(x)  # the pooled pre-logits of the headless model
         else:
-            m = self._stage_model()
+            m = self.model
             if spec.layers == 1:
                 feats = self._pool(m, m.forward_features(x))
             else:
