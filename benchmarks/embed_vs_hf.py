@@ -7,8 +7,11 @@ HF with ``pool=True`` (the pooler output), vitkit with its default pooling (the 
 paper's pre-logits layer) and writing the parquet table as ``vitkit embed`` does. The ratio is the
 median of the per-round paired ratios HF time / vitkit time (> 1: vitkit faster), with its IQR.
 
-    python benchmarks/embed_vs_hf.py                       # ~3 min on 2 cores: 64 images, 4 rounds
-    python benchmarks/embed_vs_hf.py --tiny --images 16 --rounds 2    # sanity run, seconds
+    python benchmarks/embed_vs_hf.py                       # ~3-4 min on 2 cores: 64 images, 4 rounds
+    python benchmarks/embed_vs_hf.py --tiny --images 16 --rounds 2    # sanity run, under a minute
+
+Two vitkit rows by default: ``fp32`` (exact: bit-equal to the model's forward_head(forward_features))
+and ``bf16`` (vitkit.infer.Predictor; runs fp32 with a note on CPUs without native bf16).
 """
 
 from __future__ import annotations
@@ -61,8 +64,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=4, help="paired timed rounds (after one warm-up of each)")
     ap.add_argument("--batch-size", type=int, default=32, help="batch size of both libraries")
     ap.add_argument("--workers", type=int, default=1, help="DataLoader decode workers of both libraries")
-    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "int8"],
-                    help="vitkit's --dtype (bf16 / int8 need vitkit.infer; HF always runs fp32)")
+    ap.add_argument("--dtypes", default="fp32,bf16",
+                    help="vitkit --dtype values timed against the same HF runs (fp32 = exact; bf16 / int8 = "
+                         "vitkit.infer's fast path); HF always runs fp32")
     ap.add_argument("--tiny", action="store_true", help="a 2-block, 64-wide ViT (sanity run)")
     ap.add_argument("--json", help="also write the results to this JSON file")
     args = ap.parse_args()
@@ -85,50 +89,53 @@ def main() -> None:
             res = pipe(files, batch_size=args.batch_size, num_workers=args.workers, pool=True)
             return np.asarray([np.asarray(r).reshape(-1) for r in res], dtype=np.float32)
 
-        def run_vitkit():
-            embed_files(model, files, out, spec=FeatureSpec(dtype=args.dtype), source=str(mdir), batch_size=args.batch_size, workers=args.workers,
-                        overwrite=True, progress=False)
+        dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+
+        def run_vitkit(dtype):
+            embed_files(model, files, out, spec=FeatureSpec(dtype=dtype), source=str(mdir),
+                        batch_size=args.batch_size, workers=args.workers, overwrite=True, progress=False)
 
         def timed(fn):
             t0 = time.perf_counter()
-            r = fn()
-            return time.perf_counter() - t0, r
+            with torch.inference_mode():
+                fn()
+            return time.perf_counter() - t0
+
+        import pyarrow.parquet as pq
 
         with torch.inference_mode():
             hf_vecs = run_hf()  # warm-up (and the vectors for the agreement check)
-        run_vitkit()
-        import pyarrow.parquet as pq
-
-        vk_vecs = np.asarray(pq.read_table(out).column("embedding").to_pylist(), dtype=np.float32)
-        diff = float(np.abs(hf_vecs - vk_vecs).max())
-        cos = float(np.min(np.sum(hf_vecs * vk_vecs, 1) / (np.linalg.norm(hf_vecs, axis=1) *
-                                                            np.linalg.norm(vk_vecs, axis=1))))
-        t_hf, t_vk = [], []
+        agree = {}
+        for dt in dtypes:
+            run_vitkit(dt)  # warm-up
+            vk = np.asarray(pq.read_table(out).column("embedding").to_pylist(), dtype=np.float32)
+            cos = np.sum(hf_vecs * vk, 1) / (np.linalg.norm(hf_vecs, axis=1) * np.linalg.norm(vk, axis=1))
+            agree[dt] = {"max_abs_diff_vs_hf": float(np.abs(hf_vecs - vk).max()), "min_cosine_vs_hf": float(cos.min())}
+        times: dict[str, list[float]] = {"hf": [], **{dt: [] for dt in dtypes}}
+        jobs = [("hf", run_hf)] + [(dt, lambda dt=dt: run_vitkit(dt)) for dt in dtypes]
         for r in range(args.rounds):
-            order = [("hf", run_hf), ("vitkit", run_vitkit)]
-            if r % 2:
-                order.reverse()
-            for name, fn in order:
-                with torch.inference_mode():
-                    sec, _ = timed(fn)
-                (t_hf if name == "hf" else t_vk).append(sec)
-            print(f"round {r + 1}/{args.rounds}: HF {args.images / t_hf[-1]:.1f} img/s, "
-                  f"vitkit {args.images / t_vk[-1]:.1f} img/s, ratio {t_hf[-1] / t_vk[-1]:.3f}", flush=True)
-        ratios = sorted(h / v for h, v in zip(t_hf, t_vk))
-        q = statistics.quantiles(ratios, n=4) if len(ratios) >= 2 else [ratios[0]] * 3
+            k = r % len(jobs)  # rotate the order: no library always runs first
+            for name, fn in jobs[k:] + jobs[:k]:
+                times[name].append(timed(fn))
+            print(f"round {r + 1}/{args.rounds}: HF {args.images / times['hf'][-1]:.1f} img/s, " + ", ".join(
+                f"vitkit {dt} {args.images / times[dt][-1]:.1f} img/s (x{times['hf'][-1] / times[dt][-1]:.3f})"
+                for dt in dtypes), flush=True)
         res = {
             "model": "tiny ViT (random)" if args.tiny else "ViT-B/16 (random, HF ViTModel with pooler)",
-            "vitkit_dtype": args.dtype, "images": args.images, "rounds": args.rounds, "batch_size": args.batch_size, "workers": args.workers,
+            "images": args.images, "rounds": args.rounds, "batch_size": args.batch_size, "workers": args.workers,
             "torch_threads": torch.get_num_threads(), "transformers": transformers.__version__,
-            "hf_img_per_s": args.images / statistics.median(t_hf),
-            "vitkit_img_per_s": args.images / statistics.median(t_vk),
-            "ratio_median": statistics.median(ratios), "ratio_iqr": [q[0], q[2]],
-            "max_abs_diff_vs_hf": diff, "min_cosine_vs_hf": cos,
+            "hf_img_per_s": args.images / statistics.median(times["hf"]), "vitkit": {},
         }
+        for dt in dtypes:
+            ratios = sorted(h / v for h, v in zip(times["hf"], times[dt]))
+            q = statistics.quantiles(ratios, n=4) if len(ratios) >= 2 else [ratios[0]] * 3
+            res["vitkit"][dt] = {"img_per_s": args.images / statistics.median(times[dt]),
+                                 "ratio_median": statistics.median(ratios), "ratio_iqr": [q[0], q[2]], **agree[dt]}
     print(json.dumps(res, indent=2))
-    print(f"embed throughput: vitkit {res['vitkit_img_per_s']:.1f} img/s vs HF pipeline {res['hf_img_per_s']:.1f} "
-          f"img/s: ratio {res['ratio_median']:.3f} (IQR {res['ratio_iqr'][0]:.3f}-{res['ratio_iqr'][1]:.3f}); "
-          f"vectors agree to {diff:.2e} (min cosine {cos:.6f})")
+    for dt, v in res["vitkit"].items():
+        print(f"embed throughput, vitkit {dt}: {v['img_per_s']:.1f} img/s vs HF pipeline {res['hf_img_per_s']:.1f} "
+              f"img/s: ratio {v['ratio_median']:.3f} (IQR {v['ratio_iqr'][0]:.3f}-{v['ratio_iqr'][1]:.3f}); "
+              f"vectors vs HF: max abs diff {v['max_abs_diff_vs_hf']:.2e}, min cosine {v['min_cosine_vs_hf']:.6f}")
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
 
