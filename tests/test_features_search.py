@@ -86,7 +86,7 @@ def test_faiss_flat_equals_exact_and_is_saved_reused_rebuilt(table):
     os.utime(path, ns=(1, 1))  # distinct mtime even on coarse clocks
     fresh = EmbeddingIndex(path, backend="flat", note=notes.append)
     s3, i3 = fresh.search(Q[:1], 1)
-    assert "rebuilding" in notes[-2] and "built" in notes[-1]
+    assert "rebuilding" in notes[-3] and "built" in notes[-1]
     assert i3[0, 0] == len(X) and abs(s3[0, 0] - 1) < 1e-5  # the added row is found
     write_embeddings(path, p2[:len(X)], [str(k % 7) for k in range(len(X))], X)  # restore for other tests
 

@@ -35,11 +35,11 @@ BACKENDS = ("auto", "exact", "flat", "ivf", "hnsw")
 EXACT_MAX_BYTES = 2 << 30  # auto: exact torch search up to a 2 GiB matrix (~700k x 768), FAISS IVF beyond
 
 
-def _l2_normalize_(x: np.ndarray) -> np.ndarray:
-    n = np.linalg.norm(x, axis=1, keepdims=True)
+def _l2_normalize_(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Rows divided by their L2 norm, into ``out`` (default: in place). One pass, no (N, D) temporary."""
+    n = np.sqrt(np.einsum("ij,ij->i", x, x))[:, None]
     np.maximum(n, 1e-12, out=n)  # F.normalize's eps: a zero vector stays zero
-    x /= n
-    return x
+    return np.divide(x, n, out=x if out is None else out)
 
 
 def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
@@ -94,8 +94,9 @@ class EmbeddingIndex:
         batch = next(self.file.iter_batches(batch_size=1, columns=["embedding"]))
         return len(batch.column(0)[0])
 
-    def iter_vectors(self, batch_rows: int = 65536):
-        """(B, D) float32 numpy blocks in row order; checks every row has ``dim`` values."""
+    def iter_vectors(self, batch_rows: int = 65536, writable: bool = True):
+        """(B, D) float32 numpy blocks in row order; checks every row has ``dim`` values.
+        ``writable=False`` may return read-only views of Arrow's memory (one copy fewer)."""
         pc = require("pyarrow.compute", "search")
         for batch in self.file.iter_batches(batch_size=batch_rows, columns=["embedding"]):
             col = batch.column(0)
@@ -108,7 +109,7 @@ class EmbeddingIndex:
                 raise InputError(f"{self.path}: every embedding should have {self.dim} values; found lengths "
                                  f"{lo.as_py()}..{hi.as_py()} ({col.null_count} null)")
             values = col.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
-            if not values.flags.writeable:  # arrow memory is read-only; callers normalise in place
+            if writable and not values.flags.writeable:  # Arrow's memory is read-only; callers normalise in place
                 values = values.copy()
             yield values.reshape(len(batch), self.dim)
 
@@ -117,10 +118,10 @@ class EmbeddingIndex:
         if self._matrix is None:
             out = np.empty((self.rows, self.dim), dtype=np.float32)
             at = 0
-            for block in self.iter_vectors():
-                out[at:at + len(block)] = block
+            for block in self.iter_vectors(writable=False):
+                _l2_normalize_(block, out=out[at:at + len(block)])  # normalised while copied: one pass
                 at += len(block)
-            self._matrix = torch.from_numpy(_l2_normalize_(out))
+            self._matrix = torch.from_numpy(out)
         return self._matrix
 
     def vectors_of(self, paths: list[str]) -> np.ndarray:
@@ -170,6 +171,8 @@ class EmbeddingIndex:
                 self._tune(self._faiss)
                 return self._faiss
             self.note(f"{self.path} changed since {index_path} was built: rebuilding it")
+        self.note(f"building FAISS {self.backend} index of {self.rows} x {self.dim} vectors (once; saved beside "
+                  f"{self.path.name})")
         t0 = time.perf_counter()
         index = self._build(faiss)
         self.build_seconds = time.perf_counter() - t0
