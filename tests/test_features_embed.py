@@ -92,15 +92,17 @@ def test_interrupted_run_continues_without_redoing_rows(setup, monkeypatch):
     tmp, files, model, mdir = setup
     out = tmp / "resume.parquet"
     calls = {"n": 0, "stop_at": None}
-    real = type(model).forward_features
+    from vitkit.features.extract import FeatureExtractor
 
-    def counting(self, x, *a, **kw):
+    real = FeatureExtractor.__call__
+
+    def counting(self, x):  # one call per batch (and one for the width probe)
         calls["n"] += 1
         if calls["stop_at"] is not None and calls["n"] > calls["stop_at"]:
             raise KeyboardInterrupt
-        return real(self, x, *a, **kw)
+        return real(self, x)
 
-    monkeypatch.setattr(type(model), "forward_features", counting)
+    monkeypatch.setattr(FeatureExtractor, "__call__", counting)
     calls["stop_at"] = 1 + 2  # the width probe, then 2 batches of 8 finish; the 3rd is interrupted
     with pytest.raises(KeyboardInterrupt):
         embed_files(model, [tmp / "imgs"], out, batch_size=8, row_group_size=8, progress=False)
@@ -127,6 +129,21 @@ def test_interrupted_run_continues_without_redoing_rows(setup, monkeypatch):
         assert (res.rows, res.new_rows, calls["n"]) == (31, 1, 2)
     finally:
         extra.unlink()
+
+
+def test_default_pooling_runs_the_predictor_engine_on_a_weight_sharing_twin(setup):
+    """fp32 default pooling: vitkit.infer's engine on a headless twin (no weight copy), the model
+    itself untouched; the bit-exactness is test_embed_equals_direct_forward's."""
+    tmp, files, model, mdir = setup
+    from vitkit.features import FeatureExtractor
+
+    pred = FeatureExtractor(model, FeatureSpec())._predictor
+    assert pred is not None and pred.path == "engine"
+    twin = pred.model
+    assert twin is not model and twin.config.num_classes == 0 and twin.last_block_prefix_only is False
+    assert model.last_block_prefix_only is True and model.config.num_classes == 10
+    assert twin.blocks[0].attn.qkv.weight.data_ptr() == model.blocks[0].attn.qkv.weight.data_ptr()
+    assert FeatureExtractor(model, FeatureSpec(pool="cls"))._predictor is None  # stage calls
 
 
 def test_settings_mismatch_and_overwrite(setup):

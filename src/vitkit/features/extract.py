@@ -12,9 +12,10 @@ batch (B, C, H, W) to (B, F) float32:
 * ``layers=n``: the same pooling applied to each of the last n blocks' outputs (each after the
   final norm, via ``forward_intermediates``), concatenated in block order (n x the width).
 * ``normalize``: L2-normalise the final (concatenated) vector.
-* ``dtype``: ``fp32`` runs the model's stages as is (exact); ``bf16`` / ``int8`` go through
-  ``vitkit.infer.Predictor``, the fast inference path beside the model (default pooling, one
-  layer: the Predictor computes ``model(x)`` only).
+* ``dtype``: ``fp32`` is exact (the default pooling runs through ``vitkit.infer.Predictor``'s
+  buffer-reusing engine, bit-identical to the stage calls; the others call the stages);
+  ``bf16`` / ``int8`` are the Predictor's approximations (default pooling, one layer only: the
+  Predictor computes ``model(x)``).
 """
 
 from __future__ import annotations
@@ -67,34 +68,63 @@ class FeatureExtractor:
         return next(self.model.parameters()).device
 
     def _make_predictor(self):
-        """bf16 / int8: ``vitkit.infer.Predictor`` (the fast path beside the model, never a copy of
-        its tricks here). It runs the model's forward, which returns the pooled pre-logits when the
-        model has no classifier (num_classes == 0), so that is what it is given: the model itself,
-        or a headless twin (same config with num_classes=0, a copy of every weight but the head).
-        Other poolings and --layers need stage calls the Predictor does not offer: an error."""
-        if self.spec.dtype == "fp32":
+        """The default pooling runs through ``vitkit.infer.Predictor`` (the fast path beside the
+        model, never a copy of its tricks here). The Predictor computes ``model(x)``, which is the
+        pooled pre-logits for a model without a classifier, so it is given a headless twin of the
+        model (same config with num_classes=0, sharing every weight but the head, no copy).
+
+        fp32: the twin computes every token in the last block too (``last_block_prefix_only =
+        False``), so its output is bit-identical to ``forward_head(forward_features(x),
+        pre_logits=True)`` (tested), through the Predictor's buffer-reusing engine; if the engine
+        cannot run this model, the plain stage calls below run instead. bf16 / int8: the
+        Predictor's approximations; other poolings and --layers need stage calls the Predictor
+        does not offer: an error."""
+        spec = self.spec
+        default = spec.pool == "model" and spec.layers == 1
+        if spec.dtype != "fp32" and not default:
+            raise ConfigError(f"dtype={spec.dtype!r} runs through vitkit.infer.Predictor, which computes the "
+                              f"model's own pooled output only (pool='model', layers=1); pool={spec.pool!r}, "
+                              f"layers={spec.layers} need dtype 'fp32'")
+        if not default:
             return None
-        if self.spec.pool != "model" or self.spec.layers != 1:
-            raise ConfigError(f"dtype={self.spec.dtype!r} runs through vitkit.infer.Predictor, which computes the "
-                              f"model's own pooled output only (pool='model', layers=1); pool={self.spec.pool!r}, "
-                              f"layers={self.spec.layers} need dtype 'fp32'")
-        from ..infer import Predictor
+        try:
+            from ..infer import Predictor
+        except ImportError:  # pragma: no cover - a build without vitkit.infer
+            if spec.dtype != "fp32":
+                raise ConfigError(f"dtype={spec.dtype!r} needs vitkit.infer, which this build lacks") from None
+            return None
+        twin = self._headless(exact=spec.dtype == "fp32")
+        if twin is None:
+            if spec.dtype != "fp32":
+                raise ConfigError(f"dtype={spec.dtype!r}: cannot build the headless view of this model")
+            return None
+        pred = Predictor(twin, dtype=spec.dtype)
+        if spec.dtype == "fp32" and pred.path != "engine":
+            return None  # nothing to gain: the model's own stage calls (exact) run instead
+        return pred
 
-        return Predictor(self._headless(), dtype=self.spec.dtype)
+    def _headless(self, exact: bool):
+        """The model without its classifier, sharing its parameters (built on the meta device and
+        given the model's own tensors), or None when that cannot be done faithfully."""
+        import itertools
 
-    def _headless(self):
         m = self.model
-        if m.config.num_classes == 0:
-            return m
-        from ..model.vit import ViT
-
-        twin = ViT(m.config.replace(num_classes=0)).to(next(m.parameters()).device)
-        state = {k: v for k, v in m.state_dict().items() if not k.startswith(("head.", "head_dist."))}
-        missing, unexpected = twin.load_state_dict(state, strict=False)
-        if missing or unexpected:  # pragma: no cover - the head is the only difference
-            raise ConfigError(f"cannot build the headless twin for dtype={self.spec.dtype!r}: missing {missing}, "
-                              f"unexpected {unexpected}")
-        return twin.eval()
+        cfg = m.config.replace(num_classes=0) if m.config.num_classes else m.config
+        try:
+            with torch.device("meta"):
+                twin = type(m)(cfg)
+            state = {k: v for k, v in m.state_dict(keep_vars=True).items()
+                     if not k.startswith(("head.", "head_dist."))}
+            missing, unexpected = twin.load_state_dict(state, strict=False, assign=True)
+        except (TypeError, RuntimeError, ConfigError):
+            return None
+        left = [n for n, t in itertools.chain(twin.named_parameters(), twin.named_buffers()) if t.is_meta]
+        if missing or unexpected or left:
+            return None
+        twin.eval()
+        if exact:
+            twin.last_block_prefix_only = False  # every token through the last block, as forward_features
+        return twin
 
     def _pool(self, m, tokens: torch.Tensor) -> torch.Tensor:
         """(B, T, D) tokens after the final norm -> (B, D') by the chosen pooling."""
@@ -114,7 +144,7 @@ class FeatureExtractor:
         x = x.to(self.device, non_blocking=True)
         spec = self.spec
         if self._predictor is not None:
-            feats = self._predictor(x)  # the pooled pre-logits of the headless model
+            feats = self._predictor(x)  # the pooled pre-logits of the headless twin
         else:
             m = self.model
             if spec.layers == 1:
