@@ -201,6 +201,12 @@ def test_bad_options(setup):
         embed_files(model, [tmp / "imgs"], tmp / "x.parquet", spec=FeatureSpec(layers=4), progress=False)
     with pytest.raises(InputError, match="no such file or folder"):
         embed_files(model, [tmp / "nope"], tmp / "x.parquet", progress=False)
+    junk = tmp / "junk"
+    junk.mkdir(exist_ok=True)
+    (junk / "a.png").write_bytes(b"x")
+    with pytest.raises(InputError, match=r"no image could be read \(1 unreadable: .*a.png"):
+        embed_files(model, [junk], tmp / "x.parquet", progress=False)
+    assert not (tmp / "x.parquet").exists()
     from vitkit.cli.main import main
 
     assert main(["embed", "--model", str(mdir), "--out", str(tmp / "x.parquet")]) == 2  # nothing to embed

@@ -194,7 +194,8 @@ def _embed(model, items_paths: list[str], items_labels: list, make_dataset: Call
         sink.flush()  # finished batches survive an interrupt; the next run skips them
         raise
     if not sink.sources and not sink.buf:
-        raise InputError(f"no image could be read ({len(skipped)} unreadable); nothing written to {out}")
+        listed = "; ".join(msg for _, msg in skipped[:5]) + ("; ..." if len(skipped) > 5 else "")
+        raise InputError(f"no image could be read ({len(skipped)} unreadable: {listed}); nothing written to {out}")
     rows = sink.finish()
     return EmbedResult(out=out, rows=rows, new_rows=sink.new_rows, resumed_rows=len(items_paths) - len(todo),
                        dim=dim, skipped=skipped)
