@@ -96,14 +96,14 @@ def test_interrupted_run_continues_without_redoing_rows(setup, monkeypatch):
 
     real = FeatureExtractor.__call__
 
-    def counting(self, x):  # one call per batch (and one for the width probe)
+    def counting(self, x):  # one call per batch
         calls["n"] += 1
         if calls["stop_at"] is not None and calls["n"] > calls["stop_at"]:
             raise KeyboardInterrupt
         return real(self, x)
 
     monkeypatch.setattr(FeatureExtractor, "__call__", counting)
-    calls["stop_at"] = 1 + 2  # the width probe, then 2 batches of 8 finish; the 3rd is interrupted
+    calls["stop_at"] = 2  # 2 batches of 8 finish; the 3rd is interrupted
     with pytest.raises(KeyboardInterrupt):
         embed_files(model, [tmp / "imgs"], out, batch_size=8, row_group_size=8, progress=False)
     assert not out.exists()
@@ -112,7 +112,7 @@ def test_interrupted_run_continues_without_redoing_rows(setup, monkeypatch):
     calls.update(n=0, stop_at=None)
     notes = []
     res = embed_files(model, [tmp / "imgs"], out, batch_size=8, row_group_size=8, progress=False, note=notes.append)
-    assert calls["n"] == 1 + 2  # probe + the 14 remaining images in 2 batches, nothing redone
+    assert calls["n"] == 2  # the 14 remaining images in 2 batches, nothing redone
     assert (res.rows, res.new_rows, res.resumed_rows) == (30, 14, 16)
     assert "16 of 30" in notes[0]
     assert not (tmp / "resume.parquet.parts").exists()
@@ -126,7 +126,7 @@ def test_interrupted_run_continues_without_redoing_rows(setup, monkeypatch):
     calls["n"] = 0
     try:
         res = embed_files(model, [tmp / "imgs"], out, batch_size=8, progress=False)
-        assert (res.rows, res.new_rows, calls["n"]) == (31, 1, 2)
+        assert (res.rows, res.new_rows, calls["n"]) == (31, 1, 1)
     finally:
         extra.unlink()
 

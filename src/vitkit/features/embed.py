@@ -92,7 +92,8 @@ class _ResumableOutput:
         self.pq = require("pyarrow.parquet", "writing embeddings")
         self.out, self.meta, self.row_group_size, self.note = out, meta, max(1, row_group_size), note
         self.parts_dir = out.with_name(out.name + ".parts")
-        self.schema = _schema(meta)
+        self.schema = None  # made at the first batch, when the vectors' width is known
+        self.dim: int | None = None
         if overwrite and self.parts_dir.exists():
             shutil.rmtree(self.parts_dir)
         self.sources: list[Path] = []  # earlier output + parts, in order
@@ -115,7 +116,10 @@ class _ResumableOutput:
             paths = self.pq.read_table(path, columns=["path"]).column("path").to_pylist()
         except (OSError, self.pa.ArrowException) as e:
             raise InputError(f"{path}: cannot read the earlier embeddings ({e}); delete it or pass --overwrite") from e
-        diff = {k: (meta.get(k), self.meta.get(k)) for k in _MUST_MATCH if meta.get(k) != self.meta.get(k)}
+        diff = {k: (meta.get(k), self.meta.get(k)) for k in _MUST_MATCH
+                if k != "dim" and meta.get(k) != self.meta.get(k)}
+        if self.dim is None:
+            self.dim = meta.get("dim")
         if diff:
             what = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items())
             raise ConfigError(f"{path} holds embeddings made with other settings ({what}); pass --overwrite "
@@ -140,6 +144,12 @@ class _ResumableOutput:
         labels = [v for b in self.buf for v in b[1]]
         feats = np.concatenate([b[2] for b in self.buf]).astype(np.float32, copy=False)
         N, F = feats.shape
+        if self.schema is None:
+            if self.dim is not None and self.dim != F:
+                raise ConfigError(f"{self.sources[0]} holds {self.dim}-d embeddings, this run makes {F}-d ones; "
+                                  "pass --overwrite to start over, or choose another --out")
+            self.dim = F
+            self.schema = _schema({**self.meta, "dim": F})
         emb = pa.ListArray.from_arrays(pa.array(np.arange(0, (N + 1) * F, F, dtype=np.int32)),
                                        pa.array(feats.reshape(-1)))
         table = pa.Table.from_arrays([pa.array(paths, pa.string()), pa.array(labels, pa.string()), emb],
@@ -155,6 +165,8 @@ class _ResumableOutput:
     def finish(self) -> int:
         """Merge into ``out``; returns its row count."""
         self.flush()
+        if self.schema is None:  # nothing new: keep the earlier rows' own schema
+            self.schema = self.pq.read_schema(self.sources[0])
         if self.sources != [self.out]:
             def write(tmp):
                 with self.pq.ParquetWriter(tmp, self.schema) as w:
@@ -173,10 +185,7 @@ def _embed(model, items_paths: list[str], items_labels: list, make_dataset: Call
            progress: bool, note: Callable) -> EmbedResult:
     out = Path(out)
     extractor = FeatureExtractor(model, spec)
-    input_size, _, _ = preprocess_numbers(model)
-    with torch.no_grad():
-        dim = int(extractor(torch.zeros(1, *input_size)).shape[1])
-    meta = {**meta_extra, **spec.to_dict(), "dim": dim}
+    meta = {**meta_extra, **spec.to_dict()}  # + "dim", known at the first batch
     sink = _ResumableOutput(out, meta, overwrite, row_group_size or batch_size, note)
     todo = [i for i, p in enumerate(items_paths) if p not in sink.done]
     if sink.done:
@@ -198,7 +207,7 @@ def _embed(model, items_paths: list[str], items_labels: list, make_dataset: Call
         raise InputError(f"no image could be read ({len(skipped)} unreadable: {listed}); nothing written to {out}")
     rows = sink.finish()
     return EmbedResult(out=out, rows=rows, new_rows=sink.new_rows, resumed_rows=len(items_paths) - len(todo),
-                       dim=dim, skipped=skipped)
+                       dim=int(sink.dim), skipped=skipped)
 
 
 def embed_files(model, inputs: list[str], out, *, spec: FeatureSpec | None = None, source: str | None = None,
