@@ -307,10 +307,11 @@ def embed_dataset(model, dataset: str, out, *, data_dir: str | None = None, spli
 
 
 def split_features(model, splits, split: str, *, spec: FeatureSpec, batch_size: int = 64, workers: int = 0,
-                   progress: bool = True) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]]:
+                   progress: bool = True, extractor: FeatureExtractor | None = None,
+                   ) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]]:
     """(features (N, F), targets (N,), skipped) of one split, in memory (k-NN / linear probe)."""
     items = SplitItems(model, splits, split)
-    extractor = FeatureExtractor(model, spec)
+    extractor = extractor or FeatureExtractor(model, spec)
     feats, idx_all, skipped = [], [], []
     for idx, f, failures in iter_features(extractor, items.make(list(range(len(items.paths)))),
                                           batch_size=batch_size, workers=workers, progress=progress,
@@ -335,8 +336,9 @@ def labelled_features(model, dataset: str, *, data_dir: str | None = None, want=
         raise InputError(f"{dataset} has no class labels (task: {splits.task}); k-NN and the linear probe "
                          "need a labelled classification dataset (class folders, digits, cifar10, ...)")
     spec = spec or FeatureSpec()
+    extractor = FeatureExtractor(model, spec)  # one for every split
     out = {s: split_features(model, splits, s, spec=spec, batch_size=batch_size, workers=workers,
-                             progress=progress)
+                             progress=progress, extractor=extractor)
            for s in want if getattr(splits, s, None) is not None}
     return out, splits
 
