@@ -70,6 +70,13 @@ def test_default_recipe_smoke_writes_a_complete_run(tmp_path, capsys):
     assert ev["loss"] == pytest.approx(summary["test_loss"], rel=1e-5)
     assert sum(map(sum, ev["confusion_matrix"])) == ev["count"] == 359
     assert (tmp_path / "ev" / "confusion_matrix_eval.png").is_file()
+    # --dtype: the same split through vitkit.infer.Predictor's bf16 / int8 paths, close to fp32
+    for dtype in ("bf16", "int8"):
+        assert main(["eval", "--model", str(run), "--json", "--dtype", dtype, "--out", str(tmp_path / dtype)]) == 0
+        low = json.loads(capsys.readouterr().out)
+        assert low["dtype"] == dtype and low["count"] == 359
+        assert low["accuracy"] == pytest.approx(ev["accuracy"], abs=0.03)
+        assert low["loss"] == pytest.approx(ev["loss"], rel=0.1)
     # fine-tuning from the run: with a vanishing lr the body keeps the pretrained weights exactly
     # (to AdamW's first-step size), the head is re-initialised
     ft = tmp_path / "ft"

@@ -22,6 +22,9 @@ def add_arguments(p) -> None:
                                  "else the current folder)")
     p.add_argument("--json", action="store_true", help="print the full result as JSON")
     p.add_argument("--skip-bad-images", action="store_true", help="log and skip unreadable images")
+    from .predict import add_dtype_argument
+
+    add_dtype_argument(p)
 
 
 def data_spec(args, model_config):
@@ -72,8 +75,11 @@ def run(args) -> int:
     if splits.num_outputs != c.num_classes:
         raise ConfigError(f"model has {c.num_classes} outputs, {name} has {splits.num_outputs} "
                           f"{'classes' if splits.task == 'classification' else 'targets'}")
+    from ..infer import Predictor
+
     r = evaluate_model(model, splits, args.split, batch_size=args.batch_size, device=device, progress=True,
-                       workers=args.workers)
+                       workers=args.workers, forward=Predictor(model, args.dtype))
+    r["dtype"] = args.dtype
     r = {"model": str(args.model), "dataset": name, "data_dir": spec.data_dir, "split": args.split, **r}
     src = Path(args.model)
     out = Path(args.out) if args.out else (src if src.is_dir() else Path("."))

@@ -36,7 +36,9 @@ def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
 def evaluate(model, data, *, task: str = "classification", num_outputs: int, mean, std,
              batch_size: int = 256, device: str | torch.device = "cpu", dist: DistInfo | None = None,
              regression_loss: str = "mse", labels: list[str] | None = None, progress: bool = False,
-             amp_dtype: torch.dtype | None = None, workers: int | None = 0) -> dict[str, Any]:
+             amp_dtype: torch.dtype | None = None, workers: int | None = 0, forward=None) -> dict[str, Any]:
+    """``forward``: what computes the outputs, default ``model`` itself; ``vitkit eval --dtype``
+    passes ``vitkit.infer.Predictor(model, dtype)`` (fp32 engine, bf16 or int8)."""
     from ..progress import progress_bar
     from ..train.data import eval_loader
 
@@ -59,7 +61,7 @@ def evaluate(model, data, *, task: str = "classification", num_outputs: int, mea
         x = normalize(x.to(device, non_blocking=True), mean, std)
         y = y.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            out = model(x)
+            out = (forward or model)(x)
         out = out.float()
         if task == "classification":
             loss_sum += F.cross_entropy(out, y, reduction="sum").double()
