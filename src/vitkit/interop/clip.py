@@ -69,12 +69,8 @@ OPENAI_TABLE = RenameTable([
     ("head.weight", "proj"),  # (D, E) <-> (E, D): transposed
 ])
 
-# ---- Hugging Face (vision tower names after an optional vision_model. prefix) ---------------------
-HF_TABLE = RenameTable([
-    ("cls_token", "embeddings.class_embedding"),  # (D,)
-    ("patch_embed.proj.weight", "embeddings.patch_embedding.weight"),
-    ("pos_embed", "embeddings.position_embedding.weight"),  # (1+N, D)
-    ("norm_pre.{p}", "pre_layrnorm.{p}"),  # sic: transformers' spelling
+# transformers' CLIPEncoderLayer names, shared by SigLIP's vision tower (same encoder class layout).
+HF_ENCODER_ROWS = [
     ("blocks.{i}.norm1.{p}", "encoder.layers.{i}.layer_norm1.{p}"),
     ("blocks.{i}.attn.q.{p}", "encoder.layers.{i}.self_attn.q_proj.{p}"),
     ("blocks.{i}.attn.k.{p}", "encoder.layers.{i}.self_attn.k_proj.{p}"),
@@ -83,6 +79,15 @@ HF_TABLE = RenameTable([
     ("blocks.{i}.norm2.{p}", "encoder.layers.{i}.layer_norm2.{p}"),
     ("blocks.{i}.mlp.fc1.{p}", "encoder.layers.{i}.mlp.fc1.{p}"),
     ("blocks.{i}.mlp.fc2.{p}", "encoder.layers.{i}.mlp.fc2.{p}"),
+]
+
+# ---- Hugging Face (vision tower names after an optional vision_model. prefix) ---------------------
+HF_TABLE = RenameTable([
+    ("cls_token", "embeddings.class_embedding"),  # (D,)
+    ("patch_embed.proj.weight", "embeddings.patch_embedding.weight"),
+    ("pos_embed", "embeddings.position_embedding.weight"),  # (1+N, D)
+    ("norm_pre.{p}", "pre_layrnorm.{p}"),  # sic: transformers' spelling
+    *HF_ENCODER_ROWS,
     ("norm.{p}", "post_layernorm.{p}"),
     ("head.weight", "visual_projection.weight"),
 ])

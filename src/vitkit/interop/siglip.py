@@ -31,6 +31,7 @@ import torch
 
 from ..config import ViTConfig
 from ..errors import CheckpointError, ConfigError
+from .clip import HF_ENCODER_ROWS
 from .common import Converted, layout_from_rows, size_hints
 from .table import RenameTable
 
@@ -40,14 +41,7 @@ _TEXT_NOTE = "text tower (and logit scale / bias) ignored: vitkit loads the imag
 HF_TABLE = RenameTable([
     ("patch_embed.proj.{p}", "embeddings.patch_embedding.{p}"),
     ("pos_embed", "embeddings.position_embedding.weight"),  # (N, D)
-    ("blocks.{i}.norm1.{p}", "encoder.layers.{i}.layer_norm1.{p}"),
-    ("blocks.{i}.attn.q.{p}", "encoder.layers.{i}.self_attn.q_proj.{p}"),
-    ("blocks.{i}.attn.k.{p}", "encoder.layers.{i}.self_attn.k_proj.{p}"),
-    ("blocks.{i}.attn.v.{p}", "encoder.layers.{i}.self_attn.v_proj.{p}"),
-    ("blocks.{i}.attn.proj.{p}", "encoder.layers.{i}.self_attn.out_proj.{p}"),
-    ("blocks.{i}.norm2.{p}", "encoder.layers.{i}.layer_norm2.{p}"),
-    ("blocks.{i}.mlp.fc1.{p}", "encoder.layers.{i}.mlp.fc1.{p}"),
-    ("blocks.{i}.mlp.fc2.{p}", "encoder.layers.{i}.mlp.fc2.{p}"),
+    *HF_ENCODER_ROWS,  # the same encoder layer names as CLIP's
     ("norm.{p}", "post_layernorm.{p}"),
     ("attn_pool.latent", "head.probe"),
     ("attn_pool.in_proj.weight", "head.attention.in_proj_weight"),  # split into q / kv below
