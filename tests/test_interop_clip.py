@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import vitkit
-from test_interop_common import max_diff, randomize
+from test_interop_common import images, load_saved_hf, max_diff, randomize
 from vitkit.io import save_state_dict
 
 transformers = pytest.importorskip("transformers")
@@ -57,10 +57,8 @@ def hf_image_output(m, x, **kw):
 def test_hf_clip_dir_exact(kind, name, tmp_path):
     kw = HF_CONFIGS[name]
     ref = hf_model(kind, **kw)
-    ref.save_pretrained(tmp_path)
-    model = vitkit.from_pretrained(tmp_path)
-    s = kw["image_size"]
-    x = torch.randn(2, 3, s, s)
+    model = load_saved_hf(ref, tmp_path)
+    x = images(kw["image_size"])
     with torch.no_grad():
         assert max_diff(model(x), hf_image_output(ref, x)) <= 1e-5
     assert model.config.act == ("gelu" if kw.get("hidden_act") == "gelu" else "quick_gelu")
@@ -86,10 +84,8 @@ def test_hf_clip_tokens_are_after_post_layernorm(tmp_path):
 @pytest.mark.parametrize("size", [48, (32, 64)])
 def test_hf_clip_other_size_matches_interpolate_pos_encoding(size, tmp_path):
     ref = hf_model("projection", **HF_CONFIGS["p16_32_quick"])
-    ref.save_pretrained(tmp_path)
-    model = vitkit.from_pretrained(tmp_path, image_size=size)
-    hw = (size, size) if isinstance(size, int) else size
-    x = torch.randn(2, 3, *hw)
+    model = load_saved_hf(ref, tmp_path, image_size=size)
+    x = images(size)
     with torch.no_grad():
         assert max_diff(model(x), hf_image_output(ref, x, interpolate_pos_encoding=True)) <= 1e-5
 

@@ -9,6 +9,7 @@ import torch
 import vitkit
 from vitkit.errors import CheckpointError
 from vitkit.interop.common import LoadReport, adapt_state, load_into, rename
+from vitkit.io import save_state_dict
 
 
 def randomize(module: torch.nn.Module, std: float = 0.2) -> torch.nn.Module:
@@ -28,6 +29,28 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 def tiny(**kw) -> vitkit.ViT:
     cfg = dict(image_size=32, patch_size=8, num_classes=10, dim=32, depth=2, num_heads=2)
     return randomize(vitkit.ViT(vitkit.ViTConfig(**{**cfg, **kw})))
+
+
+def images(size) -> torch.Tensor:
+    """A batch of 2 random RGB images; ``size``: an int (square) or (H, W)."""
+    hw = (size, size) if isinstance(size, int) else tuple(size)
+    return torch.randn(2, 3, *hw)
+
+
+def load_saved_hf(ref, path, **hints) -> vitkit.ViT:
+    """Save a transformers peer as a Hugging Face directory and load it back with vitkit."""
+    ref.save_pretrained(path)
+    return vitkit.from_pretrained(path, **hints)
+
+
+def load_saved_timm(ref, img_size, path) -> tuple[vitkit.ViT, torch.Tensor]:
+    """Save a timm peer's bare state dict and load it back with vitkit (the head count given, as a
+    bare state dict cannot say it; a non-square size given too, as the pos table alone cannot say
+    it). Returns (model, images at ``img_size``)."""
+    save_state_dict(ref.state_dict(), path / "w.safetensors")
+    size = img_size if isinstance(img_size, tuple) else (img_size,) * 2
+    hint = {"image_size": size} if size[0] != size[1] else {}
+    return vitkit.from_pretrained(path / "w.safetensors", num_heads=2, **hint), images(size)
 
 
 # --------------------------------------------------------------------------- unit tests

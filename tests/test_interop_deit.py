@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import vitkit
-from test_interop_common import max_diff, randomize
+from test_interop_common import load_saved_timm, max_diff, randomize
 from vitkit.errors import CheckpointError
 from vitkit.io import save_state_dict
 
@@ -84,11 +84,7 @@ def timm_deit(variant, **kw):
 ])
 def test_timm_deit_exact(variant, kw, tmp_path):
     ref = timm_deit(variant, **kw)
-    save_state_dict(ref.state_dict(), tmp_path / "w.safetensors")
-    size = kw["img_size"] if isinstance(kw["img_size"], tuple) else (kw["img_size"],) * 2
-    hint = {"image_size": size} if size[0] != size[1] else {}
-    model = vitkit.from_pretrained(tmp_path / "w.safetensors", num_heads=2, **hint)
-    x = torch.randn(2, 3, *size)
+    model, x = load_saved_timm(ref, kw["img_size"], tmp_path)
     with torch.no_grad():
         assert max_diff(model(x), ref(x)) <= 1e-5
     assert model.config.dist_token == ("distilled" in variant)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import vitkit
-from test_interop_common import max_diff, randomize
+from test_interop_common import images, load_saved_hf, load_saved_timm, max_diff, randomize
 from vitkit.io import save_state_dict
 
 transformers = pytest.importorskip("transformers")
@@ -47,10 +47,8 @@ def hf_pooled(m, x, **kw):
 def test_hf_siglip_dir_exact(whole, name, tmp_path):
     kw = HF_CONFIGS[name]
     ref = hf_model(whole, **kw)
-    ref.save_pretrained(tmp_path)
-    model = vitkit.from_pretrained(tmp_path)
-    s = kw["image_size"]
-    x = torch.randn(2, 3, s, s)
+    model = load_saved_hf(ref, tmp_path)
+    x = images(kw["image_size"])
     with torch.no_grad():
         assert max_diff(model(x), hf_pooled(ref, x)) <= 1e-5
         if not whole:
@@ -64,10 +62,8 @@ def test_hf_siglip_dir_exact(whole, name, tmp_path):
 @pytest.mark.parametrize("size", [48, (32, 64)])
 def test_hf_siglip_other_size_matches_interpolate_pos_encoding(size, tmp_path):
     ref = hf_model(False, **HF_CONFIGS["p16_32"])
-    ref.save_pretrained(tmp_path)
-    model = vitkit.from_pretrained(tmp_path, image_size=size)
-    hw = (size, size) if isinstance(size, int) else size
-    x = torch.randn(2, 3, *hw)
+    model = load_saved_hf(ref, tmp_path, image_size=size)
+    x = images(size)
     with torch.no_grad():
         assert max_diff(model(x), hf_pooled(ref, x, interpolate_pos_encoding=True)) <= 1e-5
 
@@ -82,11 +78,7 @@ def timm_siglip(**kw):
                                 dict(img_size=28, patch_size=14, num_classes=5)])
 def test_timm_siglip_state_dict_exact(kw, tmp_path):
     ref = timm_siglip(**kw)
-    save_state_dict(ref.state_dict(), tmp_path / "w.safetensors")
-    size = kw["img_size"] if isinstance(kw["img_size"], tuple) else (kw["img_size"],) * 2
-    hint = {"image_size": size} if size[0] != size[1] else {}
-    model = vitkit.from_pretrained(tmp_path / "w.safetensors", num_heads=2, **hint)
-    x = torch.randn(2, 3, *size)
+    model, x = load_saved_timm(ref, kw["img_size"], tmp_path)
     with torch.no_grad():
         assert max_diff(model(x), ref(x)) <= 1e-5
     assert model.config.pooling == "map"
