@@ -18,6 +18,15 @@ def _seed():
 
 
 @pytest.fixture
+def restore_torch_state():
+    """For tests that train (``--deterministic``, ``--threads``): put torch's global switches back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.use_deterministic_algorithms(False)
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def tiny_config():
     """Factory: ``tiny_config(**overrides)`` -> a small ViTConfig (16x16, patch 4, dim 32, depth 2)."""
 

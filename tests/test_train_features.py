@@ -20,12 +20,7 @@ TINY = dict(dim=16, depth=1, num_heads=2, subset=64, batch_size=16, progress=Fal
             max_steps=2, deterministic=True)
 
 
-@pytest.fixture(autouse=True)
-def _restore_torch_state():
-    threads = torch.get_num_threads()
-    yield
-    torch.use_deterministic_algorithms(False)
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("restore_torch_state")  # tests/conftest.py
 
 
 def _quiet(*a, **k):

@@ -21,12 +21,7 @@ TINY = ["--dim", "32", "--depth", "1", "--num-heads", "2", "--no-progress", "--d
 TIMING_KEYS = {"epoch_seconds", "images_per_second"}
 
 
-@pytest.fixture(autouse=True)
-def _restore_torch_state():
-    threads = torch.get_num_threads()
-    yield
-    torch.use_deterministic_algorithms(False)
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("restore_torch_state")  # tests/conftest.py
 
 
 def _metrics(run: Path) -> list[dict]:
