@@ -104,7 +104,15 @@ class FileImageDataset(Dataset):
         from .files import decode_file
 
         try:
-            x = decode_file(self.paths[i], channels=1 if self.mode == "L" else 3)
+            spec = str(self.paths[i])
+            if spec.startswith(("sample:", "digits:")):  # scikit-learn's bundled images, as predict reads them
+                from torchvision.transforms.v2.functional import pil_to_tensor
+
+                from .image import load_image
+
+                x = pil_to_tensor(load_image(spec, mode=self.mode))
+            else:
+                x = decode_file(self.paths[i], channels=1 if self.mode == "L" else 3)
         except InputError as e:
             raise InputError(f"{e} ({self.split} image)") from None
         return x, self.targets[i]

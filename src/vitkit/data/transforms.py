@@ -39,6 +39,8 @@ def eval_transform(preprocess: Preprocess | Mapping[str, Any]) -> T.Compose:
     ops: list[Any] = [T.ToImage()]
     if C == 1:
         ops.append(T.Grayscale(1))
+    else:  # a grey image (in-memory digits, a 1-channel tensor) for an RGB model: repeated, as PIL's L -> RGB
+        ops.append(T.RGB())
     scale = (math.floor(H / pre.crop_pct), math.floor(W / pre.crop_pct))
     if pre.crop_mode == "center" and H == W:
         ops.append(T.Resize(scale[0], interpolation=interp, antialias=True))  # short side, aspect kept
