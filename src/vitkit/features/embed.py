@@ -28,7 +28,7 @@ from ..io import atomic_write
 from ..progress import progress_bar
 from ._deps import require
 from .extract import FeatureExtractor, FeatureSpec
-from .loader import Chain, ImageFiles, ReadSplit, TensorSplit, list_images, make_loader
+from .loader import Rows, file_source, list_images
 
 META_KEY = b"vitkit.features"
 # the settings that decide what a vector means: rows made with different ones must not mix
@@ -45,30 +45,49 @@ class EmbedResult:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, why) unreadable images
 
 
-def preprocess_numbers(model) -> tuple[tuple[int, int, int], list[float], list[float]]:
-    """(input_size (C, H, W), mean, std) of the model's preprocessing (a dict or a typed object)."""
-    from ..data.transforms import default_preprocess
-
-    pre = model.preprocess_cfg or default_preprocess(model.config)
-    get = (lambda k: pre[k]) if isinstance(pre, dict) else (lambda k: getattr(pre, k))
-    C, H, W = (int(v) for v in get("input_size"))
-    return (C, H, W), [float(v) for v in get("mean")], [float(v) for v in get("std")]
-
-
-def file_dataset(model, paths: list[str]) -> ImageFiles:
-    """Image files through the model's own eval transform (resize / crop / normalise)."""
-    return ImageFiles(paths, model.preprocess, "L" if model.config.in_channels == 1 else "RGB")
+def file_dataset(model, paths: list[str]):
+    """Image files for ``model`` (grey for a 1-channel model), read by :func:`iter_features`."""
+    return file_source(paths, model.config.in_channels)
 
 
 def iter_features(extractor: FeatureExtractor, dataset, *, batch_size: int = 64, workers: int = 0,
                   progress: bool = True, desc: str = "embed"):
-    """Yield ``(indices (B,) int64 numpy, features (B, F) float32 numpy, failures)`` per batch."""
-    loader = make_loader(dataset, batch_size, workers)
-    with progress_bar(total=len(dataset), desc=desc, unit="img", disable=not progress) as bar:
-        for idx, x, failures in loader:
-            feats = extractor(x).cpu().numpy() if x is not None else np.zeros((0, 0), np.float32)
-            yield idx.numpy(), feats, failures
-            bar.update(len(idx) + len(failures))
+    """Yield ``(indices (B,) int64 numpy, features (B, F) float32 numpy, failures)`` per batch, in the
+    dataset's order; ``failures`` lists ``(index, message)`` of the unreadable images since the last
+    batch. Read by vitkit.data's loader through the model's own preprocessing (what predict does)."""
+    from ..data.loader import make_loader
+    from ..data.transforms import default_preprocess
+
+    if batch_size < 1:
+        raise InputError(f"batch size must be >= 1, got {batch_size}")
+    model = extractor.model
+    loader = make_loader(dataset, batch_size=batch_size, train=False, workers=workers,
+                         device_type=extractor.device.type, with_index=True,
+                         preprocess=model.preprocess_cfg or default_preprocess(model.config))
+    # The loader keeps the dataset's order and lists skipped files' messages in that order, so the
+    # rows missing between two batches are, in order, the files behind the new messages.
+    next_row, told = 0, 0
+
+    def failures_up_to(stop: int, got: set[int]) -> list[tuple[int, str]]:
+        nonlocal next_row, told
+        missing = [r for r in range(next_row, stop) if r not in got]
+        msgs = loader.skipped_files[told:told + len(missing)]
+        next_row, told = stop, told + len(missing)
+        return list(zip(missing, msgs))
+
+    try:
+        with progress_bar(total=len(dataset), desc=desc, unit="img", disable=not progress) as bar:
+            for x, _, idx in loader:
+                idx = idx.numpy()
+                failures = failures_up_to(int(idx[-1]) + 1, set(idx.tolist()))
+                yield idx, extractor(x).cpu().numpy(), failures
+                bar.update(len(idx) + len(failures))
+            failures = failures_up_to(len(dataset), set())
+            if failures:
+                yield np.zeros(0, np.int64), np.zeros((0, 0), np.float32), failures
+                bar.update(len(failures))
+    finally:
+        loader.close()
 
 
 def read_meta(path: str | Path) -> dict:
@@ -247,31 +266,14 @@ class SplitItems:
         self.targets = torch.as_tensor(ds.targets)
         classes = splits.classes if splits.task == "classification" else None
         self.labels = [classes[int(t)] for t in self.targets] if classes else [None] * len(ds)
-        if hasattr(ds, "paths"):  # image files: the model's own transform on each file
-            self.paths = [str(p) for p in ds.paths]
-            self.make = lambda todo: file_dataset(model, [self.paths[i] for i in todo])
-        elif hasattr(ds, "read_batch") or hasattr(ds, "get_batch"):  # in-memory tensors
-            self.paths = [f"{splits.name}/{split}/{i}" for i in range(len(ds))]
-            input_size, mean, std = preprocess_numbers(model)
-            self.make = lambda todo: TensorSplit(_Subset(ds, todo), input_size, mean, std)
-        elif hasattr(ds, "read"):  # decoded per sample (Hugging Face datasets ...): the model's transform
-            self.paths = [f"{splits.name}/{split}/{i}" for i in range(len(ds))]
-            self.make = lambda todo: ReadSplit(ds, todo, model.preprocess, model.config.in_channels)
+        if hasattr(ds, "read") and not hasattr(ds, "stream"):  # files, in-memory tensors, Hugging Face rows
+            # file paths as they are; the other kinds' rows are named <dataset>/<split>/<index>
+            self.paths = ([str(p) for p in ds.paths] if hasattr(ds, "paths")
+                          else [f"{splits.name}/{split}/{i}" for i in range(len(ds))])
+            self.make = lambda todo: Rows([(ds, todo)])
         else:
             raise InputError(f"{splits.name}: its {split} split cannot be read image by image (streamed shards); "
                              "embed its image files, or convert it to an imagefolder")
-
-
-class _Subset:
-    def __init__(self, ds, idx: list[int]) -> None:
-        self.ds, self.idx = ds, idx
-
-    def __len__(self) -> int:
-        return len(self.idx)
-
-    def get_batch(self, indices):
-        read = getattr(self.ds, "read_batch", None) or self.ds.get_batch
-        return read([self.idx[i] for i in indices])
 
 
 def embed_dataset(model, dataset: str, out, *, data_dir: str | None = None, splits_wanted=("train", "val", "test"),
@@ -294,12 +296,8 @@ def embed_dataset(model, dataset: str, out, *, data_dir: str | None = None, spli
                 labels.append(lab)
 
     def make(todo: list[int]):
-        parts = []
-        for k, it in enumerate(items):
-            mine = [where[j][1] for j in todo if where[j][0] == k]
-            if mine:
-                parts.append(it.make(mine))
-        return parts[0] if len(parts) == 1 else Chain(parts)
+        parts = [(it.ds, [where[j][1] for j in todo if where[j][0] == k]) for k, it in enumerate(items)]
+        return Rows([p for p in parts if p[1]])
 
     return _embed(model, paths, labels, make, out, spec=spec or FeatureSpec(),
                   meta_extra={"model": source, "dataset": dataset}, batch_size=batch_size, workers=workers,
