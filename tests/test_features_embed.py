@@ -88,6 +88,24 @@ def test_embed_in_worker_processes_and_labels(setup):
     assert np.array_equal(emb, ref)
 
 
+def test_sample_specs_and_skips_in_workers_pair_each_file_with_its_message(setup):
+    """``digits:N`` specs (grey, repeated to RGB) read as predict reads them; with workers and small
+    batches, every unreadable file is listed under its own path (not its neighbour's)."""
+    tmp, files, model, mdir = setup
+    bad = tmp / "bad_a.png"
+    bad.write_bytes(b"not an image")
+    bad2 = tmp / "bad_b.png"
+    bad2.write_bytes(b"")
+    specs = ["digits:5", str(bad), str(files[0]), str(bad2), "digits:7"]
+    res = embed_files(model, specs, tmp / "specs.parquet", batch_size=2, workers=2, progress=False)
+    paths, _, emb = read(tmp / "specs.parquet")
+    good = ["digits:5", str(files[0]), "digits:7"]
+    assert paths == good
+    assert np.array_equal(emb, np.concatenate([direct(model, [g], 1) for g in good]))
+    assert [p for p, _ in res.skipped] == [str(bad), str(bad2)]
+    assert all(msg.startswith(p) for p, msg in res.skipped)
+
+
 def test_interrupted_run_continues_without_redoing_rows(setup, monkeypatch):
     tmp, files, model, mdir = setup
     out = tmp / "resume.parquet"
