@@ -30,12 +30,17 @@ def read_bytes(path: str | Path) -> bytes:
     p = Path(path)
     try:
         return p.read_bytes()
-    except FileNotFoundError:
-        raise InputError(f"{p}: no such file") from None
-    except IsADirectoryError:
-        raise InputError(f"{p}: is a directory, expected an image file") from None
     except OSError as e:
-        raise InputError(f"{p}: cannot read ({e.strerror or e})") from None
+        raise _open_error(p, e) from None
+
+
+def _open_error(p: Path, e: OSError) -> InputError:
+    """The InputError for a file that cannot be opened: missing, a directory, or unreadable."""
+    if isinstance(e, FileNotFoundError):
+        return InputError(f"{p}: no such file")
+    if isinstance(e, IsADirectoryError):
+        return InputError(f"{p}: is a directory, expected an image file")
+    return InputError(f"{p}: cannot read ({e.strerror or e})")
 
 
 def max_pixels_limit() -> int:
@@ -127,12 +132,8 @@ def file_header(path: str | Path, max_pixels: int | None = None):
     try:
         with open(p, "rb") as f:
             return image_header(f, str(p), max_pixels)
-    except FileNotFoundError:
-        raise InputError(f"{p}: no such file") from None
-    except IsADirectoryError:
-        raise InputError(f"{p}: is a directory, expected an image file") from None
-    except PermissionError as e:
-        raise InputError(f"{p}: cannot read ({e.strerror or e})") from None
+    except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
+        raise _open_error(p, e) from None
 
 
 def decode_file(path: str | Path, channels: int = 3, max_pixels: int | None = None) -> torch.Tensor:

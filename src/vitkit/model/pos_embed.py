@@ -150,22 +150,19 @@ def resample_timm(pos: torch.Tensor, new_grid, old_grid, num_prefix: int) -> tor
                               interpolation="bicubic", antialias=True)
 
 
-def resample_hf(pos: torch.Tensor, new_grid, old_grid, num_prefix: int) -> torch.Tensor:
+def resample_hf(pos: torch.Tensor, new_grid, old_grid, num_prefix: int, antialias: bool = False) -> torch.Tensor:
     """Hugging Face ``interpolate_pos_encoding`` (bicubic to the size, no antialias, fp32)."""
     if tuple(new_grid) == tuple(old_grid):
         return pos
     prefix, grid = _split(pos, old_grid, num_prefix)
-    grid = F.interpolate(grid, size=tuple(new_grid), mode="bicubic", align_corners=False)
+    grid = F.interpolate(grid, size=tuple(new_grid), mode="bicubic", align_corners=False, antialias=antialias)
     return _join(prefix, grid, pos.dtype)
 
 
 def resample_hf_dinov2_registers(pos: torch.Tensor, new_grid, old_grid, num_prefix: int) -> torch.Tensor:
-    """Hugging Face ``Dinov2WithRegisters`` ``interpolate_pos_encoding`` (bicubic, antialias, fp32)."""
-    if tuple(new_grid) == tuple(old_grid):
-        return pos
-    prefix, grid = _split(pos, old_grid, num_prefix)
-    grid = F.interpolate(grid, size=tuple(new_grid), mode="bicubic", align_corners=False, antialias=True)
-    return _join(prefix, grid, pos.dtype)
+    """Hugging Face ``Dinov2WithRegisters`` ``interpolate_pos_encoding``: as :func:`resample_hf`,
+    but with ``antialias=True`` (unlike plain ``Dinov2``)."""
+    return resample_hf(pos, new_grid, old_grid, num_prefix, antialias=True)
 
 
 def resample_dinov2_original(pos: torch.Tensor, new_grid, old_grid, num_prefix: int,
