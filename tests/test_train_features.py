@@ -200,3 +200,17 @@ def test_preset_takes_explicit_overrides_and_the_record_is_the_built_model():
     assert (c.patch_size, c.depth, c.dim, c.num_heads, c.image_hw) in ((4, 2, 192, 3, (32, 32)),
                                                                          ((4, 4), 2, 192, 3, (32, 32)))
     assert (rec.patch_size, rec.depth, rec.dim, rec.num_heads, rec.mlp_ratio, rec.image_size) == (4, 2, 192, 3, 4.0, 32)
+
+
+def test_next_steps_name_the_run_and_real_commands():
+    """The demo ends by saying what to try next: commands on this run, each a real subcommand."""
+    from vitkit.cli.main import COMMANDS
+    from vitkit.cli.train import next_steps
+
+    text = next_steps({"run_dir": "runs/r-1", "dataset": "digits"})
+    lines = [ln for ln in text.splitlines() if ln.startswith("  vitkit ")]
+    assert len(lines) == 4 and text.splitlines()[1] == "next:"
+    assert {ln.split()[1] for ln in lines} <= set(COMMANDS)
+    assert all("--model runs/r-1" in ln for ln in lines[:3]) and "digits:5" in lines[0]
+    assert len({ln.index("#") for ln in lines}) == 1  # comments in one column
+    assert "IMAGE.png" in next_steps({"run_dir": "r", "dataset": "imagefolder"})

@@ -69,12 +69,13 @@ def next_steps(summary: dict) -> str:
     """What to try after a run (the demo's last words)."""
     run = summary["run_dir"]
     img = "digits:5" if summary["dataset"] == "digits" else "IMAGE.png"
-    lines = ["", "next:",
-             f"  vitkit predict --model {run} {img}        # classify an image (digits:5 is a built-in digit)",
-             f"  vitkit explain --model {run} {img}        # what the model looks at",
-             f"  vitkit eval --model {run}                  # test-split report + confusion matrix",
-             "  vitkit train --dataset imagefolder --data-dir DIR   # your own images: DIR/train/<class>/*.jpg "
-             "(see docs/training.md)"]
+    cmds = [(f"vitkit predict --model {run} {img}", "classify an image (digits:5 is a built-in digit)"),
+            (f"vitkit explain --model {run} {img}", "what the model looks at (report.html + explore.html)"),
+            (f"vitkit eval --model {run}", "test-split report + confusion matrix"),
+            ("vitkit train --dataset imagefolder --data-dir DIR",
+             "your own images: DIR/train/<class>/*.jpg (see docs/training.md)")]
+    width = max(len(c) for c, _ in cmds)
+    lines = ["", "next:"] + [f"  {c:<{width}}  # {why}" for c, why in cmds]
     return "\n".join(lines)
 
 
