@@ -72,15 +72,7 @@ def test_hf_clip_dynamic_size_equals_hf(size, tmp_path):
     cfg = transformers.CLIPVisionConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                         intermediate_size=64, image_size=64, patch_size=16, projection_dim=24)
     ref = loud_positions(randomize(transformers.CLIPVisionModelWithProjection(cfg)))
-    ref.save_pretrained(tmp_path)
-    model = vitkit.from_pretrained(tmp_path, dynamic_img_size=True)
-    assert model.config.pos_resample == "hf"
-    hw = (size, size) if isinstance(size, int) else size
-    x = torch.randn(2, 3, *hw)
-    with torch.no_grad():
-        want = ref(pixel_values=x, interpolate_pos_encoding=True).image_embeds
-        assert max_diff(model(x), want) <= 1e-5
-    assert _differs(model, x, want)
+    _hf_dynamic_equals_hf(ref, size, tmp_path, lambda out: out.image_embeds)
     # the user's choice wins over the source's
     assert vitkit.from_pretrained(tmp_path, pos_resample="timm").config.pos_resample == "timm"
 
@@ -91,13 +83,19 @@ def test_hf_vit_dynamic_size_equals_hf(size, tmp_path):
     cfg = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                                  image_size=64, patch_size=16, num_labels=5)
     ref = loud_positions(randomize(transformers.ViTForImageClassification(cfg)))
+    _hf_dynamic_equals_hf(ref, size, tmp_path, lambda out: out.logits)
+
+
+def _hf_dynamic_equals_hf(ref, size, tmp_path, output):
+    """``ref`` saved, loaded with dynamic_img_size: at ``size`` it equals ``output(ref(...,
+    interpolate_pos_encoding=True))`` within 1e-5, and another interpolation would not."""
     ref.save_pretrained(tmp_path)
     model = vitkit.from_pretrained(tmp_path, dynamic_img_size=True)
     assert model.config.pos_resample == "hf"
     hw = (size, size) if isinstance(size, int) else size
     x = torch.randn(2, 3, *hw)
     with torch.no_grad():
-        want = ref(pixel_values=x, interpolate_pos_encoding=True).logits
+        want = output(ref(pixel_values=x, interpolate_pos_encoding=True))
         assert max_diff(model(x), want) <= 1e-5
     assert _differs(model, x, want)
 
