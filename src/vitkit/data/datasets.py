@@ -71,8 +71,6 @@ class TensorImageDataset(Dataset):
                                                 antialias=True).clamp(0, 1)
         return x, self.targets[idx]
 
-    get_batch = read_batch  # the older name (vitkit.features reads it)
-
     def subset(self, idx) -> TensorImageDataset:
         idx = torch.as_tensor(idx, dtype=torch.long)
         return TensorImageDataset(self.images[idx], self.targets[idx], self.image_hw)
