@@ -52,8 +52,9 @@ class Predictor:
 
     Args:
         model: a :class:`vitkit.ViT` (any nn.Module works through its own forward).
-        dtype: "fp32" (default): the model's weights, a buffer-reusing forward on the CPU;
-            equals ``model(x)`` (bit-identical through the full blocks). "bf16": a bf16 copy
+        dtype: "fp32" (default): the model's weights in fp32; on x86 CPUs a walk over the
+            model's parts with oneDNN matmuls on weights reordered once (GELU and residual
+            adds fused), checked against ``model(x)`` within 1e-5 at construction. "bf16": a bf16 copy
             of the weights and bf16 activations, on CPUs with native bf16 (else fp32, with a
             logged note) and on GPUs. "int8": dynamic int8 quantization of every Linear in the
             blocks (CPU). bf16 and int8 are approximations: measure their top-1 agreement with
@@ -62,9 +63,13 @@ class Predictor:
             is not used: the compiler plans memory itself). "auto": compile on CUDA, not on
             the CPU (measured: on this project's CPU compiling does not pay, see
             docs/inference.md). False (default): eager.
+        exact: fp32 only: the buffer-reusing walk with the model's own kernels (``addmm``),
+            bit-identical to ``model(x)`` through the full blocks; slower than the default
+            oneDNN walk on x86 (docs/inference.md).
         verify: at construction, run one random image through the engine and the model's own
-            forward; any difference beyond float rounding switches to the model's forward
-            with a warning (a guard against layouts the engine misreads).
+            forward; any difference beyond float rounding (1e-5 of the largest output)
+            switches to the model's forward with a warning (a guard against layouts the
+            engine misreads).
 
     ``path`` says what runs ("engine" | "model" | "compiled"), ``notes`` why. fp32 reads the
     model's weights at each call (later weight updates are seen); bf16 and int8 copy them at
@@ -73,7 +78,7 @@ class Predictor:
     """
 
     def __init__(self, model: nn.Module, dtype: str = "fp32", compile: bool | str = False,
-                 verify: bool = True) -> None:
+                 exact: bool = False, verify: bool = True) -> None:
         if dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
         if compile not in (True, False, "auto"):
@@ -109,11 +114,14 @@ class Predictor:
         if not on_cpu:
             self._note(f"the buffer-reusing engine is for the CPU; running the model's forward on {self.device}")
             return
-        plan, why = engine.plan_for(self._net, "int8" if dtype == "int8" else "dense")
+        linear = "int8" if dtype == "int8" else "dense"
+        if dtype == "fp32" and not exact and engine.packed_available():
+            linear = "packed"
+        plan, why = engine.plan_for(self._net, linear)
         if plan is not None and _hooked(plan.modules):
             plan, why = None, "forward hooks are registered on the blocks or the final norm"
         if plan is not None and verify:
-            why = self._verify()
+            why = self._verify(plan if dtype == "fp32" else None)
             if why:
                 plan = None
         if plan is None:
@@ -137,11 +145,13 @@ class Predictor:
         return torch.randn(2, C, H, W, generator=g).to(self.device)
 
     @torch.no_grad()
-    def _verify(self) -> str:
-        """'' when the fp32 walk of the original model equals its forward on a random batch."""
-        plan, why = engine.plan_for(self.model, "dense")
+    def _verify(self, plan: engine.Plan | None) -> str:
+        """'' when ``plan`` (an fp32 walk of the original model; None: the exact walk) equals the
+        model's forward on a random batch, within float rounding."""
         if plan is None:
-            return why
+            plan, why = engine.plan_for(self.model, "dense")
+            if plan is None:
+                return why
         if self.model.training:
             return ""  # calls then take the model's path anyway (train-mode forward)
         x = self._sample()
