@@ -41,20 +41,25 @@ def test_digits_split_is_fixed_stratified_disjoint_and_scaled():
     d = build_datasets(cfg())
     sizes = [len(d.train), len(d.val), len(d.test)]
     assert sum(sizes) == 1797 and 340 <= sizes[2] <= 380  # ~20 % test
+    # the default training input: the 8x8 digits upsampled 2x (bilinear) for 4x4 patches
+    assert d.image_hw == (16, 16) and d.patch_size == 4
     x, y = d.test.read_batch(list(range(len(d.test))))
-    assert x.shape[1:] == (1, 8, 8) and 0 <= x.min() and x.max() <= 1
+    assert x.shape[1:] == (1, 16, 16) and 0 <= x.min() and x.max() <= 1
+    native = d.test.images
+    up = torch.nn.functional.interpolate(native, size=(16, 16), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(x, up.clamp(0, 1), rtol=0, atol=1e-6)
     # every test image is a real digit scaled by 1/16, and no image is in two splits
     ref = load_digits()
     keys = {tuple(np.round(im.ravel() / 16, 5)) for im in ref.images}
-    sets = [{tuple(np.round(v.ravel().numpy(), 5)) for v in ds.read_batch(list(range(len(ds))))[0]}
-            for ds in (d.train, d.val, d.test)]
+    sets = [{tuple(np.round(v.ravel().numpy(), 5)) for v in ds.images} for ds in (d.train, d.val, d.test)]
     assert sets[2] <= keys
     assert not (sets[0] & sets[2]) or len(sets[0] & sets[2]) < 5  # sklearn digits has a few exact duplicates
     counts = torch.bincount(y, minlength=10)
     assert counts.min() >= 33 and counts.max() <= 38  # stratified: ~36 per class
     assert torch.equal(build_datasets(cfg(seed=5)).test.targets, d.test.targets)  # split does not move with seed
-    assert torch.equal(build_datasets(cfg(image_size=16)).test.targets, d.test.targets)
-    assert build_datasets(cfg(image_size=16)).test.read_batch([0])[0].shape == (1, 1, 16, 16)
+    native_run = build_datasets(cfg(image_size=8))  # --image-size 8: the native size, auto patch
+    assert torch.equal(native_run.test.targets, d.test.targets) and native_run.patch_size is None
+    assert native_run.test.read_batch([0])[0].shape == (1, 1, 8, 8)
 
 
 def test_stratified_split_proportions():

@@ -48,15 +48,20 @@ def test_default_recipe_smoke_writes_a_complete_run(tmp_path, capsys):
     assert summary["epochs"] == 2 and len(_metrics(run)) == 2
     model = load_model(run)  # best/
     assert model.labels == [str(i) for i in range(10)] and model.config.in_channels == 1
-    # the saved preprocessing maps a user's 8-bit PNG of a digit onto the training scale (v/16)
+    # the saved preprocessing maps a user's 8-bit PNG of a digit onto what training saw: the
+    # 8x8 digit scaled by v/16 and upsampled to 16x16 (bilinear); within the PNG's 8-bit rounding
+    # and the uint8 resize's (0.5/255 each)
     from sklearn.datasets import load_digits
 
     from vitkit.data.image import load_image
 
     pre = model.preprocess_cfg
+    assert tuple(pre["input_size"]) == (1, 16, 16) and model.config.patch_size in (4, (4, 4))
     x = model.preprocess(load_image("digits:5", mode="L"))
-    expect = (torch.from_numpy(load_digits().images[5]).float() / 16 - pre["mean"][0]) / pre["std"][0]
-    torch.testing.assert_close(x[0], expect, atol=0.5 / 255 / pre["std"][0] + 1e-6, rtol=0)
+    digit = torch.from_numpy(load_digits().images[5]).float()[None, None] / 16
+    seen = torch.nn.functional.interpolate(digit, size=(16, 16), mode="bilinear", align_corners=False).clamp(0, 1)
+    expect = (seen[0, 0] - pre["mean"][0]) / pre["std"][0]
+    torch.testing.assert_close(x[0], expect, atol=1.0 / 255 / pre["std"][0] + 1e-6, rtol=0)
     # `vitkit eval` on the run reproduces the test numbers the trainer reported
     capsys.readouterr()
     assert main(["eval", "--model", str(run), "--json", "--out", str(tmp_path / "ev")]) == 0

@@ -139,6 +139,9 @@ class DataSplits:
     # the trainer prints it and picks a patch size that keeps the token count sane.
     size_note: str = ""
     size_from_data: bool = False  # image_hw is the files' own common size (not a fixed default)
+    # The patch side that goes with a dataset's own default input size (digits: 4 at 16x16), or
+    # None: the trainer then picks one from image_hw (vitkit.train.build.auto_patch_size).
+    patch_size: int | None = None
     skipped_files: list[str] = field(default_factory=list)  # dropped by the pre-training checks (--skip-bad-images)
 
     def splits(self):
@@ -147,6 +150,12 @@ class DataSplits:
 
 
 NATIVE_SIZE = {"digits": 8, "mnist": 28, "fashion-mnist": 28, "cifar10": 32, "cifar100": 32}
+# Default training input (side, patch) where it differs from the native size. Digits: the 8x8
+# images upsampled 2x (bilinear) with 4x4 patches, the same 16 tokens as 2x2 patches at 8x8; the
+# random affine then moves strokes on a finer grid, and each token sees 16 values instead of 4.
+# Measured over seeds 0-8 (benchmarks/train_digits.md): 98.9% mean test accuracy against 98.2%
+# at 8x8, at the same speed.
+DEFAULT_TRAIN_SIZE = {"digits": (16, 4)}
 
 
 def resolve_hw(spec, native: int | None = None, paths=None, sizes=None) -> tuple[tuple[int, int], str, bool]:
@@ -256,6 +265,11 @@ def _digits(cfg) -> DataSplits:
     from sklearn.datasets import load_digits
 
     hw, note, _ = resolve_hw(cfg, NATIVE_SIZE["digits"])
+    patch = None
+    if not cfg.image_size:
+        side, patch = DEFAULT_TRAIN_SIZE["digits"]
+        hw, note = (side, side), (f"8x8 digits upsampled to {side}x{side} (bilinear) with {patch}x{patch} patches, "
+                                  "the default recipe; --image-size 8 trains at the native size")
     d = load_digits()
     images = torch.from_numpy(d.images.astype(np.float32) / 16.0)[:, None]  # (N, 1, 8, 8) in [0, 1]
     targets = torch.from_numpy(d.target.astype(np.int64))
@@ -266,7 +280,7 @@ def _digits(cfg) -> DataSplits:
     return DataSplits(name="digits", train=ds(tr), val=ds(va), test=ds(te), task="classification", num_outputs=10,
                       in_channels=1, image_hw=hw, classes=[str(i) for i in range(10)], mean=mean, std=std,
                       hflip_ok=False, notes=[f"digits split: {len(tr)} train / {len(va)} val / {len(te)} test"],
-                      size_note=note)
+                      size_note=note, patch_size=patch)
 
 
 def _need_dir(cfg) -> Path:

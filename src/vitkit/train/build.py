@@ -126,7 +126,7 @@ def build_model(cfg: TrainConfig, data: DataSplits):
         model = ViT(get_config(cfg.model, **common, **arch))
     else:
         a = {**ARCH_DEFAULTS, **_explicit_arch(cfg)}
-        a["patch_size"] = a.get("patch_size") or auto_patch_size(data.image_hw)
+        a["patch_size"] = a.get("patch_size") or data.patch_size or auto_patch_size(data.image_hw)
         vc = ViTConfig(patch_size=a["patch_size"], dim=a["dim"], depth=a["depth"], num_heads=a["num_heads"],
                        mlp_ratio=a["mlp_ratio"], pos_embed=a["pos_embed"], pooling=a["pooling"],
                        class_token=a["pooling"] == "cls", fc_norm=a["fc_norm"] and a["pooling"] == "mean",
