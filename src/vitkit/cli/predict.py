@@ -32,7 +32,7 @@ def add_arguments(p) -> None:
 def add_dtype_argument(p) -> None:
     """``--dtype`` as predict and explain take it (see vitkit.infer.Predictor)."""
     p.add_argument("--dtype", choices=["fp32", "bf16", "int8"], default="fp32",
-                   help="inference precision (vitkit.infer.Predictor): fp32 is exact; bf16 (CPUs with native "
+                   help="inference precision (vitkit.infer.Predictor): fp32 (within 1e-5 of the model's forward); bf16 (CPUs with native "
                         "bf16, else fp32 with a note; GPUs) and int8 (dynamic quantization, CPU) are faster "
                         "approximations, see docs/inference.md for their agreement with fp32")
 

@@ -75,7 +75,7 @@ class FeatureExtractor:
 
         fp32: the twin computes every token in the last block too (``last_block_prefix_only =
         False``), so its output is bit-identical to ``forward_head(forward_features(x),
-        pre_logits=True)`` (tested), through the Predictor's buffer-reusing engine; if the engine
+        pre_logits=True)`` (tested), through the Predictor's exact (buffer-reusing) walk; if the engine
         cannot run this model, the plain stage calls below run instead. bf16 / int8: the
         Predictor's approximations; other poolings and --layers need stage calls the Predictor
         does not offer: an error."""
@@ -98,7 +98,7 @@ class FeatureExtractor:
             if spec.dtype != "fp32":
                 raise ConfigError(f"dtype={spec.dtype!r}: cannot build the headless view of this model")
             return None
-        pred = Predictor(twin, dtype=spec.dtype)
+        pred = Predictor(twin, dtype=spec.dtype, exact=spec.dtype == "fp32")
         if spec.dtype == "fp32" and pred.path != "engine":
             return None  # nothing to gain: the model's own stage calls (exact) run instead
         return pred

@@ -1,7 +1,7 @@
-"""Fast inference beside the model: :class:`Predictor` (fp32 buffer reuse, bf16, int8, compile).
+"""Fast inference beside the model: :class:`Predictor` (fp32 on oneDNN or bit-identical, bf16, int8, compile).
 
     from vitkit.infer import Predictor
-    predict = Predictor(model, dtype="bf16")     # "fp32" (exact) | "bf16" | "int8"
+    predict = Predictor(model, dtype="bf16")     # "fp32" (within 1e-5; exact=True: bit-identical) | "bf16" | "int8"
     logits = predict(images)                      # what model(images) returns
 
 The model keeps one plain forward; everything that only makes inference faster lives here and
