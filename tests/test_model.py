@@ -269,7 +269,12 @@ def test_init():
     m = ViT(ViTConfig(image_size=32, patch_size=4, dim=64, depth=2, num_heads=4, num_classes=100,
                       layer_scale=1e-4))
     for name, mod in m.named_modules():
-        if isinstance(mod, (nn.Linear, nn.Conv2d)):
+        if name == "patch_embed.proj":  # xavier-uniform over the flattened 4x4x3 patch
+            w = mod.weight.detach().reshape(64, -1)
+            bound = math.sqrt(6 / (48 + 64))
+            assert w.abs().max() <= bound and 0.9 < float(w.std()) / (bound / math.sqrt(3)) < 1.1
+            assert not mod.bias.any()
+        elif isinstance(mod, (nn.Linear, nn.Conv2d)):
             w = mod.weight
             assert w.abs().max() <= 0.04 + 1e-7, name  # truncated at 2 std
             if w.numel() >= 4000:

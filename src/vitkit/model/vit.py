@@ -121,8 +121,15 @@ class ViT(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """ViT/DeiT init: trunc-normal(0.02) linear/conv weights and learned embeddings, zero
-        biases, LayerNorm ones and zeros, LayerScale at its init value.
+        """ViT/DeiT init: trunc-normal(0.02) linear weights and learned embeddings, zero biases,
+        LayerNorm ones and zeros, LayerScale at its init value; the patch projection
+        xavier-uniform over the flattened patch (MAE's init; scaled by its fan-in C*p*p).
+
+        Why not trunc-normal(0.02) for the patch projection too: its fan-in is tiny for small
+        patches (4 for a 2x2 grey patch), and 0.02 then makes the tokens ~50x smaller than a
+        sin-cos position table, so training on 8x8 digits stalls at chance for epochs
+        (benchmarks/train_digits.md). timm leaves its patch conv at PyTorch's fan-in-scaled
+        default for the same reason.
 
         Trap: ``nn.init.trunc_normal_``'s bounds ``a``/``b`` are absolute values (default +-2), so
         ``trunc_normal_(w, std=0.02)`` alone truncates nothing (timm's call has this quirk); the
@@ -152,6 +159,10 @@ class ViT(nn.Module):
                 tn(p)
         if isinstance(self.pos_embed, nn.Parameter):
             tn(self.pos_embed)
+        # Drawn last: every other parameter gets the same draws as under a plain trunc-normal init.
+        w = self.patch_embed.proj.weight
+        if not w.is_meta:
+            nn.init.xavier_uniform_(w.view(w.shape[0], -1))
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names that must not be weight-decayed (besides all norms and biases)."""

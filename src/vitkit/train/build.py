@@ -132,11 +132,6 @@ def build_model(cfg: TrainConfig, data: DataSplits):
                        class_token=a["pooling"] == "cls", fc_norm=a["fc_norm"] and a["pooling"] == "mean",
                        name="vitkit_train", **common)
         model = ViT(vc)
-        # MAE / big_vision initialise the patch projection like a linear layer (xavier-uniform over
-        # the flattened patch). ViT's default trunc-normal(0.02) makes tokens of tiny patches (2x2x1 =
-        # 4 inputs) ~50x smaller than the sin-cos position table, and training on digits then stalls.
-        w = model.patch_embed.proj.weight
-        torch.nn.init.xavier_uniform_(w.view(w.shape[0], -1))
     if cfg.grad_checkpointing:
         if not hasattr(model, "set_grad_checkpointing"):
             raise ConfigError("--grad-checkpointing: this vitkit's ViT has no set_grad_checkpointing()")
