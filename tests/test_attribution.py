@@ -42,7 +42,7 @@ def test_relevance_matches_direct_autograd(cfg):
                                              depth=3, num_heads=2, **cfg))
     with torch.no_grad():  # sharper attention than the 0.02 init, so relevance is not ~identity
         for b in m.blocks:
-            b.attn.qkv.weight.mul_(20)
+            b.attn.qkv.weight.mul_(40)
     x = torch.randn(1, 1, 8, 12)
     logits, A, classes, rel = attention_with_relevance(m, x, topk=3)
     assert rel.shape == (3, 3, A.shape[-1], A.shape[-1])

@@ -160,9 +160,9 @@ class ViT(nn.Module):
         if isinstance(self.pos_embed, nn.Parameter):
             tn(self.pos_embed)
         # Drawn last: every other parameter gets the same draws as under a plain trunc-normal init.
-        w = self.patch_embed.proj.weight
-        if not w.is_meta:
-            nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        proj = getattr(getattr(self, "patch_embed", None), "proj", None)  # None: a head-only holder
+        if proj is not None and not proj.weight.is_meta:
+            nn.init.xavier_uniform_(proj.weight.view(proj.weight.shape[0], -1))
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names that must not be weight-decayed (besides all norms and biases)."""
