@@ -117,7 +117,7 @@ def test_dynamic_image_size_other_input_size():
     m = perturbed(dynamic_img_size=True)
     x = torch.randn(2, 3, 40, 24)
     with torch.no_grad():
-        torch.testing.assert_close(Predictor(m)(x), m(x), rtol=0, atol=1e-6)
+        torch.testing.assert_close(Predictor(m)(x), m(x), rtol=0, atol=1e-5)
 
 
 def test_class_token_last_block_follows_the_model_switch():
@@ -142,7 +142,7 @@ def test_engine_sees_weight_updates_fp32():
     x = batch(m)
     with torch.no_grad():
         m.blocks[1].mlp.fc1.weight.mul_(2.0)
-        torch.testing.assert_close(p(x), m(x), rtol=0, atol=1e-6)
+        torch.testing.assert_close(p(x), m(x), rtol=0, atol=1e-5)
 
 
 def test_unknown_part_falls_back_to_model_forward(caplog):
@@ -231,7 +231,7 @@ def test_bf16_without_native_support_runs_fp32_with_a_note(monkeypatch, caplog):
     assert p.dtype == "fp32" and "native bf16" in caplog.text
     x = batch(m)
     with torch.no_grad():
-        torch.testing.assert_close(p(x), m(x), rtol=0, atol=1e-6)
+        torch.testing.assert_close(p(x), m(x), rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
@@ -244,6 +244,8 @@ def test_low_precision_paths_are_close_and_use_the_engine(dtype, layout):
     m = perturbed(**LAYOUTS[layout])
     p = Predictor(m, dtype)
     assert p.path == "engine" and p.dtype == dtype
+    if dtype == "bf16" and engine_mod.packed_available():  # bf16 weights reordered once for oneDNN
+        assert all(isinstance(b.fc2, engine_mod.Packed) for b in p._plan.blocks)
     x = batch(m, 4)
     with torch.no_grad():
         want = m(x)

@@ -18,8 +18,8 @@ still come from every token). :func:`plan_for` returns None, with the reason, fo
 does not know part by part; the Predictor then runs the model's own forward.
 
 The matmuls are pluggable, so the same walk serves every dtype: :class:`Dense` (``addmm`` into
-the reused buffers: the model's own kernels, bit-identical; fp32 with ``exact=True`` and bf16),
-:class:`Packed` (fp32 default on x86: oneDNN on weights reordered once, with GELU and the
+the reused buffers: the model's own kernels, bit-identical; fp32 with ``exact=True``),
+:class:`Packed` (fp32 and bf16 default on x86: oneDNN on weights reordered once, with GELU and the
 residual add fused into the matmul; ~1.2x faster than MKL's sgemm on this project's CPU, within
 float rounding of the model) and :class:`Int8` (dynamic quantization).
 """

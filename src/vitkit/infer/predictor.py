@@ -54,9 +54,9 @@ class Predictor:
         model: a :class:`vitkit.ViT` (any nn.Module works through its own forward).
         dtype: "fp32" (default): the model's weights in fp32; on x86 CPUs a walk over the
             model's parts with oneDNN matmuls on weights reordered once (GELU and residual
-            adds fused), checked against ``model(x)`` within 1e-5 at construction. "bf16": a bf16 copy
-            of the weights and bf16 activations, on CPUs with native bf16 (else fp32, with a
-            logged note) and on GPUs. "int8": dynamic int8 quantization of every Linear in the
+            adds fused), checked against ``model(x)`` within 1e-5 at construction. "bf16": a
+            bf16 copy of the weights (on x86 reordered once for oneDNN, as fp32) and bf16
+            activations, on CPUs with native bf16 (else fp32, with a logged note) and on GPUs. "int8": dynamic int8 quantization of every Linear in the
             blocks (CPU). bf16 and int8 are approximations: measure their top-1 agreement with
             :func:`vitkit.infer.agreement`.
         compile: True: ``torch.compile`` the model's plain forward (the buffer-reusing walk
@@ -115,7 +115,9 @@ class Predictor:
             self._note(f"the buffer-reusing engine is for the CPU; running the model's forward on {self.device}")
             return
         linear = "int8" if dtype == "int8" else "dense"
-        if dtype == "fp32" and not exact and engine.packed_available():
+        # oneDNN on weights reordered once: fp32 (unless exact) and bf16 (1.07-1.08x over bf16 addmm,
+        # measured; docs/inference.md)
+        if dtype in ("fp32", "bf16") and not (dtype == "fp32" and exact) and engine.packed_available():
             linear = "packed"
         plan, why = engine.plan_for(self._net, linear)
         if plan is not None and _hooked(plan.modules):
