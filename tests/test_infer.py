@@ -215,6 +215,8 @@ def test_bad_arguments():
         Predictor(m, dtype="fp16")
     with pytest.raises(ConfigError, match="compile"):
         Predictor(m, compile="yes")
+    with pytest.raises(ConfigError, match="exact=True is the bit-identical fp32 walk; dtype 'bf16'"):
+        Predictor(m, "bf16", exact=True)
     with pytest.raises(InputError, match=r"\(B, C, H, W\)"):
         Predictor(m)(torch.randn(3, 32, 32))
     with pytest.raises(InputError, match="float"):

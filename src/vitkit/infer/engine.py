@@ -111,7 +111,7 @@ def packed_available() -> bool:
 
 
 class Packed(Matmul):
-    """fp32 Linear on oneDNN with the weight reordered once into oneDNN's blocked layout (the
+    """fp32 / bf16 Linear on oneDNN with the weight reordered once into oneDNN's blocked layout (the
     kernel torch.compile's CPU backend uses for frozen Linear layers), with the MLP's GELU and
     the residual add fused into the matmul's epilogue. Measured 1.2x faster than ``addmm``
     (MKL's sgemm, which repacks the weight on every call) on this project's CPU at ViT-B/16

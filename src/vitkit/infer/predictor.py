@@ -56,8 +56,9 @@ class Predictor:
             model's parts with oneDNN matmuls on weights reordered once (GELU and residual
             adds fused), checked against ``model(x)`` within 1e-5 at construction. "bf16": a
             bf16 copy of the weights (on x86 reordered once for oneDNN, as fp32) and bf16
-            activations, on CPUs with native bf16 (else fp32, with a logged note) and on GPUs. "int8": dynamic int8 quantization of every Linear in the
-            blocks (CPU). bf16 and int8 are approximations: measure their top-1 agreement with
+            activations, on CPUs with native bf16 (else fp32, with a logged note) and on GPUs.
+            "int8": dynamic int8 quantization of every Linear in the blocks (CPU). bf16 and
+            int8 are approximations: measure their top-1 agreement with
             :func:`vitkit.infer.agreement`.
         compile: True: ``torch.compile`` the model's plain forward (the buffer-reusing walk
             is not used: the compiler plans memory itself). "auto": compile on CUDA, not on
@@ -81,6 +82,9 @@ class Predictor:
                  exact: bool = False, verify: bool = True) -> None:
         if dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+        if exact and dtype != "fp32":
+            raise ConfigError(f"exact=True is the bit-identical fp32 walk; dtype {dtype!r} is an approximation "
+                              "(use dtype='fp32' with exact=True, or drop exact)")
         if compile not in (True, False, "auto"):
             raise ConfigError(f"compile must be True, False or 'auto', got {compile!r}")
         if not isinstance(model, nn.Module):
