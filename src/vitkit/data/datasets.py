@@ -264,9 +264,9 @@ def _in_memory(name, cfg, train_x, train_y, test_x, test_y, classes, hflip_ok, v
 def _digits(cfg) -> DataSplits:
     from sklearn.datasets import load_digits
 
-    hw, note, _ = resolve_hw(cfg, NATIVE_SIZE["digits"])
-    patch = None
-    if not cfg.image_size:
+    if cfg.image_size:
+        (hw, note, _), patch = resolve_hw(cfg, NATIVE_SIZE["digits"]), None
+    else:
         side, patch = DEFAULT_TRAIN_SIZE["digits"]
         hw, note = (side, side), (f"8x8 digits upsampled to {side}x{side} (bilinear) with {patch}x{patch} patches, "
                                   "the default recipe; --image-size 8 trains at the native size")
