@@ -11,6 +11,7 @@ from torch import nn
 from vitkit import ViT, ViTConfig
 from vitkit.errors import ConfigError, InputError
 from vitkit.model import PatchEmbed, conv_to_linear_weight, linear_to_conv_weight, patchify
+from vitkit.model.patch_embed import patch_linear
 
 einops = pytest.importorskip("einops")
 
@@ -59,6 +60,11 @@ def test_three_formulations_same_tokens(size, patch, c, d):
         assert ref.shape == (2, n, d)
         assert torch.allclose(unf(x), ref, atol=1e-5)
         assert torch.allclose(rea(x), ref, atol=1e-5)
+        # the GEMM the conv mode runs off the CPU, and F.conv2d itself
+        assert torch.allclose(patch_linear(x, conv.proj.weight, conv.proj.bias), ref, atol=1e-5)
+        assert torch.allclose(patch_linear(x, conv.proj.weight, None) + conv.proj.bias, ref, atol=1e-5)
+        want = F.conv2d(x, conv.proj.weight, conv.proj.bias, stride=patch).flatten(2).transpose(1, 2)
+        assert torch.allclose(ref, want, atol=1e-6)
         # our modes over the same parameter
         for mode in ("unfold", "rearrange"):
             other = PatchEmbed(size, patch, c, d, mode=mode)
@@ -138,3 +144,24 @@ def test_converter_errors():
 def test_config_patch_embed_sizes():
     c = ViTConfig(image_size=(60, 100), patch_size=20, in_channels=1, dim=768, num_heads=12)
     assert (c.grid_size, c.num_patches, c.patch_dim) == ((3, 5), 15, 400)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the conv mode runs as a GEMM there)")
+def test_cuda_patch_embedding_equals_cpu():
+    """Off the CPU the conv mode runs ``patch_linear``: same tokens as the CPU's convolution, and the
+    same gradients (fp32, TF32 off)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    pe = PatchEmbed((32, 48), (16, 16), 3, 64)
+    x = torch.randn(3, 3, 32, 48, requires_grad=True)
+    ref = pe(x)
+    ref.square().sum().backward()
+    g_ref, gx_ref = pe.proj.weight.grad.clone(), x.grad.clone()
+    pe.zero_grad()
+    pe.cuda()
+    xc = x.detach().cuda().requires_grad_()
+    out = pe(xc)
+    out.square().sum().backward()
+    torch.testing.assert_close(out.cpu(), ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(pe.proj.weight.grad.cpu(), g_ref, atol=1e-3, rtol=1e-4)
+    torch.testing.assert_close(xc.grad.cpu(), gx_ref, atol=1e-4, rtol=1e-4)
