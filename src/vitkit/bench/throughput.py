@@ -218,7 +218,7 @@ def timm_equivalent(config: ViTConfig):
     return VisionTransformer(**kw)
 
 
-def predictor_steps(model: nn.Module, x: torch.Tensor, dtypes: tuple[str, ...]) -> tuple[
+def predictor_steps(model: nn.Module, x: torch.Tensor, dtypes: tuple[str, ...], compile: bool = False) -> tuple[
         dict[str, Callable[[], None]], dict[str, str]]:
     """One inference step per ``vitkit.infer.Predictor`` dtype ("vitkit-fp32", ...), and a note
     per step saying which path runs (a CPU without native bf16 runs fp32: the note says so)."""
@@ -226,7 +226,7 @@ def predictor_steps(model: nn.Module, x: torch.Tensor, dtypes: tuple[str, ...]) 
 
     steps, notes = {}, {}
     for dt in dtypes:
-        p = Predictor(model, dt)
+        p = Predictor(model, dt, compile=compile)
         steps[f"vitkit-{dt}"] = functools.partial(p, x)
         notes[f"vitkit-{dt}"] = f"Predictor {p.dtype} ({p.path})" + (f": {'; '.join(p.notes)}" if p.notes else "")
     return steps, notes
@@ -279,7 +279,10 @@ def run_benchmark(
     fp32 inference on the CPU can add ``vitkit.infer.Predictor`` paths (``predictor=("fp32",
     "bf16", "int8")``: impls "vitkit-fp32", ...) and ONNX Runtime's dynamic int8 quantization of
     the exported model (``ort_int8``: impl "ort-int8"), timed in the same interleaved rounds;
-    every impl's ratio is against timm (fp32 eager there). Other modes ignore both."""
+    every impl's ratio is against timm (fp32 eager there). CUDA inference with "bf16" in
+    ``predictor`` adds ``Predictor(model, "bf16", compile=compile)`` ("vitkit-bf16": bf16 weights,
+    no autocast) and its peer "timm-bf16" (timm's model cast to bf16); their ratios are against
+    the "timm" row (autocast at ``dtype``). Other modes ignore both."""
     from .. import create_model
 
     if dtype not in DTYPES:
@@ -311,12 +314,32 @@ def run_benchmark(
             m = torch.compile(m)
         steps[impl] = make_step(m, x, y, train, dtype, dev, opt=opt)
     notes: dict[str, str] = {}
-    # The Predictor picks its own precision: its rows (and ORT's) go with fp32 CPU inference,
-    # where timm's row is fp32 eager, the reference the goals name.
+    # The Predictor picks its own precision: on the CPU its rows (and ORT's) go with fp32 eager
+    # inference, where timm's row is fp32 eager, the reference the goals name. On CUDA the
+    # Predictor's bf16 (a bf16 copy of the weights, no autocast) runs beside autocast, eager or
+    # compiled as asked, with its peer: timm's model cast to bf16 the same way ("timm-bf16").
     extra = not train and not compile and dev.type == "cpu" and dtype == "fp32"
+    gpu_extra = not train and dev.type == "cuda" and "bf16" in predictor
     if predictor and extra:
         more, notes = predictor_steps(model, x, tuple(predictor))
         steps.update(more)
+    if gpu_extra:
+        more, notes = predictor_steps(model, x, ("bf16",), compile=compile)
+        steps.update(more)
+        if "timm" in models:
+            import copy
+
+            ref16 = copy.deepcopy(models["timm"]).to(torch.bfloat16).eval()
+            fn = torch.compile(ref16) if compile else ref16
+            x16 = x.to(torch.bfloat16)
+
+            def timm_bf16() -> None:
+                with torch.inference_mode():
+                    fn(x16)
+
+            steps["timm-bf16"] = timm_bf16
+            notes["timm-bf16"] = "timm's model cast to bf16 (weights and activations), " + (
+                "torch.compile" if compile else "eager")
     tmp = None
     if ort_int8 and extra:
         import tempfile
@@ -329,7 +352,6 @@ def run_benchmark(
         if tmp is not None:
             tmp.cleanup()
     flops_per_image = count_flops(c)["flops"] * (3.0 if train else 1.0)
-    peak = peak_flops(dev, dtype)
     # Paired ratio: each round times both impls back to back, so a per-round ratio cancels the
     # machine's drift (throughput on a shared VM moves +-20% between rounds; the ratio much less).
     def paired(impl: str) -> tuple[float | None, tuple[float, float] | None]:
@@ -345,6 +367,7 @@ def run_benchmark(
         ips = batch_size / med
         achieved = flops_per_image * ips
         row_dtype = impl.split("-")[1] if "-" in impl else dtype
+        peak = peak_flops(dev, row_dtype) if row_dtype in DTYPES else None
         results.append(BenchResult(
             name=c.name or "custom", impl=impl, batch_size=batch_size, dtype=row_dtype, device=dev.type,
             mode="train" if train else "inference", compiled=compile, times_s=ts, median_s=med,

@@ -36,7 +36,8 @@ def add_arguments(p) -> None:
                         "(vitkit: fused kernel; timm: create_optimizer_v2)")
     p.add_argument("--predictor", nargs="*", choices=["fp32", "bf16", "int8"], default=["fp32", "bf16", "int8"],
                    help="fp32 CPU inference: also time Predictor(model, DTYPE) for these dtypes (none: give the flag "
-                        "without values)")
+                        "without values). CUDA inference with bf16 listed: also time Predictor(model, 'bf16') (bf16 "
+                        "weights, no autocast; compiled with --compile) and timm's model cast to bf16 (row timm-bf16)")
     p.add_argument("--ort-int8", action="store_true",
                    help="fp32 CPU inference: also time ONNX Runtime's dynamic int8 quantization of the exported model "
                         "(the peer of --predictor int8; needs vitkit[onnx]; exporting takes a while)")
@@ -85,6 +86,7 @@ def run(args) -> int:
             print(f"{r.impl:<12}{r.batch_size:>6}{1000 * r.median_s:>11.2f}{r.images_per_s:>10.1f}"
                   f"{r.tflops:>9.3f}{mfu:>7}{faults}{tail}{opt}{note}")
     if not args.json:
-        print("ratio = speed / timm fp32 eager speed (> 1: faster), median of per-round paired ratios; "
+        ref = f"timm {args.dtype} {'compiled' if args.compile else 'eager'}"  # every row's ratio: against this
+        print(f"ratio = speed / {ref} speed (> 1: faster), median of per-round paired ratios; "
               "faults = median minor page faults per step (fresh 4 KiB pages the kernel had to zero)")
     return 0
