@@ -333,3 +333,74 @@ def test_csv_regression_run_and_eval(tmp_path, capsys):
                  "--json"]) == 0
     ev = json.loads(capsys.readouterr().out)
     assert ev["mae"] == pytest.approx(s["test_mae"], rel=1e-5) and ev["count"] == 2
+
+
+def test_training_steps_read_nothing_on_the_host_between_read_points(tmp_path, monkeypatch):
+    """No host sync per step: between the loop's read points (every --log-every steps) a step reads
+    no tensor value on the host (``.item()``, ``bool(t)``; each a sync on a GPU). Counted with a
+    dispatch mode over steps 2-7 of a run with EMA, device affine + flips, label smoothing, grad
+    clipping and MixUp on. MixUp's label mixing reads its labels (torchvision's one_hot checks their
+    range), so it must be handed the loader's host labels, never the device copy: checked here, and
+    its own reads left out of the count. (Host-to-GPU copies from unpinned memory, the other kind
+    of sync, cannot be seen on the CPU; the step makes them through ``host_to_device``.)"""
+    import traceback
+
+    from vitkit.train import loop
+    from vitkit.train.config import TrainConfig
+
+    class HostReads(torch.utils._python_dispatch.TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.reads, self.active = [], False
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:
+                self.reads.append("".join(traceback.format_stack(limit=8)[:-1]))
+            return func(*args, **(kwargs or {}))
+
+    mode = HostReads()
+    labels_seen = []
+    real_mix = loop.mix_transform
+
+    def spying_mix(cfg, n):
+        mixer = real_mix(cfg, n)
+
+        def mix(x, y):
+            labels_seen.append(y)
+            if not mode.active:
+                return mixer(x, y)
+            mode.__exit__(None, None, None)
+            try:
+                return mixer(x, y)
+            finally:
+                mode.__enter__()
+        return mix
+
+    monkeypatch.setattr(loop, "mix_transform", spying_mix)
+    batches = []
+
+    def on_step(st):
+        if st.step == 2:
+            mode.__enter__()
+            mode.active = True
+        elif st.step == 7:
+            mode.__exit__(None, None, None)
+            mode.active = False
+
+    real_step = loop.train_step
+
+    def step(run, st, x, y):
+        batches.append(y)
+        return real_step(run, st, x, y)
+
+    monkeypatch.setattr(loop, "train_step", step)
+    real_copy = loop.host_to_device
+    # a device copy is another tensor (on the CPU ``.to`` returns the same object): a clone stands in
+    monkeypatch.setattr(loop, "host_to_device", lambda t, device: real_copy(t, device).clone())
+    cfg = TrainConfig(epochs=1, subset=128, batch_size=16, dim=16, depth=1, num_heads=2, progress=False,
+                      log_every=100, ema=True, mixup=0.2, label_smoothing=0.1, grad_clip=1.0, threads=1,
+                      out=str(tmp_path / "r"))
+    loop.train(cfg, log=lambda *a: None, on_step=on_step)
+    assert not mode.reads, "host reads inside training steps:\n" + "\n---\n".join(mode.reads[:3])
+    assert len(labels_seen) == len(batches) >= 7
+    assert all(a is b for a, b in zip(labels_seen, batches))  # the loader's labels, not a device copy

@@ -172,3 +172,72 @@ def test_rng_state_roundtrip_through_weights_only_load(tmp_path):
     set_rng_state(load_state(tmp_path / "s.pt")["rng"])
     b = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2] == b[2]
+
+
+class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts ops that read a tensor's value on the host (``.item()``, ``bool(t)``): each one is a
+    host sync when the tensor lives on a GPU."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.reads += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_ema_equals_torch_averaged_model_without_host_reads(tmp_path):
+    """vitkit's EMA: torch's AveragedModel + get_ema_multi_avg_fn as the oracle (bit-identical over
+    updates, and after a state-dict round trip), but no host read of a tensor per update (torch's
+    asks ``bool(n_averaged == 0)`` every call: a host sync per step on CUDA)."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    from vitkit.train.ema import EMA
+
+    torch.manual_seed(0)
+    model = ViT(ViTConfig(image_size=8, patch_size=4, in_channels=1, num_classes=3, dim=16, depth=1, num_heads=2))
+    ref = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)
+    ema = EMA(model, 0.9)
+    assert set(ema.state_dict()) == set(ref.state_dict())
+    for step in range(4):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        ref.update_parameters(model)
+        mode = _HostReads()
+        with mode:
+            ema.update_parameters(model)
+        if step:
+            assert mode.reads == 0
+        for a, b in zip(ema.module.parameters(), ref.module.parameters()):
+            assert torch.equal(a, b)
+    assert int(ema.n_averaged) == int(ref.n_averaged) == 4
+    # resume: a checkpoint written by torch's class (or ours) continues identically
+    again = EMA(model, 0.9)
+    again.load_state_dict(ref.state_dict())
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(0.5)
+    ref.update_parameters(model)
+    again.update_parameters(model)
+    for a, b in zip(again.module.parameters(), ref.module.parameters()):
+        assert torch.equal(a, b)
+    assert int(again.n_averaged) == 5
+
+
+def test_normalize_constants_made_once():
+    """The per-channel constants are built once per (mean, std, device, dtype): from a list every
+    batch they would be a synchronous host-to-GPU copy per training step."""
+    from vitkit.eval.evaluate import _norm_consts, normalize
+
+    x = torch.rand(2, 3, 4, 4)
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    want = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    assert torch.allclose(normalize(x, mean, std), want)
+    before = _norm_consts.cache_info().hits
+    mode = _HostReads()
+    with mode:
+        normalize(x, mean, std)
+    assert _norm_consts.cache_info().hits == before + 1 and mode.reads == 0

@@ -16,6 +16,7 @@ returns the numbers for the whole split.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -27,9 +28,19 @@ from ..train.metrics import classification_report, confusion_matrix, regression_
 
 
 def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
-    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    """(x - mean) / std per channel of a (B, C, H, W) batch."""
+    m, s = _norm_consts(tuple(float(v) for v in mean), tuple(float(v) for v in std), x.device, x.dtype)
     return (x - m) / s
+
+
+@functools.lru_cache(maxsize=32)
+def _norm_consts(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device,
+                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (1, C, 1, 1) constants on ``device``, made once: building them from a list every batch
+    copies host memory to the GPU synchronously, a host sync per training step."""
+    m = torch.tensor(mean, dtype=dtype).view(1, -1, 1, 1).to(device)
+    s = torch.tensor(std, dtype=dtype).view(1, -1, 1, 1).to(device)
+    return m, s
 
 
 @torch.no_grad()

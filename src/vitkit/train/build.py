@@ -216,6 +216,6 @@ def build_optimizer_and_schedule(cfg: TrainConfig, model, steps_per_epoch: int, 
 def build_ema(cfg: TrainConfig, model):
     if not cfg.ema or cfg.strategy == "fsdp":
         return None
-    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+    from .ema import EMA
 
-    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+    return EMA(model, cfg.ema_decay)

@@ -305,14 +305,17 @@ def train_step(run: Run, st: RunState, x: torch.Tensor, y: torch.Tensor) -> None
     backward (over --accum-steps micro-batches), clip, step, EMA. No host sync."""
     cfg = run.cfg
     set_lr(st.optimizer, lr_at(st.step, run.total_steps, run.warmup_steps, cfg.lr, cfg.min_lr))
-    x = x.to(run.device, non_blocking=True)
-    y = y.to(run.device, non_blocking=True)
-    if run.affine:
-        x = apply_affine(x, step_theta(run, st.step, len(x)).to(run.device))
+    y_host = y
+    x, y = host_to_device(x, run.device), host_to_device(y, run.device)  # the loader pinned them
+    if run.affine:  # parameters drawn on the host: the same stream on every device
+        x = apply_affine(x, host_to_device(step_theta(run, st.step, len(x)), run.device))
     x = normalize(x, run.data.mean, run.data.std)
     y_hard = y
     if run.mixer is not None:
-        x, y = run.mixer(x, y)
+        # Labels mixed on the host: torchvision's one_hot checks the label range, which on device
+        # labels is a host sync per step. The images are mixed on the device, by the same lam.
+        x, y_soft = run.mixer(x, y_host)
+        y = host_to_device(y_soft, run.device)
     parts = min(cfg.accum_steps, len(x))
     for k, (xc, yc, hc) in enumerate(zip(x.tensor_split(parts), y.tensor_split(parts), y_hard.tensor_split(parts))):
         no_sync = k < parts - 1 and hasattr(run.dmodel, "no_sync")  # DDP: all-reduce on the last part only
@@ -331,6 +334,14 @@ def train_step(run: Run, st: RunState, x: torch.Tensor, y: torch.Tensor) -> None
     st.optimizer.zero_grad(set_to_none=True)
     if st.ema is not None:
         st.ema.update_parameters(st.model)
+
+
+def host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device`` without a host sync: pinned first on CUDA (a copy from pageable
+    memory waits for the GPU's queue to drain; the loader's batches come pinned already)."""
+    if device.type == "cuda" and t.device.type == "cpu":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
 
 
 def step_theta(run: Run, step: int, n_local: int) -> torch.Tensor:

@@ -27,7 +27,7 @@ def _new_best() -> dict[str, Any]:
 class RunState:
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
-    ema: Any  # torch.optim.swa_utils.AveragedModel or None
+    ema: Any  # vitkit.train.ema.EMA (a torch AveragedModel) or None
     scaler: torch.amp.GradScaler
     loader: Any  # vitkit.train.data.TrainLoader (StatefulDataLoader inside)
     device: torch.device
