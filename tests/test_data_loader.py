@@ -446,3 +446,17 @@ def test_model_preprocessing_row_indices_and_skipped_files(tmp_path):
     assert len(loader.skipped_files) == 1 and loader.skipped_files[0].startswith(str(bad))
     ref = torch.stack([eval_transform(pre)(Image.open(d.val.paths[i]).convert("RGB")) for i in rows])
     torch.testing.assert_close(torch.cat(xs), ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("cores,local,want", [(2, None, 1), (1, None, 1), (16, None, 15), (64, None, 16),
+                                              (64, "8", 7), (16, "8", 1), (16, "x", 15)])
+def test_default_workers_share_the_cores_among_local_ranks(monkeypatch, cores, local, want):
+    """Cores - 1 for the training process, divided among torchrun's local ranks, at most 16."""
+    from vitkit.data import default_workers
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    if local is None:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local)
+    assert default_workers() == want

@@ -16,7 +16,7 @@ def add_arguments(p) -> None:
     p.add_argument("--split", default="test", choices=["train", "val", "test"], help="which split to evaluate")
     p.add_argument("--batch-size", type=int, default=256, help="evaluation batch size")
     p.add_argument("--workers", type=int, help="DataLoader worker processes for file datasets "
-                                                "(default: CPU cores - 1, at most 8)")
+                                                "(default: CPU cores per local rank - 1, at most 16)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--out", help="folder for confusion_matrix_eval.png and eval.json (default: the run dir, "
                                  "else the current folder)")

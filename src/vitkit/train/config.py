@@ -63,8 +63,8 @@ class TrainConfig:
     image_column: str = field(default="image", metadata={"help": "hf: the image column"})
     label_column: str = field(default="label", metadata={"help": "hf: the label column"})
     workers: int | None = field(default=None, metadata={
-        "help": "DataLoader worker processes for file datasets (default: CPU cores - 1, at most 8; 0 = read in "
-                "the training process). In-memory datasets (digits, mnist, cifar) never need workers"})
+        "help": "DataLoader worker processes for file datasets (default: CPU cores per local rank - 1, at most "
+                "16; 0 = read in the training process). In-memory datasets (digits, mnist, cifar) never need workers"})
     # ---------------------------------------------------------------- model
     model: str | None = field(default=None, metadata={
         "help": "preset name (vit_tiny_patch16_224 ...) instead of the width/depth fields below"})
