@@ -9,12 +9,16 @@ Writes its own synthetic photo-sized JPEG folder (seeded), then in one run repor
 2. Training throughput of a small ViT (ViT-S width, 4 blocks, patch 16 at 224) from the JPEG folder
    (vitkit loader, --train-workers, default vitkit's own default: cores - 1) vs the same model fed
    in-memory tensors of the same shape: the goal is >= 0.9x. On a CPU the loader's workers share
-   the cores with the model, so the ratio says how much of the machine decoding takes.
+   the cores with the model, so the ratio says how much of the machine decoding takes. With
+   ``--device cuda --amp bf16 --compile --model vit_base_patch16_224`` the same comparison on a GPU
+   (the in-memory batch then sits on the GPU; batches from files are pinned and copied
+   non-blocking). One untimed round of each side first: compile, worker start, page cache.
 
 Goals (issue 10): loader >= 1.0x torchvision at equal workers; file-data training >= 0.9x in memory.
 
     PYTHONPATH=src python benchmarks/data_pipeline.py                 # ~3-4 min on 2 idle cores
     PYTHONPATH=src python benchmarks/data_pipeline.py --tiny          # sanity run, ~30 s
+    benchmarks/run_gpu.sh data OUTDIR                                  # the GPU figure (BENCHMARKS.md)
 """
 
 from __future__ import annotations
@@ -31,22 +35,43 @@ import numpy as np
 import torch
 
 
-def write_jpegs(root: Path, n: int, w: int, h: int, classes: int = 10, seed: int = 0) -> Path:
-    """Photo-like JPEGs (smooth gradients + blobs + noise, quality 90), ``classes`` folders."""
+def _photo(rng: np.random.RandomState, w: int, h: int) -> np.ndarray:
+    """One photo-like image: smooth gradients + a dark blob + noise (uint8 HxWx3)."""
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    base = np.stack([np.sin(xx / rng.uniform(20, 80) + rng.uniform(0, 6)) * 80 + 120,
+                     np.cos(yy / rng.uniform(20, 80) + rng.uniform(0, 6)) * 80 + 120,
+                     (xx + yy) / (w + h) * 200 + rng.uniform(0, 40)], -1)
+    cx, cy, r = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(20, 100)
+    base[(xx - cx) ** 2 + (yy - cy) ** 2 < r * r] *= 0.4
+    return np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
+
+
+def _write_one(job) -> None:
+    root, i, w, h, classes, seed = job
+    from PIL import Image
+
+    d = root / "train" / f"c{i % classes}"
+    d.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(_photo(np.random.RandomState([seed, i]), w, h)).save(d / f"{i:05d}.jpg", quality=90)
+
+
+def write_jpegs(root: Path, n: int, w: int, h: int, classes: int = 10, seed: int = 0, jobs: int = 1) -> Path:
+    """Photo-like JPEGs (quality 90), ``classes`` folders. ``jobs`` > 1 writes them in that many
+    processes, each image from its own seed (seed, i): other pixels than ``jobs=1``'s single
+    stream, drawn from the same distribution (the CPU figures were measured with ``jobs=1``)."""
+    if jobs > 1:
+        import multiprocessing as mp
+
+        with mp.get_context("fork").Pool(jobs) as pool:
+            pool.map(_write_one, [(root, i, w, h, classes, seed) for i in range(n)], chunksize=16)
+        return root
     from PIL import Image
 
     rng = np.random.RandomState(seed)
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     for i in range(n):
         d = root / "train" / f"c{i % classes}"
         d.mkdir(parents=True, exist_ok=True)
-        base = np.stack([np.sin(xx / rng.uniform(20, 80) + rng.uniform(0, 6)) * 80 + 120,
-                         np.cos(yy / rng.uniform(20, 80) + rng.uniform(0, 6)) * 80 + 120,
-                         (xx + yy) / (w + h) * 200 + rng.uniform(0, 40)], -1)
-        cx, cy, r = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(20, 100)
-        base[(xx - cx) ** 2 + (yy - cy) ** 2 < r * r] *= 0.4
-        img = np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
-        Image.fromarray(img).save(d / f"{i:05d}.jpg", quality=90)
+        Image.fromarray(_photo(rng, w, h)).save(d / f"{i:05d}.jpg", quality=90)
     return root
 
 
@@ -121,60 +146,99 @@ def bench_loaders(root, workers_list, rounds, batches, batch, size):
 
 
 # --------------------------------------------------------------------------- training: files vs memory
-def bench_training(root, workers, rounds, steps, batch, size, dim, depth):
-    from vitkit import ViT, ViTConfig
-    from vitkit.data import AugmentSpec, DataSpec, build_data, make_loader
+def bench_training(root, workers, rounds, steps, batch, size, dim, depth, device="cpu", amp="off", compile=False,
+                   model_name=None):
+    """Training images/s of one model from the JPEG folder (vitkit's loader: workers decode and
+    augment, pinned batches copied non-blocking on CUDA) against the same model fed one batch of
+    the same shape already on the device. Each step: forward (autocast with ``amp``), cross-entropy,
+    backward, AdamW (vitkit's optimizer factory: fused). The clock reads after a device sync."""
+    from types import SimpleNamespace
 
+    from vitkit import ViT, ViTConfig, create_model
+    from vitkit.data import AugmentSpec, DataSpec, build_data, make_loader
+    from vitkit.train.optim import build_optimizer
+
+    dev = torch.device(device)
     torch.manual_seed(0)
-    model = ViT(ViTConfig(image_size=size, patch_size=16, in_channels=3, num_classes=10, dim=dim, depth=depth,
-                          num_heads=max(1, dim // 64), mlp_dim=dim * 4)).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    if model_name:
+        model = create_model(model_name, num_classes=10)
+        label = f"{model_name} @ {size}"
+    else:
+        model = ViT(ViTConfig(image_size=size, patch_size=16, in_channels=3, num_classes=10, dim=dim, depth=depth,
+                              num_heads=max(1, dim // 64), mlp_dim=dim * 4))
+        label = f"ViT dim {dim} depth {depth} patch 16 @ {size}"
+    model = model.to(dev).train()
+    opt = build_optimizer(model, SimpleNamespace(lr=1e-4, weight_decay=0.05, betas=(0.9, 0.999), layer_decay=1.0))
+    net = torch.compile(model) if compile else model
+    amp_dtype = {"off": None, "bf16": torch.bfloat16}[amp]
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
     data = build_data(DataSpec(dataset="imagefolder", data_dir=str(root), image_size=size, val_fraction=0.01))
     aug = AugmentSpec(random_resized_crop=True, rrc_scale=(0.08, 1.0), hflip=True)
-    loader = make_loader(data.train, batch_size=batch, train=True, seed=0, workers=workers, augment=aug)
-    mem_x = torch.randn(batch, 3, size, size)
-    mem_y = torch.randint(0, 10, (batch,))
+    loader = make_loader(data.train, batch_size=batch, train=True, seed=0, workers=workers, augment=aug,
+                         device_type=dev.type)
+    mem_x = torch.randn(batch, 3, size, size, device=dev)
+    mem_y = torch.randint(0, 10, (batch,), device=dev)
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
 
     def step(x, y):
-        loss = torch.nn.functional.cross_entropy(model(x), y)
+        x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+        with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            loss = torch.nn.functional.cross_entropy(net(x).float(), y)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    def from_files(epoch):
-        loader.set_epoch(epoch)
+    epoch = [0]
+
+    def from_files():
+        epoch[0] += 1
+        loader.set_epoch(epoch[0])
         it = iter(loader)
         step(*next(it))  # pipeline full
+        sync()
         n, t0 = 0, time.perf_counter()
         for _ in range(steps):
             x, y = next(it)
             step(x, y)
             n += len(x)
+        sync()
         return n / (time.perf_counter() - t0)
 
     def from_memory():
         step(mem_x, mem_y)
+        sync()
         t0 = time.perf_counter()
         for _ in range(steps):
             step(mem_x, mem_y)
+        sync()
         return steps * batch / (time.perf_counter() - t0)
 
-    from_memory()
+    t0 = time.perf_counter()
+    from_memory()  # warm up (and compile)
+    warm = time.perf_counter() - t0
+    from_files()  # start the workers, read the files once (page cache): both sides run warm
     files, mem = [], []
     for r in range(rounds):
         if r % 2:
             mem.append(from_memory())
-            files.append(from_files(r))
+            files.append(from_files())
         else:
-            files.append(from_files(r))
+            files.append(from_files())
             mem.append(from_memory())
     ratio = [a / b for a, b in zip(files, mem)]
-    row = {"workers": workers, "model": f"ViT dim {dim} depth {depth} patch 16 @ {size}",
+    row = {"workers": workers, "model": label, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda"
+           else "cpu", "amp": amp, "compile": compile, "batch_size": batch, "steps_per_round": steps,
+           "warmup_seconds": round(warm, 1),
            "files_img_s": round(statistics.median(files), 1), "memory_img_s": round(statistics.median(mem), 1),
            "ratio_files_vs_memory": round(statistics.median(ratio), 3),
            "ratio_range": [round(min(ratio), 3), round(max(ratio), 3)]}
-    print(f"training ({row['model']}, batch {batch}, {workers} workers): JPEG folder {row['files_img_s']:.0f} img/s, "
-          f"in memory {row['memory_img_s']:.0f} img/s  |  files/memory {row['ratio_files_vs_memory']:.3f} "
+    print(f"training ({row['model']}, {row['device']}, amp {amp}{', compiled' if compile else ''}, batch {batch}, "
+          f"{workers} workers): JPEG folder {row['files_img_s']:.0f} img/s, in memory {row['memory_img_s']:.0f} "
+          f"img/s  |  files/memory {row['ratio_files_vs_memory']:.3f} "
           f"(rounds {row['ratio_range'][0]:.3f}-{row['ratio_range'][1]:.3f})", flush=True)
     return row
 
@@ -193,6 +257,14 @@ def main(argv=None) -> int:
     p.add_argument("--depth", type=int, default=4)
     p.add_argument("--train-workers", type=int, default=None,
                    help="loader workers for the training comparison (default: vitkit's default_workers())")
+    p.add_argument("--device", default="cpu", help="training device for the files-vs-memory comparison (cpu, cuda)")
+    p.add_argument("--amp", choices=["off", "bf16"], default="off", help="autocast dtype of the training step")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model of the training comparison")
+    p.add_argument("--model", default=None,
+                   help="a preset (e.g. vit_base_patch16_224) instead of the small --dim/--depth model")
+    p.add_argument("--skip-loaders", action="store_true", help="only the training comparison")
+    p.add_argument("--jpeg-jobs", type=int, default=1,
+                   help="processes writing the JPEGs (>1: each image from its own seed; see write_jpegs)")
     p.add_argument("--tiny", action="store_true", help="sanity run: few small images, one round")
     p.add_argument("--json", help="also write the results to this file")
     args = p.parse_args(argv)
@@ -204,15 +276,17 @@ def main(argv=None) -> int:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp:
-        root = write_jpegs(Path(tmp), args.images, w, h)
+        root = write_jpegs(Path(tmp), args.images, w, h, jobs=args.jpeg_jobs)
         print(f"wrote {args.images} JPEGs of {w}x{h} in {time.time() - t0:.1f} s; torch threads "
               f"{torch.get_num_threads()}", flush=True)
-        loaders = bench_loaders(root, workers, args.rounds, args.batches, args.batch_size, args.size)
+        loaders = [] if args.skip_loaders else bench_loaders(root, workers, args.rounds, args.batches,
+                                                             args.batch_size, args.size)
         from vitkit.data import default_workers
 
         tw = default_workers() if args.train_workers is None else args.train_workers
         training = bench_training(root, tw, args.rounds, args.train_steps, args.batch_size, args.size,
-                                  args.dim, args.depth)
+                                  args.dim, args.depth, device=args.device, amp=args.amp, compile=args.compile,
+                                  model_name=args.model)
     out = {"images": args.images, "image_wh": [w, h], "batch_size": args.batch_size, "crop": args.size,
            "loaders": loaders, "training": training, "seconds": round(time.time() - t0, 1)}
     print(f"total {out['seconds']:.0f} s")
