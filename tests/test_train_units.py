@@ -241,3 +241,23 @@ def test_normalize_constants_made_once():
     with mode:
         normalize(x, mean, std)
     assert _norm_consts.cache_info().hits == before + 1 and mode.reads == 0
+
+
+def test_evaluate_reads_the_host_once_per_call_not_per_batch():
+    """Evaluation keeps its sums on the device: the number of host reads does not grow with the
+    number of batches (a per-batch ``.item()`` would be a GPU sync per batch). torch.bincount's
+    read of its largest index happens inside its CUDA kernel launcher, unseen here: the confusion
+    matrix uses ``index_add_`` instead, and its counts are checked against scikit-learn above."""
+    from vitkit.eval.evaluate import evaluate
+
+    torch.manual_seed(0)
+    model = ViT(ViTConfig(image_size=8, patch_size=4, in_channels=1, num_classes=4, dim=16, depth=1, num_heads=2))
+    batches = [(torch.rand(5, 1, 8, 8), torch.randint(0, 4, (5,))) for _ in range(6)]
+    reads = []
+    for n in (2, 6):
+        mode = _HostReads()
+        with mode:
+            r = evaluate(model, batches[:n], num_outputs=4, mean=[0.5], std=[0.5])
+        reads.append(mode.reads)
+        assert r["count"] == 5 * n
+    assert reads[0] == reads[1], reads

@@ -13,8 +13,11 @@ import torch
 
 
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
-    idx = target.long() * num_classes + pred.long()
-    return torch.bincount(idx, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+    """(K, K) counts, rows = true class, columns = prediction. Accumulated into a fixed-size tensor:
+    ``torch.bincount`` reads the largest index on the host (a sync per batch on a GPU)."""
+    idx = (target.long() * num_classes + pred.long()).flatten()
+    cm = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=idx.device)
+    return cm.index_add_(0, idx, torch.ones_like(idx)).reshape(num_classes, num_classes)
 
 
 def classification_report(cm: torch.Tensor, labels: list[str] | None = None) -> dict[str, Any]:
