@@ -272,6 +272,44 @@ def test_fast_dtypes_run_through_the_predictor(setup, dtype):
     assert pred is not None and pred.model.config.num_classes == 0  # the headless twin, not model(x) logits
     if pred.dtype == dtype:  # (a CPU without native bf16 runs fp32, with a note)
         assert not np.array_equal(emb, ref)  # the fast path really ran
-    with pytest.raises(ConfigError, match="pool='model', layers=1"):
+    with pytest.raises(ConfigError, match="pool='model' or 'head', layers=1"):
         embed_files(model, [tmp / "imgs"], out, spec=FeatureSpec(pool="cls", dtype=dtype), overwrite=True,
                     progress=False)
+
+
+def test_pool_head_is_clips_joint_space_embedding(tmp_path, capsys):
+    """--pool head = model(x): for a CLIP tower with its projection, Hugging Face's
+    ``CLIPVisionModelWithProjection(...).image_embeds`` (the oracle), not the pre-projection vector
+    that --pool model gives; through the CLI too; one layer only."""
+    pytest.importorskip("transformers")
+    from test_interop_clip import hf_image_output, hf_model
+    from test_interop_common import images, load_saved_hf, max_diff
+    from vitkit.features import FeatureExtractor
+
+    ref = hf_model("projection", image_size=32, patch_size=16)
+    model = load_saved_hf(ref, tmp_path / "clip")
+    x = images(32)
+    head = FeatureExtractor(model, FeatureSpec(pool="head"))(x)
+    pre = FeatureExtractor(model, FeatureSpec(pool="model"))(x)
+    assert head.shape == (len(x), 24) and pre.shape == (len(x), 32)
+    assert max_diff(head, hf_image_output(ref, x)) <= 1e-5
+    with torch.no_grad():
+        assert torch.equal(head, model(x))  # the Predictor's exact walk: bit-identical to the model
+    fast = FeatureExtractor(model, FeatureSpec(pool="head", dtype="int8"))(x)
+    assert F.cosine_similarity(fast, head).min() > 0.99
+    with pytest.raises(ConfigError, match="pool='head'.*layers=2"):
+        FeatureSpec(pool="head", layers=2)
+    from PIL import Image
+
+    from vitkit.cli.main import main
+
+    folder = tmp_path / "imgs" / "a"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    out = tmp_path / "clip.parquet"
+    assert main(["embed", str(tmp_path / "imgs"), "--model", str(tmp_path / "clip"), "--out", str(out),
+                 "--pool", "head", "--workers", "0"]) == 0
+    assert "3 rows of 24-d embeddings" in capsys.readouterr().out
+    assert read_meta(out)["pool"] == "head"

@@ -11,10 +11,12 @@ DESCRIPTION = ("Embed images with any loadable model into FILE.parquet (columns 
 
 def add_feature_arguments(p, pool_help: str = "") -> None:
     """--pool / --layers / --dtype / --batch-size / --workers / --device (shared by embed, knn, probe)."""
-    p.add_argument("--pool", default="model", choices=["model", "cls", "mean", "cls+mean"],
-                   help="model = the model's own pooled output (forward_head(..., pre_logits=True)); cls = class "
-                        "token, mean = mean of the patch tokens (both after the final norm); cls+mean = both "
-                        "concatenated (DINOv2 linear evaluation)" + pool_help)
+    p.add_argument("--pool", default="model", choices=["model", "head", "cls", "mean", "cls+mean"],
+                   help="model = the model's own pooled output (forward_head(..., pre_logits=True)); head = what "
+                        "the model returns, its head included (CLIP: the image embedding in the joint image-text "
+                        "space; a classifier: its logits); cls = class token, mean = mean of the patch tokens "
+                        "(both after the final norm); cls+mean = both concatenated (DINOv2 linear evaluation)"
+                        + pool_help)
     p.add_argument("--layers", type=int, default=1,
                    help="pool each of the last N blocks (after the final norm) and concatenate")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "int8"],

@@ -6,6 +6,9 @@ batch (B, C, H, W) to (B, F) float32:
 * ``pool="model"`` (default): the model's own pooled output,
   ``model.forward_head(model.forward_features(x), pre_logits=True)`` (class token or mean,
   fc_norm, pre-logits layer: whatever the weights define).
+* ``"head"``: what the model returns, ``model(x)``, its head included: for CLIP the image embedding
+  in the joint image-text space (after ``visual.proj``), for a classifier its logits, for a
+  headless model the same as ``"model"``. One layer only.
 * ``"cls"``: the class token after the final norm (DINOv2's ``x_norm_clstoken``).
 * ``"mean"``: the mean of the patch tokens after the final norm (prefix tokens excluded).
 * ``"cls+mean"``: both, concatenated (2D), as DINOv2's linear evaluation uses.
@@ -27,13 +30,13 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 
-POOLS = ("model", "cls", "mean", "cls+mean")
+POOLS = ("model", "head", "cls", "mean", "cls+mean")
 DTYPES = ("fp32", "bf16", "int8")
 
 
 @dataclass(frozen=True)
 class FeatureSpec:
-    pool: str = "model"  # model | cls | mean | cls+mean (see the module docstring)
+    pool: str = "model"  # model | head | cls | mean | cls+mean (see the module docstring)
     layers: int = 1  # last n blocks, concatenated
     normalize: bool = False  # L2 over the final vector
     dtype: str = "fp32"  # fp32 (exact) | bf16 | int8 (vitkit.infer.Predictor)
@@ -45,6 +48,9 @@ class FeatureSpec:
             raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if not isinstance(self.layers, int) or self.layers < 1:
             raise ConfigError(f"layers must be an integer >= 1 (the last n blocks), got {self.layers!r}")
+        if self.pool == "head" and self.layers != 1:
+            raise ConfigError(f"pool='head' is the model's output (its head applies to the last block only); "
+                              f"layers={self.layers} needs another pooling (model, cls, mean, cls+mean)")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -80,10 +86,10 @@ class FeatureExtractor:
         Predictor's approximations; other poolings and --layers need stage calls the Predictor
         does not offer: an error."""
         spec = self.spec
-        default = spec.pool == "model" and spec.layers == 1
+        default = spec.pool in ("model", "head") and spec.layers == 1
         if spec.dtype != "fp32" and not default:
             raise ConfigError(f"dtype={spec.dtype!r} runs through vitkit.infer.Predictor, which computes the "
-                              f"model's own pooled output only (pool='model', layers=1); pool={spec.pool!r}, "
+                              f"model's own output only (pool='model' or 'head', layers=1); pool={spec.pool!r}, "
                               f"layers={spec.layers} need dtype 'fp32'")
         if not default:
             return None
@@ -93,6 +99,8 @@ class FeatureExtractor:
             if spec.dtype != "fp32":
                 raise ConfigError(f"dtype={spec.dtype!r} needs vitkit.infer, which this build lacks") from None
             return None
+        if spec.pool == "head":  # model(x) itself: the Predictor's own contract (exact in fp32)
+            return Predictor(self.model, dtype=spec.dtype, exact=spec.dtype == "fp32")
         twin = self._headless(exact=spec.dtype == "fp32")
         if twin is None:
             if spec.dtype != "fp32":
@@ -129,8 +137,8 @@ class FeatureExtractor:
     def _pool(self, m, tokens: torch.Tensor) -> torch.Tensor:
         """(B, T, D) tokens after the final norm -> (B, D') by the chosen pooling."""
         pool = self.spec.pool
-        if pool == "model":
-            return m.forward_head(tokens, pre_logits=True)
+        if pool in ("model", "head"):
+            return m.forward_head(tokens, pre_logits=pool == "model")
         R = m.num_prefix_tokens
         parts = []
         if pool in ("cls", "cls+mean"):
@@ -144,7 +152,7 @@ class FeatureExtractor:
         x = x.to(self.device, non_blocking=True)
         spec = self.spec
         if self._predictor is not None:
-            feats = self._predictor(x)  # the pooled pre-logits of the headless twin
+            feats = self._predictor(x)  # model(x), or the pooled pre-logits of the headless twin
         else:
             m = self.model
             if spec.layers == 1:
