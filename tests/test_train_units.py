@@ -261,3 +261,18 @@ def test_evaluate_reads_the_host_once_per_call_not_per_batch():
         reads.append(mode.reads)
         assert r["count"] == 5 * n
     assert reads[0] == reads[1], reads
+
+
+def test_ema_with_fsdp_is_said_not_silently_dropped():
+    """Under FSDP (sharded weights) the run has no EMA and says so; a single process asked for
+    --strategy fsdp shards nothing and keeps its EMA."""
+    from vitkit.train.build import build_ema
+    from vitkit.train.ema import EMA
+
+    model = ViT(ViTConfig(image_size=8, patch_size=4, in_channels=1, num_classes=3, dim=16, depth=1, num_heads=2))
+    cfg = TrainConfig(strategy="fsdp")
+    said = []
+    assert build_ema(cfg, model, sharded=True, say=said.append) is None
+    assert len(said) == 1 and "no EMA under --strategy fsdp" in said[0]
+    assert isinstance(build_ema(cfg, model, sharded=False, say=said.append), EMA) and len(said) == 1
+    assert build_ema(cfg.replace(ema=False), model, sharded=True, say=said.append) is None and len(said) == 1

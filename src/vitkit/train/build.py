@@ -213,8 +213,15 @@ def build_optimizer_and_schedule(cfg: TrainConfig, model, steps_per_epoch: int, 
     return build_optimizer(model, cfg), total, warmup
 
 
-def build_ema(cfg: TrainConfig, model):
-    if not cfg.ema or cfg.strategy == "fsdp":
+def build_ema(cfg: TrainConfig, model, sharded: bool = False, say=print):
+    """The EMA of the weights (None when --no-ema). ``sharded``: FSDP shards the parameters across
+    the processes; an EMA of them is not supported yet, which the run says instead of dropping it
+    silently."""
+    if not cfg.ema:
+        return None
+    if sharded:
+        say("note: no EMA under --strategy fsdp (the EMA of sharded weights is not supported yet): best/ "
+            "and the test use the model's own weights; use --strategy ddp to keep an EMA")
         return None
     from .ema import EMA
 

@@ -223,7 +223,7 @@ def build_run(cfg: TrainConfig, device: torch.device, dist: DistInfo, say) -> tu
     loader = train_loader(data, cfg, batch_size=batch, dist=dist, device_type=device.type, device_flips=affine)
     dmodel = wrap_model(model, dist, cfg.strategy, device)  # before the optimizer: FSDP swaps the parameters
     optimizer, total, warmup = build_optimizer_and_schedule(cfg, model, len(loader), say)
-    ema = build_ema(cfg, model)
+    ema = build_ema(cfg, model, sharded=dist.enabled and cfg.strategy == "fsdp", say=say)
     amp = amp_dtype(cfg, device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
     if cfg.compile:
