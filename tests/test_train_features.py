@@ -39,8 +39,8 @@ def test_amp_bf16_trains_under_cpu_autocast(tmp_path, monkeypatch):
     dtypes = set()
     real = build.build_model
 
-    def spy(cfg, data):
-        model, cfg = real(cfg, data)
+    def spy(cfg, data, *rest):
+        model, cfg = real(cfg, data, *rest)
         model.blocks[0].mlp.fc1.register_forward_hook(lambda m, i, o: dtypes.add(o.dtype))
         return model, cfg
 
@@ -98,11 +98,24 @@ def test_architecture_flags_with_pretrained_are_an_error_naming_them(tmp_path, c
     assert not (tmp_path / "r").exists()
 
 
-def test_pretrained_run_records_the_model_it_trained_at_its_input_size(tmp_path):
+def test_pretrained_run_records_the_model_it_trained_at_its_input_size(tmp_path, monkeypatch):
+    """... and reads the source once (the probe for the input size is the bundle the model loads from)."""
+    import vitkit.interop as interop
+    from vitkit.io import load_safetensors
+
+    reads = []
+    real_read = interop.read_pretrained
+    monkeypatch.setattr(interop, "read_pretrained", lambda *a, **k: reads.append(a) or real_read(*a, **k))
     pre = _pretrained(tmp_path)
     run = tmp_path / "ft"
     train(TrainConfig(pretrained=str(pre), out=str(run), **{k: v for k, v in TINY.items()
                                                             if k not in ("dim", "depth", "num_heads")}), log=_quiet)
+    assert reads == [(str(pre),)]
+    # the run started from those weights: two steps moved them by far less than another init differs
+    # (mean |difference| of two seeds' inits here: 0.020)
+    start, end = load_safetensors(pre / "model.safetensors"), load_safetensors(run / "last" / "model.safetensors")
+    moved = (start["blocks.0.mlp.fc1.weight"] - end["blocks.0.mlp.fc1.weight"]).abs().mean()
+    assert 0 < moved < 0.002
     saved = TrainConfig.from_file(run / "config.yaml")
     assert (saved.image_size, saved.patch_size, saved.dim, saved.depth, saved.num_heads, saved.mlp_ratio) == \
         (16, 4, 32, 1, 2, 2.0)  # the pretrained model's, not the from-scratch defaults (8, 2, 32, 4, 4)

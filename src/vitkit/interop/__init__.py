@@ -116,25 +116,43 @@ def from_pretrained(source, arch: Any = None, format: str | None = None, strict:
     The returned model (eval mode) carries ``pretrained_info`` (format, source, load report),
     ``preprocess_cfg`` and ``labels``.
     """
+    adapt = {k: v for k, v in (("image_size", image_size), ("num_classes", num_classes),
+                               ("in_channels", in_channels)) if v is not None}
+    conv = read_pretrained(source, arch=arch, format=format, **overrides, **adapt)
+    return model_from_converted(conv, adapt=adapt, strict=strict, device=device, **overrides)
+
+
+def read_pretrained(source, arch: Any = None, format: str | None = None, **hints: Any) -> Converted:
+    """Read a source (hub id, directory or file, any supported format) into a
+    :class:`~vitkit.interop.common.Converted` bundle: the tensors in vitkit's names and the config
+    they imply, no model built. ``hints``: what the reader may need (``num_heads``, ``act``, a size
+    for a non-square grid). ``from_pretrained`` is this followed by :func:`model_from_converted`; a
+    caller that needs the config before deciding how to load (the trainer reads the input size)
+    reads once and loads from the bundle."""
     from ..io import read_converted
     from .hub import download, looks_like_hub_id
 
     src = str(source)
-    info: dict[str, Any] = {}
+    hub_id = None
     if looks_like_hub_id(src):
-        info["hub_id"] = src
+        hub_id = src
         source = download(src)
         log.info("hub id %s resolved to %s", src, source)
     fmt = canonical(format) if format else detect_format(source)
-    adapt = {k: v for k, v in (("image_size", image_size), ("num_classes", num_classes),
-                               ("in_channels", in_channels)) if v is not None}
-    if fmt == "vitkit":
-        conv = read_converted(source)  # tensors + config, no model built yet
-    else:
-        conv = convert_source(source, fmt, arch, hints={**overrides, **adapt})
+    conv = read_converted(source) if fmt == "vitkit" else convert_source(source, fmt, arch, hints=hints)
+    conv.source = src  # what the user named (a hub id stays a hub id in the report)
+    if hub_id is not None:
+        conv.info = {**conv.info, "hub_id": hub_id}
+    return conv
+
+
+def model_from_converted(conv: Converted, adapt: dict[str, Any] | None = None, strict: bool = True,
+                    device: str | Any = "cpu", **overrides: Any):
+    """A model from a bundle of :func:`read_pretrained`: ``overrides`` (ViTConfig fields) applied to
+    its config, then :func:`load_converted` with ``adapt`` (image_size / num_classes / in_channels)."""
     if overrides:
         conv.config = conv.config.replace(**overrides)
-    return load_converted(conv, adapt=adapt, strict=strict, device=device, source=src, info=info)
+    return load_converted(conv, adapt=adapt, strict=strict, device=device)
 
 
 def load_converted(conv: Converted, adapt: dict[str, Any] | None = None, strict: bool = True,

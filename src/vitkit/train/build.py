@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -103,21 +104,25 @@ def check_fixed_arch(cfg: TrainConfig, vc, what: str) -> None:
 
 
 def probe_pretrained(cfg: TrainConfig):
-    """The pretrained model's config, read before the data (its input size is the default)."""
-    import vitkit
+    """The pretrained source read once, before the data (its config's input size is the default):
+    a :class:`~vitkit.interop.common.Converted` bundle that :func:`build_model` then loads from,
+    so the weights are read (or downloaded) once."""
+    from ..interop import read_pretrained
 
-    return vitkit.from_pretrained(cfg.pretrained).config
+    return read_pretrained(cfg.pretrained)
 
 
-def build_model(cfg: TrainConfig, data: DataSplits):
-    """(model, cfg with the architecture actually built filled in: what config.yaml records)."""
+def build_model(cfg: TrainConfig, data: DataSplits, pretrained=None):
+    """(model, cfg with the architecture actually built filled in: what config.yaml records).
+    ``pretrained``: the bundle :func:`probe_pretrained` read (else ``cfg.pretrained`` is read here)."""
     from .. import ViT, ViTConfig
     from ..config import get_config
 
     common = dict(image_size=data.image_hw, in_channels=data.in_channels, num_classes=data.num_outputs,
                   task=data.task, drop_path=cfg.drop_path, dropout=cfg.dropout)
     if cfg.pretrained:
-        model = load_pretrained(cfg.pretrained, data, drop_path=cfg.drop_path, dropout=cfg.dropout)
+        model = load_pretrained(pretrained if pretrained is not None else cfg.pretrained, data,
+                                drop_path=cfg.drop_path, dropout=cfg.dropout)
         check_fixed_arch(cfg, model.config, f"--pretrained {cfg.pretrained}")
     elif cfg.model:  # a preset's architecture, with the options given explicitly overriding it
         arch = _explicit_arch(cfg)
@@ -151,14 +156,16 @@ def _representable(name: str, value) -> bool:
     return value is not None
 
 
-def load_pretrained(source: str, data: DataSplits, **overrides):
-    """Weights from ``source`` (any format ``vitkit.from_pretrained`` reads), resampled to this
-    dataset's input size and channels, with a fresh head for its classes / targets."""
-    import vitkit
+def load_pretrained(source, data: DataSplits, **overrides):
+    """Weights from ``source`` (any format ``vitkit.from_pretrained`` reads, or the bundle
+    ``read_pretrained`` made of one), resampled to this dataset's input size and channels, with a
+    fresh head for its classes / targets."""
+    from vitkit.interop import model_from_converted, read_pretrained
     from vitkit.model.vit import ViT
 
-    model = vitkit.from_pretrained(source, num_classes=data.num_outputs, image_size=data.image_hw,
-                                   in_channels=data.in_channels, **overrides)
+    conv = read_pretrained(source) if isinstance(source, (str, Path)) else source
+    adapt = dict(num_classes=data.num_outputs, image_size=data.image_hw, in_channels=data.in_channels)
+    model = model_from_converted(conv, adapt=adapt, **overrides)
     # Fine-tuning always starts from a fresh head, even when the class count happens to match, with
     # the model's own init (ViT.init_weights: truncated normal at +-2 std; nn.init.trunc_normal_'s
     # bounds are absolute and would truncate nothing).

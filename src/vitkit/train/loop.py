@@ -200,15 +200,17 @@ def run_all(run: Run, st: RunState, run_dir: Path, saved, flag: _SignalFlag, on_
 
 
 def build_run(cfg: TrainConfig, device: torch.device, dist: DistInfo, say) -> tuple[Run, RunState]:
-    if cfg.pretrained:  # fail before reading data; the input size defaults to the model's
-        vc = probe_pretrained(cfg)
+    pretrained = None
+    if cfg.pretrained:  # read before the data (an unreadable source fails first); the input size defaults to the model's
+        pretrained = probe_pretrained(cfg)  # read once: build_model loads from it
+        vc = pretrained.config
         check_fixed_arch(cfg, vc, f"--pretrained {cfg.pretrained}")
         if not cfg.image_size and vc.image_hw[0] == vc.image_hw[1]:
             cfg = cfg.replace(image_size=vc.image_hw[0])
     data = build_data(DataSpec.from_config(cfg))
     for note in data.notes + ([f"input size: {data.size_note}"] if data.size_note else []):
         say(note)
-    model, cfg = build_model(cfg, data)
+    model, cfg = build_model(cfg, data, pretrained)
     model.labels = list(data.classes) if data.classes else None
     model.preprocess_cfg = preprocess_cfg(data)
     if data.task == "regression":
