@@ -112,9 +112,13 @@ def describe_optimizer(opt: torch.optim.Optimizer) -> str:
 
 
 def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, train: bool, dtype: str,
-              device: torch.device, opt: torch.optim.Optimizer | None = None) -> Callable[[], None]:
+              device: torch.device, opt: torch.optim.Optimizer | None = None,
+              cpu_linear: bool = False) -> Callable[[], None]:
     """One benchmark step as a closure: inference forward, or forward+backward+``opt`` step
-    (default: a plain AdamW)."""
+    (default: a plain AdamW); ``cpu_linear``: the forward in ``vitkit.train.kernels.onednn_linear``,
+    as ``vitkit train`` runs it."""
+    from ..train.kernels import onednn_linear
+
     amp = (torch.autocast(device.type, dtype=DTYPES[dtype]) if dtype != "fp32"
            else contextlib.nullcontext())
     if not train:
@@ -133,7 +137,7 @@ def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, train: bool, d
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        with amp:
+        with amp, onednn_linear(cpu_linear):
             loss = loss_fn(model(x), y)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -271,6 +275,7 @@ def run_benchmark(
     same_optimizer: bool = False,
     predictor: tuple[str, ...] = (),
     ort_int8: bool = False,
+    cpu_linear: str = "auto",
     **overrides: Any,
 ) -> list[BenchResult]:
     """Time vitkit (and timm, when installed) on one configuration; returns one result per impl.
@@ -282,7 +287,11 @@ def run_benchmark(
     every impl's ratio is against timm (fp32 eager there). CUDA inference with "bf16" in
     ``predictor`` adds ``Predictor(model, "bf16", compile=compile)`` ("vitkit-bf16": bf16 weights,
     no autocast) and its peer "timm-bf16" (timm's model cast to bf16); their ratios are against
-    the "timm" row (autocast at ``dtype``). Other modes ignore both."""
+    the "timm" row (autocast at ``dtype``). Other modes ignore both.
+
+    A CPU fp32 training step (not compiled) of vitkit runs its Linear layers on oneDNN as ``vitkit
+    train --cpu-linear auto`` does (``vitkit.train.kernels``); ``cpu_linear="torch"`` keeps
+    ``F.linear`` (timm's kernel), to compare the models on equal kernels."""
     from .. import create_model
 
     if dtype not in DTYPES:
@@ -303,7 +312,13 @@ def run_benchmark(
             models["timm"] = ref
     x = torch.randn(batch_size, c.in_channels, *c.image_hw, device=dev)
     y = torch.randint(0, max(c.num_classes, 1), (batch_size,), device=dev)
-    steps, opt_names = {}, {}
+    steps, opt_names, notes = {}, {}, {}
+    if cpu_linear not in ("auto", "torch"):
+        raise ConfigError(f"cpu_linear must be 'auto' or 'torch', got {cpu_linear!r}")
+    from ..train import kernels
+
+    onednn = (train and cpu_linear == "auto" and dev.type == "cpu" and dtype == "fp32" and not compile
+              and kernels.available())
     for impl, m in models.items():
         m = m.to(dev)
         opt = None
@@ -312,8 +327,9 @@ def run_benchmark(
             opt_names[impl] = describe_optimizer(opt)
         if compile:
             m = torch.compile(m)
-        steps[impl] = make_step(m, x, y, train, dtype, dev, opt=opt)
-    notes: dict[str, str] = {}
+        steps[impl] = make_step(m, x, y, train, dtype, dev, opt=opt, cpu_linear=onednn and impl == "vitkit")
+    if onednn:
+        notes["vitkit"] = "Linear layers on oneDNN (vitkit.train.kernels, as vitkit train on the CPU)"
     # The Predictor picks its own precision: on the CPU its rows (and ORT's) go with fp32 eager
     # inference, where timm's row is fp32 eager, the reference the goals name. On CUDA the
     # Predictor's bf16 (a bf16 copy of the weights, no autocast) runs beside autocast, eager or
@@ -321,11 +337,13 @@ def run_benchmark(
     extra = not train and not compile and dev.type == "cpu" and dtype == "fp32"
     gpu_extra = not train and dev.type == "cuda" and "bf16" in predictor
     if predictor and extra:
-        more, notes = predictor_steps(model, x, tuple(predictor))
+        more, more_notes = predictor_steps(model, x, tuple(predictor))
         steps.update(more)
+        notes.update(more_notes)
     if gpu_extra:
-        more, notes = predictor_steps(model, x, ("bf16",), compile=compile)
+        more, more_notes = predictor_steps(model, x, ("bf16",), compile=compile)
         steps.update(more)
+        notes.update(more_notes)
         if "timm" in models:
             import copy
 

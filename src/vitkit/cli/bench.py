@@ -41,6 +41,10 @@ def add_arguments(p) -> None:
     p.add_argument("--ort-int8", action="store_true",
                    help="fp32 CPU inference: also time ONNX Runtime's dynamic int8 quantization of the exported model "
                         "(the peer of --predictor int8; needs vitkit[onnx]; exporting takes a while)")
+    p.add_argument("--cpu-linear", choices=["auto", "torch"], default="auto",
+                   help="with --train on the CPU (fp32, not compiled): auto runs vitkit's Linear layers on oneDNN as "
+                        "vitkit train does (vitkit.train.kernels); torch keeps F.linear, timm's kernel (compares the "
+                        "models on equal kernels)")
     p.add_argument("--json", action="store_true", help="print results as JSON lines")
 
 
@@ -69,8 +73,8 @@ def run(args) -> int:
         results = run_benchmark(args.name, batch_size=bs, dtype=args.dtype, device=args.device, train=args.train,
                                 compile=args.compile, warmup=args.warmup, runs=args.runs,
                                 compare_timm=not args.no_timm, progress=not args.json,
-                                same_optimizer=args.same_optimizer, predictor=tuple(args.predictor or ()),
-                                ort_int8=args.ort_int8, **overrides)
+                                same_optimizer=args.same_optimizer, cpu_linear=args.cpu_linear,
+                                predictor=tuple(args.predictor or ()), ort_int8=args.ort_int8, **overrides)
         for r in results:
             if args.json:
                 print(json.dumps(r.to_dict()))

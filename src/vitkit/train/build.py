@@ -61,6 +61,32 @@ def amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
 
 
+def cpu_linear_kernels(cfg: TrainConfig, model, device: torch.device, say) -> bool:
+    """Whether the training step runs fp32 Linear layers on oneDNN (``vitkit.train.kernels``):
+    ``--cpu-linear auto`` where it applies, ``onednn`` the same or a ConfigError naming why not."""
+    from . import kernels
+
+    wide = any(isinstance(m, torch.nn.Linear) and min(m.weight.shape) >= kernels.MIN_FEATURES
+               for m in model.modules())
+
+    if cfg.cpu_linear == "torch" or (cfg.cpu_linear == "auto" and device.type != "cpu"):
+        return False
+    why = ("the device is " + str(device) if device.type != "cpu" else
+           f"--amp {cfg.amp} (autocast picks the kernels)" if cfg.amp != "off" else
+           "--compile (inductor picks the kernels)" if cfg.compile else
+           "--grad-checkpointing (its recomputation would run the other kernel)" if cfg.grad_checkpointing else
+           "this torch has no oneDNN matmul on this CPU (x86-64 builds with oneDNN have it)"
+           if not kernels.available() else
+           f"no Linear layer of this model is {kernels.MIN_FEATURES}+ features wide both ways (F.linear is as "
+           "fast below that, measured)" if not wide else None)
+    if why is None:
+        say("cpu linear: oneDNN matmuls for the fp32 Linear layers (--cpu-linear torch for F.linear's)")
+        return True
+    if cfg.cpu_linear == "onednn":
+        raise ConfigError(f"--cpu-linear onednn cannot apply: {why}; use --cpu-linear auto or torch")
+    return False
+
+
 # --------------------------------------------------------------------------- architecture
 def auto_patch_size(hw: tuple[int, int]) -> int:
     """Smallest patch side >= 2 dividing both sides with at most AUTO_PATCH_TOKENS tokens

@@ -53,6 +53,7 @@ from .build import (
     build_optimizer_and_schedule,
     check_fixed_arch,
     check_tokens,
+    cpu_linear_kernels,
     pick_device,
     preprocess_cfg,
     probe_pretrained,
@@ -71,6 +72,7 @@ from .distributed import (
     init_distributed,
     wrap_model,
 )
+from .kernels import onednn_linear
 from .optim import lr_at, set_lr
 from .state import RunState
 
@@ -135,6 +137,7 @@ class Run:
     warmup_steps: int
     val_loader: Any
     say: Any
+    cpu_linear: bool = False  # fp32 Linear layers on oneDNN in the step (vitkit.train.kernels)
     run_dir: Path = None  # type: ignore[assignment]
     tb: Any = None
     on_step: Any = None
@@ -238,7 +241,8 @@ def build_run(cfg: TrainConfig, device: torch.device, dist: DistInfo, say) -> tu
     run = Run(cfg=cfg, data=data, device=device, dist=dist, dmodel=dmodel, amp=amp, loss_fn=make_loss(data.task,
               loss_kind, cfg.label_smoothing), mixer=mix_transform(cfg, data.num_outputs)
               if cfg.augment and data.task == "classification" else None, affine=affine, hflip=hflip,
-              global_batch=batch, total_steps=total, warmup_steps=warmup, val_loader=val, say=say)
+              global_batch=batch, total_steps=total, warmup_steps=warmup, val_loader=val, say=say,
+              cpu_linear=cpu_linear_kernels(cfg, model, device, say))
     run.eval_kw = dict(task=data.task, num_outputs=data.num_outputs, mean=data.mean, std=data.std, device=device,
                        dist=dist, regression_loss=loss_kind if loss_kind != "ce" else "mse", labels=data.classes,
                        amp_dtype=amp)
@@ -322,7 +326,8 @@ def train_step(run: Run, st: RunState, x: torch.Tensor, y: torch.Tensor) -> None
     for k, (xc, yc, hc) in enumerate(zip(x.tensor_split(parts), y.tensor_split(parts), y_hard.tensor_split(parts))):
         no_sync = k < parts - 1 and hasattr(run.dmodel, "no_sync")  # DDP: all-reduce on the last part only
         with run.dmodel.no_sync() if no_sync else contextlib.nullcontext(), \
-                torch.autocast(run.device.type, dtype=run.amp, enabled=run.amp is not None):
+                torch.autocast(run.device.type, dtype=run.amp, enabled=run.amp is not None), \
+                onednn_linear(run.cpu_linear):
             out = run.dmodel(xc)
             loss = run.loss_fn(out.float(), yc)
         st.scaler.scale(loss * (len(xc) / len(x))).backward()
