@@ -132,3 +132,30 @@ def test_npz_with_object_arrays_refused(tmp_path):
     np.savez(tmp_path / "evil.npz", **{"embedding/kernel": np.array([object()], dtype=object)})
     with pytest.raises(vitkit.CheckpointError, match="NumPy"):
         vitkit.from_pretrained(tmp_path / "evil.npz")
+
+
+@pytest.mark.parametrize("size,pooling", [(48, "cls"), (24, "cls"), ((32, 48), "mean")])
+def test_vision_transformer_npz_at_another_size_resamples_as_the_original(size, pooling, tmp_path):
+    """google-research/vision_transformer resizes the table with scipy.ndimage.zoom(order=1) of the
+    grid (class row kept): the oracle is scipy itself on the npz's own array. timm's interpolation
+    (the default before) gives other numbers."""
+    from scipy import ndimage
+
+    kw = dict(class_token=False, pooling="mean") if pooling == "mean" else {}
+    model = tiny(act="gelu_tanh", **kw)
+    with torch.no_grad():
+        model.pos_embed.normal_()
+    path = export_npz(model, tmp_path / "vt.npz", layout="vision_transformer")
+    table = np.load(path)["Transformer/posembed_input/pos_embedding"]  # (1, R + 4*4, 64)
+    R = 1 if pooling == "cls" else 0
+    new = (size, size) if isinstance(size, int) else size
+    grid = (new[0] // 8, new[1] // 8)
+    zoomed = ndimage.zoom(table[0, R:].reshape(4, 4, -1), (grid[0] / 4, grid[1] / 4, 1), order=1)
+    want = np.concatenate([table[:, :R], zoomed.reshape(1, grid[0] * grid[1], -1)], axis=1)
+    back = vitkit.from_pretrained(path, image_size=size)
+    assert back.config.pos_resample == "vit_jax"
+    got = back.pos_embed.detach().numpy()
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+    timm_way = vitkit.from_pretrained(path, image_size=size, pos_resample="timm").pos_embed.detach().numpy()
+    assert np.abs(timm_way - want).max() > 1e-3

@@ -71,3 +71,29 @@ def test_torchvision_export_roundtrip(tmp_path):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert max_diff(model(x), ref(x)) <= 1e-5
+
+
+@pytest.mark.parametrize("size", [48, 24])  # enlarge and shrink the 4x4 grid (patch 8)
+def test_torchvision_at_another_size_resamples_as_interpolate_embeddings(size, tmp_path):
+    """Loaded at another input size (and run there with dynamic_img_size), the table is resampled as
+    torchvision's own interpolate_embeddings does it (bicubic, align_corners=True): the oracle is
+    torchvision's model built at that size holding interpolate_embeddings' state dict."""
+    from torchvision.models.vision_transformer import interpolate_embeddings
+
+    from test_pos_resample import _differs, loud_positions
+
+    kw = dict(image_size=32, patch_size=8, num_classes=10)
+    ref = loud_positions(make_tv(**kw))
+    torch.save(ref.state_dict(), tmp_path / "tv.pth")
+    there = loud_positions(make_tv(**{**kw, "image_size": size}))
+    there.load_state_dict(interpolate_embeddings(size, 8, ref.state_dict()))
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        want = there(x)
+        model = vitkit.from_pretrained(tmp_path / "tv.pth", num_heads=4, image_size=size).eval()
+        assert model.config.pos_resample == "torchvision"
+        assert max_diff(model(x), want) <= 1e-5
+        dynamic = vitkit.from_pretrained(tmp_path / "tv.pth", num_heads=4, dynamic_img_size=True).eval()
+        assert dynamic.config.image_hw == (32, 32)
+        assert max_diff(dynamic(x), want) <= 1e-5
+    assert _differs(dynamic, x, want)  # timm's interpolation would give other numbers

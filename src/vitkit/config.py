@@ -31,7 +31,7 @@ TASKS = ("classification", "regression")
 PATCH_EMBEDS = ("conv", "unfold", "rearrange")
 # how a learned position table is resampled to another grid, named after the implementation it
 # reproduces (functions in vitkit.model.pos_embed.POS_RESAMPLERS)
-POS_RESAMPLES = ("timm", "hf", "hf_dinov2_registers", "dinov2", "big_vision")
+POS_RESAMPLES = ("timm", "hf", "hf_dinov2_registers", "dinov2", "big_vision", "torchvision", "vit_jax")
 
 
 def to_2tuple(value: Any, name: str) -> tuple[int, int]:

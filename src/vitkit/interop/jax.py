@@ -149,7 +149,7 @@ def convert(path: str | Path, arch: ViTConfig | None = None, hints: dict[str, An
            "crop_pct": 1.0}
     unexpected = [k for k in w if k not in used]
     layout = "big_vision" if big_vision else "vision_transformer"
-    return Converted(config=config.replace(pos_resample="big_vision" if big_vision else "timm"), state=s,
+    return Converted(config=config.replace(pos_resample="big_vision" if big_vision else "vit_jax"), state=s,
                      format="jax", source=str(p), preprocess=pre, unexpected=unexpected,
                      info={"layout": layout, "stacked": stacked, **({"family": "siglip"} if has_map else {})})
 

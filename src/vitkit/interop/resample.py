@@ -12,7 +12,10 @@ from ..model.pos_embed import (
     resample_hf,
     resample_hf_dinov2_registers,
     resample_timm,
+    resample_torchvision,
+    resample_vit_jax,
 )
 
 __all__ = ["RESAMPLERS", "get_resampler", "resample_timm", "resample_hf", "resample_hf_dinov2_registers",
-           "resample_dinov2_original", "resample_big_vision"]
+           "resample_dinov2_original", "resample_big_vision", "resample_torchvision",
+           "resample_vit_jax"]

@@ -68,7 +68,8 @@ def convert(path: str | Path, arch: ViTConfig | None = None, hints: dict[str, An
            "interpolation": "bilinear", "crop_pct": 0.875}
     if in_ch != 3:
         pre.update(mean=[0.5] * in_ch, std=[0.5] * in_ch)
-    return Converted(config=config, state=state, format="torchvision", source=str(p), preprocess=pre,
+    return Converted(config=config.replace(pos_resample="torchvision"), state=state, format="torchvision",
+                     source=str(p), preprocess=pre,
                      unexpected=unmatched)
 
 

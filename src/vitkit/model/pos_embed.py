@@ -34,6 +34,12 @@ change outputs by ~1e-3:
   ``jax.image.resize(..., method="bilinear")``. Upsampling equals torch's bilinear with
   ``align_corners=False``; downsampling in JAX uses a scaled triangle kernel, which torch's
   ``antialias=True`` bilinear follows (not verified against JAX here: JAX is not installed).
+* :func:`resample_vit_jax` (``"vit_jax"``): google-research/vision_transformer (the original ViT
+  and AugReg ``.npz`` files): ``scipy.ndimage.zoom(..., order=1)``, bilinear with
+  ``align_corners=True``, no antialias, in float64.
+* :func:`resample_torchvision` (``"torchvision"``): torchvision's ``interpolate_embeddings``, the
+  function its references use to fine-tune a ViT at another size: bicubic with
+  ``align_corners=True``, no antialias.
 
 Each takes a (1, R + gh*gw, D) table, the new and old grids and the number R of prefix rows
 (kept as they are) and returns the new table in the input dtype. The same grid returns the input.
@@ -193,10 +199,32 @@ def resample_big_vision(pos: torch.Tensor, new_grid, old_grid, num_prefix: int) 
     return _join(prefix, grid, pos.dtype)
 
 
+def resample_torchvision(pos: torch.Tensor, new_grid, old_grid, num_prefix: int) -> torch.Tensor:
+    """torchvision ``vision_transformer.interpolate_embeddings`` (bicubic, ``align_corners=True``, no
+    antialias). torchvision's ViT is square-only; the same interpolation serves any grid here."""
+    if tuple(new_grid) == tuple(old_grid):
+        return pos
+    prefix, grid = _split(pos, old_grid, num_prefix)
+    grid = F.interpolate(grid, size=tuple(new_grid), mode="bicubic", align_corners=True)
+    return _join(prefix, grid, pos.dtype)
+
+
+def resample_vit_jax(pos: torch.Tensor, new_grid, old_grid, num_prefix: int) -> torch.Tensor:
+    """google-research/vision_transformer ``checkpoint.load_pretrained``: ``scipy.ndimage.zoom(grid,
+    order=1)``, i.e. bilinear through the corner samples (``align_corners=True``), no antialias,
+    computed in float64 as scipy does. The original takes square grids; any grid works here."""
+    if tuple(new_grid) == tuple(old_grid):
+        return pos
+    prefix, grid = _split(pos, old_grid, num_prefix)
+    grid = F.interpolate(grid.double(), size=tuple(new_grid), mode="bilinear", align_corners=True)
+    return _join(prefix, grid, pos.dtype)
+
+
 # keyed by config.POS_RESAMPLES (the config validates names without importing the model)
 POS_RESAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
     "timm": resample_timm, "hf": resample_hf, "hf_dinov2_registers": resample_hf_dinov2_registers,
-    "dinov2": resample_dinov2_original, "big_vision": resample_big_vision,
+    "dinov2": resample_dinov2_original, "big_vision": resample_big_vision, "torchvision": resample_torchvision,
+    "vit_jax": resample_vit_jax,
 }
 
 
