@@ -3,7 +3,7 @@ a digits model, in a chosen state (URL fragment).
 
     make demo                                   # or: vitkit train --out runs/demo
     vitkit explain digits:7 --out explain_out   # writes explain_out/explore.html too
-    python docs/images/make_explore_screenshot.py explain_out/explore.html "layer=3&head=mean&patch=mean&mode=attribution"
+    python docs/images/make_explore_screenshot.py explain_out/explore.html "layer=3&head=mean&patch=mean&mode=attention"
 """
 
 from __future__ import annotations
@@ -33,4 +33,4 @@ def main(page: str, fragment: str = "", out: str = str(Path(__file__).with_name(
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3] or ["explain_out/explore.html"])
+    main(*sys.argv[1:4] or ["explain_out/explore.html"])  # PAGE [FRAGMENT [OUT]]
