@@ -121,7 +121,8 @@ def test_trainer_choice_follows_cpu_linear_and_names_why_not():
 
 def test_training_with_onednn_linear_lands_where_f_linear_does(tmp_path):
     """Two optimizer steps of a 128-wide model: --cpu-linear auto (oneDNN, said in the log) against
-    --cpu-linear torch, same seed and batches: the same weights to float rounding."""
+    --cpu-linear torch, same seed and batches: the same weights to float rounding. And run to run
+    bit-identical, which --deterministic's exact resume needs."""
     from vitkit.io import load_safetensors
     from vitkit.train.loop import train
 
@@ -130,8 +131,11 @@ def test_training_with_onednn_linear_lands_where_f_linear_does(tmp_path):
     logs: list[str] = []
     train(TrainConfig(out=str(tmp_path / "onednn"), **kw), log=lambda *a, **k: logs.append(" ".join(map(str, a))))
     train(TrainConfig(out=str(tmp_path / "torch"), cpu_linear="torch", **kw), log=lambda *a, **k: None)
+    train(TrainConfig(out=str(tmp_path / "again"), **kw), log=lambda *a, **k: None)
     assert any("oneDNN matmuls" in line for line in logs)
     a = load_safetensors(tmp_path / "onednn" / "last" / "model.safetensors")
+    again = load_safetensors(tmp_path / "again" / "last" / "model.safetensors")
+    assert all(torch.equal(a[k], again[k]) for k in a)
     b = load_safetensors(tmp_path / "torch" / "last" / "model.safetensors")
     assert not all(torch.equal(a[k], b[k]) for k in a)  # the other kernel did run ...
     for k in a:  # ... to the same training
