@@ -2,10 +2,11 @@
 
 On x86 CPUs torch's ``F.linear`` is MKL's sgemm (``addmm``; its backward ``mm``), the kernel timm
 runs too. oneDNN's matmul, which torch also ships, is faster on this project's CPU (AMD EPYC Zen 4,
-2 threads) at ViT shapes: 1.2-1.3x for the forward and the input gradient at ViT-S/B widths; for
-the weight gradient only where the layer narrows (in > out, the MLP's second layer), MKL elsewhere
-(measured per shape, BENCHMARKS.md "Training step"). A whole ViT-S/16 or ViT-B/16 fp32 training
-step measured 1.11-1.22x faster with it than with ``F.linear``.
+2 threads) at ViT shapes: 5-19% for the forward and the input gradient at ViT-S widths, on operands
+that change every call; for the weight gradient only where the layer narrows (in > out, the MLP's
+second layer), MKL elsewhere; below 128 features not at all (measured per shape, BENCHMARKS.md
+"Training step"). A whole ViT-S/16 or ViT-B/16 fp32 training step measured ~3-4% faster with it
+than with ``F.linear`` (1.09 -> 1.12-1.15x timm's step).
 
 :func:`onednn_linear` is a context in which ``F.linear`` calls on fp32 CPU tensors (outside
 autocast, layers at least :data:`MIN_FEATURES` wide) run :class:`OneDNNLinearFn` instead; the
