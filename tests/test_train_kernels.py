@@ -78,6 +78,16 @@ def test_mode_routes_every_wide_linear_of_a_vit_and_its_gradients_match():
         torch.testing.assert_close(p.grad, want[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
+def test_mode_takes_keyword_arguments_and_leaves_empty_batches_to_f_linear():
+    w, b = torch.randn(128, 256), torch.randn(128)
+    x = torch.randn(3, 256)
+    with onednn_linear() as mode:
+        got = F.linear(input=x, weight=w, bias=b)
+        empty = F.linear(torch.randn(0, 256), w, b)
+    assert mode.routed == 1 and empty.shape == (0, 128)
+    torch.testing.assert_close(got, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("case", ["narrow", "autocast", "float64", "disabled"])
 def test_mode_leaves_what_it_must_not_route_to_f_linear(case):
     m = _model(64 if case == "narrow" else 128)

@@ -68,11 +68,11 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 def routes(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> bool:
-    """Whether :func:`onednn_linear` sends this ``F.linear`` call to oneDNN: plain fp32 CPU tensors
-    (no tensor subclass such as FSDP's DTensor), a 2-D weight at least :data:`MIN_FEATURES` wide
+    """Whether :func:`onednn_linear` sends this ``F.linear`` call to oneDNN: plain, non-empty fp32 CPU
+    tensors (no tensor subclass such as FSDP's DTensor), a 2-D weight at least :data:`MIN_FEATURES` wide
     both ways, CPU autocast off."""
     return (type(x) in _PLAIN and type(w) in _PLAIN and (b is None or type(b) in _PLAIN)
-            and x.device.type == "cpu" and w.device.type == "cpu" and x.dim() >= 1 and w.dim() == 2
+            and x.device.type == "cpu" and w.device.type == "cpu" and x.dim() >= 1 and x.numel() > 0 and w.dim() == 2
             and x.dtype == w.dtype == torch.float32 and (b is None or b.dtype == torch.float32)
             and min(w.shape) >= MIN_FEATURES and not torch.is_autocast_enabled("cpu"))
 
@@ -85,9 +85,10 @@ class _OneDNNLinearMode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.linear:
-            x, w = args[0], args[1] if len(args) > 1 else kwargs["weight"]
+            x = args[0] if args else kwargs.get("input")
+            w = args[1] if len(args) > 1 else kwargs.get("weight")
             b = args[2] if len(args) > 2 else kwargs.get("bias")
-            if routes(x, w, b):
+            if isinstance(x, torch.Tensor) and isinstance(w, torch.Tensor) and routes(x, w, b):
                 self.routed += 1
                 return OneDNNLinearFn.apply(x, w, b)
         return func(*args, **kwargs)
