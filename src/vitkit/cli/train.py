@@ -26,7 +26,7 @@ def add_arguments(p) -> None:
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
-        help_ = f.metadata.get("help", f.name)
+        help_ = f.metadata.get("help", f.name).replace("%", "%%")  # argparse %-formats help strings
         if default is not None and "(default" not in help_:  # each default said once (see cli.main.HelpFormatter)
             shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
             help_ += f" (default: {shown})"

@@ -135,7 +135,7 @@ class TrainConfig:
     compile: bool = field(default=False, metadata={"help": "torch.compile the model (CUDA or CPU; the first steps compile)"})
     cpu_linear: str = field(default="auto", metadata={
         "help": "fp32 Linear kernels of a CPU training step: auto (oneDNN where it applies: x86 CPU, no --amp, "
-                "--compile or --grad-checkpointing; ~3-4% faster per ViT-S/B step, measured) | onednn (the same, and an "
+                "--compile or --grad-checkpointing; 1.03-1.04x per ViT-S/B step, measured) | onednn (the same, and an "
                 "error where it cannot apply) | torch (F.linear, MKL: what timm runs)"})
     strategy: str = field(default="ddp", metadata={"help": "ddp | fsdp when launched with torchrun"})
     eval_every: int = field(default=1, metadata={"help": "validate every N epochs (and always on the last)"})
