@@ -296,6 +296,8 @@ def run_benchmark(
 
     if dtype not in DTYPES:
         raise ConfigError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    if cpu_linear not in ("auto", "torch"):
+        raise ConfigError(f"cpu_linear must be 'auto' or 'torch', got {cpu_linear!r}")
     if batch_size <= 0 or runs <= 0 or warmup < 0:
         raise ConfigError("batch_size and runs must be positive and warmup >= 0")
     dev = torch.device(device)
@@ -313,8 +315,6 @@ def run_benchmark(
     x = torch.randn(batch_size, c.in_channels, *c.image_hw, device=dev)
     y = torch.randint(0, max(c.num_classes, 1), (batch_size,), device=dev)
     steps, opt_names, notes = {}, {}, {}
-    if cpu_linear not in ("auto", "torch"):
-        raise ConfigError(f"cpu_linear must be 'auto' or 'torch', got {cpu_linear!r}")
     from ..train import kernels
 
     onednn = (train and cpu_linear == "auto" and dev.type == "cpu" and dtype == "fp32" and not compile

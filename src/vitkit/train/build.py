@@ -66,11 +66,10 @@ def cpu_linear_kernels(cfg: TrainConfig, model, device: torch.device, say) -> bo
     ``--cpu-linear auto`` where it applies, ``onednn`` the same or a ConfigError naming why not."""
     from . import kernels
 
-    wide = any(isinstance(m, torch.nn.Linear) and min(m.weight.shape) >= kernels.MIN_FEATURES
-               for m in model.modules())
-
     if cfg.cpu_linear == "torch" or (cfg.cpu_linear == "auto" and device.type != "cpu"):
         return False
+    wide = any(isinstance(m, torch.nn.Linear) and min(m.weight.shape) >= kernels.MIN_FEATURES
+               for m in model.modules())
     why = ("the device is " + str(device) if device.type != "cpu" else
            f"--amp {cfg.amp} (autocast picks the kernels)" if cfg.amp != "off" else
            "--compile (inductor picks the kernels)" if cfg.compile else
