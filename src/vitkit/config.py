@@ -32,6 +32,7 @@ PATCH_EMBEDS = ("conv", "unfold", "rearrange")
 # how a learned position table is resampled to another grid, named after the implementation it
 # reproduces (functions in vitkit.model.pos_embed.POS_RESAMPLERS)
 POS_RESAMPLES = ("timm", "hf", "hf_dinov2_registers", "dinov2", "big_vision", "torchvision", "vit_jax")
+ROPES = ("none", "dinov3")
 
 
 def to_2tuple(value: Any, name: str) -> tuple[int, int]:
@@ -100,6 +101,11 @@ class ViTConfig:
     dist_token: bool = False  # DeiT distillation token after the class token, with its own head (head_dist)
     dynamic_img_size: bool = False  # forward takes any HxW divisible by the patch; position table resampled per grid
     pos_resample: str = "timm"  # interpolation of the table at another grid, as the weights' source does it (POS_RESAMPLES)
+    rope: str = "none"  # rotary position embedding of the patch queries/keys: none | dinov3 (axial, patch centres in [-1, 1]; vitkit.model.rope)
+    rope_theta: float = 100.0  # RoPE frequency base (DINOv3: 100)
+    rope_shift: float | None = None  # train-mode RoPE coordinate augmentation (DINOv3): shift by U(-s, s) per axis
+    rope_jitter: float | None = None  # ... scale each axis by exp(U(-log j, log j))
+    rope_rescale: float | None = None  # ... scale both axes by exp(U(-log r, log r)) (DINOv3 releases: 2.0)
     name: str | None = None  # preset name this config came from, informational
 
     def __post_init__(self) -> None:
@@ -202,6 +208,15 @@ class ViTConfig:
         _choice(self.norm_layer, NORM_LAYERS, "norm_layer")
         _choice(self.mlp_layer, MLP_LAYERS, "mlp_layer")
         _choice(self.pos_resample, POS_RESAMPLES, "pos_resample")
+        _choice(self.rope, ROPES, "rope")
+        if self.rope != "none" and self.head_dim % 4:
+            raise ConfigError(f"rope={self.rope!r} needs head_dim divisible by 4, got {self.head_dim}")
+        if self.rope_theta <= 0:
+            raise ConfigError(f"rope_theta must be positive, got {self.rope_theta}")
+        for name in ("rope_shift", "rope_jitter", "rope_rescale"):
+            v = getattr(self, name)
+            if v is not None and (v <= 0 or (name != "rope_shift" and v < 1)):
+                raise ConfigError(f"{name} must be None or {'> 0' if name == 'rope_shift' else '>= 1'}, got {v}")
         if self.dist_token and not (self.class_token and self.pooling == "cls"):
             raise ConfigError(f"dist_token=True (DeiT) reads the class and distillation tokens: it needs "
                               f"class_token=True and pooling='cls', got class_token={self.class_token}, "

@@ -100,6 +100,9 @@ def export_to(model, format: str, path: str | Path, **kw: Any) -> Path:
     from .formats import canonical
 
     fmt = canonical(format, writing=True)
+    if getattr(getattr(model, "config", None), "rope", "none") != "none" and fmt not in ("vitkit", "onnx", "torchscript"):
+        raise ConfigError(f"this model uses rotary position embedding (rope={model.config.rope!r}, DINOv3), which the "
+                          f"{fmt} layout vitkit writes has no place for; export to vitkit, onnx or torchscript")
     was_training = model.training
     model.eval()
     try:

@@ -30,7 +30,7 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
     Format("vitkit", None, True, True, "vitkit's own dir (config.json + model.safetensors), or a run dir"),
     Format("timm", "timm", True, True, "timm VisionTransformer state dict or hub dir (ViT, DeiT, DINOv2, CLIP, "
            "SigLIP)"),
-    Format("hf", "hf", True, True, "Hugging Face transformers dir: ViT, DeiT, Dinov2[WithRegisters], CLIP, "
+    Format("hf", "hf", True, True, "Hugging Face transformers dir: ViT, DeiT, Dinov2[WithRegisters], DINOv3ViT, CLIP, "
            "SigLIP/SigLIP2", aliases=("huggingface", "transformers")),
     Format("torchvision", "torchvision", True, True, "torchvision vit_* state dict"),
     Format("jax", "jax", True, True, "Google .npz: vision_transformer, big_vision (ViT, SigLIP)",

@@ -64,7 +64,7 @@ _QKV = {"query": 0, "key": 1, "value": 2, "q": 0, "k": 1, "v": 2}
 # transformers model_type -> the vitkit module that reads it (one "hf" format, one family per module)
 MODEL_TYPES = {"vit": "hf", "deit": "deit", "dinov2": "dinov2", "dinov2_with_registers": "dinov2",
                "clip": "clip", "clip_vision_model": "clip", "siglip": "siglip", "siglip_vision_model": "siglip",
-               "siglip2": "siglip", "siglip2_vision_model": "siglip"}
+               "siglip2": "siglip", "siglip2_vision_model": "siglip", "dinov3_vit": "dinov3"}
 
 
 def model_type(meta: dict[str, Any]) -> str | None:
@@ -208,7 +208,7 @@ def preprocess_from_dir(directory: Path, config: ViTConfig, defaults: dict[str, 
 
 
 def convert(path: str | Path, arch: ViTConfig | None = None, hints: dict[str, Any] | None = None) -> Converted:
-    """Read a transformers checkpoint: ViT here; DeiT, Dinov2, CLIP, SigLIP in their family modules."""
+    """Read a transformers checkpoint: ViT here; DeiT, Dinov2, DINOv3, CLIP, SigLIP in their family modules."""
     from importlib import import_module
 
     p = Path(path)

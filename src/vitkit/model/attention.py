@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .rope import apply_rope
+
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, dropout_p: float,
             return_attention: bool):
@@ -54,12 +56,14 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop) if proj_drop > 0 else None
 
-    def forward(self, x: torch.Tensor, num_queries: int | None = None, return_attention: bool = False):
+    def forward(self, x: torch.Tensor, num_queries: int | None = None, return_attention: bool = False,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None):
         """(B, N, D) -> (B, M, D) [, weights (B, heads, M, N)], M = num_queries or N.
 
         ``num_queries=k``: only the first k tokens' queries are projected and attended with, and
         only their outputs projected (the rows the full call gives for them, at k/N of the
-        query-side cost); keys and values still come from all N tokens."""
+        query-side cost); keys and values still come from all N tokens. ``rope``: (cos, sin) of
+        the patch tokens (vitkit.model.rope), rotating their queries and keys."""
         B, N, D = x.shape
         H, hd = self.num_heads, self.head_dim
         if num_queries is None:
@@ -71,6 +75,8 @@ class Attention(nn.Module):
             q = F.linear(x[:, :M], w[:D], None if b is None else b[:D]).reshape(B, M, H, hd).transpose(1, 2)
             kv = F.linear(x, w[D:], None if b is None else b[D:])
             k, v = kv.reshape(B, N, 2, H, hd).permute(2, 0, 3, 1, 4).unbind(0)
+        if rope is not None:
+            q, k = apply_rope(q, k, rope)
         dropout_p = self.attn_drop if self.training else 0.0
         out, weights = _attend(q, k, v, self.scale, dropout_p, return_attention)
         out = self.proj(out.transpose(1, 2).reshape(B, M, D))

@@ -32,6 +32,7 @@ from .attention import AttentionPoolLatent
 from .block import Block, Mlp, make_act, make_norm
 from .patch_embed import PatchEmbed
 from .pos_embed import get_pos_resampler, sincos_1d, sincos_2d
+from .rope import RotaryEmbedding
 
 
 class ViT(nn.Module):
@@ -68,6 +69,8 @@ class ViT(nn.Module):
             self.register_buffer("pos_embed", self._fixed_pos_embed(), persistent=False)
         self.pos_drop = nn.Dropout(c.dropout) if c.dropout > 0 else nn.Identity()
         self.norm_pre = make_norm(c.norm_layer, D, c.norm_eps) if c.norm_pre else None
+        self.rope = (RotaryEmbedding(c.head_dim, c.rope_theta, c.rope_shift, c.rope_jitter, c.rope_rescale)
+                     if c.rope != "none" else None)
 
         # stochastic depth rises linearly from 0 (first block) to drop_path (last block), as timm's
         # linspace(0, drop_path, depth): a single block is the first one and gets 0. Plain Python:
@@ -247,6 +250,12 @@ class ViT(nn.Module):
         x = self._pos_embed(self.patch_embed(x), grid)
         return self.norm_pre(x) if self.norm_pre is not None else x
 
+    def rope_for(self, x: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The blocks' rotary (cos, sin) for image ``x``'s patch grid (None without ``config.rope``)."""
+        if self.rope is None:
+            return None
+        return self.rope(self.patch_embed.grid_for(x), tokens.device, tokens.dtype)
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Activation checkpointing of every block (``torch.utils.checkpoint``, non-reentrant):
         block activations are recomputed in the backward pass instead of kept. Same gradients
@@ -254,10 +263,10 @@ class ViT(nn.Module):
         gradients are enabled."""
         self.grad_checkpointing = bool(enable)
 
-    def _block(self, blk: Block, x: torch.Tensor, num_queries: int | None = None) -> torch.Tensor:
+    def _block(self, blk: Block, x: torch.Tensor, num_queries: int | None = None, rope=None) -> torch.Tensor:
         if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
-            return checkpoint(blk, x, num_queries, use_reentrant=False)
-        return blk(x, num_queries)
+            return checkpoint(blk, x, num_queries, False, rope, use_reentrant=False)
+        return blk(x, num_queries, rope=rope)
 
     # Class-token heads: forward() runs the last block for the prefix tokens the head reads only
     # (see _head_queries). Set False (on a model or the class) to run every token everywhere.
@@ -271,31 +280,36 @@ class ViT(nn.Module):
             return None
         return 2 if c.dist_token else 1
 
-    def _run_blocks(self, x: torch.Tensor, last_queries: int | None = None) -> torch.Tensor:
+    def _run_blocks(self, x: torch.Tensor, last_queries: int | None = None, rope=None) -> torch.Tensor:
         """Tokens entering block 0 -> tokens after the final norm; ``last_queries=k``: the last
-        block computes the first k tokens' outputs alone, (B, k, D)."""
+        block computes the first k tokens' outputs alone, (B, k, D). ``rope``: :meth:`rope_for`."""
         if self.grad_checkpointing:
             last = len(self.blocks) - 1
             for i, blk in enumerate(self.blocks):
-                x = self._block(blk, x, last_queries if i == last else None)
+                x = self._block(blk, x, last_queries if i == last else None, rope)
             return self.norm(x)
         blocks = self.blocks
-        for i in range(len(blocks) - (last_queries is not None)):
-            x = blocks[i](x)
+        if rope is None:  # the plain call: the common case stays a bare call per block
+            for i in range(len(blocks) - (last_queries is not None)):
+                x = blocks[i](x)
+        else:
+            for i in range(len(blocks) - (last_queries is not None)):
+                x = blocks[i](x, rope=rope)
         if last_queries is not None:
-            x = blocks[-1](x, last_queries)
+            x = blocks[-1](x, last_queries, rope=rope)
         return self.norm(x)
 
     def forward_features(self, x: torch.Tensor, return_attention: bool = False):
         """Image -> all tokens after the final norm (B, R+N, D) [, list of attention maps]."""
-        x = self.embed(x)
+        tokens = self.embed(x)
+        rope = self.rope_for(x, tokens)
         if not return_attention:
-            return self._run_blocks(x)
+            return self._run_blocks(tokens, rope=rope)
         attns = []
         for blk in self.blocks:
-            x, a = blk(x, return_attention=True)
+            tokens, a = blk(tokens, return_attention=True, rope=rope)
             attns.append(a)
-        return self.norm(x), attns
+        return self.norm(tokens), attns
 
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, R+N, D) -> (B, D): the class token, the mean of the patch tokens, or attention
@@ -344,7 +358,8 @@ class ViT(nn.Module):
         if return_attention:
             tokens, attns = self.forward_features(x, return_attention=True)
             return self.forward_head(tokens), attns
-        return self.forward_head(self._run_blocks(self.embed(x), self._head_queries()))
+        tokens = self.embed(x)
+        return self.forward_head(self._run_blocks(tokens, self._head_queries(), self.rope_for(x, tokens)))
 
     def forward_intermediates(
         self,
@@ -388,9 +403,11 @@ class ViT(nn.Module):
         outs: dict[int, torch.Tensor] = {}
         self.patch_embed.check_input(x)
         gh, gw = self.patch_embed.grid_for(x)
-        x = self.embed(x)
+        tokens = self.embed(x)
+        rope = self.rope_for(x, tokens)
+        x = tokens
         for i, blk in enumerate(self.blocks):
-            x = self._block(blk, x)
+            x = self._block(blk, x, rope=rope)
             if i in wanted:
                 outs[i] = self.norm(x) if norm else x
             if intermediates_only and i == last:

@@ -3,8 +3,9 @@
 For every patch position (i, j), the cosine similarity of its position embedding to the embedding
 of every other position, laid out on the patch grid: ``sim[i, j]`` is a (gh, gw) map. A learned
 table that has understood 2-D layout shows bright blobs around (i, j) and stripes along its row
-and column. Works for learned and fixed (sincos1d / sincos2d) tables; ``pos_embed="none"`` has no
-table and gives None. Rows for prefix tokens (class / registers) are left out.
+and column. Works for learned and fixed (sincos1d / sincos2d) tables and for RoPE (the kernel its
+rotations put on equal queries and keys, see :func:`patch_pos_table`); ``pos_embed="none"`` without
+RoPE has no table and gives None. Rows for prefix tokens (class / registers) are left out.
 
 Output: ``(gh, gw, gh, gw)`` float64 array.
 """
@@ -16,7 +17,15 @@ import torch
 
 
 def patch_pos_table(model) -> torch.Tensor | None:
-    """The (N, D) rows of the position table that are added to the patch tokens, or None."""
+    """The (N, D) rows of the position table that are added to the patch tokens, or None. A RoPE
+    model (``config.rope``, DINOv3) has no table: its rows are then ``[cos, sin]`` of each patch's
+    rotation angles, whose cosine similarity is the mean ``cos(angle_i - angle_j)``: the relative
+    position kernel RoPE puts on a query and key that are otherwise equal."""
+    rope = getattr(model, "rope", None)
+    if rope is not None:
+        with torch.no_grad():
+            cos, sin = rope(model.config.grid_size, torch.device("cpu"), torch.float64)
+        return torch.cat([cos, sin], dim=1)
     pos = model.pos_embed
     if pos is None:
         return None

@@ -179,12 +179,14 @@ def explain(model, image, layers=None, heads=None, topk: int = 5, filters: int =
                      attention_maps=maps, rollout_map=rmap, distance=dist, posemb=posemb_similarity(model),
                      filters=comps, filters_ratio=ratio, prefix=prefix_attention(model, attns, pool),
                      predictions=preds, regression=regression, walkthrough=walk, info=info)
-    ex.figures = make_figures(ex, c.patch_hw, token_index, c.pos_embed)
+    ex.figures = make_figures(ex, c.patch_hw, token_index, c.pos_embed, c.rope)
     return ex
 
 
-def make_figures(ex: Explanation, patch_hw, token_index: int, pos_embed: str) -> dict[str, Figure]:
-    note = "sin/cos table (fixed)" if pos_embed.startswith("sincos") else ""
+def make_figures(ex: Explanation, patch_hw, token_index: int, pos_embed: str,
+                 rope: str = "none") -> dict[str, Figure]:
+    note = ("sin/cos table (fixed)" if pos_embed.startswith("sincos") else
+            "RoPE kernel" if rope != "none" else "")
     figs = {
         "patches": F.patch_grid_figure(ex.image, patch_hw),
         "tokens": F.token_figure(ex.image, ex.tokens, patch_hw, token_index),
