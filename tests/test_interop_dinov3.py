@@ -135,3 +135,91 @@ def test_rope_position_similarity_is_the_kernel_its_rotations_put_on_equal_queri
     assert sim.shape == (1, 3, 1, 3)
     np = pytest.importorskip("numpy")
     np.testing.assert_allclose(sim[0, :, 0, :], [[1, 0.25, 0.25], [0.25, 1, 0.25], [0.25, 0.25, 1]], atol=1e-6)  # angles in fp32, as DINOv3
+
+
+# ---- timm (Eva) and the original facebookresearch/dinov3 layout; timm's Eva is the oracle ----------
+timm = pytest.importorskip("timm")
+SMALL = dict(embed_dim=64, depth=2, num_heads=4, img_size=32, patch_size=8, num_classes=0)
+
+
+def make_timm(name: str, pool: str):
+    torch.manual_seed(0)
+    ref = timm.create_model(name, pretrained=False, global_pool=pool, **SMALL).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    return ref
+
+
+@pytest.mark.parametrize("name,pool", [("vit_small_patch16_dinov3", "token"), ("vit_small_patch16_dinov3_qkvb", "avg"),
+                                       ("vit_huge_plus_patch16_dinov3", "token")])
+def test_timm_dinov3_state_dict_and_hub_dir(name, pool, tmp_path):
+    import json
+
+    from vitkit.io import save_state_dict
+
+    ref = make_timm(name, pool)
+    save_state_dict(ref.state_dict(), tmp_path / "w.safetensors")
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    save_state_dict(ref.state_dict(), hub / "model.safetensors")
+    (hub / "config.json").write_text(json.dumps({"architecture": name, "model_args": {**SMALL, "global_pool": pool},
+                                                 "pretrained_cfg": {"input_size": [3, 32, 32], "mean": [0.485, 0.456, 0.406],
+                                                                    "std": [0.229, 0.224, 0.225], "crop_pct": 1.0,
+                                                                    "interpolation": "bicubic"}}))
+    x = torch.randn(2, 3, 40, 24)  # any size: RoPE
+    with torch.no_grad():
+        want, want_tokens = ref(x), ref.forward_features(x)
+        for src, kw in ((hub, {}), (tmp_path / "w.safetensors", {"num_heads": 4})):
+            model = vitkit.from_pretrained(src, **kw).eval()
+            assert model.pretrained_info["family"] == "dinov3" and model.config.rope == "dinov3"
+            if src == hub:
+                assert model.config.pooling == ("cls" if pool == "token" else "mean")
+                assert max_diff(model(x), want) <= 1e-5
+                assert model.preprocess_cfg["interpolation"] == "bicubic"
+            assert max_diff(model.forward_features(x), want_tokens) <= 1e-5
+
+
+def _original_from_timm(ref) -> dict[str, torch.Tensor]:
+    """The facebookresearch/dinov3 layout of a timm Eva DINOv3 (timm's checkpoint_filter_fn inverted;
+    the test checks that timm maps it back)."""
+    out: dict[str, torch.Tensor] = {"mask_token": torch.zeros(1, SMALL["embed_dim"])}
+    hd = SMALL["embed_dim"] // SMALL["num_heads"]
+    out["rope_embed.periods"] = 100.0 ** (4 * torch.arange(hd // 4, dtype=torch.float32) / hd)
+    for k, v in ref.state_dict().items():
+        if k.endswith("attn.q_bias"):
+            vb = ref.state_dict()[k.replace("q_bias", "v_bias")]
+            junk = torch.randn_like(v)  # what the original stores for k; its bias_mask zeroes it
+            out[k.replace("q_bias", "qkv.bias")] = torch.cat([v, junk, vb])
+            out[k.replace("q_bias", "qkv.bias_mask")] = torch.cat([torch.ones_like(v), torch.zeros_like(v),
+                                                                   torch.ones_like(v)])
+            continue
+        if k.endswith("attn.v_bias"):
+            continue
+        k = k.replace("reg_token", "storage_tokens").replace("gamma_1", "ls1.gamma").replace("gamma_2", "ls2.gamma")
+        k = k.replace("mlp.fc1_g", "mlp.w1").replace("mlp.fc1_x", "mlp.w2")
+        if ".mlp.fc2." in k and "fc1_g" in " ".join(ref.state_dict()):
+            k = k.replace("mlp.fc2", "mlp.w3")
+        out[k] = v
+    return out
+
+
+@pytest.mark.parametrize("name", ["vit_small_patch16_dinov3_qkvb", "vit_huge_plus_patch16_dinov3"])
+def test_original_dinov3_state_dict(name, tmp_path):
+    from timm.models.eva import checkpoint_filter_fn
+
+    from vitkit.interop import detect_format
+    from vitkit.io import save_state_dict
+
+    ref = make_timm(name, "token")
+    orig = _original_from_timm(ref)
+    back = checkpoint_filter_fn(dict(orig), ref)  # timm reads this as the original layout ...
+    assert set(back) == set(ref.state_dict()) and all(torch.equal(back[k], ref.state_dict()[k]) for k in back)
+    save_state_dict(orig, tmp_path / "dinov3.safetensors")
+    assert detect_format(tmp_path / "dinov3.safetensors") == "dinov3"
+    model = vitkit.from_pretrained(tmp_path / "dinov3.safetensors", num_heads=4).eval()
+    assert model.config.rope_theta == pytest.approx(100.0) and model.config.pooling == "cls"
+    x = torch.randn(2, 3, 32, 48)
+    with torch.no_grad():  # ... and vitkit gives timm's outputs from it
+        assert max_diff(model(x), ref(x)) <= 1e-5
+        assert max_diff(model.forward_features(x), ref.forward_features(x)) <= 1e-5

@@ -31,7 +31,7 @@ _ADAPT = ("image_size", "num_classes", "in_channels")
 def detect_format(path: str | Path) -> str:
     """Name the format of a local file or directory from its files and keys (never guesses)."""
     from ..io import config_json_problem, is_vitkit_dir
-    from . import clip, dinov2, hf, jax, timm, torchvision
+    from . import clip, dinov2, dinov3, hf, jax, timm, torchvision
 
     p = Path(path)
     if not p.exists():
@@ -63,6 +63,8 @@ def detect_format(path: str | Path) -> str:
         return "torchvision"
     if clip.looks_like_openai_clip(keys):
         return "openai_clip"
+    if dinov3.looks_like_dinov3(keys):  # before DINOv2's check: the original DINOv3 has a mask token too
+        return "dinov3"
     if dinov2.looks_like_dinov2(keys):
         return "dinov2"
     if timm.looks_like_timm(keys):

@@ -1,5 +1,14 @@
-"""DINOv3 ViTs (Siméoni et al. 2025) from Hugging Face ``DINOv3ViTModel`` directories (``model_type``
-``dinov3_vit``, e.g. ``facebook/dinov3-vits16-pretrain-lvd1689m``).
+"""DINOv3 ViTs (Siméoni et al. 2025) from the three places they ship:
+
+* Hugging Face ``DINOv3ViTModel`` directories (``model_type`` ``dinov3_vit``, e.g.
+  ``facebook/dinov3-vits16-pretrain-lvd1689m``): :func:`convert_hf`;
+* the original facebookresearch/dinov3 state dicts (``storage_tokens``, ``rope_embed.periods``,
+  ``attn.qkv.bias`` with a ``bias_mask`` zeroing its k part, ``ls1.gamma``, SwiGLU ``mlp.w1/w2/w3``):
+  :func:`convert`, format ``dinov3``;
+* timm's ``vit_*_patch16_dinov3*`` (its ``Eva`` class: ``reg_token``, ``gamma_1``, ``q_bias`` /
+  ``v_bias``, SwiGLU ``mlp.fc1_g / fc1_x``): :func:`convert_timm`, reached through format ``timm``.
+  ``model(x)`` is timm's: the mean of the patch tokens unless the hub config's ``global_pool`` is
+  ``token`` (the class token, as upstream).
 
 The architecture in vitkit's terms: no position table (``pos_embed="none"``), rotary position
 embedding of the patch queries and keys instead (``rope="dinov3"``, :mod:`vitkit.model.rope`),
@@ -70,13 +79,10 @@ def _fill_biases(state: dict[str, torch.Tensor]) -> bool:
             w = state.get(f"blocks.{i}.{layer}.weight")
             if w is not None and f"blocks.{i}.{layer}.bias" not in state:
                 state[f"blocks.{i}.{layer}.bias"] = w.new_zeros(w.shape[0])
-        gate = state.pop(f"blocks.{i}.mlp.gate.weight", None)
-        up, up_b = state.pop(f"blocks.{i}.mlp.up.weight"), state.pop(f"blocks.{i}.mlp.up.bias")
-        if gate is None:
-            state[f"blocks.{i}.mlp.fc1.weight"], state[f"blocks.{i}.mlp.fc1.bias"] = up, up_b
-        else:  # packed [gate; up], as vitkit's SwiGLU (timm's SwiGLUPacked) reads it
-            state[f"blocks.{i}.mlp.fc1.weight"] = torch.cat([gate, up], dim=0)
-            state[f"blocks.{i}.mlp.fc1.bias"] = torch.cat([state.pop(f"blocks.{i}.mlp.gate.bias"), up_b])
+        if f"blocks.{i}.mlp.gate.weight" not in state:  # plain MLP: up_proj is fc1
+            for kind in ("weight", "bias"):
+                state[f"blocks.{i}.mlp.fc1.{kind}"] = state.pop(f"blocks.{i}.mlp.up.{kind}")
+    _pack_gated(state)
     return any_qkv_bias
 
 
@@ -123,3 +129,140 @@ def convert_hf(path: str | Path, arch: ViTConfig | None = None, hints: dict[str,
     return Converted(config=config, state=state, format="hf", source=str(directory), preprocess=pre,
                      unexpected=unmatched, notes=notes,
                      info={"family": "dinov3", "architectures": archs, "registers": regs})
+
+
+# ---- the original facebookresearch/dinov3 layout ------------------------------------------------
+_ORIG_NOTE = "used only by DINOv3 pretraining (masked tokens / local crops), never at inference"
+HUB_TABLE = RenameTable([
+    ("cls_token", "cls_token"), ("reg_token", "storage_tokens"), ("patch_embed.proj.{p}", "patch_embed.proj.{p}"),
+    ("blocks.{i}.norm1.{p}", "blocks.{i}.norm1.{p}"), ("blocks.{i}.attn.qkv.{p}", "blocks.{i}.attn.qkv.{p}"),
+    ("blocks.{i}.attn.proj.{p}", "blocks.{i}.attn.proj.{p}"), ("blocks.{i}.ls1.gamma", "blocks.{i}.ls1.gamma"),
+    ("blocks.{i}.norm2.{p}", "blocks.{i}.norm2.{p}"), ("blocks.{i}.mlp.fc1.{p}", "blocks.{i}.mlp.fc1.{p}"),
+    ("blocks.{i}.mlp.fc2.{p}", "blocks.{i}.mlp.fc2.{p}"), ("blocks.{i}.mlp.gate.{p}", "blocks.{i}.mlp.w1.{p}"),
+    ("blocks.{i}.mlp.up.{p}", "blocks.{i}.mlp.w2.{p}"), ("blocks.{i}.mlp.fc2.{p}", "blocks.{i}.mlp.w3.{p}"),
+    ("blocks.{i}.ls2.gamma", "blocks.{i}.ls2.gamma"), ("norm.{p}", "norm.{p}"), ("head.{p}", "head.{p}"),
+], dropped={"mask_token": _ORIG_NOTE, "local_cls_norm.weight": _ORIG_NOTE, "local_cls_norm.bias": _ORIG_NOTE})
+
+
+def looks_like_dinov3(keys) -> bool:
+    """The original layout: DINOv2's hub names plus ``storage_tokens`` or the RoPE periods."""
+    keys = set(keys)
+    return "patch_embed.proj.weight" in keys and ("storage_tokens" in keys or "rope_embed.periods" in keys)
+
+
+def _theta_from_periods(periods: torch.Tensor, head_dim: int, source: str) -> float:
+    """The RoPE base the original stored as ``periods = base ** (4 j / head_dim)``; checked."""
+    n = periods.numel()
+    if n != head_dim // 4:
+        raise CheckpointError(f"{source}: rope_embed.periods has {n} entries, a head of {head_dim} needs {head_dim // 4}")
+    if n < 2:
+        return 100.0
+    theta = float(periods[1].double() ** (head_dim / 4))
+    want = theta ** (4 * torch.arange(n, dtype=torch.float64) / head_dim)
+    if not torch.allclose(periods.double(), want, rtol=1e-4):
+        raise CheckpointError(f"{source}: rope_embed.periods are not base ** (4 j / head_dim) for one base; "
+                              "this RoPE (min/max periods) is not one vitkit reproduces")
+    return round(theta, 6)
+
+
+def _pack_gated(state: dict[str, torch.Tensor]) -> bool:
+    """``gate`` + ``up`` -> packed SwiGLU ``fc1`` ([gate; up]); returns whether any block is gated."""
+    gated = False
+    for k in [k for k in state if re.fullmatch(r"blocks\.\d+\.mlp\.gate\.weight", k)]:
+        b = k[: -len("gate.weight")]
+        for kind in ("weight", "bias"):
+            if f"{b}gate.{kind}" in state:
+                state[f"{b}fc1.{kind}"] = torch.cat([state.pop(f"{b}gate.{kind}"), state.pop(f"{b}up.{kind}")])
+        gated = True
+    return gated
+
+
+def _config_from_state(state: dict[str, torch.Tensor], *, heads: int | None, theta: float, pooling: str,
+                       size: Any, source: str, gated: bool) -> ViTConfig:
+    dim, in_ch, ph, pw = state["patch_embed.proj.weight"].shape
+    depth = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k)))
+    regs = state["reg_token"].shape[1] if "reg_token" in state else 0
+    if regs == 0:
+        state.pop("reg_token", None)
+    head = state.get("head.weight")
+    return ViTConfig(
+        image_size=tuple(size) if isinstance(size, (list, tuple)) else int(size or 224), patch_size=(ph, pw),
+        in_channels=in_ch, num_classes=head.shape[0] if head is not None else 0, dim=dim, depth=depth,
+        num_heads=guess_heads(dim, heads, source), mlp_dim=state["blocks.0.mlp.fc2.weight"].shape[1],
+        qkv_bias="blocks.0.attn.qkv.bias" in state, norm_eps=1e-5, act="silu" if gated else "gelu",
+        mlp_layer="swiglu" if gated else "mlp", pos_embed="none", pooling=pooling, num_registers=regs,
+        layer_scale=1e-5 if "blocks.0.ls1.gamma" in state else None, rope="dinov3", rope_theta=theta,
+        dynamic_img_size=True,
+    )
+
+
+def convert(path: str | Path, arch: ViTConfig | None = None, hints: dict[str, Any] | None = None) -> Converted:
+    """The original facebookresearch/dinov3 state dict (``torch.hub.load('facebookresearch/dinov3', ...)``)."""
+    from .common import read_state_dict, size_hints
+
+    p = Path(path)
+    raw = read_state_dict(p)
+    notes: list[str] = []
+    periods = raw.get("rope_embed.periods")
+    masks = {k[: -len("bias_mask")]: v for k, v in raw.items() if k.endswith(".attn.qkv.bias_mask")}
+    raw = {k: v for k, v in raw.items() if k != "rope_embed.periods" and not k.endswith(".bias_mask")}
+    state, unmatched = HUB_TABLE.to_vitkit(raw, notes)
+    if "patch_embed.proj.weight" not in state:
+        raise CheckpointError(f"{p}: no patch_embed.proj.weight; not a DINOv3 state dict")
+    for i in sorted({int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.attn\.qkv\.bias", k))}):
+        b = state[f"blocks.{i}.attn.qkv.bias"].clone()
+        D = b.shape[0] // 3
+        b[D: 2 * D] = 0  # the original masks the k bias to zero in every forward (bias_mask); so does timm
+        state[f"blocks.{i}.attn.qkv.bias"] = b
+    if masks:
+        notes.append("attn.qkv.bias_mask: the k part of each qkv bias is zero (as the original applies it)")
+    gated = _pack_gated(state)
+    hints = hints or {}
+    dim = state["patch_embed.proj.weight"].shape[0]
+    heads = hints.get("num_heads") or (arch.num_heads if arch else None)
+    head_dim = dim // guess_heads(dim, heads, str(p))
+    theta = _theta_from_periods(periods, head_dim, str(p)) if periods is not None else 100.0
+    size = next((h for h in size_hints(hints, arch) if h is not None), 224)
+    config = _config_from_state(state, heads=heads, theta=theta, pooling="cls", size=size, source=str(p),
+                                gated=gated)
+    pre = {"input_size": [config.in_channels, *config.image_hw], **PREPROCESS}
+    return Converted(config=config, state=state, format="dinov3", source=str(p), preprocess=pre,
+                     unexpected=unmatched, notes=notes, info={"family": "dinov3", "registers": config.num_registers})
+
+
+def looks_like_timm_dinov3(state, architecture: str | None) -> bool:
+    """timm's Eva layout of DINOv3: register tokens, ``gamma_1`` layer scales, no position table."""
+    if architecture and "dinov3" in architecture:
+        return True
+    return "blocks.0.gamma_1" in state and "pos_embed" not in state and "patch_embed.proj.weight" in state
+
+
+def convert_timm(state: dict[str, torch.Tensor], args: dict[str, Any], architecture: str | None, source: str,
+                 size: Any, preprocess: dict[str, Any] | None) -> Converted:
+    """timm ``vit_*_patch16_dinov3*`` weights (already read) with its hub config's ``model_args``."""
+    notes: list[str] = []
+    out: dict[str, torch.Tensor] = {}
+    for k, v in state.items():
+        if k.startswith("rope.") or re.fullmatch(r"blocks\.\d+\.attn\.(q_bias|v_bias)", k):
+            continue
+        k = re.sub(r"\.gamma_(\d)$", r".ls\1.gamma", k)
+        k = k.replace(".mlp.fc1_g.", ".mlp.gate.").replace(".mlp.fc1_x.", ".mlp.up.")
+        out[k] = v
+    for k in [k for k in state if k.endswith(".attn.q_bias")]:
+        q, v = state[k], state[k.replace("q_bias", "v_bias")]
+        out[k.replace("q_bias", "qkv.bias")] = torch.cat([q, torch.zeros_like(q), v])
+    if any(k.startswith("blocks.0.attn.q_proj") for k in out) or "blocks.0.attn.qkv.weight" not in out:
+        raise CheckpointError(f"{source}: a timm Eva model without a fused qkv; only timm's DINOv3 layout is read")
+    gated = _pack_gated(out)
+    pool = args.get("global_pool", "avg")
+    if pool not in ("avg", "token"):
+        raise CheckpointError(f"{source}: global_pool={pool!r}; timm's DINOv3 pools 'avg' or 'token'")
+    theta = float(args.get("rope_temperature", 100.0))
+    config = _config_from_state(out, heads=args.get("num_heads"), theta=theta,
+                                pooling="cls" if pool == "token" else "mean", size=size, source=source, gated=gated)
+    if pool == "avg":
+        notes.append("model(x) is timm's default for DINOv3: the mean of the patch tokens (global_pool='avg'); "
+                     "upstream reads the class token (timm global_pool='token')")
+    pre = preprocess or {"input_size": [config.in_channels, *config.image_hw], **PREPROCESS}
+    return Converted(config=config, state=out, format="timm", source=source, preprocess=pre, notes=notes,
+                     info={"family": "dinov3", "architecture": architecture, "registers": config.num_registers})

@@ -36,6 +36,8 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
     Format("jax", "jax", True, True, "Google .npz: vision_transformer, big_vision (ViT, SigLIP)",
            aliases=("npz", "big_vision")),
     Format("dinov2", "dinov2", True, True, "facebookresearch/dinov2 hub state dict (register_tokens, w12/w3)"),
+    Format("dinov3", "dinov3", True, False, "facebookresearch/dinov3 state dict (storage_tokens, rope_embed.periods, "
+           "w1/w2/w3)"),
     Format("openai_clip", "clip", True, True, "OpenAI CLIP / OpenCLIP state dict (visual.conv1, "
            "visual.transformer.resblocks...)", aliases=("open_clip", "openclip", "clip")),
     Format("onnx", None, False, True, "ONNX graph (pixel_values -> output)"),

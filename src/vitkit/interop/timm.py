@@ -163,6 +163,18 @@ def convert(path: str | Path, arch: ViTConfig | None = None, hints: dict[str, An
     args = dict(meta.get("model_args") or {})
     if meta.get("global_pool") and "global_pool" not in args:
         args["global_pool"] = meta["global_pool"]
+    from . import dinov3
+
+    if dinov3.looks_like_timm_dinov3(state, meta.get("architecture")):
+        pcfg = meta.get("pretrained_cfg") or {}
+        h = dict(hints or {})
+        if h.get("num_heads"):
+            args["num_heads"] = h["num_heads"]
+        size = h.get("image_size") or (arch.image_size if arch else None) or args.get("img_size") or (
+            tuple(pcfg["input_size"][1:]) if "input_size" in pcfg else 224)
+        conv = dinov3.convert_timm(state, args, meta.get("architecture"), str(p), size, None)
+        conv.preprocess = _preprocess(pcfg, conv.config) or conv.preprocess
+        return conv
     hints = dict(hints or {})
     architecture = meta.get("architecture")
     preset = None
