@@ -223,3 +223,19 @@ def test_original_dinov3_state_dict(name, tmp_path):
     with torch.no_grad():  # ... and vitkit gives timm's outputs from it
         assert max_diff(model(x), ref(x)) <= 1e-5
         assert max_diff(model.forward_features(x), ref.forward_features(x)) <= 1e-5
+
+
+def test_other_timm_eva_models_are_refused_not_misread(tmp_path):
+    import json
+
+    from vitkit.errors import CheckpointError
+    from vitkit.io import save_state_dict
+
+    ref = timm.create_model("vit_base_patch16_rope_reg1_gap_256", pretrained=False, **SMALL)  # Eva, another RoPE
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    save_state_dict(ref.state_dict(), hub / "model.safetensors")
+    (hub / "config.json").write_text(json.dumps({"architecture": "vit_base_patch16_rope_reg1_gap_256",
+                                                 "model_args": SMALL, "pretrained_cfg": {}}))
+    with pytest.raises(CheckpointError, match="Eva models; vitkit reads the DINOv3 ones"):
+        vitkit.from_pretrained(hub)

@@ -231,10 +231,21 @@ def convert(path: str | Path, arch: ViTConfig | None = None, hints: dict[str, An
 
 
 def looks_like_timm_dinov3(state, architecture: str | None) -> bool:
-    """timm's Eva layout of DINOv3: register tokens, ``gamma_1`` layer scales, no position table."""
-    if architecture and "dinov3" in architecture:
-        return True
-    return "blocks.0.gamma_1" in state and "pos_embed" not in state and "patch_embed.proj.weight" in state
+    """timm's Eva layout of DINOv3: ``gamma_1`` layer scales and no position table; with a hub
+    config, an architecture named ``*dinov3*`` (timm's other Eva models, EVA-02 and the RoPE ViTs,
+    rotate differently: an error, never a silent misread)."""
+    eva = "blocks.0.gamma_1" in state and "patch_embed.proj.weight" in state
+    if architecture:
+        if "dinov3" in architecture:
+            return True
+        if eva:
+            raise CheckpointError(f"timm architecture {architecture!r} is one of timm's Eva models; vitkit reads the "
+                                  "DINOv3 ones (vit_*_patch16_dinov3*), whose RoPE it reproduces")
+        return False
+    if eva and ("pos_embed" in state or "rope.freqs" in state):
+        raise CheckpointError("a timm Eva state dict with a position table or learned RoPE frequencies (EVA-02, "
+                              "mixed RoPE); vitkit reads timm's DINOv3 Eva models only")
+    return eva
 
 
 def convert_timm(state: dict[str, torch.Tensor], args: dict[str, Any], architecture: str | None, source: str,
@@ -260,6 +271,8 @@ def convert_timm(state: dict[str, torch.Tensor], args: dict[str, Any], architect
     theta = float(args.get("rope_temperature", 100.0))
     config = _config_from_state(out, heads=args.get("num_heads"), theta=theta,
                                 pooling="cls" if pool == "token" else "mean", size=size, source=source, gated=gated)
+    if not architecture:
+        notes.append("no timm config: read as timm's DINOv3 (Eva, RoPE 'dinov3', global_pool 'avg' unless told)")
     if pool == "avg":
         notes.append("model(x) is timm's default for DINOv3: the mean of the patch tokens (global_pool='avg'); "
                      "upstream reads the class token (timm global_pool='token')")
