@@ -130,9 +130,9 @@ def walkthrough(model: ViT, image: torch.Tensor, labels: list[str] | None = None
         x = model._pos_embed(emb)
         if c.pos_embed != "none":
             steps.append(("+ position embedding", tuple(x.shape[1:]), f"{c.pos_embed} table added to every token"))
-        rope = model.rope_for(image, x) if hasattr(model, "rope_for") else None
+        rope = model.rope_for(image, x)
         for blk in model.blocks:
-            x = blk(x, rope=rope) if rope is not None else blk(x)
+            x = blk(x, rope=rope)
         steps.append((f"{c.depth} encoder blocks", tuple(x.shape[1:]),
                       f"{'pre' if c.norm_first else 'post'}-norm: {c.num_heads} heads of {c.head_dim}, MLP {D}->{c.hidden_dim}->{D}"
                       + (f"; RoPE ({c.rope}) on the patch queries and keys" if rope is not None else "")))

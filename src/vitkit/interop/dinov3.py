@@ -37,13 +37,13 @@ from typing import Any
 import torch
 
 from ..config import ViTConfig
+from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ..errors import CheckpointError
 from .common import Converted, guess_heads
 from .table import RenameTable
 
-IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 # DINOv3ViTImageProcessorFast as shipped: resize to 224 x 224 (no crop), bilinear, ImageNet mean/std
-PREPROCESS = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "interpolation": "bilinear", "crop_pct": 1.0}
+PREPROCESS = {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "interpolation": "bilinear", "crop_pct": 1.0}
 
 _PARTS = [
     ("blocks.{i}.norm1.{p}", "norm1.{p}"), ("blocks.{i}.attn.q.{p}", "attention.q_proj.{p}"),
@@ -61,10 +61,11 @@ HF_TABLE = RenameTable([
 ], dropped={"embeddings.mask_token": "the mask token is used only by masked-image training, never at inference"})
 
 
-def _fill_biases(state: dict[str, torch.Tensor]) -> bool:
+def _fill_biases(state: dict[str, torch.Tensor]) -> None:
     """Fused qkv for every block; biases the checkpoint leaves out (DINOv3 has no key bias) are
     zeros beside the ones it has. Also zero output-projection / MLP biases where absent
-    (``proj_bias`` / ``mlp_bias`` False): vitkit's layers always carry one. Returns qkv_bias."""
+    (``proj_bias`` / ``mlp_bias`` False): vitkit's layers always carry one. A model with no
+    q/k/v bias at all keeps none (``qkv_bias=False``)."""
     blocks = sorted({int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.attn\.q\.weight", k))})
     any_qkv_bias = any(f"blocks.{i}.attn.{n}.bias" in state for i in blocks for n in "qkv")
     for i in blocks:
@@ -83,7 +84,6 @@ def _fill_biases(state: dict[str, torch.Tensor]) -> bool:
             for kind in ("weight", "bias"):
                 state[f"blocks.{i}.mlp.fc1.{kind}"] = state.pop(f"blocks.{i}.mlp.up.{kind}")
     _pack_gated(state)
-    return any_qkv_bias
 
 
 def convert_hf(path: str | Path, arch: ViTConfig | None = None, hints: dict[str, Any] | None = None) -> Converted:
@@ -96,39 +96,28 @@ def convert_hf(path: str | Path, arch: ViTConfig | None = None, hints: dict[str,
     if "patch_embed.proj.weight" not in state or "blocks.0.attn.q.weight" not in state:
         raise CheckpointError(f"{wfile}: no embeddings.patch_embeddings / layer.0.attention.q_proj weights; "
                               "not a DINOv3ViTModel checkpoint")
-    qkv_bias = _fill_biases(state)
+    _fill_biases(state)
     gated = bool(meta.get("use_gated_mlp"))
     act = hf_act(meta.get("hidden_act", "gelu"), str(directory))
     if gated and act != "silu":
         raise CheckpointError(f"{directory}: a gated MLP with hidden_act={meta.get('hidden_act')!r}; vitkit's gated "
                               "MLP (SwiGLU) gates with SiLU, as every released DINOv3 does")
-    dim, in_ch, ph, pw = state["patch_embed.proj.weight"].shape
-    depth = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k)))
-    if meta.get("num_hidden_layers") not in (None, depth):
-        raise CheckpointError(f"{directory}: config says {meta['num_hidden_layers']} layers, the weights have {depth}")
     hints = hints or {}
     size = hints.get("image_size") or (arch.image_size if arch else None) or meta.get("image_size") or 224
-    regs = state["reg_token"].shape[1] if "reg_token" in state else 0
-    if regs == 0:
-        state.pop("reg_token", None)
-    fc2 = state["blocks.0.mlp.fc2.weight"]
-    config = ViTConfig(
-        image_size=tuple(size) if isinstance(size, (list, tuple)) else int(size), patch_size=(ph, pw),
-        in_channels=in_ch, num_classes=0, dim=dim, depth=depth,
-        num_heads=guess_heads(dim, int(meta.get("num_attention_heads") or 0) or hints.get("num_heads"),
-                              str(directory)),
-        mlp_dim=fc2.shape[1], qkv_bias=qkv_bias, norm_eps=float(meta.get("layer_norm_eps", 1e-5)),
-        act="silu" if gated else act, mlp_layer="swiglu" if gated else "mlp", pos_embed="none",
-        num_registers=regs, layer_scale=float(meta.get("layerscale_value", 1.0)) if "blocks.0.ls1.gamma" in state
-        else None, rope="dinov3", rope_theta=float(meta.get("rope_theta", 100.0)),
-        rope_shift=meta.get("pos_embed_shift"), rope_jitter=meta.get("pos_embed_jitter"),
-        rope_rescale=meta.get("pos_embed_rescale"), dynamic_img_size=True,
-    )
-    pre = preprocess_from_dir(directory, config, {"input_size": [in_ch, *config.image_hw], **PREPROCESS})
+    config = _config_from_state(
+        state, heads=int(meta.get("num_attention_heads") or 0) or hints.get("num_heads"),
+        theta=float(meta.get("rope_theta", 100.0)), pooling="cls", size=size, source=str(directory), gated=gated,
+        act=act, norm_eps=float(meta.get("layer_norm_eps", 1e-5)), layer_scale=float(meta.get("layerscale_value", 1.0))
+        if "blocks.0.ls1.gamma" in state else None, rope_shift=meta.get("pos_embed_shift"),
+        rope_jitter=meta.get("pos_embed_jitter"), rope_rescale=meta.get("pos_embed_rescale"))
+    if meta.get("num_hidden_layers") not in (None, config.depth):
+        raise CheckpointError(f"{directory}: config says {meta['num_hidden_layers']} layers, the weights have "
+                              f"{config.depth}")
+    pre = preprocess_from_dir(directory, config, {"input_size": [config.in_channels, *config.image_hw], **PREPROCESS})
     archs = [str(a) for a in meta.get("architectures") or []]
     return Converted(config=config, state=state, format="hf", source=str(directory), preprocess=pre,
                      unexpected=unmatched, notes=notes,
-                     info={"family": "dinov3", "architectures": archs, "registers": regs})
+                     info={"family": "dinov3", "architectures": archs, "registers": config.num_registers})
 
 
 # ---- the original facebookresearch/dinov3 layout ------------------------------------------------
@@ -178,21 +167,24 @@ def _pack_gated(state: dict[str, torch.Tensor]) -> bool:
 
 
 def _config_from_state(state: dict[str, torch.Tensor], *, heads: int | None, theta: float, pooling: str,
-                       size: Any, source: str, gated: bool) -> ViTConfig:
+                       size: Any, source: str, gated: bool, act: str = "gelu", **fields: Any) -> ViTConfig:
+    """The config the tensors imply (RoPE, no table, any size); ``fields``: what the source's own
+    config says beyond them (eps, layer-scale init, RoPE augmentation). Drops an empty reg_token."""
     dim, in_ch, ph, pw = state["patch_embed.proj.weight"].shape
     depth = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k)))
     regs = state["reg_token"].shape[1] if "reg_token" in state else 0
     if regs == 0:
         state.pop("reg_token", None)
     head = state.get("head.weight")
+    kw: dict[str, Any] = dict(norm_eps=1e-5, layer_scale=1e-5 if "blocks.0.ls1.gamma" in state else None)
+    kw.update(fields)
     return ViTConfig(
         image_size=tuple(size) if isinstance(size, (list, tuple)) else int(size or 224), patch_size=(ph, pw),
         in_channels=in_ch, num_classes=head.shape[0] if head is not None else 0, dim=dim, depth=depth,
         num_heads=guess_heads(dim, heads, source), mlp_dim=state["blocks.0.mlp.fc2.weight"].shape[1],
-        qkv_bias="blocks.0.attn.qkv.bias" in state, norm_eps=1e-5, act="silu" if gated else "gelu",
+        qkv_bias="blocks.0.attn.qkv.bias" in state, act="silu" if gated else act,
         mlp_layer="swiglu" if gated else "mlp", pos_embed="none", pooling=pooling, num_registers=regs,
-        layer_scale=1e-5 if "blocks.0.ls1.gamma" in state else None, rope="dinov3", rope_theta=theta,
-        dynamic_img_size=True,
+        rope="dinov3", rope_theta=theta, dynamic_img_size=True, **kw,
     )
 
 
@@ -204,7 +196,7 @@ def convert(path: str | Path, arch: ViTConfig | None = None, hints: dict[str, An
     raw = read_state_dict(p)
     notes: list[str] = []
     periods = raw.get("rope_embed.periods")
-    masks = {k[: -len("bias_mask")]: v for k, v in raw.items() if k.endswith(".attn.qkv.bias_mask")}
+    masked = any(k.endswith(".attn.qkv.bias_mask") for k in raw)
     raw = {k: v for k, v in raw.items() if k != "rope_embed.periods" and not k.endswith(".bias_mask")}
     state, unmatched = HUB_TABLE.to_vitkit(raw, notes)
     if "patch_embed.proj.weight" not in state:
@@ -214,7 +206,7 @@ def convert(path: str | Path, arch: ViTConfig | None = None, hints: dict[str, An
         D = b.shape[0] // 3
         b[D: 2 * D] = 0  # the original masks the k bias to zero in every forward (bias_mask); so does timm
         state[f"blocks.{i}.attn.qkv.bias"] = b
-    if masks:
+    if masked:
         notes.append("attn.qkv.bias_mask: the k part of each qkv bias is zero (as the original applies it)")
     gated = _pack_gated(state)
     hints = hints or {}
@@ -249,8 +241,9 @@ def looks_like_timm_dinov3(state, architecture: str | None) -> bool:
 
 
 def convert_timm(state: dict[str, torch.Tensor], args: dict[str, Any], architecture: str | None, source: str,
-                 size: Any, preprocess: dict[str, Any] | None) -> Converted:
-    """timm ``vit_*_patch16_dinov3*`` weights (already read) with its hub config's ``model_args``."""
+                 size: Any) -> Converted:
+    """timm ``vit_*_patch16_dinov3*`` weights (already read) with its hub config's ``model_args``; the
+    preprocessing is DINOv3's (the caller replaces it with the hub config's ``pretrained_cfg``)."""
     notes: list[str] = []
     out: dict[str, torch.Tensor] = {}
     for k, v in state.items():
@@ -276,6 +269,6 @@ def convert_timm(state: dict[str, torch.Tensor], args: dict[str, Any], architect
     if pool == "avg":
         notes.append("model(x) is timm's default for DINOv3: the mean of the patch tokens (global_pool='avg'); "
                      "upstream reads the class token (timm global_pool='token')")
-    pre = preprocess or {"input_size": [config.in_channels, *config.image_hw], **PREPROCESS}
+    pre = {"input_size": [config.in_channels, *config.image_hw], **PREPROCESS}
     return Converted(config=config, state=out, format="timm", source=source, preprocess=pre, notes=notes,
                      info={"family": "dinov3", "architecture": architecture, "registers": config.num_registers})

@@ -172,7 +172,7 @@ def convert(path: str | Path, arch: ViTConfig | None = None, hints: dict[str, An
             args["num_heads"] = h["num_heads"]
         size = h.get("image_size") or (arch.image_size if arch else None) or args.get("img_size") or (
             tuple(pcfg["input_size"][1:]) if "input_size" in pcfg else 224)
-        conv = dinov3.convert_timm(state, args, meta.get("architecture"), str(p), size, None)
+        conv = dinov3.convert_timm(state, args, meta.get("architecture"), str(p), size)
         conv.preprocess = _preprocess(pcfg, conv.config) or conv.preprocess
         return conv
     hints = dict(hints or {})

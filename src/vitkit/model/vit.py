@@ -289,12 +289,8 @@ class ViT(nn.Module):
                 x = self._block(blk, x, last_queries if i == last else None, rope)
             return self.norm(x)
         blocks = self.blocks
-        if rope is None:  # the plain call: the common case stays a bare call per block
-            for i in range(len(blocks) - (last_queries is not None)):
-                x = blocks[i](x)
-        else:
-            for i in range(len(blocks) - (last_queries is not None)):
-                x = blocks[i](x, rope=rope)
+        for i in range(len(blocks) - (last_queries is not None)):
+            x = blocks[i](x, rope=rope)
         if last_queries is not None:
             x = blocks[-1](x, last_queries, rope=rope)
         return self.norm(x)
