@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import cpu
 from ..config import ViTConfig
 from ..errors import ConfigError
 from .flops import count_flops
@@ -63,6 +64,7 @@ class BenchResult:
     optimizer: str | None = None  # train mode: which AdamW implementation stepped
     page_faults: float | None = None  # median minor page faults per step (fresh memory touched)
     note: str | None = None  # what ran, where the impl name does not say it all (Predictor path, ORT)
+    machine: str = ""  # the processor the row ran on: CPU model and ISA flags (vitkit.cpu), or the GPU
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -379,6 +381,7 @@ def run_benchmark(
         q = statistics.quantiles(per_round, n=4) if len(per_round) >= 4 else None
         return statistics.median(per_round), (q[0], q[2]) if q else None
 
+    machine = (torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu.describe())
     results = []
     for impl, ts in times.items():
         med = statistics.median(ts)
@@ -391,5 +394,6 @@ def run_benchmark(
             mode="train" if train else "inference", compiled=compile, times_s=ts, median_s=med,
             images_per_s=ips, tflops=achieved / 1e12, mfu=(achieved / peak) if peak else None,
             ratio_vs_timm=paired(impl)[0], ratio_iqr=paired(impl)[1], optimizer=opt_names.get(impl),
-            page_faults=statistics.median(faults[impl]) if faults.get(impl) else None, note=notes.get(impl)))
+            page_faults=statistics.median(faults[impl]) if faults.get(impl) else None, note=notes.get(impl),
+            machine=machine))
     return results

@@ -50,10 +50,11 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     import json
-    import platform
+    import time
 
     import torch
 
+    from .. import cpu
     from ..bench.throughput import run_benchmark
 
     if args.threads:
@@ -65,8 +66,10 @@ def run(args) -> int:
         dev = args.device
         if dev.startswith("cuda") and torch.cuda.is_available():
             dev = torch.cuda.get_device_name(torch.device(args.device))
+        else:
+            dev = f"{dev}: {cpu.describe()}"
         print(f"# {args.name} {mode}, {args.dtype}, device {dev}, torch {torch.__version__}, "
-              f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+              f"{torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d %H:%M %Z')}")
         print(f"{'impl':<12}{'batch':>6}{'median ms':>11}{'img/s':>10}{'TFLOP/s':>9}{'MFU':>7}{'faults':>9}"
               "   ratio vs timm")
     for bs in args.batch_size:

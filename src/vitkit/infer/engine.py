@@ -107,10 +107,10 @@ class Dense(_OfLayer):
 
 def packed_available() -> bool:
     """Whether :class:`Packed` can run here: torch built with oneDNN, on x86-64 (where it was
-    measured: docs/inference.md)."""
-    import platform
+    measured: docs/inference.md), and not switched off (``VITKIT_CPU_FEATURES_OFF``, vitkit.cpu)."""
+    from .. import cpu
 
-    return (torch.backends.mkldnn.is_available() and platform.machine().lower() in ("x86_64", "amd64")
+    return (torch.backends.mkldnn.is_available() and cpu.is_x86() and cpu.onednn_allowed()
             and hasattr(torch.ops.mkldnn, "_linear_pointwise") and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
 
 
