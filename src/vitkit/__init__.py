@@ -13,10 +13,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from .config import PRESETS, ViTConfig, get_config, list_models, resolve_name
+from .config import PRESETS, TextConfig, ViTConfig, get_config, list_models, resolve_name
 from .errors import CheckpointError, ConfigError, InputError, VitkitError
 from .io import load_model
 from .io import save_pretrained as _save_pretrained
+from .model.image_text import ImageTextModel
 from .model.vit import ViT
 from .preprocess import Preprocess, preprocess_property
 
@@ -35,6 +36,14 @@ def from_pretrained(source, **kwargs: Any) -> ViT:
     from .interop import from_pretrained as _from_pretrained  # lazy: peers are imported only when needed
 
     return _from_pretrained(source, **kwargs)
+
+
+def load_image_text(source, tokenizer=None, device: str = "cpu", strict: bool = True, **hints: Any):
+    """Both towers of a CLIP / OpenCLIP / SigLIP / SigLIP2 checkpoint and its tokenizer, as a
+    :class:`vitkit.model.image_text.ImageTextModel`; see :func:`vitkit.text.io.load_image_text`."""
+    from .text.io import load_image_text as _load  # lazy: tokenizers are imported only when needed
+
+    return _load(source, tokenizer=tokenizer, device=device, strict=strict, **hints)
 
 
 def save_pretrained(model: ViT, directory, **kwargs: Any):
@@ -64,12 +73,23 @@ def _export_to_method(self: ViT, format: str, path, **kwargs: Any):
 _save_pretrained_method.__doc__ = save_pretrained.__doc__
 _export_to_method.__doc__ = export_to.__doc__
 ViT.save_pretrained = _save_pretrained_method  # type: ignore[attr-defined]
+
+
+def _save_image_text_method(self, directory, **kwargs: Any):
+    """Write vitkit's image-text directory (the image part as ``save_pretrained`` writes it, plus the
+    text tower and tokenizer); see :func:`vitkit.text.io.save_image_text`."""
+    from .text.io import save_image_text
+
+    return save_image_text(self, directory, **kwargs)
+
+
+ImageTextModel.save_pretrained = _save_image_text_method  # type: ignore[attr-defined]
 ViT.export_to = _export_to_method  # type: ignore[attr-defined]
 # ``model.preprocess_cfg`` accepts a dict (or None, or a Preprocess) and stores a validated
 # Preprocess; attached here like the methods above so the model package stays torch-only.
 ViT.preprocess_cfg = preprocess_property()  # type: ignore[attr-defined]
 
 __all__ = [
-    "ViT", "ViTConfig", "PRESETS", "create_model", "list_models", "get_config", "resolve_name", "load_model",
+    "ViT", "ViTConfig", "TextConfig", "load_image_text", "PRESETS", "create_model", "list_models", "get_config", "resolve_name", "load_model",
     "Preprocess", "from_pretrained", "save_pretrained", "export_to", "VitkitError", "ConfigError", "InputError", "CheckpointError", "__version__",
 ]

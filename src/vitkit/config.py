@@ -361,4 +361,102 @@ def list_models(pattern: str | None = None) -> list[str]:
     return [n for n in names if fnmatch.fnmatchcase(n.lower(), key)]
 
 
-__all__ = ["ViTConfig", "PRESETS", "VARIANTS", "get_config", "list_models", "resolve_name", "to_2tuple"]
+# --------------------------------------------------------------------------- text towers
+TEXT_ACTIVATIONS = ("quick_gelu", "gelu", "gelu_tanh")
+# where the text embedding is read, named after the source that reads it there
+TEXT_POOLINGS = ("eot_argmax", "eos_id", "last")
+
+
+@dataclass
+class TextConfig:
+    """Architecture of the text tower of an image-text model (CLIP, OpenCLIP, SigLIP, SigLIP2).
+
+    Tokens -> token embedding + learned positions -> ``depth`` pre-norm blocks (causal for CLIP,
+    bidirectional for SigLIP) -> final norm -> one token per text (``pooling``) -> projection.
+    Field names are a stable contract (saved in ``text_config.json``)."""
+
+    vocab_size: int = 49408
+    context_length: int = 77  # rows of the position table = the tokenizer's padded length
+    dim: int = 512  # token width
+    depth: int = 12
+    num_heads: int = 8
+    mlp_dim: int | None = None  # None = 4 * dim
+    act: str = "quick_gelu"  # quick_gelu (OpenAI CLIP) | gelu (most OpenCLIP) | gelu_tanh (SigLIP)
+    norm_eps: float = 1e-5  # CLIP 1e-5, SigLIP 1e-6
+    qkv_bias: bool = True
+    causal: bool = True  # CLIP: a token attends to itself and earlier ones; SigLIP: to all
+    # eot_argmax: the position of the largest id (OpenAI; transformers CLIP with eos_token_id == 2);
+    # eos_id: the first position of eos_token_id (newer transformers CLIP configs, open_clip 'eos');
+    # last: the last position (SigLIP)
+    pooling: str = "eot_argmax"
+    embed_dim: int | None = 512  # projection width (dim -> embed_dim); None = no projection
+    proj_bias: bool = False  # CLIP's text_projection has none; SigLIP's head has one
+    pad_token_id: int = 0
+    eos_token_id: int = 49407
+    name: str | None = None  # informational
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def hidden_dim(self) -> int:
+        return self.mlp_dim if self.mlp_dim is not None else 4 * self.dim
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    @property
+    def out_dim(self) -> int:
+        """Width of ``encode_text``'s output: embed_dim, or dim without a projection."""
+        return self.embed_dim if self.embed_dim is not None else self.dim
+
+    def validate(self) -> None:
+        for name in ("vocab_size", "context_length", "dim", "depth", "num_heads"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ConfigError(f"TextConfig.{name} must be a positive int, got {v!r}")
+        for name in ("mlp_dim", "embed_dim"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
+                raise ConfigError(f"TextConfig.{name} must be a positive int or None, got {v!r}")
+        for name in ("pad_token_id", "eos_token_id"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < self.vocab_size:
+                raise ConfigError(f"TextConfig.{name} must be an id in [0, vocab_size={self.vocab_size}), got {v!r}")
+        for name in ("qkv_bias", "causal", "proj_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"TextConfig.{name} must be True or False, got {getattr(self, name)!r}")
+        if not self.norm_eps > 0:
+            raise ConfigError(f"TextConfig.norm_eps must be > 0, got {self.norm_eps!r}")
+        if self.dim % self.num_heads:
+            raise ConfigError(f"TextConfig.dim={self.dim} must be divisible by num_heads={self.num_heads}")
+        if self.proj_bias and self.embed_dim is None:
+            raise ConfigError("TextConfig.proj_bias=True needs a projection (embed_dim), got embed_dim=None")
+        _choice(self.act, TEXT_ACTIVATIONS, "TextConfig.act")
+        _choice(self.pooling, TEXT_POOLINGS, "TextConfig.pooling")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TextConfig:
+        if not isinstance(data, dict):
+            raise ConfigError(f"a TextConfig must be built from a dict, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = [k for k in data if k not in known]
+        if unknown:
+            msgs = []
+            for k in unknown:
+                close = difflib.get_close_matches(k, known, n=1)
+                msgs.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            raise ConfigError(f"unknown TextConfig key(s): {', '.join(msgs)}")
+        return cls(**data)
+
+    def replace(self, **overrides: Any) -> TextConfig:
+        """A copy with some fields changed; unknown field names are a ConfigError."""
+        return TextConfig.from_dict({**self.to_dict(), **overrides})
+
+
+__all__ = ["ViTConfig", "TextConfig", "PRESETS", "VARIANTS", "get_config", "list_models", "resolve_name",
+           "to_2tuple"]

@@ -48,7 +48,8 @@ OPENAI_STD = [0.26862954, 0.26130258, 0.27577711]
 # CLIPImageProcessor / OpenCLIP: bicubic resize of the short side to the size, centre crop
 PREPROCESS = {"mean": OPENAI_MEAN, "std": OPENAI_STD, "interpolation": "bicubic", "crop_pct": 1.0,
               "crop_mode": "center"}
-_TEXT_NOTE = "text tower (and the contrastive logit scale) ignored: vitkit loads the image tower"
+_TEXT_NOTE = ("text tower (and the contrastive logit scale) not part of the image model: "
+              "vitkit.load_image_text loads both towers")
 
 # ---- OpenAI / OpenCLIP (names after the visual. prefix) ------------------------------------------
 OPENAI_TABLE = RenameTable([
@@ -140,15 +141,21 @@ def _open_clip_config(p: Path) -> dict[str, Any] | None:
         return None
 
 
-def convert(path: str | Path, arch: ViTConfig | None = None, hints: dict[str, Any] | None = None) -> Converted:
-    """An OpenAI CLIP / OpenCLIP state dict (``visual.*`` keys), the text tower ignored."""
+def read_open_clip_weights(path: str | Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    """(weight file, raw tensors) of an OpenAI / OpenCLIP state dict or OpenCLIP hub dir."""
     p = Path(path)
     if p.is_dir():
         files = [p / f for f in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin") if (p / f).is_file()]
         if not files:
             raise CheckpointError(f"{p}: no open_clip_model.safetensors / open_clip_pytorch_model.bin in it")
         p = files[0]
-    raw = read_state_dict(p)
+    return p, read_state_dict(p)
+
+
+def convert(path: str | Path, arch: ViTConfig | None = None, hints: dict[str, Any] | None = None) -> Converted:
+    """An OpenAI CLIP / OpenCLIP state dict (``visual.*`` keys), the text tower left to
+    :func:`vitkit.interop.clip_text.convert_openai` (``vitkit.load_image_text``)."""
+    p, raw = read_open_clip_weights(path)
     prefix = "visual." if "visual.conv1.weight" in raw else ""
     if any(k.startswith("visual.trunk.") for k in raw):
         raise CheckpointError(f"{p}: an OpenCLIP model with a timm trunk (visual.trunk.*): load the trunk with "

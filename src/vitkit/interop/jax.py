@@ -48,6 +48,32 @@ def _t(a: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a)).float()
 
 
+def read_blocks(s: dict[str, torch.Tensor], blk, depth: int, D: int, names: tuple[str, str, str],
+                qkv_bias: bool) -> int:
+    """Encoder blocks ``blk(i, name) -> array`` into vitkit's ``blocks.{i}.*`` of ``s`` (q/k/v
+    kernels (D, heads, hd) fused, kernels (in, out) transposed); returns the number of heads.
+    ``names``: the attention / second norm / MLP module names of the layout. Shared by the image
+    tower here and big_vision's text tower (:mod:`vitkit.interop.siglip_text`)."""
+    mha, ln2, mlpb = names
+    heads = 1
+    for i in range(depth):
+        b = f"blocks.{i}."
+        s[b + "norm1.weight"], s[b + "norm1.bias"] = _t(blk(i, "LayerNorm_0/scale")), _t(blk(i, "LayerNorm_0/bias"))
+        s[b + "norm2.weight"], s[b + "norm2.bias"] = _t(blk(i, f"{ln2}/scale")), _t(blk(i, f"{ln2}/bias"))
+        qkv = [blk(i, f"{mha}/{n}/kernel") for n in ("query", "key", "value")]  # (D, heads, hd)
+        heads = qkv[0].shape[1]
+        s[b + "attn.qkv.weight"] = _t(np.concatenate([k.reshape(D, -1).T for k in qkv], axis=0))
+        if qkv_bias:
+            s[b + "attn.qkv.bias"] = _t(np.concatenate([blk(i, f"{mha}/{n}/bias").reshape(-1)
+                                                          for n in ("query", "key", "value")]))
+        s[b + "attn.proj.weight"] = _t(blk(i, f"{mha}/out/kernel").reshape(-1, D).T)
+        s[b + "attn.proj.bias"] = _t(blk(i, f"{mha}/out/bias"))
+        for r, name in ((0, "fc1"), (1, "fc2")):
+            s[f"{b}mlp.{name}.weight"] = _t(blk(i, f"{mlpb}/Dense_{r}/kernel").T)
+            s[f"{b}mlp.{name}.bias"] = _t(blk(i, f"{mlpb}/Dense_{r}/bias"))
+    return heads
+
+
 def convert(path: str | Path, arch: ViTConfig | None = None, hints: dict[str, Any] | None = None) -> Converted:
     p = Path(path)
     w = read_npz(p)
@@ -86,23 +112,8 @@ def convert(path: str | Path, arch: ViTConfig | None = None, hints: dict[str, An
     def blk(i: int, name: str) -> np.ndarray:
         return get(f"Transformer/encoderblock/{name}")[i] if stacked else get(f"Transformer/encoderblock_{i}/{name}")
 
-    heads = None
     qkv_bias = f"{prefix}Transformer/encoderblock{'' if stacked else '_0'}/{mha}/query/bias" in w
-    for i in range(depth):
-        b = f"blocks.{i}."
-        s[b + "norm1.weight"], s[b + "norm1.bias"] = _t(blk(i, "LayerNorm_0/scale")), _t(blk(i, "LayerNorm_0/bias"))
-        s[b + "norm2.weight"], s[b + "norm2.bias"] = _t(blk(i, f"{ln2}/scale")), _t(blk(i, f"{ln2}/bias"))
-        qkv = [blk(i, f"{mha}/{n}/kernel") for n in ("query", "key", "value")]  # (D, heads, hd)
-        heads = qkv[0].shape[1]
-        s[b + "attn.qkv.weight"] = _t(np.concatenate([k.reshape(D, -1).T for k in qkv], axis=0))
-        if qkv_bias:
-            s[b + "attn.qkv.bias"] = _t(np.concatenate([blk(i, f"{mha}/{n}/bias").reshape(-1)
-                                                          for n in ("query", "key", "value")]))
-        s[b + "attn.proj.weight"] = _t(blk(i, f"{mha}/out/kernel").reshape(-1, D).T)
-        s[b + "attn.proj.bias"] = _t(blk(i, f"{mha}/out/bias"))
-        for r, name in ((0, "fc1"), (1, "fc2")):
-            s[f"{b}mlp.{name}.weight"] = _t(blk(i, f"{mlpb}/Dense_{r}/kernel").T)
-            s[f"{b}mlp.{name}.bias"] = _t(blk(i, f"{mlpb}/Dense_{r}/bias"))
+    heads = read_blocks(s, blk, depth, D, (mha, ln2, mlpb), qkv_bias)
     s["norm.weight"], s["norm.bias"] = _t(get("Transformer/encoder_norm/scale")), _t(get("Transformer/encoder_norm/bias"))
     has_map = f"{prefix}MAPHead_0/probe" in w
     if has_map:  # SigLIP's attention-pooling head (big_vision MAPHead), as timm's _load_weights reads it
@@ -147,10 +158,14 @@ def convert(path: str | Path, arch: ViTConfig | None = None, hints: dict[str, An
     H, W = config.image_hw
     pre = {"input_size": [C, H, W], "mean": [0.5] * C, "std": [0.5] * C, "interpolation": "bilinear",
            "crop_pct": 1.0}
-    unexpected = [k for k in w if k not in used]
+    # a two-tower SigLIP .npz: the text tower and logit scale / bias are vitkit.load_image_text's
+    text = [k for k in w if k not in used and (k.startswith("params/txt/") or k in ("params/t", "params/b"))]
+    notes = [f"text tower (and logit scale / bias) not part of the image model: vitkit.load_image_text loads both "
+             f"towers ({len(text)} arrays)"] if text else []
+    unexpected = [k for k in w if k not in used and k not in text]
     layout = "big_vision" if big_vision else "vision_transformer"
     return Converted(config=config.replace(pos_resample="big_vision" if big_vision else "vit_jax"), state=s,
-                     format="jax", source=str(p), preprocess=pre, unexpected=unexpected,
+                     format="jax", source=str(p), preprocess=pre, unexpected=unexpected, notes=notes,
                      info={"layout": layout, "stacked": stacked, **({"family": "siglip"} if has_map else {})})
 
 

@@ -36,7 +36,8 @@ from .common import Converted, layout_from_rows, size_hints
 from .table import RenameTable
 
 PREPROCESS = {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "interpolation": "bilinear", "crop_pct": 1.0}
-_TEXT_NOTE = "text tower (and logit scale / bias) ignored: vitkit loads the image tower"
+_TEXT_NOTE = ("text tower (and logit scale / bias) not part of the image model: "
+              "vitkit.load_image_text loads both towers")
 
 HF_TABLE = RenameTable([
     ("patch_embed.proj.{p}", "embeddings.patch_embedding.{p}"),

@@ -25,11 +25,14 @@ from .rope import apply_rope
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, dropout_p: float,
-            return_attention: bool):
-    """(B, h, M, hd) queries over (B, h, N, hd) keys/values -> (B, h, M, hd) [, weights (B, h, M, N)]."""
+            return_attention: bool, attn_mask: torch.Tensor | None = None):
+    """(B, h, M, hd) queries over (B, h, N, hd) keys/values -> (B, h, M, hd) [, weights (B, h, M, N)].
+    ``attn_mask`` as SDPA's: bool (True = may attend) or additive float, broadcastable to (B, h, M, N)."""
     if not return_attention:
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale), None
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale), None
     attn = (q @ k.transpose(-2, -1)) * scale  # (B, h, M, N)
+    if attn_mask is not None:
+        attn = attn.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else attn + attn_mask
     weights = attn.softmax(dim=-1)  # over the keys
     attn = F.dropout(weights, p=dropout_p) if dropout_p > 0 else weights
     return attn @ v, weights
@@ -57,13 +60,15 @@ class Attention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop) if proj_drop > 0 else None
 
     def forward(self, x: torch.Tensor, num_queries: int | None = None, return_attention: bool = False,
-                rope: tuple[torch.Tensor, torch.Tensor] | None = None):
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None, attn_mask: torch.Tensor | None = None):
         """(B, N, D) -> (B, M, D) [, weights (B, heads, M, N)], M = num_queries or N.
 
         ``num_queries=k``: only the first k tokens' queries are projected and attended with, and
         only their outputs projected (the rows the full call gives for them, at k/N of the
         query-side cost); keys and values still come from all N tokens. ``rope``: (cos, sin) of
-        the patch tokens (vitkit.model.rope), rotating their queries and keys."""
+        the patch tokens (vitkit.model.rope), rotating their queries and keys. ``attn_mask``: which
+        keys each query may see, bool (True = attend) or additive float, broadcastable to
+        (B, heads, M, N) (the text tower's causal and padding masks); both paths apply it alike."""
         B, N, D = x.shape
         H, hd = self.num_heads, self.head_dim
         if num_queries is None:
@@ -78,7 +83,7 @@ class Attention(nn.Module):
         if rope is not None:
             q, k = apply_rope(q, k, rope)
         dropout_p = self.attn_drop if self.training else 0.0
-        out, weights = _attend(q, k, v, self.scale, dropout_p, return_attention)
+        out, weights = _attend(q, k, v, self.scale, dropout_p, return_attention, attn_mask)
         out = self.proj(out.transpose(1, 2).reshape(B, M, D))
         if self.proj_drop is not None:
             out = self.proj_drop(out)

@@ -179,8 +179,8 @@ class Block(nn.Module):
         return y
 
     def forward(self, x: torch.Tensor, num_queries: int | None = None, return_attention: bool = False,
-                rope: tuple[torch.Tensor, torch.Tensor] | None = None):
-        """(B, N, D) -> (B, N, D) [, attention (B, heads, N, N)]; ``rope``: see Attention.
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None, attn_mask: torch.Tensor | None = None):
+        """(B, N, D) -> (B, N, D) [, attention (B, heads, N, N)]; ``rope``, ``attn_mask``: see Attention.
 
         ``num_queries=k``: this block's output for the first k tokens only, (B, k, D) (what a
         class-token head reads from the last block). Every token still serves as a key and
@@ -188,9 +188,9 @@ class Block(nn.Module):
         run for those k tokens alone. Same math as ``forward(x)[:, :k]``."""
         h = self.norm1(x) if self.norm_first else x
         if return_attention:
-            a, attn_w = self.attn(h, num_queries=num_queries, return_attention=True, rope=rope)
+            a, attn_w = self.attn(h, num_queries=num_queries, return_attention=True, rope=rope, attn_mask=attn_mask)
         else:
-            a = self.attn(h, num_queries=num_queries, rope=rope)
+            a = self.attn(h, num_queries=num_queries, rope=rope, attn_mask=attn_mask)
         a = self._branch(a, self.ls1, self.drop_path1)
         if num_queries is not None:
             x = x[:, :num_queries]

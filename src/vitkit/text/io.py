@@ -1,0 +1,272 @@
+"""Loading and saving the image-text pair (:class:`vitkit.model.image_text.ImageTextModel`).
+
+vitkit's image-text directory is an ordinary vitkit model directory (``config.json`` +
+``model.safetensors``: the image tower, so ``vitkit.load_model(dir)`` keeps returning the image
+ViT) plus::
+
+    text_config.json        {"format": "vitkit-text", "format_version": 1, "config": {TextConfig},
+                             "loss": "softmax" | "sigmoid", "pretrained_info": {...}}
+    text_model.safetensors  the text tower (TextTransformer names) + logit_scale [+ logit_bias]
+    tokenizer/              the checkpoint's tokenizer files + vitkit_tokenizer.json
+
+:func:`load_image_text` reads that and every source format the families ship in: transformers
+``CLIPModel`` / ``SiglipModel`` / ``Siglip2Model`` directories, OpenAI / OpenCLIP state dicts and
+OpenCLIP hub dirs, big_vision SigLIP ``.npz`` files, and hub ids of those. The tokenizer is found (or refused, naming the files
+needed) before any weights are read.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import TextConfig
+from ..errors import CheckpointError, ConfigError
+from .tokenizer import Tokenizer
+
+TEXT_CONFIG_NAME = "text_config.json"
+TEXT_WEIGHTS_NAME = "text_model.safetensors"
+TOKENIZER_DIR = "tokenizer"
+_HF_TYPES = {"clip": "clip", "siglip": "siglip", "siglip2": "siglip2"}
+
+
+def is_image_text_dir(path: str | Path) -> bool:
+    p = Path(path)
+    return (p / TEXT_CONFIG_NAME).is_file() and (p / TEXT_WEIGHTS_NAME).is_file()
+
+
+def save_image_text(model, directory: str | Path) -> Path:
+    """Write ``model`` (an ImageTextModel) to ``directory`` (layout in the module doc)."""
+    from ..io import atomic_write_text, save_pretrained, save_state_dict
+
+    d = Path(directory)
+    save_pretrained(model.vision, d, text_tower=TEXT_CONFIG_NAME)
+    state = dict(model.text.state_dict())
+    state["logit_scale"] = model.logit_scale.detach()
+    if model.logit_bias is not None:
+        state["logit_bias"] = model.logit_bias.detach()
+    save_state_dict(state, d / TEXT_WEIGHTS_NAME, metadata={"format": "pt"})
+    if model.tokenizer is not None:
+        model.tokenizer.save(d / TOKENIZER_DIR)
+    meta = {"format": "vitkit-text", "format_version": 1, "config": model.text.config.to_dict(), "loss": model.loss,
+            "pretrained_info": {k: v for k, v in (model.pretrained_info or {}).items() if k != "report"} or None}
+    atomic_write_text(d / TEXT_CONFIG_NAME, json.dumps(meta, indent=2, default=str) + "\n")
+    return d
+
+
+def _build(vision, conv, tokenizer, strict: bool, device, source: str, fmt: str):
+    """The pair from an image model and a TextConverted, through the strict loader's check."""
+    from ..interop.common import LoadReport, load_into
+    from ..model.image_text import ImageTextModel
+    from ..model.text import TextTransformer
+
+    text = TextTransformer(conv.config)
+    report = LoadReport(source=source, format=fmt, notes=list(conv.notes))
+    report.unexpected.extend(conv.unexpected)
+    load_into(text, conv.state, report, strict=strict)
+    if conv.logit_scale is None:
+        report.notes.append("no logit_scale in the checkpoint: CLIP's init log(1/0.07) used")
+    model = ImageTextModel(vision, text, loss=conv.loss, logit_bias=None if conv.logit_bias is None else 0.0,
+                           tokenizer=tokenizer)
+    with torch.no_grad():  # the stored tensors, bit-exact
+        if conv.logit_scale is not None:
+            model.logit_scale.copy_(conv.logit_scale.reshape(()))
+        if conv.logit_bias is not None:
+            model.logit_bias.copy_(conv.logit_bias.reshape(()))
+    model.pretrained_info = {**(vision.pretrained_info or {}), "text_report": report.to_dict()}
+    model.load_report = report
+    return model.to(device).eval()
+
+
+def _read_vitkit(d: Path, tokenizer, strict: bool, device):
+    from ..interop.clip_text import TextConverted, split_pair
+    from ..io import load_model, load_safetensors
+
+    try:
+        meta = json.loads((d / TEXT_CONFIG_NAME).read_text())
+        config = TextConfig.from_dict(meta["config"])
+    except (ValueError, KeyError, ConfigError) as e:
+        raise CheckpointError(f"{d / TEXT_CONFIG_NAME}: not a vitkit text config ({e})") from e
+    tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.from_pretrained(
+        tokenizer or (d / TOKENIZER_DIR if (d / TOKENIZER_DIR).is_dir() else d), config.context_length)
+    vision = load_model(d, device="cpu", strict=strict)
+    state = load_safetensors(d / TEXT_WEIGHTS_NAME)
+    scale, bias = split_pair(state)
+    conv = TextConverted(config=config, state=state, loss=meta.get("loss", "softmax"), logit_scale=scale,
+                         logit_bias=bias)
+    model = _build(vision, conv, tok, strict, device, str(d), "vitkit")
+    if meta.get("pretrained_info"):
+        model.pretrained_info = {**meta["pretrained_info"], **model.pretrained_info}
+    return model
+
+
+_HUB_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "spiece.model")
+
+
+def _download_tokenizer(hub_id: str) -> None:
+    """Fetch the tokenizer files of a hub repo next to its weights (the cache first; a repo may have
+    any subset of them; the tokenizer reader names what is missing)."""
+    from huggingface_hub import hf_hub_download
+
+    from ..interop.hub import _offline, _unreachable, parse_hub_id
+
+    repo_id, revision = parse_hub_id(hub_id)
+    tries = (True,) if _offline() or _unreachable(3.0) is not None else (True, False)
+    for name in _HUB_TOKENIZER_FILES:
+        for local_only in tries:
+            try:
+                hf_hub_download(repo_id, name, revision=revision, local_files_only=local_only)
+                break
+            except Exception:  # noqa: BLE001 - absent file / offline: the reader reports what is missing
+                continue
+
+
+def load_image_text(source: str | Path, tokenizer: str | Path | Tokenizer | None = None, device: str = "cpu",
+                    strict: bool = True, **hints: Any):
+    """Both towers, the logit scale (and SigLIP's bias) and the tokenizer of a CLIP / OpenCLIP /
+    SigLIP / SigLIP2 checkpoint, as an :class:`~vitkit.model.image_text.ImageTextModel`.
+
+    Args:
+        source: a vitkit image-text directory (``model.save_pretrained``); a transformers
+            ``CLIPModel`` / ``SiglipModel`` / ``Siglip2Model`` directory; an OpenAI / OpenCLIP state
+            dict (``.pt`` / ``.bin`` / ``.safetensors``) or OpenCLIP hub dir (``open_clip_config.json``
+            read where present); a big_vision SigLIP ``.npz`` (``params/img/`` + ``params/txt/``); or a
+            hub id of one of those.
+        tokenizer: where the tokenizer files are when the source has none (OpenAI / OpenCLIP state
+            dicts and big_vision .npz files ship none: a directory with ``vocab.json`` + ``merges.txt``,
+            ``tokenizer.json`` or ``spiece.model``, or open_clip's ``bpe_simple_vocab_16e6.txt.gz``), or a
+            ready :class:`vitkit.text.Tokenizer`.
+        strict: every tensor of both towers must be used and fit (as ``from_pretrained``).
+        **hints: what the weights cannot tell: ``act`` (both towers of a bare OpenAI / OpenCLIP state
+            dict), ``num_heads`` (image), ``text_heads``, ``text_act``.
+
+    ``model.load_report`` is the text tower's report; ``model.vision.load_report`` the image's.
+    """
+    from ..interop import detect_format, model_from_converted, read_pretrained
+    from ..interop.common import dir_config
+    from ..interop.hub import download, looks_like_hub_id
+
+    src = str(source)
+    if looks_like_hub_id(src) and not Path(src).exists():
+        source = download(src)
+        _download_tokenizer(src)
+    p = Path(source)
+    if p.is_dir() and is_image_text_dir(p):
+        return _read_vitkit(p, tokenizer, strict, device)
+    open_clip_dir = p.is_dir() and any((p / f).is_file() for f in ("open_clip_model.safetensors",
+                                                                    "open_clip_pytorch_model.bin"))
+    fmt = "openai_clip" if open_clip_dir else detect_format(p)
+    if fmt == "vitkit":
+        raise CheckpointError(f"{p}: a vitkit image model without a text tower ({TEXT_CONFIG_NAME}); "
+                              "vitkit.load_model loads it")
+    if fmt == "hf":
+        from ..interop import clip_text, siglip_text
+
+        meta = dir_config(p if p.is_dir() else p.parent) or {}
+        family = _HF_TYPES.get(str(meta.get("model_type")))
+        if family is None:
+            raise CheckpointError(f"{p}: transformers model_type {meta.get('model_type')!r} has no text tower vitkit "
+                                  f"reads; image-text model types: {sorted(_HF_TYPES)}")
+        reader = clip_text.convert_hf if family == "clip" else siglip_text.convert_hf
+        tc = meta.get("text_config") or {}
+        ctx = int(tc.get("max_position_embeddings", 77 if family == "clip" else 64))
+        directory = p if p.is_dir() else p.parent
+        tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.from_pretrained(tokenizer or directory, ctx)
+        if family == "siglip2":
+            conv_img = siglip_text.read_siglip2_vision(directory, hints)
+        else:
+            conv_img = read_pretrained(p, format="hf", **{k: v for k, v in hints.items() if not k.startswith("text_")})
+        text = reader(p, hints)
+    elif fmt == "openai_clip":
+        from ..interop import clip_text
+        from .tokenizer import require_tokenizer_files
+
+        tok_src = tokenizer
+        if tok_src is None:  # checked before any weights are read
+            tok_src = p if p.is_dir() else p.parent
+            require_tokenizer_files(tok_src, "OpenAI / OpenCLIP state dicts ship none: pass tokenizer=")
+        text = clip_text.convert_openai(p, hints)
+        tok = tok_src if isinstance(tok_src, Tokenizer) else Tokenizer.from_pretrained(
+            tok_src, text.config.context_length, **text.tokenizer)
+        conv_img = read_pretrained(p, format="openai_clip",
+                                   **{k: v for k, v in hints.items() if not k.startswith("text_")})
+    elif fmt == "jax" and p.is_file():
+        from ..interop import siglip_text
+        from .tokenizer import require_tokenizer_files
+
+        if not siglip_text.has_npz_text(p):
+            raise CheckpointError(f"{p}: a JAX .npz without a text tower (params/txt/); vitkit.from_pretrained "
+                                  "loads its image tower")
+        tok_src = tokenizer
+        if tok_src is None:  # big_vision keeps the SentencePiece model apart from the weights
+            tok_src = p.parent
+            require_tokenizer_files(tok_src, "big_vision .npz files ship none: pass tokenizer=")
+        text = siglip_text.convert_npz(p, hints)
+        tok = tok_src if isinstance(tok_src, Tokenizer) else Tokenizer.from_pretrained(
+            tok_src, text.config.context_length)
+        conv_img = read_pretrained(p, format="jax", **{k: v for k, v in hints.items() if not k.startswith("text_")})
+    else:
+        raise CheckpointError(f"{p}: a {fmt} checkpoint holds no text tower; image-text sources are transformers "
+                              "CLIP / SigLIP / SigLIP2 dirs, OpenAI / OpenCLIP state dicts, big_vision SigLIP .npz "
+                              "and vitkit image-text dirs")
+    conv_img.source = src
+    vision = model_from_converted(conv_img, strict=strict)
+    return _build(vision, text, tok, strict, device, src, fmt)
+
+
+def export_hf(model, directory: str | Path) -> Path:
+    """The pair as a transformers ``CLIPModel`` (loss "softmax") or ``SiglipModel`` ("sigmoid")
+    directory: both towers through the same rename tables the readers use (the image tower as
+    :func:`vitkit.interop.clip.export_hf` / :func:`vitkit.interop.siglip.export_hf` write it), the
+    logit scale (and bias), and the tokenizer's files with a ``tokenizer_config.json``.
+    A text tower transformers' class cannot express (CLIP: causal, no projection bias, end-token
+    pooling; SigLIP: bidirectional, last-token pooling, a head) is a ConfigError naming the part."""
+    import tempfile
+
+    from ..interop import clip, clip_text, siglip, siglip_text
+    from ..interop.common import read_json
+    from ..interop.hf import act_back, write_dir
+    from ..io import load_safetensors
+
+    t = model.text.config
+    clip_family = model.loss == "softmax"
+    want = ((t.causal, t.pooling != "last", not t.proj_bias, t.embed_dim is not None) if clip_family
+            else (not t.causal, t.pooling == "last", t.proj_bias, t.embed_dim is not None))
+    if not all(want) or (clip_family and t.pooling == "eos_id" and t.eos_token_id == 2):
+        raise ConfigError(
+            f"no transformers {'CLIPModel' if clip_family else 'SiglipModel'} equivalent of this text tower (causal="
+            f"{t.causal}, pooling={t.pooling!r}, proj_bias={t.proj_bias}, embed_dim={t.embed_dim})")
+    with tempfile.TemporaryDirectory() as tmp:
+        (clip.export_hf if clip_family else siglip.export_hf)(model.vision, tmp)
+        vision_meta = read_json(Path(tmp) / "config.json")
+        vision_state = load_safetensors(Path(tmp) / "model.safetensors")
+        processor = read_json(Path(tmp) / "preprocessor_config.json")
+    state = {(k if k.startswith(("vision_model.", "visual_projection.")) else f"vision_model.{k}"): v
+             for k, v in vision_state.items()}
+    for k in ("architectures", "model_type"):
+        vision_meta.pop(k, None)
+    text_meta = {"vocab_size": t.vocab_size, "hidden_size": t.dim, "intermediate_size": t.hidden_dim,
+                 "num_hidden_layers": t.depth, "num_attention_heads": t.num_heads,
+                 "max_position_embeddings": t.context_length, "hidden_act": act_back(t.act),
+                 "layer_norm_eps": t.norm_eps, "pad_token_id": t.pad_token_id, "attention_dropout": 0.0}
+    if clip_family:
+        # transformers takes the argmax of the ids when eos_token_id == 2, else the first eos
+        text_meta["eos_token_id"] = 2 if t.pooling == "eot_argmax" else t.eos_token_id
+        state.update(clip_text.export_hf_state(model.text, logit_scale=model.logit_scale.detach().reshape(())))
+        meta = {"architectures": ["CLIPModel"], "model_type": "clip", "projection_dim": t.embed_dim,
+                "logit_scale_init_value": model.logit_scale.item(), "text_config": text_meta,
+                "vision_config": vision_meta}
+    else:
+        text_meta.update(eos_token_id=t.eos_token_id, projection_size=t.embed_dim)
+        state.update(clip_text.export_hf_state(
+            model.text, siglip_text.HF_TABLE, logit_scale=model.logit_scale.detach().reshape(1),
+            logit_bias=model.logit_bias.detach().reshape(1)))
+        meta = {"architectures": ["SiglipModel"], "model_type": "siglip", "text_config": text_meta,
+                "vision_config": vision_meta}
+    out = write_dir(directory, state, meta, processor)
+    if model.tokenizer is not None:
+        model.tokenizer.save_hf(out)
+    return out
