@@ -96,7 +96,7 @@ def test_second_writer_fails_at_once_naming_the_holder(tmp_path, capsys):
                      ["train", "--resume", str(run)]):
             assert main(argv) == 2
             err = capsys.readouterr().err
-            assert "in use by another vitkit run" in err and f"pid {os.getpid()}" in err, err
+            assert "in use by another vitkit process (vitkit train, " in err and f"pid {os.getpid()}" in err, err
         assert time.monotonic() - t0 < 60  # a blocking lock would hang; a loaded machine is slow
         with pytest.raises(RunDirBusy):
             with claim_run_dir(run, resume=True):

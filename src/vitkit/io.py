@@ -9,10 +9,14 @@ place of a good one.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
+import re
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +30,23 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
 
+# atomic_write's temporary files: ``.NAME.vitkit-XXXXXXXX.tmp`` (mkstemp's 8 random characters). A
+# killed process leaves one behind; vitkit.output removes exactly these when a command claims the folder.
+TEMP_PATTERN = re.compile(r"^\.(?P<name>.+)\.vitkit-[a-z0-9_]{8}\.tmp$")
+
+# Checks run before every atomic write: vitkit.output adds its own while a command holds an output
+# claim (no symlink on the way, never over a file vitkit did not write, recorded in the manifest).
+WRITE_CHECKS: list[Callable[[Path], None]] = []
+
+
 def atomic_write(path: str | Path, write_fn) -> Path:
     """Call ``write_fn(tmp_path)`` then fsync and rename onto ``path``; the old file survives a crash."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    for check in WRITE_CHECKS:
+        check(path)
+    with _one_line_when_full(path):  # a full inode table fails here already
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.vitkit-", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write_fn(tmp)
@@ -47,16 +63,26 @@ def atomic_write(path: str | Path, write_fn) -> Path:
                 os.close(dfd)
         except OSError:
             pass
-    except BaseException as e:
+    except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        with _one_line_when_full(path):
+            raise
+    return path
+
+
+@contextlib.contextmanager
+def _one_line_when_full(path: Path):
+    """Re-raise a full disk / quota met while writing ``path`` as a WriteError naming it."""
+    try:
+        yield
+    except BaseException as e:
         why = _write_failure(e, path)
         if why:
             raise WriteError(f"cannot write {path}: {why}; "
                              f"{'the previous file is unchanged' if path.exists() else 'nothing was written'}"
                              ) from e
         raise
-    return path
 
 
 # A full disk or quota while saving becomes one line naming the file (a CLI prints it as
@@ -66,12 +92,22 @@ _NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 def _write_failure(e: BaseException, path: Path) -> str | None:
     """'no space left on device' (or the like) when ``e`` is a full disk / quota, else None.
-    torch.save reports a full disk as a RuntimeError ("... file write failed"), not an OSError."""
-    if isinstance(e, VitkitError):
+
+    Each writer says "disk full" its own way (seen on a full 64 KiB tmpfs): Python, pyarrow and PIL
+    raise OSError(ENOSPC); safetensors a SafetensorError "Error while serializing: I/O error: No
+    space left on device (os error 28)" (Rust's io::Error, no errno attribute); faiss a
+    RuntimeError "... write error in F: 4051 != 2560000 (No space left on device)"; torch.save a
+    RuntimeError "... unexpected pos 576 vs 534" (a short write) or "... file write failed"."""
+    if isinstance(e, VitkitError) or not isinstance(e, Exception):
         return None
     if isinstance(e, OSError) and e.errno in _NO_ROOM:
         return os.strerror(e.errno).lower()
-    if isinstance(e, RuntimeError) and ("write failed" in str(e) or "failed writing" in str(e)):
+    text = str(e)
+    os_error = re.search(r"\(os error (\d+)\)", text)
+    for code in _NO_ROOM:
+        if (os_error and int(os_error.group(1)) == code) or os.strerror(code) in text:
+            return os.strerror(code).lower()
+    if isinstance(e, RuntimeError) and re.search(r"write failed|failed writing|unexpected pos \d+ vs \d+", text):
         import shutil
 
         try:
@@ -111,7 +147,8 @@ def save_state_dict(state: dict[str, torch.Tensor], path: str | Path, metadata: 
 def save_pretrained(model, directory: str | Path, **extra: Any) -> Path:
     """Write ``model`` (a :class:`vitkit.ViT`) to ``directory`` in vitkit's format."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    with _one_line_when_full(directory / WEIGHTS_NAME):
+        directory.mkdir(parents=True, exist_ok=True)
     meta = {
         "format": "vitkit",
         "format_version": FORMAT_VERSION,
@@ -185,6 +222,9 @@ def load_safetensors(path: str | Path, device: str | torch.device = "cpu") -> di
     try:
         return load_file(str(path), device=str(device))
     except (SafetensorError, OSError, ValueError) as e:
+        from .interop.common import check_extension
+
+        check_extension(path)  # a pickle named .safetensors: say that, not "header too large"
         raise CheckpointError(f"cannot read safetensors file {path}: {e}") from e
 
 
@@ -253,22 +293,45 @@ def resolve_model_dir(path: str | Path) -> Path:
     problem = config_json_problem(p)
     if problem:
         raise CheckpointError(problem)
+    if (p / CONFIG_NAME).is_file():  # someone else's checkpoint dir: say whose, and what reads it
+        from .interop import detect_format
+        from .interop.formats import FORMATS
+
+        try:
+            what = f"a {FORMATS[detect_format(p)].what}"
+        except CheckpointError:
+            what = "no checkpoint format vitkit knows"
+        raise CheckpointError(f"{p} is not a vitkit model directory: its {CONFIG_NAME} has no \"format\": \"vitkit\" "
+                              f"key ({what}); vitkit.from_pretrained reads it, as every vitkit command does")
     raise CheckpointError(f"{p} is neither a vitkit model directory (config.json + model.safetensors) "
                           "nor a training run (with best/ or last/)")
 
 
+# A run's own training record: the files only training writes. Their newest time is when the run last
+# trained; the folder's mtime is not (any file written into it moves it: an eval.json, a note).
+TRAINING_RECORD = ("metrics.jsonl", "train_state.pt", "summary.json", f"best/{WEIGHTS_NAME}", f"last/{WEIGHTS_NAME}")
+
+
+def trained_at(run: str | Path) -> float | None:
+    """When ``run`` last trained (the newest of its :data:`TRAINING_RECORD` files), or None."""
+    times = [os.stat(p).st_mtime for p in (Path(run) / n for n in TRAINING_RECORD) if p.is_file()]
+    return max(times) if times else None
+
+
 def latest_run(root: str | Path = RUNS_ROOT) -> Path | None:
-    """The most recently modified training run under ``root`` that holds a model, or None."""
+    """The training run under ``root`` that holds a model and trained last (by its own training
+    record, :func:`trained_at`), or None."""
     root = Path(root)
     if not root.is_dir():
         return None
     runs = [d for d in root.iterdir() if d.is_dir() and (is_vitkit_dir(d / "best") or is_vitkit_dir(d / "last"))]
-    return max(runs, key=lambda d: d.stat().st_mtime) if runs else None
+    return max(runs, key=lambda d: (trained_at(d) or 0.0, d.name)) if runs else None
 
 
-def model_source_or_latest_run(source: str | Path | None, root: str | Path = RUNS_ROOT) -> str:
-    """``source`` if given, else the most recent training run under ``root``; with neither, a
-    CheckpointError that says how to get a model."""
+def model_source_or_latest_run(source: str | Path | None, root: str | Path = RUNS_ROOT,
+                               say: Callable[[str], None] | None = None) -> str:
+    """``source`` if given, else the most recent training run under ``root`` (``say`` is told
+    which, and when it trained); with neither, a CheckpointError that says how to get a model."""
     if source is not None:
         return str(source)
     run = latest_run(root)
@@ -277,4 +340,7 @@ def model_source_or_latest_run(source: str | Path | None, root: str | Path = RUN
             f"no model given and no training run found under {root}/. Train one first with `make demo` or "
             "`vitkit train`, or pass --model (a vitkit model directory, a training run directory, or a "
             "pretrained source such as timm/vit_base_patch16_224.augreg2_in21k_ft_in1k)")
+    if say is not None:
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(trained_at(run) or 0.0))
+        say(f"using the most recent training run: {run} (last trained {when}; --model to choose another)")
     return str(run)

@@ -49,13 +49,13 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    import json
     import time
 
     import torch
 
     from .. import cpu
     from ..bench.throughput import run_benchmark
+    from ..output import json_text
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -80,7 +80,7 @@ def run(args) -> int:
                                 predictor=tuple(args.predictor or ()), ort_int8=args.ort_int8, **overrides)
         for r in results:
             if args.json:
-                print(json.dumps(r.to_dict()))
+                print(json_text(r.to_dict(), indent=None))
                 continue
             mfu = f"{100 * r.mfu:6.1f}%" if r.mfu is not None else "     -"
             ratio = r.ratio_vs_timm

@@ -22,10 +22,14 @@ def add_arguments(p) -> None:
     p.add_argument("--num-classes", type=int, default=None, help="new class count (the head is re-initialised)")
     p.add_argument("--in-channels", type=int, default=None, help="1 to sum RGB patch kernels for grey input")
     p.add_argument("--no-strict", action="store_true", help="load what matches instead of failing on a mismatch")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace what vitkit wrote in OUT_DIR (files vitkit did not write are kept); without it a "
+                        "non-empty OUT_DIR is refused")
 
 
 def run(args) -> int:
     from .. import from_pretrained
+    from ..output import claim_output
 
     size = None
     if args.image_size:
@@ -39,9 +43,11 @@ def run(args) -> int:
         kw["num_heads"] = args.num_heads
     if args.act:
         kw["act"] = args.act
-    model = from_pretrained(args.source, arch=args.arch, format=args.format, strict=not args.no_strict,
-                            image_size=size, num_classes=args.num_classes, in_channels=args.in_channels, **kw)
-    model.save_pretrained(args.out_dir)
+    # claimed before the (possibly large) model loads: a refused output costs nothing
+    with claim_output(args.out_dir, command="convert", overwrite=args.overwrite, inputs=[args.source]):
+        model = from_pretrained(args.source, arch=args.arch, format=args.format, strict=not args.no_strict,
+                                image_size=size, num_classes=args.num_classes, in_channels=args.in_channels, **kw)
+        model.save_pretrained(args.out_dir)
     print(model.load_report)
     c = model.config
     print(f"wrote {args.out_dir}: {c.dim}-wide, depth {c.depth}, {c.num_heads} heads, "

@@ -46,7 +46,11 @@ def add_arguments(p) -> None:
     p.add_argument("--filters", type=int, default=28, help="number of principal components of the embedding filters")
     p.add_argument("--max-pixels", type=int, default=None,
                    help="refuse images with more pixels than this (default: VITKIT_MAX_IMAGE_PIXELS, else 100 megapixels)")
-    p.add_argument("--out", default="explain_out", help="output directory for report.html and the PNG figures")
+    p.add_argument("--out", default=None,
+                   help="output directory for report.html, explore.html and the PNG figures (default: explain_out, "
+                        "whose earlier report is replaced); an existing non-empty --out is refused without --overwrite")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace what vitkit wrote in --out (files vitkit did not write are kept)")
     p.add_argument("--device", default="cpu", help="torch device")
     from .predict import add_dtype_argument
 
@@ -56,25 +60,36 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     from pathlib import Path
 
-    import torch
-
-    from .. import from_pretrained
     from ..data.image import load_image
     from ..errors import InputError
-    from ..infer import Predictor
     from ..io import model_source_or_latest_run
-    from ..viz.report import _predictions, explain, prepare_image, write_report
+    from ..output import claim_output
 
     layers, heads = _indices(args.layers), _indices(args.heads)
     if args.topk < 1:
         raise InputError(f"--topk must be >= 1, got {args.topk}")
     if args.explore_classes < 1:
         raise InputError(f"--explore-classes must be >= 1, got {args.explore_classes}")
-    source = model_source_or_latest_run(args.model, args.runs)
-    if args.model is None:
-        print(f"using the most recent training run: {source}")
+    source = model_source_or_latest_run(args.model, args.runs, say=print)
     # check the image before loading a (possibly large) model
     probe = load_image(args.image, mode=None, max_pixels=args.max_pixels)
+    # explain_out, the default, holds the latest report: an earlier one there is replaced
+    out_dir = args.out or "explain_out"
+    with claim_output(out_dir, command="explain", overwrite=args.overwrite or args.out is None,
+                      inputs=[args.image, source]):
+        _explain(args, source, probe, layers, heads, Path(out_dir))
+    return 0
+
+
+def _explain(args, source: str, probe, layers, heads, out_dir) -> None:
+    from pathlib import Path
+
+    import torch
+
+    from .. import from_pretrained
+    from ..infer import Predictor
+    from ..viz.report import _predictions, explain, prepare_image, write_report
+
     model = from_pretrained(source)
     model.to(torch.device(args.device)).eval()
     mode = "L" if model.config.in_channels == 1 else "RGB"
@@ -100,11 +115,11 @@ def run(args) -> int:
         print("regression outputs:" if ex.regression else f"top-{len(ex.predictions)}:")
         for name, v in ex.predictions:
             print(f"  {v:8.4f}  {name}")
-    html = write_report(ex, args.out, title=f"vitkit explain: {Path(str(args.image)).name}")
-    print(f"wrote {html} and {len(ex.figures)} PNG figures to {Path(args.out)}/")
+    html = write_report(ex, out_dir, title=f"vitkit explain: {Path(str(args.image)).name}")
+    print(f"wrote {html} and {len(ex.figures)} PNG figures to {out_dir}/")
     from ..viz.explore import SIZE_BUDGET, write_explore
 
-    page = write_explore(model, img, args.out, topk=args.topk, classes=args.explore_classes,
+    page = write_explore(model, img, out_dir, topk=args.topk, classes=args.explore_classes,
                          title=f"vitkit explore: {Path(str(args.image)).name}")
     size = page.stat().st_size
     size_text = f"{size / 1e6:.1f} MB" if size >= 1e6 else f"{size / 1e3:.0f} kB"
@@ -113,4 +128,3 @@ def run(args) -> int:
     if size > SIZE_BUDGET:  # attention alone is layers x heads x tokens^2 bytes before compression
         print(f"note: explore.html is over {SIZE_BUDGET / 1e6:g} MB (attribution already reduced to the last "
               f"layer and top class); large pages open slowly")
-    return 0

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+# the formats written as a directory of files (the others are one file)
+DIR_FORMATS = ("vitkit", "timm", "hf")
+
 HELP = "export a model to timm, hf, torchvision, jax, dinov2, openai_clip, onnx or torchscript"
 
 
@@ -19,6 +22,9 @@ def add_arguments(p) -> None:
     p.add_argument("--source-format", default=None, choices=READ_FORMATS,
                    help="the format of the model you READ (default: detected from its files)")
     p.add_argument("--num-heads", type=int, default=None, help="attention heads, for checkpoints that cannot say")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output file, or what vitkit wrote in an output directory (files vitkit "
+                        "did not write are kept); without it an existing file or a non-empty directory is refused")
     p.add_argument("--verify", action="store_true",
                    help="for onnx: run the exported graph in onnxruntime and print the max abs difference")
 
@@ -27,12 +33,16 @@ def run(args) -> int:
     import torch
 
     from .. import from_pretrained
+    from ..interop.formats import canonical
+    from ..output import claim_output
 
     kw = {"format": args.source_format} if args.source_format else {}
     if args.num_heads:
         kw["num_heads"] = args.num_heads
-    model = from_pretrained(args.model, **kw)
-    out = model.export_to(args.format, args.out, opset=args.opset, layout=args.layout)
+    kind = "dir" if canonical(args.format, writing=True) in DIR_FORMATS else "file"
+    with claim_output(args.out, command="export", kind=kind, overwrite=args.overwrite, inputs=[args.model]):
+        model = from_pretrained(args.model, **kw)
+        out = model.export_to(args.format, args.out, opset=args.opset, layout=args.layout)
     print(f"wrote {args.format} export of {args.model} to {out}")
     if args.verify and args.format == "onnx":
         import onnxruntime as ort

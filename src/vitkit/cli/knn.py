@@ -4,8 +4,9 @@ from __future__ import annotations
 
 HELP = "k-NN accuracy of a model's frozen features on a labelled dataset (DINO protocol)"
 DESCRIPTION = ("Weighted k-NN classifier of the DINO papers: L2-normalised features, the train split as memory, "
-               "the k most similar training images vote with weight exp(cosine / temperature); top-1 / top-5 on "
-               "the test split (val when there is no test split).")
+               "the k most similar training images vote with weight exp(cosine / temperature); top-1 (and top-5 "
+               "with more than 5 classes) on the test split (the validation split when there is none; the "
+               "result names the split read).")
 
 
 def add_arguments(p) -> None:
@@ -20,9 +21,8 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    import json
-
     from ..features import FeatureSpec, knn_on_dataset
+    from ..output import json_text
     from .embed import dataset_options, model_and_source, print_skipped
 
     model, _ = model_and_source(args)
@@ -32,9 +32,10 @@ def run(args) -> int:
                        **dataset_options(args))
     skipped, r["skipped"] = r["skipped"], len(r["skipped"])
     if args.json:
-        print(json.dumps({"model": str(args.model), "dataset": args.dataset, **r}, indent=2))
+        print(json_text({"model": str(args.model), "dataset": args.dataset, **r}))
     else:
-        print(f"{args.dataset} {r['split']}: k-NN (k={r['k']}, T={r['temperature']}) over {r['train_count']} train "
-              f"images, {r['count']} scored: top-1 {r['top1']:.4f}  top-5 {r['top5']:.4f}")
+        top5 = f"  top-5 {r['top5']:.4f}" if r["top5"] is not None else f"  ({r['top5_note']})"
+        print(f"{args.dataset} {r['split']} split: k-NN (k={r['k']}, T={r['temperature']}) over {r['train_count']} "
+              f"train images, {r['count']} scored: top-1 {r['top1']:.4f}{top5}")
     print_skipped("knn", [(p, "unreadable") for p in skipped])
     return 0

@@ -11,7 +11,7 @@ import sys
 from ..errors import VitkitError
 
 # Order is the order shown by `vitkit --help`.
-COMMANDS = ["models", "summary", "bench", "train", "eval", "predict", "explain", "export", "convert", "embed", "search", "knn", "probe"]
+COMMANDS = ["models", "summary", "bench", "train", "eval", "predict", "zeroshot", "explain", "export", "convert", "embed", "search", "knn", "probe"]
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -46,13 +46,15 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=mod.HELP, description=getattr(mod, "DESCRIPTION", mod.HELP),
                            formatter_class=HelpFormatter)
         mod.add_arguments(p)
-        p.set_defaults(_run=mod.run)
+        p.set_defaults(_run=mod.run, _parser=p)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # the subcommand's own usage and error, not the top-level `vitkit` usage
+        (getattr(args, "_parser", None) or parser).error(f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2

@@ -12,7 +12,8 @@ DESCRIPTION = ("Classify image files with any loadable model (vitkit dir, traini
 
 def add_arguments(p) -> None:
     p.add_argument("images", nargs="+", metavar="IMAGE",
-                   help="image files (or built-ins sample:china.jpg, sample:flower.jpg, digits:N)")
+                   help="image files or folders (a folder's images, recursively, sorted, one line each), or "
+                        "built-ins sample:china.jpg, sample:flower.jpg, digits:N")
     p.add_argument("--model", "-m", default=None,
                    help="model source: vitkit dir, run dir, checkpoint file/dir or hub id (default: latest run in runs/)")
     p.add_argument("--top-k", "-k", type=int, default=5, help="how many classes to show per image")
@@ -79,6 +80,11 @@ def predict_files(model, files, top_k: int = 5, batch_size: int = 32, max_pixels
         idx, xs = zip(*pending)
         out = predictor(torch.stack(xs)).cpu()
         for i, row in zip(idx, out):
+            bad = int((~torch.isfinite(row)).sum())
+            if bad:  # no probability or vector can be read from NaN / inf (weights are checked finite at load)
+                results[i]["error"] = (f"{files[i]}: the model's output for it is not finite ({bad} of {row.numel()} "
+                                       "values are NaN or inf); nothing to report")
+                continue
             if classify:
                 probs = row.softmax(-1)
                 p, c = probs.topk(min(top_k, probs.numel()))
@@ -112,25 +118,31 @@ def predict_files(model, files, top_k: int = 5, batch_size: int = 32, max_pixels
 def run(args) -> int:
     import json
     import sys
+    from pathlib import Path
 
     from .. import from_pretrained
     from ..io import model_source_or_latest_run
 
-    source = model_source_or_latest_run(args.model)
+    source = model_source_or_latest_run(args.model, say=lambda s: print(s, file=sys.stderr))  # stdout: --json
     kw = {"format": args.format} if args.format else {}
     if args.num_heads:
         kw["num_heads"] = args.num_heads
     model = from_pretrained(source, device=args.device, **kw).eval()
-    results = predict_files(model, args.images, top_k=args.top_k, batch_size=args.batch_size,
-                            max_pixels=args.max_pixels, progress=len(args.images) > args.batch_size and not args.json,
+    files = image_inputs(args.images)
+    results = predict_files(model, files, top_k=args.top_k, batch_size=args.batch_size,
+                            max_pixels=args.max_pixels, progress=len(files) > args.batch_size and not args.json,
                             dtype=args.dtype)
+    folder = any(Path(s).is_dir() for s in args.images)
     failed = [r for r in results if "error" in r]
     if args.json:
-        print(json.dumps({"model": str(source), "results": results}, indent=2))
+        print(json.dumps({"model": str(source), "results": results}, indent=2, allow_nan=False))
     else:
         _say_embedding(model, source)
         for r in results:
             if "error" in r:
+                continue
+            if folder:  # a folder's images: one line each
+                print(one_line(r))
                 continue
             print(r["file"])
             if "embedding" in r:
@@ -150,8 +162,30 @@ def run(args) -> int:
     return 1 if failed else 0
 
 
+def image_inputs(specs: list[str]) -> list[str]:
+    """The images to predict: files and built-ins as given (a missing one is reported in its turn),
+    a folder's images as embed lists them (recursive, sorted: vitkit.features.loader.list_images)."""
+    from pathlib import Path
+
+    from ..features.loader import list_images
+
+    return [f for s in specs for f in (list_images([s])[0] if Path(s).is_dir() else [s])]
+
+
+def one_line(r: dict) -> str:
+    """One result on one line: the file, then its top-k (label prob), embedding or outputs."""
+    if "embedding" in r:
+        return f"{r['file']}  embedding {r['dim']}-d, L2 norm {r['norm']:.6g}"
+    if "predictions" in r:
+        return f"{r['file']}  " + "  ".join(f"{p['label']} {p['prob']:.4f}" for p in r["predictions"])
+    names = r.get("names") or [f"output {i}" for i in range(len(r["outputs"]))]
+    return f"{r['file']}  " + "  ".join(f"{n} {v:.6g}" for n, v in zip(names, r["outputs"]))
+
+
 def _say_embedding(model, source) -> None:
     """Once, before the per-image lines of an embedding model: what it outputs and where the vectors go."""
+    import shlex
+
     from ..interop.labels import embedding_output
 
     if not embedding_output(model):
@@ -161,6 +195,6 @@ def _say_embedding(model, source) -> None:
     D = c.num_classes or c.head_hidden_dim or c.dim
     print(f"this model{f' ({family})' if family else ''} outputs {D}-d image embeddings, not class scores; "
           f"shown is each embedding's L2 norm. `vitkit predict --json` prints the vectors; "
-          f"`vitkit embed IMAGES --model {source} --out FILE.parquet` writes them as a table for search, k-NN and "
+          f"`vitkit embed IMAGES --model {shlex.quote(str(source))} --out FILE.parquet` writes them as a table for search, k-NN and "
           "probes" + (f" (its default --pool model is the {c.head_hidden_dim or c.dim}-d vector before this "
                       "model's projection head)" if c.num_classes else "") + ".")

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 HELP = "linear-probe accuracy of a model's frozen features on a labelled dataset"
 DESCRIPTION = ("Multinomial logistic regression (scikit-learn) on frozen features: fit on train, the "
-               "regularisation C chosen from a small sweep by val top-1, scored on test (top-1 / top-5).")
+               "regularisation C chosen from a small sweep by top-1 on the validation split, scored on the test "
+               "split (top-1, and top-5 with more than 5 classes). C is never chosen on the scored split: without "
+               "a validation split part of train is held out for it (--val-fraction, --seed); without a test "
+               "split the validation split is scored. The result names both.")
 
 
 def add_arguments(p) -> None:
@@ -21,10 +24,9 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    import json
-
     from ..errors import ConfigError
     from ..features import FeatureSpec, probe_on_dataset
+    from ..output import json_text
     from .embed import dataset_options, model_and_source, print_skipped
 
     try:
@@ -40,11 +42,13 @@ def run(args) -> int:
                          **dataset_options(args))
     skipped, r["skipped"] = r["skipped"], len(r["skipped"])
     if args.json:
-        print(json.dumps({"model": str(args.model), "dataset": args.dataset, **r}, indent=2))
+        print(json_text({"model": str(args.model), "dataset": args.dataset, **r}))
     else:
         for s in r["sweep"]:
-            print(f"  C={s['C']:<8g} val top-1 {s['val_top1']:.4f}" + ("" if s["converged"] else "  (not converged)"))
-        print(f"{args.dataset} {r['split']}: linear probe (C={r['C']:g}) on {r['train_count']} train images, "
-              f"{r['count']} scored: top-1 {r['top1']:.4f}  top-5 {r['top5']:.4f}")
+            print(f"  C={s['C']:<8g} {r['select_split']} top-1 {s['val_top1']:.4f}"
+                  + ("" if s["converged"] else "  (not converged)"))
+        top5 = f"  top-5 {r['top5']:.4f}" if r["top5"] is not None else f"  ({r['top5_note']})"
+        print(f"{args.dataset} {r['split']} split: linear probe (C={r['C']:g}, chosen on the {r['select_split']} "
+              f"split) on {r['train_count']} train images, {r['count']} scored: top-1 {r['top1']:.4f}{top5}")
     print_skipped("probe", [(p, "unreadable") for p in skipped])
     return 0

@@ -1,4 +1,5 @@
-"""vitkit summary: layer table, totals and the shape walk-through of one real image."""
+"""vitkit summary: layer table, totals and the shape walk-through of one real image, for a preset or
+any model source vitkit.from_pretrained reads."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ HELP = "print a layer table (name, output shape, parameters) and the shape walk-
 
 
 def add_arguments(p) -> None:
-    p.add_argument("name", help="preset name (vit_base_patch16_224, ViT-B/16) or a vitkit model directory")
+    p.add_argument("name", help="preset name (vit_base_patch16_224, ViT-B/16), or any model source vitkit.from_pretrained "
+                                "reads: a vitkit model or run directory, a timm / Hugging Face / torchvision / JAX "
+                                "checkpoint file or directory, a hub id")
     p.add_argument("--image-size", type=int, nargs="+", metavar=("H", "W"), help="input size: H [W]")
     p.add_argument("--patch-size", type=int, nargs="+", metavar=("PH", "PW"), help="patch size: P [PW]")
     p.add_argument("--in-channels", type=int, help="number of input channels (1 for grey images)")
@@ -31,16 +34,34 @@ def run(args) -> int:
 
     import torch
 
-    from .. import create_model, load_model
+    from .. import create_model
+    from ..config import resolve_name
     from ..data.image import load_image
     from ..data.transforms import default_preprocess, eval_transform
+    from ..errors import ConfigError
+    from ..interop import model_from_converted, read_pretrained
+    from ..interop.hub import looks_like_hub_id
     from ..summary import format_table, walkthrough
 
     overrides = {k: v for k, v in {"image_size": _size(args.image_size), "patch_size": _size(args.patch_size),
                                    "in_channels": args.in_channels, "num_classes": args.num_classes}.items()
                  if v is not None}
-    if Path(args.name).is_dir():
-        model = load_model(args.name, **overrides)
+    try:
+        resolve_name(args.name)
+        not_preset = None
+    except ConfigError as e:
+        not_preset = e
+    if Path(args.name).exists() or (not_preset and looks_like_hub_id(args.name)):
+        if "patch_size" in overrides:
+            raise ConfigError(f"--patch-size applies to a preset only: the patch size of {args.name} is fixed by its "
+                              "weights")
+        # as vitkit.load_model: a new size resamples the position table; the other flags change the
+        # config, and weights that cannot fit it are an error naming them
+        size = overrides.pop("image_size", None)
+        model = model_from_converted(read_pretrained(args.name), adapt={"image_size": size} if size else {},
+                                     **overrides)
+    elif not_preset:
+        raise ConfigError(f"{args.name}: no such file, directory or hub id, nor a preset: {not_preset}") from not_preset
     else:
         torch.manual_seed(0)
         model = create_model(args.name, **overrides)

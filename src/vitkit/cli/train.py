@@ -20,8 +20,11 @@ def add_arguments(p) -> None:
     from ..train.config import TrainConfig, _resolve
 
     p.add_argument("--config", metavar="FILE", help="yaml or json file of training options (flags below override it)")
-    p.add_argument("--resume", metavar="RUN_DIR",
-                   help="continue an interrupted run from RUN_DIR/train_state.pt with its saved config")
+    p.add_argument("--resume", metavar="RUN_DIR", help=(
+        "continue an interrupted run from RUN_DIR/train_state.pt with its saved config (a run stopped before its "
+        "first checkpoint starts again from the beginning). It may change only " + resume_changeable() + "; each "
+        "change is recorded in RUN_DIR/amendments.yaml (config.yaml is never rewritten). Options that change the "
+        "model's shapes, the data or the recipe (--dim, --dataset, --batch-size, --seed, ...) are refused"))
     defaults = TrainConfig()
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
@@ -35,8 +38,11 @@ def add_arguments(p) -> None:
         # default=SUPPRESS: only the flags the user passed reach the config (explicit values matter,
         # e.g. architecture flags with --pretrained are an error, not silently ignored)
         if is_bool:
-            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                           help=help_)
+            # --progress, --progress false (as many tools spell it; TrainConfig checks the word) and --no-progress
+            off = "--no-" + flag[2:]
+            p.add_argument(flag, dest=f.name, nargs="?", const=True, default=argparse.SUPPRESS, metavar="BOOL",
+                           help=f"{help_}; {flag} false or {off} turns it off")
+            p.add_argument(off, dest=f.name, action="store_false", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         elif isinstance(default, tuple):
             p.add_argument(flag, dest=f.name, nargs=len(default), default=argparse.SUPPRESS, metavar="X", help=help_)
         else:
@@ -44,32 +50,39 @@ def add_arguments(p) -> None:
                            help=help_)
 
 
-def config_from_args(args):
-    """TrainConfig from defaults <- --config file <- flags (type-checked by TrainConfig)."""
-    from pathlib import Path
+def resume_changeable() -> str:
+    from ..train.config import RESUME_CHANGEABLE
 
-    from ..train.config import TrainConfig, field_names, read_config_file
-    from ..train.loop import CONFIG_FILE
+    return ", ".join("--" + k.replace("_", "-") for k in RESUME_CHANGEABLE)
+
+
+def config_from_args(args):
+    """TrainConfig from defaults <- --config file <- flags (type-checked by TrainConfig). On --resume the
+    base is the run's effective config (config.yaml + amendments.yaml); train() refuses what may not change."""
+    from ..train.config import TrainConfig, field_names, read_config_file, read_run_config
 
     flags = {k: getattr(args, k) for k in field_names() if hasattr(args, k)}
     base: dict = {}
     if getattr(args, "resume", None):
-        saved = Path(args.resume) / CONFIG_FILE
-        if not saved.is_file():
-            from ..errors import CheckpointError
-
-            raise CheckpointError(f"--resume {args.resume}: no {CONFIG_FILE} there (not a vitkit training run)")
-        base = read_config_file(saved, note=lambda msg: None)  # the run dir is --resume's argument
+        base = read_run_config(args.resume)
     if getattr(args, "config", None):
         base.update(read_config_file(args.config))  # drops out / overwrite: a recipe never says where to write
     return TrainConfig.from_dict({**base, **flags})
 
 
 def next_steps(summary: dict) -> str:
-    """What to try after a run (the demo's last words)."""
-    run = summary["run_dir"]
-    img = "digits:5" if summary["dataset"] == "digits" else "IMAGE.png"
-    cmds = [(f"vitkit predict --model {run} {img}", "classify an image (digits:5 is a built-in digit)"),
+    """What to try after a run (the demo's last words): commands to paste, paths shell-quoted, on an
+    image of the run's own data (``example_image``; the digits recipe: a built-in digit)."""
+    import shlex
+
+    run = shlex.quote(summary["run_dir"])
+    if summary["dataset"] == "digits":
+        img, what = "digits:5", "digits:5 is a built-in digit"
+    elif summary.get("example_image"):
+        img, what = shlex.quote(summary["example_image"]), f"one of this run's {summary.get('test_split', 'test')} images"
+    else:  # data with no files to name (tensors, a Hugging Face dataset, shards)
+        img, what = "IMAGE.png", "IMAGE.png: one of your images"
+    cmds = [(f"vitkit predict --model {run} {img}", f"classify an image ({what})"),
             (f"vitkit explain --model {run} {img}", "what the model looks at (report.html + explore.html)"),
             (f"vitkit eval --model {run}", "test-split report + confusion matrix"),
             ("vitkit train --dataset imagefolder --data-dir DIR",

@@ -16,7 +16,8 @@ saved model's preprocessing so ``vitkit predict`` sees the same numbers.
   arrays and plain containers. ``--download`` fetches them via torchvision; without it a missing
   file is an error saying what to put where. Validation is split from train (stratified, seeded);
   test is the official test set.
-* ``imagefolder``: ``<data_dir>/train/<class>/*.png|jpg...`` plus ``val/`` and/or ``test/``.
+* ``imagefolder``: ``<data_dir>/train/<class>/*.png|jpg...`` plus ``val/`` and/or ``test/``; or a flat
+  ``<data_dir>/<class>/*`` (the training set; validation held out from it, no test split).
 * ``csv`` (regression): a CSV with a header, the first column an image path (relative to the
   CSV's folder), then one or more float target columns.
 """
@@ -37,6 +38,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import ConfigError, InputError
+from .validation import HELD_OUT, hold_out
 
 log = logging.getLogger("vitkit.data")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -143,6 +145,10 @@ class DataSplits:
     # None: the trainer then picks one from image_hw (vitkit.train.build.auto_patch_size).
     patch_size: int | None = None
     skipped_files: list[str] = field(default_factory=list)  # dropped by the pre-training checks (--skip-bad-images)
+    # The split each role really reads, for every report: "val" or "train-holdout" (held out from train by
+    # vitkit.data.validation); test_name is val_name when the data has no test split (test is then val).
+    val_name: str = "val"
+    test_name: str = "test"
 
     def splits(self):
         """(name, dataset) of the splits that exist."""
@@ -233,6 +239,9 @@ def build_data(spec) -> DataSplits:
 
     name = spec.dataset
     splits = get_builder(name)(spec)
+    if splits.test is None:  # no test split: the final numbers are on the validation split, and say so
+        splits.test, splits.test_name = splits.val, splits.val_name
+        splits.notes.append(f"{name}: no test split; final numbers are on the {splits.val_name} split")
     if splits.task == "classification":
         for split_name, ds in splits.splits():
             check_labels(ds.targets, splits.num_outputs, f"{name} {split_name} split")
@@ -251,10 +260,12 @@ def build_data(spec) -> DataSplits:
 def _in_memory(name, cfg, train_x, train_y, test_x, test_y, classes, hflip_ok, val_from_train=True):
     hw, note, _ = resolve_hw(cfg, NATIVE_SIZE[name])
     y = train_y.numpy()
+    # kept as first written (not vitkit.data.validation.holdout_indices, which cuts the other way round) so
+    # that existing runs resume on the same split and normalisation
     tr, va = stratified_split(y, [1 - cfg.val_fraction], cfg.seed) if val_from_train else (np.arange(len(y)), [])
     mean, std = _stats(train_x[torch.as_tensor(tr)])
     return DataSplits(
-        name=name, train=TensorImageDataset(train_x[tr], train_y[tr], hw),
+        name=name, train=TensorImageDataset(train_x[tr], train_y[tr], hw), val_name=HELD_OUT,
         val=TensorImageDataset(train_x[va], train_y[va], hw) if len(va) else None,
         test=TensorImageDataset(test_x, test_y, hw), task="classification", num_outputs=len(classes),
         in_channels=train_x.shape[1], image_hw=hw, classes=classes, mean=mean, std=std, hflip_ok=hflip_ok,
@@ -368,18 +379,24 @@ def _list_images(folder: Path) -> list[Path]:
 
 
 def _imagefolder(cfg) -> DataSplits:
-    """``DIR/train/<class>/*``, ``DIR/val/<class>/*``, ``DIR/test/<class>/*`` (val split from train,
-    stratified and seeded, when neither val/ nor test/ exists). Checked before training: class
+    """``DIR/train/<class>/*``, ``DIR/val/<class>/*``, ``DIR/test/<class>/*`` (without val/, a validation
+    split held out from train: :mod:`vitkit.data.validation`; test/ is never used to validate). Checked before training: class
     folders of val/ and test/ must be training classes; an empty class folder is refused unless
     ``allow_empty_classes`` (it would be a class the model can never learn)."""
     root = _need_dir(cfg)
     train_dir = root / "train"
+    notes: list[str] = []
     if not train_dir.is_dir():
-        raise InputError(f"imagefolder: expected {train_dir} with one sub-folder per class (and val/ or test/)")
+        # A flat DIR/<class>/ folder (no train/, val/, test/) is the training set; validation is held out below.
+        if not root.is_dir() or any((root / s).is_dir() for s in ("val", "test")) or \
+                not any(d.is_dir() for d in root.iterdir()):
+            raise InputError(f"imagefolder: expected {train_dir} with one sub-folder per class (and val/ or test/), "
+                             f"or class sub-folders directly in {root}")
+        train_dir = root
+        notes.append(f"imagefolder: no train/ in {root}; its class folders are the training set")
     classes = sorted(d.name for d in train_dir.iterdir() if d.is_dir())
     if not classes:
         raise InputError(f"imagefolder: {train_dir} has no class sub-folders")
-    notes: list[str] = []
 
     def scan(split_dir: Path):
         paths, labels, empty = [], [], []
@@ -412,22 +429,15 @@ def _imagefolder(cfg) -> DataSplits:
             if not p:
                 raise InputError(f"imagefolder: {root / s} holds no images; remove it or add images per class")
             splits[s] = (p, y)
-    if not splits:
-        va_i, tr_i = stratified_split(tr_y.numpy(), [cfg.val_fraction], cfg.seed)
-        if not len(va_i):
-            raise InputError(f"imagefolder: no val/ or test/ folder, and --val-fraction {cfg.val_fraction} of "
-                             f"{len(tr_y)} training images holds none out: add {root / 'val'} or raise --val-fraction")
-        splits["val"] = ([tr_paths[i] for i in va_i], tr_y[va_i])
-        tr_paths, tr_y = [tr_paths[i] for i in tr_i], tr_y[tr_i]
-        notes.append(f"imagefolder: no val/ or test/; validation split from train ({cfg.val_fraction:.0%}, "
-                     "stratified), no test split")
-    elif "val" not in splits or "test" not in splits:
-        only = next(iter(splits))
-        splits["val" if only == "test" else "test"] = splits[only]
-        notes.append(f"imagefolder: only {only}/ found; it serves as both validation and test set")
     mk = lambda split, p, y: FileImageDataset(p, y, hw, "RGB", cfg.skip_bad_images, split=split)  # noqa: E731
+    train, val_name = mk("train", tr_paths, tr_y), "val"
+    if "val" in splits:
+        val = mk("validation", *splits["val"])
+    else:  # never validate on test/: hold out part of train
+        train, val, note = hold_out(train, cfg.val_fraction, cfg.seed, f"imagefolder {root}")
+        val_name = HELD_OUT
+        notes.append(note)
     mean, std = [0.5] * 3, [0.5] * 3  # fixed: avoids a full pass over the files
-    val = mk("validation", *splits["val"])
     test = mk("test", *splits["test"]) if "test" in splits else None
     skipped: list[str] = []
     if cfg.check_files:
@@ -436,25 +446,31 @@ def _imagefolder(cfg) -> DataSplits:
         where = lambda k: "imagefolder: "  # noqa: E731
         val = _check_files(val, "validation", where, cfg.skip_bad_images, skipped)
         if test is not None:
-            test = val if splits["test"] is splits["val"] else _check_files(test, "test", where,
-                                                                             cfg.skip_bad_images, skipped)
-    return DataSplits(name="imagefolder", train=mk("train", tr_paths, tr_y), val=val, test=test,
+            test = _check_files(test, "test", where, cfg.skip_bad_images, skipped)
+    return DataSplits(name="imagefolder", train=train, val=val, test=test, val_name=val_name,
                       task="classification", num_outputs=len(classes), in_channels=3, image_hw=hw, classes=classes,
                       mean=mean, std=std, hflip_ok=True, notes=notes, size_note=size_note, size_from_data=from_data,
                       skipped_files=skipped)
 
 
 def _csv_rows(path: Path, cfg):
-    """(paths, targets (N, T) float, target column names, line numbers), every row checked."""
+    """(paths, targets (N, T) float, target column names, line numbers), every row checked. The
+    delimiter (, ; tab |) is sniffed from the header line: spreadsheets in many locales write ';'."""
     with open(path, newline="") as f:
-        rows = list(csv.reader(f))
+        text = f.read()
+    try:
+        delimiter = csv.Sniffer().sniff(text.partition("\n")[0], delimiters=",;\t|").delimiter
+    except csv.Error:  # a single column: nothing to tell the delimiter by
+        delimiter = ","
+    rows = list(csv.reader(io.StringIO(text), delimiter=delimiter))
     if len(rows) < 2:
         raise InputError(f"csv: {path} needs a header row and at least one data row")
     header = [h.strip() for h in rows[0]]
     cols = [c.strip() for c in cfg.target_columns.split(",")] if cfg.target_columns else header[1:]
     missing = [c for c in cols if c not in header]
     if missing or not cols:
-        raise InputError(f"csv: target column(s) {missing or cols} not in header {header}")
+        raise InputError(f"csv: target column(s) {missing or cols} not in header {header} (columns split at "
+                         f"{delimiter!r}; expected the image path first, then the target columns)")
     ci = [header.index(c) for c in cols]
     base = path.parent.resolve()
     paths, targets, lines = [], [], []
@@ -519,6 +535,7 @@ def _csv(cfg) -> DataSplits:
     n_hold = max(1, int(round(cfg.val_fraction * len(y)))) if len(y) >= 3 else 0
     te_i, va_i, tr_i = perm[:n_hold], perm[n_hold:2 * n_hold], perm[2 * n_hold:]
     notes = [f"csv targets: {cols}"]
+    held = "train" if not n_hold else None
     if not n_hold:
         te_i = va_i = tr_i
         notes.append("csv: fewer than 3 rows; train, validation and test are the same rows")
@@ -536,4 +553,4 @@ def _csv(cfg) -> DataSplits:
     return DataSplits(name="csv", train=out["train"], val=out["validation"], test=out["test"], task="regression",
                       num_outputs=len(cols), in_channels=3, image_hw=hw, classes=cols, mean=[0.5] * 3,
                       std=[0.5] * 3, hflip_ok=False, notes=notes, size_note=size_note, size_from_data=from_data,
-                      skipped_files=skipped)
+                      skipped_files=skipped, val_name=held or "val", test_name=held or "test")

@@ -5,7 +5,11 @@ refused before anything is decoded), then decodes JPEG / PNG / WebP with ``torch
 (libjpeg-turbo / libpng straight into a (C, H, W) uint8 tensor, no PIL round trip) and every other
 format Pillow reads (BMP, TIFF, GIF, PPM ...) with ``vitkit.data.image.load_image``'s rules.
 High-bit-depth images (16-bit PNG / TIFF) are scaled to 8 bits with ``vitkit.data.image.to_uint8``
-(round(v / 257), the same as ``load_image`` for predict and explain), never clipped.
+(round(v / 257), the same as ``load_image`` for predict and explain), never clipped. The EXIF
+orientation is read from the header (``vitkit.data.image.exif_orientation``) and applied to the
+decoded tensor (``orient_tensor``), as ``load_image`` applies it to the PIL image; header sizes are
+the upright sizes. Grey WebP and animated WebP go to Pillow (torchvision's WebP decoder has no grey
+mode, only a C++ warning, and refuses animations; Pillow reads the first frame, as predict does).
 
 Every failure is an ``InputError`` whose message starts with the file's name.
 """
@@ -20,7 +24,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError
-from .image import _PIL_LIMIT_LOCK, DEFAULT_MAX_PIXELS, to_uint8
+from .image import _PIL_LIMIT_LOCK, DEFAULT_MAX_PIXELS, exif_orientation, to_uint8
 
 # Formats torchvision.io decodes itself (faster than PIL and no PIL -> tensor copy).
 _TV_FORMATS = {"JPEG", "PNG", "WEBP"}
@@ -49,9 +53,24 @@ def max_pixels_limit() -> int:
     return int(os.environ.get("VITKIT_MAX_IMAGE_PIXELS", "") or DEFAULT_MAX_PIXELS)
 
 
+def orient_tensor(x: torch.Tensor, orientation: int) -> torch.Tensor:
+    """(C, H, W) as stored -> upright for EXIF ``orientation``: ``ImageOps.exif_transpose``'s
+    transposes (vitkit.data.image.EXIF_TRANSPOSE) on a tensor (5-8 swap H and W)."""
+    if orientation in (5, 6, 7, 8):
+        x = x.transpose(-2, -1)  # 5: PIL's TRANSPOSE; 6-8 add a flip
+    flips = {2: (-1,), 3: (-2, -1), 4: (-2,), 6: (-1,), 7: (-2, -1), 8: (-2,)}.get(orientation)
+    return x.flip(flips) if flips else x
+
+
 def image_header(data, name: str, max_pixels: int | None = None):
-    """(format, (width, height)) from the header only (``data``: bytes or a binary file object);
-    InputError naming ``name`` if unreadable."""
+    """(format, (width, height) upright, after the EXIF orientation) from the header only (``data``:
+    bytes or a binary file object); InputError naming ``name`` if unreadable."""
+    fmt, (w, h), orientation, _ = _header(data, name, max_pixels)
+    return fmt, ((h, w) if orientation >= 5 else (w, h))
+
+
+def _header(data, name: str, max_pixels: int | None = None):
+    """(format, (width, height) as stored, EXIF orientation, animated) from the header only."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -75,14 +94,14 @@ def image_header(data, name: str, max_pixels: int | None = None):
         raise InputError(f"{name}: image is {w}x{h} = {w * h:,} pixels, over the limit of {max_pixels:,}; "
                          "downscale it first, or raise the limit with the environment variable "
                          "VITKIT_MAX_IMAGE_PIXELS=N")
-    return img.format, (w, h)
+    return img.format, (w, h), exif_orientation(img), bool(getattr(img, "is_animated", False))
 
 
 def decode_bytes(data: bytes, name: str, channels: int = 3, max_pixels: int | None = None) -> torch.Tensor:
     """Encoded image bytes -> uint8 tensor (channels, H, W). ``name`` is used in error messages."""
     ImageReadMode, decode_image = _tv_decoder()
-    fmt, _ = image_header(data, name, max_pixels)
-    if fmt in _TV_FORMATS:
+    fmt, _, orientation, animated = _header(data, name, max_pixels)
+    if fmt in _TV_FORMATS and not (fmt == "WEBP" and (channels == 1 or animated)):
         try:
             x = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8),
                              mode=ImageReadMode.RGB if channels == 3 else ImageReadMode.GRAY)
@@ -92,7 +111,7 @@ def decode_bytes(data: bytes, name: str, channels: int = 3, max_pixels: int | No
         x = _decode_pil(data, name, channels)
     if x.dtype != torch.uint8:  # 16-bit PNG: round(v / 257), as load_image (predict) does
         x = to_uint8(x)
-    return x
+    return orient_tensor(x, orientation)
 
 
 # torchvision 0.29 marks its decoders deprecated in favour of TorchCodec (not a dependency here);

@@ -5,10 +5,13 @@ PATH is a dataset saved with ``save_to_disk`` (a ``DatasetDict`` with ``train`` 
 ``validation-*.parquet``, ``test-*.parquet``, or sub-folders ``train/`` ... holding them, as on the
 Hub). Columns ``image`` and ``label`` by default (``--image-column`` / ``--label-column``); the image
 column holds encoded images (an ``Image`` feature, or raw bytes), decoded in the loader's workers;
-a ``ClassLabel`` label column gives the class names. Missing columns, a val / test label that the
-training split never uses, or no ``train`` split are errors before training starts. Without a
-validation split, one is held out from train (stratified, seeded); without a test split the
-validation split serves as both.
+a ``ClassLabel`` label column gives the class names; a column of text labels ("cat", "digit0") is read
+as class names (the sorted names of the train split, the same indices for every split). Missing columns, a val / test label that the
+training split never uses, or no ``train`` split are errors before training starts. A val / test
+split whose ``ClassLabel`` lists the names in another order is matched to train's by name
+(:mod:`vitkit.data.labels`). Without a validation split, one is held out from train
+(:mod:`vitkit.data.validation`); without a test split the final numbers are on the validation
+split, and named so.
 """
 
 from __future__ import annotations
@@ -74,7 +77,12 @@ def _load(path: Path) -> dict:
     """{"train": Dataset, "val": ..., "test": ...} from save_to_disk output or parquet files."""
     datasets = require("datasets", "--dataset hf")
     if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
-        obj = datasets.load_from_disk(str(path))
+        pa = require("pyarrow", "--dataset hf")
+        try:
+            obj = datasets.load_from_disk(str(path))
+        except (pa.ArrowException, OSError) as e:
+            raise InputError(f"hf: {path}: cannot read the saved dataset ({_first_line(e)}); a truncated or "
+                             "partly copied folder? Save or copy it again") from None
         if isinstance(obj, datasets.DatasetDict):
             out = {}
             for k, v in obj.items():
@@ -105,13 +113,53 @@ def _load(path: Path) -> dict:
     pa = require("pyarrow", "--dataset hf (parquet)")
     # datasets.Dataset over the memory-mapped table keeps the features (ClassLabel names) stored in the
     # parquet schema metadata, without writing a cache copy.
-    return {s: datasets.Dataset(pa.concat_tables([pq.read_table(f, memory_map=True) for f in fs]))
+    return {s: datasets.Dataset(pa.concat_tables([_read_parquet(pq, pa, f) for f in fs]))
             for s, fs in groups.items()}
 
 
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def _read_parquet(pq, pa, f: Path):
+    try:
+        return pq.read_table(f, memory_map=True)
+    except (pa.ArrowException, OSError) as e:
+        raise InputError(f"hf: {f}: not a readable parquet file ({_first_line(e)}); a truncated copy or "
+                         "download? Copy or write it again") from None
+
+
+_NONE = object()
+
+
+def _label_ids(values: dict[str, list], column: str) -> tuple[dict[str, np.ndarray], list[str] | None]:
+    """({split: int64 class ids}, class names or None) from each split's label values: integer ids
+    as they are; text labels are class names, numbered in the sorted order of the train split's."""
+    named = any(isinstance(v, str) for vs in values.values() for v in vs)
+    for s, vs in values.items():
+        bad = next((v for v in vs if not (isinstance(v, str) if named else
+                                          isinstance(v, (int, np.integer)) and not isinstance(v, bool))), _NONE)
+        if bad is not _NONE:
+            what = ("empty (None)" if bad is None else "decimal numbers" if isinstance(bad, float) else
+                    "both class names and other values" if named else type(bad).__name__ + " values")
+            raise InputError(f"hf: label column {column!r} of the {s} split holds {what} (e.g. {bad!r}); expected "
+                             "integer class ids or class names (text) in every row")
+    if not named:
+        return {s: np.asarray(vs, dtype=np.int64) for s, vs in values.items()}, None
+    classes = sorted(set(values["train"]))
+    pos = {name: i for i, name in enumerate(classes)}
+    for s, vs in values.items():
+        unknown = sorted(set(vs) - pos.keys())
+        if unknown:
+            raise InputError(f"hf: the {s} split uses class name(s) {unknown[:10]} that no training row has")
+    return {s: np.asarray([pos[v] for v in vs], dtype=np.int64) for s, vs in values.items()}, classes
+
+
 def build_hf(spec):
-    from .datasets import DataSplits, _need_dir, resolve_hw, stratified_split
+    from .datasets import DataSplits, _need_dir, resolve_hw
     from .files import image_header
+    from .labels import check_unique, match_labels
+    from .validation import HELD_OUT, holdout_indices, holdout_note
 
     datasets = require("datasets", "--dataset hf")
     path = _need_dir(spec)
@@ -133,30 +181,43 @@ def build_hf(spec):
         if isinstance(ds.features[img_col], datasets.Image):
             ds = ds.cast_column(img_col, datasets.Image(decode=False))  # bytes to the workers, decoded there
         splits[s] = ds
-    labels = {s: np.asarray(list(ds[lab_col])) for s, ds in splits.items()}
-    for s, y in labels.items():
-        if y.dtype.kind not in "iu":
-            raise InputError(f"hf: label column {lab_col!r} of the {s} split holds {y.dtype} values; expected "
-                             "integer class ids (a ClassLabel)")
-    train_set = set(labels["train"].tolist())
+    labels, classes = _label_ids({s: list(ds[lab_col]) for s, ds in splits.items()}, lab_col)
+    if classes is not None:
+        notes.append(f"hf: label column {lab_col!r} holds class names: {len(classes)} classes, numbered in sorted "
+                     "order")
     if isinstance(label_feat, datasets.ClassLabel):
         classes = list(label_feat.names)
-    else:
+        check_unique(classes, f"hf {path}: the train split's {lab_col!r} names")
+        for s in ("val", "test"):  # the same names in another order: matched to train's by name
+            names = splits[s].features[lab_col].names if s in splits and isinstance(
+                splits[s].features[lab_col], datasets.ClassLabel) else classes
+            if list(names) != classes:
+                try:
+                    idx = np.asarray(match_labels(classes, names, what="the train split", map_option=False).index)
+                except InputError as e:
+                    raise InputError(f"hf {path}: the {s} split's class names: {e}") from None
+                y = labels[s].copy()
+                ok = (y >= 0) & (y < len(idx))
+                y[ok] = idx[y[ok]]
+                labels[s] = y
+                notes.append(f"hf: the {s} split's class names are in another order; matched to train's by name")
+    elif classes is None:
         classes = [str(i) for i in range(int(labels["train"].max()) + 1)]
+    train_set = set(labels["train"].tolist())
     for s in ("val", "test"):
         if s in labels:
             extra = sorted(set(labels[s].tolist()) - train_set)
             if extra:
                 raise InputError(f"hf: the {s} split uses label(s) {extra[:10]} that no training row has")
+    val_name = "val"
     if "val" not in splits:
-        va, tr = stratified_split(labels["train"], [spec.val_fraction], spec.seed)
+        n = len(labels["train"])
+        tr, va = holdout_indices(labels["train"], spec.val_fraction, spec.seed, f"hf {path}")
         full = splits["train"]
         splits["train"], splits["val"] = full.select(tr.tolist()), full.select(va.tolist())
         labels["train"], labels["val"] = labels["train"][tr], labels["train"][va]
-        notes.append(f"hf: no validation split; {spec.val_fraction:.0%} of train held out (stratified)")
-    if "test" not in splits:
-        splits["test"], labels["test"] = splits["val"], labels["val"]
-        notes.append("hf: no test split; the validation split serves as both")
+        notes.append(holdout_note(f"hf {path}", spec.val_fraction, spec.seed, len(va), n))
+        val_name = HELD_OUT
     # image size from a sample of the training images' headers
     probe_ds = HFImageDataset(splits["train"], img_col, lab_col, (1, 1), "train",
                               torch.as_tensor(labels["train"]))
@@ -172,6 +233,7 @@ def build_hf(spec):
             break
     hw, size_note, from_data = resolve_hw(spec, sizes=sizes)
     mk = lambda s: HFImageDataset(splits[s], img_col, lab_col, hw, s, torch.as_tensor(labels[s], dtype=torch.long))  # noqa: E731
-    return DataSplits(name="hf", train=mk("train"), val=mk("val"), test=mk("test"), task="classification",
+    return DataSplits(name="hf", train=mk("train"), val=mk("val"), test=mk("test") if "test" in splits else None,
+                      val_name=val_name, task="classification",
                       num_outputs=len(classes), in_channels=3, image_hw=hw, classes=classes, mean=[0.5] * 3,
                       std=[0.5] * 3, hflip_ok=True, notes=notes, size_note=size_note, size_from_data=from_data)

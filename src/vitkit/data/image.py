@@ -13,17 +13,24 @@ v * 255/65535 rounded, which maps 65535 to 255 and an 8-bit value stored as 16 b
 to k exactly. 16-bit RGB(A) / LA PNGs need nothing: Pillow already keeps their high byte.
 ``to_uint8`` also takes tensors, so a decoder that returns ``torch.uint16`` (torchvision's
 ``decode_image`` on a 16-bit PNG) gives the same 8-bit values as ``load_image``.
+
+EXIF orientation: a phone photo is stored sideways with an orientation tag (6: turn 90 degrees
+clockwise to view). Every decoder applies it the way PIL's ``ImageOps.exif_transpose`` does:
+``load_image`` (predict, explain, summary) with the same PIL transposes, and
+``vitkit.data.files.decode_bytes`` (training, evaluation, embed) on the decoded tensor; both read the
+tag with ``exif_orientation`` before any pixel is decoded, so the paths cannot disagree.
 """
 
 from __future__ import annotations
 
 import os
+import struct
 import threading
 import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import ExifTags, Image, UnidentifiedImageError
 
 from ..errors import InputError
 
@@ -35,6 +42,28 @@ _PIL_LIMIT_LOCK = threading.Lock()
 
 
 HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+# PIL's ImageOps.exif_transpose table: EXIF orientation -> the transpose that shows the image upright
+# (vitkit.data.files.orient_tensor is the same table on (C, H, W) tensors).
+EXIF_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+                  4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270,
+                  7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
+
+
+def exif_orientation(img: Image.Image) -> int:
+    """The EXIF orientation (1..8, 1 = upright as stored) of an opened, not yet decoded image, read
+    as ``ImageOps.exif_transpose`` reads it (the EXIF tag, else XMP's tiff:Orientation). A PNG counts
+    only the chunks before its image data: Pillow's PNG reader would decode the whole image to look
+    for an eXIf chunk after it (rare), which every header read would pay for."""
+    try:
+        if img.format == "PNG" and "exif" not in img.info:
+            exif = Image.Image.getexif(img)  # the base reader: only what the header chunks hold
+        else:
+            exif = img.getexif()
+        value = exif.get(ExifTags.Base.Orientation, 1)
+    except (OSError, SyntaxError, ValueError, struct.error):
+        return 1  # an unreadable EXIF block: shown as stored, as image viewers do
+    return value if isinstance(value, int) and value in EXIF_TRANSPOSE else 1
 
 
 def to_uint8(x):
@@ -87,6 +116,7 @@ def load_image(path: str | Path, mode: str | None = "RGB", max_pixels: int | Non
                     img = Image.open(p)
                 finally:
                     Image.MAX_IMAGE_PIXELS = pil_limit
+            orientation = exif_orientation(img)  # before load(): what decode_bytes sees from the header
             w, h = img.size
             if w * h > max_pixels:
                 raise InputError(
@@ -105,6 +135,8 @@ def load_image(path: str | Path, mode: str | None = "RGB", max_pixels: int | Non
         raise InputError(f"{p}: cannot decode image ({e})") from e
     if img.mode in HIGH_BIT_MODES:  # 16-bit grey: scale, don't let convert() clip at 255
         img = Image.fromarray(to_uint8(np.asarray(img)))
+    if orientation != 1:
+        img = img.transpose(EXIF_TRANSPOSE[orientation])
     return img.convert(mode) if mode else img
 
 

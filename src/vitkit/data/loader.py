@@ -25,7 +25,7 @@ a batched fast path in the main process (one indexing op per batch, no per-sampl
 workers whatever ``workers`` says).
 
 Resume. ``state_dict()`` -> {"epoch", "batches" (yielded this epoch), "dl" (the
-StatefulDataLoader's own state), "skipped"}; a fresh loader given ``load_state_dict(state)``
+StatefulDataLoader's own state), "skipped", "skipped_keys"}; a fresh loader given ``load_state_dict(state)``
 continues with exactly the batches the uninterrupted loader would have yielded next (the sampler is
 fast-forwarded, no image is decoded for the skipped batches). WebDataset shards resume the same
 way: see ``vitkit.data.shards``. Without torchdata (the ``vitkit[data]`` extra) the loader is torch's
@@ -34,7 +34,8 @@ batches, so the default ``vitkit train`` needs no extra.
 
 Bad files. An unreadable image stops iteration with an ``InputError`` whose message starts with the
 file's name (raised in the main process, not a worker traceback); with ``skip_bad=True`` the file
-is logged, left out of its batch and counted in ``loader.skipped``. A worker process that dies
+is logged, left out of its batch and counted in ``loader.skipped`` once (not once per epoch:
+``loader.skipped`` is the number of distinct files). A worker process that dies
 raises ``DataWorkerError``; nothing is written by the loader, so the last checkpoint stays intact.
 """
 
@@ -162,10 +163,13 @@ def _identity(batch):
 
 
 class _Bad:
-    __slots__ = ("message",)
+    """An unreadable sample: its message (starting with the file's name) and a key naming the file
+    (the dataset index, or a shard sample's name), so a file bad in every epoch is counted once."""
 
-    def __init__(self, message: str):
-        self.message = message
+    __slots__ = ("message", "key")
+
+    def __init__(self, message: str, key):
+        self.message, self.key = message, key
 
 
 class EpochDataset(Dataset):
@@ -182,7 +186,7 @@ class EpochDataset(Dataset):
         try:
             img, y = self.source.read(i)
         except InputError as e:
-            return _Bad(str(e))
+            return _Bad(str(e), i)
         s = sample_seed(self.seed, epoch, i)
         torch.default_generator.manual_seed(s)
         return self.transform.sample(img), y, s, i
@@ -203,12 +207,12 @@ class EpochDataset(Dataset):
 
 
 def collate(items, skip_bad: bool, pipeline: SamplePipeline):
-    """Samples (image, target, seed) or _Bad markers -> (x, y, skipped messages, fatal message or
-    None). A bad file is returned, not raised: the main process raises it as an InputError that
+    """Samples (image, target, seed) or _Bad markers -> (x, y, skipped [(key, message)], fatal message
+    or None). A bad file is returned, not raised: the main process raises it as an InputError that
     starts with the file's name (a worker's exception would arrive wrapped in its traceback)."""
-    bad = [it.message for it in items if isinstance(it, _Bad)]
+    bad = [(it.key, it.message) for it in items if isinstance(it, _Bad)]
     if bad and not skip_bad:
-        return None, None, [], bad[0], None
+        return None, None, [], bad[0][1], None
     good = [it for it in items if not isinstance(it, _Bad)]
     if not good:
         return None, None, bad, None, None
@@ -250,8 +254,9 @@ class Loader:
         self.dataset = dataset
         self.train = train
         self.epoch = 0
-        self.skipped = 0
-        self.skipped_files: list[str] = []  # their messages, each starting with the file's name
+        self.skipped_files: list[str] = []  # one message per distinct file, each starting with its name
+        self._skipped_keys: set = set()
+        self._skipped_before = 0  # from a saved state that predates skipped_keys
         self.with_index = with_index
         self._yielded = 0
         self._pending: dict[str, Any] | None = None
@@ -342,10 +347,12 @@ class Loader:
             if fatal is not None:
                 raise InputError(fatal)
             self._yielded += 1
-            for m in bad:
+            for key, m in bad:
+                if key in self._skipped_keys:  # skipped in an earlier epoch already: one file, counted once
+                    continue
+                self._skipped_keys.add(key)
                 log.warning("skipped unreadable image: %s", m)
-            self.skipped += len(bad)
-            self.skipped_files += bad
+                self.skipped_files.append(m)
             if x is None:  # every image of this batch was unreadable
                 continue
             yield (x, y, idx) if self.with_index else (x, y)
@@ -357,17 +364,25 @@ class Loader:
         if hasattr(self._dl, "_iterator"):
             self._dl._iterator = None
 
+    @property
+    def skipped(self) -> int:
+        """Distinct unreadable files skipped so far (over all epochs, a resume included)."""
+        return self._skipped_before + len(self._skipped_keys)
+
     # ------------------------------------------------------------------ resume
     def state_dict(self) -> dict[str, Any]:
         mid = 0 < self._yielded < len(self)
         dl = self._dl.state_dict() if (mid and self.sampler is not None and self.stateful) else None
-        return {"epoch": self.epoch, "batches": self._yielded if mid else 0, "dl": dl, "skipped": self.skipped}
+        return {"epoch": self.epoch, "batches": self._yielded if mid else 0, "dl": dl, "skipped": self.skipped,
+                "skipped_keys": sorted(self._skipped_keys, key=str)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue where ``state`` was taken: the next ``iter()`` of epoch ``state['epoch']`` resumes
         after the batches already yielded (``set_epoch`` to another epoch discards it)."""
         self.epoch = int(state["epoch"])
-        self.skipped = int(state.get("skipped", 0))
+        keys = state.get("skipped_keys")
+        self._skipped_keys = set(keys or ())
+        self._skipped_before = 0 if keys is not None else int(state.get("skipped", 0))
         self._pending = dict(state) if state.get("batches") else None
         self.set_epoch(self.epoch)
 

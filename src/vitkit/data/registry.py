@@ -27,10 +27,11 @@ DATASETS: dict[str, DatasetEntry] = {
     "fashion-mnist": DatasetEntry("datasets:_mnist", "Fashion-MNIST idx files in DIR/FashionMNIST/raw"),
     "cifar10": DatasetEntry("datasets:_cifar", "CIFAR-10 python batches in DIR/cifar-10-batches-py"),
     "cifar100": DatasetEntry("datasets:_cifar", "CIFAR-100 python batches in DIR/cifar-100-python"),
-    "imagefolder": DatasetEntry("datasets:_imagefolder", "DIR/train/<class>/*.jpg (+ val/, test/)"),
+    "imagefolder": DatasetEntry("datasets:_imagefolder", "DIR/train/<class>/*.jpg (+ val/, test/), or DIR/<class>/*.jpg "
+                                "(validation held out of it)"),
     "csv": DatasetEntry("datasets:_csv", "regression: CSV of image path + numeric target columns"),
-    "webdataset": DatasetEntry("shards:build_webdataset", "tar shards DIR/train-*.tar (+ val-*, test-*): "
-                               ".jpg/.png/.webp + .cls"),
+    "webdataset": DatasetEntry("shards:build_webdataset", "tar shards DIR/train-*.tar (+ val-*, test-*) or "
+                               "DIR/train/*.tar (+ val/, test/): .jpg/.png/.webp + .cls (a class id or name)"),
     "hf": DatasetEntry("hf:build_hf", "Hugging Face dataset saved with save_to_disk, or a folder of parquet "
                        "files"),
 }

@@ -12,6 +12,10 @@
 
 Under torchrun each rank evaluates a contiguous shard and the sums are all-reduced, so every rank
 returns the numbers for the whole split.
+
+``evaluate_model`` matches the data's classes to the model's labels by name first
+(:func:`vitkit.data.labels.match_labels`): the targets are read in the model's output order, so a
+folder whose class names sort differently scores the same as one that sorts like the model.
 """
 
 from __future__ import annotations
@@ -47,9 +51,11 @@ def _norm_consts(mean: tuple[float, ...], std: tuple[float, ...], device: torch.
 def evaluate(model, data, *, task: str = "classification", num_outputs: int, mean, std,
              batch_size: int = 256, device: str | torch.device = "cpu", dist: DistInfo | None = None,
              regression_loss: str = "mse", labels: list[str] | None = None, progress: bool = False,
-             amp_dtype: torch.dtype | None = None, workers: int | None = 0, forward=None) -> dict[str, Any]:
+             amp_dtype: torch.dtype | None = None, workers: int | None = 0, forward=None,
+             target_map=None) -> dict[str, Any]:
     """``forward``: what computes the outputs, default ``model`` itself; ``vitkit eval --dtype``
-    passes ``vitkit.infer.Predictor(model, dtype)`` (fp32 engine, bf16 or int8)."""
+    passes ``vitkit.infer.Predictor(model, dtype)`` (fp32 engine, bf16 or int8). ``target_map``:
+    the model output of each data class (``LabelMatch.index``), when they differ."""
     from ..progress import progress_bar
     from ..train.data import eval_loader
 
@@ -65,12 +71,16 @@ def evaluate(model, data, *, task: str = "classification", num_outputs: int, mea
     top5 = torch.zeros((), dtype=torch.float64, device=device)
     cm = torch.zeros(num_outputs, num_outputs, dtype=torch.int64, device=device)
     rstats = None
+    if target_map is not None:
+        target_map = torch.as_tensor(target_map, dtype=torch.long, device=device)
     for batch in progress_bar(data, desc="eval", leave=False, disable=not progress):
         if batch is None:  # every image of the batch skipped (--skip-bad-images)
             continue
         x, y = batch
         x = normalize(x.to(device, non_blocking=True), mean, std)
         y = y.to(device, non_blocking=True)
+        if target_map is not None:
+            y = target_map[y]  # data class -> the model output of that name
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             out = (forward or model)(x)
         out = out.float()
@@ -111,13 +121,31 @@ def evaluate(model, data, *, task: str = "classification", num_outputs: int, mea
     return result
 
 
-def evaluate_model(model, splits, split: str = "test", **kw) -> dict[str, Any]:
+def evaluate_model(model, splits, split: str = "test", label_map: dict[str, str] | None = None,
+                   **kw) -> dict[str, Any]:
     """Evaluate a vitkit model on one split of :func:`vitkit.data.build_data`'s result, with the
-    model's own preprocessing mean/std when it has them."""
+    model's own preprocessing mean/std when it has them. Classification: the data's classes matched
+    to ``model.labels`` by name (``label_map``: {data class: model label} where they differ); the
+    result's ``labels`` name the confusion matrix's rows (the model's outputs), ``label_match``
+    says how they were matched, ``label_note`` is a line to show (or None). ``split`` is the split
+    really read (``val`` / ``train-holdout`` when the data has no test split: ``splits.test_name``)."""
+    from ..data.labels import match_labels
+
     pre = getattr(model, "preprocess_cfg", None) or {}
     get = pre.get if isinstance(pre, dict) else (lambda k, d: getattr(pre, k, None) or d)
     ds = getattr(splits, split)
     if ds is None:
         raise ConfigError(f"dataset {splits.name!r} has no {split} split")
-    return evaluate(model, ds, task=splits.task, num_outputs=splits.num_outputs,
-                    mean=get("mean", splits.mean), std=get("std", splits.std), labels=splits.classes, **kw)
+    real = {"test": splits.test_name, "val": splits.val_name}.get(split, split)
+    c = model.config
+    if splits.task != "classification":
+        if splits.num_outputs != c.num_classes:
+            raise ConfigError(f"model has {c.num_classes} outputs, {splits.name} has {splits.num_outputs} targets")
+        r = evaluate(model, ds, task=splits.task, num_outputs=splits.num_outputs, mean=get("mean", splits.mean),
+                     std=get("std", splits.std), labels=splits.classes, **kw)
+        return {"split": real, **r}
+    match = match_labels(getattr(model, "labels", None), splits.classes, label_map, num_outputs=c.num_classes)
+    labels = list(model.labels) if match.by != "position" else list(splits.classes)
+    r = evaluate(model, ds, task=splits.task, num_outputs=c.num_classes, mean=get("mean", splits.mean),
+                 std=get("std", splits.std), labels=labels, target_map=None if match.identity else match.index, **kw)
+    return {"split": real, **r, "labels": labels, "label_match": match.by, "label_note": match.note}

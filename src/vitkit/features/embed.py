@@ -4,12 +4,18 @@ The table has ``path`` (string), ``label`` (string or null) and ``embedding`` (l
 its schema metadata (key ``vitkit.features``) records how the vectors were made (model source,
 pool, layers, normalize, dtype, dim) so ``search`` can embed queries the same way.
 
+Each row also records what it was computed from (``file``, ``size``, ``mtime_ns``, ``blake2b``: a
+:class:`vitkit.freshness.Stamp`, null for rows that are not files: ``digits:N`` / ``sample:``
+images, rows of in-memory or Hugging Face datasets).
+
 Resuming: finished batches go to ``OUT.parts/part-NNNNN.parquet`` (each written atomically, one
 row group) while the run goes on; the end merges the existing ``OUT`` (if any), the parts, row
-group by row group (memory bounded), into ``OUT`` atomically and removes ``OUT.parts``. A run that
-was interrupted, or a second run over a folder that gained images, embeds only the paths that
-are not in ``OUT`` or its parts yet; a different model / pool / layers / normalize / dtype is an
-error (``overwrite=True`` starts over).
+group by row group (memory bounded), into ``OUT`` atomically and removes ``OUT.parts``. Every row
+found there is checked against its file by :func:`vitkit.freshness.check`: unchanged rows are kept,
+rows of changed files are embedded again (also files this run does not list), rows of files that
+are gone are dropped; the run embeds only what is new or changed. A different model / pool /
+layers / normalize / dtype is an error, and so is a table without the stamp columns (written by an
+older vitkit: its rows cannot be checked); ``overwrite=True`` starts over.
 """
 
 from __future__ import annotations
@@ -24,7 +30,9 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, InputError
+from ..freshness import CHANGED, FRESH, GONE, Stamp, check, file_key, stamp
 from ..io import atomic_write
+from ..output import claim_output
 from ..progress import progress_bar
 from ._deps import require
 from .extract import FeatureExtractor, FeatureSpec
@@ -39,9 +47,11 @@ _MUST_MATCH = ("model", "pool", "layers", "normalize", "dtype", "dim")
 class EmbedResult:
     out: Path
     rows: int  # rows in the output file
-    new_rows: int  # rows embedded by this call
-    resumed_rows: int  # rows found already done (earlier run or interrupted parts)
+    new_rows: int  # rows embedded by this call (new images, and changed ones embedded again)
+    resumed_rows: int  # images of this call found already embedded and unchanged (earlier or interrupted run)
     dim: int
+    changed_rows: int = 0  # of new_rows: files that changed since their earlier row
+    gone_rows: int = 0  # earlier rows dropped: their file is gone
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, why) unreadable images
 
 
@@ -97,14 +107,42 @@ def read_meta(path: str | Path) -> dict:
     return json.loads(raw) if raw else {}
 
 
+# What each row was computed from (a vitkit.freshness.Stamp); null for rows that are not files.
+STAMP_COLUMNS = ("file", "size", "mtime_ns", "blake2b")
+
+
 def _schema(meta: dict):
     pa = require("pyarrow", "writing embeddings")
-    return pa.schema([("path", pa.string()), ("label", pa.string()), ("embedding", pa.list_(pa.float32()))],
+    return pa.schema([("path", pa.string()), ("label", pa.string()), ("embedding", pa.list_(pa.float32())),
+                      ("file", pa.string()), ("size", pa.int64()), ("mtime_ns", pa.int64()), ("blake2b", pa.string())],
                      metadata={META_KEY: json.dumps(meta).encode()})
 
 
+def _stamp_arrays(pa, stamps: list[Stamp | None]) -> list:
+    """The STAMP_COLUMNS of rows with these stamps (None: not a file)."""
+    return [pa.array([None if st is None else getattr(st, c) for st in stamps], t)
+            for c, t in zip(STAMP_COLUMNS, (pa.string(), pa.int64(), pa.int64(), pa.string()))]
+
+
+def _stamp_files(paths: list[str], threads: int) -> list[Stamp | OSError]:
+    """Stamps taken before the files are read (threads: stat and BLAKE2b release the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(p: str) -> Stamp | OSError:
+        try:
+            return stamp(p)
+        except OSError as e:
+            return e
+
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        return list(pool.map(one, paths))
+
+
 class _ResumableOutput:
-    """Parts written as batches finish, merged into ``out`` at the end (see the module docstring)."""
+    """Parts written as batches finish, merged into ``out`` at the end (see the module docstring).
+    The rows already in ``out`` and its parts are filed by key (their file's absolute path, or their
+    name when they are not a file; a later part's row replaces an earlier one of the same key);
+    :meth:`review` checks each against its file and marks which go into the merged ``out``."""
 
     def __init__(self, out: Path, meta: dict, overwrite: bool, row_group_size: int, note: Callable) -> None:
         self.pa = require("pyarrow", "writing embeddings")
@@ -116,8 +154,10 @@ class _ResumableOutput:
         if overwrite and self.parts_dir.exists():
             shutil.rmtree(self.parts_dir)
         self.sources: list[Path] = []  # earlier output + parts, in order
-        self.done: set[str] = set()
-        self.old_rows = 0
+        self.keep: list[np.ndarray | None] = []  # per source: its rows that go into out (None: all)
+        self.restamp: list[dict[int, Stamp]] = []  # per source: rows whose file was only touched (new mtime)
+        # key -> (source, row, path, label, stamp) of its latest row
+        self.found: dict[str, tuple[int, int, str, str | None, Stamp | None]] = {}
         if out.exists() and not overwrite:
             self._adopt(out)
         self.next_part = 0
@@ -125,14 +165,16 @@ class _ResumableOutput:
             for part in sorted(self.parts_dir.glob("part-*.parquet")):
                 self._adopt(part)
                 self.next_part = max(self.next_part, int(part.stem.split("-")[1]) + 1)
-        self.buf: list[tuple[list[str], list, np.ndarray]] = []
+        self.buf: list[tuple[list[str], list, np.ndarray, list[Stamp | None]]] = []
         self.buffered = 0
         self.new_rows = 0
 
     def _adopt(self, path: Path) -> None:
         try:
             meta = read_meta(path)
-            paths = self.pq.read_table(path, columns=["path"]).column("path").to_pylist()
+            names = self.pq.read_schema(path).names
+            missing = [c for c in STAMP_COLUMNS if c not in names]
+            table = None if missing else self.pq.read_table(path, columns=["path", "label", *STAMP_COLUMNS])
         except (OSError, self.pa.ArrowException) as e:
             raise InputError(f"{path}: cannot read the earlier embeddings ({e}); delete it or pass --overwrite") from e
         diff = {k: (meta.get(k), self.meta.get(k)) for k in _MUST_MATCH
@@ -143,14 +185,36 @@ class _ResumableOutput:
             what = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items())
             raise ConfigError(f"{path} holds embeddings made with other settings ({what}); pass --overwrite "
                               "to start over, or choose another --out")
+        if missing:
+            raise ConfigError(f"{path} has no columns saying what its rows were computed from ({', '.join(missing)}: "
+                              "written by an older vitkit), so they cannot be checked against their files; pass "
+                              "--overwrite to embed everything again, or choose another --out")
+        s = len(self.sources)
+        cols = [table.column(c).to_pylist() for c in ("path", "label", *STAMP_COLUMNS)]
+        for r, (p, label, file, size, mtime_ns, digest) in enumerate(zip(*cols)):
+            st = None if file is None else Stamp(file, size, mtime_ns, digest)
+            self.found[p if file is None else file] = (s, r, p, label, st)
         self.sources.append(path)
-        self.done.update(paths)
-        self.old_rows += len(paths)
+        self.keep.append(np.zeros(table.num_rows, dtype=bool))
+        self.restamp.append({})
 
-    def add(self, paths: list[str], labels: list, feats: np.ndarray) -> None:
+    def review(self) -> dict[str, str]:
+        """Check every row found against its file: {key: fresh | changed | gone}. Fresh rows are
+        kept (rows that are not files count as fresh); the others are left out of the merge."""
+        status = {}
+        for key, (s, r, _, _, st) in self.found.items():
+            state, now = (FRESH, None) if st is None else check(st)
+            status[key] = state
+            if state == FRESH:
+                self.keep[s][r] = True
+                if now is not None and now != st:
+                    self.restamp[s][r] = now
+        return status
+
+    def add(self, paths: list[str], labels: list, feats: np.ndarray, stamps: list[Stamp | None]) -> None:
         if not paths:
             return
-        self.buf.append((paths, labels, feats))
+        self.buf.append((paths, labels, feats, stamps))
         self.buffered += len(paths)
         if self.buffered >= self.row_group_size:
             self.flush()
@@ -161,6 +225,7 @@ class _ResumableOutput:
         pa = self.pa
         paths = [p for b in self.buf for p in b[0]]
         labels = [v for b in self.buf for v in b[1]]
+        stamps = [st for b in self.buf for st in b[3]]
         feats = np.concatenate([b[2] for b in self.buf]).astype(np.float32, copy=False)
         N, F = feats.shape
         if self.schema is None:
@@ -171,62 +236,126 @@ class _ResumableOutput:
             self.schema = _schema({**self.meta, "dim": F})
         emb = pa.ListArray.from_arrays(pa.array(np.arange(0, (N + 1) * F, F, dtype=np.int32)),
                                        pa.array(feats.reshape(-1)))
-        table = pa.Table.from_arrays([pa.array(paths, pa.string()), pa.array(labels, pa.string()), emb],
-                                     schema=self.schema)
+        table = pa.Table.from_arrays([pa.array(paths, pa.string()), pa.array(labels, pa.string()), emb,
+                                      *_stamp_arrays(pa, stamps)], schema=self.schema)
         part = self.parts_dir / f"part-{self.next_part:05d}.parquet"
         self.parts_dir.mkdir(parents=True, exist_ok=True)
         atomic_write(part, lambda tmp: self.pq.write_table(table, tmp))
         self.sources.append(part)
+        self.keep.append(None)
+        self.restamp.append({})
         self.next_part += 1
         self.new_rows += N
         self.buf, self.buffered = [], 0
 
     def finish(self) -> int:
-        """Merge into ``out``; returns its row count."""
+        """Merge the kept rows into ``out``; returns its row count."""
         self.flush()
         if self.schema is None:  # nothing new: keep the earlier rows' own schema
             self.schema = self.pq.read_schema(self.sources[0])
-        if self.sources != [self.out]:
+        untouched = (self.sources == [self.out] and self.keep[0] is not None and bool(self.keep[0].all())
+                     and not self.restamp[0])
+        if not untouched:
+            pa, names = self.pa, list(self.schema.names)
+
             def write(tmp):
                 with self.pq.ParquetWriter(tmp, self.schema) as w:
-                    for src in self.sources:
+                    for src, keep, restamp in zip(self.sources, self.keep, self.restamp):
                         pf = self.pq.ParquetFile(src)
+                        at = 0
                         for g in range(pf.num_row_groups):
-                            w.write_table(pf.read_row_group(g).replace_schema_metadata(self.schema.metadata))
+                            t = pf.read_row_group(g).select(names)
+                            n = t.num_rows
+                            if restamp and any(r in restamp for r in range(at, at + n)):
+                                mtime = t.column("mtime_ns").to_pylist()
+                                for r in range(at, at + n):
+                                    if r in restamp:
+                                        mtime[r - at] = restamp[r].mtime_ns
+                                t = t.set_column(names.index("mtime_ns"), "mtime_ns", pa.array(mtime, pa.int64()))
+                            if keep is not None:
+                                t = t.filter(pa.array(keep[at:at + n]))
+                            at += n
+                            if t.num_rows:
+                                w.write_table(t.replace_schema_metadata(self.schema.metadata))
             atomic_write(self.out, write)
         if self.parts_dir.exists():
             shutil.rmtree(self.parts_dir)
         return self.pq.ParquetFile(self.out).metadata.num_rows
 
 
-def _embed(model, items_paths: list[str], items_labels: list, make_dataset: Callable, out, *, spec: FeatureSpec,
-           meta_extra: dict, batch_size: int, workers: int, row_group_size: int, overwrite: bool,
-           progress: bool, note: Callable) -> EmbedResult:
+def _embed(model, items_paths: list[str], items_labels: list, items_files: list[bool], make_dataset: Callable, out,
+           *, spec: FeatureSpec, meta_extra: dict, batch_size: int, workers: int, row_group_size: int,
+           overwrite: bool, progress: bool, note: Callable) -> EmbedResult:
     out = Path(out)
     extractor = FeatureExtractor(model, spec)
     meta = {**meta_extra, **spec.to_dict()}  # + "dim", known at the first batch
     sink = _ResumableOutput(out, meta, overwrite, row_group_size or batch_size, note)
-    todo = [i for i, p in enumerate(items_paths) if p not in sink.done]
-    if sink.done:
-        note(f"{out}: {len(items_paths) - len(todo)} of {len(items_paths)} image(s) already embedded "
-             f"(earlier or interrupted run); embedding the other {len(todo)}")
+    status = sink.review()
+    todo: list[int] = []  # items to embed: new, or changed since their row was made
+    listed: set[str] = set()
+    unchanged = 0
+    for i, (p, is_file) in enumerate(zip(items_paths, items_files)):
+        key = file_key(p) if is_file else p
+        if key in listed:  # the same file under two names
+            continue
+        listed.add(key)
+        if status.get(key) == FRESH:
+            unchanged += 1
+        else:
+            todo.append(i)
+    # rows of files this run does not list are kept to the same rule: embedded again from their file when it changed
+    redo = [(sink.found[k][2], sink.found[k][3], k) for k, st in status.items() if st == CHANGED and k not in listed]
+    changed = sum(st == CHANGED for st in status.values())
+    gone = sum(st == GONE for st in status.values())
+    if sink.found:
+        note(f"{out}: {unchanged} of {len(listed)} image(s) already embedded and unchanged (earlier or interrupted "
+             f"run); {changed} changed since (embedding them again), {gone} gone (dropping their rows), "
+             f"{len(todo) - changed + len(redo)} new")
     skipped: list[tuple[str, str]] = []
+    # (path, label, file to read, key) of every row to make; files stamped before they are read
+    rows = [(items_paths[i], items_labels[i], items_paths[i] if items_files[i] else None,
+             file_key(items_paths[i]) if items_files[i] else items_paths[i]) for i in todo]
+    rows += [(p, label, file, file) for p, label, file in redo]
+    to_stamp = [j for j, r in enumerate(rows) if r[2] is not None]
+    stamps: dict[int, Stamp] = {}
+    for j, st in zip(to_stamp, _stamp_files([rows[j][2] for j in to_stamp], workers)):
+        if isinstance(st, OSError):
+            skipped.append((rows[j][0], f"{rows[j][0]}: {st.strerror or st}"))
+        else:
+            stamps[j] = st
+    ok = [j for j, r in enumerate(rows) if r[2] is None or j in stamps]
+    # items through the caller's dataset, then the rows of unlisted changed files
+    n_items = sum(j < len(todo) for j in ok)
+    parts = [(make_dataset([todo[j] for j in ok[:n_items]]), list(range(n_items)))] if n_items else []
+    if len(ok) > n_items:
+        parts.append((file_dataset(model, [rows[j][2] for j in ok[n_items:]]), list(range(len(ok) - n_items))))
+    changed_rows = 0
     try:
-        if todo:
-            for idx, feats, failures in iter_features(extractor, make_dataset(todo), batch_size=batch_size,
-                                                      workers=workers, progress=progress):
-                rows = [todo[i] for i in idx]
-                sink.add([items_paths[r] for r in rows], [items_labels[r] for r in rows], feats)
-                skipped += [(items_paths[todo[i]], msg) for i, msg in failures]
+        if parts:
+            dataset = parts[0][0] if len(parts) == 1 else Rows(parts)
+            for idx, feats, failures in iter_features(extractor, dataset, batch_size=batch_size, workers=workers,
+                                                      progress=progress):
+                got = [ok[i] for i in idx]
+                finite = np.isfinite(feats).all(axis=1)
+                for j, f, fine in zip(got, feats, finite):
+                    if not fine:
+                        skipped.append((rows[j][0], f"{rows[j][0]}: the model's output for it is not finite "
+                                                    f"({int((~np.isfinite(f)).sum())} of {f.size} values are NaN "
+                                                    "or inf); not stored"))
+                got = [j for j, fine in zip(got, finite) if fine]
+                sink.add([rows[j][0] for j in got], [rows[j][1] for j in got], feats[finite],
+                         [stamps.get(j) for j in got])
+                changed_rows += sum(status.get(rows[j][3]) == CHANGED for j in got)
+                skipped += [(rows[ok[i]][0], msg) for i, msg in failures]
     except BaseException:
         sink.flush()  # finished batches survive an interrupt; the next run skips them
         raise
     if not sink.sources and not sink.buf:
-        listed = "; ".join(msg for _, msg in skipped[:5]) + ("; ..." if len(skipped) > 5 else "")
-        raise InputError(f"no image could be read ({len(skipped)} unreadable: {listed}); nothing written to {out}")
-    rows = sink.finish()
-    return EmbedResult(out=out, rows=rows, new_rows=sink.new_rows, resumed_rows=len(items_paths) - len(todo),
-                       dim=int(sink.dim), skipped=skipped)
+        listed_msgs = "; ".join(msg for _, msg in skipped[:5]) + ("; ..." if len(skipped) > 5 else "")
+        raise InputError(f"no image could be read ({len(skipped)} unreadable: {listed_msgs}); nothing written to {out}")
+    total = sink.finish()
+    return EmbedResult(out=out, rows=total, new_rows=sink.new_rows, resumed_rows=unchanged, dim=int(sink.dim),
+                       changed_rows=changed_rows, gone_rows=gone, skipped=skipped)
 
 
 def embed_files(model, inputs: list[str], out, *, spec: FeatureSpec | None = None, source: str | None = None,
@@ -236,11 +365,21 @@ def embed_files(model, inputs: list[str], out, *, spec: FeatureSpec | None = Non
 
     ``source`` is recorded as the model to embed search queries with (a path or hub id that
     ``vitkit.from_pretrained`` accepts). Unreadable images are skipped and listed in the result."""
-    paths, labels = list_images([str(i) for i in inputs])
-    return _embed(model, paths, labels, lambda todo: file_dataset(model, [paths[i] for i in todo]), out,
-                  spec=spec or FeatureSpec(), meta_extra={"model": source}, batch_size=batch_size,
-                  workers=workers, row_group_size=row_group_size, overwrite=overwrite, progress=progress,
-                  note=note)
+    with claim_table(out, inputs):
+        paths, labels = list_images([str(i) for i in inputs])
+        files = [not p.startswith(("sample:", "digits:")) for p in paths]  # built-ins are not files
+        return _embed(model, paths, labels, files, lambda todo: file_dataset(model, [paths[i] for i in todo]), out,
+                      spec=spec or FeatureSpec(), meta_extra={"model": source}, batch_size=batch_size,
+                      workers=workers, row_group_size=row_group_size, overwrite=overwrite, progress=progress,
+                      note=note)
+
+
+def claim_table(out, inputs=()):
+    """Embed's claim on its table (vitkit.output): it appends, so one writer at a time, as train (a
+    second fails at once naming the holder, instead of racing it for the parts); never through a
+    symlink, never onto or inside an input; a killed run's temporaries are removed."""
+    return claim_output(out, command="embed", kind="file", update=True, inputs=inputs,
+                        busy_hint="wait for it to finish, or choose another --out")
 
 
 # ---------------------------------------------------------------------------------- datasets
@@ -266,6 +405,7 @@ class SplitItems:
         self.targets = torch.as_tensor(ds.targets)
         classes = splits.classes if splits.task == "classification" else None
         self.labels = [classes[int(t)] for t in self.targets] if classes else [None] * len(ds)
+        self.files = hasattr(ds, "paths")  # rows are image files (stamped), not in-memory / Hugging Face rows
         if hasattr(ds, "read") and not hasattr(ds, "stream"):  # files, in-memory tensors, Hugging Face rows
             # file paths as they are; the other kinds' rows are named <dataset>/<split>/<index>
             self.paths = ([str(p) for p in ds.paths] if hasattr(ds, "paths")
@@ -282,11 +422,19 @@ def embed_dataset(model, dataset: str, out, *, data_dir: str | None = None, spli
                   note: Callable = lambda s: None, **dataset_options) -> EmbedResult:
     """Embed every image of a training dataset's splits (paths of in-memory datasets read
     ``<name>/<split>/<index>``), labels = class names."""
+    with claim_table(out, [data_dir]):
+        return _embed_dataset(model, dataset, out, data_dir=data_dir, splits_wanted=splits_wanted, spec=spec,
+                              source=source, batch_size=batch_size, workers=workers, row_group_size=row_group_size,
+                              overwrite=overwrite, progress=progress, note=note, **dataset_options)
+
+
+def _embed_dataset(model, dataset: str, out, *, data_dir, splits_wanted, spec, source, batch_size, workers,
+                   row_group_size, overwrite, progress, note, **dataset_options) -> EmbedResult:
     splits = load_splits(dataset, data_dir, **dataset_options)
     items = [SplitItems(model, splits, s) for s in splits_wanted if getattr(splits, s, None) is not None]
     # one row per image: a split that doubles as another (imagefolder's test/ as val) is not repeated
     where: list[tuple[int, int]] = []  # (split k, index in that split) per row
-    paths, labels, seen = [], [], set()
+    paths, labels, files, seen = [], [], [], set()
     for k, it in enumerate(items):
         for i, (p, lab) in enumerate(zip(it.paths, it.labels)):
             if p not in seen:
@@ -294,12 +442,13 @@ def embed_dataset(model, dataset: str, out, *, data_dir: str | None = None, spli
                 where.append((k, i))
                 paths.append(p)
                 labels.append(lab)
+                files.append(it.files)
 
     def make(todo: list[int]):
         parts = [(it.ds, [where[j][1] for j in todo if where[j][0] == k]) for k, it in enumerate(items)]
         return Rows([p for p in parts if p[1]])
 
-    return _embed(model, paths, labels, make, out, spec=spec or FeatureSpec(),
+    return _embed(model, paths, labels, files, make, out, spec=spec or FeatureSpec(),
                   meta_extra={"model": source, "dataset": dataset}, batch_size=batch_size, workers=workers,
                   row_group_size=row_group_size, overwrite=overwrite, progress=progress, note=note)
 
@@ -343,8 +492,9 @@ def labelled_features(model, dataset: str, *, data_dir: str | None = None, want=
 
 def write_embeddings(out, paths: list[str], labels: list, vectors, meta: dict | None = None,
                      row_group_size: int = 65536) -> Path:
-    """Write vectors you computed elsewhere as an embeddings table (same schema as ``embed``),
-    atomically. ``vectors``: (N, D) float32 array, or an iterable of (B, D) blocks in row order."""
+    """Write vectors you computed elsewhere as an embeddings table (same schema as ``embed``, no
+    file stamps), atomically. ``vectors``: (N, D) float32 array, or an iterable of (B, D) blocks
+    in row order, all finite."""
     pa = require("pyarrow", "writing embeddings")
     pq = require("pyarrow.parquet", "writing embeddings")
     blocks = [np.asarray(vectors)] if hasattr(vectors, "shape") else vectors
@@ -359,14 +509,15 @@ def write_embeddings(out, paths: list[str], labels: list, vectors, meta: dict | 
                 for s in range(0, len(block), row_group_size):
                     part = block[s:s + row_group_size]
                     N, F = part.shape
+                    refuse_non_finite(part, paths[at:at + N], str(out), at)
                     if schema is None:
                         schema = _schema({"model": None, **(meta or {}), "dim": F})
                         writer = pq.ParquetWriter(tmp, schema)
                     emb = pa.ListArray.from_arrays(pa.array(np.arange(0, (N + 1) * F, F, dtype=np.int64)
                                                             .astype(np.int32)), pa.array(part.reshape(-1)))
                     writer.write_table(pa.Table.from_arrays(
-                        [pa.array(paths[at:at + N], pa.string()), pa.array(labels[at:at + N], pa.string()), emb],
-                        schema=schema))
+                        [pa.array(paths[at:at + N], pa.string()), pa.array(labels[at:at + N], pa.string()), emb,
+                         *_stamp_arrays(pa, [None] * N)], schema=schema))
                     at += N
         finally:
             if writer is not None:
@@ -375,3 +526,13 @@ def write_embeddings(out, paths: list[str], labels: list, vectors, meta: dict | 
             raise InputError(f"{len(paths)} paths but {at} vectors")
 
     return atomic_write(out, write)
+
+
+def refuse_non_finite(block: np.ndarray, names: list[str], where: str, first_row: int = 0) -> None:
+    """InputError naming the first row of ``block`` (B, D) that holds NaN or inf: a non-finite vector
+    has no cosine similarity and would rank first or last for every query."""
+    bad = ~np.isfinite(block).all(axis=1)
+    if bad.any():
+        r = int(np.argmax(bad))
+        raise InputError(f"{where}: row {first_row + r} ({names[r]}) holds NaN or inf values "
+                         f"({int(bad.sum())} such row(s) in this block); an index takes finite vectors only")

@@ -2,7 +2,9 @@
 
 Features are L2-normalised; for each test vector the k most similar training vectors (cosine
 similarity s) vote for their class with weight exp(s / T); the class scores rank the
-predictions (top-1 / top-5).
+predictions (top-1, and top-5 with more than 5 classes: with 5 or fewer it counts any vote, and
+is 1.0 for the probe's probabilities, so it says nothing). One class is refused: every prediction
+would be right.
 """
 
 from __future__ import annotations
@@ -53,24 +55,42 @@ def topk_accuracy(scores, targets, ks=(1, 5)) -> dict[str, float]:
     return res
 
 
+def topk_report(scores, targets, num_classes: int) -> dict:
+    """{"top1", "top5"}; with 5 classes or fewer "top5" is None and "top5_note" says why."""
+    if num_classes > 5:
+        return topk_accuracy(scores, targets)
+    return {**topk_accuracy(scores, targets, ks=(1,)), "top5": None,
+            "top5_note": f"top-5 is reported with more than 5 classes; the data has {num_classes}"}
+
+
+def require_classes(train_y, classes: list[str] | None, what: str) -> None:
+    """Refuse training labels of fewer than two classes (``classes``: names, for the message)."""
+    present = np.unique(np.asarray(train_y))
+    if len(present) < 2:
+        named = [classes[int(c)] for c in present] if classes else present.tolist()
+        raise InputError(f"{what} needs training samples of at least 2 classes; the train split has "
+                         f"{len(present)}: {named}")
+
+
 def knn_evaluate(train_x, train_y, test_x, test_y, num_classes: int, k: int = 20,
-                 temperature: float = 0.07) -> dict[str, float]:
+                 temperature: float = 0.07) -> dict:
+    require_classes(train_y, None, "k-NN")
     scores = knn_scores(train_x, train_y, test_x, num_classes, k=k, temperature=temperature)
-    return topk_accuracy(scores, test_y)
+    return topk_report(scores, test_y, num_classes)
 
 
 def knn_on_dataset(model, dataset: str, *, data_dir: str | None = None, k: int = 20, temperature: float = 0.07,
                    spec=None, batch_size: int = 64, workers: int = 0, progress: bool = True,
                    **dataset_options) -> dict:
-    """k-NN accuracy of a model's features: train split = memory, test split (else val) scored."""
+    """k-NN accuracy of a model's features: the train split is the memory, the test split is
+    scored (the validation split when the data has none: ``split`` names the one read, as
+    :mod:`vitkit.data.validation` set it up for every command)."""
     from .embed import labelled_features
 
-    feats, splits = labelled_features(model, dataset, data_dir=data_dir, want=("train", "val", "test"), spec=spec,
+    feats, splits = labelled_features(model, dataset, data_dir=data_dir, want=("train", "test"), spec=spec,
                                       batch_size=batch_size, workers=workers, progress=progress, **dataset_options)
-    eval_split = "test" if "test" in feats else "val"
-    if "train" not in feats or eval_split not in feats:
-        raise InputError(f"{dataset}: k-NN needs a train split and a test or val split")
-    (tx, ty, s1), (ex, ey, s2) = feats["train"], feats[eval_split]
+    (tx, ty, s1), (ex, ey, s2) = feats["train"], feats["test"]
+    require_classes(ty, splits.classes, "k-NN")
     res = knn_evaluate(tx, ty, ex, ey, len(splits.classes), k=k, temperature=temperature)
-    return {**res, "k": min(k, len(tx)), "temperature": temperature, "split": eval_split, "train_count": len(tx),
-            "count": len(ex), "skipped": [p for p, _ in s1 + s2]}
+    return {**res, "k": min(k, len(tx)), "temperature": temperature, "split": splits.test_name,
+            "train_count": len(tx), "count": len(ex), "skipped": [p for p, _ in s1 + s2]}

@@ -11,8 +11,12 @@ Backends:
 * ``hnsw``: FAISS ``IndexHNSWFlat`` (inner product), graph search: approximate.
 
 A FAISS index is saved beside the parquet file (``FILE.parquet.<backend>.faiss`` plus a small
-``.json`` fingerprint: size and mtime of the parquet file, rows, dim, parameters) and reused while
-the fingerprint matches; a changed parquet file gets a fresh index.
+``.json`` fingerprint: the parquet file's :class:`vitkit.freshness.Stamp`, rows, dim, parameters)
+and reused while the stamp is fresh by :func:`vitkit.freshness.check`; a changed parquet file gets
+a fresh index.
+
+Every vector is checked finite as it is read (a NaN row would rank first for every query): an
+index holding NaN or inf is refused, naming the row.
 """
 
 from __future__ import annotations
@@ -27,9 +31,10 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, InputError
+from ..freshness import CHANGED, FRESH, Stamp, check, file_key, stamp
 from ..io import atomic_write, atomic_write_text
 from ._deps import require
-from .embed import META_KEY
+from .embed import META_KEY, STAMP_COLUMNS, refuse_non_finite
 
 BACKENDS = ("auto", "exact", "flat", "ivf", "hnsw")
 EXACT_MAX_BYTES = 2 << 30  # auto: exact torch search up to a 2 GiB matrix (~700k x 768), FAISS IVF beyond
@@ -62,6 +67,7 @@ class EmbeddingIndex:
         self.path = Path(path)
         if not self.path.is_file():
             raise InputError(f"{self.path}: no such index file (write one with `vitkit embed`)")
+        self._opened = self.path.stat()  # what a saved FAISS index may be stamped with (see faiss_index)
         try:
             self.file = self.pq.ParquetFile(self.path)
         except (OSError, self.pa.ArrowException) as e:
@@ -72,6 +78,9 @@ class EmbeddingIndex:
                              "expected a table written by `vitkit embed`")
         raw = (self.file.schema_arrow.metadata or {}).get(META_KEY)
         self.meta = json.loads(raw) if raw else {}
+        self._stamped = all(c in names for c in STAMP_COLUMNS)  # tables of vitkit embed; not older or foreign ones
+        self._stamp_table = None  # the stamp columns, read when a query needs them
+        self._row_of_file: dict[str, int] | None = None
         cols = [c for c in ("path", "label") if c in names]
         small = self.file.read(columns=cols)
         self.rows = self.file.metadata.num_rows
@@ -98,6 +107,7 @@ class EmbeddingIndex:
         """(B, D) float32 numpy blocks in row order; checks every row has ``dim`` values.
         ``writable=False`` may return read-only views of Arrow's memory (one copy fewer)."""
         pc = require("pyarrow.compute", "search")
+        at = 0
         for batch in self.file.iter_batches(batch_size=batch_rows, columns=["embedding"]):
             col = batch.column(0)
             if not self.pa.types.is_list(col.type) and not self.pa.types.is_large_list(col.type) \
@@ -111,7 +121,10 @@ class EmbeddingIndex:
             values = col.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
             if writable and not values.flags.writeable:  # Arrow's memory is read-only; callers normalise in place
                 values = values.copy()
-            yield values.reshape(len(batch), self.dim)
+            block = values.reshape(len(batch), self.dim)
+            refuse_non_finite(block, self.paths[at:at + len(batch)], str(self.path), at)
+            at += len(batch)
+            yield block
 
     def matrix(self) -> torch.Tensor:
         """All vectors, L2-normalised, as one (N, D) float32 tensor (one copy in memory)."""
@@ -126,22 +139,49 @@ class EmbeddingIndex:
 
     def vectors_of(self, paths: list[str]) -> np.ndarray:
         """Stored vectors of rows given by path (for queries that are rows of the index)."""
-        rows = [self._row_of[p] for p in paths]
-        tbl = self.file.read(columns=["embedding"]).take(self.pa.array(rows))
-        return tbl.column(0).combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(
+        return self.vectors_of_rows([self._row_of[p] for p in paths])
+
+    def vectors_of_rows(self, rows: list[int]) -> np.ndarray:
+        """Stored vectors of rows by number, (len(rows), D) float32, checked finite."""
+        tbl = self.file.read(columns=["embedding"]).take(self.pa.array(rows, self.pa.int64()))
+        X = tbl.column(0).combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(
             len(rows), self.dim).astype(np.float32)
+        for r, x in zip(rows, X):
+            refuse_non_finite(x[None], [self.paths[r]], str(self.path), r)
+        return X
 
     def row_of(self, path: str) -> int | None:
+        """The row stored under this name (its ``path`` as written), or None."""
         if path in self._row_of:
             return self._row_of[path]
         return self._row_of.get(os.path.normpath(path))
 
+    def _stamps(self):
+        if self._stamp_table is None:
+            self._stamp_table = self.file.read(columns=list(STAMP_COLUMNS))
+        return self._stamp_table
+
+    def stamp_of(self, row: int) -> Stamp | None:
+        """What a row was computed from (None: not a file, or a table that does not say)."""
+        if not self._stamped:
+            return None
+        values = [self._stamps().column(c)[row].as_py() for c in STAMP_COLUMNS]
+        return None if values[0] is None else Stamp(*values)
+
+    def row_of_file(self, file: str | Path) -> int | None:
+        """The row computed from this file (filed by :func:`vitkit.freshness.file_key`), or None."""
+        if not self._stamped:
+            return None
+        if self._row_of_file is None:
+            files = self._stamps().column("file").to_pylist()
+            self._row_of_file = {f: i for i, f in enumerate(files) if f is not None}
+        return self._row_of_file.get(file_key(file))
+
     # ------------------------------------------------------------------ FAISS
     def _fingerprint(self) -> dict:
-        st = self.path.stat()
-        params = {"backend": self.backend, "nlist": self._nlist(), "hnsw_m": self.hnsw_m}
-        return {"parquet_size": st.st_size, "parquet_mtime_ns": st.st_mtime_ns, "rows": self.rows,
-                "dim": self.dim, **params}
+        """What a saved FAISS index must have been built with (the table's stamp apart)."""
+        return {"rows": self.rows, "dim": self.dim, "backend": self.backend, "nlist": self._nlist(),
+                "hnsw_m": self.hnsw_m}
 
     def _nlist(self) -> int:
         if self.backend != "ivf":
@@ -161,27 +201,45 @@ class EmbeddingIndex:
         index_path, fp_path = self.faiss_paths()
         fp = self._fingerprint()
         if index_path.is_file() and fp_path.is_file():
-            try:
-                saved = json.loads(fp_path.read_text())
-            except (OSError, ValueError):
-                saved = None
-            if saved == fp:
+            state = self._saved_state(fp_path, fp)
+            if state is not None:
                 self._faiss = faiss.read_index(str(index_path))
                 self.note(f"reusing FAISS {self.backend} index {index_path}")
+                if state != fp:  # the table was only touched (same bytes): record its new mtime
+                    atomic_write_text(fp_path, json.dumps(state, indent=1) + "\n")
                 self._tune(self._faiss)
                 return self._faiss
             self.note(f"{self.path} changed since {index_path} was built: rebuilding it")
         self.note(f"building FAISS {self.backend} index of {self.rows} x {self.dim} vectors (once; saved beside "
                   f"{self.path.name})")
+        before = stamp(self.path)
         t0 = time.perf_counter()
         index = self._build(faiss)
         self.build_seconds = time.perf_counter() - t0
-        atomic_write(index_path, lambda tmp: faiss.write_index(index, tmp))
-        atomic_write_text(fp_path, json.dumps(fp, indent=1) + "\n")
-        self.note(f"built FAISS {self.backend} index of {self.rows} vectors in {self.build_seconds:.1f} s -> {index_path}")
+        if (before.size, before.mtime_ns) != (self._opened.st_size, self._opened.st_mtime_ns):
+            # replaced since this object opened it: the index is of the rows read, not of the file now there
+            self.note(f"{self.path} changed while it was read: the FAISS index is used once, not saved")
+        else:
+            atomic_write(index_path, lambda tmp: faiss.write_index(index, tmp))
+            atomic_write_text(fp_path, json.dumps({"parquet": before.to_dict(), **fp}, indent=1) + "\n")
+            self.note(f"built FAISS {self.backend} index of {self.rows} vectors in {self.build_seconds:.1f} s -> "
+                      f"{index_path}")
         self._tune(index)
         self._faiss = index
         return index
+
+    def _saved_state(self, fp_path: Path, fp: dict) -> dict | None:
+        """The saved fingerprint (with the table's current stamp) when the saved index is of this
+        table as it is now, else None."""
+        try:
+            saved = json.loads(fp_path.read_text())
+            was = Stamp(**saved.pop("parquet"))
+        except (OSError, ValueError, TypeError, KeyError, AttributeError):
+            return None  # unreadable, or written before the stamp: rebuild
+        if saved != fp:
+            return None
+        state, now = check(was)
+        return {"parquet": (now or was).to_dict(), **fp} if state == FRESH else None
 
     def _tune(self, index) -> None:
         if self.backend == "ivf":
@@ -227,6 +285,9 @@ class EmbeddingIndex:
                              f"layers {self.meta.get('layers')}); embed the queries the same way")
         if k < 1:
             raise InputError(f"top-k must be >= 1, got {k}")
+        if not np.isfinite(q).all():
+            raise InputError(f"query vector(s) {np.flatnonzero(~np.isfinite(q).all(1)).tolist()} hold NaN or inf; "
+                             "a non-finite vector has no cosine similarity")
         k = min(k, self.rows)
         q = _l2_normalize_(q.copy())
         if self.backend == "exact":
@@ -266,47 +327,100 @@ class EmbeddingIndex:
                  for s, i in zip(srow, irow) if i >= 0] for srow, irow in zip(scores, ids)]
 
 
-def query_vectors(index: EmbeddingIndex, queries: list[str], *, model=None, batch_size: int = 64,
-                  workers: int = 0) -> tuple[list[str], np.ndarray, list[tuple[str, str]]]:
-    """Queries = rows of the index (by path: the stored vector) or image files, embedded the way
-    the index was made (the model recorded in its metadata unless ``model`` is given).
-    Returns (the queries that could be read, their vectors (Q, D), the unreadable ones with why)."""
+_BUILT_IN = ("sample:", "digits:")  # vitkit's bundled images: never files, never changing
+
+
+def resolve_queries(index: EmbeddingIndex, queries: list[str]
+                    ) -> tuple[dict[str, int], dict[str, str], list[tuple[str, str]]]:
+    """Each query by the rule of :mod:`vitkit.freshness`: (query -> row whose stored vector it
+    takes, query -> image to embed, [(query, why it cannot be used)]).
+
+    * A path to an existing file is that file: the row computed from it (same absolute path)
+      gives its vector while the file is unchanged since, else the file is embedded. A row that
+      merely has the same relative name is never used: from another folder it is another picture.
+    * Any other query names a row by its stored path. A row of a file stands for that file (its
+      vector while fresh, the file embedded again when it changed, unusable when it is gone); a
+      row of no file (a dataset row, a vector written by ``write_embeddings``, a table without
+      stamps) gives its stored vector.
+    * Anything else is embedded (``digits:N`` / ``sample:`` images; a missing file is then
+      reported unreadable).
+    """
+    stored: dict[str, int] = {}
+    to_embed: dict[str, str] = {}
+    unusable: list[tuple[str, str]] = []
+    for q in dict.fromkeys(queries):
+        if not q.startswith(_BUILT_IN) and os.path.isfile(q):
+            r = index.row_of_file(q)
+            if r is not None and check(index.stamp_of(r))[0] == FRESH:
+                stored[q] = r
+            else:
+                to_embed[q] = q
+            continue
+        r = index.row_of(q)
+        st = None if r is None else index.stamp_of(r)
+        if r is None:
+            to_embed[q] = q
+        elif st is None:
+            stored[q] = r
+        else:
+            state = check(st)[0]
+            if state == FRESH:
+                stored[q] = r
+            elif state == CHANGED:
+                to_embed[q] = st.file
+            else:  # gone
+                unusable.append((q, f"{q}: no such file here, and {st.file}, which its row of the index was "
+                                    "computed from, is gone"))
+    return stored, to_embed, unusable
+
+
+def query_vectors(index: EmbeddingIndex, queries: list[str], *, model=None, device: str = "cpu",
+                  batch_size: int = 64, workers: int = 0) -> tuple[list[str], np.ndarray, list[tuple[str, str]]]:
+    """The vectors of queries resolved by :func:`resolve_queries`: stored vectors of fresh rows,
+    images embedded the way the index was made (with ``model``, else the model recorded in the
+    index's metadata, loaded onto ``device`` only when an image needs it).
+    Returns (the queries that could be used, their vectors (Q, D), the others with why)."""
+    stored, to_embed, skipped = resolve_queries(index, queries)
     vecs: dict[str, np.ndarray] = {}
-    in_index = [q for q in queries if index.row_of(q) is not None]
-    if in_index:
-        rows = index.vectors_of([index.paths[index.row_of(q)] for q in in_index])
-        vecs.update(zip(in_index, rows))
-    files = [q for q in queries if q not in vecs]
-    skipped: list[tuple[str, str]] = []
-    if files:
+    if stored:
+        vecs.update(zip(stored, index.vectors_of_rows(list(stored.values()))))
+    if to_embed:
         from .embed import file_dataset, iter_features
         from .extract import FeatureExtractor, FeatureSpec
 
+        names, files = list(to_embed), list(to_embed.values())
         if model is None:
             source = index.meta.get("model")
             if not source:
                 raise InputError(f"{index.path} does not record the model that made it; pass --model to embed "
-                                 f"the query images ({', '.join(files[:3])})")
+                                 f"the query images ({', '.join(names[:3])})")
             from .. import from_pretrained
 
-            model = from_pretrained(source)
+            model = from_pretrained(source, device=device).eval()
         m = index.meta
         spec = FeatureSpec(pool=m.get("pool", "model"), layers=int(m.get("layers", 1)),
                            normalize=bool(m.get("normalize", False)), dtype=m.get("dtype", "fp32"))
         for idx, f, failures in iter_features(FeatureExtractor(model, spec), file_dataset(model, files),
                                               batch_size=batch_size, workers=workers, progress=False):
-            vecs.update((files[i], row) for i, row in zip(idx, f))
-            skipped += [(files[i], msg) for i, msg in failures]
+            for i, row in zip(idx, f):
+                bad = int((~np.isfinite(row)).sum())
+                if bad:
+                    skipped.append((names[i], f"{names[i]}: the model's output for it is not finite ({bad} of "
+                                              f"{row.size} values are NaN or inf)"))
+                else:
+                    vecs[names[i]] = row
+            skipped += [(names[i], msg) for i, msg in failures]
     found = [q for q in queries if q in vecs]
     X = np.stack([vecs[q] for q in found]) if found else np.zeros((0, index.dim), np.float32)
     return found, X, skipped
 
 
-def search_images(index: EmbeddingIndex, queries: list[str], k: int = 10, *, model=None, batch_size: int = 64,
-                  workers: int = 0) -> tuple[list[dict], list[tuple[str, str]]]:
+def search_images(index: EmbeddingIndex, queries: list[str], k: int = 10, *, model=None, device: str = "cpu",
+                  batch_size: int = 64, workers: int = 0) -> tuple[list[dict], list[tuple[str, str]]]:
     """The JSON of ``vitkit search``: ``[{"query", "neighbors": [{"path", "score", "label"}]}]``,
     and the unreadable queries (see :func:`query_vectors`)."""
-    found, X, skipped = query_vectors(index, queries, model=model, batch_size=batch_size, workers=workers)
+    found, X, skipped = query_vectors(index, queries, model=model, device=device, batch_size=batch_size,
+                                      workers=workers)
     if not found:
         return [], skipped
     scores, ids = index.search(X, k)

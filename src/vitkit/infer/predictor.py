@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import copy
 import logging
-import platform
-from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from .. import cpu
 from ..errors import ConfigError, InputError
 from . import engine
 
@@ -20,23 +18,11 @@ log = logging.getLogger("vitkit.infer")
 DTYPES = ("fp32", "bf16", "int8")
 
 
-@lru_cache(maxsize=1)
 def bf16_native() -> bool:
-    """Whether this CPU computes bf16 matmuls natively (x86 ``avx512_bf16`` / ``amx_bf16``, Arm
-    ``bf16``). Without it oneDNN emulates bf16 and is slower than fp32, so the Predictor does not
-    use it. Read from /proc/cpuinfo (Linux); False where that cannot be read."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    flags: set[str] = set()
-    for line in text.splitlines():
-        key, _, val = line.partition(":")
-        if key.strip() in ("flags", "Features"):
-            flags.update(val.split())
-    if platform.machine().lower() in ("aarch64", "arm64"):
-        return "bf16" in flags
-    return bool({"avx512_bf16", "amx_bf16"} & flags)
+    """Whether this CPU computes bf16 matmuls natively (:func:`vitkit.cpu.bf16_native`; honours
+    ``VITKIT_CPU_FEATURES_OFF``). Without it oneDNN emulates bf16, slower than fp32, so the
+    Predictor runs fp32 and says so."""
+    return cpu.bf16_native()
 
 
 def _hooked(modules: list[nn.Module]) -> bool:
@@ -162,7 +148,15 @@ class Predictor:
             return ""  # calls then take the model's path anyway (train-mode forward)
         x = self._sample()
         try:
-            want, got = self.model(x), engine.run(plan, x)
+            want = self.model(x)
+        except Exception as e:
+            return f"the model's own forward failed on a random {tuple(x.shape)} batch ({type(e).__name__}: {e})"
+        if isinstance(want, torch.Tensor) and not bool(torch.isfinite(want).all()):
+            # nothing to compare against, and not the engine's fault: the model itself computes NaN / inf
+            return ("the model's own forward outputs NaN or inf on a random image, so the engine cannot be "
+                    "checked against it")
+        try:
+            got = engine.run(plan, x)
         except Exception as e:  # the engine misread the layout: say so, run the model instead
             return f"the engine failed on this model ({type(e).__name__}: {e})"
         if not isinstance(want, torch.Tensor) or want.shape != got.shape:

@@ -19,7 +19,7 @@ from typing import Any
 
 from ..config import ViTConfig, get_config
 from ..errors import CheckpointError, ConfigError
-from .common import Converted, LoadReport, adapt_state, load_into, read_state_dict
+from .common import Converted, LoadReport, adapt_state, check_extension, load_into, read_state_dict
 from .formats import READ_FORMATS, canonical, reader
 
 log = logging.getLogger("vitkit.interop")
@@ -56,7 +56,7 @@ def detect_format(path: str | Path) -> str:
             return detect_format(p.parent)
         except CheckpointError:
             pass
-    if p.suffix == ".npz":
+    if check_extension(p) == "numpy" or p.suffix == ".npz":  # by content; a contradicting extension is an error
         return "jax"
     keys = list(read_state_dict(p))
     if torchvision.looks_like_torchvision(keys):

@@ -261,21 +261,118 @@ def to_timm_kwargs(config: ViTConfig, serializable: bool = False) -> dict[str, A
     return kw
 
 
+# timm's registered VisionTransformer models (timm 1.0.31; each built on the meta device to read its
+# sizes), by the parts timm's JSON model_args cannot set: the model class (DeiT's distilled one),
+# the MLP (DINOv2-g's SwiGLU) and CLIP's norm_pre with its LayerNorm eps 1e-5 ("plain": eps 1e-6,
+# plain MLP). Within a family, (dim, depth, heads) -> names; a name tells the rest (patch,
+# registers, pooling, image size), see _name_parts.
+_TIMM_VITS: dict[str, dict[tuple[int, int, int], str]] = {
+    "plain": {
+        (192, 12, 3): "vit_tiny_patch16_224 vit_tiny_patch16_384",
+        (256, 14, 4): "vit_wee_patch16_reg1_gap_256",
+        (320, 14, 5): "vit_little_patch16_reg1_gap_256 vit_little_patch16_reg4_gap_256",
+        (384, 12, 6): "vit_small_patch8_224 vit_small_patch14_dinov2 vit_small_patch14_reg4_dinov2 "
+                      "vit_small_patch16_224 vit_small_patch16_384 vit_small_patch32_224 "
+                      "vit_small_patch32_384",
+        (384, 36, 6): "vit_small_patch16_36x1_224",
+        (512, 12, 8): "vit_medium_patch16_gap_240 vit_medium_patch16_gap_256 vit_medium_patch16_gap_384 "
+                      "vit_medium_patch16_reg1_gap_256 vit_medium_patch16_reg4_gap_256",
+        (512, 20, 8): "vit_mediumd_patch16_reg4_gap_256 vit_mediumd_patch16_reg4_gap_384",
+        (640, 12, 10): "vit_betwixt_patch16_gap_256 vit_betwixt_patch16_reg1_gap_256 "
+                       "vit_betwixt_patch16_reg4_gap_256 vit_betwixt_patch16_reg4_gap_384",
+        (768, 12, 12): "vit_base_patch8_224 vit_base_patch14_dinov2 vit_base_patch14_reg4_dinov2 "
+                       "vit_base_patch16_224 vit_base_patch16_384 vit_base_patch16_reg4_gap_256 "
+                       "vit_base_patch16_siglip_224 vit_base_patch16_siglip_256 "
+                       "vit_base_patch16_siglip_384 vit_base_patch16_siglip_512 "
+                       "vit_base_patch16_siglip_gap_224 vit_base_patch16_siglip_gap_256 "
+                       "vit_base_patch16_siglip_gap_384 vit_base_patch16_siglip_gap_512 "
+                       "vit_base_patch32_224 vit_base_patch32_384 vit_base_patch32_siglip_256 "
+                       "vit_base_patch32_siglip_gap_256",
+        (768, 12, 16): "vit_base_patch16_gap_224",
+        (832, 21, 13): "vit_so150m2_patch16_reg1_gap_256 vit_so150m2_patch16_reg1_gap_384 "
+                       "vit_so150m2_patch16_reg1_gap_448",
+        (896, 12, 14): "vit_base_patch16_plus_240 vit_base_patch32_plus_256",
+        (896, 18, 14): "vit_so150m_patch16_reg4_gap_256 vit_so150m_patch16_reg4_gap_384 "
+                       "vit_so150m_patch16_reg4_map_256",
+        (1024, 24, 16): "vit_large_patch14_224 vit_large_patch14_dinov2 vit_large_patch14_reg4_dinov2 "
+                        "vit_large_patch16_224 vit_large_patch16_384 vit_large_patch16_siglip_256 "
+                        "vit_large_patch16_siglip_384 vit_large_patch16_siglip_512 "
+                        "vit_large_patch16_siglip_gap_256 vit_large_patch16_siglip_gap_384 "
+                        "vit_large_patch16_siglip_gap_512 vit_large_patch32_224 vit_large_patch32_384",
+        (1152, 27, 16): "vit_so400m_patch14_siglip_224 vit_so400m_patch14_siglip_378 "
+                        "vit_so400m_patch14_siglip_384 vit_so400m_patch14_siglip_gap_224 "
+                        "vit_so400m_patch14_siglip_gap_378 vit_so400m_patch14_siglip_gap_384 "
+                        "vit_so400m_patch14_siglip_gap_448 vit_so400m_patch14_siglip_gap_896 "
+                        "vit_so400m_patch16_siglip_256 vit_so400m_patch16_siglip_384 "
+                        "vit_so400m_patch16_siglip_512 vit_so400m_patch16_siglip_gap_256 "
+                        "vit_so400m_patch16_siglip_gap_384 vit_so400m_patch16_siglip_gap_512",
+        (1280, 32, 16): "vit_huge_patch14_224 vit_huge_patch14_gap_224 vit_huge_patch16_gap_448",
+        (1408, 40, 16): "vit_giant_patch14_224 vit_giant_patch16_gap_224",
+        (1536, 40, 16): "vit_giantopt_patch16_siglip_256 vit_giantopt_patch16_siglip_384 "
+                        "vit_giantopt_patch16_siglip_gap_256 vit_giantopt_patch16_siglip_gap_384",
+        (1664, 48, 16): "vit_gigantic_patch14_224",
+    },
+    "clip": {
+        (256, 10, 4): "vit_xsmall_patch16_clip_224",
+        (512, 12, 8): "vit_medium_patch16_clip_224 vit_medium_patch32_clip_224",
+        (640, 12, 10): "vit_betwixt_patch32_clip_224",
+        (768, 12, 12): "vit_base_patch16_clip_224 vit_base_patch16_clip_384 "
+                       "vit_base_patch16_clip_quickgelu_224 vit_base_patch32_clip_224 "
+                       "vit_base_patch32_clip_256 vit_base_patch32_clip_384 vit_base_patch32_clip_448 "
+                       "vit_base_patch32_clip_quickgelu_224",
+        (896, 12, 14): "vit_base_patch16_plus_clip_240",
+        (1024, 24, 16): "vit_large_patch14_clip_224 vit_large_patch14_clip_336 "
+                        "vit_large_patch14_clip_quickgelu_224 vit_large_patch14_clip_quickgelu_336",
+        (1280, 32, 16): "vit_huge_patch14_clip_224 vit_huge_patch14_clip_336 vit_huge_patch14_clip_378 "
+                        "vit_huge_patch14_clip_quickgelu_224 vit_huge_patch14_clip_quickgelu_378",
+        (1408, 40, 16): "vit_giant_patch14_clip_224",
+        (1664, 48, 16): "vit_gigantic_patch14_clip_224 vit_gigantic_patch14_clip_378 "
+                        "vit_gigantic_patch14_clip_quickgelu_224",
+    },
+    "swiglu": {
+        (1536, 40, 24): "vit_giant_patch14_dinov2 vit_giant_patch14_reg4_dinov2",
+    },
+    "distilled": {
+        (192, 12, 3): "deit_tiny_distilled_patch16_224",
+        (384, 12, 6): "deit_small_distilled_patch16_224",
+        (768, 12, 12): "deit_base_distilled_patch16_224 deit_base_distilled_patch16_384",
+    },
+}
+# Where no registered model has the config's sizes: a model of the same family, whose sizes
+# model_args replace (timm's own convention for custom sizes; timm.create_model refuses an
+# unregistered name, so a made-up "neutral" one would not load).
+_FAMILY_BASE = {"plain": "vit_base_patch16_224", "clip": "vit_base_patch16_clip_224",
+                "swiglu": "vit_giant_patch14_dinov2", "distilled": "deit_base_distilled_patch16_224"}
+
+
+def _name_parts(name: str) -> tuple[int, int, str, bool, int | None]:
+    """(patch, registers, pooling, QuickGELU, image size or None) as a timm ViT name spells them."""
+    regs = re.search(r"_reg(\d+)_", name)
+    size = re.search(r"_(\d+)$", name)
+    pool = "mean" if "_gap" in name else "map" if ("siglip" in name or "_map_" in name) else "cls"
+    return (int(re.search(r"patch(\d+)", name).group(1)), int(regs.group(1)) if regs else 0, pool,
+            "quickgelu" in name, int(size.group(1)) if size else None)
+
+
 def timm_architecture(config: ViTConfig) -> str:
-    """A timm architecture whose fixed parts (norm eps, MLP type, model class) match this config;
-    ``model_args`` set the sizes. ``timm.create_model(architecture, **model_args)`` rebuilds it."""
+    """The registered timm model this config is: same fixed parts (model class, MLP type, norm_pre
+    and its eps) and, where timm has one, the same width, depth, heads and patch, preferring the
+    same registers, pooling, activation and image size (a ViT-S/14 at 112 px is
+    vit_small_patch14_dinov2 with img_size 112). ``timm.create_model(architecture, **model_args)``
+    rebuilds it either way: model_args set every size."""
     c = config
-    if c.name and c.name in PRESETS and c.norm_eps == 1e-6:
-        return c.name
-    if getattr(c, "dist_token", False):
-        return "deit_base_distilled_patch16_224"
-    if getattr(c, "mlp_layer", "mlp") == "swiglu":
-        return "vit_giant_patch14_dinov2"
-    if getattr(c, "norm_pre", False):
-        return "vit_base_patch16_clip_quickgelu_224" if c.act == "quick_gelu" else "vit_base_patch16_clip_224"
-    if c.pooling == "map":
+    family = ("distilled" if getattr(c, "dist_token", False) else "swiglu" if getattr(c, "mlp_layer", "mlp") == "swiglu"
+              else "clip" if getattr(c, "norm_pre", False) else "plain")
+    names = [n for n in _TIMM_VITS[family].get((c.dim, c.depth, c.num_heads), "").split()
+             if c.patch_hw[0] == c.patch_hw[1] == _name_parts(n)[0]]
+    want = (c.num_registers, c.pooling, c.act == "quick_gelu", c.image_hw[0] if c.image_hw[0] == c.image_hw[1] else -1)
+    if names:
+        return max(names, key=lambda n: ([a == b for a, b in zip(_name_parts(n)[1:], want)], n == c.name))
+    if family == "clip" and c.act == "quick_gelu":
+        return "vit_base_patch16_clip_quickgelu_224"
+    if family == "plain" and c.pooling == "map":
         return "vit_base_patch16_siglip_224"
-    return "vit_base_patch16_224"
+    return _FAMILY_BASE[family]
 
 
 def export(model, path: str | Path) -> Path:

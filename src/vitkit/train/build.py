@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -149,6 +150,10 @@ def build_model(cfg: TrainConfig, data: DataSplits, pretrained=None):
         model = load_pretrained(pretrained if pretrained is not None else cfg.pretrained, data,
                                 drop_path=cfg.drop_path, dropout=cfg.dropout)
         check_fixed_arch(cfg, model.config, f"--pretrained {cfg.pretrained}")
+        if cfg.zeroshot_head:  # the classifier starts as the zero-shot head of the class names
+            from ..features.zeroshot import init_training_head
+
+            init_training_head(model, cfg.pretrained, data, cfg.zeroshot_templates, say=log.info)
     elif cfg.model:  # a preset's architecture, with the options given explicitly overriding it
         arch = _explicit_arch(cfg)
         if "pooling" in arch:
@@ -190,7 +195,12 @@ def load_pretrained(source, data: DataSplits, **overrides):
 
     conv = read_pretrained(source) if isinstance(source, (str, Path)) else source
     adapt = dict(num_classes=data.num_outputs, image_size=data.image_hw, in_channels=data.in_channels)
-    model = model_from_converted(conv, adapt=adapt, **overrides)
+    with warnings.catch_warnings():
+        # The loader's "classifier head is re-initialised (train or fine-tune it before use)" is for users of
+        # from_pretrained; here it is the plan, and the warning would point into this file. Logged instead.
+        warnings.filterwarnings("ignore", message=r"num_classes \d+ -> \d+: the classifier head is re-initialised")
+        model = model_from_converted(conv, adapt=adapt, **overrides)
+    log.info("%s: fine-tuning starts from a fresh %d-output head", getattr(conv, "source", source), data.num_outputs)
     # Fine-tuning always starts from a fresh head, even when the class count happens to match, with
     # the model's own init (ViT.init_weights: truncated normal at +-2 std; nn.init.trunc_normal_'s
     # bounds are absolute and would truncate nothing).
@@ -200,7 +210,9 @@ def load_pretrained(source, data: DataSplits, **overrides):
     holder.head = torch.nn.Linear(head_in, data.num_outputs)
     ViT.init_weights(holder)
     model.head = holder.head
-    model.config = c.replace(num_classes=data.num_outputs, task=data.task)
+    # the fresh head has a bias even where the source's had none (CLIP's projection): the config says so,
+    # or the run's own checkpoint would not load back
+    model.config = c.replace(num_classes=data.num_outputs, task=data.task, head_bias=True)
     return model.train()
 
 
@@ -245,16 +257,20 @@ def build_optimizer_and_schedule(cfg: TrainConfig, model, steps_per_epoch: int, 
     return build_optimizer(model, cfg), total, warmup
 
 
-def build_ema(cfg: TrainConfig, model, sharded: bool = False, say=print):
-    """The EMA of the weights (None when --no-ema). ``sharded``: FSDP shards the parameters across
-    the processes; an EMA of them is not supported yet, which the run says instead of dropping it
-    silently."""
+def build_ema(cfg: TrainConfig, model, sharded: bool = False, say=print, total_steps: int = 0):
+    """The EMA of the weights (None when --no-ema), its decay capped for a run of ``total_steps``
+    (:func:`vitkit.train.ema.run_decay`). ``sharded``: FSDP shards the parameters across the
+    processes; an EMA of them is not supported yet, which the run says instead of dropping it silently."""
     if not cfg.ema:
         return None
     if sharded:
         say("note: no EMA under --strategy fsdp (the EMA of sharded weights is not supported yet): best/ "
             "and the test use the model's own weights; use --strategy ddp to keep an EMA")
         return None
-    from .ema import EMA
+    from .ema import EMA, RUN_FRACTION, run_decay
 
-    return EMA(model, cfg.ema_decay)
+    decay = run_decay(cfg.ema_decay, total_steps)
+    if decay != cfg.ema_decay:
+        say(f"ema: decay {decay:.4g} = 1 - {RUN_FRACTION}/{total_steps} steps (--ema-decay {cfg.ema_decay:g} would "
+            f"average over ~{1 / (1 - cfg.ema_decay):.0f} steps, more than a tenth of this run)")
+    return EMA(model, decay)

@@ -2,13 +2,16 @@
 
 It is filled from defaults, then ``--config file.yaml|json``, then ``--key value`` overrides
 (type-checked; unknown keys are rejected with a suggestion), and saved as ``config.yaml`` in the
-run directory so a run can be reproduced or resumed from its files alone.
+run directory so a run can be reproduced or resumed from its files alone. A resume never rewrites it:
+the options it may change (RESUME_CHANGEABLE) are appended to ``amendments.yaml``, the rest refused
+(RESUME_REFUSED), and the run's effective config is both files together (read_run_config).
 
 The defaults are the digits recipe measured in ``benchmarks/train_digits.md``: a 4-block, 32-wide
 ViT on the 8x8 digits upsampled to 16x16 with 4x4 patches (16 tokens), sin-cos 2-D position
 embedding, mean pooling, random affine augmentation (10 degrees, 10 % translate and scale: on the
 16x16 grid it moves strokes without the blur it caused at 8x8), label smoothing 0.1, stochastic depth 0.1, AdamW (lr 3e-3, batch 64), 3 warm-up epochs + cosine over
-150 epochs, EMA 0.99, and the final (EMA) weights reported (``select="final"``).
+150 epochs, EMA 0.99, and the final weights reported (``select="final"``: the EMA or the raw model,
+whichever validates better).
 """
 
 from __future__ import annotations
@@ -33,6 +36,35 @@ ARCH_FIELDS = ("patch_size", *ARCH_DEFAULTS)  # what --pretrained fixes and --mo
 # Where a run writes is chosen per invocation, never by a recipe (a run's saved config.yaml reused as
 # a recipe must not train into that run): save() omits these and read_config_file() drops them.
 NOT_RECIPE = ("out", "overwrite")
+# Options of one invocation only: never saved with a run (a run started with --max-steps 2 and resumed
+# without it runs to its --epochs), never compared on --resume.
+PER_INVOCATION = (*NOT_RECIPE, "max_steps")
+AMENDMENTS_FILE = "amendments.yaml"
+
+# What `vitkit train --resume RUN --key value` may change: how long the schedule runs and at what
+# learning rate, and how / where the run executes. Each change is appended to RUN/amendments.yaml
+# ({time, step, epoch, changes}); config.yaml stays as the run was started, and the run's effective
+# config is config.yaml + the amendments in order (read_run_config).
+RESUME_CHANGEABLE = ("epochs", "lr", "min_lr", "warmup_epochs", "grad_clip", "ema_decay", "select", "eval_every",
+                     "data_dir", "download", "skip_bad_images", "workers", "threads", "device", "amp", "compile",
+                     "cpu_linear", "strategy", "grad_checkpointing", "accum_steps", "deterministic", "progress",
+                     "log_every", "tensorboard")
+# Everything else is refused on --resume, with the reason: the saved weights, optimizer state or data
+# order belong to the value the run started with.
+_SHAPES = "it changes the model's shapes: the saved weights would not fit"
+_DATA = "it changes which images and labels the run trains and validates on"
+_RECIPE = "it changes the training recipe the saved weights are part of"
+RESUME_REFUSED: dict[str, str] = {
+    **dict.fromkeys(("model", "pretrained", "patch_size", "dim", "depth", "num_heads", "mlp_ratio", "pos_embed",
+                     "pooling", "fc_norm", "num_classes", "image_size"), _SHAPES),
+    **dict.fromkeys(("dataset", "subset", "val_fraction", "test_fraction", "target_columns", "allow_absolute_paths",
+                     "allow_empty_classes", "image_column", "label_column"), _DATA),
+    "seed": "it changes the data order, the augmentation and the validation split of the run",
+    "batch_size": "it changes the steps per epoch and the data order, and the saved position in the epoch",
+    **dict.fromkeys(("weight_decay", "betas", "layer_decay"),
+                    "the saved optimizer state carries the run's own value (torch restores it with the state)"),
+    "ema": "the saved state has (or lacks) an EMA of the weights",
+}
 DATASETS = dataset_names()
 
 
@@ -42,7 +74,9 @@ class TrainConfig:
     dataset: str = field(default="digits", metadata={
         "help": f"dataset: one of {', '.join(DATASETS)} (see docs/training.md)"})
     data_dir: str | None = field(default=None, metadata={
-        "help": "where the dataset files are (torchvision datasets, imagefolder root, csv file or its dir)"})
+        "help": "where the dataset files are: torchvision datasets; imagefolder DIR/train/<class>/ (+ val/, test/) "
+                "or a flat DIR/<class>/ (validation held out of it); webdataset DIR/train-*.tar or DIR/train/*.tar "
+                "(+ val, test likewise); a csv file or its dir; an hf dataset dir"})
     download: bool = field(default=False, metadata={"help": "download torchvision datasets into --data-dir"})
     val_fraction: float = field(default=0.1, metadata={
         "help": "fraction held out for validation when the dataset has no val split (stratified, seeded)"})
@@ -70,6 +104,12 @@ class TrainConfig:
         "help": "preset name (vit_tiny_patch16_224 ...) instead of the width/depth fields below"})
     pretrained: str | None = field(default=None, metadata={
         "help": "fine-tune from weights (vitkit dir, or any source vitkit.from_pretrained accepts); head re-initialised"})
+    zeroshot_head: bool = field(default=False, metadata={
+        "help": "with --pretrained CLIP / SigLIP (both towers): start the classifier from the class names' text "
+                "embeddings (the zero-shot head, as WiSE-FT / FLYP fine-tuning starts) instead of at random"})
+    zeroshot_templates: str = field(default="simple", metadata={
+        "help": "--zeroshot-head prompts: simple | imagenet | imagenet7 | a template with {} | a file "
+                "(see `vitkit zeroshot --help`)"})
     # Architecture: None = not given. From scratch that means ARCH_DEFAULTS (patch size: chosen from the
     # image size, see vitkit.train.build.auto_patch_size); with --model PRESET, the preset's (a value
     # given overrides it); with --pretrained, the model's own (a value it does not have is an error).
@@ -106,10 +146,12 @@ class TrainConfig:
     label_smoothing: float = field(default=0.1, metadata={"help": "label smoothing for cross-entropy"})
     loss: str = field(default="auto", metadata={"help": "auto | ce | mse | l1 (auto: ce for classes, mse for csv)"})
     ema: bool = field(default=True, metadata={"help": "keep an EMA of the weights and evaluate it too"})
-    ema_decay: float = field(default=0.99, metadata={"help": "EMA decay per optimizer step"})
+    ema_decay: float = field(default=0.99, metadata={
+        "help": "EMA decay per optimizer step, at most 1 - 10/total steps (the EMA averages over at most a tenth "
+                "of the run; the default digits run keeps 0.99)"})
     select: str = field(default="final", metadata={
-        "help": "which weights become best/ (and are tested): final = where the schedule ends (the EMA when "
-                "--ema), best = the epoch best on validation (model or EMA). On digits' 179 validation images "
+        "help": "which weights become best/ (and are tested): final = where the schedule ends (the model or, with "
+                "--ema, its EMA: whichever is better on validation), best = the epoch best on validation (model or EMA). On digits' 179 validation images "
                 "'best' picks noise: final tested higher over seeds (benchmarks/train_digits.md)"})
     # ---------------------------------------------------------------- augmentation
     augment: bool = field(default=True, metadata={"help": "training augmentation on/off (all pieces below)"})
@@ -144,7 +186,9 @@ class TrainConfig:
     overwrite: bool = field(default=False, metadata={
         "help": "let --out replace an existing run directory (its files are deleted first); never saved"})
     tensorboard: bool = field(default=False, metadata={"help": "also write TensorBoard events (needs tensorboard)"})
-    max_steps: int = field(default=0, metadata={"help": "stop after N optimizer steps (0 = no limit; for tests)"})
+    max_steps: int = field(default=0, metadata={
+        "help": "stop this invocation after N optimizer steps (0 = no limit), saving the state: a later --resume "
+                "continues the run to its --epochs; never saved in config.yaml"})
     progress: bool = field(default=True, metadata={"help": "progress bars (plain periodic lines when stderr is not a terminal)"})
     log_every: int = field(default=25, metadata={
         "help": "read loss / accuracy from the device every N steps (progress bar, non-finite check; under "
@@ -194,6 +238,9 @@ class TrainConfig:
             raise ConfigError("amp fp16 needs CUDA (it relies on a grad scaler); on the CPU use --amp bf16")
         if self.lr <= 0:
             raise ConfigError(f"lr must be positive, got {self.lr}")
+        if self.zeroshot_head and not self.pretrained:
+            raise ConfigError("zeroshot_head starts the classifier from an image-text model's text tower: it needs "
+                              "--pretrained CLIP_OR_SIGLIP_SOURCE")
 
     # ---------------------------------------------------------------- (de)serialisation
     def to_dict(self) -> dict[str, Any]:
@@ -213,12 +260,13 @@ class TrainConfig:
         return cls.from_dict({**read_config_file(path), **overrides})
 
     def save(self, path: str | Path) -> Path:
-        """Write the recipe: every option except where to write (``out``, ``overwrite``), so that
-        ``vitkit train --config OLD_RUN/config.yaml`` starts a new run instead of writing into the old one."""
+        """Write the recipe: every option except where to write (``out``, ``overwrite``) and this
+        invocation's ``max_steps``, so that ``vitkit train --config OLD_RUN/config.yaml`` starts a new run
+        instead of writing into the old one."""
         from ..io import atomic_write_text
 
         path = Path(path)
-        d = {k: v for k, v in self.to_dict().items() if k not in NOT_RECIPE}
+        d = {k: v for k, v in self.to_dict().items() if k not in PER_INVOCATION}
         if path.suffix == ".json":
             text = json.dumps(d, indent=2) + "\n"
         else:
@@ -230,6 +278,77 @@ class TrainConfig:
     def replace(self, **overrides: Any) -> TrainConfig:
         check_keys(overrides)
         return TrainConfig(**{**self.to_dict(), **overrides})
+
+
+def read_run_config(run_dir: str | Path) -> dict[str, Any]:
+    """A run's effective options: its ``config.yaml`` (as the run was started) with the changes of
+    ``amendments.yaml`` applied in order. Per-invocation options (``max_steps``, which an older vitkit
+    saved) are dropped."""
+    from ..errors import CheckpointError
+
+    run_dir = Path(run_dir)
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        raise CheckpointError(f"--resume {run_dir}: no config.yaml there (not a vitkit training run)")
+    data = read_config_file(saved, note=lambda msg: None)  # out / overwrite: the run dir is --resume's argument
+    for a in read_amendments(run_dir):
+        data.update(a["changes"])
+    for k in PER_INVOCATION:
+        data.pop(k, None)
+    return data
+
+
+def read_amendments(run_dir: str | Path) -> list[dict[str, Any]]:
+    """``amendments.yaml``: the list of ``{time, step, epoch, changes}`` that resumes recorded ([] if none)."""
+    path = Path(run_dir) / AMENDMENTS_FILE
+    if not path.is_file():
+        return []
+    items = _load_yaml(path.read_text(), path) or []
+    if not isinstance(items, list) or not all(isinstance(a, dict) and isinstance(a.get("changes"), dict)
+                                              for a in items):
+        raise ConfigError(f"{path}: expected a list of {{time, changes: {{option: value}}}}, got {_short(items)}")
+    for a in items:
+        check_keys(a["changes"])
+    return items
+
+
+def resume_changes(effective: dict[str, Any], requested: TrainConfig, run: str | Path) -> dict[str, Any]:
+    """The options ``requested`` changes on ``--resume run`` relative to the run's ``effective`` options
+    (:func:`read_run_config`): those in :data:`RESUME_CHANGEABLE`; anything else is a ConfigError naming
+    each option and why. Per-invocation options are not compared; an architecture option left unset
+    (None, ``image_size`` 0) means the run's own value."""
+    base = TrainConfig.from_dict(effective).to_dict()
+    changes, refused = {}, []
+    for k, v in requested.to_dict().items():
+        if k in PER_INVOCATION or v == base[k]:
+            continue
+        if (k in ARCH_FIELDS and v is None) or (k == "image_size" and v == 0):
+            continue
+        if k in RESUME_CHANGEABLE:
+            changes[k] = v
+        else:
+            refused.append(f"--{k.replace('_', '-')} {_short(base[k])} -> {_short(v)} "
+                           f"({RESUME_REFUSED.get(k, _RECIPE)})")
+    if refused:
+        allowed = ", ".join("--" + k.replace("_", "-") for k in RESUME_CHANGEABLE)
+        raise ConfigError(f"--resume {run} continues the run as it was started and cannot change: "
+                          f"{'; '.join(refused)}. Nothing was changed. Resume without them (it may change {allowed}), "
+                          f"or start a new run from its weights with --pretrained {run}")
+    return changes
+
+
+def record_amendment(run_dir: str | Path, changes: dict[str, Any], *, step: int, epoch: int) -> Path:
+    """Append ``changes`` to ``amendments.yaml`` (atomically: the whole list is rewritten)."""
+    import time
+
+    import yaml
+
+    from ..io import atomic_write_text
+
+    items = read_amendments(run_dir)
+    items.append({"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "step": step, "epoch": epoch,
+                  "changes": {k: list(v) if isinstance(v, tuple) else v for k, v in changes.items()}})
+    return atomic_write_text(Path(run_dir) / AMENDMENTS_FILE, yaml.safe_dump(items, sort_keys=False))
 
 
 def field_names() -> list[str]:

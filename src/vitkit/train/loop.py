@@ -10,6 +10,12 @@
 
 Everything that is saved and resumed is one object, :class:`vitkit.train.state.RunState`.
 
+Resume (``train(cfg, resume=RUN)``): the run's effective config (config.yaml + amendments.yaml) is
+compared with ``cfg`` before anything is written; changes outside RESUME_CHANGEABLE are refused,
+allowed ones appended to amendments.yaml. ``--max-steps N`` stops this invocation after N steps and
+saves the state there (mid-epoch, as a signal does), so a later resume continues exactly; a run dir
+with a config.yaml but no train_state.pt yet starts again from its beginning.
+
 Host syncs: none per step. Loss / accuracy sums and the first non-finite loss are accumulated on the
 device and read at *read points*: every ``--log-every`` steps (progress bar), at an epoch end, and
 when a signal arrives. A non-finite loss therefore stops the run at the next read point, naming the
@@ -31,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import shlex
 import signal
 import time
 from dataclasses import dataclass, field
@@ -61,7 +68,7 @@ from .build import (
     setup_backends,
 )
 from .checkpoint import STATE_NAME, load_state, save_state
-from .config import TrainConfig
+from .config import AMENDMENTS_FILE, TrainConfig, read_run_config, record_amendment, resume_changes
 from .data import eval_loader, train_loader
 from .distributed import (
     DistInfo,
@@ -139,6 +146,9 @@ class Run:
     say: Any
     cpu_linear: bool = False  # fp32 Linear layers on oneDNN in the step (vitkit.train.kernels)
     run_dir: Path = None  # type: ignore[assignment]
+    stop_at: int = 0  # the step at which this invocation's --max-steps stops it (0: none)
+    stop_rec: dict[str, Any] = field(default_factory=dict)  # the partial epoch's record where it stopped
+    amended: dict[str, tuple[Any, Any]] = field(default_factory=dict)  # --resume changes: option -> (old, new)
     tb: Any = None
     on_step: Any = None
     eval_kw: dict[str, Any] = field(default_factory=dict)
@@ -171,24 +181,60 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, log=print, on_step
                 summary = run_all(run, st, run_dir, None, flag, on_step, t0)
         else:  # the lock first: the state of a live run is neither read nor resumed twice
             with run_directory(cfg, resume, dist) as run_dir:
-                saved = load_state(run_dir / STATE_NAME)
-                if saved.get("finished"):
-                    raise CheckpointError(f"{resume} already finished ({saved['epoch']} epochs); nothing to resume")
+                # everything is checked before anything is written: refused changes, the state, the data
+                effective = read_run_config(run_dir)
+                changes = resume_changes(effective, cfg, resume)
+                cfg = TrainConfig.from_dict({**effective, **changes, **{k: getattr(cfg, k) for k in
+                                                                        ("out", "max_steps")}})
+                saved = load_state(run_dir / STATE_NAME) if (run_dir / STATE_NAME).exists() else None
+                check_resumable(saved, cfg, resume)
                 run, st = build_run(cfg, device, dist, say)
-                summary = run_all(run, st, run_dir, saved, flag, on_step, t0)
+                check_same_labels(saved, run, resume)
+                base = TrainConfig.from_dict(effective)
+                run.amended = {k: (getattr(base, k), v) for k, v in changes.items()}
+                if saved is None:
+                    say(f"{resume} has no training state yet (it stopped before its first checkpoint): starting it "
+                        f"from the beginning with its recorded config")
+                summary = run_all(run, st, run_dir, saved, flag, on_step, t0, resumed=True)
     cleanup(dist)
     return summary
 
 
-def run_all(run: Run, st: RunState, run_dir: Path, saved, flag: _SignalFlag, on_step, t0: float) -> dict[str, Any]:
-    """Epochs until the end (or --max-steps), then finish; in the claimed run directory."""
+def check_resumable(saved: dict[str, Any] | None, cfg: TrainConfig, resume) -> None:
+    if saved is None:
+        return
+    done = saved["epoch"]
+    # An older vitkit marked a run stopped by --max-steps as finished: only the schedule's end finishes a run.
+    if saved.get("finished") and done >= cfg.epochs:
+        raise CheckpointError(f"{resume} already finished ({done} epochs); nothing to resume")
+    if done > cfg.epochs or (done == cfg.epochs and saved["batch_pos"]):
+        raise ConfigError(f"--epochs {cfg.epochs}: {resume} has already trained {done} epoch(s)"
+                          + (f" and {saved['batch_pos']} step(s) of the next" if saved["batch_pos"] else ""))
+
+
+def check_same_labels(saved: dict[str, Any] | None, run: Run, resume) -> None:
+    """A resumed run's data (e.g. a moved --data-dir) must have the classes / targets it was trained on."""
+    have = list(run.data.classes) if run.data.classes else None
+    if saved is not None and saved.get("labels") is not None and list(saved["labels"]) != have:
+        raise ConfigError(f"--resume {resume}: the data at --data-dir {run.cfg.data_dir} has the classes "
+                          f"{_names(have)}; the run was trained on {_names(saved['labels'])}")
+
+
+def _names(labels) -> str:
+    return "none" if not labels else str(list(labels)[:12])[:-1] + (", ...]" if len(labels) > 12 else "]")
+
+
+def run_all(run: Run, st: RunState, run_dir: Path, saved, flag: _SignalFlag, on_step, t0: float,
+            resumed: bool = False) -> dict[str, Any]:
+    """Epochs until the end (or this invocation's --max-steps), then finish; in the claimed run directory."""
     run.run_dir, run.on_step = run_dir, on_step
-    start(run, st, saved)
+    start(run, st, saved, resumed)
     try:
         while st.epoch < run.cfg.epochs:
-            whole = run_epoch(run, st, flag)
+            if run_epoch(run, st, flag):  # --max-steps inside the epoch: its position is saved
+                break
             end_epoch(run, st, flag)
-            if not whole:  # --max-steps reached inside the epoch
+            if run.stop_at and st.step >= run.stop_at:
                 break
         return finish(run, st, t0)
     except RuntimeError as e:  # torch reports a dead worker from its SIGCHLD handler, anywhere
@@ -196,7 +242,7 @@ def run_all(run: Run, st: RunState, run_dir: Path, saved, flag: _SignalFlag, on_
             raise
         raise DataWorkerError(
             f"a data loader worker died ({str(e).strip().splitlines()[0]}); nothing was saved after the last "
-            f"checkpoint {run_dir / STATE_NAME}: continue with vitkit train --resume {run_dir}") from e
+            f"checkpoint {run_dir / STATE_NAME}: continue with vitkit train --resume {shlex.quote(str(run_dir))}") from e
     finally:
         if run.tb is not None:
             run.tb.close()
@@ -228,7 +274,7 @@ def build_run(cfg: TrainConfig, device: torch.device, dist: DistInfo, say) -> tu
     loader = train_loader(data, cfg, batch_size=batch, dist=dist, device_type=device.type, device_flips=affine)
     dmodel = wrap_model(model, dist, cfg.strategy, device)  # before the optimizer: FSDP swaps the parameters
     optimizer, total, warmup = build_optimizer_and_schedule(cfg, model, len(loader), say)
-    ema = build_ema(cfg, model, sharded=dist.enabled and cfg.strategy == "fsdp", say=say)
+    ema = build_ema(cfg, model, sharded=dist.enabled and cfg.strategy == "fsdp", say=say, total_steps=total)
     amp = amp_dtype(cfg, device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
     if cfg.compile:
@@ -247,7 +293,7 @@ def build_run(cfg: TrainConfig, device: torch.device, dist: DistInfo, say) -> tu
                        dist=dist, regression_loss=loss_kind if loss_kind != "ce" else "mse", labels=data.classes,
                        amp_dtype=amp)
     st = RunState(model=model, optimizer=optimizer, ema=ema, scaler=scaler, loader=loader, device=device,
-                  fsdp=dist.enabled and cfg.strategy == "fsdp")
+                  fsdp=dist.enabled and cfg.strategy == "fsdp", labels=list(data.classes) if data.classes else None)
     return run, st
 
 
@@ -269,7 +315,8 @@ def run_directory(cfg: TrainConfig, resume, dist: DistInfo):
 
     path = Path(resume) if resume is not None else (Path(cfg.out) if cfg.out else None)
     if dist.is_main:
-        cm = claim_run_dir(path, overwrite=cfg.overwrite, resume=resume is not None)
+        cm = claim_run_dir(path, overwrite=cfg.overwrite, resume=resume is not None,
+                           inputs=(cfg.data_dir, cfg.model, cfg.pretrained))
     else:
         cm = contextlib.nullcontext(None)
     with cm as run_dir:
@@ -280,15 +327,29 @@ def run_directory(cfg: TrainConfig, resume, dist: DistInfo):
         yield Path(run_dir)
 
 
-def start(run: Run, st: RunState, saved: dict[str, Any] | None) -> None:
-    """Write config.yaml (a recipe: it never carries where to write), restore a saved state, say hello."""
+def start(run: Run, st: RunState, saved: dict[str, Any] | None, resumed: bool = False) -> None:
+    """Restore a saved state; write config.yaml (a new run: a recipe, it never carries where to write)
+    or amendments.yaml (a resumed run's changes, beside its config.yaml, never over it); say hello."""
     cfg, data, dist = run.cfg, run.data, run.dist
-    if dist.is_main:
-        cfg.replace(out=None).save(run.run_dir / CONFIG_FILE)
     if saved is not None:
-        st.load_state_dict(saved, dist)
-        if dist.is_main:  # metrics.jsonl = exactly the epochs in the state
+        try:
+            st.load_state_dict(saved, dist)
+        except (RuntimeError, KeyError, ValueError) as e:  # torch's size mismatch: the state is not this model's
+            raise CheckpointError(f"{run.run_dir / STATE_NAME} does not fit the model built from the run's config "
+                                  f"({str(e).strip().splitlines()[0][:300]})") from e
+    run.stop_at = st.step + cfg.max_steps if cfg.max_steps else 0
+    if dist.is_main:
+        if not resumed:
+            cfg.replace(out=None).save(run.run_dir / CONFIG_FILE)
+        elif run.amended:
+            record_amendment(run.run_dir, {k: new for k, (_, new) in run.amended.items()}, step=st.step,
+                             epoch=st.epoch)
+        if resumed:  # metrics.jsonl = exactly the epochs in the state (none for a restart)
             atomic_write_text(run.run_dir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in st.history))
+    if run.amended:
+        run.say(f"amended (recorded in {AMENDMENTS_FILE}): "
+                + ", ".join(f"{k} {old} -> {new}" for k, (old, new) in run.amended.items()))
+    if saved is not None:
         run.say(f"resumed {run.run_dir} at epoch {st.epoch}, step {st.step}"
                 + (f" (batch {st.batch_pos})" if st.batch_pos else ""))
     c = st.model.config
@@ -364,7 +425,8 @@ def step_theta(run: Run, step: int, n_local: int) -> torch.Tensor:
 
 
 def run_epoch(run: Run, st: RunState, flag: _SignalFlag) -> bool:
-    """Train through the rest of the epoch; False when --max-steps ended the run inside it."""
+    """Train through the rest of the epoch; True when --max-steps stopped this invocation inside it
+    (last/ and the state are then saved mid-epoch, as a signal saves them, so --resume continues exactly)."""
     cfg = run.cfg
     run.dmodel.train()
     st.loader.set_epoch(st.epoch)
@@ -381,7 +443,7 @@ def run_epoch(run: Run, st: RunState, flag: _SignalFlag) -> bool:
         bar.update(1)
         if run.on_step is not None:
             run.on_step(st)
-        at_limit = bool(cfg.max_steps) and st.step >= cfg.max_steps
+        at_limit = bool(run.stop_at) and st.step >= run.stop_at
         local_signal = flag.signum and not run.dist.enabled  # torchrun: all ranks stop at a read point
         if local_signal or at_limit or st.step % cfg.log_every == 0:
             signum = read_point(run, st, flag, bar)
@@ -391,7 +453,12 @@ def run_epoch(run: Run, st: RunState, flag: _SignalFlag) -> bool:
         if at_limit:
             break
     bar.close()
-    return not at_limit
+    if at_limit and st.batch_pos < len(st.loader):
+        save_model(run, st, st.model, run.run_dir / "last", "model")
+        save_checkpoint(run, st, mid_epoch=True)
+        barrier(run.dist)
+        return True
+    return False
 
 
 def read_point(run: Run, st: RunState, flag: _SignalFlag, bar=None) -> int:
@@ -428,25 +495,35 @@ def interrupt(run: Run, st: RunState, signum: int) -> None:
     barrier(run.dist)  # no rank exits (and makes torchrun kill the others) before rank 0 has written
     raise TrainingInterrupted(
         f"interrupted by signal {signum} at step {st.step} (epoch {st.epoch + 1}); state saved to "
-        f"{run.run_dir / STATE_NAME}. Continue with: vitkit train --resume {run.run_dir}", signum)
+        f"{run.run_dir / STATE_NAME}. Continue with: vitkit train --resume {shlex.quote(str(run.run_dir))}", signum)
 
 
 # --------------------------------------------------------------------------- epoch end
-def end_epoch(run: Run, st: RunState, flag: _SignalFlag) -> None:
-    """Read and reduce the epoch's sums, evaluate, write metrics / last / best / state."""
+def train_record(run: Run, st: RunState) -> tuple[dict[str, Any], float]:
+    """The epoch's record so far (epoch, step, lr, train loss / accuracy) from the reduced sums, and
+    the images counted."""
     cfg = run.cfg
-    signum = read_point(run, st, flag)  # a non-finite loss raises here, before anything is saved
     loss_sum, correct, count = all_reduce_sum(st.sums.clone(), run.dist).tolist()
-    seconds = st.seconds
     rec: dict[str, Any] = {"epoch": st.epoch + 1, "step": st.step,
                            "lr": lr_at(max(st.step - 1, 0), run.total_steps, run.warmup_steps, cfg.lr, cfg.min_lr),
                            "train_loss": loss_sum / max(count, 1)}
     if run.data.task == "classification":
         rec["train_accuracy"] = correct / max(count, 1)
+    return rec, count
+
+
+def end_epoch(run: Run, st: RunState, flag: _SignalFlag) -> None:
+    """Read and reduce the epoch's sums, evaluate, write metrics / last / best / state."""
+    cfg = run.cfg
+    signum = read_point(run, st, flag)  # a non-finite loss raises here, before anything is saved
+    seconds = st.seconds
+    rec, count = train_record(run, st)
     st.epoch += 1
     st.batch_pos, st.seconds = 0, 0.0
     st.reset_sums()
-    last = st.epoch == cfg.epochs or bool(cfg.max_steps and st.step >= cfg.max_steps)
+    # a --max-steps stop at this epoch's end is not "last": the state saved here is the uninterrupted
+    # run's, so a later --resume continues exactly (finish reports the stop's weights after it)
+    last = st.epoch == cfg.epochs
     if st.epoch % cfg.eval_every == 0 or last:
         evaluate_epoch(run, st, rec, last)
     rec["epoch_seconds"] = round(seconds, 3)
@@ -466,13 +543,34 @@ def end_epoch(run: Run, st: RunState, flag: _SignalFlag) -> None:
     if signum:
         raise TrainingInterrupted(
             f"interrupted by signal {signum} at the end of epoch {st.epoch}; state saved to "
-            f"{run.run_dir / STATE_NAME}. Continue with: vitkit train --resume {run.run_dir}", signum)
+            f"{run.run_dir / STATE_NAME}. Continue with: vitkit train --resume {shlex.quote(str(run.run_dir))}", signum)
 
 
 def evaluate_epoch(run: Run, st: RunState, rec: dict[str, Any], last: bool) -> None:
     """Model and EMA on the validation split, into ``rec``; then best/ (see --select)."""
-    cands = [("model", st.model)] + ([("ema", st.ema.module)] if st.ema is not None else [])
-    for which, m in cands if run.val_loader is not None else []:
+    cands = candidates(st)
+    scores = validate(run, cands, rec)
+    for which, score in scores.items():
+        # --select best: validation accuracy moves in steps of 1/len(val) (0.56% on digits): on a
+        # tie the lower validation loss wins, otherwise an early lucky epoch is kept forever.
+        if run.cfg.select == "best" and score > st.best["score"]:
+            pre = "val" if which == "model" else "val_ema"
+            st.best = {"score": score, "epoch": st.epoch, "step": st.step, "which": which,
+                       "val_accuracy": rec.get(f"{pre}_accuracy"), "val_loss": rec[f"{pre}_loss"]}
+            save_model(run, st, cands[which], run.run_dir / "best", which)
+    if run.cfg.select == "final" and last:
+        choose_final(run, st, cands, scores, rec)
+
+
+def candidates(st: RunState) -> dict[str, torch.nn.Module]:
+    return {"model": st.model, **({"ema": st.ema.module} if st.ema is not None else {})}
+
+
+def validate(run: Run, cands: dict[str, torch.nn.Module], rec: dict[str, Any]) -> dict[str, list[float]]:
+    """Each candidate on the validation split, its numbers into ``rec``; {which: score}, score =
+    [accuracy, -loss] (regression: [-loss, -loss]), compared as lists. {} without a validation split."""
+    scores: dict[str, list[float]] = {}
+    for which, m in cands.items() if run.val_loader is not None else []:
         r = evaluate(m, run.val_loader, **run.eval_kw)
         pre = "val" if which == "model" else "val_ema"
         rec[f"{pre}_loss"] = r["loss"]
@@ -484,18 +582,31 @@ def evaluate_epoch(run: Run, st: RunState, rec: dict[str, Any], last: bool) -> N
         else:
             rec[f"{pre}_mae"], rec[f"{pre}_rmse"], rec[f"{pre}_r2"] = r["mae"], r["rmse"], r["r2"]
             score = [-r["loss"], -r["loss"]]
-        # --select best: validation accuracy moves in steps of 1/len(val) (0.56% on digits): on a
-        # tie the lower validation loss wins, otherwise an early lucky epoch is kept forever.
-        if run.cfg.select == "best" and score > st.best["score"]:
-            st.best = {"score": score, "epoch": st.epoch, "which": which, "val_accuracy": r.get("accuracy"),
-                       "val_loss": r["loss"]}
-            save_model(run, st, m, run.run_dir / "best", which)
-    if run.cfg.select == "final" and last:  # the weights the schedule ends with (EMA when kept)
-        which, m = cands[-1]
-        pre = "val" if which == "model" else "val_ema"
-        st.best = {"score": [0.0, 0.0], "epoch": st.epoch, "which": which,
-                   "val_accuracy": rec.get(f"{pre}_accuracy"), "val_loss": rec.get(f"{pre}_loss")}
-        save_model(run, st, m, run.run_dir / "best", which)
+        scores[which] = score
+    return scores
+
+
+def choose_final(run: Run, st: RunState, cands: dict[str, torch.nn.Module], scores: dict[str, list[float]],
+                 rec: dict[str, Any]) -> None:
+    """--select final: of the weights the schedule ends with, the model or its EMA, whichever scores
+    better on validation (accuracy, then loss; regression: loss). A short run's EMA lags its model
+    (issue 22), a long run's usually wins; on a tie, or with no validation split, the EMA."""
+    which = max(scores, key=lambda w: (scores[w], w == "ema")) if scores else list(cands)[-1]
+    pre = "val" if which == "model" else "val_ema"
+    choice = None
+    if len(scores) > 1:
+        metric = "accuracy" if run.data.task == "classification" else "loss"
+        other = "ema" if which == "model" else "model"
+        opre = "val" if other == "model" else "val_ema"
+        choice = (f"{which} (val {metric} {rec[f'{pre}_{metric}']:.4f}, loss {rec[f'{pre}_loss']:.4f}) over "
+                  f"{other} ({rec[f'{opre}_{metric}']:.4f}, {rec[f'{opre}_loss']:.4f})")
+    elif len(cands) > 1:
+        choice = f"{which} (no validation split to choose by: the EMA, where the schedule ends)"
+    st.best = {"score": scores.get(which, [0.0, 0.0]), "epoch": st.epoch, "step": st.step, "which": which,
+               "val_accuracy": rec.get(f"{pre}_accuracy"), "val_loss": rec.get(f"{pre}_loss"), "choice": choice}
+    if choice:
+        run.say(f"final weights: {choice}")
+    save_model(run, st, cands[which], run.run_dir / "best", which)
 
 
 def save_checkpoint(run: Run, st: RunState, *, mid_epoch: bool, finished: bool = False) -> None:
@@ -538,13 +649,9 @@ def _epoch_line(rec: dict[str, Any], epochs: int) -> str:
 
 # --------------------------------------------------------------------------- the end
 def test_split_name(data: DataSplits) -> str:
-    """Which split the final numbers are measured on (summary.json's test_split)."""
-    name = getattr(data, "test_name", None)
-    if name:
-        return name
-    if data.test is None or data.test is data.val or any("only val/ found" in n for n in data.notes):
-        return "val"
-    return "test"
+    """Which split the final numbers are measured on (summary.json's test_split): test, or val /
+    train-holdout when the data has no test split (vitkit.data.validation)."""
+    return data.test_name if data.test is not None else data.val_name
 
 
 def finish(run: Run, st: RunState, t0: float) -> dict[str, Any]:
@@ -553,6 +660,12 @@ def finish(run: Run, st: RunState, t0: float) -> dict[str, Any]:
     from .plots import plot_confusion, plot_curves
 
     data, dist = run.data, run.dist
+    done = st.epoch >= run.cfg.epochs
+    if not done:  # --max-steps stopped this invocation: report the weights it ends with, as the run's end would
+        where = f"the end of epoch {st.epoch}" if not st.batch_pos else f"epoch {st.epoch + 1}, batch {st.batch_pos}"
+        run.say(f"stopped by --max-steps {run.cfg.max_steps} at step {st.step} of {run.total_steps} ({where}); "
+                f"state saved: continue with vitkit train --resume {shlex.quote(str(run.run_dir))}")
+        stop_record(run, st)
     split = test_split_name(data)
     best_dir = run.run_dir / "best"
     best_model = load_model(best_dir, device=run.device) if best_dir.exists() else st.model
@@ -562,23 +675,50 @@ def finish(run: Run, st: RunState, t0: float) -> dict[str, Any]:
     summary: dict[str, Any] = {
         "dataset": data.name, "task": data.task, "epochs": st.history[-1]["epoch"] if st.history else 0,
         "steps": st.step, "params": st.model.num_params(), "test_split": split, "test_loss": r["loss"],
-        "best_epoch": st.best["epoch"], "best_weights": st.best["which"], "wall_seconds": wall,
+        "finished": done, "best_epoch": st.best["epoch"], "best_step": st.best.get("step"),
+        "best_weights": st.best["which"], "weights_choice": st.best.get("choice"),
+        "ema_decay": st.ema.decay if st.ema is not None else None, "wall_seconds": wall,
         "world_size": dist.world_size, "threads": torch.get_num_threads(), "run_dir": str(run.run_dir),
-        "skipped_images": st.loader.skipped + len(getattr(data, "skipped_files", []))}
+        "skipped_images": st.loader.skipped + len(getattr(data, "skipped_files", [])),
+        # an image of the run's own data for the "next:" commands (file datasets only)
+        "example_image": str(test.paths[0]) if getattr(test, "paths", None) else None}
     if data.task == "classification":
+        final = run.stop_rec or (st.history[-1] if st.history else {})
         summary.update(test_accuracy=r["accuracy"], test_macro_f1=r["macro_f1"],
-                       best_val_accuracy=st.best["val_accuracy"],
-                       final_val_accuracy=st.history[-1].get("val_accuracy") if st.history else None,
-                       final_val_ema_accuracy=st.history[-1].get("val_ema_accuracy") if st.history else None)
+                       best_val_accuracy=st.best["val_accuracy"], final_val_accuracy=final.get("val_accuracy"),
+                       final_val_ema_accuracy=final.get("val_ema_accuracy"))
         if r["top5"] is not None:  # with 5 classes or fewer top-5 is always 1.0
             summary["test_top5"] = r["top5"]
     else:
         summary.update(test_mae=r["mae"], test_rmse=r["rmse"], test_r2=r["r2"], best_val_loss=st.best.get("val_loss"))
     if dist.is_main:
         _write_results(run, st, r, summary, plot_curves, plot_confusion)
-    st.wall_seconds = wall
-    save_checkpoint(run, st, mid_epoch=False, finished=True)
+    if done:  # a stopped run's state stays the one saved where it stopped: --resume continues exactly
+        st.wall_seconds = wall
+        save_checkpoint(run, st, mid_epoch=False, finished=True)
     return summary
+
+
+def stop_record(run: Run, st: RunState) -> None:
+    """Where --max-steps stopped this invocation: the model and EMA on validation, and with --select
+    final (or no best epoch yet) best/ = the better of them, as the run's end would choose. Inside an
+    epoch, metrics.jsonl gets a ``"partial": true`` line for the epoch so far (a resume rewrites the file
+    to the saved history). Nothing here reaches the saved state."""
+    rec: dict[str, Any] = {}
+    if st.batch_pos:
+        rec, count = train_record(run, st)
+        rec["partial"] = True
+    cands = candidates(st)
+    scores = validate(run, cands, rec)
+    if run.cfg.select == "final" or st.best["epoch"] < 0:
+        choose_final(run, st, cands, scores, rec)
+    if st.batch_pos:
+        rec["epoch_seconds"] = round(st.seconds, 3)
+        rec["images_per_second"] = round(count / max(st.seconds, 1e-9), 1)
+        run.stop_rec = rec
+        if run.dist.is_main:
+            with open(run.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(rec) + "\n")
 
 
 def _write_results(run: Run, st: RunState, r: dict[str, Any], summary: dict[str, Any], plot_curves,
@@ -587,15 +727,19 @@ def _write_results(run: Run, st: RunState, r: dict[str, Any], summary: dict[str,
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     if st.history:
         plot_curves(st.history, run_dir / "curves.png")
-    where = f"on the {split} split" + (" (no test split: it also selected the best epoch)" if split == "val" else "")
+    where = f"on the {split} split" + (" (no test split: it also selected the best epoch)"
+                                       if data.test is None or data.test is data.val else "")
     if data.task == "classification":
         plot_confusion(r["confusion_matrix"], data.classes, run_dir / "confusion_matrix.png",
                        title=f"{data.name} {split}, accuracy {r['accuracy']:.4f}")
         atomic_write_text(run_dir / "test_report.json", json.dumps(r, indent=2) + "\n")
         top5 = f"top-5 {r['top5']:.4f}, " if r["top5"] is not None else ""
-        run.say(f"test accuracy {r['accuracy']:.4f} ({top5}loss {r['loss']:.4f}) {where} with the best "
-                f"{st.best['which']} weights of epoch {st.best['epoch']}  |  {summary['wall_seconds']:.1f} s  |  "
-                f"{run_dir}")
+        b = st.best
+        mid = st.batch_pos and b.get("step") == st.step  # chosen where --max-steps stopped inside an epoch
+        when = f"at step {st.step}" if mid else f"of epoch {b['epoch']}"
+        run.say(f"test accuracy {r['accuracy']:.4f} ({top5}loss {r['loss']:.4f}) {where} with the "
+                f"{'best ' if run.cfg.select == 'best' else ''}{b['which']} weights {when}  |  "
+                f"{summary['wall_seconds']:.1f} s  |  {run_dir}")
     else:
         run.say(f"test MAE {r['mae']:.4f}  RMSE {r['rmse']:.4f}  R^2 {r['r2']:.4f} {where}  |  "
                 f"{summary['wall_seconds']:.1f} s  |  {run_dir}")

@@ -2,7 +2,8 @@
 
 model, optimizer, EMA, grad scaler, the loader's position inside the epoch (torchdata's
 StatefulDataLoader), every rank's RNG states, epoch / step counters, the history of epoch records,
-the best-so-far record, and the running sums of the current epoch. ``state_dict()`` is what
+the best-so-far record, the running sums of the current epoch, and the data's class names (a resume
+checks them; states written before they were saved resume without the check). ``state_dict()`` is what
 ``train_state.pt`` holds (tensors and plain containers only: loaded with ``weights_only=True``);
 ``load_state_dict()`` puts a run back exactly where it was.
 """
@@ -39,6 +40,7 @@ class RunState:
     history: list[dict[str, Any]] = field(default_factory=list)
     best: dict[str, Any] = field(default_factory=_new_best)
     wall_seconds: float = 0.0  # wall time of earlier sessions of this run (resumed runs)
+    labels: list[str] | None = None  # the data's class / target names: a resume checks its data has them
     # On the device, read only at read points (no host sync per step): this epoch's
     # [sum of loss * n, correct, n], and [step, loss] of the first non-finite loss (step -1: none).
     sums: torch.Tensor = None  # type: ignore[assignment]
@@ -89,7 +91,8 @@ class RunState:
                 "loader": self.loader.state_dict() if mid_epoch else None, "rng": [r["rng"] for r in ranks],
                 "epoch": self.epoch, "step": self.step, "batch_pos": self.batch_pos, "seconds": self.seconds,
                 "history": self.history, "best": self.best, "sums": [r["sums"] for r in ranks],
-                "wall_seconds": self.wall_seconds,
+                "wall_seconds": self.wall_seconds, "labels": self.labels,
+                # only the schedule's end finishes a run (a --max-steps stop does not)
                 "finished": finished}
 
     def load_state_dict(self, state: dict[str, Any], dist: DistInfo) -> None:
