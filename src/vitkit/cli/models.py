@@ -11,31 +11,36 @@ def add_arguments(p) -> None:
     p.add_argument("--json", action="store_true", help="print machine-readable JSON instead of a table")
     p.add_argument("--families", action="store_true",
                    help="list the model families vitkit loads exactly (DeiT, DINOv2, CLIP, SigLIP...), the "
-                        "formats and hub ids they come in and what model(x) returns, instead of the presets")
+                        "formats and hub ids they come in, what model(x) returns and which have both an image and "
+                        "a text tower (zero-shot, text search), instead of the presets")
 
 
 def _print_families(as_json: bool) -> int:
-    import json
-
     from ..interop.families import families_table
+    from ..output import json_text
 
     rows = families_table()
     if as_json:
-        print(json.dumps(rows, indent=2))
+        print(json_text(rows))
         return 0
     for r in rows:
         print(f"{r['family']}")
+        print(f"  towers:     {r['towers']}")
         print(f"  model(x):   {r['returns']}")
         print(f"  preprocess: {r['preprocess']}")
         for src in r["sources"]:
             print(f"  from        {src}")
         print(f"  hub ids:    {', '.join(r['hub_ids'])}")
-    print("Load any of them with vitkit.from_pretrained(path or hub id); see docs/weights.md.")
+        for src in r["text_sources"]:
+            print(f"  both from   {src}")
+    both = [r["family"] for r in rows if r["text_sources"]]
+    print("Load any of them with vitkit.from_pretrained(path or hub id) (the image model); see docs/weights.md. "
+          f"Both towers ({', '.join(both)}): vitkit.load_image_text, `vitkit zeroshot`, `vitkit search --text`.")
     return 0
 
 
 def run(args) -> int:
-    import json
+    from ..output import json_text
 
     if getattr(args, "families", False):
         return _print_families(args.json)
@@ -58,7 +63,7 @@ def run(args) -> int:
                      "depth": c.depth, "heads": c.num_heads, "params": count_params(c),
                      "gflops": round(fl["gflops"], 2), "gmacs": round(fl["gmacs"], 2)})
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(json_text(rows))
         return 0
     print(f"{'name':<26}{'size':>5}{'patch':>6}{'dim':>6}{'depth':>6}{'heads':>6}{'params':>14}{'GFLOPs':>9}{'GMACs':>8}")
     for r in rows:

@@ -1,6 +1,7 @@
 """The ViT families vitkit loads exactly, as data: where each ships, hub ids to try on a connected
-machine, and what ``model(x)`` returns. ``vitkit models --families`` prints this table;
-docs/weights.md explains it."""
+machine, what ``model(x)`` returns, and whether vitkit also loads its text tower (image-text
+families: ``vitkit.load_image_text``, ``vitkit zeroshot``, text search). ``vitkit models --families``
+prints this table; docs/weights.md explains it."""
 
 from __future__ import annotations
 
@@ -14,6 +15,11 @@ class Family:
     hub_ids: tuple[str, ...]
     returns: str  # what model(x) is
     preprocess: str
+    text: tuple[str, ...] = ()  # "format: what" of checkpoints whose text tower vitkit loads too; () = image only
+
+    @property
+    def towers(self) -> str:
+        return "image + text" if self.text else "image"
 
 
 FAMILIES: tuple[Family, ...] = (
@@ -42,14 +48,20 @@ FAMILIES: tuple[Family, ...] = (
                     "openai_clip: OpenAI / OpenCLIP state dicts (visual.*)", "timm: vit_*_clip_*"),
            ("openai/clip-vit-base-patch16", "openai/clip-vit-large-patch14", "timm/vit_base_patch16_clip_224.openai"),
            "projected image embedding (get_image_features; not L2-normalised); pooler_output without projection",
-           "OpenAI CLIP mean/std, bicubic resize of the short side, centre crop"),
+           "OpenAI CLIP mean/std, bicubic resize of the short side, centre crop",
+           ("hf: CLIPModel (+ its tokenizer files)",
+            "openai_clip: OpenAI / OpenCLIP state dicts and open_clip hub dirs (tokenizer: the checkpoint's, or "
+            "open_clip's bpe_simple_vocab_16e6.txt.gz)", "vitkit: image-text dirs (save_pretrained)")),
     Family("siglip", ("hf: SiglipVisionModel, SiglipModel (image tower; SigLIP2 fixed-res too)",
                       "jax: big_vision .npz (params/img/..., MAPHead_0)", "timm: vit_*_siglip_*"),
            ("google/siglip-base-patch16-224", "google/siglip2-base-patch16-224", "timm/vit_base_patch16_siglip_224.webli"),
-           "attention-pooled output (pooler_output / get_image_features)", "mean = std = 0.5, resize to the size"),
+           "attention-pooled output (pooler_output / get_image_features)", "mean = std = 0.5, resize to the size",
+           ("hf: SiglipModel, Siglip2Model (fixed resolution) (+ spiece.model / tokenizer.json)",
+            "jax: big_vision SigLIP .npz (params/txt/; tokenizer: its spiece.model)",
+            "vitkit: image-text dirs (save_pretrained)")),
 )
 
 
 def families_table() -> list[dict[str, str | list[str]]]:
     return [{"family": f.name, "sources": list(f.sources), "hub_ids": list(f.hub_ids), "returns": f.returns,
-             "preprocess": f.preprocess} for f in FAMILIES]
+             "preprocess": f.preprocess, "towers": f.towers, "text_sources": list(f.text)} for f in FAMILIES]
