@@ -36,29 +36,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
+from embed_vs_hf import (
+    write_jpegs,  # the same photo-like JPEG folder (this script's directory is on sys.path)
+)
 
 CLASSES = ("tench", "goldfish", "great white shark", "tiger shark", "hammerhead shark", "electric ray", "stingray",
            "rooster", "hen", "ostrich")
-
-
-def write_jpegs(folder: Path, n: int, seed: int = 0) -> list[str]:
-    """Photo-like JPEGs of mixed sizes (gradients + noise, quality 90), so every library resizes."""
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    files = []
-    for i in range(n):
-        h, w = int(rng.integers(240, 480)), int(rng.integers(320, 640))
-        yy, xx = np.mgrid[0:h, 0:w]
-        base = np.stack([(xx * (c + 1) + yy * (3 - c)) % 256 for c in range(3)], -1).astype(np.float32)
-        img = np.clip(base + rng.normal(0, 25, (h, w, 3)), 0, 255).astype(np.uint8)
-        f = folder / f"img_{i:04d}.jpg"
-        Image.fromarray(img).save(f, quality=90)
-        files.append(str(f))
-    return files
 
 
 def build_models(tmp: Path, quick: bool):
