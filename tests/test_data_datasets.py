@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 from vitkit.data import DataSpec
-from vitkit.data.datasets import build_data, stratified_split
+from vitkit.data.datasets import build_data
+from vitkit.data.validation import stratified_split
 from vitkit.errors import ConfigError, InputError
 
 

@@ -149,18 +149,17 @@ def test_interrupted_run_continues_without_redoing_rows(setup, monkeypatch):
         extra.unlink()
 
 
-def test_default_pooling_runs_the_predictor_engine_on_a_weight_sharing_twin(setup):
-    """fp32 default pooling: vitkit.infer's engine on a headless twin (no weight copy), the model
-    itself untouched; the bit-exactness is test_embed_equals_direct_forward's."""
+def test_default_pooling_runs_the_predictor_engine_for_the_pooled_output(setup):
+    """fp32 default pooling: vitkit.infer's exact engine asked for the pooled pre-logits of the
+    model itself (no twin, no copy), the model untouched; the bit-exactness is
+    test_embed_equals_direct_forward's."""
     tmp, files, model, mdir = setup
     from vitkit.features import FeatureExtractor
 
     pred = FeatureExtractor(model, FeatureSpec())._predictor
     assert pred is not None and pred.path == "engine"
-    twin = pred.model
-    assert twin is not model and twin.config.num_classes == 0 and twin.last_block_prefix_only is False
+    assert pred.model is model and pred.output == "pooled" and pred.exact
     assert model.last_block_prefix_only is True and model.config.num_classes == 10
-    assert twin.blocks[0].attn.qkv.weight.data_ptr() == model.blocks[0].attn.qkv.weight.data_ptr()
     assert FeatureExtractor(model, FeatureSpec(pool="cls"))._predictor is None  # stage calls
 
 
@@ -256,7 +255,7 @@ def test_cli_embed_records_metadata(setup, capsys):
 
 @pytest.mark.parametrize("dtype", ["bf16", "int8"])
 def test_fast_dtypes_run_through_the_predictor(setup, dtype):
-    """bf16 / int8: vitkit.infer.Predictor on the headless model; close to the exact fp32 vectors."""
+    """bf16 / int8: vitkit.infer.Predictor's pooled output; close to the exact fp32 vectors."""
     pytest.importorskip("vitkit.infer")
     tmp, files, model, mdir = setup
     out = tmp / f"fast_{dtype}.parquet"
@@ -269,7 +268,7 @@ def test_fast_dtypes_run_through_the_predictor(setup, dtype):
     from vitkit.features import FeatureExtractor
 
     pred = FeatureExtractor(model, FeatureSpec(dtype=dtype))._predictor
-    assert pred is not None and pred.model.config.num_classes == 0  # the headless twin, not model(x) logits
+    assert pred is not None and pred.output == "pooled"  # the pre-logits features, not model(x) logits
     if pred.dtype == dtype:  # (a CPU without native bf16 runs fp32, with a note)
         assert not np.array_equal(emb, ref)  # the fast path really ran
     with pytest.raises(ConfigError, match="pool='model' or 'head', layers=1"):

@@ -181,14 +181,14 @@ def test_hooks_fire_and_see_the_model_path():
 
 def test_verify_catches_a_misread_layout(monkeypatch):
     """The construction-time check is a real guard: an engine that skips a block is caught."""
-    real = engine_mod._block_into
+    real = engine_mod.block
     calls = []
 
-    def skips_first(p, x, ws):
+    def skips_first(p, x, ws, k=None):
         calls.append(1)
-        return x if len(calls) == 1 else real(p, x, ws)
+        return x if len(calls) == 1 else real(p, x, ws, k)
 
-    monkeypatch.setattr(engine_mod, "_block_into", skips_first)
+    monkeypatch.setattr(engine_mod, "block", skips_first)
     m = perturbed()
     p = Predictor(m)
     assert p.path == "model" and "differs from model(x)" in p.notes[0]

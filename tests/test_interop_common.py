@@ -8,7 +8,7 @@ import torch
 
 import vitkit
 from vitkit.errors import CheckpointError
-from vitkit.interop.common import LoadReport, adapt_state, load_into, rename
+from vitkit.interop.common import LoadReport, adapt_state, load_into
 from vitkit.io import save_state_dict
 
 
@@ -54,12 +54,6 @@ def load_saved_timm(ref, img_size, path) -> tuple[vitkit.ViT, torch.Tensor]:
 
 
 # --------------------------------------------------------------------------- unit tests
-def test_rename_first_rule_wins_and_unmatched_reported():
-    state = {"a.0.w": torch.zeros(1), "b": torch.zeros(1), "drop.me": torch.zeros(1)}
-    out, unmatched = rename(state, [(r"a\.(\d+)\.w", r"blocks.\1.weight"), (r"a.*", "never"), (r"drop\..*", "")])
-    assert set(out) == {"blocks.0.weight"} and unmatched == ["b"]
-
-
 def test_load_into_report_and_no_partial_copy_when_strict():
     model = tiny(depth=1)
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -164,7 +164,7 @@ def test_original_hub_other_size_uses_the_offset_interpolation(tmp_path):
     want = _original_interpolate(ref.pos_embed.detach(), 42, 70, 14)
     assert max_diff(model.pos_embed, want) <= 1e-6
     # and it differs from HF's size-based interpolation (the point of naming each one)
-    from vitkit.interop.resample import resample_hf
+    from vitkit.model.pos_embed import resample_hf
     assert max_diff(resample_hf(ref.pos_embed.detach(), (3, 5), (2, 2), 1), want) > 1e-4
 
 

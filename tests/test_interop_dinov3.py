@@ -105,7 +105,7 @@ def test_dinov3_checkpointing_predictor_save_and_export(tmp_path):
         back = vitkit.from_pretrained(vitkit.save_pretrained(model, tmp_path / "mine")).eval()
         assert back.config.rope == "dinov3" and torch.equal(back(x), model(x))
     with pytest.raises(ConfigError, match="rotary position embedding.*vitkit, onnx or torchscript"):
-        vitkit.interop.export_to(model, "timm", tmp_path / "t")
+        model.export_to("timm", tmp_path / "t")
 
 
 def test_patch_centres_and_rope_config_checks():

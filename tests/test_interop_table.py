@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vitkit.interop.resample import RESAMPLERS, resample_hf, resample_timm
 from vitkit.interop.table import RenameTable
+from vitkit.model.pos_embed import POS_RESAMPLERS as RESAMPLERS
+from vitkit.model.pos_embed import resample_hf, resample_timm
 
 
 def test_rename_table_both_directions_and_dropped_notes():

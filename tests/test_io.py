@@ -12,14 +12,13 @@ import torch
 import vitkit
 from vitkit import ViT
 from vitkit.errors import CheckpointError, ConfigError
+from vitkit.interop import load_model, resolve_model_dir
 from vitkit.io import (
     atomic_write,
     atomic_write_text,
     is_vitkit_dir,
     latest_run,
-    load_model,
     load_safetensors,
-    resolve_model_dir,
     save_pretrained,
     save_state_dict,
 )

@@ -297,7 +297,9 @@ def test_init():
 def test_no_weight_decay_and_param_groups(tiny_config, kw, expect):
     m = ViT(tiny_config(**kw))
     assert m.no_weight_decay() == expect
-    decay, no_decay = m.param_groups(0.05)
+    from vitkit.train.optim import param_groups  # the one place the optimizer groups are made
+
+    decay, no_decay = param_groups(m, 0.05)
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
     names = {id(p): n for n, p in m.named_parameters()}
     nd = {names[id(p)] for p in no_decay["params"]}

@@ -44,7 +44,7 @@ def test_amp_bf16_trains_under_cpu_autocast(tmp_path, monkeypatch):
         model.blocks[0].mlp.fc1.register_forward_hook(lambda m, i, o: dtypes.add(o.dtype))
         return model, cfg
 
-    monkeypatch.setattr("vitkit.train.loop.build_model", spy)
+    monkeypatch.setattr("vitkit.train.build.build_model", spy)
     fp32 = train(TrainConfig(out=str(tmp_path / "fp32"), **TINY), log=_quiet)
     assert dtypes == {torch.float32}
     dtypes.clear()
@@ -69,8 +69,6 @@ def test_compile_trains_the_same_weights_on_cpu(tmp_path):
 
 
 def test_grad_checkpointing_gives_the_same_weights(tmp_path):
-    if not hasattr(ViT, "set_grad_checkpointing"):
-        pytest.skip("ViT.set_grad_checkpointing not in this branch yet (MODEL engineer's branch `model`)")
     train(TrainConfig(out=str(tmp_path / "plain"), **TINY), log=_quiet)
     train(TrainConfig(out=str(tmp_path / "ckpt"), grad_checkpointing=True, **TINY), log=_quiet)
     a, b = _last(tmp_path / "plain"), _last(tmp_path / "ckpt")
@@ -127,7 +125,7 @@ def test_fresh_head_uses_the_models_truncated_normal_init(tmp_path):
     """The head of a fine-tuning run is drawn by ViT.init_weights: truncated at +-2 std = +-0.04
     (nn.init.trunc_normal_(std=0.02) would truncate at +-2, i.e. nothing)."""
     from vitkit.data.datasets import DataSplits
-    from vitkit.train.build import load_pretrained
+    from vitkit.train.arch import load_pretrained
 
     pre = _pretrained(tmp_path)
     fake = DataSplits(name="x", train=None, val=None, test=None, task="classification", num_outputs=1000,
@@ -140,7 +138,7 @@ def test_fresh_head_uses_the_models_truncated_normal_init(tmp_path):
 
 
 def test_auto_patch_and_token_budget_warning():
-    from vitkit.train.build import TOKEN_BUDGET, auto_patch_size, check_tokens
+    from vitkit.train.arch import TOKEN_BUDGET, auto_patch_size, check_tokens
 
     assert [auto_patch_size((s, s)) for s in (8, 28, 32, 64, 224)] == [2, 2, 2, 4, 16]
     assert (224 // auto_patch_size((224, 224))) ** 2 == 196
@@ -205,7 +203,7 @@ def test_preset_takes_explicit_overrides_and_the_record_is_the_built_model():
     """--model PRESET with --patch-size / --depth: the preset's other values, the given ones applied
     (README: ViT-S at 32x32 with patch 4); config.yaml records what was built."""
     from vitkit.data import DataSpec, build_data
-    from vitkit.train.build import build_model
+    from vitkit.train.arch import build_model
 
     data = build_data(DataSpec(image_size=32))
     model, rec = build_model(TrainConfig(model="vit_tiny_patch16_224", image_size=32, patch_size=4, depth=2), data)

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from vitkit.cli.main import main
-from vitkit.io import load_model, load_safetensors
+from vitkit.interop import load_model
+from vitkit.io import load_safetensors
 
 TINY = ["--dim", "32", "--depth", "1", "--num-heads", "2", "--no-progress", "--deterministic"]
 TIMING_KEYS = {"epoch_seconds", "images_per_second"}
@@ -99,11 +100,12 @@ def test_labels_and_num_classes_checked_before_training(tmp_path, capsys):
 def test_nan_loss_stops_naming_the_step_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     """The loss is read every --log-every steps (no sync per step): the run stops at the next read
     point after the first non-finite loss, names that step, and saves nothing after it."""
+    import vitkit.train.build as build
     import vitkit.train.loop as loop
     from vitkit.train.checkpoint import load_state
     from vitkit.train.config import TrainConfig
 
-    real = loop.build_data
+    real = build.build_data
     calls = {"n": 0}
 
     def poisoned(spec):
@@ -118,7 +120,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_last_good_checkpoint(tmp_path,
         splits.train.read_batch = read_batch
         return splits
 
-    monkeypatch.setattr(loop, "build_data", poisoned)
+    monkeypatch.setattr(build, "build_data", poisoned)
     cfg = TrainConfig(epochs=3, subset=64, batch_size=16, dim=32, depth=1, num_heads=2, progress=False,
                       log_every=100, out=str(tmp_path / "r"))
     with pytest.raises(loop.NonFiniteLoss, match=r"loss is nan at step 6 \(epoch 2, batch 3\); stopped at step 8"):
@@ -345,7 +347,7 @@ def test_training_steps_read_nothing_on_the_host_between_read_points(tmp_path, m
     of sync, cannot be seen on the CPU; the step makes them through ``host_to_device``.)"""
     import traceback
 
-    from vitkit.train import loop
+    from vitkit.train import build, loop
     from vitkit.train.config import TrainConfig
 
     class HostReads(torch.utils._python_dispatch.TorchDispatchMode):
@@ -360,7 +362,7 @@ def test_training_steps_read_nothing_on_the_host_between_read_points(tmp_path, m
 
     mode = HostReads()
     labels_seen = []
-    real_mix = loop.mix_transform
+    real_mix = build.mix_transform
 
     def spying_mix(cfg, n):
         mixer = real_mix(cfg, n)
@@ -376,7 +378,7 @@ def test_training_steps_read_nothing_on_the_host_between_read_points(tmp_path, m
                 mode.__enter__()
         return mix
 
-    monkeypatch.setattr(loop, "mix_transform", spying_mix)
+    monkeypatch.setattr(build, "mix_transform", spying_mix)
     batches = []
 
     def on_step(st):

@@ -10,9 +10,9 @@ import torch
 
 from vitkit import ViT, ViTConfig
 from vitkit.errors import CheckpointError, ConfigError
+from vitkit.eval.metrics import classification_report, confusion_matrix, regression_report, regression_stats
 from vitkit.train.checkpoint import load_state, rng_state, save_state, set_rng_state
 from vitkit.train.config import TrainConfig
-from vitkit.train.metrics import classification_report, confusion_matrix, regression_report, regression_stats
 from vitkit.train.optim import build_optimizer, lr_at, param_groups
 
 
@@ -272,7 +272,7 @@ def test_ema_with_fsdp_is_said_not_silently_dropped():
     model = ViT(ViTConfig(image_size=8, patch_size=4, in_channels=1, num_classes=3, dim=16, depth=1, num_heads=2))
     cfg = TrainConfig(strategy="fsdp")
     said = []
-    assert build_ema(cfg, model, sharded=True, say=said.append) is None
+    assert build_ema(cfg, model, sharded=True, log=said.append) is None
     assert len(said) == 1 and "no EMA under --strategy fsdp" in said[0]
-    assert isinstance(build_ema(cfg, model, sharded=False, say=said.append), EMA) and len(said) == 1
-    assert build_ema(cfg.replace(ema=False), model, sharded=True, say=said.append) is None and len(said) == 1
+    assert isinstance(build_ema(cfg, model, sharded=False, log=said.append), EMA) and len(said) == 1
+    assert build_ema(cfg.replace(ema=False), model, sharded=True, log=said.append) is None and len(said) == 1

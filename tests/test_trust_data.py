@@ -149,7 +149,7 @@ def test_phone_photo_is_upright_in_training_predict_and_embed(tmp_path):
     """A folder of sideways-stored JPEGs (orientation 6): the probed input size is the upright one, and
     the training loader, the feature loader (embed) and predict's reader all see the upright image."""
     from vitkit.data.image import load_image
-    from vitkit.features.loader import file_source  # what embed / search read query files through
+    from vitkit.features.inputs import file_source  # what embed / search read query files through
 
     arr = _pattern(16, 24)  # stored 24 wide, 16 high; upright 16 wide, 24 high
     for c in ("a", "b"):
@@ -331,7 +331,7 @@ def test_flat_class_folder_is_train_with_a_held_out_validation_split(tmp_path):
 def test_fine_tuning_a_pretrained_model_warns_nothing_from_vitkit_internals(tmp_path):
     from vitkit import ViT, ViTConfig
     from vitkit.io import save_pretrained
-    from vitkit.train.build import load_pretrained
+    from vitkit.train.arch import load_pretrained
 
     src = ViT(ViTConfig(image_size=16, patch_size=4, dim=32, depth=1, num_heads=2, num_classes=10))
     save_pretrained(src, tmp_path / "m")

@@ -303,7 +303,7 @@ def test_next_lines_without_files_use_a_placeholder():
 
 # --------------------------------------------------------------------------- 6. predict on a folder
 def test_predict_takes_a_folder_one_line_per_image_in_embed_s_order(tmp_path, capsys):
-    from vitkit.features.loader import list_images
+    from vitkit.features.inputs import list_images
 
     model = tiny(num_classes=4)
     model.labels = ["ant", "bee", "cat", "dog"]

@@ -75,7 +75,8 @@ def test_refused_overrides_change_nothing_and_the_run_still_resumes(tmp_path, ca
 
 def test_resume_options_are_partitioned_and_documented():
     from vitkit.cli.main import build_parser
-    from vitkit.train.config import PER_INVOCATION, RESUME_CHANGEABLE, RESUME_REFUSED, field_names
+    from vitkit.train.config import PER_INVOCATION, field_names
+    from vitkit.train.resume import RESUME_CHANGEABLE, RESUME_REFUSED
 
     fields = set(field_names())
     assert set(RESUME_CHANGEABLE) <= fields and set(RESUME_REFUSED) <= fields and set(PER_INVOCATION) <= fields
@@ -91,8 +92,8 @@ def test_resume_options_are_partitioned_and_documented():
 
 
 def test_allowed_changes_are_amendments_beside_the_original_config(tmp_path, capsys):
-    from vitkit.train.config import read_run_config
     from vitkit.train.optim import lr_at
+    from vitkit.train.resume import read_run_config
 
     run = _stopped(tmp_path)
     config = (run / "config.yaml").read_bytes()
@@ -213,10 +214,10 @@ def test_final_choice_rule(monkeypatch, scores, want):
     monkeypatch.setattr(loop, "save_model", lambda run, st, m, d, which: saved.append((m, which)))
     rec = {f"{'val' if w == 'model' else 'val_ema'}_{k}": (s[0] if k == "accuracy" else -s[1])
            for w, s in scores.items() for k in ("accuracy", "loss")}
-    run = SimpleNamespace(data=SimpleNamespace(task="classification"), run_dir=Path("r"), say=_quiet)
+    run = SimpleNamespace(data=SimpleNamespace(task="classification"), log=_quiet)
     st = SimpleNamespace(epoch=5, step=50, best=None)
     cands = {"model": "M", "ema": "E"}
-    loop.choose_final(run, st, cands, scores, rec)
+    loop.choose_final(run, st, SimpleNamespace(run_dir=Path("r")), cands, scores, rec)
     assert st.best["which"] == want and saved == [(cands[want], want)]
     assert (st.best["choice"] is None) == (len(scores) == 0) or "no validation split" in st.best["choice"]
 

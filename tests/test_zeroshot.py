@@ -355,10 +355,9 @@ def test_models_families_says_which_have_both_towers(capsys):
 # ------------------------------------------------------------------ train --zeroshot-head
 def test_train_zeroshot_head_starts_as_the_zero_shot_classifier(tmp_path, clip_dir):
     from vitkit.data import DataSpec, build_data
-    from vitkit.eval.evaluate import normalize
-    from vitkit.train.build import build_model
+    from vitkit.eval.evaluate import eval_loader, normalize
+    from vitkit.train.arch import build_model
     from vitkit.train.config import TrainConfig
-    from vitkit.train.data import eval_loader
 
     classes = ["cat", "dog", "red car"]
     for k, c in enumerate(classes):

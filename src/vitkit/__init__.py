@@ -15,11 +15,8 @@ from typing import Any
 
 from .config import PRESETS, TextConfig, ViTConfig, get_config, list_models, resolve_name
 from .errors import CheckpointError, ConfigError, InputError, VitkitError
-from .io import load_model
-from .io import save_pretrained as _save_pretrained
-from .model.image_text import ImageTextModel
 from .model.vit import ViT
-from .preprocess import Preprocess, preprocess_property
+from .preprocess import Preprocess
 
 __version__ = "0.1.0"
 
@@ -46,48 +43,23 @@ def load_image_text(source, tokenizer=None, device: str = "cpu", strict: bool = 
     return _load(source, tokenizer=tokenizer, device=device, strict=strict, **hints)
 
 
+def load_model(directory, **kwargs: Any) -> ViT:
+    """Rebuild a ViT from a directory written by ``model.save_pretrained`` (or a training run); see
+    :func:`vitkit.interop.load.load_model`."""
+    from .interop.load import load_model as _load_model  # lazy: the format modules load on first use
+
+    return _load_model(directory, **kwargs)
+
+
 def save_pretrained(model: ViT, directory, **kwargs: Any):
-    """Write ``config.json`` + ``model.safetensors`` (no pickle); see :func:`vitkit.io.save_pretrained`.
-    Also a method: ``model.save_pretrained(directory)``."""
-    return _save_pretrained(model, directory, **kwargs)
+    """``model.save_pretrained(directory)``: vitkit's own directory (config.json + model.safetensors)."""
+    return model.save_pretrained(directory, **kwargs)
 
 
 def export_to(model: ViT, format: str, path, **kwargs: Any):
-    """Export to "timm" | "hf" | "torchvision" | "jax" | "onnx" | "torchscript" | "vitkit"; see
-    :mod:`vitkit.interop.export`. Also a method: ``model.export_to(format, path)``."""
-    from .interop.export import export_to as _export  # lazy: peers are imported only when needed
+    """``model.export_to(format, path)``: any format of the registry that writes."""
+    return model.export_to(format, path, **kwargs)
 
-    return _export(model, format, path, **kwargs)
-
-
-def _save_pretrained_method(self: ViT, directory, **kwargs: Any):
-    return save_pretrained(self, directory, **kwargs)
-
-
-def _export_to_method(self: ViT, format: str, path, **kwargs: Any):
-    return export_to(self, format, path, **kwargs)
-
-
-# The model module imports nothing from io/interop (no cycle); the package, which imports both
-# sides, gives ViT its two persistence methods as thin delegations.
-_save_pretrained_method.__doc__ = save_pretrained.__doc__
-_export_to_method.__doc__ = export_to.__doc__
-ViT.save_pretrained = _save_pretrained_method  # type: ignore[attr-defined]
-
-
-def _save_image_text_method(self, directory, **kwargs: Any):
-    """Write vitkit's image-text directory (the image part as ``save_pretrained`` writes it, plus the
-    text tower and tokenizer); see :func:`vitkit.text.io.save_image_text`."""
-    from .text.io import save_image_text
-
-    return save_image_text(self, directory, **kwargs)
-
-
-ImageTextModel.save_pretrained = _save_image_text_method  # type: ignore[attr-defined]
-ViT.export_to = _export_to_method  # type: ignore[attr-defined]
-# ``model.preprocess_cfg`` accepts a dict (or None, or a Preprocess) and stores a validated
-# Preprocess; attached here like the methods above so the model package stays torch-only.
-ViT.preprocess_cfg = preprocess_property()  # type: ignore[attr-defined]
 
 __all__ = [
     "ViT", "ViTConfig", "TextConfig", "load_image_text", "PRESETS", "create_model", "list_models", "get_config", "resolve_name", "load_model",

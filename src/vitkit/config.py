@@ -22,7 +22,31 @@ from typing import Any
 
 from .errors import ConfigError
 
-ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "quick_gelu", "silu", "tanh", "identity")
+
+@dataclass(frozen=True)
+class ActivationNames:
+    """What the weight sources call one vitkit activation; the first name of each is the one
+    export writes, an empty tuple means the source has none."""
+
+    hf: tuple[str, ...]  # transformers' ``hidden_act``
+    timm: tuple[str, ...]  # timm's ``act_layer``
+
+
+# The one table of activations: vitkit's name -> the sources' names (the modules themselves are
+# built by vitkit.model.block.make_act; the readers and writers of vitkit.interop look names up
+# here). "gelu" is the exact (erf) GELU, "gelu_tanh" the tanh approximation (JAX's nn.gelu
+# default; transformers' gelu_new / gelu_fast compute the same formula), "quick_gelu" CLIP's
+# x * sigmoid(1.702 x).
+ACTIVATION_NAMES: dict[str, ActivationNames] = {
+    "gelu": ActivationNames(hf=("gelu",), timm=("gelu",)),
+    "gelu_tanh": ActivationNames(hf=("gelu_pytorch_tanh", "gelu_new", "gelu_fast"), timm=("gelu_tanh",)),
+    "relu": ActivationNames(hf=("relu",), timm=("relu",)),
+    "quick_gelu": ActivationNames(hf=("quick_gelu",), timm=("quick_gelu",)),
+    "silu": ActivationNames(hf=("silu", "swish"), timm=("silu", "swish")),
+    "tanh": ActivationNames(hf=("tanh",), timm=("tanh",)),
+    "identity": ActivationNames(hf=(), timm=()),
+}
+ACTIVATIONS = tuple(ACTIVATION_NAMES)
 POS_EMBEDS = ("learned", "sincos1d", "sincos2d", "none")
 POOLINGS = ("cls", "mean", "map")
 NORM_LAYERS = ("layernorm", "rmsnorm")
@@ -156,6 +180,15 @@ class ViTConfig:
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
+        """Every field's type and range, then the combinations (each a named check, in this order:
+        the first failing one is the error)."""
+        self._check_types()
+        self._check_sizes()
+        self._check_choices()
+        self._check_rope()
+        self._check_layout()
+
+    def _check_types(self) -> None:
         def positive(name: str) -> None:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
@@ -179,6 +212,8 @@ class ViTConfig:
             raise ConfigError(f"norm_eps must be > 0, got {self.norm_eps!r}")
         if self.qk_scale is not None and not self.qk_scale > 0:
             raise ConfigError(f"qk_scale must be > 0 or None (= head_dim ** -0.5), got {self.qk_scale!r}")
+
+    def _check_sizes(self) -> None:
         (h, w), (ph, pw) = self.image_hw, self.patch_hw
         if h % ph or w % pw:
             raise ConfigError(
@@ -199,6 +234,8 @@ class ViTConfig:
             v = getattr(self, name)
             if not 0.0 <= v < 1.0:
                 raise ConfigError(f"{name} must be in [0, 1), got {v}")
+
+    def _check_choices(self) -> None:
         _choice(self.act, ACTIVATIONS, "act")
         _choice(self.head_act, ACTIVATIONS, "head_act")
         _choice(self.pos_embed, POS_EMBEDS, "pos_embed")
@@ -209,6 +246,8 @@ class ViTConfig:
         _choice(self.mlp_layer, MLP_LAYERS, "mlp_layer")
         _choice(self.pos_resample, POS_RESAMPLES, "pos_resample")
         _choice(self.rope, ROPES, "rope")
+
+    def _check_rope(self) -> None:
         if self.rope != "none" and self.head_dim % 4:
             raise ConfigError(f"rope={self.rope!r} needs head_dim divisible by 4, got {self.head_dim}")
         if self.rope_theta <= 0:
@@ -217,6 +256,10 @@ class ViTConfig:
             v = getattr(self, name)
             if v is not None and (v <= 0 or (name != "rope_shift" and v < 1)):
                 raise ConfigError(f"{name} must be None or {'> 0' if name == 'rope_shift' else '>= 1'}, got {v}")
+
+    def _check_layout(self) -> None:
+        """Parts that need each other: the class token for cls pooling and DeiT's distillation token,
+        an even (sincos1d) or 4-divisible (sincos2d) width, pre-norm for fc_norm."""
         if self.dist_token and not (self.class_token and self.pooling == "cls"):
             raise ConfigError(f"dist_token=True (DeiT) reads the class and distillation tokens: it needs "
                               f"class_token=True and pooling='cls', got class_token={self.class_token}, "

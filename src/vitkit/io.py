@@ -1,10 +1,17 @@
-"""vitkit's own format: a directory with ``config.json`` and ``model.safetensors``. No pickle.
+"""Writing files, safely, and finding training runs. Nothing here reads a checkpoint into a model
+(that is :mod:`vitkit.interop`; vitkit's own format is :mod:`vitkit.interop.vitkit_format`), and
+nothing here imports interop, the model or training: every layer above may write through it.
 
-``config.json`` holds ``{"format": "vitkit", "format_version": 1, "config": {ViTConfig fields},
-"preprocess": {vitkit.preprocess.Preprocess fields} | null, "labels": [...] | null, "pretrained_info": {...} | null}`` so a model
-can be rebuilt from its files alone. Files are written atomically (temporary file in the same
-directory, flush + fsync, rename), so a crash while saving never leaves a half-written file in
-place of a good one.
+* atomic writes (:func:`atomic_write`, :func:`atomic_write_text`): temporary file in the same
+  directory, flush + fsync, rename, so a crash while saving never leaves a half-written file in
+  place of a good one; a full disk is one line naming the file.
+* safetensors (:func:`save_state_dict`, :func:`load_safetensors`) and what a weight file holds by
+  its first bytes (:func:`sniff_weights`, :func:`check_extension`).
+* vitkit's own directory, written (:func:`save_pretrained`, :func:`save_image_text`): ``config.json``
+  holds ``{"format": "vitkit", "format_version": 1, "config": {ViTConfig fields}, "preprocess":
+  {vitkit.preprocess.Preprocess fields} | null, "labels": [...] | null, "pretrained_info": {...} |
+  null}`` next to ``model.safetensors``, so a model can be rebuilt from its files alone. No pickle.
+* run directories (:func:`latest_run`, :func:`model_source_or_latest_run`).
 """
 
 from __future__ import annotations
@@ -16,14 +23,14 @@ import os
 import re
 import tempfile
 import time
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .config import ViTConfig
-from .errors import CheckpointError, ConfigError, VitkitError
+from .errors import CheckpointError, VitkitError
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
@@ -169,6 +176,30 @@ def _preprocess_dict(pre: Any) -> dict[str, Any] | None:
     return None if pre is None else Preprocess.from_dict(pre).to_dict()
 
 
+# vitkit's image-text directory: the image tower as above, plus (layout: vitkit.text.io)
+TEXT_CONFIG_NAME = "text_config.json"
+TEXT_WEIGHTS_NAME = "text_model.safetensors"
+TOKENIZER_DIR = "tokenizer"
+
+
+def save_image_text(model, directory: str | Path) -> Path:
+    """Write ``model`` (an ImageTextModel) to ``directory``: the image tower as :func:`save_pretrained`
+    writes it, the text tower and the logit scale / bias, the tokenizer's files."""
+    d = Path(directory)
+    save_pretrained(model.vision, d, text_tower=TEXT_CONFIG_NAME)
+    state = dict(model.text.state_dict())
+    state["logit_scale"] = model.logit_scale.detach()
+    if model.logit_bias is not None:
+        state["logit_bias"] = model.logit_bias.detach()
+    save_state_dict(state, d / TEXT_WEIGHTS_NAME, metadata={"format": "pt"})
+    if model.tokenizer is not None:
+        model.tokenizer.save(d / TOKENIZER_DIR)
+    meta = {"format": "vitkit-text", "format_version": 1, "config": model.text.config.to_dict(), "loss": model.loss,
+            "pretrained_info": {k: v for k, v in (model.pretrained_info or {}).items() if k != "report"} or None}
+    atomic_write_text(d / TEXT_CONFIG_NAME, json.dumps(meta, indent=2, default=str) + "\n")
+    return d
+
+
 def is_vitkit_dir(path: str | Path) -> bool:
     p = Path(path)
     cfg = p / CONFIG_NAME
@@ -180,39 +211,41 @@ def is_vitkit_dir(path: str | Path) -> bool:
         return False
 
 
-def read_meta(directory: str | Path) -> dict[str, Any]:
-    cfg = Path(directory) / CONFIG_NAME
+# What a weight file's first bytes say it is, and the extensions that claim each kind.
+_KINDS = {"safetensors": ("a safetensors file", ".safetensors"), "numpy": ("a NumPy .npz archive", ".npz"),
+          "torch": ("a PyTorch checkpoint (torch.save)", ".pth")}
+_CLAIMS = {".safetensors": "safetensors", ".npz": "numpy", ".pth": "torch", ".pt": "torch", ".bin": "torch",
+           ".ckpt": "torch"}
+
+
+def sniff_weights(path: str | Path) -> str | None:
+    """What a weight file holds, by its content, never its name: "safetensors" (an 8-byte
+    little-endian header length that fits the file, then the JSON header's ``{``), "numpy" (a zip of
+    ``.npy`` members: ``np.savez``), "torch" (``torch.save``'s zip, or a legacy pickle: protocol 2
+    and later start with 0x80); None when it is none of these."""
     try:
-        meta = json.loads(cfg.read_text())
-    except FileNotFoundError as e:
-        raise CheckpointError(f"no {CONFIG_NAME} in {directory}") from e
-    except ValueError as e:
-        raise CheckpointError(f"{cfg} is not valid JSON: {e}") from e
-    if meta.get("format") != "vitkit" or "config" not in meta:
-        raise CheckpointError(f"{cfg} is not a vitkit config (expected 'format': 'vitkit' and a 'config' entry)")
-    labels, n = meta.get("labels"), (meta["config"] or {}).get("num_classes") if isinstance(meta["config"], dict) else None
-    if labels is not None and (not isinstance(labels, list) or (isinstance(n, int) and n > 0 and len(labels) != n)):
-        got = f"{len(labels)} names" if isinstance(labels, list) else f"a {type(labels).__name__}"
-        raise CheckpointError(f"{cfg}: field 'labels' has {got} but config.num_classes is {n}; "
-                              "fix or remove the list (one name per output)")
-    return meta
+        with open(path, "rb") as f:
+            head, size = f.read(9), os.fstat(f.fileno()).st_size
+        if len(head) == 9 and head[8:] == b"{" and 8 + int.from_bytes(head[:8], "little") <= size:
+            return "safetensors"
+        if head[:4] == b"PK\x03\x04":
+            with zipfile.ZipFile(path) as z:
+                names = z.namelist()
+            return "numpy" if names and all(n.endswith(".npy") for n in names) else "torch"
+    except (OSError, zipfile.BadZipFile):
+        return None
+    return "torch" if head[:1] == b"\x80" else None
 
 
-def config_json_problem(directory: str | Path) -> str | None:
-    """Why ``directory/config.json`` (or that of its best/ or last/) cannot be parsed, naming the
-    file and the JSON error; None when each present one parses (or there is none)."""
-    for d in (Path(directory), Path(directory) / "best", Path(directory) / "last"):
-        cfg = d / CONFIG_NAME
-        if cfg.is_file():
-            try:
-                json.loads(cfg.read_text())
-            except UnicodeDecodeError as e:
-                return f"{cfg} is not a text file ({e.reason} at byte {e.start})"
-            except ValueError as e:
-                return f"{cfg} is not valid JSON: {e}"
-            except OSError as e:
-                return f"cannot read {cfg}: {e.strerror or e}"
-    return None
+def check_extension(path: str | Path) -> str | None:
+    """The kind :func:`sniff_weights` finds; a CheckpointError when the file's extension claims
+    another kind (a safetensors file named .pth, a pickle named .safetensors), saying which."""
+    p = Path(path)
+    kind, claimed = sniff_weights(p), _CLAIMS.get(p.suffix.lower())
+    if kind is not None and claimed is not None and kind != claimed:
+        raise CheckpointError(f"{p} is {_KINDS[kind][0]}, not {_KINDS[claimed][0]}: its extension {p.suffix} is "
+                              f"wrong; rename it to {p.stem}{_KINDS[kind][1]}")
+    return kind
 
 
 def load_safetensors(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
@@ -222,89 +255,13 @@ def load_safetensors(path: str | Path, device: str | torch.device = "cpu") -> di
     try:
         return load_file(str(path), device=str(device))
     except (SafetensorError, OSError, ValueError) as e:
-        from .interop.common import check_extension
-
         check_extension(path)  # a pickle named .safetensors: say that, not "header too large"
         raise CheckpointError(f"cannot read safetensors file {path}: {e}") from e
-
-
-def read_converted(directory: str | Path):
-    """A vitkit model directory (or run directory) as a :class:`vitkit.interop.common.Converted`
-    bundle: config, tensors, preprocessing, labels and the saved ``pretrained_info``, without
-    building a model (the one strict loader, :func:`vitkit.interop.load_converted`, does)."""
-    from .interop.common import Converted
-    from .preprocess import Preprocess
-
-    directory = resolve_model_dir(directory)
-    meta = read_meta(directory)
-    where = directory / CONFIG_NAME
-    try:
-        config = ViTConfig.from_dict(meta["config"])
-        pre = Preprocess.coerce(meta.get("preprocess"), where=str(where))
-    except ConfigError as e:
-        raise CheckpointError(f"{where}: {e}" if str(where) not in str(e) else str(e)) from e
-    state = load_safetensors(directory / WEIGHTS_NAME)
-    info = meta.get("pretrained_info") or {}
-    if info.get("pos_resample") and "pos_resample" not in meta["config"]:
-        # saved before ViTConfig.pos_resample: the source's resampling was kept in pretrained_info
-        config = config.replace(pos_resample=str(info["pos_resample"]))
-    conv = Converted(config=config, state=state, format="vitkit", source=str(directory), preprocess=pre,
-                     labels=meta.get("labels"),
-                     info={k: v for k, v in info.items() if k not in ("report", "pos_resample")})
-    return conv
-
-
-def load_model(directory: str | Path, device: str | torch.device = "cpu", strict: bool = True, **overrides: Any):
-    """Rebuild a :class:`vitkit.ViT` from a directory written by :func:`save_pretrained` (bit-exact).
-
-    ``overrides`` change config fields (a changed ``num_classes`` then mis-shapes the head: a
-    CheckpointError, or with ``strict=False`` a fresh head and everything else loaded);
-    ``image_size=`` loads at the saved size and resamples the learned position table (sin/cos
-    recomputed), as ``model.set_image_size``. Loads through the same strict name-and-shape
-    check as every other format (:func:`vitkit.interop.load_converted`)."""
-    from .interop import load_converted
-
-    conv = read_converted(directory)
-    new_size = overrides.pop("image_size", None)
-    if overrides:
-        conv.config = conv.config.replace(**overrides)
-    adapt = {"image_size": new_size} if new_size is not None else {}
-    return load_converted(conv, adapt=adapt, strict=strict, device=device)
 
 
 # --------------------------------------------------------------------------- run directories
 # `vitkit train` writes runs/<timestamp>/ with best/ and last/ in this format (see vitkit.train).
 RUNS_ROOT = "runs"
-
-
-def resolve_model_dir(path: str | Path) -> Path:
-    """A vitkit model directory from: the directory itself, its model.safetensors, or a training
-    run directory (its ``best/``, else ``last/``). Raises CheckpointError saying what was found."""
-    p = Path(path)
-    if p.is_file() and p.name in (WEIGHTS_NAME, CONFIG_NAME):
-        p = p.parent
-    if is_vitkit_dir(p):
-        return p
-    for sub in ("best", "last"):
-        if is_vitkit_dir(p / sub):
-            return p / sub
-    if not p.exists():
-        raise CheckpointError(f"{p}: no such file or directory")
-    problem = config_json_problem(p)
-    if problem:
-        raise CheckpointError(problem)
-    if (p / CONFIG_NAME).is_file():  # someone else's checkpoint dir: say whose, and what reads it
-        from .interop import detect_format
-        from .interop.formats import FORMATS
-
-        try:
-            what = f"a {FORMATS[detect_format(p)].what}"
-        except CheckpointError:
-            what = "no checkpoint format vitkit knows"
-        raise CheckpointError(f"{p} is not a vitkit model directory: its {CONFIG_NAME} has no \"format\": \"vitkit\" "
-                              f"key ({what}); vitkit.from_pretrained reads it, as every vitkit command does")
-    raise CheckpointError(f"{p} is neither a vitkit model directory (config.json + model.safetensors) "
-                          "nor a training run (with best/ or last/)")
 
 
 # A run's own training record: the files only training writes. Their newest time is when the run last

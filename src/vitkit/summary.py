@@ -2,8 +2,9 @@
 
 The walk-through follows the tutorials' pipeline on a real image, printing the shape at every
 stage: image -> patches (N x P*P*C) -> patch embeddings (N x D) -> + class token -> + position
-embedding -> blocks -> pooled output -> logits. Every number comes from the model's own stages
-(``patch_embed``, ``_pos_embed``, ``blocks``, ``forward_head``), not from a re-implementation.
+embedding (-> norm_pre) -> blocks -> pooled output -> logits. Every number comes from the model's
+own stages (``patch_embed``, ``embed``, ``run_blocks``, ``norm``, ``forward_head``), not from a
+re-implementation.
 """
 
 from __future__ import annotations
@@ -57,25 +58,28 @@ def layer_table(model: ViT) -> list[Row]:
             Row("patch_embed", f"PatchEmbed({c.patch_embed})", shapes["patch_embed"], nparams(model.patch_embed))]
     R = c.num_prefix_tokens
     if R:
-        n = sum(p.numel() for p in (model.cls_token, model.reg_token) if p is not None)
-        kinds = ("cls" if c.class_token else "") + (f"+{c.num_registers} reg" if c.num_registers else "")
+        n = sum(p.numel() for p in (model.cls_token, model.dist_token, model.reg_token) if p is not None)
+        kinds = (("cls" if c.class_token else "") + ("+dist" if c.dist_token else "")
+                 + (f"+{c.num_registers} reg" if c.num_registers else ""))
         rows.append(Row("prefix tokens", f"Tokens({kinds.strip('+')})", (1, c.num_tokens, c.dim), n))
     if c.pos_embed != "none":
         pe = model.pos_embed
         rows.append(Row("pos_embed", f"PosEmbed({c.pos_embed})", (1, c.num_tokens, c.dim),
                         pe.numel() if isinstance(pe, nn.Parameter) else 0))
+    if model.norm_pre is not None:
+        rows.append(Row("norm_pre", type(model.norm_pre).__name__, (1, c.num_tokens, c.dim), nparams(model.norm_pre)))
     for i, b in enumerate(model.blocks):
         rows.append(Row(f"blocks.{i}", "Block(pre-norm)" if c.norm_first else "Block(post-norm)",
                         shapes[f"blocks.{i}"], nparams(b)))
     if not isinstance(model.norm, nn.Identity):
         rows.append(Row("norm", "LayerNorm", shapes["norm"], nparams(model.norm)))
-    rows.append(Row("pool", f"Pool({c.pooling})", (1, c.dim), 0))
+    rows.append(Row("pool", f"Pool({c.pooling})", (1, c.dim), nparams(model.attn_pool)))
     if not isinstance(model.fc_norm, nn.Identity):
         rows.append(Row("fc_norm", "LayerNorm", shapes["fc_norm"], nparams(model.fc_norm)))
     if not isinstance(model.pre_logits, nn.Identity):
         rows.append(Row("pre_logits", f"Linear+{c.head_act}", shapes["pre_logits"], nparams(model.pre_logits)))
     if not isinstance(model.head, nn.Identity):
-        rows.append(Row("head", "Linear", shapes["head"], nparams(model.head)))
+        rows.append(Row("head", "Linear", shapes["head"], nparams(model.head) + nparams(model.head_dist)))
     return rows
 
 
@@ -127,12 +131,13 @@ def walkthrough(model: ViT, image: torch.Tensor, labels: list[str] | None = None
             if c.num_registers:
                 what.append(f"{c.num_registers} register token(s)")
             steps.append((f"+ {' + '.join(what)}", (N + R, D), f"{R} learned token(s) in front of the patches"))
-        x = model._pos_embed(emb)
+        x = model.embed(image)  # (1, R+N, D): prefix tokens, position embedding, norm_pre
         if c.pos_embed != "none":
             steps.append(("+ position embedding", tuple(x.shape[1:]), f"{c.pos_embed} table added to every token"))
+        if model.norm_pre is not None:
+            steps.append(("norm_pre", tuple(x.shape[1:]), "a norm before the first block (CLIP's ln_pre)"))
         rope = model.rope_for(image, x)
-        for blk in model.blocks:
-            x = blk(x, rope=rope)
+        x = model.run_blocks(x, rope).tokens
         steps.append((f"{c.depth} encoder blocks", tuple(x.shape[1:]),
                       f"{'pre' if c.norm_first else 'post'}-norm: {c.num_heads} heads of {c.head_dim}, MLP {D}->{c.hidden_dim}->{D}"
                       + (f"; RoPE ({c.rope}) on the patch queries and keys" if rope is not None else "")))

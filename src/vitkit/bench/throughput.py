@@ -14,13 +14,18 @@ On CUDA, MFU = achieved FLOP/s / the device's peak dense FLOP/s for the dtype. F
 standard full-model count (``count_flops``, x3 for a training step), the same for both libraries;
 vitkit's class-token-only last block executes ~7% fewer at depth 12, so its TFLOP/s and MFU are
 effective rates (model FLOPs per second), as MFU is defined.
+
+~420 lines on purpose: every impl's timed step (vitkit, timm, the Predictor's paths, ONNX Runtime
+int8) beside the one interleaved timer, so that what is compared is read in one place.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -249,7 +254,7 @@ def ort_int8_step(model: nn.Module, x: torch.Tensor, workdir: str) -> tuple[Call
         from onnxruntime.quantization import QuantType, quantize_dynamic
     except ImportError as e:
         raise ConfigError("the ONNX Runtime comparison needs onnxruntime: pip install 'vitkit[onnx]'") from e
-    from ..interop.export import export_onnx
+    from ..interop.graph import export_onnx
 
     fp32 = export_onnx(model, Path(workdir) / "model.onnx")
     q = Path(workdir) / "model.int8.onnx"
@@ -294,26 +299,9 @@ def run_benchmark(
     A CPU fp32 training step (not compiled) of vitkit runs its Linear layers on oneDNN as ``vitkit
     train --cpu-linear auto`` does (``vitkit.train.kernels``); ``cpu_linear="torch"`` keeps
     ``F.linear`` (timm's kernel), to compare the models on equal kernels."""
-    from .. import create_model
-
-    if dtype not in DTYPES:
-        raise ConfigError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
-    if cpu_linear not in ("auto", "torch"):
-        raise ConfigError(f"cpu_linear must be 'auto' or 'torch', got {cpu_linear!r}")
-    if batch_size <= 0 or runs <= 0 or warmup < 0:
-        raise ConfigError("batch_size and runs must be positive and warmup >= 0")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device 'cuda' requested but CUDA is not available")
-    torch.manual_seed(0)
-    model = create_model(name, **overrides)
-    c = model.config
-    models: dict[str, nn.Module] = {"vitkit": model}
-    if compare_timm:
-        ref = timm_equivalent(c)
-        if ref is not None:
-            ref.load_state_dict(model.state_dict())  # identical weights (names match by design)
-            models["timm"] = ref
+    dev = _check_args(dtype, cpu_linear, batch_size, runs, warmup, device)
+    models = _models(name, compare_timm, overrides)
+    model, c = models["vitkit"], models["vitkit"].config
     x = torch.randn(batch_size, c.in_channels, *c.image_hw, device=dev)
     y = torch.randint(0, max(c.num_classes, 1), (batch_size,), device=dev)
     steps, opt_names, notes = {}, {}, {}
@@ -337,50 +325,26 @@ def run_benchmark(
     # Predictor's bf16 (a bf16 copy of the weights, no autocast) runs beside autocast, eager or
     # compiled as asked, with its peer: timm's model cast to bf16 the same way ("timm-bf16").
     extra = not train and not compile and dev.type == "cpu" and dtype == "fp32"
-    gpu_extra = not train and dev.type == "cuda" and "bf16" in predictor
     if predictor and extra:
-        more, more_notes = predictor_steps(model, x, tuple(predictor))
-        steps.update(more)
-        notes.update(more_notes)
-    if gpu_extra:
-        more, more_notes = predictor_steps(model, x, ("bf16",), compile=compile)
-        steps.update(more)
-        notes.update(more_notes)
+        _add(steps, notes, predictor_steps(model, x, tuple(predictor)))
+    if not train and dev.type == "cuda" and "bf16" in predictor:
+        _add(steps, notes, predictor_steps(model, x, ("bf16",), compile=compile))
         if "timm" in models:
-            import copy
-
-            ref16 = copy.deepcopy(models["timm"]).to(torch.bfloat16).eval()
-            fn = torch.compile(ref16) if compile else ref16
-            x16 = x.to(torch.bfloat16)
-
-            def timm_bf16() -> None:
-                with torch.inference_mode():
-                    fn(x16)
-
-            steps["timm-bf16"] = timm_bf16
-            notes["timm-bf16"] = "timm's model cast to bf16 (weights and activations), " + (
-                "torch.compile" if compile else "eager")
-    tmp = None
-    if ort_int8 and extra:
-        import tempfile
-
-        tmp = tempfile.TemporaryDirectory(prefix="vitkit-bench-")
-        steps["ort-int8"], notes["ort-int8"] = ort_int8_step(model, x, tmp.name)
-    try:
-        times, faults = time_steps(steps, dev, warmup, runs, progress=progress)
-    finally:
+            _add(steps, notes, _timm_bf16_step(models["timm"], x, compile))
+    with tempfile.TemporaryDirectory(prefix="vitkit-bench-") if ort_int8 and extra else \
+            contextlib.nullcontext() as tmp:
         if tmp is not None:
-            tmp.cleanup()
-    flops_per_image = count_flops(c)["flops"] * (3.0 if train else 1.0)
-    # Paired ratio: each round times both impls back to back, so a per-round ratio cancels the
-    # machine's drift (throughput on a shared VM moves +-20% between rounds; the ratio much less).
-    def paired(impl: str) -> tuple[float | None, tuple[float, float] | None]:
-        if "timm" not in times or impl == "timm":
-            return None, None
-        per_round = [t / v for t, v in zip(times["timm"], times[impl])]
-        q = statistics.quantiles(per_round, n=4) if len(per_round) >= 4 else None
-        return statistics.median(per_round), (q[0], q[2]) if q else None
+            steps["ort-int8"], notes["ort-int8"] = ort_int8_step(model, x, tmp)
+        times, faults = time_steps(steps, dev, warmup, runs, progress=progress)
+    return _results(c, times, faults, batch_size=batch_size, dtype=dtype, dev=dev, train=train, compile=compile,
+                    opt_names=opt_names, notes=notes)
 
+
+def _results(c: ViTConfig, times: dict[str, list[float]], faults: dict[str, list[float]], *, batch_size: int,
+             dtype: str, dev: torch.device, train: bool, compile: bool, opt_names: dict[str, str],
+             notes: dict[str, str]) -> list[BenchResult]:
+    """One row per impl: median time, images/s, achieved TFLOP/s and MFU, the paired ratio to timm."""
+    flops_per_image = count_flops(c)["flops"] * (3.0 if train else 1.0)
     machine = (torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu.describe())
     results = []
     for impl, ts in times.items():
@@ -389,11 +353,70 @@ def run_benchmark(
         achieved = flops_per_image * ips
         row_dtype = impl.split("-")[1] if "-" in impl else dtype
         peak = peak_flops(dev, row_dtype) if row_dtype in DTYPES else None
+        ratio, iqr = _paired_ratio(times, impl)
         results.append(BenchResult(
             name=c.name or "custom", impl=impl, batch_size=batch_size, dtype=row_dtype, device=dev.type,
             mode="train" if train else "inference", compiled=compile, times_s=ts, median_s=med,
             images_per_s=ips, tflops=achieved / 1e12, mfu=(achieved / peak) if peak else None,
-            ratio_vs_timm=paired(impl)[0], ratio_iqr=paired(impl)[1], optimizer=opt_names.get(impl),
+            ratio_vs_timm=ratio, ratio_iqr=iqr, optimizer=opt_names.get(impl),
             page_faults=statistics.median(faults[impl]) if faults.get(impl) else None, note=notes.get(impl),
             machine=machine))
     return results
+
+
+def _check_args(dtype: str, cpu_linear: str, batch_size: int, runs: int, warmup: int, device: str) -> torch.device:
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    if cpu_linear not in ("auto", "torch"):
+        raise ConfigError(f"cpu_linear must be 'auto' or 'torch', got {cpu_linear!r}")
+    if batch_size <= 0 or runs <= 0 or warmup < 0:
+        raise ConfigError("batch_size and runs must be positive and warmup >= 0")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' requested but CUDA is not available")
+    return dev
+
+
+def _models(name: str | ViTConfig, compare_timm: bool, overrides: dict[str, Any]) -> dict[str, nn.Module]:
+    """{"vitkit": the model (seed 0), "timm": its timm equivalent with the same weights, where there is one}."""
+    from .. import create_model
+
+    torch.manual_seed(0)
+    model = create_model(name, **overrides)
+    models: dict[str, nn.Module] = {"vitkit": model}
+    if compare_timm:
+        ref = timm_equivalent(model.config)
+        if ref is not None:
+            ref.load_state_dict(model.state_dict())  # identical weights (names match by design)
+            models["timm"] = ref
+    return models
+
+
+def _add(steps: dict[str, Callable], notes: dict[str, str], more: tuple[dict[str, Callable], dict[str, str]]) -> None:
+    steps.update(more[0])
+    notes.update(more[1])
+
+
+def _timm_bf16_step(ref: nn.Module, x: torch.Tensor, compile: bool) -> tuple[dict[str, Callable], dict[str, str]]:
+    """The peer of the Predictor's bf16 on CUDA: timm's model cast to bf16 the same way."""
+    ref16 = copy.deepcopy(ref).to(torch.bfloat16).eval()
+    fn = torch.compile(ref16) if compile else ref16
+    x16 = x.to(torch.bfloat16)
+
+    def timm_bf16() -> None:
+        with torch.inference_mode():
+            fn(x16)
+
+    return {"timm-bf16": timm_bf16}, {"timm-bf16": "timm's model cast to bf16 (weights and activations), "
+                                      + ("torch.compile" if compile else "eager")}
+
+
+def _paired_ratio(times: dict[str, list[float]], impl: str) -> tuple[float | None, tuple[float, float] | None]:
+    """timm's time over ``impl``'s, the median over rounds and its interquartile range. Paired: each
+    round times both impls back to back, so a per-round ratio cancels the machine's drift (throughput
+    on a shared VM moves +-20% between rounds; the ratio much less)."""
+    if "timm" not in times or impl == "timm":
+        return None, None
+    per_round = [t / v for t, v in zip(times["timm"], times[impl])]
+    q = statistics.quantiles(per_round, n=4) if len(per_round) >= 4 else None
+    return statistics.median(per_round), (q[0], q[2]) if q else None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-HELP = "convert any loadable checkpoint (timm, hf, torchvision, jax, dinov2, openai_clip, hub id) to vitkit's format"
+HELP = "convert any checkpoint vitkit reads (file, directory or hub id; the formats: --format) to vitkit's format"
 
 
 def add_arguments(p) -> None:

@@ -46,7 +46,7 @@ def data_spec(args, model_config):
 
     from ..data import DataSpec
     from ..errors import ConfigError
-    from ..train.config import read_run_config
+    from ..train.resume import read_run_config
 
     H, W = model_config.image_hw
     if H != W:
@@ -67,7 +67,7 @@ def _model_input(src):
     """What eval reads of --model: a run's model dir (best/ or last/), else the path given (a vitkit
     dir, or another library's dir / file, which resolve_model_dir refuses)."""
     from ..errors import CheckpointError
-    from ..io import resolve_model_dir
+    from ..interop.formats import resolve_model_dir
 
     try:
         return resolve_model_dir(src) if src.is_dir() else src

@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-# the formats written as a directory of files (the others are one file)
-DIR_FORMATS = ("vitkit", "timm", "hf")
-
-HELP = "export a model to timm, hf, torchvision, jax, dinov2, openai_clip, onnx or torchscript"
+HELP = "export a model to another weight format (timm, hf, onnx...; the choices: --format)"
 
 
 def add_arguments(p) -> None:
-    from ..interop.formats import READ_FORMATS, WRITE_FORMATS
+    from ..interop.formats import READ_FORMATS, REGISTRY, WRITE_FORMATS
 
+    dirs = [f.name for f in REGISTRY if f.writes and f.writes_dir]
+    files = [f.name for f in REGISTRY if f.writes and not f.writes_dir]
     p.add_argument("model", help="model source: vitkit dir, run dir, checkpoint file/dir or hub id")
     p.add_argument("--format", "-f", required=True, choices=WRITE_FORMATS,
                    help="the format to WRITE (the target); the input's format is detected, or forced with --source-format")
     p.add_argument("--out", "-o", required=True,
-                   help="output path: a directory for timm/hf/vitkit, a file for onnx/torchscript/torchvision/jax")
+                   help=f"output path: a directory for {'/'.join(dirs)}, a file for {'/'.join(files)}")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 17)")
     p.add_argument("--layout", default="vision_transformer", choices=["vision_transformer", "big_vision", "big_vision_img"],
                    help="npz layout for --format jax (big_vision_img: under params/img/, as SigLIP's image tower)")
@@ -33,13 +32,13 @@ def run(args) -> int:
     import torch
 
     from .. import from_pretrained
-    from ..interop.formats import canonical
+    from ..interop.formats import get
     from ..output import claim_output
 
     kw = {"format": args.source_format} if args.source_format else {}
     if args.num_heads:
         kw["num_heads"] = args.num_heads
-    kind = "dir" if canonical(args.format, writing=True) in DIR_FORMATS else "file"
+    kind = "dir" if get(args.format, writing=True).writes_dir else "file"
     with claim_output(args.out, command="export", kind=kind, overwrite=args.overwrite, inputs=[args.model]):
         model = from_pretrained(args.model, **kw)
         out = model.export_to(args.format, args.out, opset=args.opset, layout=args.layout)

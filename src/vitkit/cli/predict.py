@@ -164,10 +164,10 @@ def run(args) -> int:
 
 def image_inputs(specs: list[str]) -> list[str]:
     """The images to predict: files and built-ins as given (a missing one is reported in its turn),
-    a folder's images as embed lists them (recursive, sorted: vitkit.features.loader.list_images)."""
+    a folder's images as embed lists them (recursive, sorted: vitkit.features.inputs.list_images)."""
     from pathlib import Path
 
-    from ..features.loader import list_images
+    from ..features.inputs import list_images
 
     return [f for s in specs for f in (list_images([s])[0] if Path(s).is_dir() else [s])]
 

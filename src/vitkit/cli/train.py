@@ -17,7 +17,8 @@ def add_arguments(p) -> None:
     import dataclasses
     import typing
 
-    from ..train.config import TrainConfig, _resolve
+    from ..train.config import TrainConfig
+    from ..train.options import resolve_annotation
 
     p.add_argument("--config", metavar="FILE", help="yaml or json file of training options (flags below override it)")
     p.add_argument("--resume", metavar="RUN_DIR", help=(
@@ -33,7 +34,7 @@ def add_arguments(p) -> None:
         if default is not None and "(default" not in help_:  # each default said once (see cli.main.HelpFormatter)
             shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
             help_ += f" (default: {shown})"
-        tp = _resolve(f.type)
+        tp = resolve_annotation(f.type)
         is_bool = tp is bool or bool in typing.get_args(tp)
         # default=SUPPRESS: only the flags the user passed reach the config (explicit values matter,
         # e.g. architecture flags with --pretrained are an error, not silently ignored)
@@ -51,7 +52,7 @@ def add_arguments(p) -> None:
 
 
 def resume_changeable() -> str:
-    from ..train.config import RESUME_CHANGEABLE
+    from ..train.resume import RESUME_CHANGEABLE
 
     return ", ".join("--" + k.replace("_", "-") for k in RESUME_CHANGEABLE)
 
@@ -59,7 +60,8 @@ def resume_changeable() -> str:
 def config_from_args(args):
     """TrainConfig from defaults <- --config file <- flags (type-checked by TrainConfig). On --resume the
     base is the run's effective config (config.yaml + amendments.yaml); train() refuses what may not change."""
-    from ..train.config import TrainConfig, field_names, read_config_file, read_run_config
+    from ..train.config import TrainConfig, field_names, read_config_file
+    from ..train.resume import read_run_config
 
     flags = {k: getattr(args, k) for k in field_names() if hasattr(args, k)}
     base: dict = {}

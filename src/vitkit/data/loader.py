@@ -111,7 +111,7 @@ class GlobalBatchSampler(Sampler):
         return [order[i:i + B] for i in range(0, stop, B)]
 
     def _local(self, gb: list[int]) -> list[int]:
-        per, extra = divmod(len(gb), self.world_size)  # same slicing as vitkit.train.distributed.shard
+        per, extra = divmod(len(gb), self.world_size)  # the slicing of vitkit.train.loop.step_theta
         start = self.rank * per + min(self.rank, extra)
         return gb[start:start + per + (1 if self.rank < extra else 0)]
 
@@ -136,7 +136,7 @@ class GlobalBatchSampler(Sampler):
         return count
 
 
-class _one_thread:
+class single_threaded_ops:
     """In the training process (workers=0): per-image ops on one intra-op thread. Splitting a
     crop or a 224x224 resize across threads costs more than it saves (measured on 2 busy cores:
     100 vs 340 images/s); DataLoader workers already run with one thread each. The RNG around the
@@ -201,7 +201,7 @@ class EpochDataset(Dataset):
             x, y = self.source.read_batch(idx)
             return self.transform(x), y, [], None, torch.tensor(idx)
         main = torch.utils.data.get_worker_info() is None
-        with torch.random.fork_rng(devices=[], enabled=main), _one_thread(main):
+        with torch.random.fork_rng(devices=[], enabled=main), single_threaded_ops(main):
             items = [self._one(e, i) for e, i in keys]
             return collate(items, self.skip_bad, self.transform)
 

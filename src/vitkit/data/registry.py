@@ -22,17 +22,17 @@ class DatasetEntry:
 
 
 DATASETS: dict[str, DatasetEntry] = {
-    "digits": DatasetEntry("datasets:_digits", "scikit-learn's 1,797 8x8 digits (built in)"),
-    "mnist": DatasetEntry("datasets:_mnist", "MNIST idx files in DIR/MNIST/raw (--download fetches them)"),
-    "fashion-mnist": DatasetEntry("datasets:_mnist", "Fashion-MNIST idx files in DIR/FashionMNIST/raw"),
-    "cifar10": DatasetEntry("datasets:_cifar", "CIFAR-10 python batches in DIR/cifar-10-batches-py"),
-    "cifar100": DatasetEntry("datasets:_cifar", "CIFAR-100 python batches in DIR/cifar-100-python"),
-    "imagefolder": DatasetEntry("datasets:_imagefolder", "DIR/train/<class>/*.jpg (+ val/, test/), or DIR/<class>/*.jpg "
+    "digits": DatasetEntry("memory_datasets:build_digits", "scikit-learn's 1,797 8x8 digits (built in)"),
+    "mnist": DatasetEntry("memory_datasets:build_mnist", "MNIST idx files in DIR/MNIST/raw (--download fetches them)"),
+    "fashion-mnist": DatasetEntry("memory_datasets:build_mnist", "Fashion-MNIST idx files in DIR/FashionMNIST/raw"),
+    "cifar10": DatasetEntry("memory_datasets:build_cifar", "CIFAR-10 python batches in DIR/cifar-10-batches-py"),
+    "cifar100": DatasetEntry("memory_datasets:build_cifar", "CIFAR-100 python batches in DIR/cifar-100-python"),
+    "imagefolder": DatasetEntry("file_datasets:build_imagefolder", "DIR/train/<class>/*.jpg (+ val/, test/), or DIR/<class>/*.jpg "
                                 "(validation held out of it)"),
-    "csv": DatasetEntry("datasets:_csv", "regression: CSV of image path + numeric target columns"),
+    "csv": DatasetEntry("file_datasets:build_csv", "regression: CSV of image path + numeric target columns"),
     "webdataset": DatasetEntry("shards:build_webdataset", "tar shards DIR/train-*.tar (+ val-*, test-*) or "
                                "DIR/train/*.tar (+ val/, test/): .jpg/.png/.webp + .cls (a class id or name)"),
-    "hf": DatasetEntry("hf:build_hf", "Hugging Face dataset saved with save_to_disk, or a folder of parquet "
+    "hf": DatasetEntry("hf_datasets:build_hf", "Hugging Face dataset saved with save_to_disk, or a folder of parquet "
                        "files"),
 }
 
@@ -49,7 +49,3 @@ def get_builder(name: str) -> Callable:
         raise ConfigError(f"unknown dataset {name!r}: one of {', '.join(DATASETS)}{hint}")
     module, func = entry.builder.split(":")
     return getattr(importlib.import_module(f"vitkit.data.{module}"), func)
-
-
-def datasets_help() -> str:
-    return "; ".join(f"{k}: {v.help}" for k, v in DATASETS.items())

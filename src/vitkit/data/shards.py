@@ -41,12 +41,12 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset, IterableDataset
 
+from ..deps import require
 from ..errors import InputError
-from .deps import require
 
 log = logging.getLogger("vitkit.data")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-# Split folders (DIR/train/*.tar ...) beside the DIR/train-*.tar prefixes; names as in vitkit.data.hf
+# Split folders (DIR/train/*.tar ...) beside the DIR/train-*.tar prefixes; names as in vitkit.data.hf_datasets
 SPLIT_DIRS = {"train": ("train",), "val": ("val", "valid", "validation"), "test": ("test",)}
 SHUFFLE_BUFFER = 1000
 
@@ -252,7 +252,7 @@ class ShardStream(IterableDataset):
     def _samples(self):
         from .loader import sample_seed
 
-        wds = require("webdataset", "--dataset webdataset")
+        wds = require("webdataset", "--dataset webdataset", "data")
         urls = list(self.shards)
         if self.train:
             random.Random(sample_seed(self.seed, self.epoch, -3)).shuffle(urls)
@@ -281,7 +281,7 @@ class ShardStream(IterableDataset):
         return self.transform.sample(x), torch.tensor(y), s, p
 
     def __iter__(self):
-        from .loader import _one_thread, collate
+        from .loader import collate, single_threaded_ops
 
         info = torch.utils.data.get_worker_info()
         wid, W = (info.id, info.num_workers) if info is not None else (0, 1)
@@ -301,7 +301,7 @@ class ShardStream(IterableDataset):
             if within == hi - 1:
                 # decode the batch; in the training process (workers=0) on one thread and under a forked
                 # RNG, and never across a yield (the trainer runs between yields)
-                with torch.random.fork_rng(devices=[], enabled=info is None), _one_thread(info is None):
+                with torch.random.fork_rng(devices=[], enabled=info is None), single_threaded_ops(info is None):
                     items = [self._decode(q, smp) for q, smp in raw]
                     batch = collate(items, self.skip_bad, self.transform)
                 raw = []
@@ -309,9 +309,9 @@ class ShardStream(IterableDataset):
 
 
 def build_webdataset(spec):
-    from .datasets import DataSplits, _need_dir, resolve_hw
+    from .datasets import DataSplits, need_dir, resolve_hw
 
-    root = _need_dir(spec)
+    root = need_dir(spec)
     if not root.is_dir():
         raise InputError(f"webdataset: {root} is not a folder of train-*.tar / val-*.tar / test-*.tar shards "
                          "(or of train/, val/, test/ folders of .tar shards)")

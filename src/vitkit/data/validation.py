@@ -21,11 +21,28 @@ from ..errors import InputError
 HELD_OUT = "train-holdout"
 
 
+def stratified_split(targets: np.ndarray, fractions: list[float], seed: int) -> list[np.ndarray]:
+    """Split indices into len(fractions)+1 parts, class by class (sizes rounded per class, at least one
+    when the fraction is > 0 and the class can spare it), seeded."""
+    rng = np.random.RandomState(seed)
+    parts: list[list[int]] = [[] for _ in range(len(fractions) + 1)]
+    for c in np.unique(targets):
+        idx = np.flatnonzero(targets == c)
+        rng.shuffle(idx)
+        start = 0
+        for k, f in enumerate(fractions):
+            n = int(round(f * len(idx)))
+            if n == 0 and f > 0 and len(idx) - start >= 2:  # tiny classes: hold out one rather than none
+                n = 1
+            parts[k].extend(idx[start:start + n].tolist())
+            start += n
+        parts[-1].extend(idx[start:].tolist())
+    return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
+
+
 def holdout_indices(targets, fraction: float, seed: int, where: str) -> tuple[np.ndarray, np.ndarray]:
     """(train indices, held-out indices) of ``targets``: ``fraction`` of each class, seeded (at least
     one per class that has two or more); an error when that holds nothing out."""
-    from .datasets import stratified_split
-
     y = np.asarray(targets)
     va, tr = stratified_split(y, [fraction], seed)
     if not len(va) or not len(tr):

@@ -1,7 +1,7 @@
 """Evaluate a model on a dataset split.
 
 ``evaluate(model, data, ...)`` runs the model over ``data`` (a dataset split, read through
-:func:`vitkit.train.data.eval_loader`, or an iterable of ``(x, y)`` batches in [0, 1]) and returns plain numbers:
+:func:`eval_loader`, or an iterable of ``(x, y)`` batches in [0, 1]) and returns plain numbers:
 
 * classification: ``loss`` (cross-entropy, no label smoothing), ``accuracy`` (top-1), ``top5`` (only
   with more than 5 classes: with 5 or fewer it is always 1.0 and says nothing),
@@ -26,9 +26,19 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..data import make_loader
+from ..distributed import DistInfo, all_reduce_sum
 from ..errors import ConfigError
-from ..train.distributed import DistInfo, all_reduce_sum
-from ..train.metrics import classification_report, confusion_matrix, regression_report, regression_stats
+from .metrics import classification_report, confusion_matrix, regression_report, regression_stats
+
+
+def eval_loader(dataset, batch_size: int, *, dist: DistInfo | None = None, workers: int | None = 0,
+                device_type: str = "cpu"):
+    """In order, this rank's contiguous shard of ``dataset``, every sample once (no drop_last), as
+    floats in [0, 1]: the caller normalises on the device."""
+    dist = dist or DistInfo()
+    return make_loader(dataset, batch_size=batch_size, train=False, workers=workers, rank=dist.rank,
+                       world_size=dist.world_size, device_type=device_type, drop_last=False, normalize=False)
 
 
 def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
@@ -57,7 +67,6 @@ def evaluate(model, data, *, task: str = "classification", num_outputs: int, mea
     passes ``vitkit.infer.Predictor(model, dtype)`` (fp32 engine, bf16 or int8). ``target_map``:
     the model output of each data class (``LabelMatch.index``), when they differ."""
     from ..progress import progress_bar
-    from ..train.data import eval_loader
 
     dist = dist or DistInfo()
     device = torch.device(device)
@@ -65,12 +74,7 @@ def evaluate(model, data, *, task: str = "classification", num_outputs: int, mea
     model.eval()
     if isinstance(data, torch.utils.data.Dataset):
         data = eval_loader(data, batch_size, dist=dist, workers=workers, device_type=device.type)
-    # sums stay on the device: one host sync at the end, not one per batch
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    count = torch.zeros((), dtype=torch.float64, device=device)
-    top5 = torch.zeros((), dtype=torch.float64, device=device)
-    cm = torch.zeros(num_outputs, num_outputs, dtype=torch.int64, device=device)
-    rstats = None
+    sums = _Sums(task, num_outputs, device)
     if target_map is not None:
         target_map = torch.as_tensor(target_map, dtype=torch.long, device=device)
     for batch in progress_bar(data, desc="eval", leave=False, disable=not progress):
@@ -83,42 +87,57 @@ def evaluate(model, data, *, task: str = "classification", num_outputs: int, mea
             y = target_map[y]  # data class -> the model output of that name
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             out = (forward or model)(x)
-        out = out.float()
-        if task == "classification":
-            loss_sum += F.cross_entropy(out, y, reduction="sum").double()
+        sums.add(out.float(), y, regression_loss)
+    if was_training:
+        model.train()
+    return sums.report(dist, labels)
+
+
+class _Sums:
+    """The sufficient statistics of an evaluation, on the device: one host sync at the end, not one
+    per batch; all-reduced over the ranks before the report."""
+
+    def __init__(self, task: str, num_outputs: int, device: torch.device):
+        self.task, self.num_outputs = task, num_outputs
+        zero = lambda: torch.zeros((), dtype=torch.float64, device=device)  # noqa: E731
+        self.loss, self.count, self.top5 = zero(), zero(), zero()
+        self.cm = torch.zeros(num_outputs, num_outputs, dtype=torch.int64, device=device)
+        self.rstats = torch.zeros(5, num_outputs, dtype=torch.float64, device=device)
+
+    def add(self, out: torch.Tensor, y: torch.Tensor, regression_loss: str) -> None:
+        """One batch: ``out`` (B, K) float, ``y`` (B,) class ids or (B, T) targets."""
+        if self.task == "classification":
+            self.loss += F.cross_entropy(out, y, reduction="sum").double()
             k = min(5, out.shape[1])
-            top5 += (out.topk(k, dim=1).indices == y[:, None]).any(1).sum()
-            cm += confusion_matrix(out.argmax(1), y, num_outputs)
+            self.top5 += (out.topk(k, dim=1).indices == y[:, None]).any(1).sum()
+            self.cm += confusion_matrix(out.argmax(1), y, self.num_outputs)
         else:
             y = y.float().view_as(out)
             fn = F.mse_loss if regression_loss == "mse" else F.l1_loss
-            loss_sum += fn(out, y, reduction="sum").double() / out.shape[1]
-            s = regression_stats(out, y)
-            rstats = s if rstats is None else rstats + s
-        count += len(x)
-    all_reduce_sum(loss_sum, dist)
-    all_reduce_sum(count, dist)
-    if was_training:
-        model.train()
-    total = max(float(count), 1.0)
-    result: dict[str, Any] = {"loss": float(loss_sum) / total, "count": int(count)}
-    if task == "classification":
-        all_reduce_sum(top5, dist)
-        all_reduce_sum(cm, dist)
-        rep = classification_report(cm.cpu(), labels)
-        result.update(accuracy=rep["accuracy"], top5=float(top5) / total if num_outputs > 5 else None,
-                      macro_f1=rep["macro_f1"],
-                      macro_precision=rep["macro_precision"], macro_recall=rep["macro_recall"],
-                      per_class=rep["per_class"], confusion_matrix=cm.cpu().tolist())
-    else:
-        if rstats is None:
-            rstats = torch.zeros(5, num_outputs, dtype=torch.float64, device=device)
-        all_reduce_sum(rstats, dist)
-        result.update(regression_report(rstats.cpu()))
-        if labels:
-            for r, name in zip(result["per_target"], labels):
-                r["target"] = name
-    return result
+            self.loss += fn(out, y, reduction="sum").double() / out.shape[1]
+            self.rstats += regression_stats(out, y)
+        self.count += len(out)
+
+    def report(self, dist: DistInfo, labels: list[str] | None) -> dict[str, Any]:
+        all_reduce_sum(self.loss, dist)
+        all_reduce_sum(self.count, dist)
+        total = max(float(self.count), 1.0)
+        result: dict[str, Any] = {"loss": float(self.loss) / total, "count": int(self.count)}
+        if self.task == "classification":
+            all_reduce_sum(self.top5, dist)
+            all_reduce_sum(self.cm, dist)
+            rep = classification_report(self.cm.cpu(), labels)
+            result.update(accuracy=rep["accuracy"], top5=float(self.top5) / total if self.num_outputs > 5 else None,
+                          macro_f1=rep["macro_f1"], macro_precision=rep["macro_precision"],
+                          macro_recall=rep["macro_recall"], per_class=rep["per_class"],
+                          confusion_matrix=self.cm.cpu().tolist())
+        else:
+            all_reduce_sum(self.rstats, dist)
+            result.update(regression_report(self.rstats.cpu()))
+            if labels:
+                for r, name in zip(result["per_target"], labels):
+                    r["target"] = name
+        return result
 
 
 def evaluate_model(model, splits, split: str = "test", label_map: dict[str, str] | None = None,

@@ -29,14 +29,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..deps import require
 from ..errors import ConfigError, InputError
 from ..freshness import CHANGED, FRESH, GONE, Stamp, check, file_key, stamp
 from ..io import atomic_write
 from ..output import claim_output
 from ..progress import progress_bar
-from ._deps import require
 from .extract import FeatureExtractor, FeatureSpec
-from .loader import Rows, file_source, list_images
+from .inputs import Rows, file_source, list_images
 
 META_KEY = b"vitkit.features"
 # the settings that decide what a vector means: rows made with different ones must not mix
@@ -102,7 +102,7 @@ def iter_features(extractor: FeatureExtractor, dataset, *, batch_size: int = 64,
 
 def read_meta(path: str | Path) -> dict:
     """The ``vitkit.features`` metadata of an embeddings parquet file ({} when absent)."""
-    pq = require("pyarrow.parquet", "reading embeddings")
+    pq = require("pyarrow.parquet", "reading embeddings", "features")
     raw = (pq.read_schema(path).metadata or {}).get(META_KEY)
     return json.loads(raw) if raw else {}
 
@@ -112,7 +112,7 @@ STAMP_COLUMNS = ("file", "size", "mtime_ns", "blake2b")
 
 
 def _schema(meta: dict):
-    pa = require("pyarrow", "writing embeddings")
+    pa = require("pyarrow", "writing embeddings", "features")
     return pa.schema([("path", pa.string()), ("label", pa.string()), ("embedding", pa.list_(pa.float32())),
                       ("file", pa.string()), ("size", pa.int64()), ("mtime_ns", pa.int64()), ("blake2b", pa.string())],
                      metadata={META_KEY: json.dumps(meta).encode()})
@@ -145,8 +145,8 @@ class _ResumableOutput:
     :meth:`review` checks each against its file and marks which go into the merged ``out``."""
 
     def __init__(self, out: Path, meta: dict, overwrite: bool, row_group_size: int, note: Callable) -> None:
-        self.pa = require("pyarrow", "writing embeddings")
-        self.pq = require("pyarrow.parquet", "writing embeddings")
+        self.pa = require("pyarrow", "writing embeddings", "features")
+        self.pq = require("pyarrow.parquet", "writing embeddings", "features")
         self.out, self.meta, self.row_group_size, self.note = out, meta, max(1, row_group_size), note
         self.parts_dir = out.with_name(out.name + ".parts")
         self.schema = None  # made at the first batch, when the vectors' width is known
@@ -495,8 +495,8 @@ def write_embeddings(out, paths: list[str], labels: list, vectors, meta: dict | 
     """Write vectors you computed elsewhere as an embeddings table (same schema as ``embed``, no
     file stamps), atomically. ``vectors``: (N, D) float32 array, or an iterable of (B, D) blocks
     in row order, all finite."""
-    pa = require("pyarrow", "writing embeddings")
-    pq = require("pyarrow.parquet", "writing embeddings")
+    pa = require("pyarrow", "writing embeddings", "features")
+    pq = require("pyarrow.parquet", "writing embeddings", "features")
     blocks = [np.asarray(vectors)] if hasattr(vectors, "shape") else vectors
     out = Path(out)
 

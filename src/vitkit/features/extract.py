@@ -18,7 +18,7 @@ batch (B, C, H, W) to (B, F) float32:
 * ``dtype``: ``fp32`` is exact (the default pooling runs through ``vitkit.infer.Predictor``'s
   buffer-reusing engine, bit-identical to the stage calls; the others call the stages);
   ``bf16`` / ``int8`` are the Predictor's approximations (default pooling, one layer only: the
-  Predictor computes ``model(x)``).
+  Predictor computes ``model(x)`` or the pooled pre-logits, not the other poolings).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
+from ..infer import Predictor
 
 POOLS = ("model", "head", "cls", "mean", "cls+mean")
 DTYPES = ("fp32", "bf16", "int8")
@@ -75,16 +76,10 @@ class FeatureExtractor:
 
     def _make_predictor(self):
         """The default pooling runs through ``vitkit.infer.Predictor`` (the fast path beside the
-        model, never a copy of its tricks here). The Predictor computes ``model(x)``, which is the
-        pooled pre-logits for a model without a classifier, so it is given a headless twin of the
-        model (same config with num_classes=0, sharing every weight but the head, no copy).
-
-        fp32: the twin computes every token in the last block too (``last_block_prefix_only =
-        False``), so its output is bit-identical to ``forward_head(forward_features(x),
-        pre_logits=True)`` (tested), through the Predictor's exact (buffer-reusing) walk; if the engine
-        cannot run this model, the plain stage calls below run instead. bf16 / int8: the
-        Predictor's approximations; other poolings and --layers need stage calls the Predictor
-        does not offer: an error."""
+        model, never a copy of its tricks here): ``output="pooled"`` for "model", ``model(x)``
+        for "head"; fp32 takes its exact walk, bit-identical to the stage calls (tested).
+        bf16 / int8: the Predictor's approximations; other poolings and --layers need stage
+        calls the Predictor does not offer: an error."""
         spec = self.spec
         default = spec.pool in ("model", "head") and spec.layers == 1
         if spec.dtype != "fp32" and not default:
@@ -93,58 +88,15 @@ class FeatureExtractor:
                               f"layers={spec.layers} need dtype 'fp32'")
         if not default:
             return None
-        try:
-            from ..infer import Predictor
-        except ImportError:  # pragma: no cover - a build without vitkit.infer
-            if spec.dtype != "fp32":
-                raise ConfigError(f"dtype={spec.dtype!r} needs vitkit.infer, which this build lacks") from None
-            return None
-        if spec.pool == "head":  # model(x) itself: the Predictor's own contract (exact in fp32)
-            return Predictor(self.model, dtype=spec.dtype, exact=spec.dtype == "fp32")
-        twin = self._headless(exact=spec.dtype == "fp32")
-        if twin is None:
-            if spec.dtype != "fp32":
-                raise ConfigError(f"dtype={spec.dtype!r}: cannot build the headless view of this model")
-            return None
-        pred = Predictor(twin, dtype=spec.dtype, exact=spec.dtype == "fp32")
-        if spec.dtype == "fp32" and pred.path != "engine":
-            return None  # nothing to gain: the model's own stage calls (exact) run instead
-        return pred
-
-    def _headless(self, exact: bool):
-        """The model without its classifier, sharing its parameters (built on the meta device and
-        given the model's own tensors), or None when that cannot be done faithfully."""
-        import itertools
-
-        m = self.model
-        cfg = m.config.replace(num_classes=0) if m.config.num_classes else m.config
-        try:
-            with torch.device("meta"):
-                twin = type(m)(cfg)
-            state = {k: v for k, v in m.state_dict(keep_vars=True).items()
-                     if not k.startswith(("head.", "head_dist."))}
-            missing, unexpected = twin.load_state_dict(state, strict=False, assign=True)
-        except (TypeError, RuntimeError, ConfigError):
-            return None
-        left = [n for n, t in itertools.chain(twin.named_parameters(), twin.named_buffers()) if t.is_meta]
-        if missing or unexpected or left:
-            return None
-        twin.eval()
-        if exact:
-            twin.last_block_prefix_only = False  # every token through the last block, as forward_features
-        return twin
+        return Predictor(self.model, dtype=spec.dtype, exact=spec.dtype == "fp32",
+                         output="logits" if spec.pool == "head" else "pooled")
 
     def _pool(self, m, tokens: torch.Tensor) -> torch.Tensor:
         """(B, T, D) tokens after the final norm -> (B, D') by the chosen pooling."""
-        pool = self.spec.pool
-        if pool in ("model", "head"):
-            return m.forward_head(tokens, pre_logits=pool == "model")
-        R = m.num_prefix_tokens
-        parts = []
-        if pool in ("cls", "cls+mean"):
-            parts.append(tokens[:, 0])
-        if pool in ("mean", "cls+mean"):
-            parts.append(tokens[:, R:].mean(dim=1))
+        if self.spec.pool == "model":
+            return m.forward_head(tokens, pre_logits=True)
+        # "cls", "mean" or both: the model's own token pooling (no fc_norm: DINOv2's x_norm_clstoken)
+        parts = [m.pool_tokens(tokens, how) for how in self.spec.pool.split("+")]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
     @torch.no_grad()
@@ -152,7 +104,7 @@ class FeatureExtractor:
         x = x.to(self.device, non_blocking=True)
         spec = self.spec
         if self._predictor is not None:
-            feats = self._predictor(x)  # model(x), or the pooled pre-logits of the headless twin
+            feats = self._predictor(x)  # model(x), or the pooled pre-logits
         else:
             m = self.model
             if spec.layers == 1:

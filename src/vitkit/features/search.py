@@ -30,10 +30,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..deps import require
 from ..errors import ConfigError, InputError
 from ..freshness import CHANGED, FRESH, Stamp, check, file_key, stamp
 from ..io import atomic_write, atomic_write_text
-from ._deps import require
 from .embed import META_KEY, STAMP_COLUMNS, refuse_non_finite
 
 BACKENDS = ("auto", "exact", "flat", "ivf", "hnsw")
@@ -60,8 +60,8 @@ class EmbeddingIndex:
     def __init__(self, path: str | Path, backend: str = "auto", *, nlist: int | None = None, nprobe: int = 32,
                  hnsw_m: int = 32, ef_search: int = 128, exact_max_bytes: int = EXACT_MAX_BYTES,
                  note: Callable = lambda s: None) -> None:
-        self.pa = require("pyarrow", "search")
-        self.pq = require("pyarrow.parquet", "search")
+        self.pa = require("pyarrow", "search", "features")
+        self.pq = require("pyarrow.parquet", "search", "features")
         if backend not in BACKENDS:
             raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         self.path = Path(path)
@@ -106,7 +106,7 @@ class EmbeddingIndex:
     def iter_vectors(self, batch_rows: int = 65536, writable: bool = True):
         """(B, D) float32 numpy blocks in row order; checks every row has ``dim`` values.
         ``writable=False`` may return read-only views of Arrow's memory (one copy fewer)."""
-        pc = require("pyarrow.compute", "search")
+        pc = require("pyarrow.compute", "search", "features")
         at = 0
         for batch in self.file.iter_batches(batch_size=batch_rows, columns=["embedding"]):
             col = batch.column(0)
@@ -197,7 +197,7 @@ class EmbeddingIndex:
         """Load the saved FAISS index if its fingerprint matches this parquet file, else build and save it."""
         if self._faiss is not None:
             return self._faiss
-        faiss = require("faiss", f"the {self.backend} search backend")
+        faiss = require("faiss", f"the {self.backend} search backend", "features")
         index_path, fp_path = self.faiss_paths()
         fp = self._fingerprint()
         if index_path.is_file() and fp_path.is_file():

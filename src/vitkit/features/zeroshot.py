@@ -312,8 +312,7 @@ def init_training_head(model, source: str, data, templates: str = "simple", *, s
     """``vitkit train --pretrained SOURCE --zeroshot-head``: :func:`init_head_from_text` with the
     class names of ``data`` (:func:`vitkit.data.build_data`'s result) and rho measured on the first
     training batch, read and normalised as evaluation reads it (no augmentation)."""
-    from ..eval.evaluate import normalize
-    from ..train.data import eval_loader
+    from ..eval.evaluate import eval_loader, normalize
 
     if data.task != "classification" or not data.classes:
         raise ConfigError(f"--zeroshot-head needs class names to embed; {data.name} has none (task: {data.task})")

@@ -10,12 +10,14 @@ output is bit-identical to ``model(x)`` for the full blocks (tested).
 
 Norms: LayerNorm (into buffers) or RMSNorm (its own call); MLP: fc1-act-fc2 or the packed
 SwiGLU. What it walks: ``model.embed`` (patch embedding, prefix tokens, position embedding,
-``norm_pre``: the model's own code), then per block ``norm1``, ``attn.qkv``, SDPA,
-``attn.proj``, ``ls1``, ``norm2``, ``mlp.fc1``, ``mlp.act``, ``mlp.fc2``, ``ls2`` (pre- or
-post-norm), then ``model.norm`` and ``model.forward_head`` (pooling and head: the model's own
-code). With class-token pooling the last block computes token 0's output only (keys and values
-still come from every token). :func:`plan_for` returns None, with the reason, for any model it
-does not know part by part; the Predictor then runs the model's own forward.
+``norm_pre``: the model's own code), then the model's own loop (``model.run_blocks``) with
+:func:`block` in place of each ``Block``: ``norm1``, ``attn.qkv``, SDPA, ``attn.proj``,
+``ls1``, ``norm2``, ``mlp.fc1``, ``mlp.act``, ``mlp.fc2``, ``ls2`` (pre- or post-norm), then
+``model.norm`` and ``model.forward_head`` (pooling and head: the model's own code). With
+class-token pooling the last block computes the head's tokens only (keys and values still come
+from every token), as the model's forward. :func:`plan_for` returns None, with the reason, for
+any model not made of vitkit's own parts (``isinstance`` on vitkit.model's classes); the
+Predictor then runs the model's own forward.
 
 The matmuls are pluggable, so the same walk serves every dtype: :class:`Dense` (``addmm`` into
 the reused buffers: the model's own kernels, bit-identical; fp32 with ``exact=True``),
@@ -33,6 +35,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..model.attention import Attention
+from ..model.block import Block, LayerScale, Mlp, QuickGELU, SwiGLU
+from ..model.vit import ViT
 
 
 class Workspace:
@@ -194,10 +200,6 @@ class Int8(Matmul):
 LINEARS = {"dense": Dense, "packed": Packed, "int8": Int8}
 
 
-def make_linear(kind: str):
-    return LINEARS[kind]
-
-
 # --------------------------------------------------------------------------- in-place pieces
 def act_(act: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Apply a known activation module in place (inference only)."""
@@ -211,7 +213,7 @@ def act_(act: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return x.tanh_()
     if isinstance(act, nn.Identity):
         return x
-    return x.copy_(act(x))  # QuickGELU and other elementwise modules: same values, one copy
+    return x.copy_(act(x))  # QuickGELU: same values, one copy
 
 
 def layer_norm_into(norm: nn.Module, x: torch.Tensor, ws: Workspace, name: str = "norm") -> torch.Tensor:
@@ -227,20 +229,20 @@ def layer_norm_into(norm: nn.Module, x: torch.Tensor, ws: Workspace, name: str =
 
 
 # --------------------------------------------------------------------------- the plan
-_ACTS = (nn.GELU, nn.ReLU, nn.SiLU, nn.Tanh, nn.Identity)
+_ACTS = (nn.GELU, nn.ReLU, nn.SiLU, nn.Tanh, nn.Identity, QuickGELU)  # what act_ applies
 
 
 @dataclass
 class BlockPlan:
     norm_first: bool
-    norm1: nn.LayerNorm
-    norm2: nn.LayerNorm
-    qkv: Any
-    q: Any  # token-0 query rows of qkv (class-token-only last block)
-    kv: Any  # key/value rows of qkv
-    proj: Any
-    fc1: Any
-    fc2: Any
+    norm1: nn.Module  # nn.LayerNorm | nn.RMSNorm
+    norm2: nn.Module
+    qkv: Matmul
+    q: Matmul  # query rows of qkv (the class-token-only last block)
+    kv: Matmul  # key/value rows of qkv
+    proj: Matmul
+    fc1: Matmul
+    fc2: Matmul
     act: nn.Module
     glu: bool  # SwiGLU: fc1 gives [gate; value], act(gate) * value feeds fc2
     gamma1: torch.Tensor | None
@@ -252,9 +254,8 @@ class BlockPlan:
 
 @dataclass
 class Plan:
-    model: nn.Module
+    model: ViT
     blocks: list[BlockPlan]
-    head_tokens: int | None  # class-token pooling: the last block computes these leading tokens alone
     modules: list[nn.Module]  # every module the walk replaces: hooks on them force the model's path
 
 
@@ -262,47 +263,38 @@ def _children(m: nn.Module) -> set[str]:
     return {n for n, _ in m.named_children()}
 
 
-def _plain_layernorm(m: Any) -> bool:  # what layer_norm_into reproduces
+def _plain_norm(m: Any) -> bool:  # what layer_norm_into reproduces
     if type(m) is nn.RMSNorm:
         return len(m.normalized_shape) == 1
     return (type(m) is nn.LayerNorm and m.elementwise_affine and m.bias is not None
             and len(m.normalized_shape) == 1)
 
 
-def _is_quickgelu_or_known(act: nn.Module) -> bool:
-    return isinstance(act, _ACTS) or type(act).__name__ == "QuickGELU"
-
-
 def _block_reason(i: int, blk: nn.Module) -> str | None:
-    """None when block ``i`` is made only of parts the walk reproduces; else why not."""
-    allowed = {"norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2"}
-    extra = _children(blk) - allowed
+    """None when block ``i`` is vitkit's Block made only of the parts :func:`block` reproduces
+    (a part replaced after construction, e.g. by an adapter, is not); else why not."""
+    if not isinstance(blk, Block):
+        return f"block {i} is {type(blk).__name__}, not vitkit's Block"
+    extra = _children(blk) - {"norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2"}
     if extra:
         return f"block {i} has parts the engine does not know: {sorted(extra)}"
-    if not isinstance(getattr(blk, "norm_first", None), bool):
-        return f"block {i} does not say whether it is pre- or post-norm"
     for n in ("norm1", "norm2"):
-        if not _plain_layernorm(getattr(blk, n, None)):
-            return f"block {i} {n} is {type(getattr(blk, n, None)).__name__}, not a plain LayerNorm or RMSNorm"
-    attn, mlp = getattr(blk, "attn", None), getattr(blk, "mlp", None)
-    if attn is None or type(attn).__name__ != "Attention" or _children(attn) - {"qkv", "proj", "proj_drop"}:
+        if not _plain_norm(getattr(blk, n)):
+            return f"block {i} {n} is {type(getattr(blk, n)).__name__}, not a plain LayerNorm or RMSNorm"
+    attn, mlp = blk.attn, blk.mlp
+    if not isinstance(attn, Attention) or _children(attn) - {"qkv", "proj", "proj_drop"}:
         return f"block {i} attention is not the plain fused-qkv Attention"
-    if not (type(getattr(attn, "qkv", None)) is nn.Linear and type(getattr(attn, "proj", None)) is nn.Linear):
+    if not (type(attn.qkv) is nn.Linear and type(attn.proj) is nn.Linear):
         return f"block {i} attention projections are not nn.Linear"
-    if not all(hasattr(attn, a) for a in ("num_heads", "head_dim", "scale")):
-        return f"block {i} attention lacks num_heads/head_dim/scale"
-    if mlp is None or type(mlp).__name__ not in ("Mlp", "SwiGLU") or _children(mlp) - {"fc1", "act", "fc2", "drop"}:
+    if not isinstance(mlp, (Mlp, SwiGLU)) or _children(mlp) - {"fc1", "act", "fc2", "drop"}:
         return f"block {i} MLP is not the plain fc1-act-fc2 Mlp or the packed SwiGLU ({type(mlp).__name__})"
-    if type(mlp).__name__ == "SwiGLU" and not (type(mlp.act) is nn.SiLU and mlp.fc1.out_features == 2 * mlp.fc2.in_features):
-        return f"block {i} SwiGLU is not the packed [gate; value] fc1 with a SiLU gate"
     if not (type(mlp.fc1) is nn.Linear and type(mlp.fc2) is nn.Linear):
         return f"block {i} MLP layers are not nn.Linear"
-    if not _is_quickgelu_or_known(mlp.act):
+    if not isinstance(mlp.act, _ACTS):
         return f"block {i} activation {type(mlp.act).__name__} is not one the engine applies in place"
     for n in ("ls1", "ls2"):
-        ls = getattr(blk, n, None)
-        if ls is not None and not (type(ls).__name__ == "LayerScale" and isinstance(getattr(ls, "gamma", None), torch.Tensor)
-                                   and not _children(ls)):
+        ls = getattr(blk, n)
+        if ls is not None and not isinstance(ls, LayerScale):
             return f"block {i} {n} is {type(ls).__name__}, not LayerScale"
     return None
 
@@ -313,107 +305,87 @@ _TOP = {"patch_embed", "pos_drop", "norm_pre", "blocks", "norm", "fc_norm", "pre
 
 def plan_for(model: nn.Module, linear: str = "dense") -> tuple[Plan | None, str]:
     """The walk for ``model`` with ``linear`` matmuls ("dense" | "packed" | "int8"), or (None, why not)."""
-    from ..model.vit import ViT
-
     if not isinstance(model, ViT):
         return None, f"{type(model).__name__} is not a vitkit ViT"
     extra = _children(model) - _TOP
     if extra:
         return None, f"the model has parts the engine does not know: {sorted(extra)}"
-    blocks = getattr(model, "blocks", None)
-    if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
+    if len(model.blocks) == 0:
         return None, "the model has no blocks"
-    for i, blk in enumerate(blocks):
+    for i, blk in enumerate(model.blocks):
         why = _block_reason(i, blk)
         if why:
             return None, why
-    c = model.config
-    Lin = make_linear(linear)
+    Lin = LINEARS[linear]
     plans = []
-    for blk in blocks:
+    for blk in model.blocks:
         a, m = blk.attn, blk.mlp
         D = a.qkv.in_features
         plans.append(BlockPlan(
             norm_first=blk.norm_first, norm1=blk.norm1, norm2=blk.norm2,
             qkv=Lin(a.qkv), q=Lin(a.qkv, slice(0, D)), kv=Lin(a.qkv, slice(D, None)), proj=Lin(a.proj),
-            fc1=Lin(m.fc1), fc2=Lin(m.fc2), act=m.act, glu=type(m).__name__ == "SwiGLU",
+            fc1=Lin(m.fc1), fc2=Lin(m.fc2), act=m.act, glu=isinstance(m, SwiGLU),
             gamma1=None if blk.ls1 is None else blk.ls1.gamma, gamma2=None if blk.ls2 is None else blk.ls2.gamma,
-            num_heads=int(a.num_heads), head_dim=int(a.head_dim), scale=float(a.scale)))
-    # As the model's forward: a class-token head reads the class (and distillation) token only,
-    # unless the model turns that off (``last_block_prefix_only = False``).
-    head_tokens = None
-    if c.pooling == "cls" and getattr(model, "last_block_prefix_only", True):
-        head_tokens = 2 if getattr(c, "dist_token", False) else 1
-    modules = list(blocks.modules()) + [model.norm]
-    return Plan(model=model, blocks=plans, head_tokens=head_tokens, modules=modules), ""
+            num_heads=a.num_heads, head_dim=a.head_dim, scale=float(a.scale)))
+    modules = list(model.blocks.modules()) + [model.norm]
+    return Plan(model=model, blocks=plans, modules=modules), ""
 
 
 # --------------------------------------------------------------------------- the walk
-def _block_into(p: BlockPlan, x: torch.Tensor, ws: Workspace) -> torch.Tensor:
-    """The block's output for the residual stream ``x`` (B, N, D, contiguous, owned by the
-    caller): updated in place by the buffer-writing matmuls, a new tensor from fused ones."""
+def block(p: BlockPlan, x: torch.Tensor, ws: Workspace, k: int | None = None) -> torch.Tensor:
+    """One block on the residual stream ``x`` (B, N, D, contiguous, owned by the caller) ->
+    (B, N, D), or with ``k`` the first k tokens' outputs alone, (B, k, D) (what a class-token
+    head reads from the last block: every token is still a key and a value; the queries, the
+    output projection, the residuals, the norms after attention and the MLP run for those k
+    tokens, ~1/6 of the block's cost at 197 tokens).
+
+    The stream is updated in place by the buffer-writing matmuls (a new tensor from fused
+    ones). With :class:`Dense` matmuls these are the calls of ``Block.forward(x, k)`` on the same
+    views (``addmm`` is ``F.linear``'s kernel; the query rows go through ``F.linear`` on the
+    same slice as Attention), so the same bits."""
     B, N, D = x.shape
+    M = N if k is None else k  # rows that leave the block
+    H, hd = p.num_heads, p.head_dim
     h = layer_norm_into(p.norm1, x, ws) if p.norm_first else x
-    qkv = p.qkv(h.reshape(B * N, D), ws.get("qkv", B * N, 3 * D))
-    q, k, v = qkv.view(B, N, 3, p.num_heads, p.head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # (B, heads, N, hd)
-    o = F.scaled_dot_product_attention(q, k, v, scale=p.scale)
-    x = p.proj.residual(o.transpose(1, 2).reshape(B * N, D), x.view(B * N, D), p.gamma1,
-                        ws.get("out", B * N, D)).view(B, N, D)
+    if k is None:
+        qkv = p.qkv(h.reshape(B * N, D), ws.get("qkv", B * N, 3 * D))
+        q, k_, v = qkv.view(B, N, 3, H, hd).permute(2, 0, 3, 1, 4).unbind(0)  # (B, heads, N, hd)
+    else:
+        q = p.q(h[:, :k]).reshape(B, k, H, hd).transpose(1, 2)  # (B, heads, k, hd)
+        kv = p.kv(h.reshape(B * N, D), ws.get("kv", B * N, 2 * D))
+        k_, v = kv.view(B, N, 2, H, hd).permute(2, 0, 3, 1, 4).unbind(0)  # (B, heads, N, hd)
+        x = x[:, :k].contiguous()  # (B, k, D): the residual stream of the tokens that go on
+    o = F.scaled_dot_product_attention(q, k_, v, scale=p.scale)  # (B, heads, M, hd)
+    x = p.proj.residual(o.transpose(1, 2).reshape(B * M, D), x.view(B * M, D), p.gamma1,
+                        ws.get("out", B * M, D)).view(B, M, D)
     if not p.norm_first:
         x.copy_(layer_norm_into(p.norm1, x, ws))
     h = layer_norm_into(p.norm2, x, ws) if p.norm_first else x
     if p.glu:  # act(gate) * value into a contiguous buffer: the input fc2 gets in the model
-        hid = p.fc1(h.reshape(B * N, D), ws.get("hidden", B * N, p.fc1.out_features))
+        hid = p.fc1(h.reshape(B * M, D), ws.get("hidden", B * M, p.fc1.out_features))
         gate, value = hid.chunk(2, dim=-1)
-        hid = torch.mul(act_(p.act, gate), value, out=ws.get("glu", B * N, gate.shape[1]))
+        hid = torch.mul(act_(p.act, gate), value, out=ws.get("glu", B * M, gate.shape[1]))
     else:
-        hid = p.fc1.act(h.reshape(B * N, D), p.act, ws.get("hidden", B * N, p.fc1.out_features))
-    x = p.fc2.residual(hid, x.view(B * N, D), p.gamma2, ws.get("out", B * N, D)).view(B, N, D)
+        hid = p.fc1.act(h.reshape(B * M, D), p.act, ws.get("hidden", B * M, p.fc1.out_features))
+    x = p.fc2.residual(hid, x.view(B * M, D), p.gamma2, ws.get("out", B * M, D)).view(B, M, D)
     if not p.norm_first:
         x.copy_(layer_norm_into(p.norm2, x, ws))
     return x
 
 
-def _leading_tokens(p: BlockPlan, x: torch.Tensor, k: int, ws: Workspace) -> torch.Tensor:
-    """(B, N, D) -> (B, k, D): the block's output for the first k tokens only (what a class-token
-    head reads; k = 2 with a distillation token). Every token is still a key and a value; the
-    queries, the output projection, the residuals, the norms after attention and the MLP run
-    for those k tokens alone (~1/6 of the block's cost at 197 tokens). The same calls on the
-    same views as the model's ``Block.forward(x, num_queries=k)``, so the same bits."""
-    B, N, D = x.shape
-    h = layer_norm_into(p.norm1, x, ws) if p.norm_first else x
-    q = p.q(h[:, :k]).reshape(B, k, p.num_heads, p.head_dim).transpose(1, 2)  # (B, heads, k, hd)
-    kv = p.kv(h.reshape(B * N, D), ws.get("qkv", B * N, 2 * D))
-    k_, v = kv.view(B, N, 2, p.num_heads, p.head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # (B, heads, N, hd)
-    o = F.scaled_dot_product_attention(q, k_, v, scale=p.scale)
-    a = p.proj(o.transpose(1, 2).reshape(B, k, D))
-    if p.gamma1 is not None:
-        a = a * p.gamma1
-    x0 = x[:, :k] + a  # (B, k, D)
-    if not p.norm_first:
-        x0 = p.norm1(x0)
-    h = p.norm2(x0) if p.norm_first else x0
-    if p.glu:
-        gate, value = p.fc1(h).chunk(2, dim=-1)
-        m = p.fc2(p.act(gate) * value)
-    else:
-        m = p.fc2(act_(p.act, p.fc1(h)))
-    if p.gamma2 is not None:
-        m = m * p.gamma2
-    x0 = x0 + m
-    return p.norm2(x0) if not p.norm_first else x0
+OUTPUTS = ("logits", "pooled", "tokens")
 
 
-def run(plan: Plan, x: torch.Tensor) -> torch.Tensor:
-    """Image (B, C, H, W) -> what ``plan.model(x)`` returns, in eval mode without autograd."""
+def run(plan: Plan, x: torch.Tensor, output: str = "logits", last_queries: int | None = None) -> torch.Tensor:
+    """Image (B, C, H, W) -> the model's ``output`` in eval mode without autograd: "logits" what
+    ``model(x)`` returns, "pooled" ``forward_head(tokens, pre_logits=True)``, "tokens" the
+    tokens after the final norm (B, R+N, D). ``last_queries``: ``run_blocks``'s (the head's
+    tokens only from the last block)."""
     m = plan.model
     t = m.embed(x)  # (B, R+N, D): the model's own patch/prefix/position/norm_pre code
-    B, N, D = t.shape
     ws = Workspace(t)
-    s = ws.get("stream", B, N, D).copy_(t)  # owned here: blocks update it in place
-    k = plan.head_tokens
-    for p in plan.blocks[:-1] if k else plan.blocks:
-        s = _block_into(p, s, ws)
-    if k:
-        s = _leading_tokens(plan.blocks[-1], s, k, ws)
-    return m.forward_head(m.norm(s))
+    s = ws.get("stream", *t.shape).copy_(t)  # owned here (contiguous): blocks update it in place
+    out = m.run_blocks(s, last_queries=last_queries,
+                       block=lambda i, x, k: block(plan.blocks[i], x, ws, k))
+    tokens = m.norm(out.tokens)
+    return tokens if output == "tokens" else m.forward_head(tokens, pre_logits=output == "pooled")

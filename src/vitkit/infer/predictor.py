@@ -31,10 +31,20 @@ def _hooked(modules: list[nn.Module]) -> bool:
     return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
 
 
+def model_output(model: nn.Module, x: torch.Tensor, output: str = "logits") -> torch.Tensor:
+    """The model's own stages for ``output`` (what the engine reproduces): "logits" ``model(x)``,
+    "pooled" ``forward_head(forward_features(x), pre_logits=True)``, "tokens"
+    ``forward_features(x)``."""
+    if output == "logits":
+        return model(x)
+    tokens = model.forward_features(x)
+    return tokens if output == "tokens" else model.forward_head(tokens, pre_logits=True)
+
+
 class Predictor:
     """Fast inference for a vitkit model: ``Predictor(model, dtype)(x)`` returns what
     ``model(x)`` returns (logits (B, K), or pooled features (B, D) when num_classes == 0), as
-    float32, without autograd.
+    float32, without autograd; ``output=`` picks another stage.
 
     Args:
         model: a :class:`vitkit.ViT` (any nn.Module works through its own forward).
@@ -57,6 +67,12 @@ class Predictor:
             forward; any difference beyond float rounding (1e-5 of the largest output)
             switches to the model's forward with a warning (a guard against layouts the
             engine misreads).
+        output: what to return: "logits" (default) ``model(x)``; "pooled" the pre-logits
+            features ``forward_head(forward_features(x), pre_logits=True)`` (B, D) (the
+            embedding vitkit.features reads); "tokens" ``forward_features(x)`` (B, R+N, D).
+            With ``exact=True`` each is bit-identical to those stage calls ("pooled" then runs
+            every token through the last block, as ``forward_features``; otherwise a class-token
+            head's tokens only, as ``model(x)``).
 
     ``path`` says what runs ("engine" | "model" | "compiled"), ``notes`` why. fp32 reads the
     model's weights at each call (later weight updates are seen); bf16 and int8 copy them at
@@ -65,9 +81,11 @@ class Predictor:
     """
 
     def __init__(self, model: nn.Module, dtype: str = "fp32", compile: bool | str = False,
-                 exact: bool = False, verify: bool = True) -> None:
+                 exact: bool = False, verify: bool = True, output: str = "logits") -> None:
         if dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+        if output not in engine.OUTPUTS:
+            raise ConfigError(f"output must be one of {list(engine.OUTPUTS)}, got {output!r}")
         if exact and dtype != "fp32":
             raise ConfigError(f"exact=True is the bit-identical fp32 walk; dtype {dtype!r} is an approximation "
                               "(use dtype='fp32' with exact=True, or drop exact)")
@@ -76,6 +94,8 @@ class Predictor:
         if not isinstance(model, nn.Module):
             raise ConfigError(f"Predictor expects a torch nn.Module, got {type(model).__name__}")
         self.model = model
+        self.output = output
+        self.exact = exact
         self.notes: list[str] = []
         p = next(model.parameters(), None)
         self.device = p.device if p is not None else torch.device("cpu")
@@ -97,7 +117,7 @@ class Predictor:
         self._compiled = None
         self.path = "model"
         if compile:
-            self._compiled = torch.compile(self._net)
+            self._compiled = torch.compile(self._net if output == "logits" else self._reference)
             self.path = "compiled"
             self._note("torch.compile of the model's forward (first call compiles)")
             return
@@ -126,6 +146,17 @@ class Predictor:
         self._plan = plan
         self.path = "engine"
 
+    def _reference(self, x: torch.Tensor) -> torch.Tensor:
+        return model_output(self._net, x, self.output)
+
+    def _last_queries(self, plan: engine.Plan) -> int | None:
+        """As ``model(x)``: a class-token head's tokens only from the last block; "tokens", and
+        the exact walk of "pooled", run every token, as ``forward_features`` (bit-identity
+        with the stage calls)."""
+        if self.output == "tokens" or (self.output == "pooled" and self.exact):
+            return None
+        return plan.model.head_queries()
+
     def _note(self, msg: str) -> None:
         self.notes.append(msg)
         log.warning("Predictor: %s", msg)
@@ -148,7 +179,7 @@ class Predictor:
             return ""  # calls then take the model's path anyway (train-mode forward)
         x = self._sample()
         try:
-            want = self.model(x)
+            want = model_output(self.model, x, self.output)
         except Exception as e:
             return f"the model's own forward failed on a random {tuple(x.shape)} batch ({type(e).__name__}: {e})"
         if isinstance(want, torch.Tensor) and not bool(torch.isfinite(want).all()):
@@ -156,7 +187,7 @@ class Predictor:
             return ("the model's own forward outputs NaN or inf on a random image, so the engine cannot be "
                     "checked against it")
         try:
-            got = engine.run(plan, x)
+            got = engine.run(plan, x, self.output, self._last_queries(plan))
         except Exception as e:  # the engine misread the layout: say so, run the model instead
             return f"the engine failed on this model ({type(e).__name__}: {e})"
         if not isinstance(want, torch.Tensor) or want.shape != got.shape:
@@ -171,7 +202,7 @@ class Predictor:
 
     # ------------------------------------------------------------------ calling
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) float batch -> ``model(x)`` (float32, no autograd)."""
+        """(B, C, H, W) float batch -> ``model(x)`` or the chosen ``output`` (float32, no autograd)."""
         if not isinstance(x, torch.Tensor) or x.ndim != 4 or not x.is_floating_point():
             got = f"shape {tuple(x.shape)} {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
             raise InputError(f"Predictor expects a float image batch (B, C, H, W), got {got}")
@@ -181,13 +212,13 @@ class Predictor:
                 out = self._compiled(x)
             elif (self._plan is None or self._net.training
                   or (self._net is self.model and _hooked(self._plan.modules))):
-                out = self._net(x)
+                out = self._reference(x)
             else:
-                out = engine.run(self._plan, x)
+                out = engine.run(self._plan, x, self.output, self._last_queries(self._plan))
         return out.float() if isinstance(out, torch.Tensor) else out
 
     def to(self, *a: Any, **k: Any) -> Predictor:  # pragma: no cover - guard
         raise ConfigError("move the model, then build a new Predictor (bf16/int8 weights are copies)")
 
     def __repr__(self) -> str:
-        return f"Predictor(dtype={self.dtype!r}, path={self.path!r}, device={self.device})"
+        return f"Predictor(dtype={self.dtype!r}, output={self.output!r}, path={self.path!r}, device={self.device})"

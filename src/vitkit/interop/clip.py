@@ -3,13 +3,13 @@
 * Hugging Face ``CLIPVisionModel``, ``CLIPVisionModelWithProjection`` and whole ``CLIPModel``
   directories (``model_type`` ``clip_vision_model`` / ``clip``): the vision tower and
   ``visual_projection``; a CLIPModel's text tower (``text_model.*``, ``text_projection``,
-  ``logit_scale``) is ignored with a note. Resampling: :func:`~vitkit.interop.resample.resample_hf`.
+  ``logit_scale``) is ignored with a note. Resampling: :func:`~vitkit.model.pos_embed.resample_hf`.
 * OpenAI / OpenCLIP state dicts (format ``openai_clip``): ``visual.conv1``,
   ``visual.class_embedding``, ``visual.positional_embedding``, ``visual.ln_pre``,
   ``visual.transformer.resblocks.N.{ln_1, attn.in_proj_weight, attn.out_proj, ln_2, mlp.c_fc,
   mlp.c_proj}``, ``visual.ln_post``, ``visual.proj``; keys without the ``visual.`` prefix (a
   saved ``model.visual``) read too; every non-visual key is the text tower, ignored with a note.
-  Resampling: :func:`~vitkit.interop.resample.resample_timm`, which is also what OpenCLIP's
+  Resampling: :func:`~vitkit.model.pos_embed.resample_timm`, which is also what OpenCLIP's
   own ``resize_pos_embed`` computes (bicubic, ``antialias=True``, ``align_corners=False`` in
   current open_clip; releases before the antialias argument did not antialias).
 * timm ``vit_*_clip_*``: read by :mod:`vitkit.interop.timm` (``norm_pre``, no patch bias, eps 1e-5).
@@ -40,7 +40,8 @@ import torch
 
 from ..config import ViTConfig
 from ..errors import CheckpointError, ConfigError
-from .common import Converted, guess_heads, layout_from_rows, read_state_dict, size_hints
+from .common import Converted, guess_heads, layout_from_rows, size_hints
+from .source import Format, Source
 from .table import RenameTable
 
 OPENAI_MEAN = [0.48145466, 0.4578275, 0.40821073]
@@ -141,15 +142,17 @@ def _open_clip_config(p: Path) -> dict[str, Any] | None:
         return None
 
 
-def read_open_clip_weights(path: str | Path) -> tuple[Path, dict[str, torch.Tensor]]:
-    """(weight file, raw tensors) of an OpenAI / OpenCLIP state dict or OpenCLIP hub dir."""
-    p = Path(path)
+def read_open_clip_weights(path: Source | str | Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    """(weight file, raw tensors) of an OpenAI / OpenCLIP state dict or OpenCLIP hub dir, read once
+    through the :class:`Source`."""
+    src = Source.of(path)
+    p = src.path
     if p.is_dir():
         files = [p / f for f in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin") if (p / f).is_file()]
         if not files:
             raise CheckpointError(f"{p}: no open_clip_model.safetensors / open_clip_pytorch_model.bin in it")
         p = files[0]
-    return p, read_state_dict(p)
+    return p, src.tensors(p)
 
 
 def convert(path: str | Path, arch: ViTConfig | None = None, hints: dict[str, Any] | None = None) -> Converted:
@@ -223,13 +226,11 @@ def export_openai(model, path: str | Path) -> Path:
     return save_state_dict({f"visual.{k}": v for k, v in out.items()}, Path(path), metadata={"format": "pt"})
 
 
-export = export_openai
-
 
 # --------------------------------------------------------------------------- Hugging Face
 def convert_hf(path: str | Path, arch: ViTConfig | None = None, hints: dict[str, Any] | None = None) -> Converted:
     """A transformers CLIPVisionModel[WithProjection] or CLIPModel directory."""
-    from .hf import fuse_qkv, hf_act, preprocess_from_dir, read_dir, vision_config, vision_tower
+    from .hf_common import fuse_qkv, hf_act, preprocess_from_dir, read_dir, vision_config, vision_tower
 
     directory, meta, wfile, raw = read_dir(path)
     vc = vision_config(meta)
@@ -255,7 +256,7 @@ def export_hf(model, path: str | Path) -> Path:
     """A transformers ``CLIPVisionModelWithProjection`` (``CLIPVisionModel`` without a head)
     directory through :data:`HF_TABLE`, with a CLIPImageProcessor config."""
     from .common import family_parts
-    from .hf import act_back, split_qkv, write_dir
+    from .hf_common import act_back, split_qkv, write_dir
 
     c = model.config
     bad = family_parts(c, allowed=("norm_pre", "patch_bias", "head_bias"))
@@ -294,3 +295,11 @@ def export_hf(model, path: str | Path) -> Path:
                  "image_mean": list(pre.get("mean", OPENAI_MEAN)), "image_std": list(pre.get("std", OPENAI_STD)),
                  "do_convert_rgb": True}
     return write_dir(path, out, meta, processor)
+
+
+FORMAT = Format(
+    "openai_clip", "OpenAI CLIP / OpenCLIP state dict (visual.conv1, visual.transformer.resblocks...)",
+    aliases=("open_clip", "openclip", "clip"), read=convert, write=export_openai, detect_keys=looks_like_openai_clip,
+    tiny=dict(image_size=32, patch_size=16, num_classes=24, dim=32, depth=2, num_heads=2, norm_pre=True,
+              patch_bias=False, head_bias=False, act="quick_gelu", norm_eps=1e-5),
+    tiny_hints=dict(num_heads=2, act="quick_gelu"))

@@ -99,7 +99,7 @@ def read_hf_text(directory: Path, meta: dict[str, Any], raw: dict[str, torch.Ten
                  source: str) -> tuple[dict[str, Any], dict[str, torch.Tensor], list[str], list[str]]:
     """(text config dict, renamed text state with the pair's tensors, unexpected, notes) of a
     transformers two-tower or text-only state; q/k/v fused."""
-    from .hf import fuse_qkv
+    from .hf_common import fuse_qkv
 
     tc = _hf_text_config(meta)
     text = {}
@@ -119,7 +119,7 @@ def read_hf_text(directory: Path, meta: dict[str, Any], raw: dict[str, torch.Ten
 
 def convert_hf(path: str | Path, hints: dict[str, Any] | None = None) -> TextConverted:
     """The text tower of a transformers CLIPModel / CLIPTextModel[WithProjection] directory."""
-    from .hf import hf_act, read_dir
+    from .hf_common import hf_act, read_dir
 
     directory, meta, wfile, raw = read_dir(path)
     tc, state, unexpected, notes = read_hf_text(directory, meta, raw, HF_TABLE, str(wfile))
@@ -145,7 +145,7 @@ def export_hf_state(text, table: RenameTable = HF_TABLE, **pair: torch.Tensor) -
     split and the position table (L, D); ``pair``: ``logit_scale`` / ``logit_bias`` tensors in the
     source's shape. The projection (CLIP's ``text_projection``) and the pair stay top-level, the
     rest goes under ``text_model.``: the inverse of :func:`read_hf_text`."""
-    from .hf import split_qkv
+    from .hf_common import split_qkv
 
     D = text.config.dim
     sd = dict(text.state_dict())

@@ -12,10 +12,8 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import re
 import warnings
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,7 @@ import torch
 
 from ..config import ViTConfig
 from ..errors import CheckpointError
+from ..io import check_extension, load_safetensors
 
 log = logging.getLogger("vitkit.interop")
 
@@ -33,43 +32,6 @@ DEFAULT_HEAD_DIM = 64
 
 
 # --------------------------------------------------------------------------- reading files
-# What a weight file's first bytes say it is, and the extensions that claim each kind.
-_KINDS = {"safetensors": ("a safetensors file", ".safetensors"), "numpy": ("a NumPy .npz archive", ".npz"),
-          "torch": ("a PyTorch checkpoint (torch.save)", ".pth")}
-_CLAIMS = {".safetensors": "safetensors", ".npz": "numpy", ".pth": "torch", ".pt": "torch", ".bin": "torch",
-           ".ckpt": "torch"}
-
-
-def sniff_weights(path: str | Path) -> str | None:
-    """What a weight file holds, by its content, never its name: "safetensors" (an 8-byte
-    little-endian header length that fits the file, then the JSON header's ``{``), "numpy" (a zip of
-    ``.npy`` members: ``np.savez``), "torch" (``torch.save``'s zip, or a legacy pickle: protocol 2
-    and later start with 0x80); None when it is none of these."""
-    try:
-        with open(path, "rb") as f:
-            head, size = f.read(9), os.fstat(f.fileno()).st_size
-        if len(head) == 9 and head[8:] == b"{" and 8 + int.from_bytes(head[:8], "little") <= size:
-            return "safetensors"
-        if head[:4] == b"PK\x03\x04":
-            with zipfile.ZipFile(path) as z:
-                names = z.namelist()
-            return "numpy" if names and all(n.endswith(".npy") for n in names) else "torch"
-    except (OSError, zipfile.BadZipFile):
-        return None
-    return "torch" if head[:1] == b"\x80" else None
-
-
-def check_extension(path: str | Path) -> str | None:
-    """The kind :func:`sniff_weights` finds; a CheckpointError when the file's extension claims
-    another kind (a safetensors file named .pth, a pickle named .safetensors), saying which."""
-    p = Path(path)
-    kind, claimed = sniff_weights(p), _CLAIMS.get(p.suffix.lower())
-    if kind is not None and claimed is not None and kind != claimed:
-        raise CheckpointError(f"{p} is {_KINDS[kind][0]}, not {_KINDS[claimed][0]}: its extension {p.suffix} is "
-                              f"wrong; rename it to {p.stem}{_KINDS[kind][1]}")
-    return kind
-
-
 def _unpickle_refusal(e: Exception) -> str:
     """Why ``torch.load(weights_only=True)`` refused a file, without torch's advice to retry with
     ``weights_only=False`` or to allowlist the class (vitkit never runs code from a checkpoint)."""
@@ -92,8 +54,6 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{p}: no such checkpoint file")
     kind = check_extension(p)
     if kind == "safetensors":
-        from ..io import load_safetensors
-
         return load_safetensors(p)
     if kind == "numpy":
         raise CheckpointError(f"{p} is a NumPy archive; load it with format='jax'")
@@ -140,24 +100,6 @@ def dir_config(path: Path) -> dict[str, Any] | None:
         return read_json(cfg)
     except CheckpointError:
         return None
-
-
-# --------------------------------------------------------------------------- renames
-def rename(state: dict[str, torch.Tensor], rules: list[tuple[str, str]]) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Apply the first matching (regex, replacement) rule to every key. Keys no rule matches are
-    returned apart (they become "unexpected" in the report). A replacement of "" drops the key."""
-    compiled = [(re.compile(p), r) for p, r in rules]
-    out, unmatched = {}, []
-    for k, v in state.items():
-        for pat, rep in compiled:
-            if pat.fullmatch(k):
-                new = pat.sub(rep, k)
-                if new:
-                    out[new] = v
-                break
-        else:
-            unmatched.append(k)
-    return out, unmatched
 
 
 # --------------------------------------------------------------------------- the report

@@ -7,7 +7,7 @@
   ``DeiTForImageClassificationWithTeacher`` directories (``model_type: deit``). Every HF DeiT
   has the distillation token in its sequence ([class, distillation, patches], one table row
   each); the non-distilled DeiTs on the hub (``facebook/deit-base-patch16-224``) are ``vit``
-  dirs and load as ViT. Resampling: :func:`~vitkit.interop.resample.resample_hf`.
+  dirs and load as ViT. Resampling: :func:`~vitkit.model.pos_embed.resample_hf`.
 
 What ``model(x)`` returns: ``DeiTForImageClassificationWithTeacher`` and timm's distilled models:
 the average of the two heads, ``(head(cls) + head_dist(dist)) / 2`` (as both at inference).
@@ -26,12 +26,12 @@ from typing import Any
 
 from ..config import ViTConfig
 from ..errors import CheckpointError, ConfigError
+from ..preprocess import IMAGENET_MEAN, IMAGENET_STD
 from .common import Converted, guess_heads, layout_from_rows, size_hints
 from .table import RenameTable
 
-IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 # DeiTImageProcessor (facebook/deit-*): resize 256 bicubic, centre crop 224, ImageNet statistics
-PREPROCESS = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "interpolation": "bicubic", "crop_pct": 0.875,
+PREPROCESS = {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "interpolation": "bicubic", "crop_pct": 0.875,
               "crop_mode": "center"}
 
 # legacy (file) names first, then the transformers 5.x in-memory names
@@ -67,7 +67,7 @@ def convert_hf(path: str | Path, arch: ViTConfig | None = None, hints: dict[str,
     """A transformers DeiT directory (any of its three classes)."""
     import re
 
-    from .hf import fuse_qkv, hf_act, labels_from_meta, preprocess_from_dir, read_dir
+    from .hf_common import fuse_qkv, hf_act, labels_from_meta, preprocess_from_dir, read_dir
 
     directory, meta, wfile, raw = read_dir(path)
     archs = [str(a) for a in meta.get("architectures") or []]
@@ -115,7 +115,7 @@ def export_hf(model, path: str | Path) -> Path:
     """A transformers ``DeiTForImageClassificationWithTeacher`` (``DeiTModel`` without heads)
     directory through :data:`HF_TABLE` (file names). Non-distilled DeiTs export as HF ViT."""
     from .common import family_parts
-    from .hf import act_back, split_qkv, write_dir
+    from .hf_common import act_back, split_qkv, write_dir
 
     c = model.config
     bad = family_parts(c, allowed=("dist_token",))

@@ -4,12 +4,12 @@
   ``dinov2`` / ``dinov2_with_registers``): files hold the legacy names
   (``encoder.layer.N.attention.attention.query``, SwiGLU ``mlp.weights_in`` / ``weights_out``);
   transformers 5 renames them in memory (``attention.q_proj``, ``mlp.gate_proj`` / ``up_proj`` /
-  ``down_proj``): both read. Resampling: :func:`~vitkit.interop.resample.resample_hf` (Dinov2),
-  :func:`~vitkit.interop.resample.resample_hf_dinov2_registers` (antialiased, WithRegisters).
+  ``down_proj``): both read. Resampling: :func:`~vitkit.model.pos_embed.resample_hf` (Dinov2),
+  :func:`~vitkit.model.pos_embed.resample_hf_dinov2_registers` (antialiased, WithRegisters).
 * the original facebookresearch/dinov2 hub state dicts (``torch.hub.load('facebookresearch/dinov2',
   'dinov2_vits14_reg')``): timm's names except ``register_tokens`` and the giant's SwiGLU
   ``mlp.w12`` / ``mlp.w3``; ``mask_token`` (masked-image training only) is ignored with a note.
-  Resampling: :func:`~vitkit.interop.resample.resample_dinov2_original` (scale-factor offset 0.1).
+  Resampling: :func:`~vitkit.model.pos_embed.resample_dinov2_original` (scale-factor offset 0.1).
 * timm ``vit_*_patch14_dinov2*`` / ``*_reg4_dinov2*``: read by :mod:`vitkit.interop.timm`.
 
 What ``model(x)`` returns: the class token after the final norm (HF ``pooler_output``; the
@@ -36,12 +36,13 @@ import torch
 
 from ..config import ViTConfig
 from ..errors import CheckpointError
-from .common import Converted, guess_heads, layout_from_rows, read_state_dict, size_hints
+from ..preprocess import IMAGENET_MEAN, IMAGENET_STD
+from .common import Converted, guess_heads, layout_from_rows, size_hints
+from .source import Format, Source
 from .table import RenameTable
 
-IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 # BitImageProcessor as shipped with facebook/dinov2-*: resize the short side to 256, centre crop 224
-PREPROCESS = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "interpolation": "bicubic", "crop_pct": 0.875,
+PREPROCESS = {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "interpolation": "bicubic", "crop_pct": 0.875,
               "crop_mode": "center"}
 
 _MASK_NOTE = "the mask token is used only by masked-image training, never at inference"
@@ -142,8 +143,9 @@ def _preprocess(config: ViTConfig) -> dict[str, Any]:
 # --------------------------------------------------------------------------- readers
 def convert(path: str | Path, arch: ViTConfig | None = None, hints: dict[str, Any] | None = None) -> Converted:
     """The original facebookresearch/dinov2 hub state dict."""
-    p = Path(path)
-    raw = read_state_dict(p)
+    src = Source.of(path)
+    p = src.path
+    raw = src.tensors()
     table = HUB_TABLE_SWIGLU if "blocks.0.mlp.w12.weight" in raw else HUB_TABLE
     notes: list[str] = []
     state, unmatched = table.to_vitkit(raw, notes)
@@ -160,7 +162,7 @@ def convert(path: str | Path, arch: ViTConfig | None = None, hints: dict[str, An
 
 def convert_hf(path: str | Path, arch: ViTConfig | None = None, hints: dict[str, Any] | None = None) -> Converted:
     """A transformers Dinov2Model / Dinov2WithRegistersModel directory (or its weight file)."""
-    from .hf import fuse_qkv, hf_act, preprocess_from_dir, read_dir
+    from .hf_common import fuse_qkv, hf_act, preprocess_from_dir, read_dir
 
     directory, meta, wfile, raw = read_dir(path)
     archs = [str(a) for a in meta.get("architectures") or []]
@@ -221,8 +223,6 @@ def export_hub(model, path: str | Path) -> Path:
     return save_state_dict(out, Path(path), metadata={"format": "pt"})
 
 
-export = export_hub
-
 
 def export_hf(model, path: str | Path) -> Path:
     """A transformers ``Dinov2Model`` (``Dinov2WithRegistersModel`` with registers) directory
@@ -230,7 +230,7 @@ def export_hf(model, path: str | Path) -> Path:
     token keeps the sum: same outputs)."""
     from ..errors import ConfigError
     from .common import family_parts
-    from .hf import act_back, split_qkv, write_dir
+    from .hf_common import act_back, split_qkv, write_dir
 
     c = model.config
     bad = family_parts(c, allowed=("swiglu",))
@@ -275,3 +275,9 @@ def export_hf(model, path: str | Path) -> Path:
     if regs:
         meta["num_register_tokens"] = regs
     return write_dir(path, out, meta)
+
+
+FORMAT = Format("dinov2", "facebookresearch/dinov2 hub state dict (register_tokens, w12/w3)", read=convert,
+                write=export_hub, detect_keys=looks_like_dinov2,
+                tiny=dict(image_size=28, patch_size=14, num_classes=0, dim=32, depth=2, num_heads=2, num_registers=4,
+                          pos_embed_prefix=False, layer_scale=1e-5), tiny_hints=dict(num_heads=2))

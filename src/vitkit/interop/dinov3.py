@@ -40,6 +40,7 @@ from ..config import ViTConfig
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ..errors import CheckpointError
 from .common import Converted, guess_heads
+from .source import Format, Source
 from .table import RenameTable
 
 # DINOv3ViTImageProcessorFast as shipped: resize to 224 x 224 (no crop), bilinear, ImageNet mean/std
@@ -88,7 +89,7 @@ def _fill_biases(state: dict[str, torch.Tensor]) -> None:
 
 def convert_hf(path: str | Path, arch: ViTConfig | None = None, hints: dict[str, Any] | None = None) -> Converted:
     """A transformers DINOv3ViTModel directory (or its weight file next to config.json)."""
-    from .hf import hf_act, preprocess_from_dir, read_dir
+    from .hf_common import hf_act, preprocess_from_dir, read_dir
 
     directory, meta, wfile, raw = read_dir(path)
     notes: list[str] = []
@@ -190,10 +191,11 @@ def _config_from_state(state: dict[str, torch.Tensor], *, heads: int | None, the
 
 def convert(path: str | Path, arch: ViTConfig | None = None, hints: dict[str, Any] | None = None) -> Converted:
     """The original facebookresearch/dinov3 state dict (``torch.hub.load('facebookresearch/dinov3', ...)``)."""
-    from .common import read_state_dict, size_hints
+    from .common import size_hints
 
-    p = Path(path)
-    raw = read_state_dict(p)
+    src = Source.of(path)
+    p = src.path
+    raw = src.tensors()
     notes: list[str] = []
     periods = raw.get("rope_embed.periods")
     masked = any(k.endswith(".attn.qkv.bias_mask") for k in raw)
@@ -272,3 +274,7 @@ def convert_timm(state: dict[str, torch.Tensor], args: dict[str, Any], architect
     pre = {"input_size": [config.in_channels, *config.image_hw], **PREPROCESS}
     return Converted(config=config, state=out, format="timm", source=source, preprocess=pre, notes=notes,
                      info={"family": "dinov3", "architecture": architecture, "registers": config.num_registers})
+
+
+FORMAT = Format("dinov3", "facebookresearch/dinov3 state dict (storage_tokens, rope_embed.periods, w1/w2/w3)",
+                read=convert, detect_keys=looks_like_dinov3)

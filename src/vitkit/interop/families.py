@@ -65,3 +65,13 @@ FAMILIES: tuple[Family, ...] = (
 def families_table() -> list[dict[str, str | list[str]]]:
     return [{"family": f.name, "sources": list(f.sources), "hub_ids": list(f.hub_ids), "returns": f.returns,
              "preprocess": f.preprocess, "towers": f.towers, "text_sources": list(f.text)} for f in FAMILIES]
+
+
+def layout_family(config, dinov2: bool) -> str | None:
+    """The family whose layout a config needs beyond the plain ViT: "deit" (distillation token),
+    "siglip" (attention pooling), "clip" (a norm before the blocks), "dinov2" when the caller's
+    ``dinov2`` test says so (export: layer scale / registers / SwiGLU; timm: also its architecture
+    name), else None. The one cascade the hf export and the timm reader share."""
+    c = config
+    return ("deit" if c.dist_token else "siglip" if c.pooling == "map" else "clip" if c.norm_pre
+            else "dinov2" if dinov2 else None)

@@ -29,7 +29,9 @@ import torch
 
 from ..config import ViTConfig
 from ..errors import CheckpointError, ConfigError
+from ..io import check_extension
 from .common import Converted, family_parts, grid_from_rows, size_hints
+from .source import Format, Source
 
 
 def read_npz(path: str | Path) -> dict[str, np.ndarray]:
@@ -255,3 +257,15 @@ def export_npz(model, path: str | Path, layout: str = "vision_transformer") -> P
     p.parent.mkdir(parents=True, exist_ok=True)
     np.savez(p, **out)
     return p
+
+
+def is_npz(src: Source) -> bool:
+    """A NumPy archive by content; an extension that says otherwise is an error naming both."""
+    return check_extension(src.path) == "numpy" or src.path.suffix == ".npz"
+
+
+FORMAT = Format("jax", "Google .npz: vision_transformer, big_vision (ViT, SigLIP)", aliases=("npz", "big_vision"),
+                read=convert, write=export_npz, suffix=".npz", options=("layout",), detect_file=is_npz,
+                detect_keys=looks_like_jax,
+                tiny=dict(image_size=32, patch_size=16, num_classes=5, dim=32, depth=2, num_heads=2,
+                          class_token=False, pos_embed_prefix=False, pooling="map", act="gelu_tanh"))

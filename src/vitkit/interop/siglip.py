@@ -5,7 +5,7 @@
   ``google/siglip2-base-patch16-224`` are ``SiglipModel`` too). The text tower is ignored with a
   note. SigLIP2's NaFlex models (``Siglip2VisionModel``: variable resolution and aspect with a
   patch mask) are not a fixed-grid ViT and are refused with that reason.
-  Resampling: :func:`~vitkit.interop.resample.resample_hf`.
+  Resampling: :func:`~vitkit.model.pos_embed.resample_hf`.
 * big_vision ``.npz`` (``params/img/...``, ``MAPHead_0``; stacked or unstacked blocks): read by
   :mod:`vitkit.interop.jax`, which maps the MAP head through :data:`NPZ_MAP_HEAD`.
 * timm ``vit_*_siglip_*`` (``attn_pool``): read by :mod:`vitkit.interop.timm`.
@@ -75,7 +75,7 @@ def split_in_proj(state: dict[str, torch.Tensor]) -> None:
 
 def convert_hf(path: str | Path, arch: ViTConfig | None = None, hints: dict[str, Any] | None = None) -> Converted:
     """A transformers SiglipVisionModel or SiglipModel directory."""
-    from .hf import fuse_qkv, hf_act, preprocess_from_dir, read_dir, vision_config, vision_tower
+    from .hf_common import fuse_qkv, hf_act, preprocess_from_dir, read_dir, vision_config, vision_tower
 
     directory, meta, wfile, raw = read_dir(path)
     archs = [str(a) for a in meta.get("architectures") or []]
@@ -119,7 +119,7 @@ def convert_hf(path: str | Path, arch: ViTConfig | None = None, hints: dict[str,
 def export_hf(model, path: str | Path) -> Path:
     """A transformers ``SiglipVisionModel`` directory through :data:`HF_TABLE`."""
     from .common import family_parts
-    from .hf import act_back, split_qkv, write_dir
+    from .hf_common import act_back, split_qkv, write_dir
 
     c = model.config
     bad = family_parts(c, allowed=("map",))

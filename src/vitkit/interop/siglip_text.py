@@ -27,7 +27,7 @@ HF_TABLE = RenameTable([
 
 def convert_hf(path: str | Path, hints: dict[str, Any] | None = None) -> TextConverted:
     """The text tower of a transformers SiglipModel / SiglipTextModel / Siglip2Model directory."""
-    from .hf import hf_act, read_dir
+    from .hf_common import hf_act, read_dir
 
     directory, meta, wfile, raw = read_dir(path)
     tc, state, unexpected, notes = read_hf_text(directory, meta, raw, HF_TABLE, str(wfile))
@@ -58,7 +58,7 @@ def read_siglip2_vision(directory: Path, hints: dict[str, Any] | None = None):
 
     from ..config import ViTConfig
     from .common import Converted
-    from .hf import fuse_qkv, hf_act, read_dir, vision_config, vision_tower
+    from .hf_common import fuse_qkv, hf_act, read_dir, vision_config, vision_tower
     from .siglip import _TEXT_NOTE, PREPROCESS, split_in_proj
     from .siglip import HF_TABLE as VISION_TABLE
 

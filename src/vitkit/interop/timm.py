@@ -18,28 +18,24 @@ from typing import Any
 
 import torch
 
-from ..config import PRESETS, ViTConfig, resolve_name
+from ..config import ACTIVATION_NAMES, PRESETS, ViTConfig, resolve_name
 from ..errors import CheckpointError, ConfigError
-from .common import (
-    Converted,
-    dir_config,
-    guess_heads,
-    layout_from_rows,
-    read_json,
-    read_state_dict,
-    size_hints,
-)
+from ..io import atomic_write_text, save_state_dict
+from . import dinov3
+from .common import Converted, guess_heads, layout_from_rows, size_hints
+from .families import layout_family
+from .source import Format, Source
 
 log = logging.getLogger("vitkit.interop")
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors")
 
-# timm act_layer strings (model_args) -> vitkit. Anything else is an error naming the value.
-_ACTS = {"gelu": "gelu", "gelu_tanh": "gelu_tanh", "quick_gelu": "quick_gelu", "relu": "relu", "silu": "silu",
-         "swish": "silu", "tanh": "tanh"}
+# timm act_layer strings (model_args) -> vitkit, from the one activation table. Anything else is
+# an error naming the value.
+_ACTS = {t: act for act, names in ACTIVATION_NAMES.items() for t in names.timm}
 
 
-def is_timm_dir(path: Path) -> bool:
-    meta = dir_config(path)
+def is_timm_dir(src: Source) -> bool:
+    meta = src.config()
     return meta is not None and "architecture" in meta and "pretrained_cfg" in meta
 
 
@@ -149,22 +145,21 @@ def _preprocess(pcfg: dict[str, Any] | None, config: ViTConfig) -> dict[str, Any
 
 def convert(path: str | Path, arch: ViTConfig | None = None, hints: dict[str, Any] | None = None) -> Converted:
     """Read a timm checkpoint file or hub directory into vitkit names (identical) and a config."""
-    p = Path(path)
+    src = Source.of(path)
+    p = src.path
     meta: dict[str, Any] = {}
     if p.is_dir():
-        meta = read_json(p / "config.json")
+        meta = src.json(p / "config.json")
         files = [p / f for f in WEIGHT_FILES if (p / f).is_file()]
         if not files:
             raise CheckpointError(f"{p}: timm directory without weights (expected one of {WEIGHT_FILES})")
         wfile = files[0]
     else:
         wfile = p
-    state = read_state_dict(wfile)
+    state = src.tensors(wfile)
     args = dict(meta.get("model_args") or {})
     if meta.get("global_pool") and "global_pool" not in args:
         args["global_pool"] = meta["global_pool"]
-    from . import dinov3
-
     if dinov3.looks_like_timm_dinov3(state, meta.get("architecture")):
         pcfg = meta.get("pretrained_cfg") or {}
         h = dict(hints or {})
@@ -205,8 +200,7 @@ def convert(path: str | Path, arch: ViTConfig | None = None, hints: dict[str, An
         labels = [labels[str(i)] for i in range(len(labels))] if all(str(i) in labels for i in range(len(labels))) else None
     info = {"architecture": meta.get("architecture"), "tag": pcfg.get("tag")} if meta else {}
     c = config  # the family the layout says (informational: the layout itself is what loads)
-    info["family"] = ("deit" if c.dist_token else "siglip" if c.pooling == "map" else "clip" if c.norm_pre
-                      else "dinov2" if (architecture or "").find("dinov2") >= 0 or c.mlp_layer == "swiglu" else None)
+    info["family"] = layout_family(c, dinov2="dinov2" in (architecture or "") or c.mlp_layer == "swiglu")
     return Converted(config=config, state=state, format="timm", source=str(p), preprocess=_preprocess(pcfg, config),
                      labels=list(labels) if labels else None, notes=notes, info={k: v for k, v in info.items() if v})
 
@@ -221,7 +215,7 @@ def to_timm_kwargs(config: ViTConfig, serializable: bool = False) -> dict[str, A
     if not c.norm_first or c.pos_embed not in ("learned", "none") or c.head_hidden_dim or c.qk_scale:
         raise ConfigError("this config has no timm VisionTransformer equivalent (post-norm, sin/cos table, "
                           "pre-logits layer or custom qk_scale)")
-    if c.act not in ("gelu", "gelu_tanh", "quick_gelu", "relu", "silu"):
+    if not ACTIVATION_NAMES[c.act].timm:
         raise ConfigError(f"activation {c.act!r} has no timm equivalent here")
     norm_pre, patch_bias = getattr(c, "norm_pre", False), getattr(c, "patch_bias", True)
     if norm_pre == patch_bias:
@@ -379,8 +373,6 @@ def export(model, path: str | Path) -> Path:
     """Write a timm hub-style directory: config.json (architecture, model_args, pretrained_cfg)
     + model.safetensors. ``timm.create_model(..., pretrained_cfg_overlay=dict(file=...))`` or
     ``VisionTransformer(**model_args)`` + ``load_state_dict`` read it back."""
-    from ..io import atomic_write_text, save_state_dict
-
     c = model.config
     kw = to_timm_kwargs(c)
     swiglu = getattr(c, "mlp_layer", "mlp") == "swiglu"
@@ -422,3 +414,10 @@ def export(model, path: str | Path) -> Path:
 
     atomic_write_text(out / "config.json", json.dumps(meta, indent=2) + "\n")
     return out
+
+
+FORMAT = Format(
+    "timm", "timm VisionTransformer state dict or hub dir (ViT, DeiT, DINOv2, CLIP, SigLIP)", read=convert,
+    write=export, writes_dir=True, detect_dir=is_timm_dir, detect_keys=looks_like_timm,
+    tiny=dict(image_size=(32, 48), patch_size=16, num_classes=5, dim=32, depth=2, num_heads=2, dist_token=True),
+)

@@ -19,7 +19,9 @@ import torch
 from ..config import ViTConfig
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ..errors import CheckpointError, ConfigError
-from .common import Converted, family_parts, grid_from_rows, guess_heads, read_state_dict, size_hints
+from ..io import save_state_dict
+from .common import Converted, family_parts, grid_from_rows, guess_heads, size_hints
+from .source import Format, Source
 from .table import RenameTable
 
 # one table, both directions (vitkit name, torchvision name); the first spelling is what export writes
@@ -46,8 +48,9 @@ def looks_like_torchvision(keys) -> bool:
 
 
 def convert(path: str | Path, arch: ViTConfig | None = None, hints: dict[str, Any] | None = None) -> Converted:
-    p = Path(path)
-    raw = read_state_dict(p)
+    src = Source.of(path)
+    p = src.path
+    raw = src.tensors()
     state, unmatched = TABLE.to_vitkit(raw)
     if "patch_embed.proj.weight" not in state:
         raise CheckpointError(f"{p}: no conv_proj.weight; not a torchvision ViT state dict")
@@ -85,3 +88,12 @@ def export_state_dict(model) -> dict[str, torch.Tensor]:
     if left:
         raise ConfigError(f"torchvision's ViT has no names for {left}")
     return out
+
+
+def export(model, path: str | Path) -> Path:
+    """A safetensors state dict in torchvision's names."""
+    return save_state_dict(export_state_dict(model), path)
+
+
+FORMAT = Format("torchvision", "torchvision vit_* state dict", read=convert, write=export,
+                detect_keys=looks_like_torchvision, tiny_hints=dict(num_heads=2))  # heads: not in the weights

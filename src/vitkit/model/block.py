@@ -5,12 +5,19 @@ Pre-norm (paper, Eq. 2-3):   x = x + attn(norm1(x));  x = x + mlp(norm2(x))
 Post-norm (original Transformer, the Keras tutorial):   x = norm1(x + attn(x));  x = norm2(x + mlp(x))
 
 Input (B, N, D) -> output (B, N, D); with ``num_queries=k`` -> (B, k, D), the first k tokens.
+
+:func:`run_blocks` is the one loop over a stack of blocks (image and text towers, the
+Predictor's engine), collecting what each caller asks for.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Collection, Sequence
+from typing import NamedTuple
+
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..config import ACTIVATIONS, MLP_LAYERS, NORM_LAYERS
 from ..errors import ConfigError
@@ -24,20 +31,24 @@ class QuickGELU(nn.Module):
         return x * torch.sigmoid(1.702 * x)
 
 
+# The module of each name in vitkit.config.ACTIVATION_NAMES (the one table of activation names;
+# a test checks both list the same names).
+ACT_MODULES = {
+    "gelu": nn.GELU,
+    "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
+    "relu": nn.ReLU,
+    "quick_gelu": QuickGELU,
+    "silu": nn.SiLU,
+    "tanh": nn.Tanh,
+    "identity": nn.Identity,
+}
+
+
 def make_act(name: str) -> nn.Module:
-    """Activation module by name; "gelu" is the exact (erf) GELU, "gelu_tanh" the tanh one."""
-    table = {
-        "gelu": lambda: nn.GELU(),
-        "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
-        "relu": lambda: nn.ReLU(),
-        "quick_gelu": lambda: QuickGELU(),
-        "silu": lambda: nn.SiLU(),
-        "tanh": lambda: nn.Tanh(),
-        "identity": lambda: nn.Identity(),
-    }
-    if name not in table:
+    """Activation module by name (:data:`vitkit.config.ACTIVATION_NAMES`)."""
+    if name not in ACT_MODULES:
         raise ConfigError(f"unknown activation {name!r}; expected one of {list(ACTIVATIONS)}")
-    return table[name]()
+    return ACT_MODULES[name]()
 
 
 def make_norm(name: str, dim: int, eps: float = 1e-6) -> nn.Module:
@@ -201,3 +212,50 @@ class Block(nn.Module):
             x = self.norm1(x + a)
             x = self.norm2(x + self._branch(self.mlp(x), self.ls2, self.drop_path2))
         return (x, attn_w) if return_attention else x
+
+
+class BlockOutputs(NamedTuple):
+    """What :func:`run_blocks` collected."""
+
+    tokens: torch.Tensor  # after the last block run (B, T, D); (B, k, D) with last_queries=k
+    hidden: dict[int, torch.Tensor]  # block index -> its output (B, T, D), for the indices in ``keep``
+    attentions: list[torch.Tensor]  # one (B, heads, T, T) per block run, with ``attention=True``
+
+
+def run_blocks(blocks: Sequence[nn.Module], x: torch.Tensor, *, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+               attn_mask: torch.Tensor | None = None, last_queries: int | None = None, keep: Collection[int] = (),
+               stop: int | None = None, attention: bool = False, checkpointing: bool = False,
+               block: Callable[[int, torch.Tensor, int | None], torch.Tensor] | None = None) -> BlockOutputs:
+    """The one loop over the blocks: tokens (B, T, D) entering block 0 through ``blocks``.
+
+    Args:
+        rope, attn_mask: passed to every block (see :class:`Attention`).
+        last_queries: k: the last block computes the first k tokens' outputs alone, (B, k, D)
+            (what a class-token head reads; see ``Block.forward``'s ``num_queries``).
+        keep: block indices whose outputs to return in ``hidden``.
+        stop: the index of the last block to run (default: every block).
+        attention: also return each block's attention weights (the explicit softmax path).
+        checkpointing: activation checkpointing of every block while gradients are enabled
+            (``torch.utils.checkpoint``, non-reentrant: same gradients, masks replayed).
+        block: ``block(i, x, num_queries) -> x`` instead of calling ``blocks[i]`` (the
+            Predictor's engine: the same walk with buffer-reusing kernels).
+    """
+    depth = len(blocks)
+    end = depth if stop is None else stop + 1
+    checkpointing = checkpointing and torch.is_grad_enabled()
+    hidden: dict[int, torch.Tensor] = {}
+    attentions: list[torch.Tensor] = []
+    for i in range(end):
+        k = last_queries if i == depth - 1 else None
+        if block is not None:
+            x = block(i, x, k)
+        elif checkpointing:
+            x = checkpoint(blocks[i], x, k, attention, rope, attn_mask, use_reentrant=False)
+        else:
+            x = blocks[i](x, k, attention, rope, attn_mask)
+        if attention:
+            x, a = x
+            attentions.append(a)
+        if i in keep:
+            hidden[i] = x
+    return BlockOutputs(x, hidden, attentions)

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..errors import ConfigError, InputError
+from ..io import save_image_text
 from .text import TextTransformer
 from .vit import ViT
 
@@ -111,3 +113,9 @@ class ImageTextModel(nn.Module):
         """(B_img, C, H, W) pixels, (B_txt, L) ids (or texts) -> logits_per_image (B_img, B_txt)."""
         return self.logits(self.encode_image(pixels), self.encode_text(ids, attention_mask))
 
+    def save_pretrained(self, directory) -> Path:
+        """Write vitkit's image-text directory: the image tower as ``ViT.save_pretrained`` writes it
+        (so ``vitkit.load_model`` reads the image model alone), plus the text tower, the logit scale
+        and bias, and the tokenizer (:func:`vitkit.io.save_image_text`); ``vitkit.load_image_text``
+        reads it back."""
+        return save_image_text(self, directory)

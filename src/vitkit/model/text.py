@@ -27,7 +27,7 @@ from torch import nn
 
 from ..config import TextConfig
 from ..errors import InputError
-from .block import Block
+from .block import Block, run_blocks
 
 
 class TextTransformer(nn.Module):
@@ -88,10 +88,7 @@ class TextTransformer(nn.Module):
         L may be shorter than ``context_length`` (positions 0..L-1 are used)."""
         self._check_ids(ids)
         x = self.token_embed(ids) + self.pos_embed[:, : ids.shape[1]]  # (B, L, D)
-        mask = self.attention_mask(ids, attention_mask)
-        for blk in self.blocks:
-            x = blk(x, attn_mask=mask)
-        return self.norm(x)
+        return self.norm(run_blocks(self.blocks, x, attn_mask=self.attention_mask(ids, attention_mask)).tokens)
 
     def pool(self, tokens: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """(B, L, D) tokens -> (B, D): the token ``config.pooling`` names (see the module doc)."""

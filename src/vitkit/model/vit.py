@@ -20,19 +20,25 @@ Parameter names follow timm's ``VisionTransformer`` (``cls_token``, ``pos_embed`
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Collection
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from ..config import ViTConfig
 from ..errors import ConfigError, InputError
+from ..io import save_pretrained
+from ..preprocess import preprocess_property
 from .attention import AttentionPoolLatent
-from .block import Block, Mlp, make_act, make_norm
+from .block import Block, BlockOutputs, Mlp, make_act, make_norm, run_blocks
 from .patch_embed import PatchEmbed
 from .pos_embed import get_pos_resampler, sincos_1d, sincos_2d
 from .rope import RotaryEmbedding
+
+# The embeddings in front of block 0 that are tokens or tables, not matrices: never weight-decayed
+# and, with layer-wise lr decay, in the embedding layer (vitkit.train.optim).
+EMBEDDING_TOKENS = ("cls_token", "dist_token", "reg_token", "pos_embed")
 
 
 class ViT(nn.Module):
@@ -169,18 +175,8 @@ class ViT(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names that must not be weight-decayed (besides all norms and biases)."""
-        names = {"cls_token", "dist_token", "reg_token", "pos_embed", "attn_pool.latent"}
+        names = {*EMBEDDING_TOKENS, "attn_pool.latent"}
         return {n for n, _ in self.named_parameters() if n in names}
-
-    def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
-        """Two optimizer groups: decayed matrices, and undecayed norms/biases/embeddings/tokens."""
-        skip = self.no_weight_decay()
-        decay, no_decay = [], []
-        for name, p in self.named_parameters():
-            if not p.requires_grad:
-                continue
-            (no_decay if p.ndim <= 1 or name in skip else decay).append(p)
-        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
     @property
     def grid_size(self) -> tuple[int, int]:
@@ -263,16 +259,11 @@ class ViT(nn.Module):
         gradients are enabled."""
         self.grad_checkpointing = bool(enable)
 
-    def _block(self, blk: Block, x: torch.Tensor, num_queries: int | None = None, rope=None) -> torch.Tensor:
-        if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
-            return checkpoint(blk, x, num_queries, False, rope, use_reentrant=False)
-        return blk(x, num_queries, rope=rope)
-
     # Class-token heads: forward() runs the last block for the prefix tokens the head reads only
-    # (see _head_queries). Set False (on a model or the class) to run every token everywhere.
+    # (see head_queries). Set False (on a model or the class) to run every token everywhere.
     last_block_prefix_only: bool = True
 
-    def _head_queries(self) -> int | None:
+    def head_queries(self) -> int | None:
         """How many leading tokens the head reads, when that is all it reads: 1 (class token),
         2 (class + distillation token), else None (mean / map pooling read every patch)."""
         c = self.config
@@ -280,44 +271,37 @@ class ViT(nn.Module):
             return None
         return 2 if c.dist_token else 1
 
-    def _run_blocks(self, x: torch.Tensor, last_queries: int | None = None, rope=None) -> torch.Tensor:
-        """Tokens entering block 0 -> tokens after the final norm; ``last_queries=k``: the last
-        block computes the first k tokens' outputs alone, (B, k, D). ``rope``: :meth:`rope_for`."""
-        if self.grad_checkpointing:
-            last = len(self.blocks) - 1
-            for i, blk in enumerate(self.blocks):
-                x = self._block(blk, x, last_queries if i == last else None, rope)
-            return self.norm(x)
-        blocks = self.blocks
-        for i in range(len(blocks) - (last_queries is not None)):
-            x = blocks[i](x, rope=rope)
-        if last_queries is not None:
-            x = blocks[-1](x, last_queries, rope=rope)
-        return self.norm(x)
+    def run_blocks(self, tokens: torch.Tensor, rope=None, *, last_queries: int | None = None,
+                   keep: Collection[int] = (), stop: int | None = None, attention: bool = False,
+                   block: Callable[[int, torch.Tensor, int | None], torch.Tensor] | None = None) -> BlockOutputs:
+        """Tokens entering block 0 (B, R+N, D) through the blocks, before the final norm: the one
+        loop behind ``forward``, ``forward_features``, ``forward_intermediates``, the attention
+        maps, the walk-through and the Predictor's engine, each collecting what it needs.
+        ``rope``: :meth:`rope_for`; the rest: :func:`vitkit.model.block.run_blocks`."""
+        return run_blocks(self.blocks, tokens, rope=rope, last_queries=last_queries, keep=keep, stop=stop,
+                          attention=attention, checkpointing=self.grad_checkpointing, block=block)
 
     def forward_features(self, x: torch.Tensor, return_attention: bool = False):
         """Image -> all tokens after the final norm (B, R+N, D) [, list of attention maps]."""
         tokens = self.embed(x)
-        rope = self.rope_for(x, tokens)
-        if not return_attention:
-            return self._run_blocks(tokens, rope=rope)
-        attns = []
-        for blk in self.blocks:
-            tokens, a = blk(tokens, return_attention=True, rope=rope)
-            attns.append(a)
-        return self.norm(tokens), attns
+        out = self.run_blocks(tokens, self.rope_for(x, tokens), attention=return_attention)
+        return (self.norm(out.tokens), out.attentions) if return_attention else self.norm(out.tokens)
 
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(B, R+N, D) -> (B, D): the class token, the mean of the patch tokens, or attention
-        pooling over the patch tokens (map); then fc_norm. (Distilled models: see forward_head.)"""
-        pooling = self.config.pooling
-        if pooling == "cls":
-            x = tokens[:, 0]
-        elif pooling == "mean":
-            x = tokens[:, self.num_prefix_tokens:].mean(dim=1)
-        else:
-            x = self.attn_pool(tokens[:, self.num_prefix_tokens:])
-        return self.fc_norm(x)
+        """(B, R+N, D) -> (B, D): ``config.pooling`` (:meth:`pool_tokens`), then fc_norm.
+        (Distilled models: see forward_head.)"""
+        return self.fc_norm(self.pool_tokens(tokens, self.config.pooling))
+
+    def pool_tokens(self, tokens: torch.Tensor, how: str) -> torch.Tensor:
+        """(B, R+N, D) -> (B, D) by ``how``: "cls" the class token, "mean" the mean of the patch
+        tokens (prefix tokens excluded), "map" attention pooling over the patch tokens."""
+        if how == "cls":
+            return tokens[:, 0]
+        if how == "mean":
+            return tokens[:, self.num_prefix_tokens:].mean(dim=1)
+        if how == "map":
+            return self.attn_pool(tokens[:, self.num_prefix_tokens:])
+        raise ConfigError(f"pooling must be one of cls, mean, map, got {how!r}")
 
     def forward_head(self, tokens: torch.Tensor, pre_logits: bool = False):
         """Tokens (B, R+N, D) (or just the leading prefix tokens) -> logits (B, K), or the
@@ -355,7 +339,8 @@ class ViT(nn.Module):
             tokens, attns = self.forward_features(x, return_attention=True)
             return self.forward_head(tokens), attns
         tokens = self.embed(x)
-        return self.forward_head(self._run_blocks(tokens, self._head_queries(), self.rope_for(x, tokens)))
+        out = self.run_blocks(tokens, self.rope_for(x, tokens), last_queries=self.head_queries())
+        return self.forward_head(self.norm(out.tokens))
 
     def forward_intermediates(
         self,
@@ -395,27 +380,18 @@ class ViT(nn.Module):
                 take.append(j)
         if not take:
             raise InputError("indices is empty: give block indices, an int n (the last n blocks) or None (all)")
-        wanted, last = set(take), max(take)
-        outs: dict[int, torch.Tensor] = {}
-        self.patch_embed.check_input(x)
+        tokens = self.embed(x)  # checks the input
         gh, gw = self.patch_embed.grid_for(x)
-        tokens = self.embed(x)
-        rope = self.rope_for(x, tokens)
-        x = tokens
-        for i, blk in enumerate(self.blocks):
-            x = self._block(blk, x, rope=rope)
-            if i in wanted:
-                outs[i] = self.norm(x) if norm else x
-            if intermediates_only and i == last:
-                break
-        inter = [outs[i] for i in take]
+        out = self.run_blocks(tokens, self.rope_for(x, tokens), keep=set(take),
+                              stop=max(take) if intermediates_only else None)
+        inter = [self.norm(out.hidden[i]) if norm else out.hidden[i] for i in take]
         if reshape:
             R = self.num_prefix_tokens
             maps = [t[:, R:].transpose(1, 2).reshape(t.shape[0], -1, gh, gw) for t in inter]
             inter = list(zip(maps, [t[:, :R] for t in inter])) if return_prefix_tokens else maps
         if intermediates_only:
             return inter
-        return self.norm(x), inter
+        return self.norm(out.tokens), inter
 
     # ------------------------------------------------------------------ resolution change
     def set_image_size(self, image_size) -> None:
@@ -442,11 +418,6 @@ class ViT(nn.Module):
 
         return eval_transform(self.preprocess_cfg or default_preprocess(self.config))
 
-    # ------------------------------------------------------------------ persistence
-    # ``model.save_pretrained(dir)`` and ``model.export_to(format, path)`` are attached by the
-    # vitkit package (vitkit/__init__.py: thin delegations to vitkit.save_pretrained /
-    # vitkit.export_to), so this module needs nothing from vitkit.io or vitkit.interop.
-
     def num_params(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 
@@ -454,3 +425,22 @@ class ViT(nn.Module):
         c = self.config
         return (f"name={c.name}, image={c.image_hw}, patch={c.patch_hw}, dim={c.dim}, depth={c.depth}, "
                 f"heads={c.num_heads}, tokens={c.num_tokens}")
+
+    # ------------------------------------------------------------------ persistence
+    # ``preprocess_cfg`` accepts a dict (or None, or a Preprocess) and stores a validated Preprocess.
+    preprocess_cfg = preprocess_property()
+
+    def save_pretrained(self, directory, **extra: Any):
+        """Write ``config.json`` + ``model.safetensors`` (no pickle) to ``directory``: vitkit's own
+        format, which :func:`vitkit.load_model` and :func:`vitkit.from_pretrained` read back bit-exact."""
+        return save_pretrained(self, directory, **extra)
+
+    def export_to(self, format: str, path, **options: Any):
+        """Export to any format of the registry that writes ("timm" | "hf" | "torchvision" | "jax" |
+        "dinov2" | "openai_clip" | "onnx" | "torchscript" | "vitkit"); see :mod:`vitkit.interop.export`."""
+        # The one import of interop in the model package, at call time: export and the format
+        # modules never import the model (only vitkit.interop.load builds one), so it is no cycle
+        # (tests/test_architecture.py checks).
+        from ..interop.export import export_to
+
+        return export_to(self, format, path, **options)

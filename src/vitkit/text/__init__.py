@@ -1,5 +1,6 @@
-"""Text side of the image-text models: the tokenizer (:mod:`.tokenizer`) and the pair's
-persistence and loading (:mod:`.io`: :func:`load_image_text`, :func:`save_image_text`)."""
+"""Text side of the image-text models: the tokenizer (:mod:`.tokenizer`) and loading the pair
+(:mod:`.io`: :func:`load_image_text`; ``model.save_pretrained`` writes it through
+:func:`vitkit.io.save_image_text`)."""
 
 from .tokenizer import TOKENIZER_FILES, Tokenizer
 

@@ -1,4 +1,5 @@
-"""Loading and saving the image-text pair (:class:`vitkit.model.image_text.ImageTextModel`).
+"""Loading the image-text pair (:class:`vitkit.model.image_text.ImageTextModel`); it is written by
+``model.save_pretrained`` (:func:`vitkit.io.save_image_text`).
 
 vitkit's image-text directory is an ordinary vitkit model directory (``config.json`` +
 ``model.safetensors``: the image tower, so ``vitkit.load_model(dir)`` keeps returning the image
@@ -25,36 +26,15 @@ import torch
 
 from ..config import TextConfig
 from ..errors import CheckpointError, ConfigError
+from ..io import TEXT_CONFIG_NAME, TEXT_WEIGHTS_NAME, TOKENIZER_DIR, load_safetensors
 from .tokenizer import Tokenizer
 
-TEXT_CONFIG_NAME = "text_config.json"
-TEXT_WEIGHTS_NAME = "text_model.safetensors"
-TOKENIZER_DIR = "tokenizer"
 _HF_TYPES = {"clip": "clip", "siglip": "siglip", "siglip2": "siglip2"}
 
 
 def is_image_text_dir(path: str | Path) -> bool:
     p = Path(path)
     return (p / TEXT_CONFIG_NAME).is_file() and (p / TEXT_WEIGHTS_NAME).is_file()
-
-
-def save_image_text(model, directory: str | Path) -> Path:
-    """Write ``model`` (an ImageTextModel) to ``directory`` (layout in the module doc)."""
-    from ..io import atomic_write_text, save_pretrained, save_state_dict
-
-    d = Path(directory)
-    save_pretrained(model.vision, d, text_tower=TEXT_CONFIG_NAME)
-    state = dict(model.text.state_dict())
-    state["logit_scale"] = model.logit_scale.detach()
-    if model.logit_bias is not None:
-        state["logit_bias"] = model.logit_bias.detach()
-    save_state_dict(state, d / TEXT_WEIGHTS_NAME, metadata={"format": "pt"})
-    if model.tokenizer is not None:
-        model.tokenizer.save(d / TOKENIZER_DIR)
-    meta = {"format": "vitkit-text", "format_version": 1, "config": model.text.config.to_dict(), "loss": model.loss,
-            "pretrained_info": {k: v for k, v in (model.pretrained_info or {}).items() if k != "report"} or None}
-    atomic_write_text(d / TEXT_CONFIG_NAME, json.dumps(meta, indent=2, default=str) + "\n")
-    return d
 
 
 def _build(vision, conv, tokenizer, strict: bool, device, source: str, fmt: str):
@@ -83,7 +63,7 @@ def _build(vision, conv, tokenizer, strict: bool, device, source: str, fmt: str)
 
 def _read_vitkit(d: Path, tokenizer, strict: bool, device):
     from ..interop.clip_text import TextConverted, split_pair
-    from ..io import load_model, load_safetensors
+    from ..interop.load import load_model
 
     try:
         meta = json.loads((d / TEXT_CONFIG_NAME).read_text())
@@ -145,9 +125,10 @@ def load_image_text(source: str | Path, tokenizer: str | Path | Tokenizer | None
 
     ``model.load_report`` is the text tower's report; ``model.vision.load_report`` the image's.
     """
-    from ..interop import detect_format, model_from_converted, read_pretrained
-    from ..interop.common import dir_config
+    from ..interop.formats import detect
     from ..interop.hub import download, looks_like_hub_id
+    from ..interop.load import model_from_converted, read_pretrained
+    from ..interop.source import Source
 
     src = str(source)
     if looks_like_hub_id(src) and not Path(src).exists():
@@ -158,14 +139,16 @@ def load_image_text(source: str | Path, tokenizer: str | Path | Tokenizer | None
         return _read_vitkit(p, tokenizer, strict, device)
     open_clip_dir = p.is_dir() and any((p / f).is_file() for f in ("open_clip_model.safetensors",
                                                                     "open_clip_pytorch_model.bin"))
-    fmt = "openai_clip" if open_clip_dir else detect_format(p)
+    checkpoint = Source(p)  # detection, the image reader and the text reader share what each reads of it
+    fmt = "openai_clip" if open_clip_dir else detect(checkpoint).name
     if fmt == "vitkit":
         raise CheckpointError(f"{p}: a vitkit image model without a text tower ({TEXT_CONFIG_NAME}); "
                               "vitkit.load_model loads it")
     if fmt == "hf":
         from ..interop import clip_text, siglip_text
 
-        meta = dir_config(p if p.is_dir() else p.parent) or {}
+        cfg = checkpoint.directory / "config.json"
+        meta = checkpoint.json(cfg) if cfg.is_file() else {}
         family = _HF_TYPES.get(str(meta.get("model_type")))
         if family is None:
             raise CheckpointError(f"{p}: transformers model_type {meta.get('model_type')!r} has no text tower vitkit "
@@ -178,8 +161,8 @@ def load_image_text(source: str | Path, tokenizer: str | Path | Tokenizer | None
         if family == "siglip2":
             conv_img = siglip_text.read_siglip2_vision(directory, hints)
         else:
-            conv_img = read_pretrained(p, format="hf", **{k: v for k, v in hints.items() if not k.startswith("text_")})
-        text = reader(p, hints)
+            conv_img = read_pretrained(checkpoint, format="hf", **{k: v for k, v in hints.items() if not k.startswith("text_")})
+        text = reader(checkpoint, hints)
     elif fmt == "openai_clip":
         from ..interop import clip_text
         from .tokenizer import require_tokenizer_files
@@ -188,10 +171,10 @@ def load_image_text(source: str | Path, tokenizer: str | Path | Tokenizer | None
         if tok_src is None:  # checked before any weights are read
             tok_src = p if p.is_dir() else p.parent
             require_tokenizer_files(tok_src, "OpenAI / OpenCLIP state dicts ship none: pass tokenizer=")
-        text = clip_text.convert_openai(p, hints)
+        text = clip_text.convert_openai(checkpoint, hints)
         tok = tok_src if isinstance(tok_src, Tokenizer) else Tokenizer.from_pretrained(
             tok_src, text.config.context_length, **text.tokenizer)
-        conv_img = read_pretrained(p, format="openai_clip",
+        conv_img = read_pretrained(checkpoint, format="openai_clip",
                                    **{k: v for k, v in hints.items() if not k.startswith("text_")})
     elif fmt == "jax" and p.is_file():
         from ..interop import siglip_text
@@ -228,8 +211,7 @@ def export_hf(model, directory: str | Path) -> Path:
 
     from ..interop import clip, clip_text, siglip, siglip_text
     from ..interop.common import read_json
-    from ..interop.hf import act_back, write_dir
-    from ..io import load_safetensors
+    from ..interop.hf_common import act_back, write_dir
 
     t = model.text.config
     clip_family = model.loss == "softmax"

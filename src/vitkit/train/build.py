@@ -1,28 +1,141 @@
-"""Building a run: device, data, model (from scratch, a preset or pretrained weights), optimizer,
-schedule. Each a small function of the TrainConfig; :func:`vitkit.train.loop.train` calls them in order.
+"""Building a run: :func:`build_run` turns a TrainConfig into a :class:`Run` (what the loop reads,
+built once, frozen) and the :class:`RunState` it starts from (what the loop changes and saves).
+
+    build_run       seed; pretrained source (read once, checked against the options); data; model
+                    (from scratch, a preset or the pretrained weights, with its labels and
+                    preprocessing); threads; train loader; DDP / FSDP wrapper; optimizer and schedule;
+                    EMA; AMP and grad scaler; loss, MixUp / CutMix, validation loader
+
+Each piece is a small function of the TrainConfig; :func:`vitkit.train.loop.train` only calls
+:func:`setup_process` and :func:`build_run`, then runs what they built.
 """
 
 from __future__ import annotations
 
-import logging
-import math
+import dataclasses
+import functools
 import os
-import warnings
-from pathlib import Path
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
-from ..data.datasets import DataSplits
+from ..data import AugmentSpec, DataSpec, DataSplits, build_data, make_loader
+from ..data.augment import mix_transform
+from ..distributed import DistInfo, init_distributed, wrap_model
 from ..errors import ConfigError
-from .config import ARCH_DEFAULTS, ARCH_FIELDS, TrainConfig
+from ..eval.evaluate import eval_loader
+from .arch import build_model, check_tokens, read_pretrained_checked
+from .config import TrainConfig
+from .state import RunState
 
-log = logging.getLogger("vitkit.train")
 
-# Tokens per image above which a configuration warns: attention cost grows with N^2, and the
-# issue-11 trap (32x32 images trained at 224 with patch 2 = 12,544 tokens: ~10 min per step on a CPU).
-TOKEN_BUDGET = 1024
-AUTO_PATCH_TOKENS = 256  # the default patch keeps at most this many tokens (ViT-B/16 at 224: 196)
+@dataclass(frozen=True)
+class Run:
+    """What a run is built from, set once by :func:`build_run`; not saved (rebuilt from config.yaml
+    on resume). What changes as it trains is the :class:`RunState`."""
+
+    cfg: TrainConfig  # with the architecture actually built filled in: what config.yaml records
+    data: DataSplits
+    device: torch.device
+    dist: DistInfo
+    wrapped: torch.nn.Module  # what the step calls: the model, or its DDP / FSDP / compiled wrapper
+    amp: torch.dtype | None
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    mixer: Any  # MixUp / CutMix on the device, or None
+    affine: bool  # batch affine augmentation (and flips) on the device
+    hflip: bool
+    global_batch: int
+    total_steps: int
+    warmup_steps: int
+    val_loader: Any  # None without a validation split
+    eval_kw: dict[str, Any]  # vitkit.eval.evaluate's arguments for this run's data and device
+    cpu_linear: bool  # fp32 Linear layers on oneDNN in the step (vitkit.train.kernels)
+    log: Callable[[str], None]  # rank 0's log; the other ranks' is silent
+
+
+def setup_process(cfg: TrainConfig) -> tuple[torch.device, DistInfo]:
+    """This process's device and its place among torchrun's processes, with the backends' switches."""
+    device = pick_device(cfg.device)
+    dist = init_distributed(device.type)
+    if dist.enabled and device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)
+    setup_backends(cfg, device)
+    return device, dist
+
+
+def build_run(cfg: TrainConfig, device: torch.device, dist: DistInfo, log) -> tuple[Run, RunState]:
+    """Everything checked and built before the first step (module docstring); a fresh RunState."""
+    torch.manual_seed(cfg.seed)
+    pretrained = None
+    if cfg.pretrained:  # read before the data (an unreadable source fails first); the input size defaults to the model's
+        pretrained = read_pretrained_checked(cfg)
+        hw = pretrained.config.image_hw
+        if not cfg.image_size and hw[0] == hw[1]:
+            cfg = cfg.replace(image_size=hw[0])
+    data = build_data(DataSpec.from_config(cfg))
+    for note in data.notes + ([f"input size: {data.size_note}"] if data.size_note else []):
+        log(note)
+    model, cfg = build_model(cfg, data, pretrained)
+    check_tokens(model, log)
+    set_threads(cfg, device)
+    model.to(device)
+    hflip = cfg.hflip == "on" or (cfg.hflip == "auto" and data.hflip_ok)
+    affine = cfg.augment and bool(cfg.affine_degrees or cfg.affine_translate or cfg.affine_scale
+                                  or cfg.affine_shear or hflip)
+    batch = min(cfg.batch_size, len(data.train))  # the last partial batch is dropped: equal batches keep DDP exact
+    loader = train_loader(data, cfg, batch_size=batch, dist=dist, device_type=device.type, device_flips=affine)
+    wrapped = wrap_model(model, dist, cfg.strategy, device)  # before the optimizer: FSDP swaps the parameters
+    optimizer, total, warmup = build_optimizer_and_schedule(cfg, model, len(loader), log)
+    fsdp = dist.enabled and cfg.strategy == "fsdp"
+    ema = build_ema(cfg, model, sharded=fsdp, log=log, total_steps=total)
+    amp = amp_dtype(cfg, device)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
+    if cfg.compile:
+        wrapped = torch.compile(wrapped)
+    loss_kind = cfg.loss if cfg.loss != "auto" else ("ce" if data.task == "classification" else "mse")
+    if data.task == "regression" and loss_kind == "ce":
+        raise ConfigError("loss 'ce' needs a classification dataset; use mse or l1 for csv regression")
+    val = eval_loader(data.val, 256, dist=dist, workers=cfg.workers, device_type=device.type) \
+        if data.val is not None else None
+    run = Run(cfg=cfg, data=data, device=device, dist=dist, wrapped=wrapped, amp=amp,
+              loss_fn=make_loss(data.task, loss_kind, cfg.label_smoothing),
+              mixer=mix_transform(cfg, data.num_outputs) if cfg.augment and data.task == "classification" else None,
+              affine=affine, hflip=hflip, global_batch=batch, total_steps=total, warmup_steps=warmup, val_loader=val,
+              eval_kw=dict(task=data.task, num_outputs=data.num_outputs, mean=data.mean, std=data.std, device=device,
+                           dist=dist, regression_loss=loss_kind if loss_kind != "ce" else "mse", labels=data.classes,
+                           amp_dtype=amp),
+              cpu_linear=cpu_linear_kernels(cfg, model, device, log), log=log)
+    st = RunState(model=model, optimizer=optimizer, ema=ema, scaler=scaler, loader=loader, device=device,
+                  fsdp=fsdp, labels=list(data.classes) if data.classes else None)
+    return run, st
+
+
+def train_loader(data: DataSplits, cfg: TrainConfig, *, batch_size: int, dist: DistInfo, device_type: str,
+                 device_flips: bool):
+    """``vitkit.data.make_loader`` for training (torchdata's StatefulDataLoader): batches ``(x, y)``
+    for *this rank* with ``x`` float32 in [0, 1] (the step applies the batch affine augmentation and
+    the normalisation on the device), ``set_epoch(e)`` (order from (seed, e) only), ``len()``,
+    ``state_dict()`` / ``load_state_dict()``; under torchrun rank r gets the contiguous slice r of each
+    *global* batch, so N processes see exactly what one process sees. ``device_flips``: the batch
+    affine on the device draws the horizontal flips (with the affine parameters of the step), so the
+    per-sample pipeline must not flip a second time."""
+    aug = AugmentSpec.from_config(cfg, data.hflip_ok)
+    if aug is not None and device_flips:
+        aug = dataclasses.replace(aug, hflip=False)
+    return make_loader(data.train, batch_size=batch_size, train=True, seed=cfg.seed, workers=cfg.workers,
+                       rank=dist.rank, world_size=dist.world_size, device_type=device_type, augment=aug,
+                       normalize=False)
+
+
+def make_loss(task: str, kind: str, label_smoothing: float):
+    if task == "regression":
+        fn = F.mse_loss if kind == "mse" else F.l1_loss
+        return lambda out, y: fn(out, y.float().view_as(out))
+    # class ids and MixUp / CutMix soft targets alike
+    return functools.partial(F.cross_entropy, label_smoothing=label_smoothing)
 
 
 def pick_device(name: str) -> torch.device:
@@ -62,7 +175,7 @@ def amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
 
 
-def cpu_linear_kernels(cfg: TrainConfig, model, device: torch.device, say) -> bool:
+def cpu_linear_kernels(cfg: TrainConfig, model, device: torch.device, log) -> bool:
     """Whether the training step runs fp32 Linear layers on oneDNN (``vitkit.train.kernels``):
     ``--cpu-linear auto`` where it applies, ``onednn`` the same or a ConfigError naming why not."""
     from . import kernels
@@ -80,197 +193,40 @@ def cpu_linear_kernels(cfg: TrainConfig, model, device: torch.device, say) -> bo
            f"no Linear layer of this model is {kernels.MIN_FEATURES}+ features wide both ways (F.linear is as "
            "fast below that, measured)" if not wide else None)
     if why is None:
-        say("cpu linear: oneDNN matmuls for the fp32 Linear layers (--cpu-linear torch for F.linear's)")
+        log("cpu linear: oneDNN matmuls for the fp32 Linear layers (--cpu-linear torch for F.linear's)")
         return True
     if cfg.cpu_linear == "onednn":
         raise ConfigError(f"--cpu-linear onednn cannot apply: {why}; use --cpu-linear auto or torch")
     return False
 
 
-# --------------------------------------------------------------------------- architecture
-def auto_patch_size(hw: tuple[int, int]) -> int:
-    """Smallest patch side >= 2 dividing both sides with at most AUTO_PATCH_TOKENS tokens
-    (8x8 -> 2, 28 -> 2, 32 -> 2, 224 -> 14... but 16 is preferred where it fits the budget)."""
-    H, W = hw
-    g = math.gcd(H, W)
-    divisors = [p for p in range(2, g + 1) if g % p == 0] or [1]
-    fits = [p for p in divisors if (H // p) * (W // p) <= AUTO_PATCH_TOKENS]
-    if not fits:
-        return divisors[-1]
-    standard = [p for p in (2, 4, 8, 16, 32) if p in fits]  # prefer the usual powers of two
-    return standard[0] if standard else fits[0]
-
-
-def _explicit_arch(cfg: TrainConfig) -> dict[str, Any]:
-    return {k: getattr(cfg, k) for k in ARCH_FIELDS if getattr(cfg, k) is not None}
-
-
-def model_arch(vc) -> dict[str, Any]:
-    """The TrainConfig architecture fields a ViTConfig corresponds to."""
-    ph = vc.patch_size if isinstance(vc.patch_size, int) else vc.patch_size[0]
-    arch = {"patch_size": ph, "dim": vc.dim, "depth": vc.depth, "num_heads": vc.num_heads,
-            "mlp_ratio": round(vc.mlp_dim / vc.dim, 6) if getattr(vc, "mlp_dim", None) else None,
-            "pos_embed": vc.pos_embed, "pooling": vc.pooling,
-            "fc_norm": bool(vc.fc_norm) if vc.pooling == "mean" else None}
-    return arch
-
-
-def check_fixed_arch(cfg: TrainConfig, vc, what: str) -> None:
-    """Architecture values given with ``--pretrained`` must be the model's own."""
-    arch = model_arch(vc)
-    clash = []
-    for k, v in _explicit_arch(cfg).items():
-        have = arch.get(k)
-        same = have == v or (isinstance(v, float) and have is not None and math.isclose(v, have, rel_tol=1e-6))
-        if not same:
-            clash.append(f"--{k.replace('_', '-')} {v} (the model has {have})")
-    if clash:
-        raise ConfigError(f"{what} fixes the architecture; these options cannot apply: {', '.join(clash)}. "
-                          "Leave them out (the model's own values are used and recorded in config.yaml)")
-
-
-def probe_pretrained(cfg: TrainConfig):
-    """The pretrained source read once, before the data (its config's input size is the default):
-    a :class:`~vitkit.interop.common.Converted` bundle that :func:`build_model` then loads from,
-    so the weights are read (or downloaded) once."""
-    from ..interop import read_pretrained
-
-    return read_pretrained(cfg.pretrained)
-
-
-def build_model(cfg: TrainConfig, data: DataSplits, pretrained=None):
-    """(model, cfg with the architecture actually built filled in: what config.yaml records).
-    ``pretrained``: the bundle :func:`probe_pretrained` read (else ``cfg.pretrained`` is read here)."""
-    from .. import ViT, ViTConfig
-    from ..config import get_config
-
-    common = dict(image_size=data.image_hw, in_channels=data.in_channels, num_classes=data.num_outputs,
-                  task=data.task, drop_path=cfg.drop_path, dropout=cfg.dropout)
-    if cfg.pretrained:
-        model = load_pretrained(pretrained if pretrained is not None else cfg.pretrained, data,
-                                drop_path=cfg.drop_path, dropout=cfg.dropout)
-        check_fixed_arch(cfg, model.config, f"--pretrained {cfg.pretrained}")
-        if cfg.zeroshot_head:  # the classifier starts as the zero-shot head of the class names
-            from ..features.zeroshot import init_training_head
-
-            init_training_head(model, cfg.pretrained, data, cfg.zeroshot_templates, say=log.info)
-    elif cfg.model:  # a preset's architecture, with the options given explicitly overriding it
-        arch = _explicit_arch(cfg)
-        if "pooling" in arch:
-            arch["class_token"] = arch["pooling"] == "cls"
-        model = ViT(get_config(cfg.model, **common, **arch))
-    else:
-        a = {**ARCH_DEFAULTS, **_explicit_arch(cfg)}
-        a["patch_size"] = a.get("patch_size") or data.patch_size or auto_patch_size(data.image_hw)
-        vc = ViTConfig(patch_size=a["patch_size"], dim=a["dim"], depth=a["depth"], num_heads=a["num_heads"],
-                       mlp_ratio=a["mlp_ratio"], pos_embed=a["pos_embed"], pooling=a["pooling"],
-                       class_token=a["pooling"] == "cls", fc_norm=a["fc_norm"] and a["pooling"] == "mean",
-                       name="vitkit_train", **common)
-        model = ViT(vc)
-    if cfg.grad_checkpointing:
-        if not hasattr(model, "set_grad_checkpointing"):
-            raise ConfigError("--grad-checkpointing: this vitkit's ViT has no set_grad_checkpointing()")
-        model.set_grad_checkpointing(True)
-    recorded = {k: v for k, v in model_arch(model.config).items() if k in ARCH_FIELDS}
-    recorded = {k: v for k, v in recorded.items() if _representable(k, v)}
-    return model, cfg.replace(**recorded, image_size=data.image_hw[0] if data.image_hw[0] == data.image_hw[1]
-                              else cfg.image_size)
-
-
-def _representable(name: str, value) -> bool:
-    """Whether ``value`` is a valid TrainConfig value (e.g. a pretrained 'map' pooling is not)."""
-    try:
-        TrainConfig(**{name: value})
-    except ConfigError:
-        return False
-    return value is not None
-
-
-def load_pretrained(source, data: DataSplits, **overrides):
-    """Weights from ``source`` (any format ``vitkit.from_pretrained`` reads, or the bundle
-    ``read_pretrained`` made of one), resampled to this dataset's input size and channels, with a
-    fresh head for its classes / targets."""
-    from vitkit.interop import model_from_converted, read_pretrained
-    from vitkit.model.vit import ViT
-
-    conv = read_pretrained(source) if isinstance(source, (str, Path)) else source
-    adapt = dict(num_classes=data.num_outputs, image_size=data.image_hw, in_channels=data.in_channels)
-    with warnings.catch_warnings():
-        # The loader's "classifier head is re-initialised (train or fine-tune it before use)" is for users of
-        # from_pretrained; here it is the plan, and the warning would point into this file. Logged instead.
-        warnings.filterwarnings("ignore", message=r"num_classes \d+ -> \d+: the classifier head is re-initialised")
-        model = model_from_converted(conv, adapt=adapt, **overrides)
-    log.info("%s: fine-tuning starts from a fresh %d-output head", getattr(conv, "source", source), data.num_outputs)
-    # Fine-tuning always starts from a fresh head, even when the class count happens to match, with
-    # the model's own init (ViT.init_weights: truncated normal at +-2 std; nn.init.trunc_normal_'s
-    # bounds are absolute and would truncate nothing).
-    c = model.config
-    head_in = model.head.in_features if isinstance(model.head, torch.nn.Linear) else c.dim
-    holder = _InitHolder()
-    holder.head = torch.nn.Linear(head_in, data.num_outputs)
-    ViT.init_weights(holder)
-    model.head = holder.head
-    # the fresh head has a bias even where the source's had none (CLIP's projection): the config says so,
-    # or the run's own checkpoint would not load back
-    model.config = c.replace(num_classes=data.num_outputs, task=data.task, head_bias=True)
-    return model.train()
-
-
-class _InitHolder(torch.nn.Module):
-    """Gives ViT.init_weights a module tree holding only the new head: every optional part it looks
-    for (tokens, position table, attention pooling...) is absent (None)."""
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return None
-
-
-def check_tokens(model, say) -> None:
-    c = model.config
-    n = c.num_tokens
-    if n > TOKEN_BUDGET:
-        H, W = c.image_hw
-        p = c.patch_size if isinstance(c.patch_size, int) else c.patch_size[0]
-        better = auto_patch_size((H, W))
-        say(f"warning: {n} tokens per image ({H}x{W} input, patch {p}) is over the budget of {TOKEN_BUDGET}: "
-            f"attention cost grows with the square of the token count, so each step is slow. Use a larger "
-            f"--patch-size (e.g. {better}: {(H // better) * (W // better)} tokens) or a smaller --image-size.")
-
-
-def preprocess_cfg(data: DataSplits) -> dict[str, Any]:
-    return {"input_size": [data.in_channels, *data.image_hw], "mean": list(data.mean), "std": list(data.std),
-            "interpolation": "bilinear", "crop_pct": 1.0}
-
-
-def build_optimizer_and_schedule(cfg: TrainConfig, model, steps_per_epoch: int, say):
+def build_optimizer_and_schedule(cfg: TrainConfig, model, steps_per_epoch: int, log):
     """AdamW + (total_steps, warmup_steps) of the warmup-cosine schedule (lr_at is a pure function)."""
     from .optim import build_optimizer
 
     total = steps_per_epoch * cfg.epochs  # --max-steps stops a run early; it does not rescale the schedule
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
     if warmup >= total and cfg.warmup_epochs > 0:
-        say(f"warning: warm-up ({cfg.warmup_epochs:g} epochs = {warmup} steps) is as long as the whole run "
+        log(f"warning: warm-up ({cfg.warmup_epochs:g} epochs = {warmup} steps) is as long as the whole run "
             f"({total} steps): the learning rate never reaches its peak and never decays. Use fewer "
             f"--warmup-epochs (or more --epochs).")
     return build_optimizer(model, cfg), total, warmup
 
 
-def build_ema(cfg: TrainConfig, model, sharded: bool = False, say=print, total_steps: int = 0):
+def build_ema(cfg: TrainConfig, model, sharded: bool = False, log=print, total_steps: int = 0):
     """The EMA of the weights (None when --no-ema), its decay capped for a run of ``total_steps``
     (:func:`vitkit.train.ema.run_decay`). ``sharded``: FSDP shards the parameters across the
     processes; an EMA of them is not supported yet, which the run says instead of dropping it silently."""
     if not cfg.ema:
         return None
     if sharded:
-        say("note: no EMA under --strategy fsdp (the EMA of sharded weights is not supported yet): best/ "
+        log("note: no EMA under --strategy fsdp (the EMA of sharded weights is not supported yet): best/ "
             "and the test use the model's own weights; use --strategy ddp to keep an EMA")
         return None
     from .ema import EMA, RUN_FRACTION, run_decay
 
     decay = run_decay(cfg.ema_decay, total_steps)
     if decay != cfg.ema_decay:
-        say(f"ema: decay {decay:.4g} = 1 - {RUN_FRACTION}/{total_steps} steps (--ema-decay {cfg.ema_decay:g} would "
+        log(f"ema: decay {decay:.4g} = 1 - {RUN_FRACTION}/{total_steps} steps (--ema-decay {cfg.ema_decay:g} would "
             f"average over ~{1 / (1 - cfg.ema_decay):.0f} steps, more than a tenth of this run)")
     return EMA(model, decay)

@@ -3,8 +3,9 @@
 It is filled from defaults, then ``--config file.yaml|json``, then ``--key value`` overrides
 (type-checked; unknown keys are rejected with a suggestion), and saved as ``config.yaml`` in the
 run directory so a run can be reproduced or resumed from its files alone. A resume never rewrites it:
-the options it may change (RESUME_CHANGEABLE) are appended to ``amendments.yaml``, the rest refused
-(RESUME_REFUSED), and the run's effective config is both files together (read_run_config).
+the options it may change are appended to ``amendments.yaml``, the rest refused, and the run's
+effective config is both files together (:mod:`vitkit.train.resume`). How a value is checked and a
+recipe file read safely: :mod:`vitkit.train.options`.
 
 The defaults are the digits recipe measured in ``benchmarks/train_digits.md``: a 4-block, 32-wide
 ViT on the 8x8 digits upsampled to 16x16 with 4x4 patches (16 tokens), sin-cos 2-D position
@@ -19,15 +20,13 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
-import reprlib
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..data.registry import dataset_names
 from ..errors import ConfigError
+from .options import coerce, load_yaml, short
 
 # From-scratch architecture when a field is not given (the digits recipe, benchmarks/train_digits.md).
 ARCH_DEFAULTS: dict[str, Any] = {"dim": 32, "depth": 4, "num_heads": 4, "mlp_ratio": 2.0, "pos_embed": "sincos2d",
@@ -39,32 +38,6 @@ NOT_RECIPE = ("out", "overwrite")
 # Options of one invocation only: never saved with a run (a run started with --max-steps 2 and resumed
 # without it runs to its --epochs), never compared on --resume.
 PER_INVOCATION = (*NOT_RECIPE, "max_steps")
-AMENDMENTS_FILE = "amendments.yaml"
-
-# What `vitkit train --resume RUN --key value` may change: how long the schedule runs and at what
-# learning rate, and how / where the run executes. Each change is appended to RUN/amendments.yaml
-# ({time, step, epoch, changes}); config.yaml stays as the run was started, and the run's effective
-# config is config.yaml + the amendments in order (read_run_config).
-RESUME_CHANGEABLE = ("epochs", "lr", "min_lr", "warmup_epochs", "grad_clip", "ema_decay", "select", "eval_every",
-                     "data_dir", "download", "skip_bad_images", "workers", "threads", "device", "amp", "compile",
-                     "cpu_linear", "strategy", "grad_checkpointing", "accum_steps", "deterministic", "progress",
-                     "log_every", "tensorboard")
-# Everything else is refused on --resume, with the reason: the saved weights, optimizer state or data
-# order belong to the value the run started with.
-_SHAPES = "it changes the model's shapes: the saved weights would not fit"
-_DATA = "it changes which images and labels the run trains and validates on"
-_RECIPE = "it changes the training recipe the saved weights are part of"
-RESUME_REFUSED: dict[str, str] = {
-    **dict.fromkeys(("model", "pretrained", "patch_size", "dim", "depth", "num_heads", "mlp_ratio", "pos_embed",
-                     "pooling", "fc_norm", "num_classes", "image_size"), _SHAPES),
-    **dict.fromkeys(("dataset", "subset", "val_fraction", "test_fraction", "target_columns", "allow_absolute_paths",
-                     "allow_empty_classes", "image_column", "label_column"), _DATA),
-    "seed": "it changes the data order, the augmentation and the validation split of the run",
-    "batch_size": "it changes the steps per epoch and the data order, and the saved position in the epoch",
-    **dict.fromkeys(("weight_decay", "betas", "layer_decay"),
-                    "the saved optimizer state carries the run's own value (torch restores it with the state)"),
-    "ema": "the saved state has (or lacks) an EMA of the weights",
-}
 DATASETS = dataset_names()
 
 
@@ -111,7 +84,7 @@ class TrainConfig:
         "help": "--zeroshot-head prompts: simple | imagenet | imagenet7 | a template with {} | a file "
                 "(see `vitkit zeroshot --help`)"})
     # Architecture: None = not given. From scratch that means ARCH_DEFAULTS (patch size: chosen from the
-    # image size, see vitkit.train.build.auto_patch_size); with --model PRESET, the preset's (a value
+    # image size, see vitkit.train.arch.auto_patch_size); with --model PRESET, the preset's (a value
     # given overrides it); with --pretrained, the model's own (a value it does not have is an error).
     patch_size: int | None = field(default=None, metadata={
         "help": "patch side in pixels (default: 4 for digits at 16x16, else the smallest that keeps at most 256 "
@@ -203,10 +176,10 @@ class TrainConfig:
             if v not in options:
                 close = difflib.get_close_matches(str(v)[:100], options, n=1)
                 hint = f"; did you mean {close[0]!r}?" if close else ""
-                raise ConfigError(f"{name} must be one of {list(options)}, got {_short(v)}{hint}")
+                raise ConfigError(f"{name} must be one of {list(options)}, got {short(v)}{hint}")
 
         for f in dataclasses.fields(self):
-            setattr(self, f.name, _coerce(getattr(self, f.name), f.type, f.name))
+            setattr(self, f.name, coerce(getattr(self, f.name), f.type, f.name))
         choice("dataset", DATASETS)
         if self.pos_embed is not None:
             choice("pos_embed", ("learned", "sincos1d", "sincos2d", "none"))
@@ -280,77 +253,6 @@ class TrainConfig:
         return TrainConfig(**{**self.to_dict(), **overrides})
 
 
-def read_run_config(run_dir: str | Path) -> dict[str, Any]:
-    """A run's effective options: its ``config.yaml`` (as the run was started) with the changes of
-    ``amendments.yaml`` applied in order. Per-invocation options (``max_steps``, which an older vitkit
-    saved) are dropped."""
-    from ..errors import CheckpointError
-
-    run_dir = Path(run_dir)
-    saved = run_dir / "config.yaml"
-    if not saved.is_file():
-        raise CheckpointError(f"--resume {run_dir}: no config.yaml there (not a vitkit training run)")
-    data = read_config_file(saved, note=lambda msg: None)  # out / overwrite: the run dir is --resume's argument
-    for a in read_amendments(run_dir):
-        data.update(a["changes"])
-    for k in PER_INVOCATION:
-        data.pop(k, None)
-    return data
-
-
-def read_amendments(run_dir: str | Path) -> list[dict[str, Any]]:
-    """``amendments.yaml``: the list of ``{time, step, epoch, changes}`` that resumes recorded ([] if none)."""
-    path = Path(run_dir) / AMENDMENTS_FILE
-    if not path.is_file():
-        return []
-    items = _load_yaml(path.read_text(), path) or []
-    if not isinstance(items, list) or not all(isinstance(a, dict) and isinstance(a.get("changes"), dict)
-                                              for a in items):
-        raise ConfigError(f"{path}: expected a list of {{time, changes: {{option: value}}}}, got {_short(items)}")
-    for a in items:
-        check_keys(a["changes"])
-    return items
-
-
-def resume_changes(effective: dict[str, Any], requested: TrainConfig, run: str | Path) -> dict[str, Any]:
-    """The options ``requested`` changes on ``--resume run`` relative to the run's ``effective`` options
-    (:func:`read_run_config`): those in :data:`RESUME_CHANGEABLE`; anything else is a ConfigError naming
-    each option and why. Per-invocation options are not compared; an architecture option left unset
-    (None, ``image_size`` 0) means the run's own value."""
-    base = TrainConfig.from_dict(effective).to_dict()
-    changes, refused = {}, []
-    for k, v in requested.to_dict().items():
-        if k in PER_INVOCATION or v == base[k]:
-            continue
-        if (k in ARCH_FIELDS and v is None) or (k == "image_size" and v == 0):
-            continue
-        if k in RESUME_CHANGEABLE:
-            changes[k] = v
-        else:
-            refused.append(f"--{k.replace('_', '-')} {_short(base[k])} -> {_short(v)} "
-                           f"({RESUME_REFUSED.get(k, _RECIPE)})")
-    if refused:
-        allowed = ", ".join("--" + k.replace("_", "-") for k in RESUME_CHANGEABLE)
-        raise ConfigError(f"--resume {run} continues the run as it was started and cannot change: "
-                          f"{'; '.join(refused)}. Nothing was changed. Resume without them (it may change {allowed}), "
-                          f"or start a new run from its weights with --pretrained {run}")
-    return changes
-
-
-def record_amendment(run_dir: str | Path, changes: dict[str, Any], *, step: int, epoch: int) -> Path:
-    """Append ``changes`` to ``amendments.yaml`` (atomically: the whole list is rewritten)."""
-    import time
-
-    import yaml
-
-    from ..io import atomic_write_text
-
-    items = read_amendments(run_dir)
-    items.append({"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "step": step, "epoch": epoch,
-                  "changes": {k: list(v) if isinstance(v, tuple) else v for k, v in changes.items()}})
-    return atomic_write_text(Path(run_dir) / AMENDMENTS_FILE, yaml.safe_dump(items, sort_keys=False))
-
-
 def field_names() -> list[str]:
     return [f.name for f in dataclasses.fields(TrainConfig)]
 
@@ -362,7 +264,7 @@ def check_keys(data: dict[str, Any]) -> None:
         msgs = []
         for k in unknown:
             close = difflib.get_close_matches(str(k)[:100].replace("-", "_"), known, n=1)
-            msgs.append(_short(k) + (f" (did you mean {close[0]!r}?)" if close else ""))
+            msgs.append(short(k) + (f" (did you mean {close[0]!r}?)" if close else ""))
         raise ConfigError(f"unknown training option(s): {', '.join(msgs)}")
 
 
@@ -377,7 +279,7 @@ def read_config_file(path: str | Path, *, note=None) -> dict[str, Any]:
         if p.suffix.lower() == ".json":
             data = json.loads(text)
         else:
-            data = _load_yaml(text, p)
+            data = load_yaml(text, p)
     except ConfigError:
         raise
     except ValueError as e:  # json.JSONDecodeError; yaml.YAMLError is not a ValueError: below
@@ -400,124 +302,3 @@ def read_config_file(path: str | Path, *, note=None) -> dict[str, Any]:
         note(f"note: {p} sets {', '.join(dropped)}: ignored (a recipe never says where to write; "
              f"pass --out DIR on the command line)")
     return data
-
-
-# A recipe is a flat mapping of ~80 options. YAML aliases let a 1 KB file stand for an exponentially
-# large value ("billion laughs"): PyYAML shares the aliased objects, but anything that walks or prints
-# the value (dataclasses.asdict, repr in an error) expands it. So a recipe whose value tree, aliases
-# expanded, has more nodes than this is refused before it is constructed.
-MAX_RECIPE_NODES = 10_000
-MAX_RECIPE_BYTES = 1 << 20
-
-
-def _load_yaml(text: str, path: Path) -> Any:
-    import yaml
-
-    if len(text) > MAX_RECIPE_BYTES:
-        raise ConfigError(f"{path}: {len(text):,} bytes is not a training recipe (limit {MAX_RECIPE_BYTES:,})")
-
-    class BoundedLoader(yaml.SafeLoader):
-        def get_single_node(self):
-            node = super().get_single_node()
-            if node is not None:
-                n = _expanded_nodes(node, {}, MAX_RECIPE_NODES + 1)
-                if n > MAX_RECIPE_NODES:
-                    raise ConfigError(f"{path}: the recipe expands to more than {MAX_RECIPE_NODES:,} values "
-                                      f"(nested YAML aliases?); a training recipe is a flat list of options")
-            return node
-
-    loader = BoundedLoader(text)
-    try:
-        return loader.get_single_data()
-    finally:
-        loader.dispose()
-
-
-def _expanded_nodes(node: Any, memo: dict[int, int], limit: int) -> int:
-    """Node count of the tree with every alias expanded, computed on the (shared) graph in
-    linear time (memoised per node; cycles count as over the limit)."""
-    import yaml
-
-    key = id(node)
-    if key in memo:
-        if memo[key] < 0:  # a recursive alias: infinite when expanded
-            return limit
-        return memo[key]
-    memo[key] = -1
-    n = 1
-    if isinstance(node, yaml.SequenceNode):
-        children = node.value
-    elif isinstance(node, yaml.MappingNode):
-        children = [c for kv in node.value for c in kv]
-    else:
-        children = []
-    for c in children:
-        n += _expanded_nodes(c, memo, limit)
-        if n >= limit:
-            break
-    memo[key] = min(n, limit)
-    return memo[key]
-
-
-_REPR = reprlib.Repr()
-_REPR.maxstring = _REPR.maxother = 60
-_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 4
-_REPR.maxlevel = 2
-
-
-def _short(value: Any) -> str:
-    """A bounded repr for error messages: never print (or build) a whole huge value."""
-    return _REPR.repr(value)
-
-
-def _coerce(value: Any, annotation: Any, name: str) -> Any:
-    """Check (and gently convert: '3' -> 3 from the command line, 1 -> 1.0) one field value."""
-    tp = _resolve(annotation)
-    args = typing.get_args(tp)
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        if isinstance(value, str) and value.lower() in ("none", "null") and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], name)
-    if origin is tuple:
-        if isinstance(value, str):
-            value = [v for v in value.replace(",", " ").split()]
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise ConfigError(f"{name} must be {len(args)} values, got {_short(value)}")
-        return tuple(_coerce(v, a, name) for v, a in zip(value, args))
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
-            return True
-        if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
-            return False
-        raise ConfigError(f"{name} must be true or false, got {_short(value)}")
-    if tp in (int, float):
-        kind = "an int" if tp is int else "a number"
-        if isinstance(value, bool):
-            raise ConfigError(f"{name} must be {kind}, got {_short(value)}")
-        if isinstance(value, int) or (tp is float and isinstance(value, float)):
-            return tp(value)
-        if tp is int and isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return tp(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{name} must be {kind}, got {_short(value)}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{name} must be a string, got {_short(value)}")
-    return value
-
-
-def _resolve(annotation: Any) -> Any:
-    if isinstance(annotation, str):  # from __future__ annotations
-        return eval(annotation, {"tuple": tuple, "int": int, "float": float, "str": str, "bool": bool})  # noqa: S307
-    return annotation

@@ -1,20 +1,27 @@
 """The training loop, top to bottom: ``train(cfg)``.
 
-    build_run        device, data, model, optimizer, EMA, schedule, loaders  (vitkit.train.build)
-    run_directory    the one place a run directory is chosen, created and held
+    setup_process, build_run   device, data, model, optimizer, EMA, schedule, loaders  (vitkit.train.build)
+    run_directory              the one place a run directory is chosen, created and held (vitkit.train.rundir)
+    open_session               restore a saved state, write config.yaml / amendments  (vitkit.train.session)
     for each epoch:
       run_epoch      for each batch of the loader: train_step; every --log-every steps: read_point
       end_epoch      read the sums, evaluate_epoch (model and EMA on val), write metrics, last/, best/,
                      save_checkpoint (train_state.pt)
-    finish           test the best weights, summary.json, curves.png, confusion_matrix.png
+    finish           the final weights (model or EMA, chosen on validation), tested; summary.json,
+                     curves.png, confusion_matrix.png
 
-Everything that is saved and resumed is one object, :class:`vitkit.train.state.RunState`.
+This module is ~490 lines on purpose: the step, the epoch and the end of a run are one story, read
+in one file (DESIGN.md, style 10); building, resuming and the session live beside it.
+
+Everything that is saved and resumed is one object, :class:`vitkit.train.state.RunState`; what the
+loop reads is the :class:`vitkit.train.build.Run` (frozen) and this invocation's
+:class:`vitkit.train.session.Session`.
 
 Resume (``train(cfg, resume=RUN)``): the run's effective config (config.yaml + amendments.yaml) is
 compared with ``cfg`` before anything is written; changes outside RESUME_CHANGEABLE are refused,
-allowed ones appended to amendments.yaml. ``--max-steps N`` stops this invocation after N steps and
-saves the state there (mid-epoch, as a signal does), so a later resume continues exactly; a run dir
-with a config.yaml but no train_state.pt yet starts again from its beginning.
+allowed ones appended to amendments.yaml (:mod:`vitkit.train.resume`). ``--max-steps N`` stops this
+invocation after N steps and saves the state there (mid-epoch, as a signal does), so a later resume
+continues exactly; a run dir with a config.yaml but no train_state.pt yet starts again from its beginning.
 
 Host syncs: none per step. Loss / accuracy sums and the first non-finite loss are accumulated on the
 device and read at *read points*: every ``--log-every`` steps (progress bar), at an epoch end, and
@@ -35,130 +42,46 @@ So a run resumed from any checkpoint continues exactly as the uninterrupted run 
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import shlex
-import signal
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from ..data import DataSpec, DataSplits, DataWorkerError, build_data
-from ..data.augment import apply_affine, mix_transform, sample_affine, step_generator
-from ..errors import CheckpointError, ConfigError, VitkitError
+from ..data import DataSplits, DataWorkerError
+from ..data.augment import apply_affine, sample_affine, step_generator
+from ..distributed import all_reduce_max, all_reduce_sum, barrier, cleanup
+from ..errors import ConfigError
 from ..eval.evaluate import evaluate, normalize
 from ..io import atomic_write_text
 from ..progress import progress_bar
-from .build import (
-    amp_dtype,
-    build_ema,
-    build_model,
-    build_optimizer_and_schedule,
-    check_fixed_arch,
-    check_tokens,
-    cpu_linear_kernels,
-    pick_device,
-    preprocess_cfg,
-    probe_pretrained,
-    set_threads,
-    setup_backends,
-)
-from .checkpoint import STATE_NAME, load_state, save_state
-from .config import AMENDMENTS_FILE, TrainConfig, read_run_config, record_amendment, resume_changes
-from .data import eval_loader, train_loader
-from .distributed import (
-    DistInfo,
-    all_reduce_max,
-    all_reduce_sum,
-    barrier,
-    cleanup,
-    init_distributed,
-    wrap_model,
-)
+from .build import Run, build_run, setup_process
+from .checkpoint import STATE_NAME
+from .config import TrainConfig
 from .kernels import onednn_linear
 from .optim import lr_at, set_lr
+from .resume import check_same_labels, read_resume
+from .rundir import run_directory
+from .session import (
+    NonFiniteLoss,
+    Session,
+    StopSignals,
+    TrainingInterrupted,
+    open_session,
+    save_checkpoint,
+    save_model,
+)
 from .state import RunState
 
-__all__ = ["train", "TrainingInterrupted", "NonFiniteLoss", "pick_device", "CONFIG_FILE"]
-
-CONFIG_FILE = "config.yaml"
-
-
-class TrainingInterrupted(VitkitError):
-    """SIGINT / SIGTERM arrived: the state was saved; resume with ``vitkit train --resume RUN``."""
-
-    def __init__(self, msg: str, signum: int):
-        super().__init__(msg)
-        self.signum = signum
-
-
-class NonFiniteLoss(VitkitError):
-    pass
-
-
-class _SignalFlag:
-    """Turns SIGINT / SIGTERM into a flag checked between steps (then: save, exit non-zero)."""
-
-    def __init__(self):
-        self.signum = 0
-        self._old = {}
-
-    def __enter__(self):
-        import threading
-
-        if threading.current_thread() is threading.main_thread():
-            for s in (signal.SIGINT, signal.SIGTERM):
-                self._old[s] = signal.signal(s, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.signum:  # second signal: give up immediately
-            raise KeyboardInterrupt
-        self.signum = signum
-
-    def __exit__(self, *exc):
-        for s, h in self._old.items():
-            signal.signal(s, h)
-
-
-@dataclass
-class Run:
-    """What a run is built from; not saved (rebuilt from config.yaml on resume)."""
-
-    cfg: TrainConfig
-    data: DataSplits
-    device: torch.device
-    dist: DistInfo
-    dmodel: torch.nn.Module  # what the forward runs: the model, or its DDP / FSDP / compiled wrapper
-    amp: torch.dtype | None
-    loss_fn: Any
-    mixer: Any  # MixUp / CutMix on the device, or None
-    affine: bool  # batch affine augmentation (and flips) on the device
-    hflip: bool
-    global_batch: int
-    total_steps: int
-    warmup_steps: int
-    val_loader: Any
-    say: Any
-    cpu_linear: bool = False  # fp32 Linear layers on oneDNN in the step (vitkit.train.kernels)
-    run_dir: Path = None  # type: ignore[assignment]
-    stop_at: int = 0  # the step at which this invocation's --max-steps stops it (0: none)
-    stop_rec: dict[str, Any] = field(default_factory=dict)  # the partial epoch's record where it stopped
-    amended: dict[str, tuple[Any, Any]] = field(default_factory=dict)  # --resume changes: option -> (old, new)
-    tb: Any = None
-    on_step: Any = None
-    eval_kw: dict[str, Any] = field(default_factory=dict)
+__all__ = ["train", "TrainingInterrupted", "NonFiniteLoss"]
 
 
 def _quiet(*a, **k) -> None:
     pass
 
 
-# --------------------------------------------------------------------------- the loop
 def train(cfg: TrainConfig, resume: str | Path | None = None, log=print, on_step=None) -> dict[str, Any]:
     """Train (or resume) one run; returns the summary dict (also written to summary.json).
 
@@ -167,203 +90,48 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, log=print, on_step
     t0 = time.time()
     if resume is not None and cfg.overwrite:
         raise ConfigError("--overwrite replaces a run with a new one; it cannot be combined with --resume")
-    device = pick_device(cfg.device)
-    dist = init_distributed(device.type)
-    if dist.enabled and device.type == "cuda":
-        device = torch.device("cuda", dist.local_rank)
-    say = log if dist.is_main else _quiet
-    setup_backends(cfg, device)
-    torch.manual_seed(cfg.seed)
-    with _SignalFlag() as flag:
+    device, dist = setup_process(cfg)
+    log = log if dist.is_main else _quiet
+    with StopSignals() as signals:
         if resume is None:  # everything is checked before a directory is claimed
-            run, st = build_run(cfg, device, dist, say)
+            run, st = build_run(cfg, device, dist, log)
             with run_directory(run.cfg, None, dist) as run_dir:
-                summary = run_all(run, st, run_dir, None, flag, on_step, t0)
+                summary = run_session(run, st, open_session(run, st, run_dir, signals, on_step), t0)
         else:  # the lock first: the state of a live run is neither read nor resumed twice
             with run_directory(cfg, resume, dist) as run_dir:
-                # everything is checked before anything is written: refused changes, the state, the data
-                effective = read_run_config(run_dir)
-                changes = resume_changes(effective, cfg, resume)
-                cfg = TrainConfig.from_dict({**effective, **changes, **{k: getattr(cfg, k) for k in
-                                                                        ("out", "max_steps")}})
-                saved = load_state(run_dir / STATE_NAME) if (run_dir / STATE_NAME).exists() else None
-                check_resumable(saved, cfg, resume)
-                run, st = build_run(cfg, device, dist, say)
-                check_same_labels(saved, run, resume)
-                base = TrainConfig.from_dict(effective)
-                run.amended = {k: (getattr(base, k), v) for k, v in changes.items()}
+                cfg, amended, saved = read_resume(run_dir, cfg, resume)
+                run, st = build_run(cfg, device, dist, log)
+                check_same_labels(saved, run.data.classes, run.cfg.data_dir, resume)
                 if saved is None:
-                    say(f"{resume} has no training state yet (it stopped before its first checkpoint): starting it "
+                    log(f"{resume} has no training state yet (it stopped before its first checkpoint): starting it "
                         f"from the beginning with its recorded config")
-                summary = run_all(run, st, run_dir, saved, flag, on_step, t0, resumed=True)
+                session = open_session(run, st, run_dir, signals, on_step, saved=saved, amended=amended,
+                                       resumed=True)
+                summary = run_session(run, st, session, t0)
     cleanup(dist)
     return summary
 
 
-def check_resumable(saved: dict[str, Any] | None, cfg: TrainConfig, resume) -> None:
-    if saved is None:
-        return
-    done = saved["epoch"]
-    # An older vitkit marked a run stopped by --max-steps as finished: only the schedule's end finishes a run.
-    if saved.get("finished") and done >= cfg.epochs:
-        raise CheckpointError(f"{resume} already finished ({done} epochs); nothing to resume")
-    if done > cfg.epochs or (done == cfg.epochs and saved["batch_pos"]):
-        raise ConfigError(f"--epochs {cfg.epochs}: {resume} has already trained {done} epoch(s)"
-                          + (f" and {saved['batch_pos']} step(s) of the next" if saved["batch_pos"] else ""))
-
-
-def check_same_labels(saved: dict[str, Any] | None, run: Run, resume) -> None:
-    """A resumed run's data (e.g. a moved --data-dir) must have the classes / targets it was trained on."""
-    have = list(run.data.classes) if run.data.classes else None
-    if saved is not None and saved.get("labels") is not None and list(saved["labels"]) != have:
-        raise ConfigError(f"--resume {resume}: the data at --data-dir {run.cfg.data_dir} has the classes "
-                          f"{_names(have)}; the run was trained on {_names(saved['labels'])}")
-
-
-def _names(labels) -> str:
-    return "none" if not labels else str(list(labels)[:12])[:-1] + (", ...]" if len(labels) > 12 else "]")
-
-
-def run_all(run: Run, st: RunState, run_dir: Path, saved, flag: _SignalFlag, on_step, t0: float,
-            resumed: bool = False) -> dict[str, Any]:
+def run_session(run: Run, st: RunState, session: Session, t0: float) -> dict[str, Any]:
     """Epochs until the end (or this invocation's --max-steps), then finish; in the claimed run directory."""
-    run.run_dir, run.on_step = run_dir, on_step
-    start(run, st, saved, resumed)
     try:
         while st.epoch < run.cfg.epochs:
-            if run_epoch(run, st, flag):  # --max-steps inside the epoch: its position is saved
+            if run_epoch(run, st, session):  # --max-steps inside the epoch: its position is saved
                 break
-            end_epoch(run, st, flag)
-            if run.stop_at and st.step >= run.stop_at:
+            end_epoch(run, st, session)
+            if session.stop_at and st.step >= session.stop_at:
                 break
-        return finish(run, st, t0)
+        return finish(run, st, session, t0)
     except RuntimeError as e:  # torch reports a dead worker from its SIGCHLD handler, anywhere
         if "DataLoader worker" not in str(e):
             raise
         raise DataWorkerError(
             f"a data loader worker died ({str(e).strip().splitlines()[0]}); nothing was saved after the last "
-            f"checkpoint {run_dir / STATE_NAME}: continue with vitkit train --resume {shlex.quote(str(run_dir))}") from e
+            f"checkpoint {session.run_dir / STATE_NAME}: continue with vitkit train --resume "
+            f"{shlex.quote(str(session.run_dir))}") from e
     finally:
-        if run.tb is not None:
-            run.tb.close()
-
-
-def build_run(cfg: TrainConfig, device: torch.device, dist: DistInfo, say) -> tuple[Run, RunState]:
-    pretrained = None
-    if cfg.pretrained:  # read before the data (an unreadable source fails first); the input size defaults to the model's
-        pretrained = probe_pretrained(cfg)  # read once: build_model loads from it
-        vc = pretrained.config
-        check_fixed_arch(cfg, vc, f"--pretrained {cfg.pretrained}")
-        if not cfg.image_size and vc.image_hw[0] == vc.image_hw[1]:
-            cfg = cfg.replace(image_size=vc.image_hw[0])
-    data = build_data(DataSpec.from_config(cfg))
-    for note in data.notes + ([f"input size: {data.size_note}"] if data.size_note else []):
-        say(note)
-    model, cfg = build_model(cfg, data, pretrained)
-    model.labels = list(data.classes) if data.classes else None
-    model.preprocess_cfg = preprocess_cfg(data)
-    if data.task == "regression":
-        model.pretrained_info = {"task": "regression", "targets": data.classes}
-    check_tokens(model, say)
-    set_threads(cfg, device)
-    model.to(device)
-    hflip = cfg.hflip == "on" or (cfg.hflip == "auto" and data.hflip_ok)
-    affine = cfg.augment and bool(cfg.affine_degrees or cfg.affine_translate or cfg.affine_scale
-                                  or cfg.affine_shear or hflip)
-    batch = min(cfg.batch_size, len(data.train))  # the last partial batch is dropped: equal batches keep DDP exact
-    loader = train_loader(data, cfg, batch_size=batch, dist=dist, device_type=device.type, device_flips=affine)
-    dmodel = wrap_model(model, dist, cfg.strategy, device)  # before the optimizer: FSDP swaps the parameters
-    optimizer, total, warmup = build_optimizer_and_schedule(cfg, model, len(loader), say)
-    ema = build_ema(cfg, model, sharded=dist.enabled and cfg.strategy == "fsdp", say=say, total_steps=total)
-    amp = amp_dtype(cfg, device)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
-    if cfg.compile:
-        dmodel = torch.compile(dmodel)
-    loss_kind = cfg.loss if cfg.loss != "auto" else ("ce" if data.task == "classification" else "mse")
-    if data.task == "regression" and loss_kind == "ce":
-        raise ConfigError("loss 'ce' needs a classification dataset; use mse or l1 for csv regression")
-    val = eval_loader(data.val, 256, dist=dist, workers=cfg.workers, device_type=device.type) \
-        if data.val is not None else None
-    run = Run(cfg=cfg, data=data, device=device, dist=dist, dmodel=dmodel, amp=amp, loss_fn=make_loss(data.task,
-              loss_kind, cfg.label_smoothing), mixer=mix_transform(cfg, data.num_outputs)
-              if cfg.augment and data.task == "classification" else None, affine=affine, hflip=hflip,
-              global_batch=batch, total_steps=total, warmup_steps=warmup, val_loader=val, say=say,
-              cpu_linear=cpu_linear_kernels(cfg, model, device, say))
-    run.eval_kw = dict(task=data.task, num_outputs=data.num_outputs, mean=data.mean, std=data.std, device=device,
-                       dist=dist, regression_loss=loss_kind if loss_kind != "ce" else "mse", labels=data.classes,
-                       amp_dtype=amp)
-    st = RunState(model=model, optimizer=optimizer, ema=ema, scaler=scaler, loader=loader, device=device,
-                  fsdp=dist.enabled and cfg.strategy == "fsdp", labels=list(data.classes) if data.classes else None)
-    return run, st
-
-
-def make_loss(task: str, kind: str, label_smoothing: float):
-    if task == "regression":
-        fn = F.mse_loss if kind == "mse" else F.l1_loss
-        return lambda out, y: fn(out, y.float().view_as(out))
-    # class ids and MixUp / CutMix soft targets alike
-    return functools.partial(F.cross_entropy, label_smoothing=label_smoothing)
-
-
-@contextlib.contextmanager
-def run_directory(cfg: TrainConfig, resume, dist: DistInfo):
-    """The one place a run directory is chosen, created and held for the life of the run:
-    :func:`vitkit.train.rundir.claim_run_dir` (unique default names, a lock held by the live run,
-    refusal of a directory that holds another run unless ``--overwrite``). Rank 0 claims and tells
-    the other ranks the path."""
-    from .rundir import claim_run_dir
-
-    path = Path(resume) if resume is not None else (Path(cfg.out) if cfg.out else None)
-    if dist.is_main:
-        cm = claim_run_dir(path, overwrite=cfg.overwrite, resume=resume is not None,
-                           inputs=(cfg.data_dir, cfg.model, cfg.pretrained))
-    else:
-        cm = contextlib.nullcontext(None)
-    with cm as run_dir:
-        if dist.enabled:
-            box = [str(run_dir) if run_dir is not None else None]
-            torch.distributed.broadcast_object_list(box, src=0)
-            run_dir = Path(box[0])
-        yield Path(run_dir)
-
-
-def start(run: Run, st: RunState, saved: dict[str, Any] | None, resumed: bool = False) -> None:
-    """Restore a saved state; write config.yaml (a new run: a recipe, it never carries where to write)
-    or amendments.yaml (a resumed run's changes, beside its config.yaml, never over it); say hello."""
-    cfg, data, dist = run.cfg, run.data, run.dist
-    if saved is not None:
-        try:
-            st.load_state_dict(saved, dist)
-        except (RuntimeError, KeyError, ValueError) as e:  # torch's size mismatch: the state is not this model's
-            raise CheckpointError(f"{run.run_dir / STATE_NAME} does not fit the model built from the run's config "
-                                  f"({str(e).strip().splitlines()[0][:300]})") from e
-    run.stop_at = st.step + cfg.max_steps if cfg.max_steps else 0
-    if dist.is_main:
-        if not resumed:
-            cfg.replace(out=None).save(run.run_dir / CONFIG_FILE)
-        elif run.amended:
-            record_amendment(run.run_dir, {k: new for k, (_, new) in run.amended.items()}, step=st.step,
-                             epoch=st.epoch)
-        if resumed:  # metrics.jsonl = exactly the epochs in the state (none for a restart)
-            atomic_write_text(run.run_dir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in st.history))
-    if run.amended:
-        run.say(f"amended (recorded in {AMENDMENTS_FILE}): "
-                + ", ".join(f"{k} {old} -> {new}" for k, (old, new) in run.amended.items()))
-    if saved is not None:
-        run.say(f"resumed {run.run_dir} at epoch {st.epoch}, step {st.step}"
-                + (f" (batch {st.batch_pos})" if st.batch_pos else ""))
-    c = st.model.config
-    run.say(f"run dir: {run.run_dir}  |  {data.name}: {len(data.train)} train images, {data.num_outputs} "
-            f"{'classes' if data.task == 'classification' else 'targets'}  |  model: {st.model.num_params():,} "
-            f"params, {c.num_tokens} tokens  |  device {run.device}, {torch.get_num_threads()} thread(s), "
-            f"world {dist.world_size}")
-    if cfg.tensorboard and dist.is_main:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            run.tb = SummaryWriter(str(run.run_dir))
-        except ImportError:
-            run.say("--tensorboard: tensorboard is not installed (pip install tensorboard); skipping")
+        if session.tb is not None:
+            session.tb.close()
 
 
 # --------------------------------------------------------------------------- one step, one epoch
@@ -385,11 +153,11 @@ def train_step(run: Run, st: RunState, x: torch.Tensor, y: torch.Tensor) -> None
         y = host_to_device(y_soft, run.device)
     parts = min(cfg.accum_steps, len(x))
     for k, (xc, yc, hc) in enumerate(zip(x.tensor_split(parts), y.tensor_split(parts), y_hard.tensor_split(parts))):
-        no_sync = k < parts - 1 and hasattr(run.dmodel, "no_sync")  # DDP: all-reduce on the last part only
-        with run.dmodel.no_sync() if no_sync else contextlib.nullcontext(), \
+        no_sync = k < parts - 1 and hasattr(run.wrapped, "no_sync")  # DDP: all-reduce on the last part only
+        with run.wrapped.no_sync() if no_sync else contextlib.nullcontext(), \
                 torch.autocast(run.device.type, dtype=run.amp, enabled=run.amp is not None), \
                 onednn_linear(run.cpu_linear):
-            out = run.dmodel(xc)
+            out = run.wrapped(xc)
             loss = run.loss_fn(out.float(), yc)
         st.scaler.scale(loss * (len(xc) / len(x))).backward()
         correct = (out.argmax(1) == hc).sum() if run.data.task == "classification" else loss.new_zeros(())
@@ -424,11 +192,11 @@ def step_theta(run: Run, step: int, n_local: int) -> torch.Tensor:
     return theta[begin:begin + n_local]
 
 
-def run_epoch(run: Run, st: RunState, flag: _SignalFlag) -> bool:
+def run_epoch(run: Run, st: RunState, session: Session) -> bool:
     """Train through the rest of the epoch; True when --max-steps stopped this invocation inside it
     (last/ and the state are then saved mid-epoch, as a signal saves them, so --resume continues exactly)."""
     cfg = run.cfg
-    run.dmodel.train()
+    run.wrapped.train()
     st.loader.set_epoch(st.epoch)
     bar = progress_bar(total=len(st.loader), initial=st.batch_pos, desc=f"epoch {st.epoch + 1}/{cfg.epochs}",
                        disable=not (run.dist.is_main and cfg.progress), leave=False, unit="step")
@@ -441,34 +209,35 @@ def run_epoch(run: Run, st: RunState, flag: _SignalFlag) -> bool:
         st.batch_pos += 1
         st.seconds = time.time() - begin
         bar.update(1)
-        if run.on_step is not None:
-            run.on_step(st)
-        at_limit = bool(run.stop_at) and st.step >= run.stop_at
-        local_signal = flag.signum and not run.dist.enabled  # torchrun: all ranks stop at a read point
+        if session.on_step is not None:
+            session.on_step(st)
+        at_limit = bool(session.stop_at) and st.step >= session.stop_at
+        local_signal = session.signals.signum and not run.dist.enabled  # torchrun: all ranks stop at a read point
         if local_signal or at_limit or st.step % cfg.log_every == 0:
-            signum = read_point(run, st, flag, bar)
+            signum = read_point(run, st, session, bar)
             if signum and not at_limit:
                 bar.close()
-                interrupt(run, st, signum)
+                interrupt(run, st, session, signum)
         if at_limit:
             break
     bar.close()
     if at_limit and st.batch_pos < len(st.loader):
-        save_model(run, st, st.model, run.run_dir / "last", "model")
-        save_checkpoint(run, st, mid_epoch=True)
+        save_model(run, st, st.model, session.run_dir / "last", "model")
+        save_checkpoint(run, st, session, mid_epoch=True)
         barrier(run.dist)
         return True
     return False
 
 
-def read_point(run: Run, st: RunState, flag: _SignalFlag, bar=None) -> int:
+def read_point(run: Run, st: RunState, session: Session, bar=None) -> int:
     """The loop's host sync: the first non-finite loss (raises), the stop signal (maximum over the
     ranks: one all-reduce) and the progress numbers. Returns the signal number (0: none)."""
-    flags = torch.stack([st.bad[0], torch.full_like(st.bad[0], float(flag.signum))])
+    nonfinite = st.first_nonfinite
+    flags = torch.stack([nonfinite[0], torch.full_like(nonfinite[0], float(session.signals.signum))])
     all_reduce_max(flags, run.dist)
-    bad_step, signum, bad_loss, loss_sum, correct, count = torch.cat([flags, st.bad[1:], st.sums]).tolist()
+    bad_step, signum, bad_loss, loss_sum, correct, count = torch.cat([flags, nonfinite[1:], st.sums]).tolist()
     if bad_step >= 0:
-        raise non_finite(run, st, int(bad_step), bad_loss)
+        raise non_finite(run, st, session, int(bad_step), bad_loss)
     if bar is not None and run.dist.is_main and run.cfg.progress:
         post = {"loss": f"{loss_sum / max(count, 1):.4f}",
                 "lr": f"{lr_at(st.step - 1, run.total_steps, run.warmup_steps, run.cfg.lr, run.cfg.min_lr):.2e}",
@@ -479,8 +248,8 @@ def read_point(run: Run, st: RunState, flag: _SignalFlag, bar=None) -> int:
     return int(signum)
 
 
-def non_finite(run: Run, st: RunState, bad_step: int, bad_loss: float) -> NonFiniteLoss:
-    ckpt = run.run_dir / STATE_NAME
+def non_finite(run: Run, st: RunState, session: Session, bad_step: int, bad_loss: float) -> NonFiniteLoss:
+    ckpt = session.run_dir / STATE_NAME
     last = f"{ckpt} (end of epoch {st.epoch})" if ckpt.exists() else "none yet"
     batch = bad_step - (st.step - st.batch_pos) + 1
     value = bad_loss if bad_loss != 0.0 else "non-finite"  # another rank's loss
@@ -490,12 +259,13 @@ def non_finite(run: Run, st: RunState, bad_step: int, bad_loss: float) -> NonFin
         f"checkpoint kept: {last}. Try a lower --lr or --grad-clip.")
 
 
-def interrupt(run: Run, st: RunState, signum: int) -> None:
-    save_checkpoint(run, st, mid_epoch=True)
+def interrupt(run: Run, st: RunState, session: Session, signum: int) -> None:
+    save_checkpoint(run, st, session, mid_epoch=True)
     barrier(run.dist)  # no rank exits (and makes torchrun kill the others) before rank 0 has written
     raise TrainingInterrupted(
         f"interrupted by signal {signum} at step {st.step} (epoch {st.epoch + 1}); state saved to "
-        f"{run.run_dir / STATE_NAME}. Continue with: vitkit train --resume {shlex.quote(str(run.run_dir))}", signum)
+        f"{session.run_dir / STATE_NAME}. Continue with: vitkit train --resume {shlex.quote(str(session.run_dir))}",
+        signum)
 
 
 # --------------------------------------------------------------------------- epoch end
@@ -512,10 +282,10 @@ def train_record(run: Run, st: RunState) -> tuple[dict[str, Any], float]:
     return rec, count
 
 
-def end_epoch(run: Run, st: RunState, flag: _SignalFlag) -> None:
+def end_epoch(run: Run, st: RunState, session: Session) -> None:
     """Read and reduce the epoch's sums, evaluate, write metrics / last / best / state."""
     cfg = run.cfg
-    signum = read_point(run, st, flag)  # a non-finite loss raises here, before anything is saved
+    signum = read_point(run, st, session)  # a non-finite loss raises here, before anything is saved
     seconds = st.seconds
     rec, count = train_record(run, st)
     st.epoch += 1
@@ -525,28 +295,29 @@ def end_epoch(run: Run, st: RunState, flag: _SignalFlag) -> None:
     # run's, so a later --resume continues exactly (finish reports the stop's weights after it)
     last = st.epoch == cfg.epochs
     if st.epoch % cfg.eval_every == 0 or last:
-        evaluate_epoch(run, st, rec, last)
+        evaluate_epoch(run, st, session, rec, last)
     rec["epoch_seconds"] = round(seconds, 3)
     rec["images_per_second"] = round(count / max(seconds, 1e-9), 1)
     st.history.append(rec)
     if run.dist.is_main:
-        with open(run.run_dir / "metrics.jsonl", "a") as f:
+        with open(session.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(rec) + "\n")
-        if run.tb is not None:
+        if session.tb is not None:
             for k, v in rec.items():
                 if isinstance(v, (int, float)) and k != "epoch":
-                    run.tb.add_scalar(k, v, st.epoch)
-    save_model(run, st, st.model, run.run_dir / "last", "model")
-    save_checkpoint(run, st, mid_epoch=False)
-    run.say(_epoch_line(rec, cfg.epochs))
+                    session.tb.add_scalar(k, v, st.epoch)
+    save_model(run, st, st.model, session.run_dir / "last", "model")
+    save_checkpoint(run, st, session, mid_epoch=False)
+    run.log(_epoch_line(rec, cfg.epochs))
     barrier(run.dist)
     if signum:
         raise TrainingInterrupted(
             f"interrupted by signal {signum} at the end of epoch {st.epoch}; state saved to "
-            f"{run.run_dir / STATE_NAME}. Continue with: vitkit train --resume {shlex.quote(str(run.run_dir))}", signum)
+            f"{session.run_dir / STATE_NAME}. Continue with: vitkit train --resume "
+            f"{shlex.quote(str(session.run_dir))}", signum)
 
 
-def evaluate_epoch(run: Run, st: RunState, rec: dict[str, Any], last: bool) -> None:
+def evaluate_epoch(run: Run, st: RunState, session: Session, rec: dict[str, Any], last: bool) -> None:
     """Model and EMA on the validation split, into ``rec``; then best/ (see --select)."""
     cands = candidates(st)
     scores = validate(run, cands, rec)
@@ -557,9 +328,9 @@ def evaluate_epoch(run: Run, st: RunState, rec: dict[str, Any], last: bool) -> N
             pre = "val" if which == "model" else "val_ema"
             st.best = {"score": score, "epoch": st.epoch, "step": st.step, "which": which,
                        "val_accuracy": rec.get(f"{pre}_accuracy"), "val_loss": rec[f"{pre}_loss"]}
-            save_model(run, st, cands[which], run.run_dir / "best", which)
+            save_model(run, st, cands[which], session.run_dir / "best", which)
     if run.cfg.select == "final" and last:
-        choose_final(run, st, cands, scores, rec)
+        choose_final(run, st, session, cands, scores, rec)
 
 
 def candidates(st: RunState) -> dict[str, torch.nn.Module]:
@@ -586,8 +357,8 @@ def validate(run: Run, cands: dict[str, torch.nn.Module], rec: dict[str, Any]) -
     return scores
 
 
-def choose_final(run: Run, st: RunState, cands: dict[str, torch.nn.Module], scores: dict[str, list[float]],
-                 rec: dict[str, Any]) -> None:
+def choose_final(run: Run, st: RunState, session: Session, cands: dict[str, torch.nn.Module],
+                 scores: dict[str, list[float]], rec: dict[str, Any]) -> None:
     """--select final: of the weights the schedule ends with, the model or its EMA, whichever scores
     better on validation (accuracy, then loss; regression: loss). A short run's EMA lags its model
     (issue 22), a long run's usually wins; on a tie, or with no validation split, the EMA."""
@@ -605,36 +376,8 @@ def choose_final(run: Run, st: RunState, cands: dict[str, torch.nn.Module], scor
     st.best = {"score": scores.get(which, [0.0, 0.0]), "epoch": st.epoch, "step": st.step, "which": which,
                "val_accuracy": rec.get(f"{pre}_accuracy"), "val_loss": rec.get(f"{pre}_loss"), "choice": choice}
     if choice:
-        run.say(f"final weights: {choice}")
-    save_model(run, st, cands[which], run.run_dir / "best", which)
-
-
-def save_checkpoint(run: Run, st: RunState, *, mid_epoch: bool, finished: bool = False) -> None:
-    """train_state.pt, atomically (collective under torchrun; rank 0 writes)."""
-    state = st.state_dict(run.dist, mid_epoch=mid_epoch, finished=finished)
-    if run.dist.is_main:
-        save_state(run.run_dir / STATE_NAME, state)
-
-
-def save_model(run: Run, st: RunState, weights_src, directory: Path, which: str) -> None:
-    """Save ``weights_src`` (the model or the EMA copy) with the model's labels and preprocessing."""
-    from ..io import save_pretrained
-
-    model = st.model
-    if st.fsdp:  # gather the full weights (every rank), rank 0 saves a plain copy
-        from .. import ViT
-
-        full = st.model_state()
-        if not run.dist.is_main:
-            return
-        weights_src = ViT(model.config)
-        weights_src.load_state_dict(full)
-    elif not run.dist.is_main:
-        return
-    if weights_src is not model:  # EMA / FSDP copy: carry labels / preprocess over
-        weights_src.labels, weights_src.preprocess_cfg = model.labels, model.preprocess_cfg
-        weights_src.pretrained_info = model.pretrained_info
-    save_pretrained(weights_src, directory, weights=which)
+        run.log(f"final weights: {choice}")
+    save_model(run, st, cands[which], session.run_dir / "best", which)
 
 
 def _epoch_line(rec: dict[str, Any], epochs: int) -> str:
@@ -654,20 +397,21 @@ def test_split_name(data: DataSplits) -> str:
     return data.test_name if data.test is not None else data.val_name
 
 
-def finish(run: Run, st: RunState, t0: float) -> dict[str, Any]:
+def finish(run: Run, st: RunState, session: Session, t0: float) -> dict[str, Any]:
     """Test the best weights; write summary.json, test_report.json and the plots; mark the state finished."""
-    from ..io import load_model
+    from ..interop import load_model
     from .plots import plot_confusion, plot_curves
 
-    data, dist = run.data, run.dist
+    data, dist, run_dir = run.data, run.dist, session.run_dir
     done = st.epoch >= run.cfg.epochs
+    stop_rec: dict[str, Any] = {}
     if not done:  # --max-steps stopped this invocation: report the weights it ends with, as the run's end would
         where = f"the end of epoch {st.epoch}" if not st.batch_pos else f"epoch {st.epoch + 1}, batch {st.batch_pos}"
-        run.say(f"stopped by --max-steps {run.cfg.max_steps} at step {st.step} of {run.total_steps} ({where}); "
-                f"state saved: continue with vitkit train --resume {shlex.quote(str(run.run_dir))}")
-        stop_record(run, st)
+        run.log(f"stopped by --max-steps {run.cfg.max_steps} at step {st.step} of {run.total_steps} ({where}); "
+                f"state saved: continue with vitkit train --resume {shlex.quote(str(run_dir))}")
+        stop_rec = stop_record(run, st, session)
     split = test_split_name(data)
-    best_dir = run.run_dir / "best"
+    best_dir = run_dir / "best"
     best_model = load_model(best_dir, device=run.device) if best_dir.exists() else st.model
     test = data.test if data.test is not None else data.val
     r = evaluate(best_model, test, workers=run.cfg.workers, **run.eval_kw)
@@ -678,12 +422,12 @@ def finish(run: Run, st: RunState, t0: float) -> dict[str, Any]:
         "finished": done, "best_epoch": st.best["epoch"], "best_step": st.best.get("step"),
         "best_weights": st.best["which"], "weights_choice": st.best.get("choice"),
         "ema_decay": st.ema.decay if st.ema is not None else None, "wall_seconds": wall,
-        "world_size": dist.world_size, "threads": torch.get_num_threads(), "run_dir": str(run.run_dir),
+        "world_size": dist.world_size, "threads": torch.get_num_threads(), "run_dir": str(run_dir),
         "skipped_images": st.loader.skipped + len(getattr(data, "skipped_files", [])),
         # an image of the run's own data for the "next:" commands (file datasets only)
         "example_image": str(test.paths[0]) if getattr(test, "paths", None) else None}
     if data.task == "classification":
-        final = run.stop_rec or (st.history[-1] if st.history else {})
+        final = stop_rec or (st.history[-1] if st.history else {})
         summary.update(test_accuracy=r["accuracy"], test_macro_f1=r["macro_f1"],
                        best_val_accuracy=st.best["val_accuracy"], final_val_accuracy=final.get("val_accuracy"),
                        final_val_ema_accuracy=final.get("val_ema_accuracy"))
@@ -692,18 +436,18 @@ def finish(run: Run, st: RunState, t0: float) -> dict[str, Any]:
     else:
         summary.update(test_mae=r["mae"], test_rmse=r["rmse"], test_r2=r["r2"], best_val_loss=st.best.get("val_loss"))
     if dist.is_main:
-        _write_results(run, st, r, summary, plot_curves, plot_confusion)
+        _write_results(run, st, run_dir, r, summary, plot_curves, plot_confusion)
     if done:  # a stopped run's state stays the one saved where it stopped: --resume continues exactly
         st.wall_seconds = wall
-        save_checkpoint(run, st, mid_epoch=False, finished=True)
+        save_checkpoint(run, st, session, mid_epoch=False, finished=True)
     return summary
 
 
-def stop_record(run: Run, st: RunState) -> None:
+def stop_record(run: Run, st: RunState, session: Session) -> dict[str, Any]:
     """Where --max-steps stopped this invocation: the model and EMA on validation, and with --select
     final (or no best epoch yet) best/ = the better of them, as the run's end would choose. Inside an
     epoch, metrics.jsonl gets a ``"partial": true`` line for the epoch so far (a resume rewrites the file
-    to the saved history). Nothing here reaches the saved state."""
+    to the saved history); that record is returned ({} at an epoch end). Nothing here reaches the saved state."""
     rec: dict[str, Any] = {}
     if st.batch_pos:
         rec, count = train_record(run, st)
@@ -711,19 +455,20 @@ def stop_record(run: Run, st: RunState) -> None:
     cands = candidates(st)
     scores = validate(run, cands, rec)
     if run.cfg.select == "final" or st.best["epoch"] < 0:
-        choose_final(run, st, cands, scores, rec)
-    if st.batch_pos:
-        rec["epoch_seconds"] = round(st.seconds, 3)
-        rec["images_per_second"] = round(count / max(st.seconds, 1e-9), 1)
-        run.stop_rec = rec
-        if run.dist.is_main:
-            with open(run.run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(rec) + "\n")
+        choose_final(run, st, session, cands, scores, rec)
+    if not st.batch_pos:
+        return {}
+    rec["epoch_seconds"] = round(st.seconds, 3)
+    rec["images_per_second"] = round(count / max(st.seconds, 1e-9), 1)
+    if run.dist.is_main:
+        with open(session.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(rec) + "\n")
+    return rec
 
 
-def _write_results(run: Run, st: RunState, r: dict[str, Any], summary: dict[str, Any], plot_curves,
+def _write_results(run: Run, st: RunState, run_dir: Path, r: dict[str, Any], summary: dict[str, Any], plot_curves,
                    plot_confusion) -> None:
-    data, run_dir, split = run.data, run.run_dir, summary["test_split"]
+    data, split = run.data, summary["test_split"]
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     if st.history:
         plot_curves(st.history, run_dir / "curves.png")
@@ -737,9 +482,9 @@ def _write_results(run: Run, st: RunState, r: dict[str, Any], summary: dict[str,
         b = st.best
         mid = st.batch_pos and b.get("step") == st.step  # chosen where --max-steps stopped inside an epoch
         when = f"at step {st.step}" if mid else f"of epoch {b['epoch']}"
-        run.say(f"test accuracy {r['accuracy']:.4f} ({top5}loss {r['loss']:.4f}) {where} with the "
+        run.log(f"test accuracy {r['accuracy']:.4f} ({top5}loss {r['loss']:.4f}) {where} with the "
                 f"{'best ' if run.cfg.select == 'best' else ''}{b['which']} weights {when}  |  "
                 f"{summary['wall_seconds']:.1f} s  |  {run_dir}")
     else:
-        run.say(f"test MAE {r['mae']:.4f}  RMSE {r['rmse']:.4f}  R^2 {r['r2']:.4f} {where}  |  "
+        run.log(f"test MAE {r['mae']:.4f}  RMSE {r['rmse']:.4f}  R^2 {r['r2']:.4f} {where}  |  "
                 f"{summary['wall_seconds']:.1f} s  |  {run_dir}")

@@ -11,10 +11,12 @@ from typing import Any
 
 import torch
 
+from ..model.vit import EMBEDDING_TOKENS
+
 
 def layer_id(name: str, depth: int) -> int:
     """0 for the embeddings and prefix tokens, i+1 for block i, depth+1 for the final norm / head."""
-    if name.startswith(("cls_token", "reg_token", "pos_embed", "patch_embed")):
+    if name in EMBEDDING_TOKENS or name.startswith("patch_embed."):
         return 0
     if name.startswith("blocks."):
         return int(name.split(".")[1]) + 1
@@ -25,9 +27,9 @@ def param_groups(model: torch.nn.Module, weight_decay: float, layer_decay: float
     """Groups for AdamW. Each group carries ``lr_scale`` (layer-wise decay: layer_decay ** (L+1 - id)).
 
     A parameter gets no weight decay when it is 1-D (norm weights, biases, LayerScale) or named in
-    ``model.no_weight_decay()`` (class/register tokens, learned position embeddings)."""
+    ``model.no_weight_decay()`` (class/distillation/register tokens, learned position embeddings)."""
     depth = model.config.depth
-    skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
+    skip = model.no_weight_decay()
     groups: dict[tuple[int, bool], dict[str, Any]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:

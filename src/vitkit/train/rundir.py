@@ -21,7 +21,7 @@ the one writer every command uses (manifest, lock, no symlinks, never onto an in
     data directory, the initial weights).
 
 Under torchrun only rank 0 claims the directory (it is the only rank that writes there); the other
-ranks learn its name from rank 0 (``train.loop.train``).
+ranks learn its name from rank 0 (:func:`run_directory`, what ``vitkit.train.loop.train`` holds).
 """
 
 from __future__ import annotations
@@ -94,3 +94,24 @@ def claim_run_dir(path: str | Path | None, *, overwrite: bool = False, resume: b
             raise ConfigError(f"{path} already holds a run; continue it with --resume {path}, write this run "
                               f"to a fresh --out DIR, or replace it with --overwrite") from None
         yield out.path
+
+
+@contextlib.contextmanager
+def run_directory(cfg, resume, dist) -> Iterator[Path]:
+    """The one place a training run's directory is chosen, created and held for the life of the run:
+    :func:`claim_run_dir` (``--resume RUN``, ``--out DIR`` or a fresh default name). Rank 0 claims
+    it and tells the other ranks (a :class:`vitkit.distributed.DistInfo` ``dist``) the path."""
+    import torch
+
+    path = Path(resume) if resume is not None else (Path(cfg.out) if cfg.out else None)
+    if dist.is_main:
+        cm = claim_run_dir(path, overwrite=cfg.overwrite, resume=resume is not None,
+                           inputs=(cfg.data_dir, cfg.model, cfg.pretrained))
+    else:
+        cm = contextlib.nullcontext(None)
+    with cm as run_dir:
+        if dist.enabled:
+            box = [str(run_dir) if run_dir is not None else None]
+            torch.distributed.broadcast_object_list(box, src=0)
+            run_dir = Path(box[0])
+        yield Path(run_dir)

@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
+from ..distributed import DistInfo
 from .checkpoint import rng_state, set_rng_state
-from .distributed import DistInfo
 
 
 def _new_best() -> dict[str, Any]:
@@ -30,7 +30,7 @@ class RunState:
     optimizer: torch.optim.Optimizer
     ema: Any  # vitkit.train.ema.EMA (a torch AveragedModel) or None
     scaler: torch.amp.GradScaler
-    loader: Any  # vitkit.train.data.TrainLoader (StatefulDataLoader inside)
+    loader: Any  # the train loader (vitkit.train.build.train_loader: a StatefulDataLoader)
     device: torch.device
     fsdp: bool = False
     epoch: int = 0  # epochs completed
@@ -43,12 +43,12 @@ class RunState:
     labels: list[str] | None = None  # the data's class / target names: a resume checks its data has them
     # On the device, read only at read points (no host sync per step): this epoch's
     # [sum of loss * n, correct, n], and [step, loss] of the first non-finite loss (step -1: none).
-    sums: torch.Tensor = None  # type: ignore[assignment]
-    bad: torch.Tensor = None  # type: ignore[assignment]
+    sums: torch.Tensor = field(init=False)
+    first_nonfinite: torch.Tensor = field(init=False)
 
     def __post_init__(self) -> None:
         self.reset_sums()
-        self.bad = torch.tensor([-1.0, 0.0], dtype=torch.float64, device=self.device)
+        self.first_nonfinite = torch.tensor([-1.0, 0.0], dtype=torch.float64, device=self.device)
 
     def reset_sums(self, values=(0.0, 0.0, 0.0)) -> None:
         self.sums = torch.tensor(list(values), dtype=torch.float64, device=self.device)
@@ -57,8 +57,9 @@ class RunState:
         """Accumulate one micro-batch's numbers on the device (no sync)."""
         loss = loss.detach().double()
         self.sums += torch.stack([loss * n, correct.double(), torch.full_like(loss, n)])
-        first = ~torch.isfinite(loss) & (self.bad[0] < 0)
-        self.bad = torch.where(first, torch.stack([torch.full_like(loss, self.step), loss]), self.bad)
+        first = ~torch.isfinite(loss) & (self.first_nonfinite[0] < 0)
+        self.first_nonfinite = torch.where(first, torch.stack([torch.full_like(loss, self.step), loss]),
+                                           self.first_nonfinite)
 
     # ------------------------------------------------------------ save / load
     def model_state(self) -> dict[str, torch.Tensor]:

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..deps import require
 from ..errors import InputError
-from .deps import require
 
 SPLIT_NAMES = {"train": "train", "validation": "val", "valid": "val", "val": "val", "test": "test"}
 
@@ -75,9 +75,9 @@ class HFImageDataset(Dataset):
 
 def _load(path: Path) -> dict:
     """{"train": Dataset, "val": ..., "test": ...} from save_to_disk output or parquet files."""
-    datasets = require("datasets", "--dataset hf")
+    datasets = require("datasets", "--dataset hf", "data")
     if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
-        pa = require("pyarrow", "--dataset hf")
+        pa = require("pyarrow", "--dataset hf", "data")
         try:
             obj = datasets.load_from_disk(str(path))
         except (pa.ArrowException, OSError) as e:
@@ -109,8 +109,8 @@ def _load(path: Path) -> dict:
         groups.setdefault(split, []).append(f)
     if "train" not in groups:
         raise InputError(f"hf: no train parquet files under {path} (found splits {sorted(groups)})")
-    pq = require("pyarrow.parquet", "--dataset hf (parquet)")
-    pa = require("pyarrow", "--dataset hf (parquet)")
+    pq = require("pyarrow.parquet", "--dataset hf (parquet)", "data")
+    pa = require("pyarrow", "--dataset hf (parquet)", "data")
     # datasets.Dataset over the memory-mapped table keeps the features (ClassLabel names) stored in the
     # parquet schema metadata, without writing a cache copy.
     return {s: datasets.Dataset(pa.concat_tables([_read_parquet(pq, pa, f) for f in fs]))
@@ -156,13 +156,11 @@ def _label_ids(values: dict[str, list], column: str) -> tuple[dict[str, np.ndarr
 
 
 def build_hf(spec):
-    from .datasets import DataSplits, _need_dir, resolve_hw
-    from .files import image_header
-    from .labels import check_unique, match_labels
+    from .datasets import DataSplits, need_dir, resolve_hw
     from .validation import HELD_OUT, holdout_indices, holdout_note
 
-    datasets = require("datasets", "--dataset hf")
-    path = _need_dir(spec)
+    datasets = require("datasets", "--dataset hf", "data")
+    path = need_dir(spec)
     if not path.exists():
         raise InputError(f"hf: {path}: no such folder")
     raw = _load(path)
@@ -187,20 +185,7 @@ def build_hf(spec):
                      "order")
     if isinstance(label_feat, datasets.ClassLabel):
         classes = list(label_feat.names)
-        check_unique(classes, f"hf {path}: the train split's {lab_col!r} names")
-        for s in ("val", "test"):  # the same names in another order: matched to train's by name
-            names = splits[s].features[lab_col].names if s in splits and isinstance(
-                splits[s].features[lab_col], datasets.ClassLabel) else classes
-            if list(names) != classes:
-                try:
-                    idx = np.asarray(match_labels(classes, names, what="the train split", map_option=False).index)
-                except InputError as e:
-                    raise InputError(f"hf {path}: the {s} split's class names: {e}") from None
-                y = labels[s].copy()
-                ok = (y >= 0) & (y < len(idx))
-                y[ok] = idx[y[ok]]
-                labels[s] = y
-                notes.append(f"hf: the {s} split's class names are in another order; matched to train's by name")
+        _match_class_labels(splits, labels, classes, lab_col, path, notes, datasets.ClassLabel)
     elif classes is None:
         classes = [str(i) for i in range(int(labels["train"].max()) + 1)]
     train_set = set(labels["train"].tolist())
@@ -218,22 +203,50 @@ def build_hf(spec):
         labels["train"], labels["val"] = labels["train"][tr], labels["train"][va]
         notes.append(holdout_note(f"hf {path}", spec.val_fraction, spec.seed, len(va), n))
         val_name = HELD_OUT
-    # image size from a sample of the training images' headers
-    probe_ds = HFImageDataset(splits["train"], img_col, lab_col, (1, 1), "train",
-                              torch.as_tensor(labels["train"]))
-    sizes = []
-    n = len(probe_ds)
-    for i in range(0, n, max(1, n // 32)):
-        try:
-            data, name = probe_ds.image_bytes(i)
-            sizes.append(image_header(data, name)[1][::-1])
-        except InputError:
-            continue
-        if len(sizes) >= 32:
-            break
+    sizes = _probe_sizes(HFImageDataset(splits["train"], img_col, lab_col, (1, 1), "train",
+                                        torch.as_tensor(labels["train"])))
     hw, size_note, from_data = resolve_hw(spec, sizes=sizes)
     mk = lambda s: HFImageDataset(splits[s], img_col, lab_col, hw, s, torch.as_tensor(labels[s], dtype=torch.long))  # noqa: E731
     return DataSplits(name="hf", train=mk("train"), val=mk("val"), test=mk("test") if "test" in splits else None,
                       val_name=val_name, task="classification",
                       num_outputs=len(classes), in_channels=3, image_hw=hw, classes=classes, mean=[0.5] * 3,
                       std=[0.5] * 3, hflip_ok=True, notes=notes, size_note=size_note, size_from_data=from_data)
+
+
+def _match_class_labels(splits, labels, classes: list[str], lab_col: str, path, notes: list[str], class_label) -> None:
+    """A ``ClassLabel`` train split: its names must be unique; a val / test split listing the same
+    names in another order has its label ids rewritten (in ``labels``) to train's, by name."""
+    from .labels import check_unique, match_labels
+
+    check_unique(classes, f"hf {path}: the train split's {lab_col!r} names")
+    for s in ("val", "test"):
+        names = splits[s].features[lab_col].names if s in splits and isinstance(
+            splits[s].features[lab_col], class_label) else classes
+        if list(names) == classes:
+            continue
+        try:
+            idx = np.asarray(match_labels(classes, names, what="the train split", map_option=False).index)
+        except InputError as e:
+            raise InputError(f"hf {path}: the {s} split's class names: {e}") from None
+        y = labels[s].copy()
+        ok = (y >= 0) & (y < len(idx))
+        y[ok] = idx[y[ok]]
+        labels[s] = y
+        notes.append(f"hf: the {s} split's class names are in another order; matched to train's by name")
+
+
+def _probe_sizes(train: HFImageDataset, limit: int = 32) -> list[tuple[int, int]]:
+    """(H, W) of up to ``limit`` training images spread over the split, read from their headers."""
+    from .files import image_header
+
+    sizes = []
+    n = len(train)
+    for i in range(0, n, max(1, n // limit)):
+        try:
+            data, name = train.image_bytes(i)
+            sizes.append(image_header(data, name)[1][::-1])
+        except InputError:
+            continue
+        if len(sizes) >= limit:
+            break
+    return sizes

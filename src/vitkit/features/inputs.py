@@ -1,6 +1,6 @@
-"""What features need on top of vitkit.data's loader: the list of image paths given on the command
-line (files and folders, labels from class folders), and one dataset over chosen rows of one or
-more sources, so that ``vitkit.data.make_loader`` (the model's preprocessing, row indices, skipped
+"""The images a features command is given, as vitkit.data datasets: the image paths given on the
+command line (files and folders, labels from class folders), and one dataset over chosen rows of one
+or more sources, so that ``vitkit.data.make_loader`` (the model's preprocessing, row indices, skipped
 files) reads them all."""
 
 from __future__ import annotations

@@ -1,5 +1,8 @@
 """Distributed data parallel for ``torchrun --nproc_per_node N -m vitkit train ...``.
 
+Beside train/ and eval/, not in either: training wraps and steps the model under it, evaluation
+all-reduces its sums under it (every rank returns the numbers of the whole split).
+
 torchrun sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT; we initialise the
 process group from them (gloo on CPU, nccl on CUDA). Only rank 0 logs and writes files; metric
 sums are all-reduced so every rank sees the global numbers.

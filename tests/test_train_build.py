@@ -1,0 +1,83 @@
+"""Building a run before running it (vitkit.train.build), and the one-way layering train -> eval."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from vitkit import ViT, ViTConfig
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "vitkit"
+
+
+def _imported_modules(text: str, package: str) -> set[str]:
+    """Every module a file of ``package`` imports, function-level imports included, as absolute names."""
+    parts = package.split(".")
+    found = set()
+    for node in ast.walk(ast.parse(text)):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = parts[:len(parts) - node.level + 1] if node.level else []
+            mod = ".".join(base + ([node.module] if node.module else []))
+            found |= {mod} | {f"{mod}.{a.name}" for a in node.names}
+    return found
+
+
+def _imports_train(path: Path) -> list[str]:
+    package = ".".join(["vitkit", *path.relative_to(SRC).parent.parts])
+    return sorted(m for m in _imported_modules(path.read_text(), package)
+                  if m == "vitkit.train" or m.startswith("vitkit.train."))
+
+
+@pytest.mark.parametrize("layer", ["eval", "data", "distributed.py"])
+def test_evaluation_and_data_never_import_training(layer):
+    """train imports eval (the validation of each epoch), never the other way round."""
+    files = [SRC / layer] if layer.endswith(".py") else sorted((SRC / layer).glob("*.py"))
+    back = {f.name: _imports_train(f) for f in files}
+    assert files and not any(back.values()), back
+
+
+def test_the_layering_check_sees_late_and_relative_imports():
+    """The oracle above can fail: what evaluate.py imports is seen, and so is a function-level
+    ``from ..train.loop import train`` or ``from .. import train``."""
+    assert {"vitkit.eval.metrics", "vitkit.distributed"} <= _imported_modules((SRC / "eval" / "evaluate.py").read_text(),
+                                                                            "vitkit.eval")
+    late = "def f():\n    from ..train.loop import train\n    from .. import train as t\n"
+    assert {"vitkit.train.loop", "vitkit.train"} <= _imported_modules(late, "vitkit.eval")
+
+
+def _pretrained(tmp_path: Path) -> Path:
+    from vitkit.io import save_pretrained
+
+    torch.manual_seed(0)
+    m = ViT(ViTConfig(image_size=16, patch_size=4, in_channels=1, num_classes=10, dim=32, depth=1, num_heads=2,
+                      mlp_dim=64))
+    return save_pretrained(m, tmp_path / "pre")
+
+
+def test_build_run_reads_and_checks_the_pretrained_source_once_and_builds_a_frozen_run(tmp_path, monkeypatch):
+    import vitkit.train.arch as arch
+    from vitkit.distributed import DistInfo
+    from vitkit.train.build import build_run
+    from vitkit.train.config import TrainConfig
+
+    checks = []
+    real_check = arch.check_fixed_arch
+    monkeypatch.setattr(arch, "check_fixed_arch", lambda *a: checks.append(a[2]) or real_check(*a))
+    pre = _pretrained(tmp_path)
+    cfg = TrainConfig(pretrained=str(pre), subset=32, batch_size=16, epochs=1, workers=0, progress=False)
+    logs: list[str] = []
+    run, st = build_run(cfg, torch.device("cpu"), DistInfo(), logs.append)
+    assert checks == [f"--pretrained {pre}"]
+    # the model carries the data's labels and preprocessing from the start; the config records what was built
+    assert st.model.labels == [str(i) for i in range(10)] == list(run.data.classes)
+    assert st.model.preprocess_cfg["input_size"] == [1, 16, 16]
+    assert (run.cfg.dim, run.cfg.depth, run.cfg.patch_size, run.cfg.image_size) == (32, 1, 4, 16)
+    assert run.total_steps == len(st.loader) == 2 and run.wrapped is st.model
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        run.total_steps = 3  # type: ignore[misc]
