@@ -84,6 +84,21 @@ def _choice(value: str, options: tuple[str, ...], name: str) -> str:
     return value
 
 
+def _from_dict(cls, data: Any):
+    """``cls(**data)`` for a config dataclass, refusing unknown keys with a "did you mean" each."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"a {cls.__name__} must be built from a dict, got {type(data).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = [k for k in data if k not in known]
+    if unknown:
+        msgs = []
+        for k in unknown:
+            close = difflib.get_close_matches(k, known, n=1)
+            msgs.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise ConfigError(f"unknown {cls.__name__} key(s): {', '.join(msgs)}")
+    return cls(**data)
+
+
 @dataclass
 class ViTConfig:
     """Architecture of one Vision Transformer. Field names are a stable contract."""
@@ -284,17 +299,7 @@ class ViTConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ViTConfig:
-        if not isinstance(data, dict):
-            raise ConfigError(f"a ViTConfig must be built from a dict, got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = [k for k in data if k not in known]
-        if unknown:
-            msgs = []
-            for k in unknown:
-                close = difflib.get_close_matches(k, known, n=1)
-                msgs.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-            raise ConfigError(f"unknown ViTConfig key(s): {', '.join(msgs)}")
-        return cls(**data)
+        return _from_dict(cls, data)
 
     def to_json(self, path: str | Path | None = None) -> str:
         text = json.dumps(self.to_dict(), indent=2)
@@ -484,17 +489,7 @@ class TextConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TextConfig:
-        if not isinstance(data, dict):
-            raise ConfigError(f"a TextConfig must be built from a dict, got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = [k for k in data if k not in known]
-        if unknown:
-            msgs = []
-            for k in unknown:
-                close = difflib.get_close_matches(k, known, n=1)
-                msgs.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-            raise ConfigError(f"unknown TextConfig key(s): {', '.join(msgs)}")
-        return cls(**data)
+        return _from_dict(cls, data)
 
     def replace(self, **overrides: Any) -> TextConfig:
         """A copy with some fields changed; unknown field names are a ConfigError."""
