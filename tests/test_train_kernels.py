@@ -140,13 +140,13 @@ def test_training_with_onednn_linear_lands_where_f_linear_does(tmp_path, monkeyp
     from vitkit.train.loop import train
 
     calls = {"onednn": 0}
-    real_lp = kernels._lp
+    real_lp = kernels._onednn_linear
 
     def counted_lp(x, w, b):
         calls["onednn"] += 1
         return real_lp(x, w, b)
 
-    monkeypatch.setattr(kernels, "_lp", counted_lp)
+    monkeypatch.setattr(kernels, "_onednn_linear", counted_lp)
     kw = dict(dim=128, depth=1, num_heads=2, subset=64, batch_size=16, progress=False, threads=1, epochs=1,
               max_steps=2, deterministic=True)
     logs: list[str] = []

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 from .common import LoadReport
 from .formats import READ_FORMATS, detect_format, resolve_model_dir
-from .load import from_pretrained, load_converted, load_model, model_from_converted, read_pretrained
+from .load import from_pretrained, load_model, model_from_converted, read_pretrained
 
 FORMATS = READ_FORMATS  # the names of the formats vitkit reads (the registry: vitkit.interop.formats.REGISTRY)
 
-__all__ = ["from_pretrained", "read_pretrained", "model_from_converted", "load_converted", "load_model",
+__all__ = ["from_pretrained", "read_pretrained", "model_from_converted", "load_model",
            "detect_format", "resolve_model_dir", "LoadReport", "FORMATS"]

@@ -3,7 +3,7 @@ report, config inference from tensor shapes, and adapting a state dict to anothe
 class count or channel count.
 
 Every converter turns its source into ``Converted`` (a vitkit-named state dict + a ViTConfig +
-preprocessing + labels); :func:`load_converted` then builds the model and loads it through
+preprocessing + labels); :func:`~vitkit.interop.load.model_from_converted` then builds the model and loads it through
 :func:`load_into`, which checks every name and shape and produces a :class:`LoadReport`.
 """
 

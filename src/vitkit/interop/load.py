@@ -1,6 +1,6 @@
 """Weights in, a model out: read a source into a :class:`~vitkit.interop.common.Converted` bundle
 (:func:`read_pretrained`: hub id resolved, format detected, the format's reader run on one
-:class:`~vitkit.interop.source.Source`), then build the model from it (:func:`load_converted`, the
+:class:`~vitkit.interop.source.Source`), then build the model from it (:func:`model_from_converted`, the
 one place a model is built and loaded, for every format, vitkit's own included).
 
 This module is the only part of interop that imports the model; the formats and their writers
@@ -86,21 +86,16 @@ def read_pretrained(source, arch: Any = None, format: str | None = None, **hints
 
 def model_from_converted(conv: Converted, adapt: dict[str, Any] | None = None, strict: bool = True,
                          device: str | Any = "cpu", **overrides: Any) -> ViT:
-    """A model from a bundle of :func:`read_pretrained`: ``overrides`` (ViTConfig fields) applied to
-    its config, then :func:`load_converted` with ``adapt`` (image_size / num_classes / in_channels)."""
+    """The one place a model is built from a bundle of :func:`read_pretrained` and loaded, for every
+    format (vitkit's own included): ``overrides`` (ViTConfig fields) applied to its config, the
+    tensors adapted to ``adapt`` (image_size / num_classes / in_channels), the ViT built once, every
+    tensor copied through the strict name-and-shape check (:func:`load_into`), preprocessing, labels
+    and ``pretrained_info`` (with the load report) attached. Weights come in by two verbs:
+    :func:`read_pretrained` (a source -> a bundle) and this (a bundle -> a model)."""
     if overrides:
         conv.config = conv.config.replace(**overrides)
-    return load_converted(conv, adapt=adapt, strict=strict, device=device)
-
-
-def load_converted(conv: Converted, adapt: dict[str, Any] | None = None, strict: bool = True,
-                   device: str | Any = "cpu", source: str | None = None, info: dict[str, Any] | None = None) -> ViT:
-    """The one place a model is built and loaded, for every format (vitkit's own included):
-    adapt the tensors to ``adapt`` (image_size / num_classes / in_channels), build the ViT once,
-    copy every tensor through the strict name-and-shape check (:func:`load_into`), attach
-    preprocessing, labels and ``pretrained_info`` (with the load report)."""
     adapt = adapt or {}
-    src = source or conv.source
+    src = conv.source
     fmt = conv.format
     report = LoadReport(source=src, format=fmt, notes=list(conv.notes))
     report.unexpected.extend(conv.unexpected)
@@ -123,7 +118,7 @@ def load_converted(conv: Converted, adapt: dict[str, Any] | None = None, strict:
         labels = default_labels(target.num_classes) if fmt != "vitkit" else None
     model.labels = labels
     saved, found = (conv.info, {}) if fmt == "vitkit" else ({}, conv.info)  # vitkit: the saved info, updated
-    model.pretrained_info = {**saved, "format": fmt, "source": src, **(info or {}), **found,
+    model.pretrained_info = {**saved, "format": fmt, "source": src, **found,
                              "report": report.to_dict()}
     model.load_report = report
     return model.to(device).eval()
@@ -137,10 +132,8 @@ def load_model(directory: str | Path, device: str | Any = "cpu", strict: bool = 
     the head: a CheckpointError, or with ``strict=False`` a fresh head and everything else loaded);
     ``image_size=`` loads at the saved size and resamples the learned position table (sin/cos
     recomputed), as ``model.set_image_size``. Loads through the same strict name-and-shape
-    check as every other format (:func:`load_converted`)."""
+    check as every other format (:func:`model_from_converted`)."""
     conv = get("vitkit").read(Source(resolve_model_dir(directory)), None, None)
     new_size = overrides.pop("image_size", None)
-    if overrides:
-        conv.config = conv.config.replace(**overrides)
     adapt = {"image_size": new_size} if new_size is not None else {}
-    return load_converted(conv, adapt=adapt, strict=strict, device=device)
+    return model_from_converted(conv, adapt=adapt, strict=strict, device=device, **overrides)

@@ -2,7 +2,7 @@
 "vitkit"``, the ViTConfig, preprocessing, labels, pretrained_info) and ``model.safetensors``, or a
 training run directory (its ``best/``, else ``last/``). Written by :func:`vitkit.io.save_pretrained`
 (``model.save_pretrained``); read here into a :class:`~vitkit.interop.common.Converted` bundle, which
-the one strict loader (:func:`vitkit.interop.load.load_converted`) builds, as for any format.
+the one strict loader (:func:`vitkit.interop.load.model_from_converted`) builds, as for any format.
 """
 
 from __future__ import annotations

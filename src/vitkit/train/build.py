@@ -108,9 +108,9 @@ def build_run(cfg: TrainConfig, device: torch.device, dist: DistInfo, log) -> tu
                            dist=dist, regression_loss=loss_kind if loss_kind != "ce" else "mse", labels=data.classes,
                            amp_dtype=amp),
               cpu_linear=cpu_linear_kernels(cfg, model, device, log), log=log)
-    st = RunState(model=model, optimizer=optimizer, ema=ema, scaler=scaler, loader=loader, device=device,
+    state = RunState(model=model, optimizer=optimizer, ema=ema, scaler=scaler, loader=loader, device=device,
                   fsdp=fsdp, labels=list(data.classes) if data.classes else None)
-    return run, st
+    return run, state
 
 
 def train_loader(data: DataSplits, cfg: TrainConfig, *, batch_size: int, dist: DistInfo, device_type: str,

@@ -33,7 +33,7 @@ from ..infer.engine import packed_available
 MIN_FEATURES = 128
 
 
-def _lp(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+def _onednn_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     """``x @ w.T + b`` on oneDNN (x 2-D; w may be a transposed view)."""
     return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
 
@@ -47,7 +47,7 @@ class OneDNNLinearFn(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1]).contiguous()
         ctx.save_for_backward(x2, w)
         ctx.x_shape, ctx.has_bias = x.shape, b is not None
-        return _lp(x2, w.contiguous(), b).view(*x.shape[:-1], w.shape[0])
+        return _onednn_linear(x2, w.contiguous(), b).view(*x.shape[:-1], w.shape[0])
 
     @staticmethod
     @once_differentiable
@@ -56,9 +56,9 @@ class OneDNNLinearFn(torch.autograd.Function):
         g2 = g.reshape(-1, g.shape[-1]).contiguous()
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
-            gx = _lp(g2, w.t(), None).view(ctx.x_shape)
+            gx = _onednn_linear(g2, w.t(), None).view(ctx.x_shape)
         if ctx.needs_input_grad[1]:
-            gw = _lp(g2.t(), x2.t(), None) if w.shape[1] > w.shape[0] else g2.t() @ x2
+            gw = _onednn_linear(g2.t(), x2.t(), None) if w.shape[1] > w.shape[0] else g2.t() @ x2
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = g2.sum(0)
         return gx, gw, gb

@@ -94,34 +94,34 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, log=print, on_step
     log = log if dist.is_main else _quiet
     with StopSignals() as signals:
         if resume is None:  # everything is checked before a directory is claimed
-            run, st = build_run(cfg, device, dist, log)
+            run, state = build_run(cfg, device, dist, log)
             with run_directory(run.cfg, None, dist) as run_dir:
-                summary = run_session(run, st, open_session(run, st, run_dir, signals, on_step), t0)
+                summary = run_session(run, state, open_session(run, state, run_dir, signals, on_step), t0)
         else:  # the lock first: the state of a live run is neither read nor resumed twice
             with run_directory(cfg, resume, dist) as run_dir:
                 cfg, amended, saved = read_resume(run_dir, cfg, resume)
-                run, st = build_run(cfg, device, dist, log)
+                run, state = build_run(cfg, device, dist, log)
                 check_same_labels(saved, run.data.classes, run.cfg.data_dir, resume)
                 if saved is None:
                     log(f"{resume} has no training state yet (it stopped before its first checkpoint): starting it "
                         f"from the beginning with its recorded config")
-                session = open_session(run, st, run_dir, signals, on_step, saved=saved, amended=amended,
+                session = open_session(run, state, run_dir, signals, on_step, saved=saved, amended=amended,
                                        resumed=True)
-                summary = run_session(run, st, session, t0)
+                summary = run_session(run, state, session, t0)
     cleanup(dist)
     return summary
 
 
-def run_session(run: Run, st: RunState, session: Session, t0: float) -> dict[str, Any]:
+def run_session(run: Run, state: RunState, session: Session, t0: float) -> dict[str, Any]:
     """Epochs until the end (or this invocation's --max-steps), then finish; in the claimed run directory."""
     try:
-        while st.epoch < run.cfg.epochs:
-            if run_epoch(run, st, session):  # --max-steps inside the epoch: its position is saved
+        while state.epoch < run.cfg.epochs:
+            if run_epoch(run, state, session):  # --max-steps inside the epoch: its position is saved
                 break
-            end_epoch(run, st, session)
-            if session.stop_at and st.step >= session.stop_at:
+            end_epoch(run, state, session)
+            if session.stop_at and state.step >= session.stop_at:
                 break
-        return finish(run, st, session, t0)
+        return finish(run, state, session, t0)
     except RuntimeError as e:  # torch reports a dead worker from its SIGCHLD handler, anywhere
         if "DataLoader worker" not in str(e):
             raise
@@ -135,15 +135,15 @@ def run_session(run: Run, st: RunState, session: Session, t0: float) -> dict[str
 
 
 # --------------------------------------------------------------------------- one step, one epoch
-def train_step(run: Run, st: RunState, x: torch.Tensor, y: torch.Tensor) -> None:
+def train_step(run: Run, state: RunState, x: torch.Tensor, y: torch.Tensor) -> None:
     """One optimizer step on this rank's batch (x in [0, 1]): device augmentation, forward, loss,
     backward (over --accum-steps micro-batches), clip, step, EMA. No host sync."""
     cfg = run.cfg
-    set_lr(st.optimizer, lr_at(st.step, run.total_steps, run.warmup_steps, cfg.lr, cfg.min_lr))
+    set_lr(state.optimizer, lr_at(state.step, run.total_steps, run.warmup_steps, cfg.lr, cfg.min_lr))
     y_host = y
     x, y = host_to_device(x, run.device), host_to_device(y, run.device)  # the loader pinned them
     if run.affine:  # parameters drawn on the host: the same stream on every device
-        x = apply_affine(x, host_to_device(step_theta(run, st.step, len(x)), run.device))
+        x = apply_affine(x, host_to_device(step_theta(run, state.step, len(x)), run.device))
     x = normalize(x, run.data.mean, run.data.std)
     y_hard = y
     if run.mixer is not None:
@@ -159,17 +159,17 @@ def train_step(run: Run, st: RunState, x: torch.Tensor, y: torch.Tensor) -> None
                 onednn_linear(run.cpu_linear):
             out = run.wrapped(xc)
             loss = run.loss_fn(out.float(), yc)
-        st.scaler.scale(loss * (len(xc) / len(x))).backward()
+        state.scaler.scale(loss * (len(xc) / len(x))).backward()
         correct = (out.argmax(1) == hc).sum() if run.data.task == "classification" else loss.new_zeros(())
-        st.note_loss(loss, correct, len(xc))
+        state.note_loss(loss, correct, len(xc))
     if cfg.grad_clip > 0:
-        st.scaler.unscale_(st.optimizer)
-        torch.nn.utils.clip_grad_norm_(st.model.parameters(), cfg.grad_clip)
-    st.scaler.step(st.optimizer)
-    st.scaler.update()
-    st.optimizer.zero_grad(set_to_none=True)
-    if st.ema is not None:
-        st.ema.update_parameters(st.model)
+        state.scaler.unscale_(state.optimizer)
+        torch.nn.utils.clip_grad_norm_(state.model.parameters(), cfg.grad_clip)
+    state.scaler.step(state.optimizer)
+    state.scaler.update()
+    state.optimizer.zero_grad(set_to_none=True)
+    if state.ema is not None:
+        state.ema.update_parameters(state.model)
 
 
 def host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -192,149 +192,149 @@ def step_theta(run: Run, step: int, n_local: int) -> torch.Tensor:
     return theta[begin:begin + n_local]
 
 
-def run_epoch(run: Run, st: RunState, session: Session) -> bool:
+def run_epoch(run: Run, state: RunState, session: Session) -> bool:
     """Train through the rest of the epoch; True when --max-steps stopped this invocation inside it
     (last/ and the state are then saved mid-epoch, as a signal saves them, so --resume continues exactly)."""
     cfg = run.cfg
     run.wrapped.train()
-    st.loader.set_epoch(st.epoch)
-    bar = progress_bar(total=len(st.loader), initial=st.batch_pos, desc=f"epoch {st.epoch + 1}/{cfg.epochs}",
+    state.loader.set_epoch(state.epoch)
+    bar = progress_bar(total=len(state.loader), initial=state.batch_pos, desc=f"epoch {state.epoch + 1}/{cfg.epochs}",
                        disable=not (run.dist.is_main and cfg.progress), leave=False, unit="step")
-    begin = time.time() - st.seconds
+    begin = time.time() - state.seconds
     at_limit = False
-    for batch in st.loader:
+    for batch in state.loader:
         if batch is not None:  # None: every image of the batch skipped (--skip-bad-images)
-            train_step(run, st, *batch)
-        st.step += 1
-        st.batch_pos += 1
-        st.seconds = time.time() - begin
+            train_step(run, state, *batch)
+        state.step += 1
+        state.batch_pos += 1
+        state.seconds = time.time() - begin
         bar.update(1)
         if session.on_step is not None:
-            session.on_step(st)
-        at_limit = bool(session.stop_at) and st.step >= session.stop_at
+            session.on_step(state)
+        at_limit = bool(session.stop_at) and state.step >= session.stop_at
         local_signal = session.signals.signum and not run.dist.enabled  # torchrun: all ranks stop at a read point
-        if local_signal or at_limit or st.step % cfg.log_every == 0:
-            signum = read_point(run, st, session, bar)
+        if local_signal or at_limit or state.step % cfg.log_every == 0:
+            signum = read_point(run, state, session, bar)
             if signum and not at_limit:
                 bar.close()
-                interrupt(run, st, session, signum)
+                interrupt(run, state, session, signum)
         if at_limit:
             break
     bar.close()
-    if at_limit and st.batch_pos < len(st.loader):
-        save_model(run, st, st.model, session.run_dir / "last", "model")
-        save_checkpoint(run, st, session, mid_epoch=True)
+    if at_limit and state.batch_pos < len(state.loader):
+        save_model(run, state, state.model, session.run_dir / "last", "model")
+        save_checkpoint(run, state, session, mid_epoch=True)
         barrier(run.dist)
         return True
     return False
 
 
-def read_point(run: Run, st: RunState, session: Session, bar=None) -> int:
+def read_point(run: Run, state: RunState, session: Session, bar=None) -> int:
     """The loop's host sync: the first non-finite loss (raises), the stop signal (maximum over the
     ranks: one all-reduce) and the progress numbers. Returns the signal number (0: none)."""
-    nonfinite = st.first_nonfinite
+    nonfinite = state.first_nonfinite
     flags = torch.stack([nonfinite[0], torch.full_like(nonfinite[0], float(session.signals.signum))])
     all_reduce_max(flags, run.dist)
-    bad_step, signum, bad_loss, loss_sum, correct, count = torch.cat([flags, nonfinite[1:], st.sums]).tolist()
+    bad_step, signum, bad_loss, loss_sum, correct, count = torch.cat([flags, nonfinite[1:], state.sums]).tolist()
     if bad_step >= 0:
-        raise non_finite(run, st, session, int(bad_step), bad_loss)
+        raise non_finite(run, state, session, int(bad_step), bad_loss)
     if bar is not None and run.dist.is_main and run.cfg.progress:
         post = {"loss": f"{loss_sum / max(count, 1):.4f}",
-                "lr": f"{lr_at(st.step - 1, run.total_steps, run.warmup_steps, run.cfg.lr, run.cfg.min_lr):.2e}",
-                "img/s": f"{count * run.dist.world_size / max(st.seconds, 1e-9):.0f}"}
+                "lr": f"{lr_at(state.step - 1, run.total_steps, run.warmup_steps, run.cfg.lr, run.cfg.min_lr):.2e}",
+                "img/s": f"{count * run.dist.world_size / max(state.seconds, 1e-9):.0f}"}
         if run.data.task == "classification":
             post["acc"] = f"{correct / max(count, 1):.3f}"
         bar.set_postfix(post, refresh=False)
     return int(signum)
 
 
-def non_finite(run: Run, st: RunState, session: Session, bad_step: int, bad_loss: float) -> NonFiniteLoss:
+def non_finite(run: Run, state: RunState, session: Session, bad_step: int, bad_loss: float) -> NonFiniteLoss:
     ckpt = session.run_dir / STATE_NAME
-    last = f"{ckpt} (end of epoch {st.epoch})" if ckpt.exists() else "none yet"
-    batch = bad_step - (st.step - st.batch_pos) + 1
+    last = f"{ckpt} (end of epoch {state.epoch})" if ckpt.exists() else "none yet"
+    batch = bad_step - (state.step - state.batch_pos) + 1
     value = bad_loss if bad_loss != 0.0 else "non-finite"  # another rank's loss
     return NonFiniteLoss(
-        f"loss is {value} at step {bad_step} (epoch {st.epoch + 1}, batch {batch}); stopped at step {st.step} "
+        f"loss is {value} at step {bad_step} (epoch {state.epoch + 1}, batch {batch}); stopped at step {state.step} "
         f"(the loss is read every --log-every {run.cfg.log_every} steps; nothing was saved after it). Last good "
         f"checkpoint kept: {last}. Try a lower --lr or --grad-clip.")
 
 
-def interrupt(run: Run, st: RunState, session: Session, signum: int) -> None:
-    save_checkpoint(run, st, session, mid_epoch=True)
+def interrupt(run: Run, state: RunState, session: Session, signum: int) -> None:
+    save_checkpoint(run, state, session, mid_epoch=True)
     barrier(run.dist)  # no rank exits (and makes torchrun kill the others) before rank 0 has written
     raise TrainingInterrupted(
-        f"interrupted by signal {signum} at step {st.step} (epoch {st.epoch + 1}); state saved to "
+        f"interrupted by signal {signum} at step {state.step} (epoch {state.epoch + 1}); state saved to "
         f"{session.run_dir / STATE_NAME}. Continue with: vitkit train --resume {shlex.quote(str(session.run_dir))}",
         signum)
 
 
 # --------------------------------------------------------------------------- epoch end
-def train_record(run: Run, st: RunState) -> tuple[dict[str, Any], float]:
+def train_record(run: Run, state: RunState) -> tuple[dict[str, Any], float]:
     """The epoch's record so far (epoch, step, lr, train loss / accuracy) from the reduced sums, and
     the images counted."""
     cfg = run.cfg
-    loss_sum, correct, count = all_reduce_sum(st.sums.clone(), run.dist).tolist()
-    rec: dict[str, Any] = {"epoch": st.epoch + 1, "step": st.step,
-                           "lr": lr_at(max(st.step - 1, 0), run.total_steps, run.warmup_steps, cfg.lr, cfg.min_lr),
+    loss_sum, correct, count = all_reduce_sum(state.sums.clone(), run.dist).tolist()
+    rec: dict[str, Any] = {"epoch": state.epoch + 1, "step": state.step,
+                           "lr": lr_at(max(state.step - 1, 0), run.total_steps, run.warmup_steps, cfg.lr, cfg.min_lr),
                            "train_loss": loss_sum / max(count, 1)}
     if run.data.task == "classification":
         rec["train_accuracy"] = correct / max(count, 1)
     return rec, count
 
 
-def end_epoch(run: Run, st: RunState, session: Session) -> None:
+def end_epoch(run: Run, state: RunState, session: Session) -> None:
     """Read and reduce the epoch's sums, evaluate, write metrics / last / best / state."""
     cfg = run.cfg
-    signum = read_point(run, st, session)  # a non-finite loss raises here, before anything is saved
-    seconds = st.seconds
-    rec, count = train_record(run, st)
-    st.epoch += 1
-    st.batch_pos, st.seconds = 0, 0.0
-    st.reset_sums()
+    signum = read_point(run, state, session)  # a non-finite loss raises here, before anything is saved
+    seconds = state.seconds
+    rec, count = train_record(run, state)
+    state.epoch += 1
+    state.batch_pos, state.seconds = 0, 0.0
+    state.reset_sums()
     # a --max-steps stop at this epoch's end is not "last": the state saved here is the uninterrupted
     # run's, so a later --resume continues exactly (finish reports the stop's weights after it)
-    last = st.epoch == cfg.epochs
-    if st.epoch % cfg.eval_every == 0 or last:
-        evaluate_epoch(run, st, session, rec, last)
+    last = state.epoch == cfg.epochs
+    if state.epoch % cfg.eval_every == 0 or last:
+        evaluate_epoch(run, state, session, rec, last)
     rec["epoch_seconds"] = round(seconds, 3)
     rec["images_per_second"] = round(count / max(seconds, 1e-9), 1)
-    st.history.append(rec)
+    state.history.append(rec)
     if run.dist.is_main:
         with open(session.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(rec) + "\n")
         if session.tb is not None:
             for k, v in rec.items():
                 if isinstance(v, (int, float)) and k != "epoch":
-                    session.tb.add_scalar(k, v, st.epoch)
-    save_model(run, st, st.model, session.run_dir / "last", "model")
-    save_checkpoint(run, st, session, mid_epoch=False)
+                    session.tb.add_scalar(k, v, state.epoch)
+    save_model(run, state, state.model, session.run_dir / "last", "model")
+    save_checkpoint(run, state, session, mid_epoch=False)
     run.log(_epoch_line(rec, cfg.epochs))
     barrier(run.dist)
     if signum:
         raise TrainingInterrupted(
-            f"interrupted by signal {signum} at the end of epoch {st.epoch}; state saved to "
+            f"interrupted by signal {signum} at the end of epoch {state.epoch}; state saved to "
             f"{session.run_dir / STATE_NAME}. Continue with: vitkit train --resume "
             f"{shlex.quote(str(session.run_dir))}", signum)
 
 
-def evaluate_epoch(run: Run, st: RunState, session: Session, rec: dict[str, Any], last: bool) -> None:
+def evaluate_epoch(run: Run, state: RunState, session: Session, rec: dict[str, Any], last: bool) -> None:
     """Model and EMA on the validation split, into ``rec``; then best/ (see --select)."""
-    cands = candidates(st)
+    cands = candidates(state)
     scores = validate(run, cands, rec)
     for which, score in scores.items():
         # --select best: validation accuracy moves in steps of 1/len(val) (0.56% on digits): on a
         # tie the lower validation loss wins, otherwise an early lucky epoch is kept forever.
-        if run.cfg.select == "best" and score > st.best["score"]:
+        if run.cfg.select == "best" and score > state.best["score"]:
             pre = "val" if which == "model" else "val_ema"
-            st.best = {"score": score, "epoch": st.epoch, "step": st.step, "which": which,
+            state.best = {"score": score, "epoch": state.epoch, "step": state.step, "which": which,
                        "val_accuracy": rec.get(f"{pre}_accuracy"), "val_loss": rec[f"{pre}_loss"]}
-            save_model(run, st, cands[which], session.run_dir / "best", which)
+            save_model(run, state, cands[which], session.run_dir / "best", which)
     if run.cfg.select == "final" and last:
-        choose_final(run, st, session, cands, scores, rec)
+        choose_final(run, state, session, cands, scores, rec)
 
 
-def candidates(st: RunState) -> dict[str, torch.nn.Module]:
-    return {"model": st.model, **({"ema": st.ema.module} if st.ema is not None else {})}
+def candidates(state: RunState) -> dict[str, torch.nn.Module]:
+    return {"model": state.model, **({"ema": state.ema.module} if state.ema is not None else {})}
 
 
 def validate(run: Run, cands: dict[str, torch.nn.Module], rec: dict[str, Any]) -> dict[str, list[float]]:
@@ -357,7 +357,7 @@ def validate(run: Run, cands: dict[str, torch.nn.Module], rec: dict[str, Any]) -
     return scores
 
 
-def choose_final(run: Run, st: RunState, session: Session, cands: dict[str, torch.nn.Module],
+def choose_final(run: Run, state: RunState, session: Session, cands: dict[str, torch.nn.Module],
                  scores: dict[str, list[float]], rec: dict[str, Any]) -> None:
     """--select final: of the weights the schedule ends with, the model or its EMA, whichever scores
     better on validation (accuracy, then loss; regression: loss). A short run's EMA lags its model
@@ -373,11 +373,11 @@ def choose_final(run: Run, st: RunState, session: Session, cands: dict[str, torc
                   f"{other} ({rec[f'{opre}_{metric}']:.4f}, {rec[f'{opre}_loss']:.4f})")
     elif len(cands) > 1:
         choice = f"{which} (no validation split to choose by: the EMA, where the schedule ends)"
-    st.best = {"score": scores.get(which, [0.0, 0.0]), "epoch": st.epoch, "step": st.step, "which": which,
+    state.best = {"score": scores.get(which, [0.0, 0.0]), "epoch": state.epoch, "step": state.step, "which": which,
                "val_accuracy": rec.get(f"{pre}_accuracy"), "val_loss": rec.get(f"{pre}_loss"), "choice": choice}
     if choice:
         run.log(f"final weights: {choice}")
-    save_model(run, st, cands[which], session.run_dir / "best", which)
+    save_model(run, state, cands[which], session.run_dir / "best", which)
 
 
 def _epoch_line(rec: dict[str, Any], epochs: int) -> str:
@@ -397,81 +397,81 @@ def test_split_name(data: DataSplits) -> str:
     return data.test_name if data.test is not None else data.val_name
 
 
-def finish(run: Run, st: RunState, session: Session, t0: float) -> dict[str, Any]:
+def finish(run: Run, state: RunState, session: Session, t0: float) -> dict[str, Any]:
     """Test the best weights; write summary.json, test_report.json and the plots; mark the state finished."""
     from ..interop import load_model
     from .plots import plot_confusion, plot_curves
 
     data, dist, run_dir = run.data, run.dist, session.run_dir
-    done = st.epoch >= run.cfg.epochs
+    done = state.epoch >= run.cfg.epochs
     stop_rec: dict[str, Any] = {}
     if not done:  # --max-steps stopped this invocation: report the weights it ends with, as the run's end would
-        where = f"the end of epoch {st.epoch}" if not st.batch_pos else f"epoch {st.epoch + 1}, batch {st.batch_pos}"
-        run.log(f"stopped by --max-steps {run.cfg.max_steps} at step {st.step} of {run.total_steps} ({where}); "
+        where = f"the end of epoch {state.epoch}" if not state.batch_pos else f"epoch {state.epoch + 1}, batch {state.batch_pos}"
+        run.log(f"stopped by --max-steps {run.cfg.max_steps} at step {state.step} of {run.total_steps} ({where}); "
                 f"state saved: continue with vitkit train --resume {shlex.quote(str(run_dir))}")
-        stop_rec = stop_record(run, st, session)
+        stop_rec = stop_record(run, state, session)
     split = test_split_name(data)
     best_dir = run_dir / "best"
-    best_model = load_model(best_dir, device=run.device) if best_dir.exists() else st.model
+    best_model = load_model(best_dir, device=run.device) if best_dir.exists() else state.model
     test = data.test if data.test is not None else data.val
     r = evaluate(best_model, test, workers=run.cfg.workers, **run.eval_kw)
-    wall = round(time.time() - t0 + st.wall_seconds, 2)
+    wall = round(time.time() - t0 + state.wall_seconds, 2)
     summary: dict[str, Any] = {
-        "dataset": data.name, "task": data.task, "epochs": st.history[-1]["epoch"] if st.history else 0,
-        "steps": st.step, "params": st.model.num_params(), "test_split": split, "test_loss": r["loss"],
-        "finished": done, "best_epoch": st.best["epoch"], "best_step": st.best.get("step"),
-        "best_weights": st.best["which"], "weights_choice": st.best.get("choice"),
-        "ema_decay": st.ema.decay if st.ema is not None else None, "wall_seconds": wall,
+        "dataset": data.name, "task": data.task, "epochs": state.history[-1]["epoch"] if state.history else 0,
+        "steps": state.step, "params": state.model.num_params(), "test_split": split, "test_loss": r["loss"],
+        "finished": done, "best_epoch": state.best["epoch"], "best_step": state.best.get("step"),
+        "best_weights": state.best["which"], "weights_choice": state.best.get("choice"),
+        "ema_decay": state.ema.decay if state.ema is not None else None, "wall_seconds": wall,
         "world_size": dist.world_size, "threads": torch.get_num_threads(), "run_dir": str(run_dir),
-        "skipped_images": st.loader.skipped + len(getattr(data, "skipped_files", [])),
+        "skipped_images": state.loader.skipped + len(getattr(data, "skipped_files", [])),
         # an image of the run's own data for the "next:" commands (file datasets only)
         "example_image": str(test.paths[0]) if getattr(test, "paths", None) else None}
     if data.task == "classification":
-        final = stop_rec or (st.history[-1] if st.history else {})
+        final = stop_rec or (state.history[-1] if state.history else {})
         summary.update(test_accuracy=r["accuracy"], test_macro_f1=r["macro_f1"],
-                       best_val_accuracy=st.best["val_accuracy"], final_val_accuracy=final.get("val_accuracy"),
+                       best_val_accuracy=state.best["val_accuracy"], final_val_accuracy=final.get("val_accuracy"),
                        final_val_ema_accuracy=final.get("val_ema_accuracy"))
         if r["top5"] is not None:  # with 5 classes or fewer top-5 is always 1.0
             summary["test_top5"] = r["top5"]
     else:
-        summary.update(test_mae=r["mae"], test_rmse=r["rmse"], test_r2=r["r2"], best_val_loss=st.best.get("val_loss"))
+        summary.update(test_mae=r["mae"], test_rmse=r["rmse"], test_r2=r["r2"], best_val_loss=state.best.get("val_loss"))
     if dist.is_main:
-        _write_results(run, st, run_dir, r, summary, plot_curves, plot_confusion)
+        _write_results(run, state, run_dir, r, summary, plot_curves, plot_confusion)
     if done:  # a stopped run's state stays the one saved where it stopped: --resume continues exactly
-        st.wall_seconds = wall
-        save_checkpoint(run, st, session, mid_epoch=False, finished=True)
+        state.wall_seconds = wall
+        save_checkpoint(run, state, session, mid_epoch=False, finished=True)
     return summary
 
 
-def stop_record(run: Run, st: RunState, session: Session) -> dict[str, Any]:
+def stop_record(run: Run, state: RunState, session: Session) -> dict[str, Any]:
     """Where --max-steps stopped this invocation: the model and EMA on validation, and with --select
     final (or no best epoch yet) best/ = the better of them, as the run's end would choose. Inside an
     epoch, metrics.jsonl gets a ``"partial": true`` line for the epoch so far (a resume rewrites the file
     to the saved history); that record is returned ({} at an epoch end). Nothing here reaches the saved state."""
     rec: dict[str, Any] = {}
-    if st.batch_pos:
-        rec, count = train_record(run, st)
+    if state.batch_pos:
+        rec, count = train_record(run, state)
         rec["partial"] = True
-    cands = candidates(st)
+    cands = candidates(state)
     scores = validate(run, cands, rec)
-    if run.cfg.select == "final" or st.best["epoch"] < 0:
-        choose_final(run, st, session, cands, scores, rec)
-    if not st.batch_pos:
+    if run.cfg.select == "final" or state.best["epoch"] < 0:
+        choose_final(run, state, session, cands, scores, rec)
+    if not state.batch_pos:
         return {}
-    rec["epoch_seconds"] = round(st.seconds, 3)
-    rec["images_per_second"] = round(count / max(st.seconds, 1e-9), 1)
+    rec["epoch_seconds"] = round(state.seconds, 3)
+    rec["images_per_second"] = round(count / max(state.seconds, 1e-9), 1)
     if run.dist.is_main:
         with open(session.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(rec) + "\n")
     return rec
 
 
-def _write_results(run: Run, st: RunState, run_dir: Path, r: dict[str, Any], summary: dict[str, Any], plot_curves,
+def _write_results(run: Run, state: RunState, run_dir: Path, r: dict[str, Any], summary: dict[str, Any], plot_curves,
                    plot_confusion) -> None:
     data, split = run.data, summary["test_split"]
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-    if st.history:
-        plot_curves(st.history, run_dir / "curves.png")
+    if state.history:
+        plot_curves(state.history, run_dir / "curves.png")
     where = f"on the {split} split" + (" (no test split: it also selected the best epoch)"
                                        if data.test is None or data.test is data.val else "")
     if data.task == "classification":
@@ -479,9 +479,9 @@ def _write_results(run: Run, st: RunState, run_dir: Path, r: dict[str, Any], sum
                        title=f"{data.name} {split}, accuracy {r['accuracy']:.4f}")
         atomic_write_text(run_dir / "test_report.json", json.dumps(r, indent=2) + "\n")
         top5 = f"top-5 {r['top5']:.4f}, " if r["top5"] is not None else ""
-        b = st.best
-        mid = st.batch_pos and b.get("step") == st.step  # chosen where --max-steps stopped inside an epoch
-        when = f"at step {st.step}" if mid else f"of epoch {b['epoch']}"
+        b = state.best
+        mid = state.batch_pos and b.get("step") == state.step  # chosen where --max-steps stopped inside an epoch
+        when = f"at step {state.step}" if mid else f"of epoch {b['epoch']}"
         run.log(f"test accuracy {r['accuracy']:.4f} ({top5}loss {r['loss']:.4f}) {where} with the "
                 f"{'best ' if run.cfg.select == 'best' else ''}{b['which']} weights {when}  |  "
                 f"{summary['wall_seconds']:.1f} s  |  {run_dir}")

@@ -74,7 +74,7 @@ class Session:
     tb: Any  # a TensorBoard SummaryWriter (rank 0, --tensorboard), or None
 
 
-def open_session(run: Run, st: RunState, run_dir: Path, signals: StopSignals, on_step, *,
+def open_session(run: Run, state: RunState, run_dir: Path, signals: StopSignals, on_step, *,
                  saved: dict[str, Any] | None = None, amended: dict[str, tuple[Any, Any]] | None = None,
                  resumed: bool = False) -> Session:
     """Restore a saved state; write config.yaml (a new run: a recipe, it never carries where to write)
@@ -82,7 +82,7 @@ def open_session(run: Run, st: RunState, run_dir: Path, signals: StopSignals, on
     cfg, data, dist = run.cfg, run.data, run.dist
     if saved is not None:
         try:
-            st.load_state_dict(saved, dist)
+            state.load_state_dict(saved, dist)
         except (RuntimeError, KeyError, ValueError) as e:  # torch's size mismatch: the state is not this model's
             raise CheckpointError(f"{run_dir / STATE_NAME} does not fit the model built from the run's config "
                                   f"({str(e).strip().splitlines()[0][:300]})") from e
@@ -90,21 +90,21 @@ def open_session(run: Run, st: RunState, run_dir: Path, signals: StopSignals, on
         if not resumed:
             cfg.replace(out=None).save(run_dir / CONFIG_FILE)
         elif amended:
-            record_amendment(run_dir, {k: new for k, (_, new) in amended.items()}, step=st.step, epoch=st.epoch)
+            record_amendment(run_dir, {k: new for k, (_, new) in amended.items()}, step=state.step, epoch=state.epoch)
         if resumed:  # metrics.jsonl = exactly the epochs in the state (none for a restart)
-            atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in st.history))
+            atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in state.history))
     if amended:
         run.log(f"amended (recorded in {AMENDMENTS_FILE}): "
                 + ", ".join(f"{k} {old} -> {new}" for k, (old, new) in amended.items()))
     if saved is not None:
-        run.log(f"resumed {run_dir} at epoch {st.epoch}, step {st.step}"
-                + (f" (batch {st.batch_pos})" if st.batch_pos else ""))
-    c = st.model.config
+        run.log(f"resumed {run_dir} at epoch {state.epoch}, step {state.step}"
+                + (f" (batch {state.batch_pos})" if state.batch_pos else ""))
+    c = state.model.config
     run.log(f"run dir: {run_dir}  |  {data.name}: {len(data.train)} train images, {data.num_outputs} "
-            f"{'classes' if data.task == 'classification' else 'targets'}  |  model: {st.model.num_params():,} "
+            f"{'classes' if data.task == 'classification' else 'targets'}  |  model: {state.model.num_params():,} "
             f"params, {c.num_tokens} tokens  |  device {run.device}, {torch.get_num_threads()} thread(s), "
             f"world {dist.world_size}")
-    return Session(run_dir=run_dir, stop_at=st.step + cfg.max_steps if cfg.max_steps else 0, signals=signals,
+    return Session(run_dir=run_dir, stop_at=state.step + cfg.max_steps if cfg.max_steps else 0, signals=signals,
                    on_step=on_step, tb=_tensorboard(run, run_dir))
 
 
@@ -119,22 +119,22 @@ def _tensorboard(run: Run, run_dir: Path):
     return SummaryWriter(str(run_dir))
 
 
-def save_checkpoint(run: Run, st: RunState, session: Session, *, mid_epoch: bool, finished: bool = False) -> None:
+def save_checkpoint(run: Run, state: RunState, session: Session, *, mid_epoch: bool, finished: bool = False) -> None:
     """train_state.pt, atomically (collective under torchrun; rank 0 writes)."""
-    state = st.state_dict(run.dist, mid_epoch=mid_epoch, finished=finished)
+    saved = state.state_dict(run.dist, mid_epoch=mid_epoch, finished=finished)
     if run.dist.is_main:
-        save_state(session.run_dir / STATE_NAME, state)
+        save_state(session.run_dir / STATE_NAME, saved)
 
 
-def save_model(run: Run, st: RunState, weights_src, directory: Path, which: str) -> None:
+def save_model(run: Run, state: RunState, weights_src, directory: Path, which: str) -> None:
     """Save ``weights_src`` (the model or the EMA copy) with the model's labels and preprocessing."""
     from ..io import save_pretrained
 
-    model = st.model
-    if st.fsdp:  # gather the full weights (every rank), rank 0 saves a plain copy
+    model = state.model
+    if state.fsdp:  # gather the full weights (every rank), rank 0 saves a plain copy
         from .. import ViT
 
-        full = st.model_state()
+        full = state.model_state()
         if not run.dist.is_main:
             return
         weights_src = ViT(model.config)
