@@ -15,7 +15,7 @@ from PIL import Image
 import vitkit
 from vitkit.cli.main import main
 
-FIGS = {"patches", "tokens", "filters", "posemb", "attention", "rollout", "distance", "predictions"}
+FIGS = {"patches", "tokens", "filters", "posemb", "attention", "rollout", "distance", "predictions", "pca", "norms"}
 
 
 @pytest.fixture(scope="module")

@@ -37,9 +37,8 @@ def _unpack(page: str) -> tuple[dict, dict[str, np.ndarray]]:
     buf = zlib.decompress(base64.b64decode(blob))
     out = {}
     for name, a in meta["arrays"].items():
-        dt = np.uint8 if a["dtype"] == "u8" else np.dtype("<f4")
-        if dt != np.uint8:
-            assert a["offset"] % 4 == 0  # a JS Float32Array view needs it
+        dt = {"u8": np.dtype(np.uint8), "u16": np.dtype("<u2"), "f32": np.dtype("<f4")}[a["dtype"]]
+        assert a["offset"] % dt.itemsize == 0  # a JS typed-array view needs it
         out[name] = np.frombuffer(buf, dtype=dt, count=a["size"], offset=a["offset"]).reshape(a["shape"])
     return meta, out
 
@@ -221,3 +220,72 @@ def test_every_family_loaded_from_timm(variant, kw, prefix, readout, tmp_path):
     assert [p["index"] for p in meta["predictions"]] == want.topk(3).indices.tolist()
     np.testing.assert_allclose([p["p"] for p in meta["predictions"]], want.topk(3).values.numpy(), atol=1e-5)
     assert ("pool" in arrays) == (readout == "map")
+
+
+@pytest.mark.slow  # ~60 s on a loaded 2-core machine: DINOv2-S/14 at 518 px, 1,370 tokens
+def test_real_dinov2_at_518_fits_10_mb_with_its_stated_precision(real_dinov2):
+    """The issue's case: a real DINOv2-S/14 at 518 px on a real photo (102 MB with the dense
+    encoding). The compact page is <= 10 MB; the head-mean attention decodes within 1/30 of each
+    row's maximum of the model's own weights; correspondence of the photo with itself puts every
+    patch's best match on itself at every layer."""
+    skdata = pytest.importorskip("skimage.data")
+    from PIL import Image
+
+    from vitkit.viz.explore import COMPACT_BUDGET, COMPACT_LEVELS, explore
+
+    m = vitkit.from_pretrained(real_dinov2).eval()
+    cat = Image.fromarray(skdata.chelsea())
+    meta, arrays = explore(m, cat, compare=cat)
+    page = render_explore(meta, arrays)
+    assert meta["encoding"] == "compact" and meta["tokens"] == 1370
+    assert len(page.encode()) <= COMPACT_BUDGET, f"{len(page.encode()) / 1e6:.2f} MB"
+    _, dec = _unpack(page)
+    from vitkit.viz.report import prepare_image
+
+    x, _ = prepare_image(m, cat)
+    with torch.no_grad():
+        _, attns = m(x, return_attention=True)
+    for layer in (0, 11):
+        want = attns[layer][0].double().mean(0).numpy()
+        got = dequantise_rows(dec["attnm_q"][layer], dec["attnm_s"][layer], COMPACT_LEVELS)
+        assert (np.abs(got - want) <= want.max(-1, keepdims=True) / (2 * COMPACT_LEVELS) + 1e-6).all()
+    best = dec["corr_i"][:, :, 0].astype(int)  # (L, N): the best B patch of every A patch, B = A
+    assert (best == np.arange(meta["grid"][0] * meta["grid"][1])).all()
+
+
+def test_explore_cli_serves_rows_equal_to_the_models_maps(tmp_path, capsys):
+    """`vitkit explore` in a subprocess: it prints its URL, serves the page and the exact rows
+    (attention of one head for a patch query = the model's own weights), answers a bad view with
+    400, and refuses a bad port with the CLI's exit 2."""
+    import subprocess
+    import sys
+    import urllib.error
+    import urllib.request
+
+    torch.manual_seed(0)
+    m = vitkit.create_model(vitkit.ViTConfig(image_size=8, patch_size=2, in_channels=1, num_classes=10, dim=16,
+                                             depth=2, num_heads=2))
+    m.save_pretrained(tmp_path / "m")
+    assert main(["explore", "digits:7", "--model", str(tmp_path / "m"), "--port", "70000"]) == 2
+    assert "--port" in capsys.readouterr().err
+    proc = subprocess.Popen([sys.executable, "-m", "vitkit", "explore", "digits:7", "--model", str(tmp_path / "m"),
+                             "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        url = re.search(r"serving (http://127\.0\.0\.1:\d+/)", line).group(1)
+        page = urllib.request.urlopen(url, timeout=30).read().decode()
+        assert "vitkit-meta" in page and '"served": true' in page
+        raw = urllib.request.urlopen(url + "row?mode=attention&layer=1&head=0&patch=5&class=", timeout=30).read()
+        row = np.frombuffer(raw, dtype="<f4")
+        from vitkit.viz.report import prepare_image
+
+        x, _ = prepare_image(m.eval(), "digits:7")
+        with torch.no_grad():
+            _, attns = m(x, return_attention=True)
+        np.testing.assert_allclose(row, attns[1][0, 0, 1 + 5].numpy(), atol=1e-6)  # token 1 + 5: patch 5
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(url + "row?mode=attention&layer=9&head=0&patch=5", timeout=30)
+        assert e.value.code == 400
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

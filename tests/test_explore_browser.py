@@ -165,3 +165,36 @@ def test_map_readout_page(page, pages):
         v, top = _shown_max(page)
         assert top == int(np.argmax(row)) and abs(v - row.max()) < 1e-4
     assert page.errors() == []
+
+
+def test_served_page_asks_the_server_for_each_row():
+    """vitkit explore's page: every row comes from the local server at full precision, equal to the
+    model's own maps; clicks and the fragment work as on the static page; console clean."""
+    from vitkit.viz.serve import ExploreState, query_row, serve_in_thread
+
+    m = _model(num_registers=2)
+    state = ExploreState(m, torch.rand(3, 24, 32) * 2 - 1, classes=2)
+    assert '"attn_q"' not in state.page.decode() and state.meta["encoding"] == "served"  # no map shipped
+    server, url = serve_in_thread(state)
+    try:
+        with Page(url, fragment="layer=1&head=1&patch=reg1&mode=attention", width=1100, height=800) as p:
+            assert p.wait_for(READY) == "1"
+            row = state.maps["attention"][1, 1, 2, 3:]  # register 1 = token 2; the patch keys
+            v, k = _shown_max(p)
+            assert k == int(np.argmax(row)) and abs(v - row.max()) < 1e-4
+            meta = state.meta
+            h0 = p.evaluate(HASH_JS)
+            p.click(*_patch_xy(p, meta, 5))
+            assert p.wait_for("(document.body.dataset.state || '').includes('patch=5') ? '1' : ''") == "1"
+            assert p.fragment.startswith("layer=1&head=1&patch=5&")
+            assert p.evaluate(HASH_JS) != h0
+            for mode, patch in (("rollout", 4), ("similarity", "cls"), ("attribution", 7)):
+                p.navigate(f"layer=0&head=mean&patch={patch}&mode={mode}&class={meta['classes'][1]['index']}")
+                assert p.wait_for(READY) == "1"
+                want = query_row(meta, state.maps, mode, 0, "mean", patch, meta["classes"][1]["index"])[3:]
+                v, k = _shown_max(p)
+                assert k == int(np.argmax(want)) and abs(v - want.max()) < 1e-4, mode
+            assert p.errors() == []
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -23,13 +23,13 @@ def test_report_renders_in_chromium(tmp_path):
     torch.manual_seed(0)
     m = vitkit.create_model(vitkit.ViTConfig(image_size=32, patch_size=8, in_channels=3, num_classes=4, dim=16,
                                              depth=2, num_heads=2))
-    ex = viz.explain(m, "sample:flower.jpg")
+    ex = viz.explain(m, "sample:flower.jpg", compare="sample:china.jpg")  # 8 figures + PCA, norms, correspondence
     html = viz.write_report(ex, tmp_path / "r")
     res = check_page(html)
     assert res.errors == []
-    assert res.images == len(ex.figures) == 8
+    assert res.images == len(ex.figures) == 11
     assert res.decoded == res.images
-    assert res.page_attrs.get("data-decoded") == "8/8"  # the report's own script agrees
+    assert res.page_attrs.get("data-decoded") == "11/11"  # the report's own script agrees
     assert res.page_attrs.get("data-errors") == "0"
     shot = np.asarray(Image.open(io.BytesIO(res.screenshot)).convert("L"), dtype=float)
     assert shot.shape[0] > 2000  # the whole page, not just the first screen

@@ -1,7 +1,7 @@
 """vitkit explain: see inside a ViT for one image (patches, tokens, position embeddings,
 attention maps, rollout, attention distance, predictions) as one self-contained HTML report, and
 explore.html beside it: an interactive page of every layer's and head's attention, rollout,
-class attribution and token similarity."""
+class attribution, token similarity and the dense-feature views (PCA, token norms, correspondence)."""
 
 from __future__ import annotations
 
@@ -35,6 +35,9 @@ def add_arguments(p) -> None:
     p.add_argument("--model", default=None,
                    help="vitkit model directory, training run directory, or pretrained source "
                         "(default: the most recent run under --runs)")
+    p.add_argument("--compare", default=None, metavar="IMAGE",
+                   help="a second image: the report and explore.html add the patch correspondence from IMAGE "
+                        "to it (cosine of the final-normed patch tokens) and fit the PCA jointly over both")
     p.add_argument("--runs", default="runs", help="where to look for the most recent training run")
     p.add_argument("--layers", default=None,
                    help="layers for the attention maps: comma-separated indices (negative from the end) "
@@ -73,15 +76,16 @@ def run(args) -> int:
     source = model_source_or_latest_run(args.model, args.runs, say=print)
     # check the image before loading a (possibly large) model
     probe = load_image(args.image, mode=None, max_pixels=args.max_pixels)
+    probe_b = None if args.compare is None else load_image(args.compare, mode=None, max_pixels=args.max_pixels)
     # explain_out, the default, holds the latest report: an earlier one there is replaced
     out_dir = args.out or "explain_out"
     with claim_output(out_dir, command="explain", overwrite=args.overwrite or args.out is None,
-                      inputs=[args.image, source]):
-        _explain(args, source, probe, layers, heads, Path(out_dir))
+                      inputs=[args.image, source] + ([args.compare] if args.compare else [])):
+        _explain(args, source, probe, probe_b, layers, heads, Path(out_dir))
     return 0
 
 
-def _explain(args, source: str, probe, layers, heads, out_dir) -> None:
+def _explain(args, source: str, probe, probe_b, layers, heads, out_dir) -> None:
     from pathlib import Path
 
     import torch
@@ -94,7 +98,8 @@ def _explain(args, source: str, probe, layers, heads, out_dir) -> None:
     model.to(torch.device(args.device)).eval()
     mode = "L" if model.config.in_channels == 1 else "RGB"
     img = probe.convert(mode)
-    ex = explain(model, img, layers=layers, heads=heads, topk=args.topk, filters=args.filters)
+    img_b = None if probe_b is None else probe_b.convert(mode)
+    ex = explain(model, img, layers=layers, heads=heads, topk=args.topk, filters=args.filters, compare=img_b)
     # The predictions come from the Predictor at the asked precision (fp32: the same numbers as
     # the explicit path); the maps need the attention weights, which only the model returns.
     predictor = Predictor(model, args.dtype)
@@ -117,14 +122,14 @@ def _explain(args, source: str, probe, layers, heads, out_dir) -> None:
             print(f"  {v:8.4f}  {name}")
     html = write_report(ex, out_dir, title=f"vitkit explain: {Path(str(args.image)).name}")
     print(f"wrote {html} and {len(ex.figures)} PNG figures to {out_dir}/")
-    from ..viz.explore import SIZE_BUDGET, write_explore
+    from ..viz.explore import COMPACT_BUDGET, write_explore
 
-    page = write_explore(model, img, out_dir, topk=args.topk, classes=args.explore_classes,
+    page = write_explore(model, img, out_dir, topk=args.topk, classes=args.explore_classes, compare=img_b,
                          title=f"vitkit explore: {Path(str(args.image)).name}")
     size = page.stat().st_size
     size_text = f"{size / 1e6:.1f} MB" if size >= 1e6 else f"{size / 1e3:.0f} kB"
-    print(f"wrote {page} ({size_text}): interactive attention, rollout, attribution, "
-          "similarity; state in the URL fragment (#layer=L&head=H&patch=P&mode=M)")
-    if size > SIZE_BUDGET:  # attention alone is layers x heads x tokens^2 bytes before compression
-        print(f"note: explore.html is over {SIZE_BUDGET / 1e6:g} MB (attribution already reduced to the last "
+    print(f"wrote {page} ({size_text}): interactive attention, rollout, attribution, similarity, PCA, token norms"
+          + (", correspondence" if img_b is not None else "") + "; state in the URL fragment (#layer=L&head=H&patch=P&mode=M)")
+    if size > COMPACT_BUDGET:
+        print(f"note: explore.html is over {COMPACT_BUDGET / 1e6:g} MB (attribution already reduced to the last "
               f"layer and top class); large pages open slowly")

@@ -11,7 +11,7 @@ import sys
 from ..errors import VitkitError
 
 # Order is the order shown by `vitkit --help`.
-COMMANDS = ["models", "summary", "bench", "train", "eval", "predict", "zeroshot", "explain", "export", "convert", "embed", "search", "knn", "probe"]
+COMMANDS = ["models", "summary", "bench", "train", "eval", "predict", "zeroshot", "explain", "explore", "export", "convert", "embed", "search", "knn", "probe"]
 
 
 class HelpFormatter(argparse.HelpFormatter):

@@ -13,6 +13,8 @@ Maps are numpy arrays; figures are matplotlib Figures on the Agg canvas (no pypl
     ex = viz.explain(model, "digits:0"); viz.write_report(ex, "explain_out")
     viz.write_explore(model, "digits:0", "explain_out")      # explore.html, the interactive page
     logits, A, classes, R = viz.attention_with_relevance(model, x, topk=3)  # Chefer et al. 2021
+    (rgb,), (fg,), _ = viz.pca_rgb([feats], [grid])           # DINOv2-style PCA, foreground mask
+    sim, top = viz.correspondence(feats_a, feats_b, k=5)     # patch matches A -> B
 """
 
 from .attention import (
@@ -30,6 +32,7 @@ from .attention import (
     rollout_map,
 )
 from .attribution import attention_with_relevance, relevance_map
+from .dense import block_tokens, correspondence, pca_rgb, token_norms
 from .explore import explore, explore_data, render_explore, write_explore
 from .figures import (
     attention_figure,
@@ -55,4 +58,5 @@ __all__ = [
     "rollout_figure", "to_png", "token_figure", "upsample", "embedding_filters", "display_image",
     "patch_tokens", "posemb_similarity", "Explanation", "explain", "render_html", "write_report",
     "attention_with_relevance", "relevance_map", "explore", "explore_data", "render_explore", "write_explore",
+    "block_tokens", "correspondence", "pca_rgb", "token_norms",
 ]

@@ -166,7 +166,7 @@ def attention_maps(model, x: torch.Tensor, layers: Sequence[int] | None = None,
 
 
 def rollout(attentions, add_residual: bool = True, head_fusion: str = "mean",
-            start_layer: int = 0) -> np.ndarray:
+            start_layer: int = 0, every_layer: bool = False) -> np.ndarray:
     """Attention rollout (Abnar & Zuidema 2020): ``R = A_L' ... A_1'`` with
     ``A' = rownorm(fuse_heads(A) + I)``.
 
@@ -175,6 +175,8 @@ def rollout(attentions, add_residual: bool = True, head_fusion: str = "mean",
         add_residual: add the identity for the residual connection (the paper's rollout).
         head_fusion: ``"mean"`` (the paper), ``"max"`` or ``"min"`` over heads.
         start_layer: first layer to include.
+        every_layer: return the rollout after each layer, (L - start_layer, B, T, T), computed
+            in the same one pass (the explorer's layer slider needs all of them).
 
     Returns (B, T, T) rollout matrices (float64); row q says how much of token q's output
     comes from each input token.
@@ -187,13 +189,16 @@ def rollout(attentions, add_residual: bool = True, head_fusion: str = "mean",
         raise InputError(f"head_fusion must be 'mean', 'max' or 'min', got {head_fusion!r}")
     L, B, _, T, _ = A.shape
     result = np.broadcast_to(np.eye(T), (B, T, T)).copy()
+    every = []
     for layer in range(start_layer, L):
         a = fuse(A[layer], axis=1)  # (B, T, T)
         if add_residual:
             a = a + np.eye(T)
         a = a / a.sum(axis=-1, keepdims=True)
         result = a @ result  # later layers act on the mixed tokens of earlier ones
-    return result
+        if every_layer:
+            every.append(result)
+    return np.stack(every) if every_layer else result
 
 
 def rollout_map(model, x: torch.Tensor, attentions=None, query: str | None = None, **kwargs) -> np.ndarray:

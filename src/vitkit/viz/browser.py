@@ -127,10 +127,18 @@ def _collect_errors(events: list[dict]) -> list[str]:
     return errors
 
 
+def _as_url(path: str | Path) -> str:
+    """A file path -> its file:// URI; an http(s) URL (a served page, vitkit explore) as it is."""
+    if isinstance(path, str) and path.startswith(("http://", "https://")):
+        return path
+    return Path(path).resolve().as_uri()
+
+
 class Page:
     """One page in a headless Chromium, driven over the DevTools pipe; a context manager.
 
-    ``Page(path, fragment="layer=2")`` opens ``file://path#fragment`` and waits for ``load``;
+    ``Page(path, fragment="layer=2")`` opens ``file://path#fragment`` (or an ``http://`` URL given
+    as ``path``) and waits for ``load``;
     then :meth:`evaluate` (JS expression -> its JSON value, promises awaited), :meth:`click` /
     :meth:`move` (real mouse events at page coordinates), :meth:`wait_for` (poll a JS condition),
     :meth:`screenshot`, :attr:`fragment` (``location.hash`` without ``#``), :meth:`navigate`
@@ -142,7 +150,7 @@ class Page:
         exe = chromium or find_chromium()
         if not exe:
             raise FileNotFoundError("chromium not found; install it (Debian: apt-get install chromium)")
-        self.url = Path(path).resolve().as_uri()
+        self.url = _as_url(path)
         self.width, self.height = width, height
         self.profile = tempfile.mkdtemp(prefix="vitkit-chromium-")
         to_chrome_r, self._to_w = os.pipe()
@@ -185,7 +193,7 @@ class Page:
         """Load the page (again, or the file ``path`` from now on) with this fragment, in a fresh
         document (via about:blank: a fragment change alone would not reload), and wait for ``load``."""
         if path is not None:
-            self.url = Path(path).resolve().as_uri()
+            self.url = _as_url(path)
         url = self.url + ("#" + fragment.lstrip("#") if fragment else "")
         self.send("Page.navigate", {"url": "about:blank"})
         self.pipe.wait_event("Page.loadEventFired")

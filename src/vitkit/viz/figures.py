@@ -50,8 +50,13 @@ def _normalise(m: np.ndarray) -> np.ndarray:
     return (m - lo) / (hi - lo) if hi > lo else np.zeros_like(m)
 
 
+NUMBERED_GRID = 16  # number the patches only up to a 16x16 grid: beyond, the numbers are unreadable
+
+
 def patch_grid_figure(image: np.ndarray, patch_size: tuple[int, int], width: float = 6.0) -> Figure:
-    """The image with the patch grid drawn and every patch numbered (row-major, from 0)."""
+    """The image with the patch grid drawn and every patch numbered (row-major, from 0) while the
+    grid is at most :data:`NUMBERED_GRID` patches a side; larger grids get numbered axes (every
+    row / column index that is a multiple of a readable step) instead."""
     H, W = image.shape[:2]
     ph, pw = patch_size
     gh, gw = H // ph, W // pw
@@ -62,15 +67,26 @@ def patch_grid_figure(image: np.ndarray, patch_size: tuple[int, int], width: flo
         ax.axhline(y, color="yellow", lw=0.8)
     for x in range(0, W + 1, pw):
         ax.axvline(x, color="yellow", lw=0.8)
-    fontsize = max(4.0, min(12.0, 200.0 / max(gh, gw)))
-    for i in range(gh):
-        for j in range(gw):
-            ax.text((j + 0.5) * pw, (i + 0.5) * ph, str(i * gw + j), ha="center", va="center",
-                    fontsize=fontsize, color="white",
-                    bbox={"boxstyle": "round,pad=0.1", "fc": "black", "alpha": 0.5, "lw": 0})
+    if max(gh, gw) <= NUMBERED_GRID:
+        fontsize = max(4.0, min(12.0, 200.0 / max(gh, gw)))
+        for i in range(gh):
+            for j in range(gw):
+                ax.text((j + 0.5) * pw, (i + 0.5) * ph, str(i * gw + j), ha="center", va="center",
+                        fontsize=fontsize, color="white",
+                        bbox={"boxstyle": "round,pad=0.1", "fc": "black", "alpha": 0.5, "lw": 0})
+        ax.set_xticks([])
+        ax.set_yticks([])
+        note = "numbered row by row"
+    else:
+        step = -(-max(gh, gw) // NUMBERED_GRID)  # at most NUMBERED_GRID labels a side
+        ax.set_xticks([(j + 0.5) * pw for j in range(0, gw, step)], [str(j) for j in range(0, gw, step)], fontsize=7)
+        ax.set_yticks([(i + 0.5) * ph for i in range(0, gh, step)], [str(i) for i in range(0, gh, step)], fontsize=7)
+        ax.set_xlabel("column j")
+        ax.set_ylabel("row i")
+        note = f"patch index = i * {gw} + j"
     ax.set_xlim(0, W)
     ax.set_ylim(H, 0)
-    ax.set_title(f"{H}x{W} image, {ph}x{pw} patches: {gh}x{gw} = {gh * gw} patches")
+    ax.set_title(f"{H}x{W} image, {ph}x{pw} patches: {gh}x{gw} = {gh * gw} patches ({note})")
     return fig
 
 
@@ -229,4 +245,76 @@ def predictions_figure(names: Sequence[str], values: Sequence[float], regression
         ax.set_title(f"top-{n} predictions")
         for yy, v in zip(y, values):
             ax.text(min(v + 0.01, 0.85), yy, f"{v:.3f}", va="center", fontsize=8)
+    return fig
+
+
+def pca_figure(images: Sequence[np.ndarray], rgbs: Sequence[np.ndarray], rgbs_fg: Sequence[np.ndarray] | None = None,
+               layer: int | str = "last") -> Figure:
+    """Per image: the image, the PCA of its patch features as RGB, and (optionally) the
+    foreground-only PCA (background black). ``rgbs``: (gh, gw, 3) in [0, 1] each."""
+    cols = 3 if rgbs_fg is not None else 2
+    n = len(images)
+    H, W = images[0].shape[:2]
+    fig = new_figure(3.2 * cols, 3.2 * n * H / W + 0.6)
+    for r, image in enumerate(images):
+        panels = [(image, "image"), (rgbs[r], f"PCA to RGB (layer {layer})")]
+        if rgbs_fg is not None:
+            panels.append((rgbs_fg[r], "foreground PCA"))
+        for c, (a, title) in enumerate(panels):
+            ax = fig.add_subplot(n, cols, r * cols + c + 1)
+            _show(ax, a, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(title, fontsize=9)
+    return fig
+
+
+def norms_figure(norms: np.ndarray, grid: tuple[int, int], prefix: Sequence[str], layer: int | str = "last") -> Figure:
+    """Token norms at one layer: the patch norms on the grid, and every token's norm as a bar
+    (prefix tokens, e.g. registers, first and labelled)."""
+    R = len(prefix)
+    fig = new_figure(9, 3.6)
+    ax = fig.add_subplot(1, 2, 1)
+    im = ax.imshow(norms[R:].reshape(grid), cmap="magma", interpolation="nearest")
+    ax.set_title(f"patch-token norms, layer {layer}", fontsize=9)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    fig.colorbar(im, ax=ax, shrink=0.8)
+    ax = fig.add_subplot(1, 2, 2)
+    ax.hist(norms[R:], bins=40, color="#3b528b")
+    for i, name in enumerate(prefix):
+        ax.axvline(norms[i], color=f"C{i + 1}", lw=1.5, label=f"{name} {norms[i]:.1f}")
+    if R:
+        ax.legend(fontsize=7)
+    ax.set_xlabel("L2 norm")
+    ax.set_ylabel("patches")
+    ax.set_title("distribution (prefix tokens as lines)", fontsize=9)
+    return fig
+
+
+def correspondence_figure(image_a: np.ndarray, image_b: np.ndarray, grid_a: tuple[int, int], grid_b: tuple[int, int],
+                          queries: Sequence[int], top: np.ndarray, layer: int | str = "last") -> Figure:
+    """Chosen patches of image A (numbered markers) and, in image B, each one's most similar patch
+    (same marker) plus its next matches (small dots). ``top``: (Na, k) B indices, best first."""
+    fig = new_figure(9, 4.6)
+    axes = [fig.add_subplot(1, 2, i + 1) for i in range(2)]
+    for ax, image, title in zip(axes, (image_a, image_b), ("image A: query patches", f"image B: matches (layer {layer})")):
+        _show(ax, image)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_title(title, fontsize=9)
+
+    def centre(p, grid, image):
+        gh, gw = grid
+        i, j = divmod(int(p), gw)
+        return (j + 0.5) * image.shape[1] / gw, (i + 0.5) * image.shape[0] / gh
+
+    for n, q in enumerate(queries):
+        colour = f"C{n % 10}"
+        axes[0].plot(*centre(q, grid_a, image_a), "o", ms=10, mfc=colour, mec="white")
+        axes[0].annotate(str(n), centre(q, grid_a, image_a), color="white", ha="center", va="center", fontsize=7)
+        for rank, b in enumerate(top[q]):
+            axes[1].plot(*centre(b, grid_b, image_b), "o", ms=10 if rank == 0 else 4, mfc=colour, mec="white")
+        axes[1].annotate(str(n), centre(top[q][0], grid_b, image_b), color="white", ha="center", va="center", fontsize=7)
     return fig

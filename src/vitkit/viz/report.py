@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +40,7 @@ from .posemb import posemb_similarity
 # (key, title, caption) in report order
 SECTIONS = [
     ("patches", "1. Patches", "The image as the model saw it (after resize/crop), cut into patches, "
-     "numbered row by row."),
+     "numbered row by row (up to a 16x16 grid; larger grids number the rows and columns)."),
     ("tokens", "2. Tokens", "One patch flattened into its token strip, and all patches stacked into the "
      "token matrix that the patch embedding multiplies by one learned matrix."),
     ("filters", "3. Patch-embedding filters", "The first principal components of the embedding "
@@ -55,6 +54,16 @@ SECTIONS = [
     ("distance", "7. Mean attention distance", "Attention-weighted distance in pixels between query and "
      "key patches, per head, against depth (paper, Figure 7 right)."),
     ("predictions", "8. Predictions", "What the model outputs for this image."),
+    ("pca", "9. Dense features: PCA", "PCA of the last block's patch features (after the final norm) to RGB "
+     "(DINOv2 paper, Figure 1), and the foreground PCA of DINOv2's README: the first component, min-max "
+     "scaled and oriented so the image border is low, thresholded at 0.5; a second PCA over the foreground "
+     "patches only, background black. With a compared image the PCA is fitted jointly over both."),
+    ("norms", "10. Dense features: token norms", "L2 norm of every token output by the last block (before the "
+     "final norm). Register-free ViTs grow a few high-norm artefact tokens (Darcet et al. 2024, \"Vision "
+     "Transformers Need Registers\"); prefix tokens (class, registers) are drawn as lines."),
+    ("correspondence", "11. Dense features: correspondence", "Patches spread over image A's foreground and "
+     "their most similar patches in image B: cosine of the final-normed patch tokens at the last layer "
+     "(large marker: the best match; dots: the next ones)."),
 ]
 
 
@@ -84,6 +93,9 @@ class Explanation:
     walkthrough: str
     info: dict[str, Any] = field(default_factory=dict)
     figures: dict[str, Figure] = field(default_factory=dict)
+    # dense-feature views (vitkit.viz.dense), last layer: "pca" / "pca_fg" (gh, gw, 3) per image,
+    # "norms" (T,), and with a compared image "image_b", "grid_b", "queries", "top" (Na, k)
+    dense: dict[str, Any] = field(default_factory=dict)
 
 
 def prepare_image(model, image) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -137,9 +149,36 @@ def default_layers(depth: int) -> list[int]:
     return sorted({0, depth // 2, depth - 1})
 
 
+def dense_views(model, x: torch.Tensor, compare: torch.Tensor | None = None, queries: int = 4) -> dict[str, Any]:
+    """The report's dense-feature views at the last layer (see :mod:`vitkit.viz.dense`): PCA (jointly
+    with ``compare`` when given), token norms, and the correspondence of ``queries`` patches spread
+    over image A's foreground (in patch order) to their best matches in ``compare``. (Not the most
+    attended patches: in register-free ViTs those are the high-norm artefact tokens.)"""
+    from .dense import block_tokens, correspondence, pca_rgb, pca_views, token_norms
+
+    R = model.num_prefix_tokens
+    grid = tuple(model.grid_size)
+    fa = block_tokens(model, x, norm=True)[-1, R:]
+    feats, grids = [fa], [grid]
+    out: dict[str, Any] = {"norms": token_norms(model, x)[-1]}
+    if compare is not None:
+        fb = block_tokens(model, compare, norm=True)[-1, R:]
+        feats.append(fb)
+        grids.append(tuple(model.patch_embed.grid_for(compare)))
+        _, top = correspondence(fa, fb, k=5)
+        fg = np.flatnonzero(pca_views([fa], [grid])[2])
+        fg = fg if len(fg) else np.arange(len(fa))
+        pick = fg[np.linspace(0, len(fg) - 1, queries + 2).round().astype(int)[1:-1]]
+        out.update(image_b=display_image(model, compare), grid_b=grids[1], top=top, queries=[int(q) for q in pick])
+    out["pca"] = pca_rgb(feats, grids, foreground=False)[0]
+    out["pca_fg"] = pca_rgb(feats, grids, foreground=True)[0]
+    return out
+
+
 def explain(model, image, layers=None, heads=None, topk: int = 5, filters: int = 28,
-            token_index: int | None = None) -> Explanation:
-    """Run ``model`` on ``image`` once and compute every map and figure of the report."""
+            token_index: int | None = None, compare=None) -> Explanation:
+    """Run ``model`` on ``image`` once and compute every map and figure of the report
+    (``compare``: a second image for the correspondence view and the joint PCA)."""
     from ..summary import walkthrough
 
     c = model.config
@@ -174,11 +213,13 @@ def explain(model, image, layers=None, heads=None, topk: int = 5, filters: int =
                  "pooling": c.pooling, "readout query": READOUT_NAMES[query],
                  "token shown": token_index})
     if model.pretrained_info:
-        info["weights"] = json.dumps(model.pretrained_info, default=str)[:300]
+        info["weights"] = model.pretrained_info  # rendered as a nested table
     ex = Explanation(image=img, tokens=tokens, layers=layers, heads=heads, query=query, attentions=attns,
                      attention_maps=maps, rollout_map=rmap, distance=dist, posemb=posemb_similarity(model),
                      filters=comps, filters_ratio=ratio, prefix=prefix_attention(model, attns, pool),
                      predictions=preds, regression=regression, walkthrough=walk, info=info)
+    xb = None if compare is None else prepare_image(model, compare)[0].to(x.device)
+    ex.dense = dense_views(model, x, xb)
     ex.figures = make_figures(ex, c.patch_hw, token_index, c.pos_embed, c.rope)
     return ex
 
@@ -200,6 +241,15 @@ def make_figures(ex: Explanation, patch_hw, token_index: int, pos_embed: str,
     if ex.predictions:
         names, vals = zip(*ex.predictions)
         figs["predictions"] = F.predictions_figure(names, vals, ex.regression)
+    d = ex.dense
+    if d:
+        gh, gw = ex.image.shape[0] // patch_hw[0], ex.image.shape[1] // patch_hw[1]
+        images = [ex.image] + ([d["image_b"]] if "image_b" in d else [])
+        figs["pca"] = F.pca_figure(images, d["pca"], d["pca_fg"])
+        figs["norms"] = F.norms_figure(d["norms"], (gh, gw), ex.prefix["names"])
+        if "top" in d:
+            figs["correspondence"] = F.correspondence_figure(ex.image, d["image_b"], (gh, gw), d["grid_b"],
+                                                             d["queries"], d["top"])
     return figs
 
 
@@ -232,12 +282,21 @@ table { border-collapse: collapse; font-size: 0.9em; } td, th { border: 1px soli
 """
 
 
-def _table(rows: list[list[str]], header: list[str] | None = None) -> str:
+def _cell(v) -> str:
+    """A table cell: dicts become nested tables, lists one item a line, the rest escaped text."""
+    if isinstance(v, dict):
+        return _table([[k, x] for k, x in v.items()]) if v else "none"
+    if isinstance(v, (list, tuple)):
+        return "<br>".join(_cell(x) for x in v) if v else "none"
+    return html.escape(str(v))
+
+
+def _table(rows: list[list[Any]], header: list[str] | None = None) -> str:
     out = ["<table>"]
     if header:
         out.append("<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>")
     for r in rows:
-        out.append("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in r) + "</tr>")
+        out.append("<tr>" + "".join(f"<td>{_cell(v)}</td>" for v in r) + "</tr>")
     out.append("</table>")
     return "\n".join(out)
 
