@@ -1,5 +1,9 @@
 """ViTConfig, the one description of a ViT, and the preset table.
 
+One module on purpose (~500 lines): ViTConfig, the presets built from it and TextConfig (which
+shares the activation table) are what every layer imports as ``vitkit.config``; the presets cannot
+move out while config re-exports them (a cycle), so a split means changing every importer.
+
 Everything that builds a model (``ViT(config)``, ``create_model``, the weight loaders, the
 trainer) goes through :class:`ViTConfig`. It round-trips through JSON (``to_dict`` /
 ``from_dict``), and is saved next to every checkpoint so a model can be rebuilt from its files.

@@ -24,11 +24,12 @@ manager that yields an :class:`Output`. For the life of the ``with`` block it gu
    checked (2.) and recorded in the manifest *before* the file appears, so a process killed at any
    point leaves no file of vitkit's unrecorded. Files a command writes another way (a plot, an
    appended log) go through :meth:`Output.file` first, or are declared with ``own=``.
-5. **One writer at a time.** The claim holds ``fcntl.flock`` on ``.vitkit.lock`` in the directory
-   (``.NAME.vitkit.lock`` beside a file target), holding ``vitkit CMD, pid N on HOST, since TIME``; a
-   second claim fails at once naming that holder. The kernel drops the lock when the process dies
-   (even by SIGKILL), so a lock file left by a killed process never blocks. The lock file is removed
-   on release. (On a platform without ``fcntl``, i.e. Windows, outputs are not locked.)
+5. **One writer at a time** (:mod:`vitkit.output_lock`). The claim holds ``fcntl.flock`` on
+   ``.vitkit.lock`` in the directory (``.NAME.vitkit.lock`` beside a file target), holding
+   ``vitkit CMD, pid N on HOST, since TIME``; a second claim fails at once naming that holder. The
+   kernel drops the lock when the process dies (even by SIGKILL), so a lock file left by a killed
+   process never blocks. The lock file is removed on release. (On a platform without ``fcntl``,
+   i.e. Windows, outputs are not locked.)
 6. **Stale temporaries are cleaned.** Under the lock (so no live vitkit process is writing there),
    the claim removes the temporaries a killed :func:`vitkit.io.atomic_write` left in the target
    (``.NAME.vitkit-XXXXXXXX.tmp``, :data:`vitkit.io.TEMP_PATTERN`); nothing else.
@@ -40,37 +41,27 @@ import contextlib
 import fnmatch
 import json
 import os
-import socket
 import stat
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from . import io as _io
-from .errors import ConfigError
 
-LOCK_NAME = ".vitkit.lock"
+# OutputBusy and refuse_if_busy are imported from here, beside claim_output
+from .output_lock import (  # noqa: F401
+    LOCK_NAME,
+    OutputBusy,
+    OutputError,
+    OutputNotEmpty,
+    refuse_if_busy,
+    release_lock,
+    take_lock,
+)
+
 MANIFEST_NAME = ".vitkit-manifest.json"
 _BOOKKEEPING = (LOCK_NAME, MANIFEST_NAME)
-
-try:  # POSIX; elsewhere outputs are not locked (documented in docs/training.md)
-    import fcntl
-except ImportError:  # pragma: no cover - Windows
-    fcntl = None
-
-
-class OutputError(ConfigError):
-    """An output target vitkit refuses to write (not empty, a symlink, an input, not vitkit's)."""
-
-
-class OutputNotEmpty(OutputError):
-    """A new output's target already holds files (see ``claim_output``)."""
-
-
-class OutputBusy(OutputError):
-    """Another live process holds the target's lock."""
 
 
 class Output:
@@ -230,101 +221,6 @@ def _before_write(path: Path) -> None:
 
 _io.WRITE_CHECKS.append(_before_write)
 
-# A forked child (a DataLoader worker) inherits the lock's file descriptor, and flock holds until every
-# descriptor of the open file is closed: persistent workers that outlive an interrupted run (until
-# their loader is collected) would keep its output "in use" by a dead process. Children close them.
-_HELD: set[int] = set()
-
-
-def _close_held_in_child() -> None:
-    for fd in list(_HELD):
-        with contextlib.suppress(OSError):
-            os.close(fd)
-    _HELD.clear()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_close_held_in_child)
-
-
-def holder(lock_path: str | Path) -> str:
-    """What the lock file says about its holder (``vitkit CMD, pid N on HOST, since TIME``)."""
-    try:
-        if os.path.islink(lock_path):
-            return "unknown process"
-        text = Path(lock_path).read_text(errors="replace").strip()
-    except OSError:
-        text = ""
-    return text[:200] or "unknown process"
-
-
-def _lock(lock_path: Path, target: Path, command: str, busy_hint: str) -> int:
-    """An exclusive flock on ``lock_path`` (created, never through a link), with our holder line."""
-    flags = os.O_RDWR | os.O_CREAT | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
-    for _ in range(20):
-        try:
-            fd = os.open(lock_path, flags, 0o644)
-        except OSError as e:
-            if os.path.islink(lock_path):
-                raise OutputError(f"{lock_path} is a symbolic link; vitkit never writes through one (remove "
-                                  "it)") from None
-            raise OutputError(f"cannot create the lock file {lock_path}: {e.strerror or e}") from None
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:  # a FIFO, or a hard link to someone's file
-            os.close(fd)
-            raise OutputError(f"{lock_path} is not vitkit's lock file (not a plain file of its own); remove it")
-        if fcntl is not None:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                raise _busy(target, holder(lock_path), busy_hint) from None
-        # the previous holder removes the file on release: we may hold a lock on a removed file
-        try:
-            same = os.lstat(lock_path).st_ino == st.st_ino
-        except FileNotFoundError:
-            same = False
-        if same:
-            _HELD.add(fd)
-            os.ftruncate(fd, 0)
-            os.write(fd, f"vitkit {command}, pid {os.getpid()} on {socket.gethostname()}, since "
-                         f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
-            return fd
-        os.close(fd)
-    raise OutputBusy(f"{target}: could not take its lock {lock_path}; {busy_hint}")  # pragma: no cover
-
-
-def _unlock(fd: int, lock_path: Path) -> None:
-    with contextlib.suppress(OSError):
-        if os.lstat(lock_path).st_ino == os.fstat(fd).st_ino:
-            os.unlink(lock_path)  # still held: no one else can be using this file
-    _HELD.discard(fd)
-    os.close(fd)  # releases the flock (forked children closed their copies: _close_held_in_child)
-
-
-def _busy(target: Path, who: str, hint: str) -> OutputBusy:
-    return OutputBusy(f"{target} is in use by another vitkit process ({who}); {hint}")
-
-
-def refuse_if_busy(target: str | Path, busy_hint: str) -> None:
-    """Fail at once, as a claim would, when another live process holds ``target``'s lock (a cheap
-    early check, before a long computation whose result goes there; the claim checks again)."""
-    target = Path(target)
-    lock_path = target / LOCK_NAME if target.is_dir() else target.with_name(f".{target.name}.vitkit.lock")
-    if fcntl is None or os.path.islink(lock_path) or not lock_path.is_file():
-        return
-    try:
-        fd = os.open(lock_path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-    except OSError:
-        return
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise _busy(target, holder(lock_path), busy_hint) from None
-    finally:
-        os.close(fd)
-
-
 # ------------------------------------------------------------------------------ checks
 def _check_inputs(target: Path, inputs: Iterable, update: bool) -> None:
     t = Path(os.path.realpath(target))
@@ -387,43 +283,11 @@ def claim_output(target: str | Path, *, command: str, kind: str = "dir", overwri
                           "path")
     _check_inputs(path, inputs, update)
     out = Output(path, kind, command, tuple(own))
-    created = fresh
-    if kind == "dir":
-        if path.exists() and not path.is_dir():
-            raise OutputError(f"{path} is a file, not a directory")
-        if not path.exists():
-            path.mkdir(parents=True)
-            created = True
-        lock_path = path / LOCK_NAME
-    else:
-        if path.is_dir():
-            raise OutputError(f"{path} is a directory; give a file name")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        lock_path = path.with_name(f".{path.name}.vitkit.lock")
-    fd = _lock(lock_path, path, command, busy_hint)
+    lock_path, created = _make_target(path, kind)
+    created = created or fresh
+    fd = take_lock(lock_path, path, command, busy_hint)
     try:
-        has_manifest = kind == "dir" and out._load_manifest()
-        _clean_stale_temps(out)
-        if kind == "dir":
-            entries = [n for n in os.listdir(path) if n not in _BOOKKEEPING]
-            if entries and not update:
-                _refuse_or_clear(out, entries, has_manifest, overwrite, note)
-            # a link at a name (or folder) this command writes is removed, never followed
-            for pat in out.own:
-                cur = path
-                for part in Path(pat).parts if not any(c in pat for c in "*?[") else ():
-                    cur = cur / part
-                    if os.path.islink(cur):
-                        os.unlink(cur)
-                        break
-        else:
-            for n in os.listdir(path.parent):  # companions (embed's OUT.parts/) are written too
-                if n.startswith(path.name + ".") and os.path.islink(path.parent / n):
-                    raise OutputError(f"{path.parent / n} is a symbolic link; vitkit never writes through one "
-                                      "(remove it, or choose another output)")
-        if kind == "file" and path.exists() and not (overwrite or update):
-            raise OutputNotEmpty(f"{path} already exists; vitkit {command} will not replace it: choose another "
-                                 "output, or pass --overwrite to replace it")
+        _prepare_claimed(out, overwrite=overwrite, update=update, note=note)
         _ACTIVE.append(out)
         yield out
     finally:
@@ -431,11 +295,55 @@ def claim_output(target: str | Path, *, command: str, kind: str = "dir", overwri
             _ACTIVE.remove(out)
         if kind == "dir" and created and not [n for n in os.listdir(path) if n not in _BOOKKEEPING]:
             (path / MANIFEST_NAME).unlink(missing_ok=True)
-            _unlock(fd, lock_path)
+            release_lock(fd, lock_path)
             with contextlib.suppress(OSError):
                 path.rmdir()  # a claim that wrote nothing leaves no empty directory behind
         else:
-            _unlock(fd, lock_path)
+            release_lock(fd, lock_path)
+
+
+def _make_target(path: Path, kind: str) -> tuple[Path, bool]:
+    """(lock file, whether the directory was created here): the target directory (or a file
+    target's folder) made when missing."""
+    if kind == "dir":
+        if path.exists() and not path.is_dir():
+            raise OutputError(f"{path} is a file, not a directory")
+        created = not path.exists()
+        if created:
+            path.mkdir(parents=True)
+        return path / LOCK_NAME, created
+    if path.is_dir():
+        raise OutputError(f"{path} is a directory; give a file name")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path.with_name(f".{path.name}.vitkit.lock"), False
+
+
+def _prepare_claimed(out: Output, *, overwrite: bool, update: bool, note: Callable[[str], None]) -> None:
+    """Under the lock: clean stale temporaries, then refuse (or, with ``overwrite``, clear) what is
+    there, and remove links at the names this command writes (see the module docstring, 1. and 2.)."""
+    path = out.path
+    has_manifest = out.kind == "dir" and out._load_manifest()
+    _clean_stale_temps(out)
+    if out.kind == "dir":
+        entries = [n for n in os.listdir(path) if n not in _BOOKKEEPING]
+        if entries and not update:
+            _refuse_or_clear(out, entries, has_manifest, overwrite, note)
+        # a link at a name (or folder) this command writes is removed, never followed
+        for pat in out.own:
+            cur = path
+            for part in Path(pat).parts if not any(c in pat for c in "*?[") else ():
+                cur = cur / part
+                if os.path.islink(cur):
+                    os.unlink(cur)
+                    break
+    else:
+        for n in os.listdir(path.parent):  # companions (embed's OUT.parts/) are written too
+            if n.startswith(path.name + ".") and os.path.islink(path.parent / n):
+                raise OutputError(f"{path.parent / n} is a symbolic link; vitkit never writes through one "
+                                  "(remove it, or choose another output)")
+    if out.kind == "file" and path.exists() and not (overwrite or update):
+        raise OutputNotEmpty(f"{path} already exists; vitkit {out.command} will not replace it: choose another "
+                             "output, or pass --overwrite to replace it")
 
 
 def _refuse_or_clear(out: Output, entries: list[str], has_manifest: bool, overwrite: bool,

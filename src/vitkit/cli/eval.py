@@ -79,20 +79,62 @@ _BUSY_HINT = ("its results are not final: evaluate it when it has finished, or w
               "with --out DIR")
 
 
+def _load_model(args, device):
+    """(model, pair): the model to evaluate, and with --zeroshot the image-text pair whose image tower
+    it is (its head is made from the class names once the data is known)."""
+    import vitkit
+
+    if args.zeroshot:
+        from ..features.zeroshot import load_pair
+
+        pair = load_pair(args.model, needed_for="vitkit eval --zeroshot", tokenizer=args.tokenizer, device=str(device))
+        return pair.vision, pair
+    return vitkit.from_pretrained(args.model).to(device).eval(), None
+
+
+def _write_results(r: dict, out, src, spec, task: str) -> None:
+    """eval.json (and the confusion-matrix PNG) into ``out``, adding r["confusion_png"]."""
+    from ..io import atomic_write_text
+    from ..output import claim_output, json_text
+    from ..train.plots import plot_confusion
+
+    # eval adds its two files beside what is there (update); never into a run another process holds,
+    # never over a file vitkit did not write, never onto the model or the data it read
+    # (in its own run, eval's two names are vitkit's even where an older vitkit wrote them unrecorded)
+    inputs = [spec.data_dir, _model_input(src)]
+    own = ("eval.json", "confusion_matrix_eval.png") if out == src else ()
+    with claim_output(out, command="eval", update=True, inputs=inputs, own=own, busy_hint=_BUSY_HINT) as claimed:
+        if task == "classification":
+            png = plot_confusion(r["confusion_matrix"], r["labels"], claimed.file("confusion_matrix_eval.png"),
+                                 title=f"{spec.dataset} {r['split']}, accuracy {r['accuracy']:.4f}")
+            r["confusion_png"] = str(png)
+        atomic_write_text(out / "eval.json", json_text(r) + "\n")
+
+
+def _print_summary(r: dict, name: str, task: str) -> None:
+    if task == "classification":
+        top5 = f"  top-5 {r['top5']:.4f}" if r["top5"] is not None else ""
+        print(f"{name} {r['split']}: {r['count']} images  top-1 {r['accuracy']:.4f}{top5}  "
+              f"loss {r['loss']:.4f}  macro-F1 {r['macro_f1']:.4f}")
+        print(f"{'class':>12} {'precision':>9} {'recall':>7} {'f1':>7} {'support':>7}")
+        for pc in r["per_class"]:
+            print(f"{pc['label'][:12]:>12} {pc['precision']:9.4f} {pc['recall']:7.4f} {pc['f1']:7.4f} {pc['support']:7d}")
+        print(f"confusion matrix: {r['confusion_png']}")
+    else:
+        print(f"{name} {r['split']}: {r['count']} images  MAE {r['mae']:.4f}  RMSE {r['rmse']:.4f}  "
+              f"R^2 {r['r2']:.4f}  loss {r['loss']:.4f}")
+
+
 def run(args) -> int:
     import sys
     from pathlib import Path
-
-    import vitkit
 
     from ..data import build_data
     from ..data.labels import parse_label_map
     from ..errors import ConfigError
     from ..eval.evaluate import evaluate_model
-    from ..io import atomic_write_text
-    from ..output import claim_output, json_text, refuse_if_busy
+    from ..output import json_text, refuse_if_busy
     from ..train.build import pick_device
-    from ..train.plots import plot_confusion
     from ..train.rundir import holds_run
 
     device = pick_device(args.device)
@@ -100,14 +142,7 @@ def run(args) -> int:
     src = Path(args.model)
     out = Path(args.out) if args.out else (src if holds_run(src) else Path("."))
     refuse_if_busy(out, _BUSY_HINT)  # a run still training: refused now, not after the evaluation
-    pair = None
-    if args.zeroshot:  # the image tower of an image-text model; its head is made from the class names below
-        from ..features.zeroshot import load_pair
-
-        pair = load_pair(args.model, needed_for="vitkit eval --zeroshot", tokenizer=args.tokenizer, device=str(device))
-        model = pair.vision
-    else:
-        model = vitkit.from_pretrained(args.model).to(device).eval()
+    model, pair = _load_model(args, device)
     c = model.config
     spec = data_spec(args, c)
     splits = build_data(spec)
@@ -131,29 +166,9 @@ def run(args) -> int:
     if pair is not None:
         r["zeroshot"] = {"templates": args.templates, "probabilities": "softmax" if pair.loss == "softmax" else "sigmoid"}
     r = {"model": str(args.model), "dataset": name, "data_dir": spec.data_dir, **r}  # r["split"]: the split read
-    # eval adds its two files beside what is there (update); never into a run another process holds,
-    # never over a file vitkit did not write, never onto the model or the data it read
-    # (in its own run, eval's two names are vitkit's even where an older vitkit wrote them unrecorded)
-    inputs = [spec.data_dir, _model_input(src)]
-    own = ("eval.json", "confusion_matrix_eval.png") if out == src else ()
-    with claim_output(out, command="eval", update=True, inputs=inputs, own=own, busy_hint=_BUSY_HINT) as claimed:
-        if splits.task == "classification":
-            png = plot_confusion(r["confusion_matrix"], r["labels"], claimed.file("confusion_matrix_eval.png"),
-                                 title=f"{name} {r['split']}, accuracy {r['accuracy']:.4f}")
-            r["confusion_png"] = str(png)
-        atomic_write_text(out / "eval.json", json_text(r) + "\n")
+    _write_results(r, out, src, spec, splits.task)
     if args.json:
         print(json_text(r))
         return 0
-    if splits.task == "classification":
-        top5 = f"  top-5 {r['top5']:.4f}" if r["top5"] is not None else ""
-        print(f"{name} {r['split']}: {r['count']} images  top-1 {r['accuracy']:.4f}{top5}  "
-              f"loss {r['loss']:.4f}  macro-F1 {r['macro_f1']:.4f}")
-        print(f"{'class':>12} {'precision':>9} {'recall':>7} {'f1':>7} {'support':>7}")
-        for pc in r["per_class"]:
-            print(f"{pc['label'][:12]:>12} {pc['precision']:9.4f} {pc['recall']:7.4f} {pc['f1']:7.4f} {pc['support']:7d}")
-        print(f"confusion matrix: {r['confusion_png']}")
-    else:
-        print(f"{name} {r['split']}: {r['count']} images  MAE {r['mae']:.4f}  RMSE {r['rmse']:.4f}  "
-              f"R^2 {r['r2']:.4f}  loss {r['loss']:.4f}")
+    _print_summary(r, name, splits.task)
     return 0

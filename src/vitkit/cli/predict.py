@@ -38,6 +38,44 @@ def add_dtype_argument(p) -> None:
                         "approximations, see docs/inference.md for their agreement with fp32")
 
 
+def _output_kind(model) -> tuple[bool, bool, list[str] | None]:
+    """(classify, embedding, output names): what a row of the model's output is. Embedding models
+    (CLIP, SigLIP, DINOv2, num_classes 0) give {"file", "embedding", "dim", "norm"}, never a softmax
+    over embedding dimensions."""
+    from ..interop.labels import embedding_output, output_names
+
+    cfg = model.config
+    embedding = embedding_output(model)
+    classify = cfg.task == "classification" and cfg.num_classes > 0 and not embedding
+    names = output_names(model) if not classify and cfg.num_classes > 0 and not embedding else None
+    return classify, embedding, names
+
+
+def _row_result(result: dict, row, file, kind: tuple[bool, bool, list[str] | None], top_k: int,
+                labels) -> None:
+    """Fill one file's ``result`` from its output ``row`` (K,)."""
+    import torch
+
+    classify, embedding, names = kind
+    bad = int((~torch.isfinite(row)).sum())
+    if bad:  # no probability or vector can be read from NaN / inf (weights are checked finite at load)
+        result["error"] = (f"{file}: the model's output for it is not finite ({bad} of {row.numel()} "
+                           "values are NaN or inf); nothing to report")
+        return
+    if classify:
+        probs = row.softmax(-1)
+        p, c = probs.topk(min(top_k, probs.numel()))
+        result["predictions"] = [
+            {"index": int(ci), "label": labels[int(ci)] if labels else f"class_{int(ci)}", "prob": float(pi)}
+            for pi, ci in zip(p, c)]
+    elif embedding:
+        result.update(dim=row.numel(), norm=float(row.norm()), embedding=[float(v) for v in row])
+    else:
+        result["outputs"] = [float(v) for v in row]
+        if names is not None:
+            result["names"] = names
+
+
 def predict_files(model, files, top_k: int = 5, batch_size: int = 32, max_pixels: int | None = None,
                   progress: bool = False, dtype: str = "fp32") -> list[dict]:
     """One result dict per file, in order: {"file", "predictions": [{"index","label","prob"}]} for
@@ -62,17 +100,8 @@ def predict_files(model, files, top_k: int = 5, batch_size: int = 32, max_pixels
     predictor = Predictor(model.eval(), dtype)
     results: list[dict] = [{"file": str(f)} for f in files]
     pending: list[tuple[int, torch.Tensor]] = []
-    from ..interop.labels import embedding_output
-
-    # embedding models (CLIP, SigLIP, DINOv2, num_classes 0): {"file", "embedding", "dim", "norm"},
-    # never a softmax over embedding dimensions
-    embedding = embedding_output(model)
-    classify = cfg.task == "classification" and cfg.num_classes > 0 and not embedding
+    kind = _output_kind(model)
     labels = model.labels
-    if not classify:
-        from ..interop.labels import output_names
-
-        names = output_names(model) if cfg.num_classes > 0 and not embedding else None
 
     def flush() -> None:
         if not pending:
@@ -80,23 +109,7 @@ def predict_files(model, files, top_k: int = 5, batch_size: int = 32, max_pixels
         idx, xs = zip(*pending)
         out = predictor(torch.stack(xs)).cpu()
         for i, row in zip(idx, out):
-            bad = int((~torch.isfinite(row)).sum())
-            if bad:  # no probability or vector can be read from NaN / inf (weights are checked finite at load)
-                results[i]["error"] = (f"{files[i]}: the model's output for it is not finite ({bad} of {row.numel()} "
-                                       "values are NaN or inf); nothing to report")
-                continue
-            if classify:
-                probs = row.softmax(-1)
-                p, c = probs.topk(min(top_k, probs.numel()))
-                results[i]["predictions"] = [
-                    {"index": int(ci), "label": labels[int(ci)] if labels else f"class_{int(ci)}", "prob": float(pi)}
-                    for pi, ci in zip(p, c)]
-            elif embedding:
-                results[i].update(dim=row.numel(), norm=float(row.norm()), embedding=[float(v) for v in row])
-            else:
-                results[i]["outputs"] = [float(v) for v in row]
-                if names is not None:
-                    results[i]["names"] = names
+            _row_result(results[i], row, files[i], kind, top_k, labels)
         pending.clear()
 
     for i, f in enumerate(progress_bar(files, desc="predict", unit="img", disable=not progress)):

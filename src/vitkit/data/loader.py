@@ -1,5 +1,9 @@
 """DataLoaders for training and evaluation: ``make_loader(dataset, ...)``.
 
+One module on purpose (~440 lines): the sampler, the per-epoch dataset, collate and
+:class:`Loader` are the parts of the one loader ``make_loader`` builds, and the order, determinism
+and resume guarantees below hold only across all of them together.
+
 One loader for every dataset (in memory, image files, CSV, Hugging Face, WebDataset shards), built
 on torchdata's ``StatefulDataLoader`` so that its position can be saved and restored mid-epoch.
 

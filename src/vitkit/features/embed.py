@@ -15,13 +15,12 @@ found there is checked against its file by :func:`vitkit.freshness.check`: uncha
 rows of changed files are embedded again (also files this run does not list), rows of files that
 are gone are dropped; the run embeds only what is new or changed. A different model / pool /
 layers / normalize / dtype is an error, and so is a table without the stamp columns (written by an
-older vitkit: its rows cannot be checked); ``overwrite=True`` starts over.
+older vitkit: its rows cannot be checked); ``overwrite=True`` starts over. The table itself (schema,
+metadata, the resumable writer) is :mod:`vitkit.features.table`.
 """
 
 from __future__ import annotations
 
-import json
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,18 +28,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..deps import require
-from ..errors import ConfigError, InputError
-from ..freshness import CHANGED, FRESH, GONE, Stamp, check, file_key, stamp
-from ..io import atomic_write
+from ..errors import InputError
+from ..freshness import CHANGED, FRESH, GONE, Stamp, file_key, stamp
 from ..output import claim_output
 from ..progress import progress_bar
 from .extract import FeatureExtractor, FeatureSpec
 from .inputs import Rows, file_source, list_images
-
-META_KEY = b"vitkit.features"
-# the settings that decide what a vector means: rows made with different ones must not mix
-_MUST_MATCH = ("model", "pool", "layers", "normalize", "dtype", "dim")
+from .table import ResumableOutput, read_meta, write_embeddings  # noqa: F401  (the last two: imported from here)
 
 
 @dataclass
@@ -100,30 +94,6 @@ def iter_features(extractor: FeatureExtractor, dataset, *, batch_size: int = 64,
         loader.close()
 
 
-def read_meta(path: str | Path) -> dict:
-    """The ``vitkit.features`` metadata of an embeddings parquet file ({} when absent)."""
-    pq = require("pyarrow.parquet", "reading embeddings", "features")
-    raw = (pq.read_schema(path).metadata or {}).get(META_KEY)
-    return json.loads(raw) if raw else {}
-
-
-# What each row was computed from (a vitkit.freshness.Stamp); null for rows that are not files.
-STAMP_COLUMNS = ("file", "size", "mtime_ns", "blake2b")
-
-
-def _schema(meta: dict):
-    pa = require("pyarrow", "writing embeddings", "features")
-    return pa.schema([("path", pa.string()), ("label", pa.string()), ("embedding", pa.list_(pa.float32())),
-                      ("file", pa.string()), ("size", pa.int64()), ("mtime_ns", pa.int64()), ("blake2b", pa.string())],
-                     metadata={META_KEY: json.dumps(meta).encode()})
-
-
-def _stamp_arrays(pa, stamps: list[Stamp | None]) -> list:
-    """The STAMP_COLUMNS of rows with these stamps (None: not a file)."""
-    return [pa.array([None if st is None else getattr(st, c) for st in stamps], t)
-            for c, t in zip(STAMP_COLUMNS, (pa.string(), pa.int64(), pa.int64(), pa.string()))]
-
-
 def _stamp_files(paths: list[str], threads: int) -> list[Stamp | OSError]:
     """Stamps taken before the files are read (threads: stat and BLAKE2b release the GIL)."""
     from concurrent.futures import ThreadPoolExecutor
@@ -138,160 +108,11 @@ def _stamp_files(paths: list[str], threads: int) -> list[Stamp | OSError]:
         return list(pool.map(one, paths))
 
 
-class _ResumableOutput:
-    """Parts written as batches finish, merged into ``out`` at the end (see the module docstring).
-    The rows already in ``out`` and its parts are filed by key (their file's absolute path, or their
-    name when they are not a file; a later part's row replaces an earlier one of the same key);
-    :meth:`review` checks each against its file and marks which go into the merged ``out``."""
-
-    def __init__(self, out: Path, meta: dict, overwrite: bool, row_group_size: int, note: Callable) -> None:
-        self.pa = require("pyarrow", "writing embeddings", "features")
-        self.pq = require("pyarrow.parquet", "writing embeddings", "features")
-        self.out, self.meta, self.row_group_size, self.note = out, meta, max(1, row_group_size), note
-        self.parts_dir = out.with_name(out.name + ".parts")
-        self.schema = None  # made at the first batch, when the vectors' width is known
-        self.dim: int | None = None
-        if overwrite and self.parts_dir.exists():
-            shutil.rmtree(self.parts_dir)
-        self.sources: list[Path] = []  # earlier output + parts, in order
-        self.keep: list[np.ndarray | None] = []  # per source: its rows that go into out (None: all)
-        self.restamp: list[dict[int, Stamp]] = []  # per source: rows whose file was only touched (new mtime)
-        # key -> (source, row, path, label, stamp) of its latest row
-        self.found: dict[str, tuple[int, int, str, str | None, Stamp | None]] = {}
-        if out.exists() and not overwrite:
-            self._adopt(out)
-        self.next_part = 0
-        if self.parts_dir.is_dir():
-            for part in sorted(self.parts_dir.glob("part-*.parquet")):
-                self._adopt(part)
-                self.next_part = max(self.next_part, int(part.stem.split("-")[1]) + 1)
-        self.buf: list[tuple[list[str], list, np.ndarray, list[Stamp | None]]] = []
-        self.buffered = 0
-        self.new_rows = 0
-
-    def _adopt(self, path: Path) -> None:
-        try:
-            meta = read_meta(path)
-            names = self.pq.read_schema(path).names
-            missing = [c for c in STAMP_COLUMNS if c not in names]
-            table = None if missing else self.pq.read_table(path, columns=["path", "label", *STAMP_COLUMNS])
-        except (OSError, self.pa.ArrowException) as e:
-            raise InputError(f"{path}: cannot read the earlier embeddings ({e}); delete it or pass --overwrite") from e
-        diff = {k: (meta.get(k), self.meta.get(k)) for k in _MUST_MATCH
-                if k != "dim" and meta.get(k) != self.meta.get(k)}
-        if self.dim is None:
-            self.dim = meta.get("dim")
-        if diff:
-            what = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items())
-            raise ConfigError(f"{path} holds embeddings made with other settings ({what}); pass --overwrite "
-                              "to start over, or choose another --out")
-        if missing:
-            raise ConfigError(f"{path} has no columns saying what its rows were computed from ({', '.join(missing)}: "
-                              "written by an older vitkit), so they cannot be checked against their files; pass "
-                              "--overwrite to embed everything again, or choose another --out")
-        s = len(self.sources)
-        cols = [table.column(c).to_pylist() for c in ("path", "label", *STAMP_COLUMNS)]
-        for r, (p, label, file, size, mtime_ns, digest) in enumerate(zip(*cols)):
-            st = None if file is None else Stamp(file, size, mtime_ns, digest)
-            self.found[p if file is None else file] = (s, r, p, label, st)
-        self.sources.append(path)
-        self.keep.append(np.zeros(table.num_rows, dtype=bool))
-        self.restamp.append({})
-
-    def review(self) -> dict[str, str]:
-        """Check every row found against its file: {key: fresh | changed | gone}. Fresh rows are
-        kept (rows that are not files count as fresh); the others are left out of the merge."""
-        status = {}
-        for key, (s, r, _, _, st) in self.found.items():
-            state, now = (FRESH, None) if st is None else check(st)
-            status[key] = state
-            if state == FRESH:
-                self.keep[s][r] = True
-                if now is not None and now != st:
-                    self.restamp[s][r] = now
-        return status
-
-    def add(self, paths: list[str], labels: list, feats: np.ndarray, stamps: list[Stamp | None]) -> None:
-        if not paths:
-            return
-        self.buf.append((paths, labels, feats, stamps))
-        self.buffered += len(paths)
-        if self.buffered >= self.row_group_size:
-            self.flush()
-
-    def flush(self) -> None:
-        if not self.buf:
-            return
-        pa = self.pa
-        paths = [p for b in self.buf for p in b[0]]
-        labels = [v for b in self.buf for v in b[1]]
-        stamps = [st for b in self.buf for st in b[3]]
-        feats = np.concatenate([b[2] for b in self.buf]).astype(np.float32, copy=False)
-        N, F = feats.shape
-        if self.schema is None:
-            if self.dim is not None and self.dim != F:
-                raise ConfigError(f"{self.sources[0]} holds {self.dim}-d embeddings, this run makes {F}-d ones; "
-                                  "pass --overwrite to start over, or choose another --out")
-            self.dim = F
-            self.schema = _schema({**self.meta, "dim": F})
-        emb = pa.ListArray.from_arrays(pa.array(np.arange(0, (N + 1) * F, F, dtype=np.int32)),
-                                       pa.array(feats.reshape(-1)))
-        table = pa.Table.from_arrays([pa.array(paths, pa.string()), pa.array(labels, pa.string()), emb,
-                                      *_stamp_arrays(pa, stamps)], schema=self.schema)
-        part = self.parts_dir / f"part-{self.next_part:05d}.parquet"
-        self.parts_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(part, lambda tmp: self.pq.write_table(table, tmp))
-        self.sources.append(part)
-        self.keep.append(None)
-        self.restamp.append({})
-        self.next_part += 1
-        self.new_rows += N
-        self.buf, self.buffered = [], 0
-
-    def finish(self) -> int:
-        """Merge the kept rows into ``out``; returns its row count."""
-        self.flush()
-        if self.schema is None:  # nothing new: keep the earlier rows' own schema
-            self.schema = self.pq.read_schema(self.sources[0])
-        untouched = (self.sources == [self.out] and self.keep[0] is not None and bool(self.keep[0].all())
-                     and not self.restamp[0])
-        if not untouched:
-            pa, names = self.pa, list(self.schema.names)
-
-            def write(tmp):
-                with self.pq.ParquetWriter(tmp, self.schema) as w:
-                    for src, keep, restamp in zip(self.sources, self.keep, self.restamp):
-                        pf = self.pq.ParquetFile(src)
-                        at = 0
-                        for g in range(pf.num_row_groups):
-                            t = pf.read_row_group(g).select(names)
-                            n = t.num_rows
-                            if restamp and any(r in restamp for r in range(at, at + n)):
-                                mtime = t.column("mtime_ns").to_pylist()
-                                for r in range(at, at + n):
-                                    if r in restamp:
-                                        mtime[r - at] = restamp[r].mtime_ns
-                                t = t.set_column(names.index("mtime_ns"), "mtime_ns", pa.array(mtime, pa.int64()))
-                            if keep is not None:
-                                t = t.filter(pa.array(keep[at:at + n]))
-                            at += n
-                            if t.num_rows:
-                                w.write_table(t.replace_schema_metadata(self.schema.metadata))
-            atomic_write(self.out, write)
-        if self.parts_dir.exists():
-            shutil.rmtree(self.parts_dir)
-        return self.pq.ParquetFile(self.out).metadata.num_rows
-
-
-def _embed(model, items_paths: list[str], items_labels: list, items_files: list[bool], make_dataset: Callable, out,
-           *, spec: FeatureSpec, meta_extra: dict, batch_size: int, workers: int, row_group_size: int,
-           overwrite: bool, progress: bool, note: Callable) -> EmbedResult:
-    out = Path(out)
-    extractor = FeatureExtractor(model, spec)
-    meta = {**meta_extra, **spec.to_dict()}  # + "dim", known at the first batch
-    sink = _ResumableOutput(out, meta, overwrite, row_group_size or batch_size, note)
-    status = sink.review()
-    todo: list[int] = []  # items to embed: new, or changed since their row was made
+def _select(items_paths: list[str], items_files: list[bool], status: dict[str, str]
+            ) -> tuple[list[int], set[str], int]:
+    """(todo, listed keys, unchanged count): the items to embed (new, or changed since their row was
+    made), each file once however many names it is listed under."""
+    todo: list[int] = []
     listed: set[str] = set()
     unchanged = 0
     for i, (p, is_file) in enumerate(zip(items_paths, items_files)):
@@ -303,6 +124,64 @@ def _embed(model, items_paths: list[str], items_labels: list, items_files: list[
             unchanged += 1
         else:
             todo.append(i)
+    return todo, listed, unchanged
+
+
+def _stamp_rows(rows: list[tuple], workers: int, skipped: list[tuple[str, str]]) -> tuple[dict[int, Stamp], list[int]]:
+    """Stamp the rows' files before they are read: (stamps by row, rows that can be made: not a file,
+    or stamped). A file that cannot be stamped goes to ``skipped``."""
+    to_stamp = [j for j, r in enumerate(rows) if r[2] is not None]
+    stamps: dict[int, Stamp] = {}
+    for j, st in zip(to_stamp, _stamp_files([rows[j][2] for j in to_stamp], workers)):
+        if isinstance(st, OSError):
+            skipped.append((rows[j][0], f"{rows[j][0]}: {st.strerror or st}"))
+        else:
+            stamps[j] = st
+    return stamps, [j for j, r in enumerate(rows) if r[2] is None or j in stamps]
+
+
+def _rows_dataset(model, make_dataset: Callable, todo: list[int], rows: list[tuple], ok: list[int]):
+    """The rows ``ok`` as one dataset (None when there are none): the caller's items through its
+    dataset, then the rows of unlisted changed files."""
+    n_items = sum(j < len(todo) for j in ok)
+    parts = [(make_dataset([todo[j] for j in ok[:n_items]]), list(range(n_items)))] if n_items else []
+    if len(ok) > n_items:
+        parts.append((file_dataset(model, [rows[j][2] for j in ok[n_items:]]), list(range(len(ok) - n_items))))
+    if not parts:
+        return None
+    return parts[0][0] if len(parts) == 1 else Rows(parts)
+
+
+def _store_features(sink: ResumableOutput, batches, rows: list[tuple], ok: list[int], stamps: dict[int, Stamp],
+                    status: dict[str, str], skipped: list[tuple[str, str]]) -> int:
+    """Add the finite vectors of ``batches`` (iter_features over the rows ``ok``) to ``sink``; the
+    others, and unreadable images, go to ``skipped``. Returns how many stored rows replace changed ones."""
+    changed_rows = 0
+    for idx, feats, failures in batches:
+        got = [ok[i] for i in idx]
+        finite = np.isfinite(feats).all(axis=1)
+        for j, f, fine in zip(got, feats, finite):
+            if not fine:
+                skipped.append((rows[j][0], f"{rows[j][0]}: the model's output for it is not finite "
+                                            f"({int((~np.isfinite(f)).sum())} of {f.size} values are NaN "
+                                            "or inf); not stored"))
+        got = [j for j, fine in zip(got, finite) if fine]
+        sink.add([rows[j][0] for j in got], [rows[j][1] for j in got], feats[finite],
+                 [stamps.get(j) for j in got])
+        changed_rows += sum(status.get(rows[j][3]) == CHANGED for j in got)
+        skipped += [(rows[ok[i]][0], msg) for i, msg in failures]
+    return changed_rows
+
+
+def _embed(model, items_paths: list[str], items_labels: list, items_files: list[bool], make_dataset: Callable, out,
+           *, spec: FeatureSpec, meta_extra: dict, batch_size: int, workers: int, row_group_size: int,
+           overwrite: bool, progress: bool, note: Callable) -> EmbedResult:
+    out = Path(out)
+    extractor = FeatureExtractor(model, spec)
+    meta = {**meta_extra, **spec.to_dict()}  # + "dim", known at the first batch
+    sink = ResumableOutput(out, meta, overwrite, row_group_size or batch_size, note)
+    status = sink.review()
+    todo, listed, unchanged = _select(items_paths, items_files, status)
     # rows of files this run does not list are kept to the same rule: embedded again from their file when it changed
     redo = [(sink.found[k][2], sink.found[k][3], k) for k, st in status.items() if st == CHANGED and k not in listed]
     changed = sum(st == CHANGED for st in status.values())
@@ -312,41 +191,17 @@ def _embed(model, items_paths: list[str], items_labels: list, items_files: list[
              f"run); {changed} changed since (embedding them again), {gone} gone (dropping their rows), "
              f"{len(todo) - changed + len(redo)} new")
     skipped: list[tuple[str, str]] = []
-    # (path, label, file to read, key) of every row to make; files stamped before they are read
+    # (path, label, file to read, key) of every row to make
     rows = [(items_paths[i], items_labels[i], items_paths[i] if items_files[i] else None,
              file_key(items_paths[i]) if items_files[i] else items_paths[i]) for i in todo]
     rows += [(p, label, file, file) for p, label, file in redo]
-    to_stamp = [j for j, r in enumerate(rows) if r[2] is not None]
-    stamps: dict[int, Stamp] = {}
-    for j, st in zip(to_stamp, _stamp_files([rows[j][2] for j in to_stamp], workers)):
-        if isinstance(st, OSError):
-            skipped.append((rows[j][0], f"{rows[j][0]}: {st.strerror or st}"))
-        else:
-            stamps[j] = st
-    ok = [j for j, r in enumerate(rows) if r[2] is None or j in stamps]
-    # items through the caller's dataset, then the rows of unlisted changed files
-    n_items = sum(j < len(todo) for j in ok)
-    parts = [(make_dataset([todo[j] for j in ok[:n_items]]), list(range(n_items)))] if n_items else []
-    if len(ok) > n_items:
-        parts.append((file_dataset(model, [rows[j][2] for j in ok[n_items:]]), list(range(len(ok) - n_items))))
+    stamps, ok = _stamp_rows(rows, workers, skipped)
+    dataset = _rows_dataset(model, make_dataset, todo, rows, ok)
     changed_rows = 0
     try:
-        if parts:
-            dataset = parts[0][0] if len(parts) == 1 else Rows(parts)
-            for idx, feats, failures in iter_features(extractor, dataset, batch_size=batch_size, workers=workers,
-                                                      progress=progress):
-                got = [ok[i] for i in idx]
-                finite = np.isfinite(feats).all(axis=1)
-                for j, f, fine in zip(got, feats, finite):
-                    if not fine:
-                        skipped.append((rows[j][0], f"{rows[j][0]}: the model's output for it is not finite "
-                                                    f"({int((~np.isfinite(f)).sum())} of {f.size} values are NaN "
-                                                    "or inf); not stored"))
-                got = [j for j, fine in zip(got, finite) if fine]
-                sink.add([rows[j][0] for j in got], [rows[j][1] for j in got], feats[finite],
-                         [stamps.get(j) for j in got])
-                changed_rows += sum(status.get(rows[j][3]) == CHANGED for j in got)
-                skipped += [(rows[ok[i]][0], msg) for i, msg in failures]
+        if dataset is not None:
+            batches = iter_features(extractor, dataset, batch_size=batch_size, workers=workers, progress=progress)
+            changed_rows = _store_features(sink, batches, rows, ok, stamps, status, skipped)
     except BaseException:
         sink.flush()  # finished batches survive an interrupt; the next run skips them
         raise
@@ -488,51 +343,3 @@ def labelled_features(model, dataset: str, *, data_dir: str | None = None, want=
                              progress=progress, extractor=extractor)
            for s in want if getattr(splits, s, None) is not None}
     return out, splits
-
-
-def write_embeddings(out, paths: list[str], labels: list, vectors, meta: dict | None = None,
-                     row_group_size: int = 65536) -> Path:
-    """Write vectors you computed elsewhere as an embeddings table (same schema as ``embed``, no
-    file stamps), atomically. ``vectors``: (N, D) float32 array, or an iterable of (B, D) blocks
-    in row order, all finite."""
-    pa = require("pyarrow", "writing embeddings", "features")
-    pq = require("pyarrow.parquet", "writing embeddings", "features")
-    blocks = [np.asarray(vectors)] if hasattr(vectors, "shape") else vectors
-    out = Path(out)
-
-    def write(tmp):
-        at, schema = 0, None
-        writer = None
-        try:
-            for block in blocks:
-                block = np.ascontiguousarray(block, dtype=np.float32)
-                for s in range(0, len(block), row_group_size):
-                    part = block[s:s + row_group_size]
-                    N, F = part.shape
-                    refuse_non_finite(part, paths[at:at + N], str(out), at)
-                    if schema is None:
-                        schema = _schema({"model": None, **(meta or {}), "dim": F})
-                        writer = pq.ParquetWriter(tmp, schema)
-                    emb = pa.ListArray.from_arrays(pa.array(np.arange(0, (N + 1) * F, F, dtype=np.int64)
-                                                            .astype(np.int32)), pa.array(part.reshape(-1)))
-                    writer.write_table(pa.Table.from_arrays(
-                        [pa.array(paths[at:at + N], pa.string()), pa.array(labels[at:at + N], pa.string()), emb,
-                         *_stamp_arrays(pa, [None] * N)], schema=schema))
-                    at += N
-        finally:
-            if writer is not None:
-                writer.close()
-        if at != len(paths):
-            raise InputError(f"{len(paths)} paths but {at} vectors")
-
-    return atomic_write(out, write)
-
-
-def refuse_non_finite(block: np.ndarray, names: list[str], where: str, first_row: int = 0) -> None:
-    """InputError naming the first row of ``block`` (B, D) that holds NaN or inf: a non-finite vector
-    has no cosine similarity and would rank first or last for every query."""
-    bad = ~np.isfinite(block).all(axis=1)
-    if bad.any():
-        r = int(np.argmax(bad))
-        raise InputError(f"{where}: row {first_row + r} ({names[r]}) holds NaN or inf values "
-                         f"({int(bad.sum())} such row(s) in this block); an index takes finite vectors only")

@@ -1,5 +1,9 @@
 """``search``: nearest neighbours by cosine similarity in an embeddings parquet file.
 
+One module on purpose (~430 lines): the index and the queries it answers (a stored row, a file
+whose row is fresh, or an image embedded the table's way) are one feature, read together; the
+table it reads is :mod:`vitkit.features.table`.
+
 Backends:
 
 * ``exact``: every vector in memory as one (N, D) float32 tensor, L2-normalised, scores = q @ X.T
@@ -34,7 +38,7 @@ from ..deps import require
 from ..errors import ConfigError, InputError
 from ..freshness import CHANGED, FRESH, Stamp, check, file_key, stamp
 from ..io import atomic_write, atomic_write_text
-from .embed import META_KEY, STAMP_COLUMNS, refuse_non_finite
+from .table import META_KEY, STAMP_COLUMNS, refuse_non_finite
 
 BACKENDS = ("auto", "exact", "flat", "ivf", "hnsw")
 EXACT_MAX_BYTES = 2 << 30  # auto: exact torch search up to a 2 GiB matrix (~700k x 768), FAISS IVF beyond

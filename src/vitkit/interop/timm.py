@@ -2,6 +2,9 @@
 timm hub directory (``config.json`` with ``architecture`` + ``pretrained_cfg`` [+ ``model_args``]
 and ``model.safetensors`` / ``pytorch_model.bin``).
 
+One module on purpose (~430 lines): it is one format, reader and writer (``FORMAT`` pairs them)
+sharing the activation and architecture-name tables, as every other format module is one file.
+
 vitkit's parameter names are timm's, so the rename table is the identity; what takes work is the
 config. In order of trust: ``model_args`` from the hub config; the ``architecture`` name when it
 is a vitkit preset; the tensor shapes (dim, depth, patch, grid, classes, qkv bias, registers,
@@ -59,6 +62,49 @@ def act_from_args(args: dict[str, Any], architecture: str | None, source: str, n
     return "gelu"
 
 
+def _pooling(state: dict[str, torch.Tensor], args: dict[str, Any], source: str, class_token: bool,
+             fc_norm: bool) -> str:
+    pool = args.get("global_pool")
+    if pool not in (None, "", "token", "avg", "map"):
+        raise CheckpointError(f"{source}: timm global_pool={pool!r} is not supported (only 'token', 'avg', 'map')")
+    if "attn_pool.latent" in state or pool == "map":
+        return "map"
+    return "mean" if (pool == "avg" or fc_norm or not class_token) else "cls"
+
+
+def _position_layout(state: dict[str, torch.Tensor], args: dict[str, Any], prefix: int, patch: tuple[int, int],
+                     hints: tuple[Any, ...], regs: int) -> tuple[str, Any, bool]:
+    """(pos_embed, image_size, pos_embed_prefix) from the position table's rows and the size hints."""
+    if "pos_embed" not in state:
+        return "none", next((h for h in (*hints, args.get("img_size")) if h is not None), 224), True
+    rows = state["pos_embed"].shape[1]
+    known = None if "no_embed_class" not in args else not args["no_embed_class"]
+    # No config: timm's default table has prefix rows; a square table without them is
+    # no_embed_class (DeiT-III, *_reg4 models). A size hint that fits decides; when both
+    # readings are square, register models read as no_embed_class (all of timm's are).
+    image_size, pos_prefix = layout_from_rows(rows, prefix, patch, *hints, args.get("img_size"),
+                                              prefix_rows=known, prefer_prefix=regs == 0)
+    return "learned", image_size, pos_prefix
+
+
+def _part_flags(state: dict[str, torch.Tensor], swiglu: bool, dist: bool) -> dict[str, Any]:
+    """The config fields that differ from vitkit's defaults, as the state dict's keys show them."""
+    extra: dict[str, Any] = {}
+    if swiglu:
+        extra["mlp_layer"] = "swiglu"
+    if "norm_pre.weight" in state:
+        extra["norm_pre"] = True
+    if "patch_embed.proj.bias" not in state:
+        extra["patch_bias"] = False
+    if "head.weight" in state and "head.bias" not in state:
+        extra["head_bias"] = False
+    if dist:
+        extra["dist_token"] = True
+    if "blocks.0.norm1.weight" in state and "blocks.0.norm1.bias" not in state:
+        extra["norm_layer"] = "rmsnorm"
+    return extra
+
+
 def infer_config(state: dict[str, torch.Tensor], args: dict[str, Any], source: str,
                  hints: tuple[Any, ...] = (), notes: list[str] | None = None,
                  architecture: str | None = None) -> ViTConfig:
@@ -73,53 +119,19 @@ def infer_config(state: dict[str, torch.Tensor], args: dict[str, Any], source: s
     class_token = "cls_token" in state
     dist = "dist_token" in state
     regs = state["reg_token"].shape[1] if "reg_token" in state else 0
-    prefix = int(class_token) + int(dist) + regs
     fc1, fc2 = state["blocks.0.mlp.fc1.weight"], state["blocks.0.mlp.fc2.weight"]
     # SwiGLUPacked (DINOv2 giant): fc1 holds [w1; w2], twice the width fc2 reads
     swiglu = fc1.shape[0] == 2 * fc2.shape[1]
-    mlp_dim = fc2.shape[1]
-    qkv_bias = "blocks.0.attn.qkv.bias" in state
     layer_scale = None
     if "blocks.0.ls1.gamma" in state:
         layer_scale = args.get("init_values") or 1e-5  # the init value; the loaded gamma replaces it
     fc_norm = "fc_norm.weight" in state
     head_hidden = state["pre_logits.fc.weight"].shape[0] if "pre_logits.fc.weight" in state else None
-    num_classes = state["head.weight"].shape[0] if "head.weight" in state else 0
-    pool = args.get("global_pool")
-    if pool not in (None, "", "token", "avg", "map"):
-        raise CheckpointError(f"{source}: timm global_pool={pool!r} is not supported (only 'token', 'avg', 'map')")
-    if "attn_pool.latent" in state or pool == "map":
-        pooling = "map"
-    else:
-        pooling = "mean" if (pool == "avg" or fc_norm or not class_token) else "cls"
-    pos_prefix = True
-    if "pos_embed" in state:
-        rows = state["pos_embed"].shape[1]
-        known = None if "no_embed_class" not in args else not args["no_embed_class"]
-        # No config: timm's default table has prefix rows; a square table without them is
-        # no_embed_class (DeiT-III, *_reg4 models). A size hint that fits decides; when both
-        # readings are square, register models read as no_embed_class (all of timm's are).
-        image_size, pos_prefix = layout_from_rows(rows, prefix, (ph, pw), *hints, args.get("img_size"),
-                                                  prefix_rows=known, prefer_prefix=regs == 0)
-        pos = "learned"
-    else:
-        pos = "none"
-        image_size = next((h for h in (*hints, args.get("img_size")) if h is not None), 224)
+    pooling = _pooling(state, args, source, class_token, fc_norm)
+    pos, image_size, pos_prefix = _position_layout(state, args, int(class_token) + int(dist) + regs, (ph, pw),
+                                                   hints, regs)
     act = "silu" if swiglu else act_from_args(args, architecture, source, notes)
     heads = guess_heads(dim, args.get("num_heads"), source)
-    extra: dict[str, Any] = {}
-    if swiglu:
-        extra["mlp_layer"] = "swiglu"
-    if "norm_pre.weight" in state:
-        extra["norm_pre"] = True
-    if "patch_embed.proj.bias" not in state:
-        extra["patch_bias"] = False
-    if "head.weight" in state and "head.bias" not in state:
-        extra["head_bias"] = False
-    if dist:
-        extra["dist_token"] = True
-    if "blocks.0.norm1.weight" in state and "blocks.0.norm1.bias" not in state:
-        extra["norm_layer"] = "rmsnorm"
     # timm's CLIP models (pre_norm=True) use LayerNorm eps 1e-5 (OpenAI's nn.LayerNorm); the rest 1e-6
     eps = 1e-5 if ("norm_pre.weight" in state or (architecture and "_clip_" in architecture)) else 1e-6
     if "norm_pre.weight" in state and "act_layer" not in args and not (architecture and "quickgelu" in architecture):
@@ -127,10 +139,11 @@ def infer_config(state: dict[str, torch.Tensor], args: dict[str, Any], source: s
                      "pass act='quick_gelu' for those)")
     return ViTConfig(
         image_size=tuple(image_size) if isinstance(image_size, (list, tuple)) else image_size,
-        patch_size=(ph, pw), in_channels=in_ch, num_classes=num_classes, dim=dim, depth=depth,
-        num_heads=heads, mlp_dim=mlp_dim, qkv_bias=qkv_bias, norm_eps=eps, act=act, pos_embed=pos,
-        pos_embed_prefix=pos_prefix, pooling=pooling, class_token=class_token, num_registers=regs,
-        fc_norm=fc_norm, head_hidden_dim=head_hidden, head_act="tanh", layer_scale=layer_scale, **extra,
+        patch_size=(ph, pw), in_channels=in_ch, num_classes=state["head.weight"].shape[0] if "head.weight" in state else 0,
+        dim=dim, depth=depth, num_heads=heads, mlp_dim=fc2.shape[1], qkv_bias="blocks.0.attn.qkv.bias" in state,
+        norm_eps=eps, act=act, pos_embed=pos, pos_embed_prefix=pos_prefix, pooling=pooling, class_token=class_token,
+        num_registers=regs, fc_norm=fc_norm, head_hidden_dim=head_hidden, head_act="tanh", layer_scale=layer_scale,
+        **_part_flags(state, swiglu, dist),
     )
 
 

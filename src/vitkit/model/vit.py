@@ -1,5 +1,9 @@
 """The Vision Transformer (Dosovitskiy et al., "An Image is Worth 16x16 Words", ICLR 2021).
 
+One module on purpose (~460 lines): the model class with every public stage, read top to bottom
+as timm's ``vision_transformer.py`` and nanoGPT's ``model.py`` are; its parts are their own modules
+(attention, block, patch_embed, pos_embed, rope).
+
 Data flow (names are the public stages)::
 
     image (B, C, H, W)
@@ -57,12 +61,24 @@ class ViT(nn.Module):
         if not isinstance(config, ViTConfig):
             raise ConfigError(f"ViT expects a ViTConfig, got {type(config).__name__}")
         self.config = c = config
-        D = c.dim
         self.num_prefix_tokens = c.num_prefix_tokens
         self.pretrained_info: dict[str, Any] | None = None  # filled by the weight loaders
         self.preprocess_cfg: dict[str, Any] | None = None  # mean/std/size/crop..., see vitkit.interop
         self.labels: list[str] | None = None
+        # in this order: it is the parameters' order (state dict, init draws)
+        self._build_embedding(c)
+        self._build_blocks(c)
+        self._build_head(c)
+        # DeiT training with a teacher: True makes train-mode forward return (head(cls),
+        # head_dist(dist)) for a distillation loss. False (default; eval always): their average.
+        self.distilled_training = False
+        self.grad_checkpointing = False
+        self._pos_cache: dict[tuple[int, int], tuple[tuple, torch.Tensor]] = {}
+        self.init_weights()
 
+    def _build_embedding(self, c: ViTConfig) -> None:
+        """Patch embedding, prefix tokens, position table, norm_pre and RoPE."""
+        D = c.dim
         self.patch_embed = PatchEmbed(c.image_hw, c.patch_hw, c.in_channels, D, mode=c.patch_embed,
                                       bias=c.patch_bias, dynamic_size=c.dynamic_img_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D)) if c.class_token else None
@@ -78,19 +94,25 @@ class ViT(nn.Module):
         self.rope = (RotaryEmbedding(c.head_dim, c.rope_theta, c.rope_shift, c.rope_jitter, c.rope_rescale)
                      if c.rope != "none" else None)
 
+    def _build_blocks(self, c: ViTConfig) -> None:
+        """The blocks and the final norm."""
         # stochastic depth rises linearly from 0 (first block) to drop_path (last block), as timm's
         # linspace(0, drop_path, depth): a single block is the first one and gets 0. Plain Python:
         # works on the meta device.
         rates = [c.drop_path * i / (c.depth - 1) for i in range(c.depth)] if c.depth > 1 else [0.0]
         self.blocks = nn.ModuleList(
-            Block(D, c.num_heads, c.hidden_dim, qkv_bias=c.qkv_bias, qk_scale=c.qk_scale,
+            Block(c.dim, c.num_heads, c.hidden_dim, qkv_bias=c.qkv_bias, qk_scale=c.qk_scale,
                   attn_drop=c.attn_dropout, proj_drop=c.dropout, act=c.act, norm_eps=c.norm_eps,
                   drop_path=rates[i], layer_scale=c.layer_scale, norm_first=c.norm_first,
                   norm_layer=c.norm_layer, mlp_layer=c.mlp_layer)
             for i in range(c.depth)
         )
         # Post-norm blocks end in a norm already; timm's mean-pool layout moves it after pooling.
-        self.norm = make_norm(c.norm_layer, D, c.norm_eps) if c.norm_first and not c.fc_norm else nn.Identity()
+        self.norm = make_norm(c.norm_layer, c.dim, c.norm_eps) if c.norm_first and not c.fc_norm else nn.Identity()
+
+    def _build_head(self, c: ViTConfig) -> None:
+        """Pooling (MAP, fc_norm), pre-logits and the classifier (and DeiT's distillation head)."""
+        D = c.dim
         # MAP head (timm's global_pool="map"): model's heads, norm and activation; a plain MLP as
         # wide as the blocks' fc1 (2 * hidden_dim with swiglu, as timm's mlp_ratio). It reads the
         # patch tokens (prefix tokens excluded, as timm).
@@ -112,12 +134,6 @@ class ViT(nn.Module):
         # DeiT: a second head reads the distillation token (timm's VisionTransformerDistilled).
         self.head_dist = (nn.Linear(head_in, c.num_classes, bias=c.head_bias)
                           if c.dist_token and c.num_classes > 0 else None)
-        # DeiT training with a teacher: True makes train-mode forward return (head(cls),
-        # head_dist(dist)) for a distillation loss. False (default; eval always): their average.
-        self.distilled_training = False
-        self.grad_checkpointing = False
-        self._pos_cache: dict[tuple[int, int], tuple[tuple, torch.Tensor]] = {}
-        self.init_weights()
 
     # ------------------------------------------------------------------ construction helpers
     def _fixed_pos_embed(self) -> torch.Tensor | None:
@@ -144,7 +160,7 @@ class ViT(nn.Module):
         ``trunc_normal_(w, std=0.02)`` alone truncates nothing (timm's call has this quirk); the
         truncation is at +-2 std = +-0.04 here, as "truncated normal 0.02" means."""
 
-        def tn(t: torch.Tensor, std: float = 0.02) -> None:
+        def trunc_normal_02(t: torch.Tensor, std: float = 0.02) -> None:
             # Inverse-CDF sampling, a fixed 4 passes (nn.init.trunc_normal_ in this torch redraws
             # the whole tensor until no value is out of range: several times slower at +-2 std).
             if t.is_meta:
@@ -154,7 +170,7 @@ class ViT(nn.Module):
 
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Conv2d)):
-                tn(m.weight)
+                trunc_normal_02(m.weight)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
             elif isinstance(m, nn.LayerNorm):
@@ -165,9 +181,9 @@ class ViT(nn.Module):
         extra = [self.dist_token, self.attn_pool.latent if self.attn_pool is not None else None]
         for p in (self.cls_token, self.reg_token, *extra):
             if p is not None:
-                tn(p)
+                trunc_normal_02(p)
         if isinstance(self.pos_embed, nn.Parameter):
-            tn(self.pos_embed)
+            trunc_normal_02(self.pos_embed)
         # Drawn last: every other parameter gets the same draws as under a plain trunc-normal init.
         proj = getattr(getattr(self, "patch_embed", None), "proj", None)  # None: a head-only holder
         if proj is not None and not proj.weight.is_meta:
