@@ -16,7 +16,8 @@ process with the same torch threads:
   ``encode_texts``; open_clip ``tokenizer`` + ``encode_text``; transformers ``CLIPTokenizer``
   (``padding=True``: it pads to the longest text, the others to 77) + ``get_text_features``.
 
-fp32 and bf16 (vitkit: the Predictor's bf16 path for images, autocast for texts; the peers:
+fp32 and bf16 (vitkit: ``vitkit.infer.Predictor`` for both towers, bf16 weights on CPUs with native bf16,
+else fp32 with a note; the peers:
 ``torch.autocast("cpu", bfloat16)``). Paired rounds: each round runs every contender once in a
 rotating order; a ratio is the median over rounds of peer time / vitkit time (> 1: vitkit faster).
 Agreement (fp32): the zero-shot probabilities of the three models on one preprocessed batch
@@ -167,9 +168,8 @@ def main() -> int:
                 with autocast(dt):
                     oc.encode_text(oc_tok(texts[s:s + args.batch_size]))
 
-        def vk_texts(dt):
-            with autocast(dt):
-                encode_texts(pair, texts, batch_size=args.batch_size)
+        def vk_texts(dt):  # the Predictor's text path (its construction timed too, as a user's call)
+            encode_texts(pair, texts, batch_size=args.batch_size, dtype=dt)
 
         text_jobs = {"vitkit": vk_texts, "open_clip": oc_texts, "transformers": hf_texts}
 

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError, InputError
+from ..infer import Predictor
 
 # CLIP's 80 ImageNet prompts (openai/CLIP notebooks/Prompt_Engineering_for_ImageNet.ipynb; the same
 # list, in the same order, as open_clip.zero_shot_metadata.OPENAI_IMAGENET_TEMPLATES: tested)
@@ -137,27 +138,41 @@ def load_pair(source: str, *, needed_for: str, tokenizer: str | None = None, dev
                               f"({IMAGE_TEXT_FAMILIES}); {e}") from e
 
 
-# model -> {(labels, templates, device): (C, E) weights}; weak: a dropped model drops its entries
+# model -> {(labels, templates, device, dtype): (C, E) weights}; weak: a dropped model drops its entries
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _text_forward(model, dtype: str, note: Callable[[str], None]) -> Predictor:
+    """The text tower's Predictor in ``dtype``, as the image tower's (features.extract): fp32 its
+    exact walk (bit-identical to ``model.text``), bf16 / int8 its approximations."""
+    text = Predictor(model.text, dtype, exact=dtype == "fp32")
+    if dtype != "fp32":  # what became of the approximation asked for (e.g. no native bf16: fp32)
+        for n in text.notes:
+            note(f"note: text tower: {n}")
+    return text
 
 
 @torch.no_grad()
 def zeroshot_weights(model, labels: Sequence[str], templates: str | Sequence[str] = "simple", *,
-                     batch_size: int = 256, cache: bool = True, note: Callable[[str], None] = lambda s: None
-                     ) -> torch.Tensor:
-    """(C, E) normalised class embeddings of ``labels`` under ``templates`` (module docstring), in
-    the order of ``labels``, on the model's device. Computed once per (model, labels, templates,
-    device) while ``cache`` (the cache holds inference results: after changing the text tower's
-    weights pass ``cache=False``). ``note`` hears which labels' prompts are truncated to the
-    tokenizer's context. Two labels whose prompts tokenize to the same ids are an InputError: no
-    image could tell them apart."""
+                     batch_size: int = 256, cache: bool = True, note: Callable[[str], None] = lambda s: None,
+                     dtype: str = "fp32") -> torch.Tensor:
+    """(C, E) normalised float32 class embeddings of ``labels`` under ``templates`` (module
+    docstring), in the order of ``labels``, on the model's device. Computed once per (model,
+    labels, templates, device, dtype) while ``cache`` (the cache holds inference results: after
+    changing the text tower's weights pass ``cache=False``). ``note`` hears which labels' prompts
+    are truncated to the tokenizer's context, and the Predictor's notes (bf16 on a CPU without
+    native bf16 runs fp32). Two labels whose prompts tokenize to the same ids are an InputError:
+    no image could tell them apart.
+
+    ``dtype``: the text tower through :class:`vitkit.infer.Predictor`, as the image tower: "fp32"
+    its exact walk (bit-identical to ``encode_text``), "bf16" / "int8" its approximations."""
     if model.tokenizer is None:
         raise ConfigError("this image-text model has no tokenizer; load it with one (vitkit.load_image_text(..., "
                           "tokenizer=DIR)) to embed class names")
     labels = check_labels(labels)
     templates = resolve_templates(templates)
     device = model.logit_scale.device
-    key = (tuple(labels), templates, str(device))
+    key = (tuple(labels), templates, str(device), dtype)
     per_model = _CACHE.setdefault(model, {}) if cache else {}
     if key in per_model:
         return per_model[key]
@@ -183,7 +198,8 @@ def zeroshot_weights(model, labels: Sequence[str], templates: str | Sequence[str
         more = f" and {len(long) - 5} more" if len(long) > 5 else ""
         note(f"note: the prompts of {len(long)} label(s) are longer than this model's {tok.context_length}-token "
              f"context and are truncated (as its tokenizer does): {shown}{more}")
-    emb = torch.cat([model.encode_text(ids[s:s + batch_size], normalize=True)
+    text = _text_forward(model, dtype, note)
+    emb = torch.cat([model.encode_text(ids[s:s + batch_size], normalize=True, text_forward=text)
                      for s in range(0, len(ids), batch_size)]).float()  # (C * T, E)
     W = emb.reshape(C, T, -1).mean(dim=1)
     W = W / W.norm(dim=-1, keepdim=True)  # (C, E)
@@ -197,11 +213,11 @@ class ZeroShotHead(nn.Module):
     follows the model's loss (softmax for CLIP, sigmoid for SigLIP)."""
 
     def __init__(self, model, labels: Sequence[str], templates: str | Sequence[str] = "simple", *,
-                 batch_size: int = 256, note: Callable[[str], None] = lambda s: None) -> None:
+                 batch_size: int = 256, note: Callable[[str], None] = lambda s: None, dtype: str = "fp32") -> None:
         super().__init__()
         self.labels = check_labels(labels)
         self.templates = resolve_templates(templates)
-        W = zeroshot_weights(model, self.labels, self.templates, batch_size=batch_size, note=note)
+        W = zeroshot_weights(model, self.labels, self.templates, batch_size=batch_size, note=note, dtype=dtype)
         self.register_buffer("weight", W.clone())  # (C, E): a copy, the cached one stays as computed
         self.register_buffer("logit_scale", model.logit_scale.detach().clone())
         bias = model.logit_bias
@@ -225,10 +241,10 @@ class ZeroShotClassifier(nn.Module):
     (:func:`vitkit.eval.evaluate.evaluate_model`)."""
 
     def __init__(self, model, labels: Sequence[str], templates: str | Sequence[str] = "simple", *,
-                 batch_size: int = 256, note: Callable[[str], None] = lambda s: None) -> None:
+                 batch_size: int = 256, note: Callable[[str], None] = lambda s: None, dtype: str = "fp32") -> None:
         super().__init__()
         self.vision = model.vision
-        self.head = ZeroShotHead(model, labels, templates, batch_size=batch_size, note=note).to(
+        self.head = ZeroShotHead(model, labels, templates, batch_size=batch_size, note=note, dtype=dtype).to(
             model.logit_scale.device)
         self.labels = list(self.head.labels)
         self.preprocess_cfg = self.vision.preprocess_cfg
@@ -248,17 +264,17 @@ class ZeroShotClassifier(nn.Module):
 
 def classifier_for_classes(model, splits, label_map: dict[str, str] | None = None,
                            templates: str | Sequence[str] = "simple", *,
-                           note: Callable[[str], None] = lambda s: None) -> ZeroShotClassifier:
+                           note: Callable[[str], None] = lambda s: None, dtype: str = "fp32") -> ZeroShotClassifier:
     """The zero-shot classifier of a labelled dataset (:func:`vitkit.data.build_data`'s result):
     its labels are the class names, or the names ``label_map`` gives them (``n01440764=tench``;
     several classes may share one), which :func:`vitkit.eval.evaluate.evaluate_model` then matches
-    back to the classes by name."""
+    back to the classes by name. ``dtype``: the text tower's, as :func:`zeroshot_weights`."""
     if splits.task != "classification" or not splits.classes:
         raise InputError(f"{splits.name} has no class names (task: {splits.task}); zero-shot classification needs "
                          "a labelled classification dataset (class folders, digits, cifar10, ...)")
     label_map = label_map or {}
     names = list(dict.fromkeys(label_map.get(str(c), str(c)) for c in splits.classes))
-    return ZeroShotClassifier(model, names, templates, note=note)
+    return ZeroShotClassifier(model, names, templates, note=note, dtype=dtype)
 
 
 # ------------------------------------------------------------------------------ a head to fine-tune
@@ -334,13 +350,15 @@ def classify_files(model, files: Sequence[str], labels: Sequence[str], templates
     """One result per file, in order: ``{"file", "predictions": [{"label", "prob", "logit"}]}`` (top
     ``top_k``, best first) or ``{"file", "error"}``. The images are read as ``vitkit embed`` reads
     them (vitkit.data's loader, the image tower's own preprocessing); ``encode_image`` runs through
-    :class:`vitkit.features.FeatureExtractor` (``pool="head"``: the image tower's ``model(x)``)."""
+    :class:`vitkit.features.FeatureExtractor` (``pool="head"``: the image tower's ``model(x)``).
+    ``dtype`` is both towers' (:class:`vitkit.infer.Predictor`): the label embeddings are computed
+    in it too, once per label set."""
     from .embed import file_dataset, iter_features
     from .extract import FeatureExtractor, FeatureSpec
 
     if top_k < 1:
         raise InputError(f"top-k must be >= 1, got {top_k}")
-    head = ZeroShotHead(model, labels, templates, note=note).to(model.logit_scale.device)
+    head = ZeroShotHead(model, labels, templates, note=note, dtype=dtype).to(model.logit_scale.device)
     files = [str(f) for f in files]
     results: list[dict] = [{"file": f} for f in files]
     extractor = FeatureExtractor(model.vision, FeatureSpec(pool="head", dtype=dtype))
@@ -378,9 +396,10 @@ def read_texts(path: str | Path) -> list[str]:
 
 @torch.no_grad()
 def encode_texts(model, texts: Sequence[str], *, batch_size: int = 256, normalize: bool = False,
-                 note: Callable[[str], None] = lambda s: None) -> np.ndarray:
+                 note: Callable[[str], None] = lambda s: None, dtype: str = "fp32") -> np.ndarray:
     """(N,) texts -> (N, E) float32 text embeddings (``encode_text``), batched; ``note`` hears which
-    texts are truncated to the tokenizer's context."""
+    texts are truncated to the tokenizer's context and the Predictor's notes. ``dtype``: the text
+    tower through :class:`vitkit.infer.Predictor` (built once per call), as :func:`zeroshot_weights`."""
     texts = list(texts)
     empty = [i + 1 for i, t in enumerate(texts) if not t.strip()]
     if empty:
@@ -391,7 +410,8 @@ def encode_texts(model, texts: Sequence[str], *, batch_size: int = 256, normaliz
         if long:
             note(f"note: {len(long)} text(s) are longer than this model's {tok.context_length}-token context and are "
                  "truncated (as its tokenizer does): " + ", ".join(f"{t[:40]!r} ({n} tokens)" for t, n in long[:3]))
-    out = [model.encode_text(texts[s:s + batch_size], normalize=normalize).float().cpu()
+    text = _text_forward(model, dtype, note)
+    out = [model.encode_text(texts[s:s + batch_size], normalize=normalize, text_forward=text).float().cpu()
            for s in range(0, len(texts), batch_size)]
     return torch.cat(out).numpy()
 

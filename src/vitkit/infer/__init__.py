@@ -3,6 +3,7 @@
     from vitkit.infer import Predictor
     predict = Predictor(model, dtype="bf16")     # "fp32" (within 1e-5; exact=True: bit-identical) | "bf16" | "int8"
     logits = predict(images)                      # what model(images) returns
+    embeds = Predictor(pair.text, "bf16")(ids)    # a text tower: what pair.text(ids) returns
 
 The model keeps one plain forward; everything that only makes inference faster lives here and
 reads the model's parts (see :mod:`vitkit.infer.engine`). How each choice was measured:

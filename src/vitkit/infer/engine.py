@@ -15,7 +15,10 @@ SwiGLU. What it walks: ``model.embed`` (patch embedding, prefix tokens, position
 ``ls1``, ``norm2``, ``mlp.fc1``, ``mlp.act``, ``mlp.fc2``, ``ls2`` (pre- or post-norm), then
 ``model.norm`` and ``model.forward_head`` (pooling and head: the model's own code). With
 class-token pooling the last block computes the head's tokens only (keys and values still come
-from every token), as the model's forward. :func:`plan_for` returns None, with the reason, for
+from every token), as the model's forward. The text tower (:class:`~vitkit.model.text.TextTransformer`)
+runs the same :func:`block` walk (:func:`run_text`): its own embedding, then each block with the
+model's attention mask (causal and / or padding), then its norm, pooling and projection.
+:func:`plan_for` returns None, with the reason, for
 any model not made of vitkit's own parts (``isinstance`` on vitkit.model's classes); the
 Predictor then runs the model's own forward.
 
@@ -37,7 +40,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..model.attention import Attention
-from ..model.block import Block, LayerScale, Mlp, QuickGELU, SwiGLU
+from ..model.block import Block, LayerScale, Mlp, QuickGELU, SwiGLU, run_blocks
+from ..model.text import TextTransformer
 from ..model.vit import ViT
 
 
@@ -254,7 +258,7 @@ class BlockPlan:
 
 @dataclass
 class Plan:
-    model: ViT
+    model: ViT | TextTransformer
     blocks: list[BlockPlan]
     modules: list[nn.Module]  # every module the walk replaces: hooks on them force the model's path
 
@@ -301,13 +305,19 @@ def _block_reason(i: int, blk: nn.Module) -> str | None:
 
 _TOP = {"patch_embed", "pos_drop", "norm_pre", "blocks", "norm", "fc_norm", "pre_logits", "head_drop", "head",
         "attn_pool", "head_dist"}
+_TEXT_TOP = {"token_embed", "blocks", "norm", "proj"}
 
 
 def plan_for(model: nn.Module, linear: str = "dense") -> tuple[Plan | None, str]:
-    """The walk for ``model`` with ``linear`` matmuls ("dense" | "packed" | "int8"), or (None, why not)."""
-    if not isinstance(model, ViT):
-        return None, f"{type(model).__name__} is not a vitkit ViT"
-    extra = _children(model) - _TOP
+    """The walk for ``model`` (a ViT or a TextTransformer) with ``linear`` matmuls ("dense" |
+    "packed" | "int8"), or (None, why not)."""
+    if isinstance(model, ViT):
+        top = _TOP
+    elif isinstance(model, TextTransformer):
+        top = _TEXT_TOP
+    else:
+        return None, f"{type(model).__name__} is not a vitkit ViT or TextTransformer"
+    extra = _children(model) - top
     if extra:
         return None, f"the model has parts the engine does not know: {sorted(extra)}"
     if len(model.blocks) == 0:
@@ -332,12 +342,14 @@ def plan_for(model: nn.Module, linear: str = "dense") -> tuple[Plan | None, str]
 
 
 # --------------------------------------------------------------------------- the walk
-def block(p: BlockPlan, x: torch.Tensor, ws: Workspace, k: int | None = None) -> torch.Tensor:
+def block(p: BlockPlan, x: torch.Tensor, ws: Workspace, k: int | None = None,
+          attn_mask: torch.Tensor | None = None) -> torch.Tensor:
     """One block on the residual stream ``x`` (B, N, D, contiguous, owned by the caller) ->
     (B, N, D), or with ``k`` the first k tokens' outputs alone, (B, k, D) (what a class-token
     head reads from the last block: every token is still a key and a value; the queries, the
     output projection, the residuals, the norms after attention and the MLP run for those k
-    tokens, ~1/6 of the block's cost at 197 tokens).
+    tokens, ~1/6 of the block's cost at 197 tokens). ``attn_mask``: Attention's (the text
+    tower's causal / padding mask), passed to SDPA as the model passes it.
 
     The stream is updated in place by the buffer-writing matmuls (a new tensor from fused
     ones). With :class:`Dense` matmuls these are the calls of ``Block.forward(x, k)`` on the same
@@ -355,7 +367,7 @@ def block(p: BlockPlan, x: torch.Tensor, ws: Workspace, k: int | None = None) ->
         kv = p.kv(h.reshape(B * N, D), ws.get("kv", B * N, 2 * D))
         k_, v = kv.view(B, N, 2, H, hd).permute(2, 0, 3, 1, 4).unbind(0)  # (B, heads, N, hd)
         x = x[:, :k].contiguous()  # (B, k, D): the residual stream of the tokens that go on
-    o = F.scaled_dot_product_attention(q, k_, v, scale=p.scale)  # (B, heads, M, hd)
+    o = F.scaled_dot_product_attention(q, k_, v, attn_mask=attn_mask, scale=p.scale)  # (B, heads, M, hd)
     x = p.proj.residual(o.transpose(1, 2).reshape(B * M, D), x.view(B * M, D), p.gamma1,
                         ws.get("out", B * M, D)).view(B, M, D)
     if not p.norm_first:
@@ -389,3 +401,22 @@ def run(plan: Plan, x: torch.Tensor, output: str = "logits", last_queries: int |
                        block=lambda i, x, k: block(plan.blocks[i], x, ws, k))
     tokens = m.norm(out.tokens)
     return tokens if output == "tokens" else m.forward_head(tokens, pre_logits=output == "pooled")
+
+
+def run_text(plan: Plan, ids: torch.Tensor, output: str = "logits",
+             attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Token ids (B, L) of a :class:`~vitkit.model.text.TextTransformer` plan -> the text tower's
+    ``output`` in eval mode without autograd: "logits" what ``model(ids, attention_mask)`` returns
+    (the projected embedding (B, E)), "pooled" the pooled token before the projection (B, D),
+    "tokens" ``forward_features`` (B, L, D). The model's own embedding, mask, final norm,
+    pooling and projection around the same :func:`block` walk as images, every block given the
+    model's mask (causal and / or padding). Every token runs through the last block: the pooled
+    token's position differs per text (end-of-text), so there is no leading-token shortcut."""
+    m = plan.model
+    t = m.embed(ids)  # (B, L, D)
+    mask = m.attention_mask(ids, attention_mask)  # (B or 1, 1, L, L) bool | None
+    ws = Workspace(t)
+    s = ws.get("stream", *t.shape).copy_(t)
+    out = run_blocks(m.blocks, s, block=lambda i, x, k: block(plan.blocks[i], x, ws, k, mask))
+    tokens = m.norm(out.tokens)
+    return tokens if output == "tokens" else m.forward_head(tokens, ids, pre_logits=output == "pooled")

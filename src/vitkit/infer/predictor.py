@@ -11,6 +11,7 @@ from torch import nn
 
 from .. import cpu
 from ..errors import ConfigError, InputError
+from ..model.text import TextTransformer
 from . import engine
 
 log = logging.getLogger("vitkit.infer")
@@ -31,10 +32,16 @@ def _hooked(modules: list[nn.Module]) -> bool:
     return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
 
 
-def model_output(model: nn.Module, x: torch.Tensor, output: str = "logits") -> torch.Tensor:
+def model_output(model: nn.Module, x: torch.Tensor, output: str = "logits",
+                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """The model's own stages for ``output`` (what the engine reproduces): "logits" ``model(x)``,
     "pooled" ``forward_head(forward_features(x), pre_logits=True)``, "tokens"
-    ``forward_features(x)``."""
+    ``forward_features(x)``. A text tower: the same stages of ids ``x`` with ``attention_mask``."""
+    if isinstance(model, TextTransformer):
+        if output == "logits":
+            return model(x, attention_mask)
+        tokens = model.forward_features(x, attention_mask)
+        return tokens if output == "tokens" else model.forward_head(tokens, x, pre_logits=True)
     if output == "logits":
         return model(x)
     tokens = model.forward_features(x)
@@ -46,8 +53,12 @@ class Predictor:
     ``model(x)`` returns (logits (B, K), or pooled features (B, D) when num_classes == 0), as
     float32, without autograd; ``output=`` picks another stage.
 
+    A text tower (:class:`~vitkit.model.text.TextTransformer`) runs through the same engine:
+    ``Predictor(text, dtype)(ids, attention_mask=None)`` is ``text(ids, attention_mask)``, the
+    (B, E) text embedding, its causal and padding masks applied in every block.
+
     Args:
-        model: a :class:`vitkit.ViT` (any nn.Module works through its own forward).
+        model: a :class:`vitkit.ViT` or a text tower (any nn.Module works through its own forward).
         dtype: "fp32" (default): the model's weights in fp32; on x86 CPUs a walk over the
             model's parts with oneDNN matmuls on weights reordered once (GELU and residual
             adds fused), checked against ``model(x)`` within 1e-5 at construction. "bf16": a
@@ -94,6 +105,7 @@ class Predictor:
         if not isinstance(model, nn.Module):
             raise ConfigError(f"Predictor expects a torch nn.Module, got {type(model).__name__}")
         self.model = model
+        self.text = isinstance(model, TextTransformer)
         self.output = output
         self.exact = exact
         self.notes: list[str] = []
@@ -146,8 +158,8 @@ class Predictor:
         self._plan = plan
         self.path = "engine"
 
-    def _reference(self, x: torch.Tensor) -> torch.Tensor:
-        return model_output(self._net, x, self.output)
+    def _reference(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return model_output(self._net, x, self.output, attention_mask)
 
     def _last_queries(self, plan: engine.Plan) -> int | None:
         """As ``model(x)``: a class-token head's tokens only from the last block; "tokens", and
@@ -157,15 +169,30 @@ class Predictor:
             return None
         return plan.model.head_queries()
 
+    def _run(self, plan: engine.Plan, x: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        if self.text:
+            return engine.run_text(plan, x, self.output, attention_mask)
+        return engine.run(plan, x, self.output, self._last_queries(plan))
+
     def _note(self, msg: str) -> None:
         self.notes.append(msg)
         log.warning("Predictor: %s", msg)
 
-    def _sample(self) -> torch.Tensor:
+    def _sample(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A random input and its attention mask: images (2, C, H, W); a text tower two rows of
+        ids, the second with padding (a mask of zeros on its last quarter), so the check covers
+        the mask."""
+        g = torch.Generator().manual_seed(0)
+        if self.text:
+            c = self.model.config
+            L = c.context_length
+            ids = torch.randint(0, c.vocab_size, (2, L), generator=g)
+            mask = torch.ones(2, L, dtype=torch.long)
+            mask[1, L - L // 4:] = 0
+            return ids.to(self.device), mask.to(self.device)
         c = getattr(self.model, "config", None)
         C, (H, W) = (c.in_channels, c.image_hw) if c is not None else (3, (224, 224))
-        g = torch.Generator().manual_seed(0)
-        return torch.randn(2, C, H, W, generator=g).to(self.device)
+        return torch.randn(2, C, H, W, generator=g).to(self.device), None
 
     @torch.no_grad()
     def _verify(self, plan: engine.Plan | None) -> str:
@@ -177,17 +204,17 @@ class Predictor:
                 return why
         if self.model.training:
             return ""  # calls then take the model's path anyway (train-mode forward)
-        x = self._sample()
+        x, mask = self._sample()
         try:
-            want = model_output(self.model, x, self.output)
+            want = model_output(self.model, x, self.output, mask)
         except Exception as e:
             return f"the model's own forward failed on a random {tuple(x.shape)} batch ({type(e).__name__}: {e})"
         if isinstance(want, torch.Tensor) and not bool(torch.isfinite(want).all()):
             # nothing to compare against, and not the engine's fault: the model itself computes NaN / inf
-            return ("the model's own forward outputs NaN or inf on a random image, so the engine cannot be "
+            return ("the model's own forward outputs NaN or inf on a random input, so the engine cannot be "
                     "checked against it")
         try:
-            got = engine.run(plan, x, self.output, self._last_queries(plan))
+            got = self._run(plan, x, mask)
         except Exception as e:  # the engine misread the layout: say so, run the model instead
             return f"the engine failed on this model ({type(e).__name__}: {e})"
         if not isinstance(want, torch.Tensor) or want.shape != got.shape:
@@ -201,20 +228,36 @@ class Predictor:
         return ""
 
     # ------------------------------------------------------------------ calling
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) float batch -> ``model(x)`` or the chosen ``output`` (float32, no autograd)."""
-        if not isinstance(x, torch.Tensor) or x.ndim != 4 or not x.is_floating_point():
-            got = f"shape {tuple(x.shape)} {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
-            raise InputError(f"Predictor expects a float image batch (B, C, H, W), got {got}")
-        x = x.to(self.device, self.compute_dtype, non_blocking=True)
+    def __call__(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, C, H, W) float batch -> ``model(x)`` or the chosen ``output`` (float32, no autograd).
+        A text tower: (B, L) integer ids [and their (B, L) ``attention_mask``, 1 = token, 0 =
+        padding] -> ``model(ids, attention_mask)``."""
+        got = f"shape {tuple(x.shape)} {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
+        if self.text:
+            if not isinstance(x, torch.Tensor) or x.ndim != 2 or x.is_floating_point():
+                raise InputError(f"a text Predictor expects integer token ids (B, L), got {got}; tokenize texts first")
+            if attention_mask is not None and (not isinstance(attention_mask, torch.Tensor)
+                                               or tuple(attention_mask.shape) != tuple(x.shape)):
+                m = attention_mask
+                raise InputError(f"attention_mask must be a tensor of the ids' shape {tuple(x.shape)}, got "
+                                 f"{tuple(m.shape) if isinstance(m, torch.Tensor) else type(m).__name__}")
+            x = x.to(self.device)
+            args = (x, attention_mask)
+        else:
+            if not isinstance(x, torch.Tensor) or x.ndim != 4 or not x.is_floating_point():
+                raise InputError(f"Predictor expects a float image batch (B, C, H, W), got {got}")
+            if attention_mask is not None:
+                raise InputError("attention_mask is for a text tower's ids; this Predictor runs an image model")
+            x = x.to(self.device, self.compute_dtype, non_blocking=True)
+            args = (x,)
         with torch.no_grad():
             if self._compiled is not None:
-                out = self._compiled(x)
+                out = self._compiled(*args)
             elif (self._plan is None or self._net.training
                   or (self._net is self.model and _hooked(self._plan.modules))):
-                out = self._reference(x)
+                out = self._reference(x, attention_mask)
             else:
-                out = engine.run(self._plan, x, self.output, self._last_queries(self._plan))
+                out = self._run(self._plan, x, attention_mask)
         return out.float() if isinstance(out, torch.Tensor) else out
 
     def to(self, *a: Any, **k: Any) -> Predictor:  # pragma: no cover - guard

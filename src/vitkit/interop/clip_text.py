@@ -176,6 +176,8 @@ def convert_openai(path: str | Path, hints: dict[str, Any] | None = None) -> Tex
     p, raw = read_open_clip_weights(path)
     hints = dict(hints or {})
     text = {k: v for k, v in raw.items() if not k.startswith("visual.")}
+    if "text.token_embedding.weight" in text:  # open_clip's CustomTextCLIP (its SigLIP models): the tower under text.
+        text = {k.removeprefix("text."): v for k, v in text.items()}
     notes: list[str] = []
     state, unexpected = OPENAI_TABLE_TEXT.to_vitkit(text, notes)
     if "token_embed.weight" not in state:

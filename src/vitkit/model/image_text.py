@@ -81,16 +81,19 @@ class ImageTextModel(nn.Module):
         return _normalize(x) if normalize else x
 
     def encode_text(self, ids: torch.Tensor | Sequence[str], attention_mask: torch.Tensor | None = None,
-                    normalize: bool = False) -> torch.Tensor:
+                    normalize: bool = False, text_forward: Any = None) -> torch.Tensor:
         """(B, L) token ids, or a list of texts (tokenized here) -> (B, E) text embeddings
         (``get_text_features``). ``attention_mask`` (B, L): 1 = token, 0 = padding, as
-        transformers' tokenizers return it; the sources' own zero-shot code passes none."""
+        transformers' tokenizers return it; the sources' own zero-shot code passes none.
+        ``text_forward``: another forward of the text tower, ``(ids, attention_mask) -> (B, E)``
+        (``vitkit.infer.Predictor(model.text, "bf16")``: the image engine's walk with the text's
+        masks); default the tower itself."""
         if not isinstance(ids, torch.Tensor):
             if isinstance(ids, str):
                 raise InputError("encode_text takes a list of texts, got one string; wrap it in a list")
             ids = self.tokenize(ids)
         ids = ids.to(self.logit_scale.device)
-        x = self.text(ids, attention_mask)
+        x = (self.text if text_forward is None else text_forward)(ids, attention_mask)
         return _normalize(x) if normalize else x
 
     def logits(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:

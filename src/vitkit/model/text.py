@@ -65,7 +65,10 @@ class TextTransformer(nn.Module):
         if not isinstance(ids, torch.Tensor) or ids.ndim != 2 or ids.dtype.is_floating_point:
             got = f"{tuple(ids.shape)} {ids.dtype}" if isinstance(ids, torch.Tensor) else type(ids).__name__
             raise InputError(f"text ids must be an integer tensor (B, L), got {got}; tokenize texts first")
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= c.vocab_size):
+        # The value check reads the ids (a data-dependent branch): not while a graph is being
+        # exported or traced (ONNX), whose runtime's Gather refuses an id outside the table itself.
+        exporting = torch.compiler.is_exporting() or torch.jit.is_tracing()
+        if ids.numel() and not exporting and (int(ids.min()) < 0 or int(ids.max()) >= c.vocab_size):
             raise InputError(f"text ids must lie in [0, {c.vocab_size}) (the vocabulary), got "
                              f"[{int(ids.min())}, {int(ids.max())}]; tokenized with another model's tokenizer?")
         if ids.shape[1] > c.context_length:
@@ -83,11 +86,15 @@ class TextTransformer(nn.Module):
             mask = keys if mask is None else mask & keys
         return mask
 
-    def forward_features(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, L) ids -> (B, L, D) tokens after the final norm (transformers' last_hidden_state).
-        L may be shorter than ``context_length`` (positions 0..L-1 are used)."""
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """(B, L) ids -> tokens entering the first block (B, L, D). L may be shorter than
+        ``context_length`` (positions 0..L-1 are used)."""
         self._check_ids(ids)
-        x = self.token_embed(ids) + self.pos_embed[:, : ids.shape[1]]  # (B, L, D)
+        return self.token_embed(ids) + self.pos_embed[:, : ids.shape[1]]
+
+    def forward_features(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, L) ids -> (B, L, D) tokens after the final norm (transformers' last_hidden_state)."""
+        x = self.embed(ids)  # (B, L, D)
         return self.norm(run_blocks(self.blocks, x, attn_mask=self.attention_mask(ids, attention_mask)).tokens)
 
     def pool(self, tokens: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -101,7 +108,12 @@ class TextTransformer(nn.Module):
             idx = (ids == self.config.eos_token_id).to(torch.int).argmax(dim=-1)
         return tokens[torch.arange(tokens.shape[0], device=tokens.device), idx]
 
+    def forward_head(self, tokens: torch.Tensor, ids: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """(B, L, D) tokens after the final norm, their (B, L) ids -> (B, E) projected embedding,
+        or with ``pre_logits`` the pooled (B, D) token before the projection."""
+        x = self.pool(tokens, ids)
+        return self.proj(x) if self.proj is not None and not pre_logits else x
+
     def forward(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B, L) ids -> (B, E) text embedding (projected, not normalised)."""
-        x = self.pool(self.forward_features(ids, attention_mask), ids)
-        return self.proj(x) if self.proj is not None else x
+        return self.forward_head(self.forward_features(ids, attention_mask), ids)

@@ -104,6 +104,57 @@ def _download_tokenizer(hub_id: str) -> None:
                 continue
 
 
+_TRUNK = "visual.trunk."
+# Heads of timm's SigLIP trunks whose head width is not 64 (timm's vit_so400m_*_siglip_* and
+# vit_giantopt_*_siglip_* model_args): the weights cannot tell, open_clip's vision_cfg does not say.
+_SIGLIP_TRUNK_HEADS = {1152: 16, 1536: 16}
+
+
+def _has_timm_trunk(checkpoint) -> bool:
+    from ..interop.clip import read_open_clip_weights
+
+    return any(k.startswith(_TRUNK) for k in read_open_clip_weights(checkpoint)[1])
+
+
+def _read_open_clip_trunk(checkpoint, hints: dict[str, Any]):
+    """The image tower of an OpenCLIP model whose ``visual`` is a timm trunk (open_clip's ``TimmModel``:
+    its SigLIP / SigLIP2 models, ``visual.trunk.*``): the trunk's tensors are a timm ViT's (timm's names
+    are vitkit's), read by vitkit's timm reader with what ``open_clip_config.json``'s ``vision_cfg`` says
+    (``timm_model_name``, ``timm_pool``, ``image_size``) and its ``preprocess_cfg``. Only trunks whose
+    output is the embedding (``timm_proj`` "none": no ``visual.head.*``) are read."""
+    from ..interop import timm
+    from ..interop.clip import PREPROCESS, read_open_clip_weights
+    from ..interop.common import Converted, size_hints
+
+    p, raw = read_open_clip_weights(checkpoint)
+    state = {k[len(_TRUNK):]: v for k, v in raw.items() if k.startswith(_TRUNK)}
+    head = sorted(k for k in raw if k.startswith("visual.") and not k.startswith(_TRUNK))
+    if head:
+        raise CheckpointError(f"{p}: an OpenCLIP timm trunk with a projection after it ({head[0]}, ...); vitkit reads "
+                              "trunks whose output is the image embedding (timm_proj 'none', as OpenCLIP's SigLIP models)")
+    cfg_file = p.parent / "open_clip_config.json"
+    oc = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+    vision = (oc.get("model_cfg") or {}).get("vision_cfg") or {}
+    arch = vision.get("timm_model_name")
+    args: dict[str, Any] = {"global_pool": vision.get("timm_pool", "avg")}  # TimmModel's default pool
+    dim = state["patch_embed.proj.weight"].shape[0] if "patch_embed.proj.weight" in state else None
+    if hints.get("num_heads"):
+        args["num_heads"] = hints["num_heads"]
+    elif dim in _SIGLIP_TRUNK_HEADS:  # else the timm reader's rule (published widths, then head_dim 64)
+        args["num_heads"] = _SIGLIP_TRUNK_HEADS[dim]
+    if hints.get("act"):
+        args["act_layer"] = hints["act"]
+    notes = [f"image tower: the timm trunk {arch or '(unnamed)'} under visual.trunk., read as timm"]
+    config = timm.infer_config(state, args, str(p), hints=size_hints(hints, None, vision.get("image_size")),
+                               notes=notes, architecture=arch)
+    pre = oc.get("preprocess_cfg") or {}
+    preprocess = {"input_size": [config.in_channels, *config.image_hw], **PREPROCESS,
+                  **{k: pre[k] for k in ("mean", "std", "interpolation") if k in pre},
+                  "crop_mode": "squash" if pre.get("resize_mode") == "squash" else "center"}
+    return Converted(config=config, state=state, format="timm", source=str(p), preprocess=preprocess, notes=notes,
+                     info={"family": "siglip", "architecture": arch})
+
+
 def load_image_text(source: str | Path, tokenizer: str | Path | Tokenizer | None = None, device: str = "cpu",
                     strict: bool = True, **hints: Any):
     """Both towers, the logit scale (and SigLIP's bias) and the tokenizer of a CLIP / OpenCLIP /
@@ -113,7 +164,7 @@ def load_image_text(source: str | Path, tokenizer: str | Path | Tokenizer | None
         source: a vitkit image-text directory (``model.save_pretrained``); a transformers
             ``CLIPModel`` / ``SiglipModel`` / ``Siglip2Model`` directory; an OpenAI / OpenCLIP state
             dict (``.pt`` / ``.bin`` / ``.safetensors``) or OpenCLIP hub dir (``open_clip_config.json``
-            read where present); a big_vision SigLIP ``.npz`` (``params/img/`` + ``params/txt/``); or a
+            read where present; OpenCLIP's SigLIP models, whose image tower is a timm trunk, included); a big_vision SigLIP ``.npz`` (``params/img/`` + ``params/txt/``); or a
             hub id of one of those.
         tokenizer: where the tokenizer files are when the source has none (OpenAI / OpenCLIP state
             dicts and big_vision .npz files ship none: a directory with ``vocab.json`` + ``merges.txt``,
@@ -174,8 +225,9 @@ def load_image_text(source: str | Path, tokenizer: str | Path | Tokenizer | None
         text = clip_text.convert_openai(checkpoint, hints)
         tok = tok_src if isinstance(tok_src, Tokenizer) else Tokenizer.from_pretrained(
             tok_src, text.config.context_length, **text.tokenizer)
-        conv_img = read_pretrained(checkpoint, format="openai_clip",
-                                   **{k: v for k, v in hints.items() if not k.startswith("text_")})
+        image_hints = {k: v for k, v in hints.items() if not k.startswith("text_")}
+        conv_img = (_read_open_clip_trunk(checkpoint, image_hints) if _has_timm_trunk(checkpoint)
+                    else read_pretrained(checkpoint, format="openai_clip", **image_hints))
     elif fmt == "jax" and p.is_file():
         from ..interop import siglip_text
         from .tokenizer import require_tokenizer_files
@@ -252,3 +304,72 @@ def export_hf(model, directory: str | Path) -> Path:
     if model.tokenizer is not None:
         model.tokenizer.save_hf(out)
     return out
+
+
+class _TextEmbeds(torch.nn.Module):
+    """The text tower as a graph: ``input_ids`` (B, L) [, ``attention_mask`` (B, L)] -> ``text_embeds``
+    (B, E), ``model.text(ids, attention_mask)`` (projected, not normalised)."""
+
+    def __init__(self, text: torch.nn.Module, with_mask: bool) -> None:
+        super().__init__()
+        self.text, self.with_mask = text, with_mask
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.text(input_ids, attention_mask if self.with_mask else None)
+
+
+def export_text_onnx(model, path: str | Path, opset: int = 18, attention_mask: bool = False) -> Path:
+    """The text tower of ``model`` (an :class:`~vitkit.model.image_text.ImageTextModel` or its
+    ``TextTransformer``) as an ONNX graph: ``input_ids`` (B, L) int64 [and, with
+    ``attention_mask=True``, ``attention_mask`` (B, L), 1 = token, 0 = padding] -> ``text_embeds``
+    (B, E) float32, what ``model.encode_text(ids)`` returns. The batch and the length (up to the
+    context length) are dynamic axes; the causal mask and the pooling (end-of-text argmax, first
+    eos, last token) are in the graph. The sources' own zero-shot code passes no mask (the
+    default). Needs onnx (and onnxscript for torch.export's exporter; without it the
+    TorchScript-based one)."""
+    import warnings
+
+    from ..io import atomic_write
+    from ..model.text import TextTransformer
+
+    text = getattr(model, "text", model)
+    if not isinstance(text, TextTransformer):
+        raise ConfigError(f"export_text_onnx takes an image-text model or its text tower, got {type(model).__name__}")
+    opset = int(opset)
+    if opset < 17:
+        raise ConfigError(f"opset must be >= 17 (LayerNormalization is an op from 17), got {opset}")
+    try:
+        import onnx  # noqa: F401
+    except ImportError as e:
+        raise ConfigError("ONNX export needs the onnx package: pip install 'vitkit[onnx]'") from e
+    c = text.config
+    dev = next(text.parameters()).device
+    ids = torch.full((2, c.context_length), c.pad_token_id, dtype=torch.long, device=dev)  # (2, L) example
+    ids[:, 0] = c.eos_token_id
+    names = ["input_ids", "attention_mask"] if attention_mask else ["input_ids"]
+    args = (ids, torch.ones_like(ids)) if attention_mask else (ids,)
+    was_training = text.training
+    wrapped = _TextEmbeds(text, attention_mask).eval()
+
+    def write(tmp: str) -> None:
+        try:
+            import onnxscript  # noqa: F401
+        except ImportError:
+            axes = {n: {0: "batch", 1: "length"} for n in names} | {"text_embeds": {0: "batch"}}
+            torch.onnx.export(wrapped, args, tmp, input_names=names, output_names=["text_embeds"],
+                              opset_version=opset, dynamic_axes=axes, dynamo=False)
+            return
+        B = torch.export.Dim("batch", min=1, max=4096)
+        Lz = torch.export.Dim("length", min=1, max=c.context_length)
+        with warnings.catch_warnings():  # ids and mask share both axes: the exporter says it keeps one name
+            warnings.filterwarnings("ignore", message=".*shares the same shape constraints.*")
+            prog = torch.onnx.export(wrapped, args, input_names=names, output_names=["text_embeds"],
+                                     opset_version=opset, dynamic_shapes={n: {0: B, 1: Lz} for n in names},
+                                     dynamo=True, verbose=False)
+        prog.save(tmp)
+
+    try:
+        with torch.no_grad():
+            return atomic_write(path, write)
+    finally:
+        text.train(was_training)
