@@ -234,6 +234,7 @@ def test_real_dinov2_at_518_fits_10_mb_with_its_stated_precision(real_dinov2):
     from vitkit.viz.explore import COMPACT_BUDGET, COMPACT_LEVELS, explore
 
     m = vitkit.from_pretrained(real_dinov2).eval()
+    m.preprocess_cfg = m.preprocess_cfg.for_input(3, (518, 518))  # its table's size (its processor crops 224)
     cat = Image.fromarray(skdata.chelsea())
     meta, arrays = explore(m, cat, compare=cat)
     page = render_explore(meta, arrays)

@@ -63,3 +63,32 @@ def test_a_non_empty_target_is_refused(tmp_path):
     with pytest.raises(SystemExit, match="not empty"):
         tool.write({}, tmp_path)
     assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_hf_dinov2_takes_any_size_as_dinov2model_does(real_dinov2):
+    """Dinov2Model interpolates its 37x37 table to every input; vitkit's model does the same
+    (dynamic_img_size, set by the loader) and keeps the processor's 224 crop as its preprocessing."""
+    from transformers import Dinov2Model
+
+    hf = Dinov2Model.from_pretrained(str(real_dinov2)).eval()
+    model = vitkit.from_pretrained(real_dinov2).eval()
+    assert model.config.dynamic_img_size and model.preprocess_cfg.input_size == (3, 224, 224)
+    for size in (224, 112):
+        x = _photos(size)
+        with torch.no_grad():
+            torch.testing.assert_close(model.forward_features(x), hf(x).last_hidden_state, rtol=1e-4, atol=1e-4)
+
+
+def test_explain_runs_the_real_dinov2_at_its_preprocessing_or_at_size(real_dinov2, tmp_path, capsys):
+    skdata = pytest.importorskip("skimage.data")
+    from PIL import Image
+
+    from vitkit.cli.main import main
+
+    img = tmp_path / "cat.png"
+    Image.fromarray(skdata.chelsea()).save(img)
+    assert main(["explain", str(img), "--model", str(real_dinov2), "--out", str(tmp_path / "a"), "--layers", "11"]) == 0
+    assert "preprocessed to 224x224: the model's preprocessing" in capsys.readouterr().out
+    assert main(["explain", str(img), "--model", str(real_dinov2), "--out", str(tmp_path / "b"), "--layers", "11",
+                 "--size", "112"]) == 0
+    assert "preprocessed to 112x112: --size" in capsys.readouterr().out

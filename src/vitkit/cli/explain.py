@@ -54,6 +54,10 @@ def add_arguments(p) -> None:
                         "whose earlier report is replaced); an existing non-empty --out is refused without --overwrite")
     p.add_argument("--overwrite", action="store_true",
                    help="replace what vitkit wrote in --out (files vitkit did not write are kept)")
+    p.add_argument("--size", type=int, nargs="+", metavar=("H", "W"), default=None,
+                   help="explain at this input size (H [W], multiples of the patch size): the image is "
+                        "preprocessed to it and the position table resampled as the weights' source does. "
+                        "Default: the model's own preprocessing (DINOv2 from Hugging Face: 224, its processor's crop)")
     p.add_argument("--device", default="cpu", help="torch device")
     from .predict import add_dtype_argument
 
@@ -96,6 +100,10 @@ def _explain(args, source: str, probe, probe_b, layers, heads, out_dir) -> None:
 
     model = from_pretrained(source)
     model.to(torch.device(args.device)).eval()
+    size_note = "the model's preprocessing"
+    if args.size:
+        model = _at_size(model, args.size)
+        size_note = "--size"
     mode = "L" if model.config.in_channels == 1 else "RGB"
     img = probe.convert(mode)
     img_b = None if probe_b is None else probe_b.convert(mode)
@@ -110,7 +118,7 @@ def _explain(args, source: str, probe, probe_b, layers, heads, out_dir) -> None:
     ex.info["model source"] = source
     c = model.config
     print(f"Walk-through of {args.image} ({probe.size[0]}x{probe.size[1]} {probe.mode}, preprocessed to "
-          f"{c.image_hw[0]}x{c.image_hw[1]}):")
+          f"{x.shape[-2]}x{x.shape[-1]}: {size_note}):")
     print(ex.walkthrough)
     if ex.prefix["names"] and c.num_registers:
         print("register tokens (excluded from the overlays): mean attention received per layer: "
@@ -133,3 +141,20 @@ def _explain(args, source: str, probe, probe_b, layers, heads, out_dir) -> None:
     if size > COMPACT_BUDGET:
         print(f"note: explore.html is over {COMPACT_BUDGET / 1e6:g} MB (attribution already reduced to the last "
               f"layer and top class); large pages open slowly")
+
+
+def _at_size(model, size: list[int]):
+    """The model preprocessing to ``size`` (H [W]) and running there: its table resampled as its source
+    does (``set_image_size``; a model that takes any size is resized per input the same way)."""
+    from ..data.transforms import default_preprocess
+    from ..errors import InputError
+    from ..preprocess import Preprocess
+
+    if len(size) > 2:
+        raise InputError(f"--size takes 1 or 2 numbers, got {size}")
+    hw = (size[0], size[-1])
+    c = model.config
+    pre = Preprocess.coerce(model.preprocess_cfg or default_preprocess(c), where="--size")
+    model.set_image_size(hw)  # validates: multiples of the patch size
+    model.preprocess_cfg = pre.for_input(c.in_channels, hw)
+    return model

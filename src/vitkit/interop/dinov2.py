@@ -155,7 +155,9 @@ def convert(path: str | Path, arch: ViTConfig | None = None, hints: dict[str, An
     hints = hints or {}
     config = _config(state, registers=registers, heads=hints.get("num_heads") or (arch.num_heads if arch else None),
                      depth=None, eps=1e-6, hints=size_hints(hints, arch), source=str(p))
-    return Converted(config=config.replace(pos_resample="dinov2"), state=state, format="dinov2", source=str(p), preprocess=_preprocess(config),
+    # the original DinoVisionTransformer interpolates its table to every input (interpolate_pos_encoding)
+    return Converted(config=config.replace(pos_resample="dinov2", dynamic_img_size=True), state=state, format="dinov2",
+                     source=str(p), preprocess=_preprocess(config),
                      unexpected=unmatched, notes=notes,
                      info={"family": "dinov2", "registers": config.num_registers})
 
@@ -185,14 +187,15 @@ def convert_hf(path: str | Path, arch: ViTConfig | None = None, hints: dict[str,
                      hints=size_hints(hints, arch, size), source=str(directory), act=act)
     pre = preprocess_from_dir(directory, config, _preprocess(config))
     if list(pre["input_size"][1:]) != list(config.image_hw):
-        # facebook/dinov2-*: config image_size 518, processor crop 224; HF then interpolates the
-        # table on every call. vitkit keeps one input size per model: the table's own.
-        notes.append(f"the preprocessor crops to {pre['input_size'][1:]} (HF interpolates the position table "
-                     f"on the fly); this model runs at {list(config.image_hw)}: pass image_size="
-                     f"{tuple(pre['input_size'][1:])} to load at the processor's size (table resampled as HF does)")
-        pre["input_size"] = [config.in_channels, *config.image_hw]
+        # facebook/dinov2-*: config image_size 518 (the table's grid), processor crop 224; Dinov2Model
+        # interpolates the table to each input's grid on every call, so vitkit's model takes any size
+        # too (dynamic_img_size, the same interpolation) and keeps the processor's 224 as its input.
+        notes.append(f"position table for {list(config.image_hw)}, resampled as HF does to each input's grid; "
+                     f"the preprocessor crops to {pre['input_size'][1:]}")
     resample = "hf_dinov2_registers" if meta.get("model_type") == "dinov2_with_registers" else "hf"
-    return Converted(config=config.replace(pos_resample=resample), state=state, format="hf", source=str(directory),
+    # Dinov2Model takes any input size (interpolate_pos_encoding on every call): so does the model here.
+    return Converted(config=config.replace(pos_resample=resample, dynamic_img_size=True), state=state, format="hf",
+                     source=str(directory),
                      preprocess=pre, unexpected=unmatched, notes=notes,
                      info={"family": "dinov2", "architectures": archs, "registers": config.num_registers})
 

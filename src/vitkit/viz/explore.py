@@ -59,6 +59,7 @@ from ..errors import InputError
 from .attention import pool_attention, readout_query, rollout
 from .attribution import attention_with_relevance
 from .explore_page import PAGE_SCRIPT, PAGE_STYLE
+from .patches import sized_to_input
 
 SIZE_BUDGET = 8_000_000  # bytes; the limit for a ViT-B/16 at 224x224
 COMPACT_BUDGET = 10_000_000  # bytes; the compact encoding's limit for DINOv2-S/14 at 518 px
@@ -368,7 +369,7 @@ def explore(model, image, topk: int = 5, classes: int = 3, compare=None,
 
     x, _ = prepare_image(model, image)
     xb = None if compare is None else prepare_image(model, compare)[0]
-    return explore_data(model, x, topk=topk, classes=classes, compare=xb, encoding=encoding)
+    return explore_data(sized_to_input(model, x), x, topk=topk, classes=classes, compare=xb, encoding=encoding)
 
 
 def write_explore(model, image, out_dir: str | Path, topk: int = 5, classes: int = 3,

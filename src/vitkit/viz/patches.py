@@ -33,3 +33,18 @@ def patch_tokens(image: np.ndarray, patch_size) -> np.ndarray:
     """(H, W, C) image -> (N, ph*pw*C) raw patch tokens in (ph, pw, C) order."""
     t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
     return patchify(t, patch_size, order="ppc")[0].numpy()
+
+
+def sized_to_input(model, x: torch.Tensor):
+    """``model`` with its grid at ``x``'s size: a model that takes any size (``dynamic_img_size``,
+    e.g. DINOv2 from Hugging Face: table for 518 px, preprocessing at 224) is copied and resized
+    (``set_image_size``: the table resampled exactly as its forward does per input), so every map and
+    figure reads the grid it was computed on. Other models are returned as they are."""
+    import copy
+
+    hw = tuple(x.shape[-2:])
+    if hw == tuple(model.config.image_hw) or not model.config.dynamic_img_size:
+        return model
+    sized = copy.deepcopy(model)
+    sized.set_image_size(hw)
+    return sized

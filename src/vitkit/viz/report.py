@@ -34,7 +34,7 @@ from .attention import (
     rollout,
 )
 from .filters import embedding_filters
-from .patches import display_image, patch_tokens
+from .patches import display_image, patch_tokens, sized_to_input
 from .posemb import posemb_similarity
 
 # (key, title, caption) in report order
@@ -181,11 +181,12 @@ def explain(model, image, layers=None, heads=None, topk: int = 5, filters: int =
     (``compare``: a second image for the correspondence view and the joint PCA)."""
     from ..summary import walkthrough
 
+    model.eval()
+    x, info = prepare_image(model, image)
+    model = sized_to_input(model, x)
     c = model.config
     layers = check_indices(default_layers(c.depth) if layers is None else layers, c.depth, "layer")
     heads = check_indices(heads, c.num_heads, "head")
-    model.eval()
-    x, info = prepare_image(model, image)
     x = x.to(next(model.parameters()).device)
     logits, attns = get_attentions(model, x)
     attns = [a[:1].detach().cpu() for a in attns]

@@ -26,10 +26,12 @@ class ExploreState:
 
     def __init__(self, model, image, topk: int = 5, classes: int = 3, compare=None, title: str = "vitkit explore"):
         from .explore import render_explore
+        from .patches import sized_to_input
         from .report import prepare_image
 
         x, _ = prepare_image(model, image)
         xb = None if compare is None else prepare_image(model, compare)[0]
+        model = sized_to_input(model, x)
         self.maps: dict[str, np.ndarray] = {}
         from .explore import explore_data
 
