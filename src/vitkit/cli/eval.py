@@ -155,7 +155,7 @@ def run(args) -> int:
     if pair is not None:
         from ..features.zeroshot import classifier_for_classes
 
-        model = classifier_for_classes(pair, splits, label_map, args.templates,
+        model = classifier_for_classes(pair, splits, label_map, args.templates, dtype=args.dtype,
                                        note=lambda s: print(f"vitkit eval: {s}", file=sys.stderr))
         forward = model.over(forward)
     r = evaluate_model(model, splits, args.split, label_map, batch_size=args.batch_size, device=device,

@@ -37,7 +37,7 @@ def add_arguments(p) -> None:
     p.add_argument("--batch-size", "-b", type=int, default=32, help="images per forward pass")
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes that decode images")
     p.add_argument("--dtype", choices=["fp32", "bf16", "int8"], default="fp32",
-                   help="image tower precision (vitkit.infer.Predictor); the label embeddings are fp32")
+                   help="precision of both towers (vitkit.infer.Predictor): the images and the label embeddings")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, mps)")
 
 

@@ -161,8 +161,8 @@ def convert(path: str | Path, arch: ViTConfig | None = None, hints: dict[str, An
     p, raw = read_open_clip_weights(path)
     prefix = "visual." if "visual.conv1.weight" in raw else ""
     if any(k.startswith("visual.trunk.") for k in raw):
-        raise CheckpointError(f"{p}: an OpenCLIP model with a timm trunk (visual.trunk.*): load the trunk with "
-                              "format='timm' after stripping the 'visual.trunk.' prefix")
+        raise CheckpointError(f"{p}: an OpenCLIP model with a timm trunk (visual.trunk.*, e.g. OpenCLIP's SigLIP): "
+                              "load it with vitkit.load_image_text (both towers; .vision is the image model)")
     notes: list[str] = []
     visual = {k[len(prefix):]: v for k, v in raw.items() if k.startswith(prefix)}
     text = [k for k in raw if not k.startswith(prefix)] if prefix else []
