@@ -273,3 +273,31 @@ def test_open_clip_siglip_with_timm_trunk(tmp_path):
 
     with pytest.raises(CheckpointError, match="projection after it"):
         vitkit.load_image_text(tmp_path, tokenizer=tmp_path / "tok", num_heads=2)
+
+
+def test_causal_towers_run_only_up_to_the_last_pooled_token():
+    """CLIP pads to 77 but a causal tower reads nothing after the pooled token: forward trims the batch
+    there (and so does the engine's walk) and gives what the full-length computation gives."""
+    import torch
+
+    from vitkit import TextConfig
+    from vitkit.infer import Predictor
+    from vitkit.model.text import TextTransformer
+
+    for pooling in ("eot_argmax", "eos_id"):
+        torch.manual_seed(0)
+        m = TextTransformer(TextConfig(vocab_size=50, context_length=16, dim=32, depth=2, num_heads=4, embed_dim=24,
+                                       pooling=pooling, eos_token_id=49, pad_token_id=0)).eval()
+        ids = torch.zeros(3, 16, dtype=torch.long)
+        for row, n in enumerate((3, 6, 4)):  # start, words, end, then padding
+            ids[row, :n] = torch.randint(1, 48, (n,))
+            ids[row, n - 1] = 49
+        short, _ = m.trim(ids)
+        assert short.shape == (3, 6)  # the longest text's end is at position 5
+        with torch.no_grad():
+            full = m.forward_head(m.forward_features(ids), ids)  # every position, no trimming
+            torch.testing.assert_close(m(ids), full, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(Predictor(m, "fp32")(ids), full, rtol=1e-5, atol=1e-5)
+    siglip = TextTransformer(TextConfig(vocab_size=50, context_length=16, dim=32, depth=1, num_heads=4, causal=False,
+                                        pooling="last", embed_dim=None, eos_token_id=49))
+    assert siglip.trim(ids)[0] is ids  # bidirectional, last token: every position matters

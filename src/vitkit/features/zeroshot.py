@@ -1,5 +1,8 @@
 """Zero-shot classification and text search with an image-text model (CLIP, OpenCLIP, SigLIP).
 
+One module (over 400 lines) because the head, its template sets, its cache and the text side of
+search are one recipe that eval, zeroshot, search and train all reuse from here.
+
 The class names' text embeddings are a linear head on normalised image embeddings (CLIP, Radford
 et al. 2021, section 3.1.4)::
 

@@ -1,5 +1,6 @@
 """The CPU forward that :class:`~vitkit.infer.Predictor` runs, built beside the model from the
-model's own parts: one walk over the blocks with pluggable matmuls.
+model's own parts: one walk over the blocks with pluggable matmuls. One module (over 400 lines)
+because the plan, the matmul kinds and the one block function are read together.
 
 Why: the default CPU allocator hands large tensors back to the OS when they are freed, so every
 fresh activation of a plain forward costs page faults (one per 4 KiB, 170k+ per ViT-S/16 forward
@@ -413,6 +414,8 @@ def run_text(plan: Plan, ids: torch.Tensor, output: str = "logits",
     model's mask (causal and / or padding). Every token runs through the last block: the pooled
     token's position differs per text (end-of-text), so there is no leading-token shortcut."""
     m = plan.model
+    if output != "tokens":
+        ids, attention_mask = m.trim(ids, attention_mask)  # CLIP: nothing after the pooled token is read
     t = m.embed(ids)  # (B, L, D)
     mask = m.attention_mask(ids, attention_mask)  # (B or 1, 1, L, L) bool | None
     ws = Workspace(t)

@@ -178,7 +178,7 @@ def load_image_text(source: str | Path, tokenizer: str | Path | Tokenizer | None
     """
     from ..interop.formats import detect
     from ..interop.hub import download, looks_like_hub_id
-    from ..interop.load import model_from_converted, read_pretrained
+    from ..interop.load import model_from_converted
     from ..interop.source import Source
 
     src = str(source)
@@ -195,61 +195,79 @@ def load_image_text(source: str | Path, tokenizer: str | Path | Tokenizer | None
     if fmt == "vitkit":
         raise CheckpointError(f"{p}: a vitkit image model without a text tower ({TEXT_CONFIG_NAME}); "
                               "vitkit.load_model loads it")
-    if fmt == "hf":
-        from ..interop import clip_text, siglip_text
-
-        cfg = checkpoint.directory / "config.json"
-        meta = checkpoint.json(cfg) if cfg.is_file() else {}
-        family = _HF_TYPES.get(str(meta.get("model_type")))
-        if family is None:
-            raise CheckpointError(f"{p}: transformers model_type {meta.get('model_type')!r} has no text tower vitkit "
-                                  f"reads; image-text model types: {sorted(_HF_TYPES)}")
-        reader = clip_text.convert_hf if family == "clip" else siglip_text.convert_hf
-        tc = meta.get("text_config") or {}
-        ctx = int(tc.get("max_position_embeddings", 77 if family == "clip" else 64))
-        directory = p if p.is_dir() else p.parent
-        tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.from_pretrained(tokenizer or directory, ctx)
-        if family == "siglip2":
-            conv_img = siglip_text.read_siglip2_vision(directory, hints)
-        else:
-            conv_img = read_pretrained(checkpoint, format="hf", **{k: v for k, v in hints.items() if not k.startswith("text_")})
-        text = reader(checkpoint, hints)
-    elif fmt == "openai_clip":
-        from ..interop import clip_text
-        from .tokenizer import require_tokenizer_files
-
-        tok_src = tokenizer
-        if tok_src is None:  # checked before any weights are read
-            tok_src = p if p.is_dir() else p.parent
-            require_tokenizer_files(tok_src, "OpenAI / OpenCLIP state dicts ship none: pass tokenizer=")
-        text = clip_text.convert_openai(checkpoint, hints)
-        tok = tok_src if isinstance(tok_src, Tokenizer) else Tokenizer.from_pretrained(
-            tok_src, text.config.context_length, **text.tokenizer)
-        image_hints = {k: v for k, v in hints.items() if not k.startswith("text_")}
-        conv_img = (_read_open_clip_trunk(checkpoint, image_hints) if _has_timm_trunk(checkpoint)
-                    else read_pretrained(checkpoint, format="openai_clip", **image_hints))
-    elif fmt == "jax" and p.is_file():
-        from ..interop import siglip_text
-        from .tokenizer import require_tokenizer_files
-
-        if not siglip_text.has_npz_text(p):
-            raise CheckpointError(f"{p}: a JAX .npz without a text tower (params/txt/); vitkit.from_pretrained "
-                                  "loads its image tower")
-        tok_src = tokenizer
-        if tok_src is None:  # big_vision keeps the SentencePiece model apart from the weights
-            tok_src = p.parent
-            require_tokenizer_files(tok_src, "big_vision .npz files ship none: pass tokenizer=")
-        text = siglip_text.convert_npz(p, hints)
-        tok = tok_src if isinstance(tok_src, Tokenizer) else Tokenizer.from_pretrained(
-            tok_src, text.config.context_length)
-        conv_img = read_pretrained(p, format="jax", **{k: v for k, v in hints.items() if not k.startswith("text_")})
-    else:
+    readers = {"hf": _read_hf_pair, "openai_clip": _read_open_clip_pair, "jax": _read_npz_pair}
+    if fmt not in readers or (fmt == "jax" and not p.is_file()):
         raise CheckpointError(f"{p}: a {fmt} checkpoint holds no text tower; image-text sources are transformers "
                               "CLIP / SigLIP / SigLIP2 dirs, OpenAI / OpenCLIP state dicts, big_vision SigLIP .npz "
                               "and vitkit image-text dirs")
+    text, tok, conv_img = readers[fmt](checkpoint, p, tokenizer, hints)
     conv_img.source = src
     vision = model_from_converted(conv_img, strict=strict)
     return _build(vision, text, tok, strict, device, src, fmt)
+
+
+def _image_hints(hints: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in hints.items() if not k.startswith("text_")}
+
+
+def _read_hf_pair(checkpoint, p: Path, tokenizer, hints: dict[str, Any]):
+    """(text bundle, tokenizer, image bundle) of a transformers CLIPModel / SiglipModel / Siglip2Model dir."""
+    from ..interop import clip_text, siglip_text
+    from ..interop.load import read_pretrained
+
+    cfg = checkpoint.directory / "config.json"
+    meta = checkpoint.json(cfg) if cfg.is_file() else {}
+    family = _HF_TYPES.get(str(meta.get("model_type")))
+    if family is None:
+        raise CheckpointError(f"{p}: transformers model_type {meta.get('model_type')!r} has no text tower vitkit "
+                              f"reads; image-text model types: {sorted(_HF_TYPES)}")
+    reader = clip_text.convert_hf if family == "clip" else siglip_text.convert_hf
+    tc = meta.get("text_config") or {}
+    ctx = int(tc.get("max_position_embeddings", 77 if family == "clip" else 64))
+    directory = p if p.is_dir() else p.parent
+    tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.from_pretrained(tokenizer or directory, ctx)
+    if family == "siglip2":
+        conv_img = siglip_text.read_siglip2_vision(directory, hints)
+    else:
+        conv_img = read_pretrained(checkpoint, format="hf", **_image_hints(hints))
+    return reader(checkpoint, hints), tok, conv_img
+
+
+def _read_open_clip_pair(checkpoint, p: Path, tokenizer, hints: dict[str, Any]):
+    """(text bundle, tokenizer, image bundle) of an OpenAI / OpenCLIP state dict or hub dir."""
+    from ..interop import clip_text
+    from ..interop.load import read_pretrained
+    from .tokenizer import require_tokenizer_files
+
+    tok_src = tokenizer
+    if tok_src is None:  # checked before any weights are read
+        tok_src = p if p.is_dir() else p.parent
+        require_tokenizer_files(tok_src, "OpenAI / OpenCLIP state dicts ship none: pass tokenizer=")
+    text = clip_text.convert_openai(checkpoint, hints)
+    tok = tok_src if isinstance(tok_src, Tokenizer) else Tokenizer.from_pretrained(
+        tok_src, text.config.context_length, **text.tokenizer)
+    image_hints = _image_hints(hints)
+    conv_img = (_read_open_clip_trunk(checkpoint, image_hints) if _has_timm_trunk(checkpoint)
+                else read_pretrained(checkpoint, format="openai_clip", **image_hints))
+    return text, tok, conv_img
+
+
+def _read_npz_pair(checkpoint, p: Path, tokenizer, hints: dict[str, Any]):
+    """(text bundle, tokenizer, image bundle) of a big_vision SigLIP .npz (params/img/ + params/txt/)."""
+    from ..interop import siglip_text
+    from ..interop.load import read_pretrained
+    from .tokenizer import require_tokenizer_files
+
+    if not siglip_text.has_npz_text(p):
+        raise CheckpointError(f"{p}: a JAX .npz without a text tower (params/txt/); vitkit.from_pretrained "
+                              "loads its image tower")
+    tok_src = tokenizer
+    if tok_src is None:  # big_vision keeps the SentencePiece model apart from the weights
+        tok_src = p.parent
+        require_tokenizer_files(tok_src, "big_vision .npz files ship none: pass tokenizer=")
+    text = siglip_text.convert_npz(p, hints)
+    tok = tok_src if isinstance(tok_src, Tokenizer) else Tokenizer.from_pretrained(tok_src, text.config.context_length)
+    return text, tok, read_pretrained(p, format="jax", **_image_hints(hints))
 
 
 def export_hf(model, directory: str | Path) -> Path:

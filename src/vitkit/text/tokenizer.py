@@ -1,6 +1,7 @@
 """Tokenizers of the image-text families, read from the files a checkpoint ships and run by
 Hugging Face ``tokenizers`` (``sentencepiece`` for SigLIP's ``spiece.model``), never by a
 hand-written BPE. ``Tokenizer(texts)`` is the (B, context_length) LongTensor the text tower reads.
+One module (over 400 lines) because the three kinds share reading, truncation and saving.
 
 Kinds (:attr:`Tokenizer.kind`):
 

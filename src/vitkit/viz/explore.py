@@ -244,44 +244,19 @@ def explore_data(model, x: torch.Tensor, topk: int = 5, classes: int = 3, compar
     feats = torch.nn.functional.normalize(hidden.double(), dim=-1)
     sim = (feats @ feats.transpose(1, 2)).numpy()  # (L, T, T) cosine similarity
 
-    arrays: dict[str, np.ndarray] = {}
     lv = 255 if encoding == "dense" else COMPACT_LEVELS
     if keep is not None:
         keep.update(attention=A, rollout=roll.astype(np.float32), attribution=rel.astype(np.float32),
                     similarity=sim.astype(np.float32))
-    if encoding == "served":
-        pass  # the server computes each view's row from ``keep``
-    elif encoding == "dense":
-        arrays["attn_q"], arrays["attn_s"] = quantise_rows(A)
-    else:
-        arrays["attnm_q"], arrays["attnm_s"] = quantise_rows(mean, lv)
-        parts = [topk_rows(A[layer], TOPK) for layer in range(L)]  # one layer at a time bounds the memory
-        for i, name in enumerate(("attn_i", "attn_v", "attn_s", "attn_r")):
-            arrays[name] = np.stack([p[i] for p in parts])
-    if encoding != "served":
-        arrays["roll_q"], arrays["roll_s"] = quantise_rows(roll, lv)
-    if len(cls_idx) and encoding != "served":
-        arrays["attr_q"], arrays["attr_s"] = quantise_rows(rel, lv)
-    if encoding == "dense":
-        arrays["sim_q"] = quantise_signed(sim, lv)
-    elif encoding == "compact":  # the SIM_TOPK most similar tokens of each query, as (s + 1) / 2 >= 0
-        for name, a in zip(("sim_i", "sim_v", "sim_s", "sim_r"), topk_rows((sim + 1) / 2, SIM_TOPK)):
-            arrays[name] = a
+    arrays = _encode_maps(encoding, lv, A, mean, roll, rel if len(cls_idx) else None, sim)
     del sim
     if pool is not None:
         arrays["pool"] = pool.astype(np.float32)
     dense_meta, dense_arrays = _dense_views(model, hidden, compare)
     arrays.update(dense_arrays)
 
-    labels = model.labels
-    name = lambda k: labels[k] if labels and k < len(labels) else f"class {k}"  # noqa: E731
-    preds: list[dict[str, Any]] = []
-    if c.num_classes > 0 and getattr(c, "task", "classification") != "regression":
-        p = logits.softmax(-1)
-        vals, idx = p.topk(min(topk, p.numel()))
-        preds = [{"index": int(i), "name": name(int(i)), "p": float(v)} for v, i in zip(vals, idx)]
-    elif c.num_classes > 0:
-        preds = [{"index": i, "name": f"output {i}", "value": float(v)} for i, v in enumerate(logits.tolist())]
+    name = _class_name(model.labels)
+    preds = _page_predictions(c, logits, topk, name)
     img = display_image(model, x)
     meta = {
         "grid": [gh, gw], "patch": list(c.patch_hw), "image": list(img.shape[:2]), "channels": c.in_channels,
@@ -294,6 +269,47 @@ def explore_data(model, x: torch.Tensor, topk: int = 5, classes: int = 3, compar
     }
     meta["precision"] = precision(meta)
     return meta, arrays
+
+
+def _encode_maps(encoding: str, lv: int, A: np.ndarray, mean: np.ndarray, roll: np.ndarray,
+                 rel: np.ndarray | None, sim: np.ndarray) -> dict[str, np.ndarray]:
+    """The maps as the page stores them: ``dense`` 8-bit rows; ``compact`` the head mean at ``lv``
+    levels, each head's :data:`TOPK` largest weights per row and each query's :data:`SIM_TOPK` most
+    similar tokens; ``served`` nothing (the server computes each view's row)."""
+    arrays: dict[str, np.ndarray] = {}
+    if encoding == "served":
+        return arrays
+    if encoding == "dense":
+        arrays["attn_q"], arrays["attn_s"] = quantise_rows(A)
+    else:
+        arrays["attnm_q"], arrays["attnm_s"] = quantise_rows(mean, lv)
+        parts = [topk_rows(A[layer], TOPK) for layer in range(A.shape[0])]  # one layer at a time bounds the memory
+        for i, name in enumerate(("attn_i", "attn_v", "attn_s", "attn_r")):
+            arrays[name] = np.stack([p[i] for p in parts])
+    arrays["roll_q"], arrays["roll_s"] = quantise_rows(roll, lv)
+    if rel is not None:
+        arrays["attr_q"], arrays["attr_s"] = quantise_rows(rel, lv)
+    if encoding == "dense":
+        arrays["sim_q"] = quantise_signed(sim, lv)
+    else:  # the SIM_TOPK most similar tokens of each query, as (s + 1) / 2 >= 0
+        for name, a in zip(("sim_i", "sim_v", "sim_s", "sim_r"), topk_rows((sim + 1) / 2, SIM_TOPK)):
+            arrays[name] = a
+    return arrays
+
+
+def _class_name(labels):
+    return lambda k: labels[k] if labels and k < len(labels) else f"class {k}"
+
+
+def _page_predictions(c, logits: torch.Tensor, topk: int, name) -> list[dict[str, Any]]:
+    """Top-k classes with probabilities, or every regression output."""
+    if c.num_classes > 0 and getattr(c, "task", "classification") != "regression":
+        p = logits.softmax(-1)
+        vals, idx = p.topk(min(topk, p.numel()))
+        return [{"index": int(i), "name": name(int(i)), "p": float(v)} for v, i in zip(vals, idx)]
+    if c.num_classes > 0:
+        return [{"index": i, "name": f"output {i}", "value": float(v)} for i, v in enumerate(logits.tolist())]
+    return []
 
 
 def pack(arrays: dict[str, np.ndarray]) -> tuple[dict[str, Any], bytes]:
