@@ -36,7 +36,9 @@ def _example(model, batch: int = 2) -> torch.Tensor:
     return torch.randn(batch, c.in_channels, *c.image_hw, device=dev)
 
 
-def export_onnx(model, path: str | Path, opset: int = 18, dynamic_batch: bool = True) -> Path:
+def check_onnx_export(opset) -> int:
+    """The opset as an int, refused below 17 (LayerNormalization), and the onnx package there; shared
+    by every ONNX export (images here, text towers in vitkit.text.io)."""
     opset = int(opset)
     if opset < 17:
         raise ConfigError(f"opset must be >= 17 (LayerNormalization is an op from 17), got {opset}")
@@ -44,6 +46,11 @@ def export_onnx(model, path: str | Path, opset: int = 18, dynamic_batch: bool = 
         import onnx  # noqa: F401
     except ImportError as e:
         raise ConfigError("ONNX export needs the onnx package: pip install 'vitkit[onnx]'") from e
+    return opset
+
+
+def export_onnx(model, path: str | Path, opset: int = 18, dynamic_batch: bool = True) -> Path:
+    opset = check_onnx_export(opset)
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     wrapped = _Logits(model).eval()

@@ -347,19 +347,14 @@ def export_text_onnx(model, path: str | Path, opset: int = 18, attention_mask: b
     TorchScript-based one)."""
     import warnings
 
+    from ..interop.graph import check_onnx_export
     from ..io import atomic_write
     from ..model.text import TextTransformer
 
     text = getattr(model, "text", model)
     if not isinstance(text, TextTransformer):
         raise ConfigError(f"export_text_onnx takes an image-text model or its text tower, got {type(model).__name__}")
-    opset = int(opset)
-    if opset < 17:
-        raise ConfigError(f"opset must be >= 17 (LayerNormalization is an op from 17), got {opset}")
-    try:
-        import onnx  # noqa: F401
-    except ImportError as e:
-        raise ConfigError("ONNX export needs the onnx package: pip install 'vitkit[onnx]'") from e
+    opset = check_onnx_export(opset)
     c = text.config
     dev = next(text.parameters()).device
     ids = torch.full((2, c.context_length), c.pad_token_id, dtype=torch.long, device=dev)  # (2, L) example
