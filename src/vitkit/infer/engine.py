@@ -90,7 +90,7 @@ def _rows(layer: nn.Linear, rows: slice | None) -> tuple[torch.Tensor, torch.Ten
     return w, b
 
 
-class _OfLayer(Matmul):
+class _LinearMatmul(Matmul):
     """A matmul that reads ``layer`` (its ``rows`` of output features) when called."""
 
     def __init__(self, layer: nn.Linear, rows: slice | None = None) -> None:
@@ -101,7 +101,7 @@ class _OfLayer(Matmul):
         return _rows(self.layer, self.rows)[0].shape[0]
 
 
-class Dense(_OfLayer):
+class Dense(_LinearMatmul):
     """``F.linear`` into a given buffer: ``addmm(bias, x, W^T, out=)`` is the kernel ``F.linear``
     runs for a contiguous input, so the result is bit-identical. ``rows`` selects output rows
     (the query or key/value part of a fused qkv). Reads the layer's tensors at call time, so a
@@ -125,7 +125,7 @@ def packed_available() -> bool:
             and hasattr(torch.ops.mkldnn, "_linear_pointwise") and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
 
 
-class Packed(_OfLayer):
+class Packed(_LinearMatmul):
     """fp32 / bf16 Linear on oneDNN with the weight reordered once into oneDNN's blocked layout (the
     kernel torch.compile's CPU backend uses for frozen Linear layers), with the MLP's GELU and
     the residual add fused into the matmul's epilogue. Measured 1.2x faster than ``addmm``
