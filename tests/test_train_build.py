@@ -81,3 +81,23 @@ def test_build_run_reads_and_checks_the_pretrained_source_once_and_builds_a_froz
     assert run.total_steps == len(st.loader) == 2 and run.wrapped is st.model
     with pytest.raises(dataclasses.FrozenInstanceError):
         run.total_steps = 3  # type: ignore[misc]
+
+
+def test_a_pretrained_model_that_takes_any_size_trains_at_its_preprocessings_size(tmp_path):
+    """DINOv2 from Hugging Face keeps a 518-px table but is fed 224 by its processor (and takes any size);
+    fine-tuning defaults to the processor's size, said in the log, not to the table's. A model with one
+    input size (a plain HF ViT) keeps its own."""
+    transformers = pytest.importorskip("transformers")
+    from vitkit.interop import read_pretrained
+    from vitkit.train.build import pretrained_input_size
+
+    small = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, patch_size=4)
+    dino = tmp_path / "dino"
+    transformers.Dinov2Model(transformers.Dinov2Config(image_size=56, **small)).save_pretrained(dino)
+    transformers.BitImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 28, "width": 28}).save_pretrained(dino)
+    hw, why = pretrained_input_size(read_pretrained(dino))
+    assert hw == (28, 28) and "preprocessing" in why
+    vit = tmp_path / "vit"
+    transformers.ViTModel(transformers.ViTConfig(image_size=32, **small), add_pooling_layer=False).save_pretrained(vit)
+    hw, why = pretrained_input_size(read_pretrained(vit))
+    assert hw == (32, 32) and "the pretrained model's" in why

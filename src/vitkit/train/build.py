@@ -66,17 +66,32 @@ def setup_process(cfg: TrainConfig) -> tuple[torch.device, DistInfo]:
     return device, dist
 
 
+def pretrained_input_size(pretrained) -> tuple[tuple[int, int], str]:
+    """The input size a pretrained source trains at by default, and why: its preprocessing's size when
+    the model takes any size (DINOv2 from Hugging Face: table for 518, processor 224), else its table's."""
+    c = pretrained.config
+    pre = pretrained.preprocess
+    size = (pre.get("input_size") if isinstance(pre, dict) else getattr(pre, "input_size", None)) if pre else None
+    if c.dynamic_img_size and size and len(size) == 3:
+        h, w = int(size[1]), int(size[2])
+        return (h, w), f"{h}x{w}, the pretrained model's preprocessing (it takes any size; --image-size to change)"
+    h, w = c.image_hw
+    return (h, w), f"{h}x{w}, the pretrained model's (--image-size to change)"
+
+
 def build_run(cfg: TrainConfig, device: torch.device, dist: DistInfo, log) -> tuple[Run, RunState]:
     """Everything checked and built before the first step (module docstring); a fresh RunState."""
     torch.manual_seed(cfg.seed)
-    pretrained = None
+    pretrained, size_note = None, None
     if cfg.pretrained:  # read before the data (an unreadable source fails first); the input size defaults to the model's
         pretrained = read_pretrained_checked(cfg)
-        hw = pretrained.config.image_hw
+        hw, size_note = pretrained_input_size(pretrained)
         if not cfg.image_size and hw[0] == hw[1]:
             cfg = cfg.replace(image_size=hw[0])
+        else:
+            size_note = None
     data = build_data(DataSpec.from_config(cfg))
-    for note in data.notes + ([f"input size: {data.size_note}"] if data.size_note else []):
+    for note in data.notes + ([f"input size: {size_note or data.size_note}"] if data.size_note else []):
         log(note)
     model, cfg = build_model(cfg, data, pretrained)
     check_tokens(model, log)
