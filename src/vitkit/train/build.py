@@ -242,6 +242,9 @@ def build_ema(cfg: TrainConfig, model, sharded: bool = False, log=print, total_s
 
     decay = run_decay(cfg.ema_decay, total_steps)
     if decay != cfg.ema_decay:
-        log(f"ema: decay {decay:.4g} = 1 - {RUN_FRACTION}/{total_steps} steps (--ema-decay {cfg.ema_decay:g} would "
-            f"average over ~{1 / (1 - cfg.ema_decay):.0f} steps, more than a tenth of this run)")
+        why = (f"--ema-decay {cfg.ema_decay:g} would average over ~{1 / (1 - cfg.ema_decay):.0f} steps, more than "
+               "a tenth of this run")
+        log(f"ema: decay {decay:.4g} = 1 - {RUN_FRACTION}/{total_steps} steps ({why})" if decay > 0 else
+            f"ema: decay 0, the EMA follows the model: a run of {total_steps} steps is too short to average "
+            f"({why})")
     return EMA(model, decay)
