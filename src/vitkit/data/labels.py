@@ -1,5 +1,5 @@
 """The one label matcher: a dataset's class names matched to a model's labels by name, never by
-position. eval, the per-split class lists of Hugging Face data and (later) zero-shot call
+position. eval (eval --zeroshot included) and the per-split class lists of Hugging Face data and shards call
 :func:`match_labels`; a new command that scores a labelled model on labelled data calls it too.
 
 Folders sort their class names alphabetically, so a model trained on ``face`` / ``nonface`` read
