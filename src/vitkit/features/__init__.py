@@ -14,11 +14,12 @@ Python API (the ``vitkit embed / search / knn / probe`` commands call these)::
 pyarrow and faiss-cpu come with the ``vitkit[features]`` extra.
 """
 
-from .embed import EmbedResult, embed_dataset, embed_files, labelled_features, read_meta, write_embeddings
+from .embed import EmbedResult, embed_dataset, embed_files, labelled_features
 from .extract import POOLS, FeatureExtractor, FeatureSpec
 from .knn import knn_evaluate, knn_on_dataset, knn_scores, topk_accuracy
 from .probe import DEFAULT_CS, linear_probe, probe_on_dataset
 from .search import BACKENDS, EmbeddingIndex, query_vectors, recall_at_k, search_images
+from .table import read_meta, write_embeddings
 from .zeroshot import ZeroShotClassifier, ZeroShotHead, classify_files, encode_texts, zeroshot_weights
 
 __all__ = [

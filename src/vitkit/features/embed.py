@@ -34,7 +34,7 @@ from ..output import claim_output
 from ..progress import progress_bar
 from .extract import FeatureExtractor, FeatureSpec
 from .inputs import Rows, file_source, list_images
-from .table import ResumableOutput, read_meta, write_embeddings  # noqa: F401  (the last two: imported from here)
+from .table import ResumableOutput
 
 
 @dataclass

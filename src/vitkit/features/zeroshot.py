@@ -432,7 +432,8 @@ def embed_texts(model, texts: Sequence[str], out, *, source: str, normalize: boo
     metadata recording the model (:func:`text_meta`), so ``vitkit search`` finds texts by image.
     An existing ``out`` is replaced only when it is a text table of the same settings (texts are
     cheap to embed again), or with ``overwrite``. Returns (N, E)."""
-    from .embed import claim_table, read_meta, write_embeddings
+    from .embed import claim_table
+    from .table import read_meta, write_embeddings
 
     texts = list(texts)
     meta = text_meta(source, normalize)
