@@ -4,8 +4,6 @@ of the source model's, text and image embeddings too, and the vitkit round trip 
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
@@ -13,7 +11,14 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
 import vitkit  # noqa: E402
-from text_helpers import save_clip_tokenizer, save_siglip2_tokenizer, save_siglip_tokenizer  # noqa: E402
+from text_helpers import (  # noqa: E402
+    open_clip_model,
+    randomize,
+    save_clip_tokenizer,
+    save_open_clip_dir,
+    save_siglip2_tokenizer,
+    save_siglip_tokenizer,
+)
 from vitkit.errors import CheckpointError  # noqa: E402
 
 
@@ -25,14 +30,6 @@ def _ids(vocab: int, n: int, L: int, eos: int, seed: int = 0) -> torch.Tensor:
         ids[i, end] = eos
         ids[i, end + 1:] = eos
     return ids
-
-
-def _randomize(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    return model
 
 
 def _check(ours, logits, ids, pixels):
@@ -62,7 +59,7 @@ def test_hf_clip_model(tmp_path, dim, depth, heads, ctx, eos, act, image, patch)
               patch_size=patch, hidden_act=act)
     cfg = transformers.CLIPConfig(text_config=tc, vision_config=vc, projection_dim=24)
     torch.manual_seed(0)
-    ref = _randomize(transformers.CLIPModel(cfg)).eval()
+    ref = randomize(transformers.CLIPModel(cfg)).eval()
     with torch.no_grad():
         ref.logit_scale.fill_(2.3)
     ref.save_pretrained(str(tmp_path))
@@ -97,7 +94,7 @@ def test_hf_siglip_model(tmp_path, dim, depth, heads, ctx, image, patch):
     vc = dict(hidden_size=dim // 2 + 8, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
               image_size=image, patch_size=patch)
     torch.manual_seed(0)
-    ref = _randomize(transformers.SiglipModel(transformers.SiglipConfig(text_config=tc, vision_config=vc))).eval()
+    ref = randomize(transformers.SiglipModel(transformers.SiglipConfig(text_config=tc, vision_config=vc))).eval()
     ref.save_pretrained(str(tmp_path))
     ours = vitkit.load_image_text(tmp_path)
     assert ours.loss == "sigmoid" and ours.logit_bias is not None and ours.text.config.proj_bias
@@ -118,7 +115,7 @@ def test_hf_siglip2_model_at_its_native_grid(tmp_path, dim, depth, heads, ctx, g
     vc = dict(hidden_size=40, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
               num_patches=grid * grid, patch_size=patch)
     torch.manual_seed(0)
-    ref = _randomize(transformers.Siglip2Model(transformers.Siglip2Config(text_config=tc, vision_config=vc))).eval()
+    ref = randomize(transformers.Siglip2Model(transformers.Siglip2Config(text_config=tc, vision_config=vc))).eval()
     ref.save_pretrained(str(tmp_path))
     ours = vitkit.load_image_text(tmp_path)
     ids = _ids(400, 3, ctx, 1)
@@ -143,15 +140,9 @@ OPEN_CLIP_CONFIGS = [  # (text_cfg extras, quick_gelu)
 def test_open_clip_model(tmp_path, text_cfg, quick):
     open_clip = pytest.importorskip("open_clip")
     from open_clip.tokenizer import default_bpe
-    from safetensors.torch import save_file
 
-    vision_cfg = {"width": 32, "layers": 1, "head_width": 16, "image_size": 32, "patch_size": 16}
-    text_cfg = {"vocab_size": 49408, **text_cfg}
-    torch.manual_seed(0)
-    ref = _randomize(open_clip.CLIP(embed_dim=24, vision_cfg=vision_cfg, text_cfg=text_cfg, quick_gelu=quick)).eval()
-    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(tmp_path / "open_clip_model.safetensors"))
-    (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": {
-        "embed_dim": 24, "quick_gelu": quick, "vision_cfg": vision_cfg, "text_cfg": text_cfg}}))
+    ref, vision_cfg, text_cfg = open_clip_model(text_cfg, quick_gelu=quick)
+    save_open_clip_dir(ref, tmp_path, vision_cfg, text_cfg, quick_gelu=quick)
     with pytest.raises(CheckpointError, match="tokenizer"):
         vitkit.load_image_text(tmp_path)
     ours = vitkit.load_image_text(tmp_path, tokenizer=default_bpe())
@@ -172,7 +163,7 @@ def test_round_trip_bit_exact(tmp_path):
     vc = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32,
               patch_size=16)
     torch.manual_seed(0)
-    ref = _randomize(transformers.CLIPModel(transformers.CLIPConfig(text_config=tc, vision_config=vc,
+    ref = randomize(transformers.CLIPModel(transformers.CLIPConfig(text_config=tc, vision_config=vc,
                                                                    projection_dim=16)))
     ref.save_pretrained(str(tmp_path / "src"))
     a = vitkit.load_image_text(tmp_path / "src")
@@ -204,10 +195,7 @@ def test_export_to_transformers_clip_from_open_clip(tmp_path):
     from open_clip.tokenizer import default_bpe
     from safetensors.torch import save_file
 
-    vision_cfg = {"width": 32, "layers": 1, "head_width": 16, "image_size": 32, "patch_size": 16}
-    text_cfg = {"vocab_size": 49408, "width": 32, "heads": 2, "layers": 2, "context_length": 16}
-    torch.manual_seed(0)
-    ref = _randomize(open_clip.CLIP(embed_dim=24, vision_cfg=vision_cfg, text_cfg=text_cfg, quick_gelu=True)).eval()
+    ref, _, _ = open_clip_model({"width": 32, "heads": 2, "layers": 2, "context_length": 16})
     save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(tmp_path / "oc.safetensors"))
     # a bare state dict: what it cannot tell (heads, activation) is given
     ours = vitkit.load_image_text(tmp_path / "oc.safetensors", tokenizer=default_bpe(), act="quick_gelu",
@@ -237,7 +225,7 @@ def test_export_to_transformers_siglip_round_trip(tmp_path):
     vc = dict(hidden_size=24, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2, image_size=32,
               patch_size=16)
     torch.manual_seed(0)
-    ref = _randomize(transformers.SiglipModel(transformers.SiglipConfig(text_config=tc, vision_config=vc))).eval()
+    ref = randomize(transformers.SiglipModel(transformers.SiglipConfig(text_config=tc, vision_config=vc))).eval()
     ref.save_pretrained(str(tmp_path / "src"))
     from vitkit.text.io import export_hf
 
@@ -267,7 +255,7 @@ def test_big_vision_npz(tmp_path, stacked):
     vc = dict(hidden_size=24, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2, image_size=32,
               patch_size=16)
     torch.manual_seed(0)
-    ref = _randomize(transformers.SiglipModel(transformers.SiglipConfig(text_config=tc, vision_config=vc))).eval()
+    ref = randomize(transformers.SiglipModel(transformers.SiglipConfig(text_config=tc, vision_config=vc))).eval()
     ref.save_pretrained(str(tmp_path / "src"))
     vision = vitkit.from_pretrained(tmp_path / "src")
     export_npz(vision, tmp_path / "img.npz", layout="big_vision_img")

@@ -18,20 +18,18 @@ pytest.importorskip("pyarrow")
 PIL_Image = pytest.importorskip("PIL.Image")
 
 import vitkit  # noqa: E402
-from text_helpers import save_clip_tokenizer, save_siglip_tokenizer  # noqa: E402
+from text_helpers import (  # noqa: E402
+    open_clip_model,
+    randomize,
+    save_clip_tokenizer,
+    save_open_clip_dir,
+    save_siglip_tokenizer,
+)
 from vitkit.cli.main import main  # noqa: E402
 from vitkit.errors import ConfigError  # noqa: E402
 from vitkit.features.zeroshot import IMAGENET_TEMPLATES, TEMPLATE_SETS, ZeroShotClassifier, zeroshot_weights  # noqa: E402
 
 LABELS = ["cat", "dog", "red car"]
-
-
-def _randomize(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    return model
 
 
 def _clip_dir(d, seed=0):
@@ -40,7 +38,7 @@ def _clip_dir(d, seed=0):
               max_position_embeddings=77, eos_token_id=vocab - 1, bos_token_id=vocab - 2, pad_token_id=vocab - 1)
     vc = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32,
               patch_size=16)
-    ref = _randomize(transformers.CLIPModel(transformers.CLIPConfig(text_config=tc, vision_config=vc,
+    ref = randomize(transformers.CLIPModel(transformers.CLIPConfig(text_config=tc, vision_config=vc,
                                                                     projection_dim=24)), seed).eval()
     with torch.no_grad():
         ref.logit_scale.fill_(4.0)  # probabilities far from uniform: a wrong head shows
@@ -61,7 +59,7 @@ def _siglip_dir(d):
               max_position_embeddings=64, projection_size=24)  # 64: the pipeline pads SigLIP texts to 64
     vc = dict(hidden_size=24, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2, image_size=32,
               patch_size=16)
-    ref = _randomize(transformers.SiglipModel(transformers.SiglipConfig(text_config=tc, vision_config=vc))).eval()
+    ref = randomize(transformers.SiglipModel(transformers.SiglipConfig(text_config=tc, vision_config=vc))).eval()
     with torch.no_grad():
         ref.logit_scale.fill_(2.0)
         ref.logit_bias.fill_(-1.0)
@@ -140,15 +138,9 @@ def test_imagenet_head_equals_open_clip_build_zero_shot_classifier(tmp_path):
     from open_clip.tokenizer import default_bpe
     from open_clip.zero_shot_classifier import build_zero_shot_classifier
     from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
-    from safetensors.torch import save_file
 
-    vision_cfg = {"width": 32, "layers": 1, "head_width": 16, "image_size": 32, "patch_size": 16}
-    text_cfg = {"vocab_size": 49408, "width": 32, "heads": 2, "layers": 1, "context_length": 16}
-    torch.manual_seed(0)
-    ref = _randomize(open_clip.CLIP(embed_dim=24, vision_cfg=vision_cfg, text_cfg=text_cfg, quick_gelu=True)).eval()
-    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(tmp_path / "open_clip_model.safetensors"))
-    (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": {
-        "embed_dim": 24, "quick_gelu": True, "vision_cfg": vision_cfg, "text_cfg": text_cfg}}))
+    ref, vision_cfg, text_cfg = open_clip_model({"width": 32, "heads": 2, "layers": 1, "context_length": 16})
+    save_open_clip_dir(ref, tmp_path, vision_cfg, text_cfg)
     pair = vitkit.load_image_text(tmp_path, tokenizer=default_bpe())
     long = "a very long and winding description of an unusually decorated garden gnome"  # past 16 tokens
     labels = ["tench", "goldfish", "Great White Shark", long]

@@ -107,3 +107,40 @@ def corpus(n: int = 1200, seed: int = 0) -> list[str]:
             text = spaces[rng.randrange(len(spaces))] + text
         out.append(text if rng.random() < 0.9 else text.strip())
     return out
+
+
+def randomize(model, seed: int = 0):
+    """Every parameter drawn anew (N(0, 0.2^2), seeded): a random model whose outputs are not near zero."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return model
+
+
+OPEN_CLIP_VISION = {"width": 32, "layers": 1, "head_width": 16, "image_size": 32, "patch_size": 16}
+
+
+def open_clip_model(text_cfg: dict, quick_gelu: bool = True):
+    """A tiny random open_clip ``CLIP`` (eval mode) with CLIP's real vocabulary size, its vision and
+    text configs: ``(model, vision_cfg, text_cfg)``."""
+    import open_clip
+    import torch
+
+    vision_cfg, text_cfg = dict(OPEN_CLIP_VISION), {"vocab_size": 49408, **text_cfg}
+    torch.manual_seed(0)
+    model = open_clip.CLIP(embed_dim=24, vision_cfg=vision_cfg, text_cfg=text_cfg, quick_gelu=quick_gelu)
+    return randomize(model).eval(), vision_cfg, text_cfg
+
+
+def save_open_clip_dir(model, directory: Path, vision_cfg: dict, text_cfg: dict, quick_gelu: bool = True) -> Path:
+    """``model`` as an OpenCLIP hub dir: open_clip_model.safetensors + open_clip_config.json."""
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(directory / "open_clip_model.safetensors"))
+    (directory / "open_clip_config.json").write_text(json.dumps({"model_cfg": {
+        "embed_dim": 24, "quick_gelu": quick_gelu, "vision_cfg": vision_cfg, "text_cfg": text_cfg}}))
+    return directory
