@@ -65,14 +65,10 @@ def data_spec(args, model_config):
 
 def _model_input(src):
     """What eval reads of --model: a run's model dir (best/ or last/), else the path given (a vitkit
-    dir, or another library's dir / file, which resolve_model_dir refuses)."""
-    from ..errors import CheckpointError
-    from ..interop.formats import resolve_model_dir
+    dir, or another library's dir / file)."""
+    from ..interop.vitkit_format import model_dir
 
-    try:
-        return resolve_model_dir(src) if src.is_dir() else src
-    except CheckpointError:
-        return src
+    return (model_dir(src) if src.is_dir() else None) or src
 
 
 _BUSY_HINT = ("its results are not final: evaluate it when it has finished, or write the results elsewhere "
