@@ -158,6 +158,11 @@ def test_imagenet_head_equals_open_clip_build_zero_shot_classifier(tmp_path):
         want_logits = ref.logit_scale.exp() * ref.encode_image(pixels, normalize=True) @ want
         torch.testing.assert_close(clf(pixels), want_logits, atol=1e-4, rtol=1e-5)
     assert clf.labels == labels and clf.config.num_classes == 4
+    # a text tower changed in place (a training step, load_state_dict) is never served the old embeddings
+    with torch.no_grad():
+        pair.text.pos_embed.add_(torch.randn_like(pair.text.pos_embed))
+    W2 = zeroshot_weights(pair, labels, "imagenet")
+    assert W2 is not W and not torch.allclose(W2, W, atol=1e-3)
 
 
 # ------------------------------------------------------------------ eval --zeroshot == the peer's logits

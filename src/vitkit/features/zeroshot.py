@@ -161,8 +161,10 @@ def zeroshot_weights(model, labels: Sequence[str], templates: str | Sequence[str
                      dtype: str = "fp32") -> torch.Tensor:
     """(C, E) normalised float32 class embeddings of ``labels`` under ``templates`` (module
     docstring), in the order of ``labels``, on the model's device. Computed once per (model,
-    labels, templates, device, dtype) while ``cache`` (the cache holds inference results: after
-    changing the text tower's weights pass ``cache=False``). ``note`` hears which labels' prompts
+    labels, templates, device, dtype) and the text tower's weights as they are now (each
+    parameter's identity and version, which every in-place change bumps: optimizer steps,
+    ``load_state_dict``, ``torch.no_grad()`` edits), so a changed text tower is never served stale
+    embeddings; ``cache=False`` skips the cache. ``note`` hears which labels' prompts
     are truncated to the tokenizer's context, and the Predictor's notes (bf16 on a CPU without
     native bf16 runs fp32). Two labels whose prompts tokenize to the same ids are an InputError:
     no image could tell them apart.
@@ -175,7 +177,8 @@ def zeroshot_weights(model, labels: Sequence[str], templates: str | Sequence[str
     labels = check_labels(labels)
     templates = resolve_templates(templates)
     device = model.logit_scale.device
-    key = (tuple(labels), templates, str(device), dtype)
+    weights = tuple((id(p), p._version) for p in model.text.parameters())
+    key = (tuple(labels), templates, str(device), dtype, weights)
     per_model = _CACHE.setdefault(model, {}) if cache else {}
     if key in per_model:
         return per_model[key]
@@ -206,6 +209,8 @@ def zeroshot_weights(model, labels: Sequence[str], templates: str | Sequence[str
                      for s in range(0, len(ids), batch_size)]).float()  # (C * T, E)
     W = emb.reshape(C, T, -1).mean(dim=1)
     W = W / W.norm(dim=-1, keepdim=True)  # (C, E)
+    for stale in [k for k in per_model if k[-1] != weights]:  # embeddings of weights that are gone
+        del per_model[stale]
     per_model[key] = W
     return W
 
