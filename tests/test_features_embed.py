@@ -72,7 +72,9 @@ def test_embed_equals_direct_forward(setup, pool, layers, normalize):
     assert np.array_equal(emb, ref)  # bit-exact fp32
     meta = read_meta(out)
     assert meta == {"model": str(mdir), "pool": pool, "layers": layers, "normalize": normalize, "dtype": "fp32",
-                    "dim": res.dim}
+                    "dim": res.dim, "preprocess": meta["preprocess"]}
+    # what the images went through: the model's own preprocessing
+    assert {k: meta["preprocess"][k] for k in model.preprocess_cfg} == model.preprocess_cfg
 
 
 def test_embed_in_worker_processes_and_labels(setup):

@@ -367,3 +367,16 @@ def test_embed_refuses_when_every_output_is_non_finite(tmp_path):
         embed_files(model, [tmp_path / "photos"], tmp_path / "o.parquet", spec=FeatureSpec(pool="head"),
                     progress=False)
     assert not (tmp_path / "o.parquet").exists()
+
+
+def test_rows_made_at_another_input_size_do_not_mix(album, capsys):
+    """The table records the preprocessing its rows went through: adding to it at another
+    --image-size is refused (its vectors would mean something else), naming both settings."""
+    tmp, _, _, cmd, _ = album
+    before = table_rows("photos.parquet")
+    assert read_meta("photos.parquet")["preprocess"]["input_size"] == [3, 16, 16]
+    assert main([*cmd, "--image-size", "24"]) == 2
+    err = capsys.readouterr().err
+    assert "preprocess" in err and "[3, 16, 16]" in err and "[3, 24, 24]" in err and "--overwrite" in err
+    assert table_rows("photos.parquet") == before  # nothing written
+    assert main(cmd) == 0  # the same settings add to it as before

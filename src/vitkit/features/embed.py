@@ -178,7 +178,12 @@ def _embed(model, items_paths: list[str], items_labels: list, items_files: list[
            overwrite: bool, progress: bool, note: Callable) -> EmbedResult:
     out = Path(out)
     extractor = FeatureExtractor(model, spec)
-    meta = {**meta_extra, **spec.to_dict()}  # + "dim", known at the first batch
+    from ..data.transforms import default_preprocess
+    from ..preprocess import Preprocess
+
+    # + "dim", known at the first batch; "preprocess": what the images go through (--image-size changes it)
+    pre = Preprocess.from_dict(model.preprocess_cfg or default_preprocess(model.config)).to_dict()
+    meta = {**meta_extra, "preprocess": pre, **spec.to_dict()}
     sink = ResumableOutput(out, meta, overwrite, row_group_size or batch_size, note)
     status = sink.review()
     todo, listed, unchanged = _select(items_paths, items_files, status)

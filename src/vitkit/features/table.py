@@ -24,7 +24,9 @@ from ..io import atomic_write
 
 META_KEY = b"vitkit.features"
 # the settings that decide what a vector means: rows made with different ones must not mix
-_MUST_MATCH = ("model", "pool", "layers", "normalize", "dtype", "dim")
+# ("preprocess": the input size, mean / std, resize and crop the images went through; tables written
+# before it was recorded are not held to it)
+_MUST_MATCH = ("model", "preprocess", "pool", "layers", "normalize", "dtype", "dim")
 
 
 def read_meta(path: str | Path) -> dict:
@@ -92,7 +94,7 @@ class ResumableOutput:
         except (OSError, self.pa.ArrowException) as e:
             raise InputError(f"{path}: cannot read the earlier embeddings ({e}); delete it or pass --overwrite") from e
         diff = {k: (meta.get(k), self.meta.get(k)) for k in _MUST_MATCH
-                if k != "dim" and meta.get(k) != self.meta.get(k)}
+                if k != "dim" and meta.get(k) != self.meta.get(k) and (k != "preprocess" or k in meta)}
         if self.dim is None:
             self.dim = meta.get("dim")
         if diff:
