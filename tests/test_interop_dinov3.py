@@ -104,8 +104,11 @@ def test_dinov3_checkpointing_predictor_save_and_export(tmp_path):
         assert torch.equal(pred(x), model(x))
         back = vitkit.from_pretrained(vitkit.save_pretrained(model, tmp_path / "mine")).eval()
         assert back.config.rope == "dinov3" and torch.equal(back(x), model(x))
-    with pytest.raises(ConfigError, match="rotary position embedding.*vitkit, onnx or torchscript"):
-        model.export_to("timm", tmp_path / "t")
+    with pytest.raises(ConfigError, match="rotary position embedding.*timm"):
+        model.export_to("hf", tmp_path / "h")
+    out = model.export_to("timm", tmp_path / "t")  # timm's Eva holds DINOv3's RoPE (vitkit.interop.eva)
+    with torch.no_grad():
+        assert max_diff(vitkit.from_pretrained(out).eval()(x), model(x)) <= 1e-5
 
 
 def test_patch_centres_and_rope_config_checks():
@@ -231,11 +234,11 @@ def test_other_timm_eva_models_are_refused_not_misread(tmp_path):
     from vitkit.errors import CheckpointError
     from vitkit.io import save_state_dict
 
-    ref = timm.create_model("vit_base_patch16_rope_reg1_gap_256", pretrained=False, **SMALL)  # Eva, another RoPE
+    ref = timm.create_model("eva02_enormous_patch14_clip_224", pretrained=False, **SMALL)  # Eva, residual post-norm
     hub = tmp_path / "hub"
     hub.mkdir()
     save_state_dict(ref.state_dict(), hub / "model.safetensors")
-    (hub / "config.json").write_text(json.dumps({"architecture": "vit_base_patch16_rope_reg1_gap_256",
+    (hub / "config.json").write_text(json.dumps({"architecture": "eva02_enormous_patch14_clip_224",
                                                  "model_args": SMALL, "pretrained_cfg": {}}))
-    with pytest.raises(CheckpointError, match="Eva models; vitkit reads the DINOv3 ones"):
+    with pytest.raises(CheckpointError, match="use_post_norm=True is not a layout vitkit reproduces"):
         vitkit.from_pretrained(hub)

@@ -131,3 +131,21 @@ def test_export_hf_loads_in_transformers(name, tmp_path):
         assert max_diff(answer(peer(pixel_values=x)), model(x)) <= 1e-5
         again = vitkit.from_pretrained(out)
         assert max_diff(again(x), model(x)) <= 1e-5
+
+
+@pytest.mark.parametrize("part", ["mlp_norm", "attn_norm", "no_final_norm", "pe_pool", "naflex"])
+@pytest.mark.parametrize("fmt", ["hf", "dinov2", "openai_clip", "jax", "torchvision"])
+def test_layouts_without_a_part_refuse_it(tmp_path, part, fmt):
+    """EVA-02 / Perception Encoder parts and NaFlex input exist in timm's Eva / NaFlexVit layouts only:
+    every other writer refuses such a model (a ConfigError) instead of writing a plain ViT that loses them."""
+    import vitkit
+    from vitkit.errors import ConfigError
+
+    kw = {"mlp_norm": dict(mlp_norm=True), "attn_norm": dict(attn_norm=True), "no_final_norm": dict(final_norm=False),
+          "pe_pool": dict(pooling="map", map_num_heads=2, class_token=False),
+          "naflex": dict(naflex_max_patches=16, dynamic_img_size=True, class_token=False, pooling="mean",
+                         pos_embed_prefix=False)}[part]
+    m = vitkit.ViT(vitkit.ViTConfig(image_size=16, patch_size=4, dim=32, depth=1, num_heads=4, num_classes=3, **kw))
+    with pytest.raises(ConfigError):
+        vitkit.export_to(m, fmt, tmp_path / "out")
+    assert not any(tmp_path.iterdir())

@@ -188,7 +188,7 @@ def test_summary_reads_a_hugging_face_dir_and_load_model_says_what_it_is(tmp_pat
         vitkit.load_model(hf)
     assert str(e.value) == (f'{hf} is not a vitkit model directory: its config.json has no "format": "vitkit" key '
                             "(a Hugging Face transformers dir: ViT, DeiT, Dinov2[WithRegisters], DINOv3ViT, CLIP, "
-                            "SigLIP/SigLIP2); vitkit.from_pretrained reads it, as every vitkit command does")
+                            "SigLIP/SigLIP2, ViTMAE, Aimv2); vitkit.from_pretrained reads it, as every vitkit command does")
 
 
 def test_summary_of_a_checkpoint_file_resizes_and_refuses_its_patch_size(tmp_path, capsys):

@@ -51,7 +51,8 @@ ACTIVATION_NAMES: dict[str, ActivationNames] = {
     "identity": ActivationNames(hf=(), timm=()),
 }
 ACTIVATIONS = tuple(ACTIVATION_NAMES)
-POS_EMBEDS = ("learned", "sincos1d", "sincos2d", "none")
+# sincos2d: big_vision's table; sincos2d_mae: MAE's get_2d_sincos_pos_embed (AIMv2-native), frequencies over D/4
+POS_EMBEDS = ("learned", "sincos1d", "sincos2d", "sincos2d_mae", "none")
 POOLINGS = ("cls", "mean", "map")
 NORM_LAYERS = ("layernorm", "rmsnorm")
 MLP_LAYERS = ("mlp", "swiglu")
@@ -60,7 +61,16 @@ PATCH_EMBEDS = ("conv", "unfold", "rearrange")
 # how a learned position table is resampled to another grid, named after the implementation it
 # reproduces (functions in vitkit.model.pos_embed.POS_RESAMPLERS)
 POS_RESAMPLES = ("timm", "hf", "hf_dinov2_registers", "dinov2", "big_vision", "torchvision", "vit_jax")
-ROPES = ("none", "dinov3")
+# rotary position embeddings (vitkit.model.rope): dinov3 = patch centres in [-1, 1], rotate-half pairs;
+# axial = timm RotaryEmbeddingCat (EVA-02, Perception Encoder, RoPE-ViT axial): integer patch indices
+# (+ rope_grid_offset, rescaled to rope_ref_grid), interleaved pairs; mixed = RoPE-Mixed (Heo et al. 2024):
+# learned per-block, per-head frequencies (the parameter rope.freqs), interleaved pairs
+ROPES = ("none", "dinov3", "axial", "mixed")
+ROPE_INDEXINGS = ("ij", "xy")
+# the attention-pooling head of pooling="map": "latent" = timm AttentionPoolLatent / big_vision MAPHead (q
+# projection of a learned probe, kv, proj, then x + mlp(norm(x))); "aimv2" = AIMv2's AttentionPoolingClassifier
+# (the probe is the query itself, k/v with the blocks' qkv_bias, an output projection, no norm or MLP)
+MAP_HEADS = ("latent", "aimv2")
 
 
 def to_2tuple(value: Any, name: str) -> tuple[int, int]:
@@ -144,11 +154,24 @@ class ViTConfig:
     dist_token: bool = False  # DeiT distillation token after the class token, with its own head (head_dist)
     dynamic_img_size: bool = False  # forward takes any HxW divisible by the patch; position table resampled per grid
     pos_resample: str = "timm"  # interpolation of the table at another grid, as the weights' source does it (POS_RESAMPLES)
+    naflex_max_patches: int | None = None  # NaFlex (SigLIP2): images resized at their aspect ratio to <= this many patches, batched with a mask (vitkit.model.naflex); None = fixed size
     rope: str = "none"  # rotary position embedding of the patch queries/keys: none | dinov3 (axial, patch centres in [-1, 1]; vitkit.model.rope)
     rope_theta: float = 100.0  # RoPE frequency base (DINOv3: 100)
     rope_shift: float | None = None  # train-mode RoPE coordinate augmentation (DINOv3): shift by U(-s, s) per axis
     rope_jitter: float | None = None  # ... scale each axis by exp(U(-log j, log j))
     rope_rescale: float | None = None  # ... scale both axes by exp(U(-log r, log r)) (DINOv3 releases: 2.0)
+    rope_grid_offset: float = 0.0  # axial: added to each integer patch index (PE: 1, the class token sits at 0)
+    rope_ref_grid: tuple[int, int] | None = None  # axial: indices rescaled so any grid spans this one (EVA-02 ref_feat_shape)
+    rope_indexing: str = "ij"  # axial / mixed: frequency pairs over (row, col) = ij, or (col, row) = xy (PE, RoPE-ViT)
+    mlp_norm: bool = False  # a norm on the MLP hidden activation before fc2 (EVA-02 scale_mlp, NormFormer)
+    attn_norm: bool = False  # a norm on the attention output before proj (EVA-CLIP scale_attn_inner)
+    final_norm: bool = True  # the norm after the blocks (Perception Encoder lang / spatial: none)
+    map_num_heads: int | None = None  # heads of the attention pooling (pooling="map"); None = num_heads (PE: 8)
+    map_mlp_ratio: float | None = None  # its MLP width / dim; None = as wide as the blocks' fc1
+    map_prefix: bool = False  # attention pooling reads the prefix tokens too (timm Eva / PE), not only the patches
+    patch_norm: bool = False  # a norm (norm_layer) right after the patch projection, before prefix tokens / positions (AIMv2; timm patch_embed.norm)
+    proj_bias: bool = True  # bias of the attention output projection and of the MLP linears (timm proj_bias; AIMv2: False)
+    map_head: str = "latent"  # pooling="map" head layout: latent | aimv2 (MAP_HEADS)
     name: str | None = None  # preset name this config came from, informational
 
     def __post_init__(self) -> None:
@@ -220,7 +243,8 @@ class ViTConfig:
         if isinstance(self.num_registers, bool) or not isinstance(self.num_registers, int) or self.num_registers < 0:
             raise ConfigError(f"num_registers must be an int >= 0, got {self.num_registers!r}")
         for name in ("qkv_bias", "norm_first", "pos_embed_prefix", "class_token", "fc_norm", "norm_pre",
-                     "patch_bias", "head_bias", "dist_token", "dynamic_img_size"):
+                     "patch_bias", "head_bias", "dist_token", "dynamic_img_size", "patch_norm", "proj_bias",
+                     "mlp_norm", "attn_norm", "final_norm", "map_prefix"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
         for name in ("mlp_dim", "head_hidden_dim"):
@@ -265,6 +289,8 @@ class ViTConfig:
         _choice(self.mlp_layer, MLP_LAYERS, "mlp_layer")
         _choice(self.pos_resample, POS_RESAMPLES, "pos_resample")
         _choice(self.rope, ROPES, "rope")
+        _choice(self.rope_indexing, ROPE_INDEXINGS, "rope_indexing")
+        _choice(self.map_head, MAP_HEADS, "map_head")
 
     def _check_rope(self) -> None:
         if self.rope != "none" and self.head_dim % 4:
@@ -275,6 +301,14 @@ class ViTConfig:
             v = getattr(self, name)
             if v is not None and (v <= 0 or (name != "rope_shift" and v < 1)):
                 raise ConfigError(f"{name} must be None or {'> 0' if name == 'rope_shift' else '>= 1'}, got {v}")
+        if self.rope_ref_grid is not None:
+            self.rope_ref_grid = to_2tuple(self.rope_ref_grid, "rope_ref_grid")
+        if self.map_num_heads is not None and (isinstance(self.map_num_heads, bool) or not isinstance(
+                self.map_num_heads, int) or self.map_num_heads <= 0 or self.dim % self.map_num_heads):
+            raise ConfigError(f"map_num_heads must be None or a positive int dividing dim={self.dim}, "
+                              f"got {self.map_num_heads!r}")
+        if self.map_mlp_ratio is not None and not self.map_mlp_ratio > 0:
+            raise ConfigError(f"map_mlp_ratio must be None or > 0, got {self.map_mlp_ratio!r}")
 
     def _check_layout(self) -> None:
         """Parts that need each other: the class token for cls pooling and DeiT's distillation token,
@@ -285,20 +319,36 @@ class ViTConfig:
                               f"pooling={self.pooling!r}")
         if self.pooling == "cls" and not self.class_token:
             raise ConfigError("pooling='cls' needs class_token=True; use pooling='mean' without a class token")
-        if self.pos_embed == "sincos2d" and self.dim % 4:
-            raise ConfigError(f"pos_embed='sincos2d' needs dim divisible by 4, got dim={self.dim}")
+        if self.pos_embed in ("sincos2d", "sincos2d_mae") and self.dim % 4:
+            raise ConfigError(f"pos_embed={self.pos_embed!r} needs dim divisible by 4, got dim={self.dim}")
         if self.pos_embed == "sincos1d" and self.dim % 2:
             raise ConfigError(f"pos_embed='sincos1d' needs an even dim, got dim={self.dim}")
         if self.fc_norm and not self.norm_first:
             raise ConfigError("fc_norm=True is a pre-norm layout; it cannot be combined with norm_first=False")
         if self.head_hidden_dim is not None and self.head_hidden_dim <= 0:
             raise ConfigError(f"head_hidden_dim must be positive or None, got {self.head_hidden_dim}")
+        self._check_naflex()
+
+    def _check_naflex(self) -> None:
+        """NaFlex input: any grid per image, so a dynamic size, a table without prefix rows (prefix
+        tokens get no position), no RoPE (one grid per batch)."""
+        n = self.naflex_max_patches
+        if n is None:
+            return
+        if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+            raise ConfigError(f"naflex_max_patches must be a positive int or None, got {n!r}")
+        if not self.dynamic_img_size or self.rope != "none" or (self.pos_embed == "learned" and self.pos_embed_prefix):
+            raise ConfigError(f"naflex_max_patches={n} (NaFlex input) needs dynamic_img_size=True, rope='none' and a "
+                              f"table without prefix rows; got dynamic_img_size={self.dynamic_img_size}, "
+                              f"rope={self.rope!r}, pos_embed_prefix={self.pos_embed_prefix}")
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["image_size"] = list(self.image_hw) if self.image_hw[0] != self.image_hw[1] else self.image_hw[0]
         d["patch_size"] = list(self.patch_hw) if self.patch_hw[0] != self.patch_hw[1] else self.patch_hw[0]
+        if self.rope_ref_grid is not None:
+            d["rope_ref_grid"] = list(self.rope_ref_grid)
         return d
 
     @classmethod

@@ -26,6 +26,53 @@ def add_feature_arguments(p, pool_help: str = "") -> None:
     p.add_argument("--batch-size", "-b", type=int, default=64, help="images per forward pass")
     p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes that decode images")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, mps)")
+    add_image_size_argument(p)
+
+
+def add_image_size_argument(p, *aliases: str) -> None:
+    """``--image-size H [W]`` (embed, knn, probe, predict, explain; explain's ``--size`` too)."""
+    p.add_argument("--image-size", *aliases, dest="image_size", type=int, nargs="+", metavar=("H", "W"),
+                   default=None,
+                   help="run at this input size (H [W], multiples of the patch size): images are preprocessed to it "
+                        "and the position table resampled as the weights' source does. Default: the checkpoint's "
+                        "own preprocessing (DINOv2 from Hugging Face: 224, its processor's crop)")
+
+
+def load_for_command(command: str, source, image_size: list[int] | None = None, device: str = "cpu",
+                     format: str | None = None, flag: str = "--image-size", **hints):
+    """The model of a CLI command: read ``source`` (``image_size`` also a hint for a table the
+    weights cannot place), loaded at ``image_size`` when given (preprocessing to it, the table
+    resampled as the source does: vitkit.from_pretrained(image_size=)), in eval mode; the load
+    report's notes (they change results: a resampled table, a dropped decoder, the input size the
+    checkpoint's preprocessing chose) printed once to stderr."""
+    import sys
+
+    from ..errors import InputError
+    from ..interop.load import model_from_converted, read_pretrained
+    from ..preprocess import Preprocess
+
+    adapt = {}
+    if image_size is not None:
+        if not 1 <= len(image_size) <= 2 or min(image_size) <= 0:
+            raise InputError(f"{flag} takes H [W], positive integers, got {' '.join(map(str, image_size))}")
+        adapt["image_size"] = (image_size[0], image_size[-1])
+    conv = read_pretrained(source, format=format, **hints, **adapt)
+    if adapt:
+        if getattr(conv.config, "naflex_max_patches", None):
+            raise InputError(f"{flag} {' '.join(map(str, image_size))}: this NaFlex model takes each image at its own "
+                             f"aspect ratio (up to {conv.config.naflex_max_patches} patches), not at one size")
+        (H, W), (ph, pw) = adapt["image_size"], conv.config.patch_hw
+        if H % ph or W % pw:
+            raise InputError(f"{flag} {H} {W}: not a multiple of this model's patch size {ph}x{pw} (nearest: "
+                             f"{max(ph, round(H / ph) * ph)} {max(pw, round(W / pw) * pw)})")
+    model = model_from_converted(conv, adapt=adapt, device=device, **hints)
+    if adapt:  # the size asked, also where it is the table's own and the preprocessing said another
+        c = model.config
+        model.preprocess_cfg = Preprocess.of(model).for_input(c.in_channels, c.image_hw)
+        model.load_report.notes.append(f"running at {c.image_hw[0]}x{c.image_hw[1]} ({flag})")
+    for note in model.load_report.notes:
+        print(f"vitkit {command}: note: {note}", file=sys.stderr)
+    return model.eval()
 
 
 def add_dataset_arguments(p, required: bool = False) -> None:
@@ -54,10 +101,9 @@ def recorded_source(model: str) -> str:
 
 
 def model_and_source(args):
-    """Load --model; the recorded source is :func:`recorded_source`."""
-    from .. import from_pretrained
-
-    return from_pretrained(args.model, device=args.device).eval(), recorded_source(args.model)
+    """Load --model at --image-size (:func:`load_for_command`); the recorded source is :func:`recorded_source`."""
+    return (load_for_command(args.command, args.model, args.image_size, device=args.device),
+            recorded_source(args.model))
 
 
 def print_skipped(command: str, skipped) -> None:
@@ -126,9 +172,9 @@ def _run_text(args) -> int:
 
     if args.inputs or args.dataset:
         raise ConfigError("--text embeds the texts of a file; give no images or --dataset with it")
-    if args.pool not in ("model", "head") or args.layers != 1 or args.dtype != "fp32":
-        raise ConfigError("--text runs the text tower (fp32, its own pooling); --pool / --layers / --dtype are for "
-                          "images")
+    if args.pool not in ("model", "head") or args.layers != 1 or args.dtype != "fp32" or args.image_size:
+        raise ConfigError("--text runs the text tower (fp32, its own pooling); --pool / --layers / --dtype / "
+                          "--image-size are for images")
     texts = read_texts(args.text)
     model = load_pair(args.model, needed_for="vitkit embed --text", tokenizer=args.tokenizer, device=args.device)
     N, E = embed_texts(model, texts, args.out, source=recorded_source(args.model), normalize=args.normalize,

@@ -54,13 +54,13 @@ def add_arguments(p) -> None:
                         "whose earlier report is replaced); an existing non-empty --out is refused without --overwrite")
     p.add_argument("--overwrite", action="store_true",
                    help="replace what vitkit wrote in --out (files vitkit did not write are kept)")
-    p.add_argument("--size", type=int, nargs="+", metavar=("H", "W"), default=None,
-                   help="explain at this input size (H [W], multiples of the patch size): the image is "
-                        "preprocessed to it and the position table resampled as the weights' source does. "
-                        "Default: the model's own preprocessing (DINOv2 from Hugging Face: 224, its processor's crop)")
     p.add_argument("--device", default="cpu", help="torch device")
+    from .embed import add_image_size_argument
     from .predict import add_dtype_argument
 
+    add_image_size_argument(p)
+    p.add_argument("--size", type=int, nargs="+", metavar=("H", "W"), default=None,
+                   help="the same as --image-size (explain's name for it before the other commands took it)")
     add_dtype_argument(p)  # the predictions; attention maps always come from the model's fp32 explicit path
 
 
@@ -94,16 +94,18 @@ def _explain(args, source: str, probe, probe_b, layers, heads, out_dir) -> None:
 
     import torch
 
-    from .. import from_pretrained
+    from ..errors import ConfigError
     from ..infer import Predictor
     from ..viz.report import _predictions, explain, prepare_image, write_report
+    from .embed import load_for_command
 
-    model = from_pretrained(source)
-    model.to(torch.device(args.device)).eval()
-    size_note = "the model's preprocessing"
-    if args.size:
-        model = _at_size(model, args.size)
-        size_note = "--size"
+    if args.size and args.image_size and args.size != args.image_size:
+        raise ConfigError(f"--size {' '.join(map(str, args.size))} and --image-size "
+                          f"{' '.join(map(str, args.image_size))} disagree; give one")
+    flag = "--size" if args.size else "--image-size"
+    model = load_for_command("explain", source, args.size or args.image_size, device=torch.device(args.device),
+                             flag=flag)
+    size_note = flag if args.size or args.image_size else "the model's preprocessing"
     mode = "L" if model.config.in_channels == 1 else "RGB"
     img = probe.convert(mode)
     img_b = None if probe_b is None else probe_b.convert(mode)
@@ -141,20 +143,3 @@ def _explain(args, source: str, probe, probe_b, layers, heads, out_dir) -> None:
     if size > COMPACT_BUDGET:
         print(f"note: explore.html is over {COMPACT_BUDGET / 1e6:g} MB (attribution already reduced to the last "
               f"layer and top class); large pages open slowly")
-
-
-def _at_size(model, size: list[int]):
-    """The model preprocessing to ``size`` (H [W]) and running there: its table resampled as its source
-    does (``set_image_size``; a model that takes any size is resized per input the same way)."""
-    from ..data.transforms import default_preprocess
-    from ..errors import InputError
-    from ..preprocess import Preprocess
-
-    if len(size) > 2:
-        raise InputError(f"--size takes 1 or 2 numbers, got {size}")
-    hw = (size[0], size[-1])
-    c = model.config
-    pre = Preprocess.coerce(model.preprocess_cfg or default_preprocess(c), where="--size")
-    model.set_image_size(hw)  # validates: multiples of the patch size
-    model.preprocess_cfg = pre.for_input(c.in_channels, hw)
-    return model

@@ -27,6 +27,9 @@ def add_arguments(p) -> None:
     p.add_argument("--format", default=None, choices=READ_FORMATS,
                    help="the format of the model you READ (default: detected from its files; predict writes no model)")
     p.add_argument("--num-heads", type=int, default=None, help="attention heads, for checkpoints that cannot say")
+    from .embed import add_image_size_argument
+
+    add_image_size_argument(p)
     add_dtype_argument(p)
 
 
@@ -87,6 +90,7 @@ def predict_files(model, files, top_k: int = 5, batch_size: int = 32, max_pixels
     from ..data.transforms import eval_transform
     from ..errors import InputError
     from ..infer import Predictor
+    from ..model.naflex import naflex_transform
     from ..preprocess import Preprocess
     from ..progress import progress_bar
 
@@ -95,7 +99,8 @@ def predict_files(model, files, top_k: int = 5, batch_size: int = 32, max_pixels
     if batch_size < 1:
         raise InputError(f"--batch-size must be >= 1, got {batch_size}")
     cfg = model.config
-    transform = eval_transform(Preprocess.of(model))
+    naflex = naflex_transform(model)  # NaFlex: each image at its own aspect ratio, packed with a mask
+    transform = naflex or eval_transform(Preprocess.of(model))
     mode = "L" if cfg.in_channels == 1 else "RGB"
     predictor = Predictor(model.eval(), dtype)
     results: list[dict] = [{"file": str(f)} for f in files]
@@ -107,7 +112,7 @@ def predict_files(model, files, top_k: int = 5, batch_size: int = 32, max_pixels
         if not pending:
             return
         idx, xs = zip(*pending)
-        out = predictor(torch.stack(xs)).cpu()
+        out = predictor(naflex.pack(xs) if naflex else torch.stack(xs)).cpu()
         for i, row in zip(idx, out):
             _row_result(results[i], row, files[i], kind, top_k, labels)
         pending.clear()
@@ -133,14 +138,12 @@ def run(args) -> int:
     import sys
     from pathlib import Path
 
-    from .. import from_pretrained
     from ..io import model_source_or_latest_run
+    from .embed import load_for_command
 
     source = model_source_or_latest_run(args.model, say=lambda s: print(s, file=sys.stderr))  # stdout: --json
-    kw = {"format": args.format} if args.format else {}
-    if args.num_heads:
-        kw["num_heads"] = args.num_heads
-    model = from_pretrained(source, device=args.device, **kw).eval()
+    kw = {"num_heads": args.num_heads} if args.num_heads else {}
+    model = load_for_command("predict", source, args.image_size, device=args.device, format=args.format, **kw)
     files = image_inputs(args.images)
     results = predict_files(model, files, top_k=args.top_k, batch_size=args.batch_size,
                             max_pixels=args.max_pixels, progress=len(files) > args.batch_size and not args.json,

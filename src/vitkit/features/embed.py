@@ -61,13 +61,14 @@ def iter_features(extractor: FeatureExtractor, dataset, *, batch_size: int = 64,
     batch. Read by vitkit.data's loader through the model's own preprocessing (what predict does)."""
     from ..data.loader import make_loader
     from ..data.transforms import default_preprocess
+    from ..model.naflex import naflex_transform
 
     if batch_size < 1:
         raise InputError(f"batch size must be >= 1, got {batch_size}")
     model = extractor.model
     loader = make_loader(dataset, batch_size=batch_size, train=False, workers=workers,
                          device_type=extractor.device.type, with_index=True,
-                         preprocess=model.preprocess_cfg or default_preprocess(model.config))
+                         preprocess=naflex_transform(model) or model.preprocess_cfg or default_preprocess(model.config))
     # The loader keeps the dataset's order and lists skipped files' messages in that order, so the
     # rows missing between two batches are, in order, the files behind the new messages.
     next_row, told = 0, 0

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 from ..infer import Predictor
+from ..model.naflex import NaFlexBatch
 
 POOLS = ("model", "head", "cls", "mean", "cls+mean")
 DTYPES = ("fp32", "bf16", "int8")
@@ -58,7 +59,8 @@ class FeatureSpec:
 
 
 class FeatureExtractor:
-    """Callable: preprocessed batch (B, C, H, W) -> features (B, F) float32, on the model's device."""
+    """Callable: preprocessed batch (B, C, H, W) (or a NaFlexBatch) -> features (B, F) float32, on
+    the model's device."""
 
     def __init__(self, model, spec: FeatureSpec | None = None) -> None:
         self.model = model.eval()
@@ -91,12 +93,13 @@ class FeatureExtractor:
         return Predictor(self.model, dtype=spec.dtype, exact=spec.dtype == "fp32",
                          output="logits" if spec.pool == "head" else "pooled")
 
-    def _pool(self, m, tokens: torch.Tensor) -> torch.Tensor:
-        """(B, T, D) tokens after the final norm -> (B, D') by the chosen pooling."""
+    def _pool(self, m, tokens: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+        """(B, T, D) tokens after the final norm -> (B, D') by the chosen pooling (``valid``: a
+        NaFlexBatch's real patches)."""
         if self.spec.pool == "model":
-            return m.forward_head(tokens, pre_logits=True)
+            return m.forward_head(tokens, pre_logits=True, valid=valid)
         # "cls", "mean" or both: the model's own token pooling (no fc_norm: DINOv2's x_norm_clstoken)
-        parts = [m.pool_tokens(tokens, how) for how in self.spec.pool.split("+")]
+        parts = [m.pool_tokens(tokens, how, valid) for how in self.spec.pool.split("+")]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
     @torch.no_grad()
@@ -107,11 +110,12 @@ class FeatureExtractor:
             feats = self._predictor(x)  # model(x), or the pooled pre-logits
         else:
             m = self.model
+            valid = x.mask if isinstance(x, NaFlexBatch) else None
             if spec.layers == 1:
-                feats = self._pool(m, m.forward_features(x))
+                feats = self._pool(m, m.forward_features(x), valid)
             else:
                 inter = m.forward_intermediates(x, spec.layers, norm=True, intermediates_only=True)
-                feats = torch.cat([self._pool(m, t) for t in inter], dim=-1)
+                feats = torch.cat([self._pool(m, t, valid) for t in inter], dim=-1)
         feats = feats.float()
         if spec.normalize:
             feats = F.normalize(feats, dim=-1)

@@ -11,6 +11,7 @@ from torch import nn
 
 from .. import cpu
 from ..errors import ConfigError, InputError
+from ..model.naflex import NaFlexBatch
 from ..model.text import TextTransformer
 from . import engine
 
@@ -45,7 +46,9 @@ def model_output(model: nn.Module, x: torch.Tensor, output: str = "logits",
     if output == "logits":
         return model(x)
     tokens = model.forward_features(x)
-    return tokens if output == "tokens" else model.forward_head(tokens, pre_logits=True)
+    if output == "tokens":
+        return tokens
+    return model.forward_head(tokens, pre_logits=True, valid=x.mask if isinstance(x, NaFlexBatch) else None)
 
 
 class Predictor:
@@ -243,6 +246,11 @@ class Predictor:
                                  f"{tuple(m.shape) if isinstance(m, torch.Tensor) else type(m).__name__}")
             x = x.to(self.device)
             args = (x, attention_mask)
+        elif isinstance(x, NaFlexBatch):  # images at their own aspect ratio: the model's own forward
+            x = x.to(self.device, self.compute_dtype, non_blocking=True)
+            with torch.no_grad():
+                out = self._compiled(x) if self._compiled is not None else self._reference(x)
+            return out.float()
         else:
             if not isinstance(x, torch.Tensor) or x.ndim != 4 or not x.is_floating_point():
                 raise InputError(f"Predictor expects a float image batch (B, C, H, W), got {got}")

@@ -222,11 +222,14 @@ def grid_from_rows(n: int, patch: tuple[int, int], *size_hints: Any) -> tuple[in
             return hw
     if not is_square(n):
         given = [h for h in size_hints if h is not None]
+        # the sizes that do fit, nearest to square first: what to pass instead of a size already given
+        fits = sorted(((a * patch[0], n // a * patch[1]) for a in range(1, n + 1) if n % a == 0),
+                      key=lambda hw: abs(hw[0] - hw[1]))[:4]
         raise CheckpointError(
             f"the position table has {n} patch rows, not a square grid"
             + (f", and none of the sizes given ({', '.join(map(str, given))}) has {n} patches of {patch}"
                if given else "")
-            + "; pass image_size=(H, W) (or arch=) with (H/ph)*(W/pw) = the number of rows"
+            + f"; pass image_size=(H, W) (or arch=) with (H/ph)*(W/pw) = {n}: one of {', '.join(map(str, fits))}"
         )
     s = math.isqrt(n)
     return s * patch[0], s * patch[1]
@@ -252,8 +255,8 @@ def layout_from_rows(rows: int, num_prefix: int, patch: tuple[int, int], *size_h
             return hw, True
         if (hw := _fits(hint, rows, patch)) is not None:
             return hw, False
-    if is_square(rows - num_prefix) and is_square(rows):
-        with_prefix = prefer_prefix
+    if is_square(rows - num_prefix) == is_square(rows):  # both or neither: the source's default (the error
+        with_prefix = prefer_prefix                     # then names the sizes that fit that reading)
     else:
         with_prefix = is_square(rows - num_prefix)
     return grid_from_rows(rows - (num_prefix if with_prefix else 0), patch, *size_hints), with_prefix
@@ -268,6 +271,15 @@ def family_parts(config: ViTConfig, allowed: tuple[str, ...] = ()) -> list[str]:
         "head_bias": not getattr(c, "head_bias", True), "dist_token": bool(getattr(c, "dist_token", False)),
         "map": c.pooling == "map", "swiglu": getattr(c, "mlp_layer", "mlp") == "swiglu",
         "rmsnorm": getattr(c, "norm_layer", "layernorm") == "rmsnorm",
+        "patch_norm": bool(getattr(c, "patch_norm", False)), "proj_bias": not getattr(c, "proj_bias", True),
+        "map_head": c.pooling == "map" and getattr(c, "map_head", "latent") != "latent",
+        # EVA-02 / Perception Encoder parts and NaFlex input (timm's Eva and NaFlexVit layouts hold them)
+        "mlp_norm": bool(getattr(c, "mlp_norm", False)), "attn_norm": bool(getattr(c, "attn_norm", False)),
+        "no_final_norm": not getattr(c, "final_norm", True),
+        "map_pool_layout": c.pooling == "map" and (getattr(c, "map_num_heads", None) is not None
+                                                   or getattr(c, "map_mlp_ratio", None) is not None
+                                                   or bool(getattr(c, "map_prefix", False))),
+        "naflex": getattr(c, "naflex_max_patches", None) is not None,
     }
     return [k for k, on in parts.items() if on and k not in allowed]
 

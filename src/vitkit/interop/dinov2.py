@@ -185,13 +185,11 @@ def convert_hf(path: str | Path, arch: ViTConfig | None = None, hints: dict[str,
     config = _config(state, registers=registers, heads=int(meta.get("num_attention_heads") or 0) or None,
                      depth=meta.get("num_hidden_layers"), eps=float(meta.get("layer_norm_eps", 1e-6)),
                      hints=size_hints(hints, arch, size), source=str(directory), act=act)
+    # facebook/dinov2-*: config image_size 518 (the table's grid), processor crop 224; Dinov2Model
+    # interpolates the table to each input's grid on every call, so vitkit's model takes any size too
+    # (dynamic_img_size, the same interpolation) and keeps the processor's 224 as its input (the load
+    # report notes it: vitkit.interop.load.model_from_converted).
     pre = preprocess_from_dir(directory, config, _preprocess(config))
-    if list(pre["input_size"][1:]) != list(config.image_hw):
-        # facebook/dinov2-*: config image_size 518 (the table's grid), processor crop 224; Dinov2Model
-        # interpolates the table to each input's grid on every call, so vitkit's model takes any size
-        # too (dynamic_img_size, the same interpolation) and keeps the processor's 224 as its input.
-        notes.append(f"position table for {list(config.image_hw)}, resampled as HF does to each input's grid; "
-                     f"the preprocessor crops to {pre['input_size'][1:]}")
     resample = "hf_dinov2_registers" if meta.get("model_type") == "dinov2_with_registers" else "hf"
     # Dinov2Model takes any input size (interpolate_pos_encoding on every call): so does the model here.
     return Converted(config=config.replace(pos_resample=resample, dynamic_img_size=True), state=state, format="hf",
@@ -214,9 +212,14 @@ def _unfold_registers(sd: dict[str, torch.Tensor], config: ViTConfig) -> dict[st
 
 def export_hub(model, path: str | Path) -> Path:
     """The original facebookresearch/dinov2 state dict (safetensors), through :data:`HUB_TABLE`."""
+    from ..errors import ConfigError
     from ..io import save_state_dict
+    from .common import family_parts
 
     c = model.config
+    bad = family_parts(c, allowed=("swiglu",))
+    if bad:  # parts the hub's DinoVisionTransformer has no place for (its reader would build a plain one)
+        raise ConfigError(f"the DINOv2 hub layout has no place for {bad}; export to timm or vitkit instead")
     sd = _unfold_registers(model.state_dict(), c)
     table = HUB_TABLE_SWIGLU if getattr(c, "mlp_layer", "mlp") == "swiglu" else HUB_TABLE
     out, left = table.from_vitkit(sd)

@@ -17,15 +17,18 @@ from pathlib import Path
 
 from ..errors import CheckpointError, ConfigError
 from ..io import CONFIG_NAME, WEIGHTS_NAME
-from . import clip, dinov2, dinov3, graph, hf, jax, timm, torchvision, vitkit_format
+from . import aimv2, clip, dinov2, dinov3, graph, hf, jax, originals, timm, torchvision, vitkit_format
 from .source import Format, Source
 
 REGISTRY: tuple[Format, ...] = (
     vitkit_format.FORMAT,
     torchvision.FORMAT,
+    originals.PE_FORMAT,  # perception_models: OpenAI CLIP's names + PE's pool / layer scale, before openai_clip
     clip.FORMAT,  # openai_clip
+    originals.EVA02_FORMAT,  # baai_eva: mlp.w3 with q_bias, before DINOv2's w12 / w3
     dinov3.FORMAT,
     dinov2.FORMAT,
+    aimv2.FORMAT,  # ml_aim
     timm.FORMAT,
     hf.FORMAT,
     jax.FORMAT,

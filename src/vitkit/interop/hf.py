@@ -13,7 +13,7 @@ from typing import Any
 
 from ..config import ViTConfig
 from ..errors import CheckpointError
-from . import clip, deit, dinov2, dinov3, hf_vit, siglip
+from . import aimv2, clip, deit, dinov2, dinov3, hf_vit, mae, siglip
 from .common import Converted
 from .families import layout_family
 from .source import Format, Source
@@ -21,8 +21,9 @@ from .source import Format, Source
 # transformers model_type -> the family module that reads it (its convert_hf) and writes it (export_hf)
 MODEL_TYPES = {"vit": hf_vit, "deit": deit, "dinov2": dinov2, "dinov2_with_registers": dinov2, "clip": clip,
                "clip_vision_model": clip, "siglip": siglip, "siglip_vision_model": siglip, "siglip2": siglip,
-               "siglip2_vision_model": siglip, "dinov3_vit": dinov3}
-_EXPORTS = {"deit": deit, "siglip": siglip, "clip": clip, "dinov2": dinov2}  # layout_family -> writer
+               "siglip2_vision_model": siglip, "dinov3_vit": dinov3, "vit_mae": mae,
+               "aimv2_vision_model": aimv2, "aimv2": aimv2}
+_EXPORTS = {"deit": deit, "siglip": siglip, "clip": clip, "dinov2": dinov2, "aimv2": aimv2}  # layout_family -> writer
 
 
 def model_type(meta: dict[str, Any]) -> str | None:
@@ -62,14 +63,16 @@ def export(model, path: str | Path) -> Path:
     """Write a transformers directory for the model's family: ``DeiTForImageClassificationWithTeacher``
     / ``DeiTModel`` (distillation token), ``SiglipVisionModel`` (attention pooling),
     ``CLIPVisionModel[WithProjection]`` (ln_pre), ``Dinov2[WithRegisters]Model`` (layer scale,
-    registers or SwiGLU), else ViT."""
+    registers or SwiGLU), ``Aimv2VisionModel`` (patch norm), ``ViTMAEModel`` for weights read as MAE (a plain ViT layout), else ViT."""
     c = model.config
+    if (getattr(model, "pretrained_info", None) or {}).get("family") == "mae" and layout_family(c, False) is None:
+        return mae.export_hf(model, path)
     family = layout_family(c, dinov2=c.layer_scale is not None or bool(c.num_registers) or c.mlp_layer == "swiglu")
     return _EXPORTS.get(family, hf_vit).export_hf(model, path)
 
 
 FORMAT = Format(
-    "hf", "Hugging Face transformers dir: ViT, DeiT, Dinov2[WithRegisters], DINOv3ViT, CLIP, SigLIP/SigLIP2",
+    "hf", "Hugging Face transformers dir: ViT, DeiT, Dinov2[WithRegisters], DINOv3ViT, CLIP, SigLIP/SigLIP2, ViTMAE, Aimv2",
     aliases=("huggingface", "transformers"), read=read, write=export, writes_dir=True, detect_dir=is_hf_dir,
     detect_keys=looks_like_hf, tiny=dict(image_size=32, patch_size=16, num_classes=5, dim=32, depth=2, num_heads=2,
                                          norm_eps=1e-12),

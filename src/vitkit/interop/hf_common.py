@@ -114,7 +114,13 @@ def preprocess_from_dir(directory: Path, config: ViTConfig, defaults: dict[str, 
             out["mean"] = list(p["image_mean"])
         if p.get("image_std") is not None:
             out["std"] = list(p["image_std"])
-        size = p.get("crop_size") if p.get("do_center_crop") and p.get("crop_size") else p.get("size")
+        crop = p.get("crop_size") if p.get("do_center_crop") and p.get("crop_size") else None
+        size = crop or p.get("size")
+        resize = p.get("size")
+        if isinstance(crop, dict) and "height" in crop and isinstance(resize, dict) and "shortest_edge" in resize:
+            # BitImageProcessor / CLIPImageProcessor: short side to shortest_edge, then the centre crop
+            out["crop_pct"] = min(1.0, int(crop["height"]) / int(resize["shortest_edge"]))
+            out["crop_mode"] = "center"
         if isinstance(size, dict) and "height" in size:
             out["input_size"] = [C, int(size["height"]), int(size["width"])]
         elif isinstance(size, dict) and "shortest_edge" in size:

@@ -112,6 +112,10 @@ def model_from_converted(conv: Converted, adapt: dict[str, Any] | None = None, s
     if pre is not None and (target.in_channels, *target.image_hw) != pre.input_size:
         if (target.in_channels, target.image_hw) != (conv.config.in_channels, conv.config.image_hw):
             pre = pre.for_input(target.in_channels, target.image_hw)  # the model was resized here
+        elif target.dynamic_img_size:  # facebook/dinov2-*: table for 518, processor crop 224
+            report.notes.append(f"input size {pre.input_size[1]}x{pre.input_size[2]} from the checkpoint's "
+                                f"preprocessing (position table for {target.image_hw[0]}x{target.image_hw[1]}, "
+                                f"resampled to each input's grid as {target.pos_resample} does)")
     model.preprocess_cfg = pre
     labels = conv.labels if conv.labels and len(conv.labels) == target.num_classes else None
     if labels is None and target.num_classes == conv.config.num_classes:

@@ -3,8 +3,9 @@
 * Hugging Face ``SiglipVisionModel`` and whole ``SiglipModel`` directories (``model_type``
   ``siglip_vision_model`` / ``siglip``; SigLIP2's fixed-resolution checkpoints such as
   ``google/siglip2-base-patch16-224`` are ``SiglipModel`` too). The text tower is ignored with a
-  note. SigLIP2's NaFlex models (``Siglip2VisionModel``: variable resolution and aspect with a
-  patch mask) are not a fixed-grid ViT and are refused with that reason.
+  note. SigLIP2's NaFlex models (``Siglip2VisionModel`` / ``Siglip2Model``: variable resolution at
+  each image's aspect ratio, a patch mask) load here too, with the parts of
+  :mod:`vitkit.interop.naflex` (Linear patch embedding, per-image bilinear table, max_num_patches).
   Resampling: :func:`~vitkit.model.pos_embed.resample_hf`.
 * big_vision ``.npz`` (``params/img/...``, ``MAPHead_0``; stacked or unstacked blocks): read by
   :mod:`vitkit.interop.jax`, which maps the MAP head through :data:`NPZ_MAP_HEAD`.
@@ -31,6 +32,7 @@ import torch
 
 from ..config import ViTConfig
 from ..errors import CheckpointError, ConfigError
+from . import naflex
 from .clip import HF_ENCODER_ROWS
 from .common import Converted, layout_from_rows, size_hints
 from .table import RenameTable
@@ -79,10 +81,7 @@ def convert_hf(path: str | Path, arch: ViTConfig | None = None, hints: dict[str,
 
     directory, meta, wfile, raw = read_dir(path)
     archs = [str(a) for a in meta.get("architectures") or []]
-    if str(meta.get("model_type", "")).startswith("siglip2") or any(a.startswith("Siglip2") for a in archs):
-        raise CheckpointError(f"{directory}: a SigLIP2 NaFlex model ({archs or meta.get('model_type')}): variable "
-                              "resolution with a patch mask is not a fixed-grid ViT. SigLIP2's fixed-resolution "
-                              "checkpoints (google/siglip2-*-patch16-224 ...) are SiglipModel dirs and load")
+    is_naflex = naflex.is_siglip2(meta)
     if any(a.endswith("ForImageClassification") for a in archs):
         raise CheckpointError(f"{directory}: {archs[0]} classifies the mean of the tokens without the MAP head; "
                               "load the SiglipVisionModel backbone instead")
@@ -94,6 +93,8 @@ def convert_hf(path: str | Path, arch: ViTConfig | None = None, hints: dict[str,
         raise CheckpointError(f"{wfile}: no embeddings.patch_embedding.weight; not a SigLIP vision tower")
     state = fuse_qkv(state, str(wfile))
     split_in_proj(state)
+    if is_naflex:
+        state["patch_embed.proj.weight"] = naflex.hf_patch_kernel(state["patch_embed.proj.weight"], vc, str(wfile))
     dim, in_ch, ph, pw = state["patch_embed.proj.weight"].shape
     state["pos_embed"] = state["pos_embed"].reshape(1, -1, dim)
     hints = dict(hints or {})
@@ -110,10 +111,11 @@ def convert_hf(path: str | Path, arch: ViTConfig | None = None, hints: dict[str,
         mlp_dim=state["blocks.0.mlp.fc1.weight"].shape[0], norm_eps=float(vc.get("layer_norm_eps", 1e-6)),
         act=act, class_token=False, pos_embed_prefix=False, pooling="map" if has_head else "mean",
     )
+    config = config.replace(**(naflex.hf_fields(directory, notes) if is_naflex else {"pos_resample": "hf"}))
     pre = preprocess_from_dir(directory, config, {"input_size": [in_ch, *config.image_hw], **PREPROCESS})
-    return Converted(config=config.replace(pos_resample="hf"), state=state, format="hf", source=str(directory), preprocess=pre,
+    return Converted(config=config, state=state, format="hf", source=str(directory), preprocess=pre,
                      unexpected=unmatched, notes=notes,
-                     info={"family": "siglip", "architectures": archs})
+                     info={"family": "siglip2_naflex" if is_naflex else "siglip", "architectures": archs})
 
 
 def export_hf(model, path: str | Path) -> Path:
@@ -123,6 +125,9 @@ def export_hf(model, path: str | Path) -> Path:
 
     c = model.config
     bad = family_parts(c, allowed=("map",))
+    if c.naflex_max_patches:
+        raise ConfigError("a NaFlex model has no SiglipVisionModel equivalent (fixed resolution); transformers' "
+                          "Siglip2VisionModel layout is not written by vitkit yet")
     if (bad or c.pooling != "map" or c.class_token or c.num_registers
             or c.layer_scale is not None or c.num_classes or not c.qkv_bias or c.image_hw[0] != c.image_hw[1]
             or c.patch_hw[0] != c.patch_hw[1] or c.pos_embed != "learned"):

@@ -24,7 +24,7 @@ import torch
 from ..config import ACTIVATION_NAMES, PRESETS, ViTConfig, resolve_name
 from ..errors import CheckpointError, ConfigError
 from ..io import atomic_write_text, save_state_dict
-from . import dinov3
+from . import aimv2, dinov3, eva, naflex
 from .common import Converted, guess_heads, layout_from_rows, size_hints
 from .families import layout_family
 from .source import Format, Source
@@ -43,8 +43,9 @@ def is_timm_dir(src: Source) -> bool:
 
 
 def looks_like_timm(keys) -> bool:
-    keys = set(keys)
-    return "patch_embed.proj.weight" in keys and any(k.startswith("blocks.0.attn.qkv") for k in keys)
+    keys = set(keys)  # embeds.proj: NaFlexVit (vitkit.interop.naflex)
+    return (("patch_embed.proj.weight" in keys or "embeds.proj.weight" in keys)
+            and any(k.startswith("blocks.0.attn.qkv") for k in keys))
 
 
 def act_from_args(args: dict[str, Any], architecture: str | None, source: str, notes: list[str]) -> str:
@@ -102,6 +103,10 @@ def _part_flags(state: dict[str, torch.Tensor], swiglu: bool, dist: bool) -> dic
         extra["dist_token"] = True
     if "blocks.0.norm1.weight" in state and "blocks.0.norm1.bias" not in state:
         extra["norm_layer"] = "rmsnorm"
+    if "patch_embed.norm.weight" in state:
+        extra["patch_norm"] = True
+    if "blocks.0.attn.proj.weight" in state and "blocks.0.attn.proj.bias" not in state:
+        extra["proj_bias"] = False  # timm's proj_bias: the MLP's linears have none either
     return extra
 
 
@@ -131,9 +136,12 @@ def infer_config(state: dict[str, torch.Tensor], args: dict[str, Any], source: s
     pos, image_size, pos_prefix = _position_layout(state, args, int(class_token) + int(dist) + regs, (ph, pw),
                                                    hints, regs)
     act = "silu" if swiglu else act_from_args(args, architecture, source, notes)
-    heads = guess_heads(dim, args.get("num_heads"), source)
-    # timm's CLIP models (pre_norm=True) use LayerNorm eps 1e-5 (OpenAI's nn.LayerNorm); the rest 1e-6
-    eps = 1e-5 if ("norm_pre.weight" in state or (architecture and "_clip_" in architecture)) else 1e-6
+    # a norm after the patch embedding (embed_norm_layer) is, among timm's ViTs, AIMv2's alone (aimv2_*)
+    aim = "patch_embed.norm.weight" in state
+    heads = guess_heads(dim, args.get("num_heads") or (aimv2.HEADS_BY_DIM.get(dim) if aim else None), source)
+    # timm's CLIP models (pre_norm=True) use LayerNorm eps 1e-5 (OpenAI's nn.LayerNorm), aimv2_* RmsNorm
+    # eps 1e-5; the rest 1e-6
+    eps = 1e-5 if ("norm_pre.weight" in state or (architecture and "_clip_" in architecture) or aim) else 1e-6
     if "norm_pre.weight" in state and "act_layer" not in args and not (architecture and "quickgelu" in architecture):
         notes.append(f"activation {act!r} as timm's vit_*_clip_* models (OpenAI's own weights use QuickGELU: "
                      "pass act='quick_gelu' for those)")
@@ -173,6 +181,13 @@ def convert(path: str | Path, arch: ViTConfig | None = None, hints: dict[str, An
     args = dict(meta.get("model_args") or {})
     if meta.get("global_pool") and "global_pool" not in args:
         args["global_pool"] = meta["global_pool"]
+    architecture = meta.get("architecture")
+    if "dinov3" not in (architecture or "") and eva.is_eva(state, architecture):  # EVA-02, PE, RoPE ViTs
+        pcfg = meta.get("pretrained_cfg") or {}
+        own = (tuple(pcfg["input_size"][1:]) if "input_size" in pcfg else None,)
+        conv = eva.convert_timm(state, args, architecture, str(p), dict(hints or {}), size_hints(hints, arch, *own))
+        conv.preprocess = _preprocess(pcfg, conv.config)
+        return conv
     if dinov3.looks_like_timm_dinov3(state, meta.get("architecture")):
         pcfg = meta.get("pretrained_cfg") or {}
         h = dict(hints or {})
@@ -184,6 +199,12 @@ def convert(path: str | Path, arch: ViTConfig | None = None, hints: dict[str, An
         conv.preprocess = _preprocess(pcfg, conv.config) or conv.preprocess
         return conv
     hints = dict(hints or {})
+    notes: list[str] = []
+    naflex_fields: dict[str, Any] = {}
+    if naflex.looks_like_timm_naflex(state):
+        state, args, naflex_fields = naflex.from_timm(state, meta, args, str(p), notes)
+    if "blocks.0.mlp.fc1_g.weight" in state:  # timm's unpacked SwiGLU (aimv2_*): packed as vitkit's fc1
+        state = aimv2.from_timm_names(state)
     architecture = meta.get("architecture")
     preset = None
     if architecture:
@@ -203,11 +224,14 @@ def convert(path: str | Path, arch: ViTConfig | None = None, hints: dict[str, An
     own = (args.get("img_size"), tuple(pcfg["input_size"][1:]) if "input_size" in pcfg else None,
            preset.image_size if preset is not None else None)
     args.pop("img_size", None)
-    notes: list[str] = []
     config = infer_config(state, args, str(p), hints=size_hints(hints, arch, *own), notes=notes,
                           architecture=architecture)
+    if naflex_fields:
+        config = config.replace(**naflex_fields)
     if "norm_eps" in meta:  # written by vitkit's export (timm's model_args cannot hold it)
         config = config.replace(norm_eps=float(meta["norm_eps"]))
+    if args.get("dynamic_img_size"):  # timm's model takes any size, resampling its table per input (as "timm")
+        config = config.replace(dynamic_img_size=True)
     labels = meta.get("label_names")
     if isinstance(labels, dict):
         labels = [labels[str(i)] for i in range(len(labels))] if all(str(i) in labels for i in range(len(labels))) else None
@@ -234,6 +258,14 @@ def to_timm_kwargs(config: ViTConfig, serializable: bool = False) -> dict[str, A
     if norm_pre == patch_bias:
         raise ConfigError(f"timm ties the patch bias to pre_norm (bias = not pre_norm); this config has "
                           f"norm_pre={norm_pre}, patch_bias={patch_bias}")
+    # timm's AIMv2 (aimv2_*): embed_norm_layer, unpacked SwiGLU (fc1_g / fc1_x), RmsNorm; its head is not in timm
+    aim = getattr(c, "patch_norm", False)
+    if aim and (c.norm_layer != "rmsnorm" or c.mlp_layer != "swiglu" or c.pooling == "map"):
+        raise ConfigError("timm's only ViT with a norm after the patch embedding is aimv2_* (RmsNorm, SwiGLU, no "
+                          f"attention head); this config has norm_layer={c.norm_layer!r}, mlp_layer={c.mlp_layer!r}, "
+                          f"pooling={c.pooling!r}")
+    if c.pooling == "map" and getattr(c, "map_head", "latent") != "latent":
+        raise ConfigError(f"timm has no {c.map_head!r} attention-pooling head (its global_pool='map' is AttentionPoolLatent)")
     import torch.nn as nn
 
     swiglu = getattr(c, "mlp_layer", "mlp") == "swiglu"
@@ -242,12 +274,14 @@ def to_timm_kwargs(config: ViTConfig, serializable: bool = False) -> dict[str, A
         img_size=list(c.image_hw) if serializable else c.image_hw,
         patch_size=list(c.patch_hw) if serializable else c.patch_hw, in_chans=c.in_channels,
         num_classes=c.num_classes, embed_dim=c.dim, depth=c.depth, num_heads=c.num_heads,
-        mlp_ratio=(2 if swiglu else 1) * c.hidden_dim / c.dim, qkv_bias=c.qkv_bias, class_token=c.class_token,
+        mlp_ratio=(2 if swiglu and not aim else 1) * c.hidden_dim / c.dim, qkv_bias=c.qkv_bias, class_token=c.class_token,
         reg_tokens=c.num_registers, no_embed_class=not c.pos_embed_prefix, init_values=c.layer_scale,
         global_pool=pool, fc_norm=c.fc_norm, pos_embed="learn" if c.pos_embed == "learned" else "none",
         pre_norm=norm_pre)
     if getattr(c, "dynamic_img_size", False):
         kw["dynamic_img_size"] = True
+    if aim or not getattr(c, "proj_bias", True):  # aimv2_* defaults to False: say it either way
+        kw["proj_bias"] = getattr(c, "proj_bias", True)
     if serializable:
         if c.act != "gelu":
             kw["act_layer"] = c.act
@@ -261,7 +295,11 @@ def to_timm_kwargs(config: ViTConfig, serializable: bool = False) -> dict[str, A
         kw["norm_layer"] = partial(RmsNorm, eps=c.norm_eps)
     else:
         kw["norm_layer"] = partial(nn.LayerNorm, eps=c.norm_eps)
-    if swiglu:
+    if aim:
+        from timm.layers import SwiGLU
+
+        kw["embed_norm_layer"], kw["mlp_layer"] = kw["norm_layer"], SwiGLU
+    elif swiglu:
         from timm.layers import SwiGLUPacked
 
         kw["mlp_layer"] = SwiGLUPacked
@@ -339,6 +377,12 @@ _TIMM_VITS: dict[str, dict[tuple[int, int, int], str]] = {
     "swiglu": {
         (1536, 40, 24): "vit_giant_patch14_dinov2 vit_giant_patch14_reg4_dinov2",
     },
+    "aimv2": {
+        (1024, 24, 8): "aimv2_large_patch14_224 aimv2_large_patch14_336 aimv2_large_patch14_448",
+        (1536, 24, 12): "aimv2_huge_patch14_224 aimv2_huge_patch14_336 aimv2_huge_patch14_448",
+        (2048, 24, 16): "aimv2_1b_patch14_224 aimv2_1b_patch14_336 aimv2_1b_patch14_448",
+        (3072, 24, 24): "aimv2_3b_patch14_224 aimv2_3b_patch14_336 aimv2_3b_patch14_448",
+    },
     "distilled": {
         (192, 12, 3): "deit_tiny_distilled_patch16_224",
         (384, 12, 6): "deit_small_distilled_patch16_224",
@@ -349,7 +393,8 @@ _TIMM_VITS: dict[str, dict[tuple[int, int, int], str]] = {
 # model_args replace (timm's own convention for custom sizes; timm.create_model refuses an
 # unregistered name, so a made-up "neutral" one would not load).
 _FAMILY_BASE = {"plain": "vit_base_patch16_224", "clip": "vit_base_patch16_clip_224",
-                "swiglu": "vit_giant_patch14_dinov2", "distilled": "deit_base_distilled_patch16_224"}
+                "swiglu": "vit_giant_patch14_dinov2", "distilled": "deit_base_distilled_patch16_224",
+                "aimv2": "aimv2_large_patch14_224"}
 
 
 def _name_parts(name: str) -> tuple[int, int, str, bool, int | None]:
@@ -368,7 +413,8 @@ def timm_architecture(config: ViTConfig) -> str:
     vit_small_patch14_dinov2 with img_size 112). ``timm.create_model(architecture, **model_args)``
     rebuilds it either way: model_args set every size."""
     c = config
-    family = ("distilled" if getattr(c, "dist_token", False) else "swiglu" if getattr(c, "mlp_layer", "mlp") == "swiglu"
+    family = ("distilled" if getattr(c, "dist_token", False) else "aimv2" if getattr(c, "patch_norm", False)
+              else "swiglu" if getattr(c, "mlp_layer", "mlp") == "swiglu"
               else "clip" if getattr(c, "norm_pre", False) else "plain")
     names = [n for n in _TIMM_VITS[family].get((c.dim, c.depth, c.num_heads), "").split()
              if c.patch_hw[0] == c.patch_hw[1] == _name_parts(n)[0]]
@@ -387,13 +433,20 @@ def export(model, path: str | Path) -> Path:
     + model.safetensors. ``timm.create_model(..., pretrained_cfg_overlay=dict(file=...))`` or
     ``VisionTransformer(**model_args)`` + ``load_state_dict`` read it back."""
     c = model.config
+    if c.naflex_max_patches:  # timm's NaFlexVit: a VisionTransformer would drop the NaFlex input
+        return naflex.export_timm(model, path)
+    if eva.writes(c):  # RoPE, an MLP / attention norm, PE's pooling: timm's Eva holds these
+        return eva.export(model, path)
     kw = to_timm_kwargs(c)
-    swiglu = getattr(c, "mlp_layer", "mlp") == "swiglu"
+    aim = getattr(c, "patch_norm", False)  # aimv2_*: unpacked SwiGLU, mlp_ratio counts the gated width
+    swiglu = getattr(c, "mlp_layer", "mlp") == "swiglu" and not aim
     if int(c.hidden_dim) * (2 if swiglu else 1) != int(c.dim * kw["mlp_ratio"]):
         raise ConfigError(f"mlp_dim {c.hidden_dim} is not reachable by timm's mlp_ratio for dim {c.dim}")
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v for k, v in model.state_dict().items()}
+    if aim:
+        state = aimv2.to_timm_names(state)
     if c.pos_embed != "learned":
         state.pop("pos_embed", None)
     for head in ("head", "head_dist"):  # timm heads always have a bias: a zero one is the same map
@@ -401,7 +454,7 @@ def export(model, path: str | Path) -> Path:
             state[f"{head}.bias"] = torch.zeros(state[f"{head}.weight"].shape[0])
     pre = model.preprocess_cfg or {}
     model_args = to_timm_kwargs(c, serializable=True)
-    if c.norm_eps != 1e-6 and not getattr(c, "norm_pre", False):
+    if c.norm_eps != (1e-5 if aim else 1e-6) and not getattr(c, "norm_pre", False):
         log.warning("timm's model_args cannot carry LayerNorm eps %g; timm.create_model(%r, **model_args) uses "
                     "its architecture's (vitkit reads it back from norm_eps in config.json)", c.norm_eps,
                     timm_architecture(c))
@@ -431,6 +484,6 @@ def export(model, path: str | Path) -> Path:
 
 FORMAT = Format(
     "timm", "timm VisionTransformer state dict or hub dir (ViT, DeiT, DINOv2, CLIP, SigLIP)", read=convert,
-    write=export, writes_dir=True, detect_dir=is_timm_dir, detect_keys=looks_like_timm,
+    write=export, writes_dir=True, writes_rope=True, detect_dir=is_timm_dir, detect_keys=looks_like_timm,
     tiny=dict(image_size=(32, 48), patch_size=16, num_classes=5, dim=32, depth=2, num_heads=2, dist_token=True),
 )

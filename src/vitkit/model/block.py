@@ -67,18 +67,27 @@ class Mlp(nn.Module):
     hidden activation is the input of fc2, and a test checks that fc1 influences the output.
     """
 
-    def __init__(self, dim: int, hidden_dim: int, act: str = "gelu", drop: float = 0.0) -> None:
+    def __init__(self, dim: int, hidden_dim: int, act: str = "gelu", drop: float = 0.0, bias: bool = True,
+                 norm: nn.Module | None = None) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.fc1 = nn.Linear(dim, hidden_dim, bias=bias)
         self.act = make_act(act)
-        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.norm = norm  # on the hidden activation before fc2 (EVA-02's scale_mlp), None = off
+        self.fc2 = nn.Linear(hidden_dim, dim, bias=bias)
         self.drop = nn.Dropout(drop) if drop > 0 else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.act(self.fc1(x))  # (B, N, hidden): the hidden output feeds fc2
-        if self.drop is not None:
-            return self.drop(self.fc2(self.drop(h)))
-        return self.fc2(h)
+        return _mlp_out(self, self.act(self.fc1(x)))  # (B, N, hidden): the hidden output feeds fc2
+
+
+def _mlp_out(mlp: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """The hidden activation (B, N, hidden) -> dropout -> norm (if any) -> fc2 -> dropout."""
+    if mlp.drop is not None:
+        h = mlp.drop(h)
+    if mlp.norm is not None:
+        h = mlp.norm(h)
+    out = mlp.fc2(h)
+    return mlp.drop(out) if mlp.drop is not None else out
 
 
 class SwiGLU(nn.Module):
@@ -91,27 +100,28 @@ class SwiGLU(nn.Module):
     ``mlp_ratio`` count fc1's output, twice that.
     """
 
-    def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0) -> None:
+    def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0, bias: bool = True,
+                 norm: nn.Module | None = None) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(dim, 2 * hidden_dim)
+        self.fc1 = nn.Linear(dim, 2 * hidden_dim, bias=bias)
         self.act = nn.SiLU()
-        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.norm = norm  # on the gated activation before fc2 (EVA-02's scale_mlp), None = off
+        self.fc2 = nn.Linear(hidden_dim, dim, bias=bias)
         self.drop = nn.Dropout(drop) if drop > 0 else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, value = self.fc1(x).chunk(2, dim=-1)  # each (B, N, hidden)
-        h = self.act(gate) * value
-        if self.drop is not None:
-            return self.drop(self.fc2(self.drop(h)))
-        return self.fc2(h)
+        return _mlp_out(self, self.act(gate) * value)
 
 
-def make_mlp(name: str, dim: int, hidden_dim: int, act: str = "gelu", drop: float = 0.0) -> nn.Module:
-    """"mlp" (:class:`Mlp` with ``act``) or "swiglu" (:class:`SwiGLU`, always a SiLU gate)."""
+def make_mlp(name: str, dim: int, hidden_dim: int, act: str = "gelu", drop: float = 0.0,
+             bias: bool = True, norm: nn.Module | None = None) -> nn.Module:
+    """"mlp" (:class:`Mlp` with ``act``) or "swiglu" (:class:`SwiGLU`, always a SiLU gate); ``bias``
+    on every linear of it; ``norm`` on the hidden activation before fc2."""
     if name == "mlp":
-        return Mlp(dim, hidden_dim, act=act, drop=drop)
+        return Mlp(dim, hidden_dim, act=act, drop=drop, bias=bias, norm=norm)
     if name == "swiglu":
-        return SwiGLU(dim, hidden_dim, drop=drop)
+        return SwiGLU(dim, hidden_dim, drop=drop, bias=bias, norm=norm)
     raise ConfigError(f"unknown mlp_layer {name!r}; expected one of {list(MLP_LAYERS)}")
 
 
@@ -161,23 +171,31 @@ class Block(nn.Module):
         norm_first: pre-norm (True) or post-norm (False).
         norm_layer: "layernorm" | "rmsnorm".
         mlp_layer: "mlp" | "swiglu".
+        proj_bias: bias of the attention output projection and of the MLP's linears (timm's
+            ``proj_bias``, which its Block also passes to the MLP; AIMv2 has none).
+        mlp_norm, attn_norm: a norm inside the MLP before fc2 / on the attention output before
+            its projection (EVA-02's scale_mlp / scale_attn_inner).
+        rope_interleaved: the rotary tables' pair layout (vitkit.model.rope.INTERLEAVED).
     """
 
     def __init__(self, dim: int, num_heads: int, hidden_dim: int, qkv_bias: bool = True,
                  qk_scale: float | None = None, attn_drop: float = 0.0, proj_drop: float = 0.0,
                  act: str = "gelu", norm_eps: float = 1e-6, drop_path: float = 0.0,
                  layer_scale: float | None = None, norm_first: bool = True, norm_layer: str = "layernorm",
-                 mlp_layer: str = "mlp") -> None:
+                 mlp_layer: str = "mlp", proj_bias: bool = True, mlp_norm: bool = False, attn_norm: bool = False,
+                 rope_interleaved: bool = False) -> None:
         super().__init__()
         self.norm_first = norm_first
         self.norm1 = make_norm(norm_layer, dim, norm_eps)
         self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, qk_scale=qk_scale, attn_drop=attn_drop,
-                              proj_drop=proj_drop)
+                              proj_drop=proj_drop, proj_bias=proj_bias, rope_interleaved=rope_interleaved,
+                              norm=make_norm(norm_layer, dim, norm_eps) if attn_norm else None)
         # Optional pieces are None when off (not Identity): the hot path then makes no call at all.
         self.ls1 = LayerScale(dim, layer_scale) if layer_scale is not None else None
         self.drop_path1 = DropPath(drop_path) if drop_path > 0 else None
         self.norm2 = make_norm(norm_layer, dim, norm_eps)
-        self.mlp = make_mlp(mlp_layer, dim, hidden_dim, act=act, drop=proj_drop)
+        self.mlp = make_mlp(mlp_layer, dim, hidden_dim, act=act, drop=proj_drop, bias=proj_bias,
+                            norm=make_norm(norm_layer, hidden_dim, norm_eps) if mlp_norm else None)
         self.ls2 = LayerScale(dim, layer_scale) if layer_scale is not None else None
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else None
 
@@ -229,7 +247,8 @@ def run_blocks(blocks: Sequence[nn.Module], x: torch.Tensor, *, rope: tuple[torc
     """The one loop over the blocks: tokens (B, T, D) entering block 0 through ``blocks``.
 
     Args:
-        rope, attn_mask: passed to every block (see :class:`Attention`).
+        rope, attn_mask: passed to every block (see :class:`Attention`); ``rope`` may be a list
+            with one (cos, sin) per block (mixed RoPE's learned per-block frequencies).
         last_queries: k: the last block computes the first k tokens' outputs alone, (B, k, D)
             (what a class-token head reads; see ``Block.forward``'s ``num_queries``).
         keep: block indices whose outputs to return in ``hidden``.
@@ -247,12 +266,13 @@ def run_blocks(blocks: Sequence[nn.Module], x: torch.Tensor, *, rope: tuple[torc
     attentions: list[torch.Tensor] = []
     for i in range(end):
         k = last_queries if i == depth - 1 else None
+        r = rope[i] if isinstance(rope, list) else rope
         if block is not None:
             x = block(i, x, k)
         elif checkpointing:
-            x = checkpoint(blocks[i], x, k, attention, rope, attn_mask, use_reentrant=False)
+            x = checkpoint(blocks[i], x, k, attention, r, attn_mask, use_reentrant=False)
         else:
-            x = blocks[i](x, k, attention, rope, attn_mask)
+            x = blocks[i](x, k, attention, r, attn_mask)
         if attention:
             x, a = x
             attentions.append(a)

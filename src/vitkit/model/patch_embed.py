@@ -84,12 +84,14 @@ class PatchEmbed(nn.Module):
         bias: whether the projection has a bias (most published ViTs do; CLIP does not).
         dynamic_size: accept any H x W divisible by the patch (the model resamples its position
             table per grid); False = only ``image_size``.
+        norm: a norm applied to the tokens after the projection (AIMv2's RMSNorm; timm's
+            ``embed_norm_layer``, named ``norm`` here as there); None = none.
 
     Input (B, C, H, W) -> output (B, N, D).
     """
 
     def __init__(self, image_size, patch_size, in_channels: int, dim: int, mode: str = "conv",
-                 bias: bool = True, dynamic_size: bool = False) -> None:
+                 bias: bool = True, dynamic_size: bool = False, norm: nn.Module | None = None) -> None:
         super().__init__()
         self.dynamic_size = dynamic_size
         self.image_size = to_2tuple(image_size, "image_size")
@@ -98,6 +100,7 @@ class PatchEmbed(nn.Module):
         self.dim = dim
         self.mode = mode
         self.proj = nn.Conv2d(in_channels, dim, kernel_size=self.patch_size, stride=self.patch_size, bias=bias)
+        self.norm = norm
 
     @property
     def grid_size(self) -> tuple[int, int]:
@@ -150,6 +153,11 @@ class PatchEmbed(nn.Module):
                              f"convert with x.to({w.dtype}) or run under torch.autocast")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.project(x)  # (B, N, D)
+        return self.norm(x) if self.norm is not None else x
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """The patch projection alone, by ``mode``: (B, C, H, W) -> (B, N, D)."""
         w, b = self.proj.weight, self.proj.bias
         if self.mode == "conv":
             if x.device.type == "cpu":

@@ -69,15 +69,17 @@ def sincos_1d(num_positions: int, dim: int, temperature: float = 10000.0) -> tor
     return pe.float()
 
 
-def sincos_2d(grid_size, dim: int, temperature: float = 10000.0) -> torch.Tensor:
-    """(gh*gw, dim) table over a row-major patch grid, as big_vision's ``posemb_sincos_2d``."""
+def sincos_2d(grid_size, dim: int, temperature: float = 10000.0, mae: bool = False) -> torch.Tensor:
+    """(gh*gw, dim) table over a row-major patch grid, as big_vision's ``posemb_sincos_2d``; with
+    ``mae``, MAE's ``get_2d_sincos_pos_embed`` (AIMv2's native-resolution table, same layout
+    [sin x, cos x, sin y, cos y]): frequencies 1 / T ** (j / (D/4)) where big_vision divides by D/4 - 1."""
     gh, gw = to_2tuple(grid_size, "grid_size")
     if dim % 4:
         raise InputError(f"sincos_2d needs dim divisible by 4, got {dim}")
     y, x = torch.meshgrid(torch.arange(gh, dtype=torch.float64), torch.arange(gw, dtype=torch.float64),
                           indexing="ij")
     quarter = dim // 4
-    omega = torch.arange(quarter, dtype=torch.float64) / max(quarter - 1, 1)
+    omega = torch.arange(quarter, dtype=torch.float64) / (quarter if mae else max(quarter - 1, 1))
     omega = 1.0 / temperature**omega
     y = y.flatten()[:, None] * omega[None, :]
     x = x.flatten()[:, None] * omega[None, :]

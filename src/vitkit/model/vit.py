@@ -9,7 +9,7 @@ Data flow (names are the public stages)::
     image (B, C, H, W)
       -> patch_embed               (B, N, D)      N = (H/ph) * (W/pw)
       -> + prefix tokens           (B, R+N, D)    class token and/or register tokens
-      -> + position embedding      (B, R+N, D)    learned | sincos1d | sincos2d | none
+      -> + position embedding      (B, R+N, D)    learned | sincos1d | sincos2d[_mae] | none
       -> norm_pre (optional)       (B, R+N, D)    CLIP's ln_pre
       -> blocks x depth            (B, R+N, D)
       -> norm                      (B, R+N, D)    = forward_features(x)
@@ -28,6 +28,7 @@ from collections.abc import Callable, Collection
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..config import ViTConfig
@@ -36,9 +37,10 @@ from ..io import save_pretrained
 from ..preprocess import preprocess_property
 from .attention import AttentionPoolLatent
 from .block import Block, BlockOutputs, Mlp, make_act, make_norm, run_blocks
-from .patch_embed import PatchEmbed
+from .naflex import NaFlexBatch, naflex_positions
+from .patch_embed import PatchEmbed, conv_to_linear_weight
 from .pos_embed import get_pos_resampler, sincos_1d, sincos_2d
-from .rope import RotaryEmbedding
+from .rope import INTERLEAVED, RotaryEmbedding
 
 # The embeddings in front of block 0 that are tokens or tables, not matrices: never weight-decayed
 # and, with layer-wise lr decay, in the embedding layer (vitkit.train.optim).
@@ -80,7 +82,8 @@ class ViT(nn.Module):
         """Patch embedding, prefix tokens, position table, norm_pre and RoPE."""
         D = c.dim
         self.patch_embed = PatchEmbed(c.image_hw, c.patch_hw, c.in_channels, D, mode=c.patch_embed,
-                                      bias=c.patch_bias, dynamic_size=c.dynamic_img_size)
+                                      bias=c.patch_bias, dynamic_size=c.dynamic_img_size,
+                                      norm=make_norm(c.norm_layer, D, c.norm_eps) if c.patch_norm else None)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D)) if c.class_token else None
         self.dist_token = nn.Parameter(torch.zeros(1, 1, D)) if c.dist_token else None
         self.reg_token = nn.Parameter(torch.zeros(1, c.num_registers, D)) if c.num_registers else None
@@ -91,7 +94,9 @@ class ViT(nn.Module):
             self.register_buffer("pos_embed", self._fixed_pos_embed(), persistent=False)
         self.pos_drop = nn.Dropout(c.dropout) if c.dropout > 0 else nn.Identity()
         self.norm_pre = make_norm(c.norm_layer, D, c.norm_eps) if c.norm_pre else None
-        self.rope = (RotaryEmbedding(c.head_dim, c.rope_theta, c.rope_shift, c.rope_jitter, c.rope_rescale)
+        self.rope = (RotaryEmbedding(c.head_dim, c.rope_theta, c.rope_shift, c.rope_jitter, c.rope_rescale,
+                                     variant=c.rope, grid_offset=c.rope_grid_offset, ref_grid=c.rope_ref_grid,
+                                     indexing=c.rope_indexing, depth=c.depth, num_heads=c.num_heads)
                      if c.rope != "none" else None)
 
     def _build_blocks(self, c: ViTConfig) -> None:
@@ -104,11 +109,13 @@ class ViT(nn.Module):
             Block(c.dim, c.num_heads, c.hidden_dim, qkv_bias=c.qkv_bias, qk_scale=c.qk_scale,
                   attn_drop=c.attn_dropout, proj_drop=c.dropout, act=c.act, norm_eps=c.norm_eps,
                   drop_path=rates[i], layer_scale=c.layer_scale, norm_first=c.norm_first,
-                  norm_layer=c.norm_layer, mlp_layer=c.mlp_layer)
+                  norm_layer=c.norm_layer, mlp_layer=c.mlp_layer, proj_bias=c.proj_bias, mlp_norm=c.mlp_norm,
+                  attn_norm=c.attn_norm, rope_interleaved=c.rope != "none" and INTERLEAVED[c.rope])
             for i in range(c.depth)
         )
         # Post-norm blocks end in a norm already; timm's mean-pool layout moves it after pooling.
-        self.norm = make_norm(c.norm_layer, c.dim, c.norm_eps) if c.norm_first and not c.fc_norm else nn.Identity()
+        self.norm = (make_norm(c.norm_layer, c.dim, c.norm_eps) if c.norm_first and not c.fc_norm and c.final_norm
+                     else nn.Identity())
 
     def _build_head(self, c: ViTConfig) -> None:
         """Pooling (MAP, fc_norm), pre-logits and the classifier (and DeiT's distillation head)."""
@@ -116,9 +123,14 @@ class ViT(nn.Module):
         # MAP head (timm's global_pool="map"): model's heads, norm and activation; a plain MLP as
         # wide as the blocks' fc1 (2 * hidden_dim with swiglu, as timm's mlp_ratio). It reads the
         # patch tokens (prefix tokens excluded, as timm).
-        map_hidden = c.hidden_dim * (2 if c.mlp_layer == "swiglu" else 1)
-        self.attn_pool = (AttentionPoolLatent(D, c.num_heads, Mlp(D, map_hidden, act=c.act),
-                                              make_norm(c.norm_layer, D, c.norm_eps), qk_scale=c.qk_scale)
+        # map_head "aimv2": the probe is the query itself, k/v with the blocks' qkv_bias, no norm / MLP after.
+        # PE: its own heads and MLP ratio (map_num_heads, map_mlp_ratio).
+        map_hidden = (int(D * c.map_mlp_ratio) if c.map_mlp_ratio is not None
+                      else c.hidden_dim * (2 if c.mlp_layer == "swiglu" else 1))
+        latent = c.map_head == "latent"
+        self.attn_pool = (AttentionPoolLatent(D, c.map_num_heads or c.num_heads, Mlp(D, map_hidden, act=c.act) if latent else None,
+                                              make_norm(c.norm_layer, D, c.norm_eps) if latent else None,
+                                              qk_scale=c.qk_scale, q_proj=latent, kv_bias=latent or c.qkv_bias)
                           if c.pooling == "map" else None)
         self.fc_norm = make_norm(c.norm_layer, D, c.norm_eps) if c.fc_norm else nn.Identity()
         if c.head_hidden_dim:
@@ -140,8 +152,8 @@ class ViT(nn.Module):
         c = self.config
         if c.pos_embed == "sincos1d":  # over token index, prefix tokens included (tutorial 2)
             return sincos_1d(c.num_tokens, c.dim)[None]
-        if c.pos_embed == "sincos2d":  # over the patch grid; prefix tokens get none
-            return sincos_2d(c.grid_size, c.dim)[None]
+        if c.pos_embed in ("sincos2d", "sincos2d_mae"):  # over the patch grid; prefix tokens get none
+            return sincos_2d(c.grid_size, c.dim, mae=c.pos_embed == "sincos2d_mae")[None]
         return None
 
     @torch.no_grad()
@@ -191,7 +203,7 @@ class ViT(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names that must not be weight-decayed (besides all norms and biases)."""
-        names = {*EMBEDDING_TOKENS, "attn_pool.latent"}
+        names = {*EMBEDDING_TOKENS, "attn_pool.latent", "rope.freqs"}
         return {n for n, _ in self.named_parameters() if n in names}
 
     @property
@@ -227,16 +239,18 @@ class ViT(nn.Module):
         elif c.pos_embed == "sincos1d":
             table = sincos_1d(c.num_prefix_tokens + grid[0] * grid[1], c.dim)[None].to(pos)
         else:
-            table = sincos_2d(grid, c.dim)[None].to(pos)
+            table = sincos_2d(grid, c.dim, mae=c.pos_embed == "sincos2d_mae")[None].to(pos)
         if cacheable:
             if len(self._pos_cache) >= 16:  # many sizes in a row: keep memory bounded
                 self._pos_cache.clear()
             self._pos_cache[grid] = (key, table)
         return table
 
-    def _pos_embed(self, x: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
+    def _pos_embed(self, x: torch.Tensor, grid: tuple[int, int] | None = None,
+                   pos: torch.Tensor | None = None) -> torch.Tensor:
         """(B, N, D) patch tokens -> (B, R+N, D) with prefix tokens and position embedding.
-        ``grid``: the (gh, gw) the tokens came from (default: the configured grid)."""
+        ``grid``: the (gh, gw) the tokens came from (default: the configured grid); ``pos``: the
+        (B, N, D) rows to add instead of the grid's table (NaFlex: one grid per image)."""
         B = x.shape[0]
         prefix = []
         if self.cls_token is not None:
@@ -245,7 +259,8 @@ class ViT(nn.Module):
             prefix.append(self.dist_token.expand(B, -1, -1))
         if self.reg_token is not None:
             prefix.append(self.reg_token.expand(B, -1, -1))
-        pos = self._pos_table(self.grid_size if grid is None else tuple(grid))
+        if pos is None:
+            pos = self._pos_table(self.grid_size if grid is None else tuple(grid))
         covers_prefix = pos is not None and pos.shape[1] == x.shape[1] + self.num_prefix_tokens
         if pos is not None and not covers_prefix:
             x = x + pos  # table over the patches only (sincos2d, timm no_embed_class)
@@ -255,12 +270,29 @@ class ViT(nn.Module):
             x = x + pos
         return self.pos_drop(x)
 
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """Image (B, C, H, W) -> tokens entering the first block (B, R+N, D)."""
-        self.patch_embed.check_input(x)
-        grid = self.patch_embed.grid_for(x)
-        x = self._pos_embed(self.patch_embed(x), grid)
+    def embed(self, x: torch.Tensor | NaFlexBatch) -> torch.Tensor:
+        """Image (B, C, H, W) -> tokens entering the first block (B, R+N, D). A
+        :class:`~vitkit.model.naflex.NaFlexBatch` (B, N, ph*pw*C) -> (B, R+N, D): the same conv
+        kernel as a matrix over (ph, pw, C)-flattened patches, each image's table resampled to its
+        own grid (padding rows: see :meth:`attn_mask_for`)."""
+        if isinstance(x, NaFlexBatch):
+            w = self.patch_embed.proj.weight  # (D, C, ph, pw)
+            tokens = F.linear(x.patches.to(w.dtype), conv_to_linear_weight(w, "ppc"), self.patch_embed.proj.bias)
+            x = self._pos_embed(tokens, pos=naflex_positions(self._pos_table, x.grids, tokens.shape[1]))
+        else:
+            self.patch_embed.check_input(x)
+            x = self._pos_embed(self.patch_embed(x), self.patch_embed.grid_for(x))
         return self.norm_pre(x) if self.norm_pre is not None else x
+
+    def attn_mask_for(self, x: torch.Tensor | NaFlexBatch) -> torch.Tensor | None:
+        """The blocks' key-padding mask for a NaFlexBatch, (B, 1, 1, R+N) bool (True = a real token;
+        prefix tokens always are); None for an image tensor (no padding)."""
+        if not isinstance(x, NaFlexBatch):
+            return None
+        m = x.mask
+        if self.num_prefix_tokens:
+            m = torch.cat([m.new_ones(m.shape[0], self.num_prefix_tokens), m], dim=1)
+        return m[:, None, None, :]
 
     def rope_for(self, x: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The blocks' rotary (cos, sin) for image ``x``'s patch grid (None without ``config.rope``)."""
@@ -287,41 +319,54 @@ class ViT(nn.Module):
             return None
         return 2 if c.dist_token else 1
 
-    def run_blocks(self, tokens: torch.Tensor, rope=None, *, last_queries: int | None = None,
+    def run_blocks(self, tokens: torch.Tensor, rope=None, *, attn_mask: torch.Tensor | None = None,
+                   last_queries: int | None = None,
                    keep: Collection[int] = (), stop: int | None = None, attention: bool = False,
                    block: Callable[[int, torch.Tensor, int | None], torch.Tensor] | None = None) -> BlockOutputs:
         """Tokens entering block 0 (B, R+N, D) through the blocks, before the final norm: the one
         loop behind ``forward``, ``forward_features``, ``forward_intermediates``, the attention
         maps, the walk-through and the Predictor's engine, each collecting what it needs.
-        ``rope``: :meth:`rope_for`; the rest: :func:`vitkit.model.block.run_blocks`."""
-        return run_blocks(self.blocks, tokens, rope=rope, last_queries=last_queries, keep=keep, stop=stop,
+        ``rope``: :meth:`rope_for`; ``attn_mask``: :meth:`attn_mask_for`; the rest:
+        :func:`vitkit.model.block.run_blocks`."""
+        return run_blocks(self.blocks, tokens, rope=rope, attn_mask=attn_mask, last_queries=last_queries, keep=keep, stop=stop,
                           attention=attention, checkpointing=self.grad_checkpointing, block=block)
 
     def forward_features(self, x: torch.Tensor, return_attention: bool = False):
-        """Image -> all tokens after the final norm (B, R+N, D) [, list of attention maps]."""
+        """Image -> all tokens after the final norm (B, R+N, D) [, list of attention maps]. A
+        NaFlexBatch: padded tokens too (pool with ``valid=x.mask``)."""
         tokens = self.embed(x)
-        out = self.run_blocks(tokens, self.rope_for(x, tokens), attention=return_attention)
+        out = self.run_blocks(tokens, self.rope_for(x, tokens), attn_mask=self.attn_mask_for(x),
+                              attention=return_attention)
         return (self.norm(out.tokens), out.attentions) if return_attention else self.norm(out.tokens)
 
-    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
+    def pool(self, tokens: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         """(B, R+N, D) -> (B, D): ``config.pooling`` (:meth:`pool_tokens`), then fc_norm.
         (Distilled models: see forward_head.)"""
-        return self.fc_norm(self.pool_tokens(tokens, self.config.pooling))
+        return self.fc_norm(self.pool_tokens(tokens, self.config.pooling, valid))
 
-    def pool_tokens(self, tokens: torch.Tensor, how: str) -> torch.Tensor:
+    def pool_tokens(self, tokens: torch.Tensor, how: str, valid: torch.Tensor | None = None) -> torch.Tensor:
         """(B, R+N, D) -> (B, D) by ``how``: "cls" the class token, "mean" the mean of the patch
-        tokens (prefix tokens excluded), "map" attention pooling over the patch tokens."""
+        tokens (prefix tokens excluded), "map" attention pooling over the patch tokens.
+        ``valid``: (B, N) bool, the real patches of a NaFlexBatch (``x.mask``): only they are pooled."""
         if how == "cls":
             return tokens[:, 0]
+        patches = tokens[:, self.num_prefix_tokens:]
         if how == "mean":
-            return tokens[:, self.num_prefix_tokens:].mean(dim=1)
+            if valid is None:
+                return patches.mean(dim=1)
+            w = valid.to(patches.dtype)[..., None]  # (B, N, 1)
+            return (patches * w).sum(dim=1) / w.sum(dim=1)
         if how == "map":
-            return self.attn_pool(tokens[:, self.num_prefix_tokens:])
+            if self.config.map_prefix:  # timm's Eva (PE) pools every token, the prefix included
+                patches = tokens
+                if valid is not None:
+                    valid = torch.cat([valid.new_ones(valid.shape[0], self.num_prefix_tokens), valid], dim=1)
+            return self.attn_pool(patches, attn_mask=None if valid is None else valid[:, None, None, :])
         raise ConfigError(f"pooling must be one of cls, mean, map, got {how!r}")
 
-    def forward_head(self, tokens: torch.Tensor, pre_logits: bool = False):
+    def forward_head(self, tokens: torch.Tensor, pre_logits: bool = False, valid: torch.Tensor | None = None):
         """Tokens (B, R+N, D) (or just the leading prefix tokens) -> logits (B, K), or the
-        pooled pre-logits features if asked.
+        pooled pre-logits features if asked. ``valid``: a NaFlexBatch's ``mask`` (:meth:`pool_tokens`).
 
         Distilled (``dist_token``): class token -> ``head``, distillation token -> ``head_dist``;
         the result is their average (pre-logits: the average of the two features), as timm's
@@ -330,7 +375,7 @@ class ViT(nn.Module):
         if tokens.ndim != 3:
             raise InputError(f"forward_head expects tokens (B, T, D), got shape {tuple(tokens.shape)}")
         if self.dist_token is None:
-            x = self.head_drop(self.pre_logits(self.pool(tokens)))
+            x = self.head_drop(self.pre_logits(self.pool(tokens, valid)))
             return x if pre_logits else self.head(x)
         x = self.head_drop(self.pre_logits(self.fc_norm(tokens[:, 0])))
         xd = self.head_drop(self.pre_logits(self.fc_norm(tokens[:, 1])))
@@ -342,8 +387,9 @@ class ViT(nn.Module):
             return x, xd
         return (x + xd) / 2
 
-    def forward(self, x: torch.Tensor, return_attention: bool = False):
-        """Image (B, C, H, W) -> logits (B, K) [, attention maps per layer].
+    def forward(self, x: torch.Tensor | NaFlexBatch, return_attention: bool = False):
+        """Image (B, C, H, W) or a :class:`~vitkit.model.naflex.NaFlexBatch` -> logits (B, K)
+        [, attention maps per layer].
 
         With class-token pooling the last block runs for the tokens the head reads only (the
         class token, and the distillation token if any): the same logits, ~7% less compute for
@@ -351,12 +397,14 @@ class ViT(nn.Module):
         the last block and ``norm`` output (B, k, D), k = 1 or 2; every other module sees all
         tokens. ``forward_features``, ``forward_intermediates`` and ``return_attention=True``
         always compute every token; ``model.last_block_prefix_only = False`` turns it off."""
+        valid = x.mask if isinstance(x, NaFlexBatch) else None
         if return_attention:
             tokens, attns = self.forward_features(x, return_attention=True)
-            return self.forward_head(tokens), attns
+            return self.forward_head(tokens, valid=valid), attns
         tokens = self.embed(x)
-        out = self.run_blocks(tokens, self.rope_for(x, tokens), last_queries=self.head_queries())
-        return self.forward_head(self.norm(out.tokens))
+        out = self.run_blocks(tokens, self.rope_for(x, tokens), attn_mask=self.attn_mask_for(x),
+                              last_queries=self.head_queries())
+        return self.forward_head(self.norm(out.tokens), valid=valid)
 
     def forward_intermediates(
         self,
@@ -396,9 +444,11 @@ class ViT(nn.Module):
                 take.append(j)
         if not take:
             raise InputError("indices is empty: give block indices, an int n (the last n blocks) or None (all)")
+        if reshape and isinstance(x, NaFlexBatch):
+            raise InputError("reshape=True needs one grid for the batch; a NaFlexBatch has one per image")
         tokens = self.embed(x)  # checks the input
-        gh, gw = self.patch_embed.grid_for(x)
-        out = self.run_blocks(tokens, self.rope_for(x, tokens), keep=set(take),
+        gh, gw = (0, 0) if isinstance(x, NaFlexBatch) else self.patch_embed.grid_for(x)
+        out = self.run_blocks(tokens, self.rope_for(x, tokens), attn_mask=self.attn_mask_for(x), keep=set(take),
                               stop=max(take) if intermediates_only else None)
         inter = [self.norm(out.hidden[i]) if norm else out.hidden[i] for i in take]
         if reshape:
