@@ -266,7 +266,8 @@ def _say(text: str) -> None:
 def claim_output(target: str | Path, *, command: str, kind: str = "dir", overwrite: bool = False,
                  update: bool = False, inputs: Iterable = (), own: Iterable[str] = (), fresh: bool = False,
                  busy_hint: str = "wait for it to finish, or choose another output",
-                 note: Callable[[str], None] = _say) -> Iterator[Output]:
+                 note: Callable[[str], None] = _say,
+                 replaceable: Callable[[Path], str | None] | None = None) -> Iterator[Output]:
     """Own ``target`` for the ``with`` block (see the module docstring for what that guarantees).
 
     ``kind``: "dir" (a folder of files, with a manifest) or "file". ``update``: add to what is
@@ -274,7 +275,10 @@ def claim_output(target: str | Path, *, command: str, kind: str = "dir", overwri
     patterns (relative to a directory target) of names this command writes without
     :func:`vitkit.io.atomic_write` (an appended log, a plot, TensorBoard events): they count as
     vitkit's. ``fresh``: the caller has just created the (empty) directory; it is removed again
-    if nothing is written. ``note`` tells the user which of their files an overwrite kept."""
+    if nothing is written. ``note`` tells the user which of their files an overwrite kept.
+    ``replaceable(path)``: for a non-empty target whose every file vitkit's manifest lists, a reason to
+    replace what is there without ``overwrite`` (train: a run that died before its first checkpoint),
+    or None; asked under the lock, the reason noted."""
     if kind not in ("dir", "file"):
         raise ValueError(f"kind must be 'dir' or 'file', got {kind!r}")
     path = Path(target)
@@ -287,7 +291,7 @@ def claim_output(target: str | Path, *, command: str, kind: str = "dir", overwri
     created = created or fresh
     fd = take_lock(lock_path, path, command, busy_hint)
     try:
-        _prepare_claimed(out, overwrite=overwrite, update=update, note=note)
+        _prepare_claimed(out, overwrite=overwrite, update=update, note=note, replaceable=replaceable)
         _ACTIVE.append(out)
         yield out
     finally:
@@ -318,7 +322,8 @@ def _make_target(path: Path, kind: str) -> tuple[Path, bool]:
     return path.with_name(f".{path.name}.vitkit.lock"), False
 
 
-def _prepare_claimed(out: Output, *, overwrite: bool, update: bool, note: Callable[[str], None]) -> None:
+def _prepare_claimed(out: Output, *, overwrite: bool, update: bool, note: Callable[[str], None],
+                     replaceable: Callable[[Path], str | None] | None = None) -> None:
     """Under the lock: clean stale temporaries, then refuse (or, with ``overwrite``, clear) what is
     there, and remove links at the names this command writes (see the module docstring, 1. and 2.)."""
     path = out.path
@@ -327,6 +332,10 @@ def _prepare_claimed(out: Output, *, overwrite: bool, update: bool, note: Callab
     if out.kind == "dir":
         entries = [n for n in os.listdir(path) if n not in _BOOKKEEPING]
         if entries and not update:
+            if not overwrite and replaceable is not None and has_manifest \
+                    and set(_user_files(path)) <= out._files and (why := replaceable(path)):
+                note(f"vitkit {out.command}: {path} holds only {why}: replacing it")
+                overwrite = True
             _refuse_or_clear(out, entries, has_manifest, overwrite, note)
         # a link at a name (or folder) this command writes is removed, never followed
         for pat in out.own:

@@ -10,9 +10,13 @@ def add_arguments(p) -> None:
 
     dirs = [f.name for f in REGISTRY if f.writes and f.writes_dir]
     files = [f.name for f in REGISTRY if f.writes and not f.writes_dir]
-    p.add_argument("model", help="model source: vitkit dir, run dir, checkpoint file/dir or hub id")
-    p.add_argument("--format", "-f", required=True, choices=WRITE_FORMATS,
-                   help="the format to WRITE (the target); the input's format is detected, or forced with --source-format")
+    p.add_argument("model", nargs="?", help="model source: vitkit dir, run dir, checkpoint file/dir or hub id")
+    p.add_argument("--format", "-f", choices=WRITE_FORMATS,
+                   help="the format to WRITE (the target; required, but vitkit with --merge-lora); the input's format is "
+                        "detected, or forced with --source-format")
+    p.add_argument("--merge-lora", metavar="RUN", default=None,
+                   help="instead of MODEL: a run trained with --lora; its peft adapter (RUN/best/adapter) is loaded by "
+                        "peft onto the run's --pretrained base and merged into a plain model (the same logits)")
     p.add_argument("--out", "-o", required=True,
                    help=f"output path: a directory for {'/'.join(dirs)}, a file for {'/'.join(files)}")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 17)")
@@ -32,17 +36,30 @@ def run(args) -> int:
     import torch
 
     from .. import from_pretrained
+    from ..errors import ConfigError
     from ..interop.formats import get
     from ..output import claim_output
 
+    if (args.model is None) == (args.merge_lora is None):
+        raise ConfigError("expected one model: MODEL or --merge-lora RUN, got "
+                          + ("both" if args.model else "neither"))
+    args.format = args.format or ("vitkit" if args.merge_lora else None)
+    if args.format is None:
+        raise ConfigError("expected --format FORMAT (the format to write), got none")
     kw = {"format": args.source_format} if args.source_format else {}
     if args.num_heads:
         kw["num_heads"] = args.num_heads
     kind = "dir" if get(args.format, writing=True).writes_dir else "file"
-    with claim_output(args.out, command="export", kind=kind, overwrite=args.overwrite, inputs=[args.model]):
-        model = from_pretrained(args.model, **kw)
+    source = args.model or args.merge_lora
+    with claim_output(args.out, command="export", kind=kind, overwrite=args.overwrite, inputs=[source]):
+        if args.merge_lora:
+            from ..train.adapt import merge_lora_run
+
+            model = merge_lora_run(args.merge_lora)
+        else:
+            model = from_pretrained(args.model, **kw)
         out = model.export_to(args.format, args.out, opset=args.opset, layout=args.layout)
-    print(f"wrote {args.format} export of {args.model} to {out}")
+    print(f"wrote {args.format} export of {source}{' (LoRA merged)' if args.merge_lora else ''} to {out}")
     if args.verify and args.format == "onnx":
         import onnxruntime as ort
 

@@ -120,18 +120,27 @@ class SamplePipeline:
     """The loader's image pipeline, in two halves so the float work is one vectorised op per batch:
 
     * ``sample(img)``: per image, on uint8 (or the float [0, 1] of an in-memory dataset): crop /
-      resize to ``image_hw`` (RandomResizedCrop when training asks, else a straight resize: the run's
-      preprocessing has crop_pct 1.0, so ``vitkit predict`` sees the same pixels), flip,
+      resize to ``image_hw`` (RandomResizedCrop when training asks, else a straight resize, or a
+      fine-tune's ``resize_rule``: what the run saves as its preprocessing, so ``vitkit predict`` sees
+      the same pixels), flip,
       RandAugment / TrivialAugment (uint8 ops); returns a contiguous (C, H, W) tensor.
     * ``batch(images, seeds)``: stack, to float32 in [0, 1], normalise (when asked), then
       RandomErasing per image (on the normalised image: erased pixels are the mean colour, as timm
       does), each under its own seed.
     """
 
-    def __init__(self, image_hw, mean, std, augment: AugmentSpec | None = None, normalize: bool = True):
+    def __init__(self, image_hw, mean, std, augment: AugmentSpec | None = None, normalize: bool = True,
+                 resize_rule=None):
+        """``resize_rule``: a :class:`~vitkit.preprocess.Preprocess` whose interpolation and crop replace
+        the plain bilinear resize (a fine-tune reads its data as the pretrained model's preprocessing does)."""
+        from .transforms import resize_ops
+
         ops: list = []
+        interp = T.InterpolationMode(resize_rule.interpolation if resize_rule is not None else "bilinear")
         if augment is not None and augment.random_resized_crop:
-            ops.append(_RandomResizedCrop(image_hw, scale=augment.rrc_scale, antialias=True))
+            ops.append(_RandomResizedCrop(image_hw, scale=augment.rrc_scale, interpolation=interp, antialias=True))
+        elif resize_rule is not None:
+            ops += resize_ops(resize_rule)
         else:
             ops.append(_Resize(image_hw, antialias=True))
         if augment is not None and augment.hflip:

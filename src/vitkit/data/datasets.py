@@ -128,6 +128,9 @@ class DataSplits:
     # None: the trainer then picks one from image_hw (vitkit.train.arch.auto_patch_size).
     patch_size: int | None = None
     skipped_files: list[str] = field(default_factory=list)  # dropped by the pre-training checks (--skip-bad-images)
+    # A pretrained model's preprocessing every split is read with (resize, crop, mean / std) when a fine-tune
+    # adopts it (vitkit.train.finetune.adopt_preprocess); None: a plain resize to image_hw and mean / std above.
+    preprocess: Any = None
     # The split each role really reads, for every report: "val" or "train-holdout" (held out from train by
     # vitkit.data.validation); test_name is val_name when the data has no test split (test is then val).
     val_name: str = "val"

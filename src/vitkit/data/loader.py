@@ -55,6 +55,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from ..errors import InputError, VitkitError
+from ..model.naflex import NaFlexTransform
 from .augment import AugmentSpec, SamplePipeline
 
 log = logging.getLogger("vitkit.data")
@@ -269,16 +270,19 @@ class Loader:
         mean = list(mean if mean is not None else getattr(dataset, "mean", [0.5] * 3))
         std = list(std if std is not None else getattr(dataset, "std", [0.5] * 3))
         hw = tuple(dataset.image_hw)
+        rule = getattr(dataset, "model_preprocess", None)  # a fine-tune's resize / crop rule (vitkit.train.finetune)
         fast = (bool(getattr(dataset, "in_memory", False)) and (aug is None or not aug.per_sample)
-                and preprocess is None)
-        if preprocess is not None:
+                and preprocess is None and rule is None)
+        if isinstance(preprocess, NaFlexTransform):  # NaFlex: own aspect ratio, packed with a mask
+            tf = preprocess
+        elif preprocess is not None:
             tf = SamplePipeline.from_preprocess(preprocess)
         elif fast:
             # batch tensors: only normalisation left to do (read_batch already resized)
             tf = _Normalize(mean, std) if normalize else _identity
             workers = 0  # an indexing op per batch: workers would only add copies
         else:
-            tf = SamplePipeline(hw, mean, std, aug, normalize=normalize)
+            tf = SamplePipeline(hw, mean, std, aug, normalize=normalize, resize_rule=rule)
         self.workers = workers
         # A private generator: DataLoader draws its workers' base seed from it at every iter(); from the
         # global RNG that draw would shift the trainer's dropout / MixUp stream, and differently after a
@@ -432,7 +436,8 @@ def make_loader(dataset, *, batch_size: int, train: bool, seed: int = 0, workers
     drop_last: default ``train`` (equal batches for every step and rank).
     mean / std: normalisation (default: the dataset's own, set by build_data).
     preprocess: a model's preprocessing (``model.preprocess_cfg``) instead of the resize + mean/std
-        above: per image exactly what ``vitkit predict`` does (resize, center crop, normalise).
+        above: per image exactly what ``vitkit predict`` does (resize, center crop, normalise); a
+        NaFlex model's :class:`~vitkit.model.naflex.NaFlexTransform` yields NaFlexBatch batches.
     with_index: yield (x, y, indices) — each row's index in ``dataset`` (rows of skipped files are
         absent; their messages are in ``loader.skipped_files``).
     """

@@ -157,6 +157,12 @@ def evaluate_model(model, splits, split: str = "test", label_map: dict[str, str]
         raise ConfigError(f"dataset {splits.name!r} has no {split} split")
     real = {"test": splits.test_name, "val": splits.val_name}.get(split, split)
     c = model.config
+    if pre and not getattr(ds, "in_memory", False):
+        # image files go through the model's own resize / crop / interpolation, as `vitkit predict` and
+        # the run's validation read them (in-memory tensors keep the batch resize they were trained with)
+        from ..preprocess import Preprocess
+
+        ds.model_preprocess = Preprocess.coerce(pre).for_input(c.in_channels, tuple(ds.image_hw))
     if splits.task != "classification":
         if splits.num_outputs != c.num_classes:
             raise ConfigError(f"model has {c.num_classes} outputs, {splits.name} has {splits.num_outputs} targets")

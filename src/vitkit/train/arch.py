@@ -169,18 +169,29 @@ class _HeadOnly(torch.nn.Module):
             return None
 
 
-def check_tokens(model, log) -> None:
+def check_tokens(model, log, fixed_patch: bool = False) -> None:
+    """Warn above TOKEN_BUDGET tokens, advising what can change: ``fixed_patch`` (--pretrained fixes the
+    patch, and refuses --patch-size) advises only a smaller --image-size."""
     c = model.config
     n = c.num_tokens
     if n > TOKEN_BUDGET:
         H, W = c.image_hw
         p = c.patch_size if isinstance(c.patch_size, int) else c.patch_size[0]
-        better = auto_patch_size((H, W))
+        if fixed_patch:
+            k = math.isqrt(TOKEN_BUDGET - c.num_prefix_tokens)  # patches per side within the budget
+            advice = (f"Use a smaller --image-size (a multiple of the patch {p}, e.g. {k * p}: {k * k} patches; the "
+                      f"pretrained model fixes the patch)")
+        else:
+            better = auto_patch_size((H, W))
+            advice = (f"Use a larger --patch-size (e.g. {better}: {(H // better) * (W // better)} tokens) or a smaller "
+                      "--image-size")
         log(f"warning: {n} tokens per image ({H}x{W} input, patch {p}) is over the budget of {TOKEN_BUDGET}: "
-            f"attention cost grows with the square of the token count, so each step is slow. Use a larger "
-            f"--patch-size (e.g. {better}: {(H // better) * (W // better)} tokens) or a smaller --image-size.")
+            f"attention cost grows with the square of the token count, so each step is slow. {advice}.")
 
 
 def preprocess_cfg(data: DataSplits) -> dict[str, Any]:
+    """What the run's data is read with: a fine-tune's adopted model preprocessing, else the data's own."""
+    if data.preprocess is not None:
+        return data.preprocess.to_dict()
     return {"input_size": [data.in_channels, *data.image_hw], "mean": list(data.mean), "std": list(data.std),
             "interpolation": "bilinear", "crop_pct": 1.0}

@@ -27,8 +27,11 @@ from ..data.augment import mix_transform
 from ..distributed import DistInfo, init_distributed, wrap_model
 from ..errors import ConfigError
 from ..eval.evaluate import eval_loader
+from . import adapt, finetune
 from .arch import build_model, check_tokens, read_pretrained_checked
 from .config import TrainConfig
+from .distill import TOKEN_MODES, add_dist_token, build_distiller, read_teacher, student_config
+from .memory import fit_batch
 from .state import RunState
 
 
@@ -54,6 +57,9 @@ class Run:
     eval_kw: dict[str, Any]  # vitkit.eval.evaluate's arguments for this run's data and device
     cpu_linear: bool  # fp32 Linear layers on oneDNN in the step (vitkit.train.kernels)
     log: Callable[[str], None]  # rank 0's log; the other ranks' is silent
+    distill: Any = None  # vitkit.train.distill.Distiller with --teacher, else None
+    lora: Any = None  # --lora: the peft model around the model (vitkit.train.adapt), which saves the adapter
+    features: bool = False  # --train-only probe: the loader yields cached backbone features, not images
 
 
 def setup_process(cfg: TrainConfig) -> tuple[torch.device, DistInfo]:
@@ -79,50 +85,84 @@ def pretrained_input_size(pretrained) -> tuple[tuple[int, int], str]:
     return (h, w), f"{h}x{w}, the pretrained model's (--image-size to change)"
 
 
-def build_run(cfg: TrainConfig, device: torch.device, dist: DistInfo, log) -> tuple[Run, RunState]:
-    """Everything checked and built before the first step (module docstring); a fresh RunState."""
+def build_run(cfg: TrainConfig, device: torch.device, dist: DistInfo, log, resumed: bool = False
+              ) -> tuple[Run, RunState]:
+    """Everything checked and built before the first step (module docstring); a fresh RunState.
+    ``resumed``: ``cfg`` is a saved run's (its batch is kept, its recorded size said as such)."""
     torch.manual_seed(cfg.seed)
-    pretrained, size_note = None, None
-    if cfg.pretrained:  # read before the data (an unreadable source fails first); the input size defaults to the model's
-        pretrained = read_pretrained_checked(cfg)
-        hw, size_note = pretrained_input_size(pretrained)
-        if not cfg.image_size and hw[0] == hw[1]:
-            cfg = cfg.replace(image_size=hw[0])
-        else:
-            size_note = None
+    adapt.check_options(cfg)
+    # read before the data (an unreadable source fails first); the input size is chosen with the data's
+    pretrained = read_pretrained_checked(cfg) if cfg.pretrained else None
+    teacher = read_teacher(cfg) if cfg.teacher else None  # before the data too: an unreadable teacher fails first
+    cfg = student_config(cfg, pretrained.config if pretrained is not None else None)
     data = build_data(DataSpec.from_config(cfg))
-    for note in data.notes + ([f"input size: {size_note or data.size_note}"] if data.size_note else []):
+    size_note = [f"input size: {data.size_note}"] if data.size_note else []
+    if resumed and cfg.image_size:  # the size the run recorded, not a flag of this invocation
+        size_note = [f"input size: {cfg.image_size}x{cfg.image_size}, the run's own (its config.yaml)"]
+    tuned: list[str] = []
+    if pretrained is not None:  # the size from the data and the model, the model's preprocessing (vitkit.train.finetune)
+        chosen, tuned = finetune.prepare_data(cfg, pretrained, data, max(pretrained_input_size(pretrained)[0]))
+        size_note = [chosen] if chosen else size_note
+    for note in data.notes + size_note + tuned:
         log(note)
     model, cfg = build_model(cfg, data, pretrained)
-    check_tokens(model, log)
+    if cfg.teacher and cfg.distill in TOKEN_MODES:
+        model = add_dist_token(model)
+    check_tokens(model, log, fixed_patch=bool(cfg.pretrained))
     set_threads(cfg, device)
+    lora = adapt.adapt_model(cfg, model)  # --lora / --train-only: peft's LoRA layers injected, the rest frozen
+    probe = adapt.parse_train_only(cfg.train_only)[0] == "probe"
     model.to(device)
     hflip = cfg.hflip == "on" or (cfg.hflip == "auto" and data.hflip_ok)
-    affine = cfg.augment and bool(cfg.affine_degrees or cfg.affine_translate or cfg.affine_scale
+    affine = cfg.augment and not probe and bool(cfg.affine_degrees or cfg.affine_translate or cfg.affine_scale
                                   or cfg.affine_shear or hflip)
     batch = min(cfg.batch_size, len(data.train))  # the last partial batch is dropped: equal batches keep DDP exact
-    loader = train_loader(data, cfg, batch_size=batch, dist=dist, device_type=device.type, device_flips=affine)
-    wrapped = wrap_model(model, dist, cfg.strategy, device)  # before the optimizer: FSDP swaps the parameters
+    if not probe:  # a step that would not fit is lowered (a resume keeps its batch: refused instead)
+        fitted = fit_batch(model, batch, accum_steps=cfg.accum_steps, world_size=dist.world_size, ema=cfg.ema,
+                           amp=cfg.amp != "off", grad_checkpointing=cfg.grad_checkpointing, device=device, log=log,
+                           lower=not resumed)
+        if fitted < batch:
+            batch, cfg = fitted, cfg.replace(batch_size=fitted)
+    cfg, lr_note = finetune.resolve_lr(cfg, batch)  # --lr / --layer-decay 0: auto, for this batch
+    if lr_note:
+        log(lr_note)
+    loss_kind = cfg.loss if cfg.loss != "auto" else ("ce" if data.task == "classification" else "mse")
+    if data.task == "regression" and loss_kind == "ce":
+        raise ConfigError("loss 'ce' needs a classification dataset; use mse or l1 for csv regression")
+    loss_fn = make_loss(data.task, loss_kind, cfg.label_smoothing)
+    distiller = build_distiller(cfg, teacher, data, model, loss_fn, device=device, batch_size=batch,
+                                random_augment=cfg.augment, distributed=dist.enabled, log=log) if cfg.teacher else None
+    if probe:  # the backbone's features of every training image, once; then the head trains on them
+        log(f"linear probe: computing the frozen backbone's features of {len(data.train)} training images once")
+        feats = adapt.probe_features(model, data.train, mean=data.mean, std=data.std, device=device,
+                                     workers=cfg.workers, amp=amp_dtype(cfg, device))
+        loader = make_loader(feats, batch_size=batch, train=True, seed=cfg.seed, workers=0, rank=dist.rank,
+                             world_size=dist.world_size, device_type=device.type, normalize=False)
+    else:
+        loader = train_loader(data, cfg, batch_size=batch, dist=dist, device_type=device.type, device_flips=affine)
+    wrapped = wrap_model(adapt.ProbeHead(model) if probe else model, dist, cfg.strategy, device)  # before the optimizer: FSDP swaps the parameters
     optimizer, total, warmup = build_optimizer_and_schedule(cfg, model, len(loader), log)
+    log(adapt.param_summary(model))
+    for group in distiller.param_groups(cfg.weight_decay) if distiller is not None else []:
+        optimizer.add_param_group(group)  # the feature projection trains (and is saved) with the run
     fsdp = dist.enabled and cfg.strategy == "fsdp"
     ema = build_ema(cfg, model, sharded=fsdp, log=log, total_steps=total)
     amp = amp_dtype(cfg, device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
     if cfg.compile:
         wrapped = torch.compile(wrapped)
-    loss_kind = cfg.loss if cfg.loss != "auto" else ("ce" if data.task == "classification" else "mse")
-    if data.task == "regression" and loss_kind == "ce":
-        raise ConfigError("loss 'ce' needs a classification dataset; use mse or l1 for csv regression")
     val = eval_loader(data.val, 256, dist=dist, workers=cfg.workers, device_type=device.type) \
         if data.val is not None else None
     run = Run(cfg=cfg, data=data, device=device, dist=dist, wrapped=wrapped, amp=amp,
-              loss_fn=make_loss(data.task, loss_kind, cfg.label_smoothing),
-              mixer=mix_transform(cfg, data.num_outputs) if cfg.augment and data.task == "classification" else None,
+              loss_fn=loss_fn,
+              mixer=mix_transform(cfg, data.num_outputs) if cfg.augment and not probe and data.task == "classification"
+              else None,
               affine=affine, hflip=hflip, global_batch=batch, total_steps=total, warmup_steps=warmup, val_loader=val,
               eval_kw=dict(task=data.task, num_outputs=data.num_outputs, mean=data.mean, std=data.std, device=device,
                            dist=dist, regression_loss=loss_kind if loss_kind != "ce" else "mse", labels=data.classes,
                            amp_dtype=amp),
-              cpu_linear=cpu_linear_kernels(cfg, model, device, log), log=log)
+              cpu_linear=cpu_linear_kernels(cfg, model, device, log), log=log, distill=distiller, lora=lora,
+              features=probe)
     state = RunState(model=model, optimizer=optimizer, ema=ema, scaler=scaler, loader=loader, device=device,
                   fsdp=fsdp, labels=list(data.classes) if data.classes else None)
     return run, state
@@ -142,7 +182,7 @@ def train_loader(data: DataSplits, cfg: TrainConfig, *, batch_size: int, dist: D
         aug = dataclasses.replace(aug, hflip=False)
     return make_loader(data.train, batch_size=batch_size, train=True, seed=cfg.seed, workers=cfg.workers,
                        rank=dist.rank, world_size=dist.world_size, device_type=device_type, augment=aug,
-                       normalize=False)
+                       normalize=False, with_index=cfg.teacher_cache)  # --teacher-cache: rows by index
 
 
 def make_loss(task: str, kind: str, label_smoothing: float):

@@ -39,6 +39,7 @@ NOT_RECIPE = ("out", "overwrite")
 # without it runs to its --epochs), never compared on --resume.
 PER_INVOCATION = (*NOT_RECIPE, "max_steps")
 DATASETS = dataset_names()
+DISTILL_MODES = ("soft", "hard", "token", "token-soft", "feature")  # --distill: vitkit.train.distill
 
 
 @dataclass
@@ -59,6 +60,10 @@ class TrainConfig:
     image_size: int = field(default=0, metadata={
         "help": "model input size (0 = the dataset's default: 16 for digits (8x8 upsampled), 28 mnist, 32 cifar; "
                 "files: their common size, else 224)"})
+    preprocess: str = field(default="auto", metadata={
+        "help": "auto: with --pretrained, the model's own preprocessing (mean / std, interpolation, crop) at the run's "
+                "input size, also saved as the run's; else the data's | data: the data's mean / std and a bilinear "
+                "resize, --pretrained too"})
     skip_bad_images: bool = field(default=False, metadata={
         "help": "log and skip unreadable images instead of stopping with the file's path"})
     target_columns: str | None = field(default=None, metadata={
@@ -81,8 +86,24 @@ class TrainConfig:
         "help": "with --pretrained CLIP / SigLIP (both towers): start the classifier from the class names' text "
                 "embeddings (the zero-shot head, as WiSE-FT / FLYP fine-tuning starts) instead of at random"})
     zeroshot_templates: str = field(default="simple", metadata={
-        "help": "--zeroshot-head prompts: simple | imagenet | imagenet7 | a template with {} | a file "
-                "(see `vitkit zeroshot --help`)"})
+        "help": "--zeroshot-head / --teacher-zeroshot prompts: simple | imagenet | imagenet7 | a template with {} | "
+                "a file (see `vitkit zeroshot --help`)"})
+    # Cheap adaptation (vitkit.train.adapt; docs/training.md, "LoRA and partial fine-tuning")
+    lora: int = field(default=0, metadata={
+        "help": "LoRA rank through peft (0 = off; needs --pretrained): adapters on --lora-targets train, the "
+                "pretrained weights stay frozen; best/ holds the merged model, best/adapter/ peft's adapter"})
+    lora_alpha: float = field(default=0.0, metadata={
+        "help": "LoRA scale numerator: the update is (alpha / rank) * B A (0 = the rank, i.e. scale 1)"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA branch's input"})
+    lora_targets: str = field(default="qkv", metadata={
+        "help": "comma-separated layers of every block that get LoRA: qkv (the fused qkv Linear, one LoRA), "
+                "proj, fc1, fc2; or q,k,v: one rank-R LoRA per slice of the fused qkv (peft's block-diagonal "
+                "LoRA, total rank 3R; a subset such as q,v is refused)"})
+    train_only: str = field(default="auto", metadata={
+        "help": "what trains (needs --pretrained unless all): auto (everything; with --lora the adapters and the "
+                "head) | all | head | norms+head (BitFit: every norm and bias, and the head) | last:N (the last N "
+                "blocks, the final norm and the head) | probe (a linear probe: the frozen backbone's features "
+                "computed once, then only the head trains, without augmentation)"})
     # Architecture: None = not given. From scratch that means ARCH_DEFAULTS (patch size: chosen from the
     # image size, see vitkit.train.arch.auto_patch_size); with --model PRESET, the preset's (a value
     # given overrides it); with --pretrained, the model's own (a value it does not have is an error).
@@ -103,18 +124,38 @@ class TrainConfig:
     dropout: float = field(default=0.0, metadata={"help": "dropout rate"})
     num_classes: int = field(default=0, metadata={
         "help": "number of classes / regression targets (0 = from the data; a mismatch is an error)"})
+    # ---------------------------------------------------------------- distillation (vitkit.train.distill)
+    teacher: str | None = field(default=None, metadata={
+        "help": "distil from this model: any source vitkit.from_pretrained reads (a vitkit run, timm, Hugging Face, "
+                "DINOv2, CLIP ...); frozen, eval mode, bf16 where the CPU has it natively"})
+    teacher_zeroshot: bool = field(default=False, metadata={
+        "help": "--teacher is an image-text model (CLIP / SigLIP): the teacher is the zero-shot classifier of the "
+                "dataset's class names (--zeroshot-templates)"})
+    distill: str = field(default="soft", metadata={
+        "help": "with --teacher: soft (KL at --distill-temperature, x T^2) | hard (the teacher's argmax) | token "
+                "(DeiT's distillation token, hard; token-soft: soft) | feature (cosine to the teacher's pooled "
+                "features through a learned projection; no class match needed)"})
+    distill_alpha: float = field(default=0.5, metadata={
+        "help": "weight of the distillation loss: (1 - alpha) * label loss + alpha * distillation loss"})
+    distill_temperature: float = field(default=1.0, metadata={"help": "soft / token-soft: the softmax temperature"})
+    teacher_cache: bool = field(default=False, metadata={
+        "help": "compute the teacher's outputs once per training image before the first step (needs --no-augment)"})
     # ---------------------------------------------------------------- optimisation
     epochs: int = field(default=150, metadata={
         "help": "training epochs (the digits default: 150; benchmarks/train_digits.md)"})
     batch_size: int = field(default=64, metadata={"help": "global batch size (split across ranks)"})
     accum_steps: int = field(default=1, metadata={"help": "gradient accumulation steps per optimizer step"})
-    lr: float = field(default=3e-3, metadata={"help": "peak learning rate (AdamW)"})
+    lr: float = field(default=0.0, metadata={
+        "help": "peak learning rate (AdamW) (default 0 = auto, scaled by sqrt(batch / 64) and logged: 3e-3 from scratch, "
+                "1e-4 fine-tuning --pretrained weights, 1e-3 when they stay frozen (--lora, --train-only head / "
+                "norms+head / probe); vitkit.train.finetune)"})
     min_lr: float = field(default=1e-5, metadata={"help": "final learning rate of the cosine decay"})
     weight_decay: float = field(default=0.05, metadata={
         "help": "AdamW weight decay (never on norms, biases, position embeddings, prefix tokens)"})
     betas: tuple[float, float] = field(default=(0.9, 0.999), metadata={"help": "AdamW betas"})
     warmup_epochs: float = field(default=3.0, metadata={"help": "linear warmup length in epochs"})
-    layer_decay: float = field(default=1.0, metadata={"help": "layer-wise lr decay (1.0 = off; 0.65-0.75 for fine-tuning)"})
+    layer_decay: float = field(default=0.0, metadata={
+        "help": "layer-wise lr decay (1.0 = off; default 0 = auto: 0.75 fine-tuning every --pretrained weight, else off)"})
     grad_clip: float = field(default=1.0, metadata={"help": "clip gradient global norm (0 = off)"})
     label_smoothing: float = field(default=0.1, metadata={"help": "label smoothing for cross-entropy"})
     loss: str = field(default="auto", metadata={"help": "auto | ce | mse | l1 (auto: ce for classes, mse for csv)"})
@@ -192,14 +233,16 @@ class TrainConfig:
         choice("amp", ("off", "bf16", "fp16"))
         choice("strategy", ("ddp", "fsdp"))
         choice("cpu_linear", ("auto", "onednn", "torch"))
+        choice("preprocess", ("auto", "data"))
+        choice("distill", DISTILL_MODES)
         for name in ("epochs", "batch_size", "accum_steps", "eval_every", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("val_fraction", "test_fraction", "label_smoothing", "drop_path", "dropout", "random_erasing"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
-        if not 0.0 < self.layer_decay <= 1.0:
-            raise ConfigError(f"layer_decay must be in (0, 1], got {self.layer_decay}")
+        if not 0.0 <= self.layer_decay <= 1.0:
+            raise ConfigError(f"layer_decay must be in (0, 1] (0 = auto), got {self.layer_decay}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         for name in ("patch_size", "dim", "depth", "num_heads"):
@@ -209,11 +252,36 @@ class TrainConfig:
             raise ConfigError(f"workers must be >= 0, got {self.workers}")
         if self.amp == "fp16" and self.device == "cpu":
             raise ConfigError("amp fp16 needs CUDA (it relies on a grad scaler); on the CPU use --amp bf16")
-        if self.lr <= 0:
-            raise ConfigError(f"lr must be positive, got {self.lr}")
+        if self.lr < 0:
+            raise ConfigError(f"lr must be positive (0 = auto), got {self.lr}")
+        if self.lora < 0 or self.lora_alpha < 0:  # the targets and --train-only: vitkit.train.adapt.check_options
+            raise ConfigError(f"lora and lora_alpha must be >= 0, got {self.lora} and {self.lora_alpha}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.zeroshot_head and not self.pretrained:
             raise ConfigError("zeroshot_head starts the classifier from an image-text model's text tower: it needs "
                               "--pretrained CLIP_OR_SIGLIP_SOURCE")
+        self._check_distill()
+
+    def _check_distill(self) -> None:
+        if not self.teacher:
+            given = [f"--{k.replace('_', '-')}" for k, v in (("teacher_zeroshot", False), ("distill", "soft"),
+                     ("distill_alpha", 0.5), ("distill_temperature", 1.0), ("teacher_cache", False))
+                     if getattr(self, k) != v]
+            if given:
+                raise ConfigError(f"{', '.join(given)} {'says' if len(given) == 1 else 'say'} how to distil from a "
+                                  "teacher: add --teacher SRC")
+            return
+        if not 0.0 <= self.distill_alpha <= 1.0:
+            raise ConfigError(f"distill_alpha must be in [0, 1], got {self.distill_alpha}")
+        if self.distill_temperature <= 0:
+            raise ConfigError(f"distill_temperature must be positive, got {self.distill_temperature}")
+        if self.teacher_zeroshot and self.distill == "feature":
+            raise ConfigError("--teacher-zeroshot makes the teacher a classifier of the class names; --distill feature "
+                              "reads its image features instead: leave out --teacher-zeroshot")
+        if self.distill in ("token", "token-soft") and self.pooling == "mean":
+            raise ConfigError(f"--distill {self.distill} reads DeiT's class and distillation tokens: it needs class-token "
+                              "pooling, got --pooling mean (leave it out: token distillation sets --pooling cls)")
 
     # ---------------------------------------------------------------- (de)serialisation
     def to_dict(self) -> dict[str, Any]:

@@ -100,7 +100,7 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, log=print, on_step
         else:  # the lock first: the state of a live run is neither read nor resumed twice
             with run_directory(cfg, resume, dist) as run_dir:
                 cfg, amended, saved = read_resume(run_dir, cfg, resume)
-                run, state = build_run(cfg, device, dist, log)
+                run, state = build_run(cfg, device, dist, log, resumed=True)
                 check_same_labels(saved, run.data.classes, run.cfg.data_dir, resume)
                 if saved is None:
                     log(f"{resume} has no training state yet (it stopped before its first checkpoint): starting it "
@@ -135,16 +135,18 @@ def run_session(run: Run, state: RunState, session: Session, t0: float) -> dict[
 
 
 # --------------------------------------------------------------------------- one step, one epoch
-def train_step(run: Run, state: RunState, x: torch.Tensor, y: torch.Tensor) -> None:
-    """One optimizer step on this rank's batch (x in [0, 1]): device augmentation, forward, loss,
-    backward (over --accum-steps micro-batches), clip, step, EMA. No host sync."""
+def train_step(run: Run, state: RunState, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor | None = None) -> None:
+    """One optimizer step on this rank's batch (x in [0, 1]): device augmentation, forward, loss
+    (with --teacher: vitkit.train.distill's), backward (over --accum-steps micro-batches), clip, step,
+    EMA. No host sync. ``index``: the batch's rows in the training set (--teacher-cache's loader)."""
     cfg = run.cfg
     set_lr(state.optimizer, lr_at(state.step, run.total_steps, run.warmup_steps, cfg.lr, cfg.min_lr))
     y_host = y
     x, y = host_to_device(x, run.device), host_to_device(y, run.device)  # the loader pinned them
     if run.affine:  # parameters drawn on the host: the same stream on every device
         x = apply_affine(x, host_to_device(step_theta(run, state.step, len(x)), run.device))
-    x = normalize(x, run.data.mean, run.data.std)
+    if not run.features:  # --train-only probe: x is the cached features already (vitkit.train.adapt)
+        x = normalize(x, run.data.mean, run.data.std)
     y_hard = y
     if run.mixer is not None:
         # Labels mixed on the host: torchvision's one_hot checks the label range, which on device
@@ -152,13 +154,20 @@ def train_step(run: Run, state: RunState, x: torch.Tensor, y: torch.Tensor) -> N
         x, y_soft = run.mixer(x, y_host)
         y = host_to_device(y_soft, run.device)
     parts = min(cfg.accum_steps, len(x))
-    for k, (xc, yc, hc) in enumerate(zip(x.tensor_split(parts), y.tensor_split(parts), y_hard.tensor_split(parts))):
+    rows = index.tensor_split(parts) if index is not None else [None] * parts
+    for k, (xc, yc, hc, rc) in enumerate(zip(x.tensor_split(parts), y.tensor_split(parts), y_hard.tensor_split(parts),
+                                             rows)):
+        # the teacher's outputs first, outside the student's autocast and kernels (it has its own dtype)
+        target = run.distill.targets(xc, rc) if run.distill is not None else None
         no_sync = k < parts - 1 and hasattr(run.wrapped, "no_sync")  # DDP: all-reduce on the last part only
         with run.wrapped.no_sync() if no_sync else contextlib.nullcontext(), \
                 torch.autocast(run.device.type, dtype=run.amp, enabled=run.amp is not None), \
                 onednn_linear(run.cpu_linear):
             out = run.wrapped(xc)
-            loss = run.loss_fn(out.float(), yc)
+            if target is None:
+                loss = run.loss_fn(out.float(), yc)
+            else:  # out: the logits scored below (token modes: the mean of the two heads)
+                out, loss = run.distill.loss(out, yc, target)
         state.scaler.scale(loss * (len(xc) / len(x))).backward()
         correct = (out.argmax(1) == hc).sum() if run.data.task == "classification" else loss.new_zeros(())
         state.note_loss(loss, correct, len(xc))

@@ -44,6 +44,13 @@ RESUME_REFUSED: dict[str, str] = {
     **dict.fromkeys(("weight_decay", "betas", "layer_decay"),
                     "the saved optimizer state carries the run's own value (torch restores it with the state)"),
     "ema": "the saved state has (or lacks) an EMA of the weights",
+    **dict.fromkeys(("lora", "lora_targets"), "it changes the LoRA adapters' shapes: the saved adapters and their "
+                                              "optimizer state would not fit"),
+    **dict.fromkeys(("lora_alpha", "lora_dropout", "train_only"),
+                    "it changes what trains, or how, in the adapted model the saved state belongs to"),
+    **dict.fromkeys(("teacher", "teacher_zeroshot", "distill"),
+                    "the saved weights were distilled from that teacher, in that mode (token / feature: with their own "
+                    "token or projection)"),
 }
 
 
@@ -60,6 +67,7 @@ def read_run_config(run_dir: str | Path) -> dict[str, Any]:
         data.update(a["changes"])
     for k in PER_INVOCATION:
         data.pop(k, None)
+    data.setdefault("preprocess", "data")  # a run saved before --preprocess existed trained with the data's
     return data
 
 
@@ -87,8 +95,9 @@ def resume_changes(effective: dict[str, Any], requested: TrainConfig, run_dir: s
     for k, v in requested.to_dict().items():
         if k in PER_INVOCATION or v == base[k]:
             continue
-        if (k in ARCH_FIELDS and v is None) or (k == "image_size" and v == 0):
-            continue
+        if (k in ARCH_FIELDS and v is None) or (k in ("image_size", "lr", "layer_decay") and v == 0) \
+                or (k == "preprocess" and v == "auto"):
+            continue  # not given: the run's own (0 / auto: resolved when the run started)
         if k in RESUME_CHANGEABLE:
             changes[k] = v
         else:

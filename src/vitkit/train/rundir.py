@@ -10,7 +10,9 @@ the one writer every command uses (manifest, lock, no symlinks, never onto an in
   * a new run refuses a directory that already holds a run (the message names ``--resume DIR`` and a
     fresh ``--out``), unless ``overwrite=True``, which removes the files vitkit wrote there (its
     manifest, and the run's own file names, :data:`RUN_FILES`) and keeps, and names, any other file;
-    a non-empty directory vitkit never wrote in is refused either way;
+    a non-empty directory vitkit never wrote in is refused either way; a directory holding only what
+    vitkit wrote for a run that stopped before its first checkpoint (:func:`trained_nothing`) is
+    replaced without ``overwrite``, said (nothing trained is lost);
   * ``resume=True`` requires an existing run;
   * a second writer (train, resume, or eval writing into the run) fails at once while the first one
     lives, naming the holder (pid, host, start time, command). The lock is ``fcntl.flock``: the kernel
@@ -74,6 +76,18 @@ def holds_run(path: Path) -> bool:
     return path.is_dir() and any((path / m).exists() for m in RUN_MARKERS)
 
 
+def trained_nothing(path: Path) -> bool:
+    """A run that stopped before its first checkpoint (killed at startup, out of memory at its first
+    step): no state, no weights, no results, no epoch recorded; its config.yaml at most."""
+    metrics = path / "metrics.jsonl"
+    return (not any((path / m).exists() for m in ("train_state.pt", "best", "last", "summary.json"))
+            and (not metrics.exists() or metrics.stat().st_size == 0))
+
+
+def _dead_run(path: Path) -> str | None:
+    return "a run that stopped before its first checkpoint (nothing trained)" if trained_nothing(path) else None
+
+
 @contextlib.contextmanager
 def claim_run_dir(path: str | Path | None, *, overwrite: bool = False, resume: bool = False,
                   inputs: Iterable = ()) -> Iterator[Path]:
@@ -84,13 +98,19 @@ def claim_run_dir(path: str | Path | None, *, overwrite: bool = False, resume: b
         raise ConfigError(f"--resume {path}: no vitkit run there (no config.yaml / train_state.pt)")
     with contextlib.ExitStack() as stack:
         try:
+            # a run vitkit started there that died before its first checkpoint is replaced (nothing is lost)
             out = stack.enter_context(claim_output(path, command="train", update=resume, overwrite=overwrite,
-                                                   inputs=inputs, own=RUN_FILES, fresh=fresh, busy_hint=_BUSY_HINT))
+                                                   inputs=inputs, own=RUN_FILES, fresh=fresh, busy_hint=_BUSY_HINT,
+                                                   replaceable=_dead_run))
         except OutputNotEmpty:  # checked under the lock: a live run gets the "in use" message instead
             if not holds_run(path):
                 raise ConfigError(f"{path} is not empty and is not a vitkit run directory; refusing to write a run "
                                   f"there (and --overwrite never deletes files vitkit did not write): choose a fresh "
                                   f"--out DIR") from None
+            if trained_nothing(path):
+                raise ConfigError(f"{path} holds a run that stopped before its first checkpoint; start it again with "
+                                  f"--resume {path} (its recorded config), write this run to a fresh --out DIR, or "
+                                  f"replace it with --overwrite") from None
             raise ConfigError(f"{path} already holds a run; continue it with --resume {path}, write this run "
                               f"to a fresh --out DIR, or replace it with --overwrite") from None
         yield out.path

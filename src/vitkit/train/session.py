@@ -86,6 +86,8 @@ def open_session(run: Run, state: RunState, run_dir: Path, signals: StopSignals,
         except (RuntimeError, KeyError, ValueError) as e:  # torch's size mismatch: the state is not this model's
             raise CheckpointError(f"{run_dir / STATE_NAME} does not fit the model built from the run's config "
                                   f"({str(e).strip().splitlines()[0][:300]})") from e
+        if run.distill is not None:  # the teacher it began with, the feature projection
+            run.distill.load_state_dict(saved.get("distill"), str(run_dir / STATE_NAME))
     if dist.is_main:
         if not resumed:
             cfg.replace(out=None).save(run_dir / CONFIG_FILE)
@@ -122,6 +124,8 @@ def _tensorboard(run: Run, run_dir: Path):
 def save_checkpoint(run: Run, state: RunState, session: Session, *, mid_epoch: bool, finished: bool = False) -> None:
     """train_state.pt, atomically (collective under torchrun; rank 0 writes)."""
     saved = state.state_dict(run.dist, mid_epoch=mid_epoch, finished=finished)
+    if run.distill is not None:
+        saved["distill"] = run.distill.state_dict()
     if run.dist.is_main:
         save_state(session.run_dir / STATE_NAME, saved)
 
@@ -144,4 +148,9 @@ def save_model(run: Run, state: RunState, weights_src, directory: Path, which: s
     if weights_src is not model:  # EMA / FSDP copy: carry labels / preprocess over
         weights_src.labels, weights_src.preprocess_cfg = model.labels, model.preprocess_cfg
         weights_src.pretrained_info = model.pretrained_info
+    if run.lora is not None:  # the merged model, and peft's adapter beside it (vitkit.train.adapt)
+        from .adapt import save_lora
+
+        save_lora(run.lora, weights_src, directory, which)
+        return
     save_pretrained(weights_src, directory, weights=which)
