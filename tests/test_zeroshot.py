@@ -380,3 +380,24 @@ def test_train_zeroshot_head_starts_as_the_zero_shot_classifier(tmp_path, clip_d
         assert torch.equal(vitkit.load_model(tmp_path / "saved").eval()(x), got)
     with pytest.raises(ConfigError, match="needs --pretrained"):
         TrainConfig(zeroshot_head=True)
+
+
+def test_export_of_an_image_text_model_says_which_tower_and_writes_the_text_one(tmp_path, capsys, clip_dir):
+    """`vitkit export CLIP --format onnx` writes the image tower and its load note says the text tower was
+    left out; `--tower text` writes the text tower, whose graph gives the peer's text embeddings."""
+    ort = pytest.importorskip("onnxruntime")
+    rc, out, err = _run_json(capsys, ["export", str(clip_dir), "--format", "onnx", "--out", str(tmp_path / "img.onnx")])
+    assert rc == 0 and "text tower" in err and "wrote onnx export" in out
+    rc, out, err = _run_json(capsys, ["export", str(clip_dir), "--format", "onnx", "--tower", "text",
+                                      "--out", str(tmp_path / "text.onnx")])
+    assert rc == 0 and "text tower" in out
+    pair = vitkit.load_image_text(clip_dir)
+    ids = pair.tokenizer(["a photo of a cat", "a red car"])
+    got = ort.InferenceSession(str(tmp_path / "text.onnx")).run(None, {"input_ids": ids.numpy()})[0]
+    ref = transformers.CLIPModel.from_pretrained(str(clip_dir)).eval()
+    with torch.no_grad():
+        want = ref.get_text_features(input_ids=ids)
+    np.testing.assert_allclose(got, getattr(want, "pooler_output", want).numpy(), atol=1e-4, rtol=0)
+    rc, out, err = _run_json(capsys, ["export", str(clip_dir), "--format", "hf", "--tower", "text",
+                                      "--out", str(tmp_path / "t")])
+    assert rc == 2 and "expected --format onnx" in err

@@ -28,6 +28,9 @@ def add_arguments(p) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing output file, or what vitkit wrote in an output directory (files vitkit "
                         "did not write are kept); without it an existing file or a non-empty directory is refused")
+    p.add_argument("--tower", choices=["image", "text"], default="image",
+                   help="of an image-text model (CLIP, SigLIP): the image tower (default; what every format holds) or "
+                        "the text tower (--format onnx only: input_ids -> text_embeds, as encode_text)")
     p.add_argument("--verify", action="store_true",
                    help="for onnx: run the exported graph in onnxruntime and print the max abs difference")
 
@@ -35,10 +38,10 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     import torch
 
-    from .. import from_pretrained
     from ..errors import ConfigError
     from ..interop.formats import get
     from ..output import claim_output
+    from .embed import load_for_command
 
     if (args.model is None) == (args.merge_lora is None):
         raise ConfigError("expected one model: MODEL or --merge-lora RUN, got "
@@ -46,18 +49,27 @@ def run(args) -> int:
     args.format = args.format or ("vitkit" if args.merge_lora else None)
     if args.format is None:
         raise ConfigError("expected --format FORMAT (the format to write), got none")
+    if args.tower == "text" and (args.format != "onnx" or args.merge_lora):
+        raise ConfigError(f"--tower text writes the text tower as an ONNX graph: expected --format onnx and a MODEL, "
+                          f"got --format {args.format}" + (" with --merge-lora" if args.merge_lora else ""))
     kw = {"format": args.source_format} if args.source_format else {}
     if args.num_heads:
         kw["num_heads"] = args.num_heads
     kind = "dir" if get(args.format, writing=True).writes_dir else "file"
     source = args.model or args.merge_lora
     with claim_output(args.out, command="export", kind=kind, overwrite=args.overwrite, inputs=[source]):
+        if args.tower == "text":
+            from ..text.io import export_text_onnx, load_image_text
+
+            out = export_text_onnx(load_image_text(args.model), args.out, opset=args.opset)
+            print(f"wrote the text tower of {source} as ONNX (input_ids -> text_embeds) to {out}")
+            return 0
         if args.merge_lora:
             from ..train.adapt import merge_lora_run
 
             model = merge_lora_run(args.merge_lora)
-        else:
-            model = from_pretrained(args.model, **kw)
+        else:  # the load notes printed (one says when a text tower was left out: --tower text)
+            model = load_for_command("export", args.model, **kw)
         out = model.export_to(args.format, args.out, opset=args.opset, layout=args.layout)
     print(f"wrote {args.format} export of {source}{' (LoRA merged)' if args.merge_lora else ''} to {out}")
     if args.verify and args.format == "onnx":
