@@ -238,6 +238,11 @@ def test_the_fine_tune_learning_rate_default(source, tmp_path):
     # only the head trains: the frozen-backbone rate, no decay
     run, _ = _build(TrainConfig(batch_size=16, train_only="head", **base))
     assert run.cfg.lr == pytest.approx(1e-3 * math.sqrt(16 / LR_BATCH)) and run.cfg.layer_decay == 1.0
+    # the last blocks alone: between the two, no decay (it would starve the blocks that train)
+    logs.clear()
+    run, _ = _build(TrainConfig(batch_size=16, train_only="last:1", **base), logs)
+    assert run.cfg.lr == pytest.approx(3e-4 * math.sqrt(16 / LR_BATCH)) and run.cfg.layer_decay == 1.0
+    assert any("partial fine-tuning default" in s for s in logs), logs
 
 
 # ------------------------------------------------------------------------------------------ a dead start

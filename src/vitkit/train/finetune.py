@@ -27,6 +27,9 @@ MAX_UPSCALE = 4
 SCRATCH_LR = 3e-3  # the digits recipe (benchmarks/train_digits.md)
 FINETUNE_LR = 1e-4  # every pretrained weight trains: DINOv2-S/14 on lfw faces, 3 epochs -> 1.00 (issue 25)
 FINETUNE_LAYER_DECAY = 0.75  # BEiT / MAE's fine-tuning range is 0.65-0.75; the lower blocks move least
+# only the last N blocks train (--train-only last:N): between the two, no layer-wise decay (the blocks that
+# train are the top ones; decay would starve them). DINOv2-S/14 on upsampled digits, benchmarks/adapt.py
+PARTIAL_LR = 3e-4
 ADAPTER_LR = 1e-3  # only LoRA adapters / norms / the head train: the usual LoRA and linear-probe range
 LR_BATCH = 64  # the batch the fine-tuning rates are for; others scale by sqrt (Adam's rule, Malladi et al. 2022)
 
@@ -111,8 +114,11 @@ def resolve_lr(cfg, batch: int):
     else:
         from .adapt import parse_train_only
 
-        if cfg.lora or parse_train_only(cfg.train_only)[0] in ("head", "norms+head", "probe"):
+        mode = parse_train_only(cfg.train_only)[0]
+        if cfg.lora or mode in ("head", "norms+head", "probe"):
             base, decay, what = ADAPTER_LR, 1.0, "the pretrained weights stay frozen: the adapters' default"
+        elif mode == "last":
+            base, decay, what = PARTIAL_LR, 1.0, "only the last blocks train: the partial fine-tuning default"
         else:
             base, decay, what = FINETUNE_LR, FINETUNE_LAYER_DECAY, "the fine-tuning default"
     parts = []
