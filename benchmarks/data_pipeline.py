@@ -14,11 +14,23 @@ Writes its own synthetic photo-sized JPEG folder (seeded), then in one run repor
    (the in-memory batch then sits on the GPU; batches from files are pinned and copied
    non-blocking). One untimed round of each side first: compile, worker start, page cache.
 
+3. ``--vs-bare`` (issue 21, item 6) instead of 1 and 2: ``vitkit train`` itself, end to end (a fresh
+   ``python -m vitkit train`` per round, its default augmentation for image files), on a model too
+   small to matter (dim 32, 1 block, patch 32 at 224) against torchvision ``ImageFolder`` +
+   ``DataLoader`` alone with the same workers and transforms (RandomResizedCrop at vitkit's scale
+   0.35-1 + flip + normalise, batch 64, persistent workers), delivering batches to nobody. Rate of
+   each side: the images of epochs 2..E over their seconds (vitkit: ``metrics.jsonl``, each epoch from
+   its first ``iter()`` to its last step; the bare loader: the same span), so worker start-up, the
+   evaluation between epochs and the process start are left out of both. Paired rounds, the side
+   that goes first alternating; ratio = median of the per-round ratios (with its range).
+
 Goals (issue 10): loader >= 1.0x torchvision at equal workers; file-data training >= 0.9x in memory.
+Goal (issue 21): ``vitkit train`` >= 0.8x the bare loader end to end on 2 cores.
 
     PYTHONPATH=src python benchmarks/data_pipeline.py                 # ~3-4 min on 2 idle cores
     PYTHONPATH=src python benchmarks/data_pipeline.py --tiny          # sanity run, ~30 s
     benchmarks/run_gpu.sh data OUTDIR                                  # the GPU figure (BENCHMARKS.md)
+    PYTHONPATH=src python benchmarks/data_pipeline.py --vs-bare --workers 2 --rounds 5   # ~4 min
 """
 
 from __future__ import annotations
@@ -85,10 +97,10 @@ def vitkit_loader(root: Path, workers: int, batch: int, size: int):
                        mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 
 
-def torchvision_loader(root: Path, workers: int, batch: int, size: int):
+def torchvision_loader(root: Path, workers: int, batch: int, size: int, scale=(0.08, 1.0)):
     from torchvision import datasets, transforms
 
-    tf = transforms.Compose([transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(),
+    tf = transforms.Compose([transforms.RandomResizedCrop(size, scale=scale), transforms.RandomHorizontalFlip(),
                              transforms.ToTensor(),
                              transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
     ds = datasets.ImageFolder(str(root / "train"), transform=tf)
@@ -103,6 +115,16 @@ def timm_loader(root: Path, workers: int, batch: int, size: int):
     return create_loader(ds, input_size=(3, size, size), batch_size=batch, is_training=True, scale=(0.08, 1.0),
                          hflip=0.5, color_jitter=0.0, re_prob=0.0, num_workers=workers, use_prefetcher=False,
                          persistent_workers=workers > 0, device=torch.device("cpu"))
+
+
+def cpu_name() -> str:
+    try:
+        return next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name"))
+    except (OSError, StopIteration):
+        import platform
+
+        return platform.processor()
 
 
 def timed(loader, batches: int) -> float:
@@ -243,6 +265,70 @@ def bench_training(root, workers, rounds, steps, batch, size, dim, depth, device
     return row
 
 
+# --------------------------------------------------------------------------- vitkit train vs the bare loader
+def bare_rate(root: Path, workers: int, batch: int, size: int, epochs: int) -> float:
+    """torchvision ImageFolder + DataLoader alone: images/s over epochs 2..``epochs``, each timed from
+    its ``iter()`` to its last batch (what vitkit's ``metrics.jsonl`` times of a training epoch)."""
+    loader = torchvision_loader(root, workers, batch, size, scale=(0.35, 1.0))
+    n, seconds = 0, 0.0
+    for e in range(epochs):
+        t0 = time.perf_counter()
+        k = sum(len(x) for x, _ in loader)
+        if e:
+            n, seconds = n + k, seconds + time.perf_counter() - t0
+    del loader
+    return n / seconds
+
+
+def vitkit_train_rate(root: Path, out: Path, workers: int, batch: int, size: int, epochs: int,
+                      extra: list[str]) -> tuple[float, float]:
+    """``python -m vitkit train`` on the folder, a fresh process: (images/s of epochs 2..``epochs`` from
+    its metrics.jsonl, the whole command's wall seconds)."""
+    import subprocess
+
+    cmd = [sys.executable, "-m", "vitkit", "train", "--dataset", "imagefolder", "--data-dir", str(root),
+           "--image-size", str(size), "--patch-size", "32", "--dim", "32", "--depth", "1", "--num-heads", "1",
+           "--batch-size", str(batch), "--workers", str(workers), "--epochs", str(epochs), "--warmup-epochs", "1",
+           "--out", str(out), "--overwrite", *extra]
+    t0 = time.perf_counter()
+    done = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if done.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
+    wall = time.perf_counter() - t0
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][1:]
+    n = sum(r["images_per_second"] * r["epoch_seconds"] for r in recs)
+    return n / sum(r["epoch_seconds"] for r in recs), wall
+
+
+def bench_vs_bare(root: Path, workers: int, rounds: int, batch: int, size: int, epochs: int, extra: list[str]):
+    runs = tempfile.TemporaryDirectory()  # beside the data, never inside it (vitkit refuses that)
+    res: dict[str, list[float]] = {"vitkit": [], "bare": [], "wall": []}
+    for r in range(rounds):
+        for side in (("vitkit", "bare") if r % 2 == 0 else ("bare", "vitkit")):
+            if side == "bare":
+                res["bare"].append(bare_rate(root, workers, batch, size, epochs))
+            else:
+                rate, wall = vitkit_train_rate(root, Path(runs.name) / "run", workers, batch, size, epochs, extra)
+                res["vitkit"].append(rate)
+                res["wall"].append(wall)
+        print(f"round {r + 1}: vitkit train {res['vitkit'][-1]:.0f} img/s (command {res['wall'][-1]:.1f} s), "
+              f"bare loader {res['bare'][-1]:.0f} img/s", flush=True)
+    runs.cleanup()
+    ratio = [a / b for a, b in zip(res["vitkit"], res["bare"])]
+    row = {"workers": workers, "batch_size": batch, "crop": size, "epochs": epochs, "timed_epochs": epochs - 1,
+           "train_args": extra, "model": "ViT dim 32, depth 1, patch 32 @ 224",
+           "vitkit_train_img_s": round(statistics.median(res["vitkit"]), 1),
+           "bare_loader_img_s": round(statistics.median(res["bare"]), 1),
+           "command_seconds": round(statistics.median(res["wall"]), 1),
+           "ratio_vs_bare": round(statistics.median(ratio), 3),
+           "ratio_range": [round(min(ratio), 3), round(max(ratio), 3)], "rounds": {k: [round(v, 1) for v in vs]
+                                                                                  for k, vs in res.items()}}
+    print(f"vitkit train {row['vitkit_train_img_s']:.0f} img/s vs bare ImageFolder + DataLoader "
+          f"{row['bare_loader_img_s']:.0f} img/s ({workers} workers): {row['ratio_vs_bare']:.3f}x "
+          f"(rounds {row['ratio_range'][0]:.3f}-{row['ratio_range'][1]:.3f})", flush=True)
+    return row
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--images", type=int, default=1000, help="JPEGs to write")
@@ -265,6 +351,10 @@ def main(argv=None) -> int:
     p.add_argument("--skip-loaders", action="store_true", help="only the training comparison")
     p.add_argument("--jpeg-jobs", type=int, default=1,
                    help="processes writing the JPEGs (>1: each image from its own seed; see write_jpegs)")
+    p.add_argument("--vs-bare", action="store_true",
+                   help="only `vitkit train` end to end vs the bare torchvision loader (the first --workers value)")
+    p.add_argument("--epochs", type=int, default=4, help="--vs-bare: epochs per run (the first is not timed)")
+    p.add_argument("--train-args", default="", help="--vs-bare: extra `vitkit train` flags, e.g. '--threads 1'")
     p.add_argument("--tiny", action="store_true", help="sanity run: few small images, one round")
     p.add_argument("--json", help="also write the results to this file")
     args = p.parse_args(argv)
@@ -279,6 +369,19 @@ def main(argv=None) -> int:
         root = write_jpegs(Path(tmp), args.images, w, h, jobs=args.jpeg_jobs)
         print(f"wrote {args.images} JPEGs of {w}x{h} in {time.time() - t0:.1f} s; torch threads "
               f"{torch.get_num_threads()}", flush=True)
+        if args.vs_bare:  # a small val/ split: vitkit trains on all of train/, as the bare loader reads it
+            import shutil
+
+            for f in sorted((root / "train").rglob("*.jpg"))[:20]:
+                (root / "val" / f.parent.name).mkdir(parents=True, exist_ok=True)
+                shutil.copy(f, root / "val" / f.parent.name / f.name)
+            row = bench_vs_bare(root, workers[0], args.rounds, args.batch_size, args.size, args.epochs,
+                                args.train_args.split())
+            out = {"images": args.images, "image_wh": [w, h], "vs_bare": row, "cpu": cpu_name(),
+                   "seconds": round(time.time() - t0, 1)}
+            if args.json:
+                Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+            return 0
         loaders = [] if args.skip_loaders else bench_loaders(root, workers, args.rounds, args.batches,
                                                              args.batch_size, args.size)
         from vitkit.data import default_workers

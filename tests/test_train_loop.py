@@ -154,7 +154,7 @@ def _folder_cfg(data: Path, out: Path, **kw):
     # 24 train images, batch 8: 3 steps per epoch; per-sample RandomResizedCrop in 2 workers and
     # device-side affine + flips: every random stream of the data path is exercised
     base = dict(dataset="imagefolder", data_dir=str(data), epochs=3, batch_size=8, workers=2, dim=16, depth=1,
-                num_heads=2, patch_size=4, random_resized_crop=True, warmup_epochs=1, deterministic=True,
+                num_heads=2, patch_size=4, random_resized_crop=True, affine_degrees=10.0, warmup_epochs=1, deterministic=True,
                 progress=False, threads=1, out=str(out))
     return TrainConfig(**{**base, **kw})
 

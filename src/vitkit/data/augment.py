@@ -6,7 +6,8 @@ Two kinds:
   (B, C, H, W) float batch with ``affine_grid`` / ``grid_sample``. Its parameters come from a
   ``torch.Generator`` seeded from (seed, step) and are drawn for the *global* batch, so a resumed
   run and an N-process DDP run see exactly the same augmentation as one uninterrupted process.
-  This is what the digits recipe uses: small affine jitter, never flips (a flipped 2 is not a 2).
+  This is what the digits recipe uses: small affine jitter, never flips (a flipped 2 is not a 2);
+  the default on in-memory data only (:class:`AugmentChoice`: image files get the per-sample pieces).
 * Per-sample torchvision v2 transforms (RandomResizedCrop, flip, RandAugment / TrivialAugment,
   RandomErasing: :class:`AugmentSpec`, :class:`SamplePipeline`), run in the loader's workers under
   a seed per (seed, epoch, sample index); batch MixUp / CutMix (``torchvision.transforms.v2.MixUp``
@@ -77,22 +78,59 @@ class AugmentSpec:
     auto_augment: str = "none"  # none | randaugment | trivialaugment
     random_erasing: float = 0.0
 
-    @classmethod
-    def from_config(cls, cfg, hflip_ok: bool) -> AugmentSpec | None:
-        """From a TrainConfig-like object; None when ``cfg.augment`` is off. ``hflip_ok``: the
-        dataset's own answer to "does a mirrored image keep its label" (used when hflip is auto)."""
-        if not getattr(cfg, "augment", True):
-            return None
-        hflip = getattr(cfg, "hflip", "auto")
-        return cls(random_resized_crop=bool(getattr(cfg, "random_resized_crop", False)),
-                   hflip=hflip == "on" or (hflip == "auto" and hflip_ok),
-                   auto_augment=getattr(cfg, "auto_augment", "none"),
-                   random_erasing=float(getattr(cfg, "random_erasing", 0.0)))
-
     @property
     def per_sample(self) -> bool:
         return (self.random_resized_crop or self.hflip or self.auto_augment != "none"
                 or self.random_erasing > 0)
+
+
+# The batch affine (degrees, translate, scale) where --affine-* are not given, per kind of data: the
+# digits recipe's on in-memory small images (digits, MNIST, CIFAR: benchmarks/train_digits.md), none on
+# image files, which get RandomResizedCrop + flip per image in the workers instead (issue 21: on a
+# 224 px batch the affine's grid_sample took 56 ms of a 140 ms step in the training process, on the
+# cores the workers decode on: 0.47x torchvision's bare loader end to end).
+DEFAULT_AFFINE = {True: (10.0, 0.1, 0.1), False: (0.0, 0.0, 0.0)}  # keyed by "the data is in memory"
+
+
+@dataclass(frozen=True)
+class AugmentChoice:
+    """A run's training augmentation: its options (a TrainConfig-like object) where given, else the
+    defaults of its kind of data (``in_memory``: small images held as tensors; else image files)."""
+
+    affine: tuple[float, float, float, float] | None  # the batch affine's (degrees, translate, scale, shear)
+    affine_flips: bool  # the batch affine draws the horizontal flips (else they are per image, in ``sample``)
+    sample: AugmentSpec | None  # per image, in the loader's workers; None with augmentation off
+    note: str  # the choice and why, one log line ("" with augmentation off)
+
+    @classmethod
+    def from_config(cls, cfg, *, in_memory: bool, hflip_ok: bool) -> AugmentChoice:
+        """``hflip_ok``: the dataset's own answer to "does a mirrored image keep its label" (--hflip auto)."""
+        if not cfg.augment:
+            return cls(None, False, None, "")
+        given = (cfg.affine_degrees, cfg.affine_translate, cfg.affine_scale)
+        deg, tr, sc = (g if g is not None else d for g, d in zip(given, DEFAULT_AFFINE[in_memory]))
+        rrc = cfg.random_resized_crop if cfg.random_resized_crop is not None else not in_memory
+        hflip = cfg.hflip == "on" or (cfg.hflip == "auto" and hflip_ok)
+        # In memory, flips ride the batch affine even alone (one op per batch keeps the loader's batched
+        # fast path); from files they are per image, where a flip is a cheap copy in a worker.
+        on = bool(deg or tr or sc or cfg.affine_shear or (hflip and in_memory))
+        spec = AugmentSpec(random_resized_crop=rrc, hflip=hflip and not on, auto_augment=cfg.auto_augment,
+                           random_erasing=cfg.random_erasing)
+        parts = [f"batch random affine ({deg:g} deg, translate {tr:g}, scale {sc:g}, shear {cfg.affine_shear:g}"
+                 f"{', flips' if hflip else ''}) in the training process"] if on else []
+        per_image = ([f"RandomResizedCrop (scale {spec.rrc_scale[0]:g}-{spec.rrc_scale[1]:g})"] * rrc
+                     + ["horizontal flip"] * spec.hflip + [spec.auto_augment] * (spec.auto_augment != "none")
+                     + [f"random erasing {spec.random_erasing:g}"] * (spec.random_erasing > 0))
+        if per_image:
+            parts.append(" + ".join(per_image) + " per image in the loader's workers")
+        auto = [f"--{k.replace('_', '-')}" for k in ("affine_degrees", "affine_translate", "affine_scale",
+                                                     "random_resized_crop") if getattr(cfg, k) is None]
+        why = ("as given" if not auto else
+               f"{', '.join(auto)} not given: the defaults for in-memory small images, the digits recipe's affine"
+               if in_memory else f"{', '.join(auto)} not given: the defaults for image files, crop + flip per image "
+               "and nothing per batch in the training process")
+        return cls((deg, tr, sc, cfg.affine_shear) if on else None, hflip and on, spec,
+                   f"augmentation: {'; '.join(parts) or 'none'} ({why})")
 
 
 def _channels_last(x: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,6 @@ Each piece is a small function of the TrainConfig; :func:`vitkit.train.loop.trai
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 from collections.abc import Callable
@@ -22,8 +21,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..data import AugmentSpec, DataSpec, DataSplits, build_data, make_loader
-from ..data.augment import mix_transform
+from ..data import DataSpec, DataSplits, build_data, make_loader
+from ..data.augment import AugmentChoice, mix_transform
 from ..distributed import DistInfo, init_distributed, wrap_model
 from ..errors import ConfigError
 from ..eval.evaluate import eval_loader
@@ -48,8 +47,9 @@ class Run:
     amp: torch.dtype | None
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     mixer: Any  # MixUp / CutMix on the device, or None
-    affine: bool  # batch affine augmentation (and flips) on the device
-    hflip: bool
+    # the batch affine's (degrees, translate, scale, shear) in the step, or None: then the loader normalises
+    affine: tuple[float, float, float, float] | None
+    hflip: bool  # the batch affine draws horizontal flips
     global_batch: int
     total_steps: int
     warmup_steps: int
@@ -59,7 +59,6 @@ class Run:
     log: Callable[[str], None]  # rank 0's log; the other ranks' is silent
     distill: Any = None  # vitkit.train.distill.Distiller with --teacher, else None
     lora: Any = None  # --lora: the peft model around the model (vitkit.train.adapt), which saves the adapter
-    features: bool = False  # --train-only probe: the loader yields cached backbone features, not images
 
 
 def setup_process(cfg: TrainConfig) -> tuple[torch.device, DistInfo]:
@@ -113,9 +112,10 @@ def build_run(cfg: TrainConfig, device: torch.device, dist: DistInfo, log, resum
     lora = adapt.adapt_model(cfg, model)  # --lora / --train-only: peft's LoRA layers injected, the rest frozen
     probe = adapt.parse_train_only(cfg.train_only)[0] == "probe"
     model.to(device)
-    hflip = cfg.hflip == "on" or (cfg.hflip == "auto" and data.hflip_ok)
-    affine = cfg.augment and not probe and bool(cfg.affine_degrees or cfg.affine_translate or cfg.affine_scale
-                                  or cfg.affine_shear or hflip)
+    aug = AugmentChoice.from_config(cfg, in_memory=bool(getattr(data.train, "in_memory", False)),
+                                    hflip_ok=data.hflip_ok)
+    if aug.note and not probe:
+        log(aug.note)
     batch = min(cfg.batch_size, len(data.train))  # the last partial batch is dropped: equal batches keep DDP exact
     if not probe:  # a step that would not fit is lowered (a resume keeps its batch: refused instead)
         fitted = fit_batch(model, batch, accum_steps=cfg.accum_steps, world_size=dist.world_size, ema=cfg.ema,
@@ -139,7 +139,7 @@ def build_run(cfg: TrainConfig, device: torch.device, dist: DistInfo, log, resum
         loader = make_loader(feats, batch_size=batch, train=True, seed=cfg.seed, workers=0, rank=dist.rank,
                              world_size=dist.world_size, device_type=device.type, normalize=False)
     else:
-        loader = train_loader(data, cfg, batch_size=batch, dist=dist, device_type=device.type, device_flips=affine)
+        loader = train_loader(data, cfg, batch_size=batch, dist=dist, device_type=device.type, augment=aug)
     wrapped = wrap_model(adapt.ProbeHead(model) if probe else model, dist, cfg.strategy, device)  # before the optimizer: FSDP swaps the parameters
     optimizer, total, warmup = build_optimizer_and_schedule(cfg, model, len(loader), log)
     log(adapt.param_summary(model))
@@ -157,32 +157,29 @@ def build_run(cfg: TrainConfig, device: torch.device, dist: DistInfo, log, resum
               loss_fn=loss_fn,
               mixer=mix_transform(cfg, data.num_outputs) if cfg.augment and not probe and data.task == "classification"
               else None,
-              affine=affine, hflip=hflip, global_batch=batch, total_steps=total, warmup_steps=warmup, val_loader=val,
+              affine=aug.affine if not probe else None, hflip=aug.affine_flips, global_batch=batch, total_steps=total,
+              warmup_steps=warmup, val_loader=val,
               eval_kw=dict(task=data.task, num_outputs=data.num_outputs, mean=data.mean, std=data.std, device=device,
                            dist=dist, regression_loss=loss_kind if loss_kind != "ce" else "mse", labels=data.classes,
                            amp_dtype=amp),
-              cpu_linear=cpu_linear_kernels(cfg, model, device, log), log=log, distill=distiller, lora=lora,
-              features=probe)
+              cpu_linear=cpu_linear_kernels(cfg, model, device, log), log=log, distill=distiller, lora=lora)
     state = RunState(model=model, optimizer=optimizer, ema=ema, scaler=scaler, loader=loader, device=device,
                   fsdp=fsdp, labels=list(data.classes) if data.classes else None)
     return run, state
 
 
 def train_loader(data: DataSplits, cfg: TrainConfig, *, batch_size: int, dist: DistInfo, device_type: str,
-                 device_flips: bool):
+                 augment: AugmentChoice):
     """``vitkit.data.make_loader`` for training (torchdata's StatefulDataLoader): batches ``(x, y)``
-    for *this rank* with ``x`` float32 in [0, 1] (the step applies the batch affine augmentation and
-    the normalisation on the device), ``set_epoch(e)`` (order from (seed, e) only), ``len()``,
-    ``state_dict()`` / ``load_state_dict()``; under torchrun rank r gets the contiguous slice r of each
-    *global* batch, so N processes see exactly what one process sees. ``device_flips``: the batch
-    affine on the device draws the horizontal flips (with the affine parameters of the step), so the
-    per-sample pipeline must not flip a second time."""
-    aug = AugmentSpec.from_config(cfg, data.hflip_ok)
-    if aug is not None and device_flips:
-        aug = dataclasses.replace(aug, hflip=False)
+    for *this rank*, ``set_epoch(e)`` (order from (seed, e) only), ``len()``, ``state_dict()`` /
+    ``load_state_dict()``; under torchrun rank r gets the contiguous slice r of each *global* batch, so
+    N processes see exactly what one process sees. ``x`` is float32 normalised in the workers, or in
+    [0, 1] when the step runs ``augment``'s batch affine (its zero padding is black), which then
+    normalises; the per-image ``augment.sample`` runs in the workers."""
     return make_loader(data.train, batch_size=batch_size, train=True, seed=cfg.seed, workers=cfg.workers,
-                       rank=dist.rank, world_size=dist.world_size, device_type=device_type, augment=aug,
-                       normalize=False, with_index=cfg.teacher_cache)  # --teacher-cache: rows by index
+                       rank=dist.rank, world_size=dist.world_size, device_type=device_type, augment=augment.sample,
+                       mean=data.mean, std=data.std, normalize=augment.affine is None,
+                       with_index=cfg.teacher_cache)  # --teacher-cache: rows by index
 
 
 def make_loss(task: str, kind: str, label_smoothing: float):

@@ -10,7 +10,8 @@ recipe file read safely: :mod:`vitkit.train.options`.
 The defaults are the digits recipe measured in ``benchmarks/train_digits.md``: a 4-block, 32-wide
 ViT on the 8x8 digits upsampled to 16x16 with 4x4 patches (16 tokens), sin-cos 2-D position
 embedding, mean pooling, random affine augmentation (10 degrees, 10 % translate and scale: on the
-16x16 grid it moves strokes without the blur it caused at 8x8), label smoothing 0.1, stochastic depth 0.1, AdamW (lr 3e-3, batch 64), 3 warm-up epochs + cosine over
+16x16 grid it moves strokes without the blur it caused at 8x8; image files default to RandomResizedCrop
++ flips per image instead, :class:`vitkit.data.augment.AugmentChoice`), label smoothing 0.1, stochastic depth 0.1, AdamW (lr 3e-3, batch 64), 3 warm-up epochs + cosine over
 150 epochs, EMA 0.99, and the final weights reported (``select="final"``: the EMA or the raw model,
 whichever validates better).
 """
@@ -169,14 +170,21 @@ class TrainConfig:
                 "'best' picks noise: final tested higher over seeds (benchmarks/train_digits.md)"})
     # ---------------------------------------------------------------- augmentation
     augment: bool = field(default=True, metadata={"help": "training augmentation on/off (all pieces below)"})
-    affine_degrees: float = field(default=10.0, metadata={"help": "random rotation range +-degrees"})
-    affine_translate: float = field(default=0.1, metadata={"help": "random translation, fraction of size"})
-    affine_scale: float = field(default=0.1, metadata={"help": "random scale range 1 +- this"})
+    # None = the default of the kind of data (vitkit.data.augment.DEFAULT_AFFINE): the digits recipe's batch
+    # affine on in-memory small images, none on image files (they get --random-resized-crop and flips per image)
+    affine_degrees: float | None = field(default=None, metadata={
+        "help": "batch random affine: rotation range +-degrees (default: 10 for in-memory data (digits, mnist, "
+                "cifar), 0 for image files)"})
+    affine_translate: float | None = field(default=None, metadata={
+        "help": "batch random affine: translation, fraction of size (default: 0.1 in memory, 0 for image files)"})
+    affine_scale: float | None = field(default=None, metadata={
+        "help": "batch random affine: scale range 1 +- this (default: 0.1 in memory, 0 for image files)"})
     affine_shear: float = field(default=0.0, metadata={"help": "random shear range +-degrees"})
     hflip: str = field(default="auto", metadata={
         "help": "horizontal flips: auto (on for natural images, off for digits/mnist/csv) | on | off"})
-    random_resized_crop: bool = field(default=False, metadata={
-        "help": "file datasets: RandomResizedCrop instead of a plain resize"})
+    random_resized_crop: bool | None = field(default=None, metadata={
+        "help": "RandomResizedCrop (scale 0.35-1) per image in the loader's workers instead of a plain resize "
+                "(default: on for image files (imagefolder, csv, webdataset, hf), off for in-memory data)"})
     auto_augment: str = field(default="none", metadata={"help": "none | randaugment | trivialaugment (uint8 images)"})
     random_erasing: float = field(default=0.0, metadata={"help": "random erasing probability"})
     mixup: float = field(default=0.0, metadata={"help": "MixUp alpha (0 = off)"})

@@ -136,16 +136,17 @@ def run_session(run: Run, state: RunState, session: Session, t0: float) -> dict[
 
 # --------------------------------------------------------------------------- one step, one epoch
 def train_step(run: Run, state: RunState, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor | None = None) -> None:
-    """One optimizer step on this rank's batch (x in [0, 1]): device augmentation, forward, loss
-    (with --teacher: vitkit.train.distill's), backward (over --accum-steps micro-batches), clip, step,
-    EMA. No host sync. ``index``: the batch's rows in the training set (--teacher-cache's loader)."""
+    """One optimizer step on this rank's batch (x normalised; in [0, 1] for the batch affine): device
+    augmentation, forward, loss (with --teacher: vitkit.train.distill's), backward (over --accum-steps
+    micro-batches), clip, step, EMA. No host sync. ``index``: the batch's rows in the training set (--teacher-cache's loader)."""
     cfg = run.cfg
     set_lr(state.optimizer, lr_at(state.step, run.total_steps, run.warmup_steps, cfg.lr, cfg.min_lr))
     y_host = y
     x, y = host_to_device(x, run.device), host_to_device(y, run.device)  # the loader pinned them
-    if run.affine:  # parameters drawn on the host: the same stream on every device
+    # The batch affine runs on [0, 1] images (its zero padding is black), then normalises; without it the
+    # loader's workers normalised (and --train-only probe's x is the cached features, vitkit.train.adapt)
+    if run.affine is not None:  # parameters drawn on the host: the same stream on every device
         x = apply_affine(x, host_to_device(step_theta(run, state.step, len(x)), run.device))
-    if not run.features:  # --train-only probe: x is the cached features already (vitkit.train.adapt)
         x = normalize(x, run.data.mean, run.data.std)
     y_hard = y
     if run.mixer is not None:
@@ -192,9 +193,7 @@ def host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 def step_theta(run: Run, step: int, n_local: int) -> torch.Tensor:
     """This rank's rows of the affine parameters drawn for the whole global batch of ``step``, so N
     processes and a resumed run see exactly the augmentation of one uninterrupted process."""
-    c = run.cfg
-    theta = sample_affine(run.global_batch, step_generator(c.seed, step), c.affine_degrees, c.affine_translate,
-                          c.affine_scale, c.affine_shear, run.hflip)
+    theta = sample_affine(run.global_batch, step_generator(run.cfg.seed, step), *run.affine, run.hflip)
     per, extra = divmod(run.global_batch, run.dist.world_size)
     r = run.dist.rank
     begin = r * per + min(r, extra)
