@@ -105,7 +105,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=64, help="JPEG files classified per round")
     ap.add_argument("--texts", type=int, default=800, help="texts encoded per round (the 80 templates x classes)")
-    ap.add_argument("--rounds", type=int, default=5, help="paired timed rounds (after one warm-up of each)")
+    ap.add_argument("--rounds", type=int, default=5, help="paired timed rounds (after the warm-up calls)")
+    ap.add_argument("--warmup", type=int, default=1,
+                    help="untimed calls of each contender first (a bf16 Predictor picks its backend once the "
+                         "walk has run a shape ~10 s: vitkit.infer.backends)")
     ap.add_argument("--batch-size", type=int, default=32, help="images or texts per forward")
     ap.add_argument("--workers", type=int, default=0, help="DataLoader decode workers (all three libraries)")
     ap.add_argument("--dtypes", default="fp32,bf16", help="precisions timed")
@@ -195,8 +198,9 @@ def main() -> int:
         for what, jobs, n in (("images", image_jobs, args.images), ("texts", text_jobs, len(texts))):
             for dt in dtypes:
                 names = list(jobs)
-                for name in names:  # warm-up
-                    timed(jobs[name], dt)
+                for _ in range(args.warmup):
+                    for name in names:
+                        timed(jobs[name], dt)
                 times = {name: [] for name in names}
                 for r in range(args.rounds):
                     k = r % len(names)  # rotate the order: no library always runs first

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 from typing import Any
 
@@ -13,7 +14,7 @@ from .. import cpu
 from ..errors import ConfigError, InputError
 from ..model.naflex import NaFlexBatch
 from ..model.text import TextTransformer
-from . import engine
+from . import backends, engine
 
 log = logging.getLogger("vitkit.infer")
 
@@ -77,6 +78,12 @@ class Predictor:
         exact: fp32 only: the buffer-reusing walk with the model's own kernels (``addmm``),
             bit-identical to ``model(x)`` through the full blocks; slower than the default
             oneDNN walk on x86 (docs/inference.md).
+        backend: what runs a bf16 Predictor on the CPU: "auto" (default) the fastest of the
+            hand-written walk, ``torch.compile`` (inductor, freezing) of the model's own forward
+            and OpenVINO (when installed), measured per input shape once the walk has run that
+            shape for 10 s, and kept per model (:mod:`vitkit.infer.backends`; the choice is in
+            ``notes``); "eager" the walk; "compile" / "openvino" that runtime (the walk, with a
+            note, where it cannot run). Other dtypes and devices take "auto" / "eager" only.
         verify: at construction, run one random image through the engine and the model's own
             forward; any difference beyond float rounding (1e-5 of the largest output)
             switches to the model's forward with a warning (a guard against layouts the
@@ -95,7 +102,7 @@ class Predictor:
     """
 
     def __init__(self, model: nn.Module, dtype: str = "fp32", compile: bool | str = False,
-                 exact: bool = False, verify: bool = True, output: str = "logits") -> None:
+                 exact: bool = False, verify: bool = True, output: str = "logits", backend: str = "auto") -> None:
         if dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
         if output not in engine.OUTPUTS:
@@ -103,6 +110,11 @@ class Predictor:
         if exact and dtype != "fp32":
             raise ConfigError(f"exact=True is the bit-identical fp32 walk; dtype {dtype!r} is an approximation "
                               "(use dtype='fp32' with exact=True, or drop exact)")
+        if backend not in backends.BACKENDS:
+            raise ConfigError(f"backend must be one of {list(backends.BACKENDS)}, got {backend!r}")
+        if backend in ("compile", "openvino") and (dtype != "bf16" or compile):
+            raise ConfigError(f"backend {backend!r} runs a bf16 Predictor on the CPU; got dtype {dtype!r}"
+                              + (" with compile=True" if compile else ""))
         if compile not in (True, False, "auto"):
             raise ConfigError(f"compile must be True, False or 'auto', got {compile!r}")
         if not isinstance(model, nn.Module):
@@ -129,6 +141,7 @@ class Predictor:
         # What runs: the model itself (fp32, int8) or a bf16 copy of it.
         self._net = model if dtype != "bf16" else copy.deepcopy(model).to(torch.bfloat16)
         self._plan: engine.Plan | None = None
+        self._chooser: backends.Chooser | None = None  # bf16 on the CPU: which runtime runs each input shape
         self._compiled = None
         self.path = "model"
         if compile:
@@ -160,6 +173,15 @@ class Predictor:
             return
         self._plan = plan
         self.path = "engine"
+        if self.dtype == "bf16" and backend != "eager":
+            # the walk and the model's own stages, holding the bf16 copy only (backends.chooser_for)
+            text, out, net = self.text, self.output, self._net
+            q = None if text else self._last_queries(plan)
+            eager = ((lambda x, mask: engine.run_text(plan, x, out, mask)) if text
+                     else (lambda x, mask: engine.run(plan, x, out, q)))
+            trim = net.trim if text and out != "tokens" else None  # as engine.run_text
+            self._chooser = backends.chooser_for(model, backend, output, lambda: backends.Chooser(
+                backend, net, lambda m, x, mask: model_output(m, x, out, mask), eager, text, trim), self.notes)
 
     def _reference(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         return model_output(self._net, x, self.output, attention_mask)
@@ -265,7 +287,7 @@ class Predictor:
                   or (self._net is self.model and _hooked(self._plan.modules))):
                 out = self._reference(x, attention_mask)
             else:
-                out = self._run(self._plan, x, attention_mask)
+                out = (self._chooser or functools.partial(self._run, self._plan))(x, attention_mask)
         return out.float() if isinstance(out, torch.Tensor) else out
 
     def to(self, *a: Any, **k: Any) -> Predictor:  # pragma: no cover - guard
