@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vitkit import ViT, ViTConfig
+from test_train_features import _pretrained  # the one tiny pretrained source of the trainer tests
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "vitkit"
 
@@ -49,15 +49,6 @@ def test_the_layering_check_sees_late_and_relative_imports():
                                                                             "vitkit.eval")
     late = "def f():\n    from ..train.loop import train\n    from .. import train as t\n"
     assert {"vitkit.train.loop", "vitkit.train"} <= _imported_modules(late, "vitkit.eval")
-
-
-def _pretrained(tmp_path: Path) -> Path:
-    from vitkit.io import save_pretrained
-
-    torch.manual_seed(0)
-    m = ViT(ViTConfig(image_size=16, patch_size=4, in_channels=1, num_classes=10, dim=32, depth=1, num_heads=2,
-                      mlp_dim=64))
-    return save_pretrained(m, tmp_path / "pre")
 
 
 def test_build_run_reads_and_checks_the_pretrained_source_once_and_builds_a_frozen_run(tmp_path, monkeypatch):
