@@ -29,6 +29,9 @@ install-dev: $(VENV)/.stamp-dev
 demo: $(VENV)/.stamp-base
 	$(VENV)/bin/vitkit train
 
+# The whole suite, slow tests included; tests/test_cpu_features.py reruns the speed-path tests in fresh
+# processes with every CPU feature off (VITKIT_CPU_FEATURES_OFF=all) and as on an AVX2-only CPU (torch's
+# kernels capped by ONEDNN_MAX_CPU_ISA=AVX2), so the paths of CPUs without AVX-512 / AMX are covered here.
 test: $(VENV)/.stamp-dev
 	$(PY) -m pytest $(PYTEST_ARGS)
 

@@ -2,8 +2,7 @@
 # Reproduces the CPU figures in BENCHMARKS.md: vitkit vs timm, same weights, interleaved rounds,
 # ratio = median of per-round paired ratios (with its IQR: the VM's noise). Rounds are many where
 # steps are short: single rounds on this VM move +-10-20%.
-# Training steps use each library's own AdamW factory (add --same-optimizer to compare the models alone), and
-# vitkit's Linear layers run on oneDNN as `vitkit train` does on the CPU (add --cpu-linear torch for F.linear, timm's kernel).
+# Training steps use each library's own AdamW factory (add --same-optimizer to compare the models alone).
 # The inference lines time the model's forward only (--predictor without dtypes); the Predictor rows are in run_predictor.sh.
 # Usage: benchmarks/run_cpu.sh [VITKIT_CMD]   (default: .venv/bin/vitkit); about 30 minutes on 2 cores; add 2>/dev/null to drop the progress bars from a saved log.
 set -euo pipefail

@@ -1,13 +1,21 @@
 """vitkit bench: the timm twin is the same function, results are well-formed (no timing thresholds)."""
 
+import importlib.util
 import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import vitkit
+from vitkit import cpu
 from vitkit.bench.throughput import run_benchmark, timm_equivalent
 from vitkit.cli.main import main
+from vitkit.errors import ConfigError
 
 timm = pytest.importorskip("timm")
 
@@ -118,3 +126,104 @@ def test_ort_int8_session_matches_the_model():
     with torch.no_grad():
         want = m(x)
     assert (got - want).abs().max() < 0.1 * want.abs().max()
+
+
+TINY = vitkit.ViTConfig(image_size=16, patch_size=8, dim=32, depth=1, num_heads=2, mlp_dim=64, num_classes=10)
+
+
+def isolated(name: str) -> bool:
+    """Run test ``name`` of this file in a fresh Python process (its failure fails this test) and return
+    True; inside that process return False. inductor's and OpenVINO's native runtimes stay loaded for the
+    life of a process and crashed a later test of the suite's one process (tests/test_predictor_backends.py)."""
+    if os.environ.get("VITKIT_TEST_ISOLATED") == "1":
+        return False
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"{__file__}::{name}"],
+                       env={**os.environ, "VITKIT_TEST_ISOLATED": "1"}, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and " passed" in r.stdout, r.stdout[-4000:] + r.stderr[-2000:]
+    return True
+
+
+def test_every_row_names_the_cpu(capsys):
+    """The printed table and the JSON lines name the processor (model and ISA flags) on every row."""
+    args = ["bench", "vit_tiny_patch16_224", "--batch-size", "1", "--runs", "1", "--warmup", "0", "--image-size",
+            "16", "--predictor"]
+    assert main(args) == 0
+    out = capsys.readouterr().out.splitlines()
+    rows = [s for s in out if s.split()[:1] in (["vitkit"], ["timm"])]
+    assert len(rows) == 2 and all(f"[{cpu.describe()}]" in s for s in rows), out
+    assert main([*args, "--json"]) == 0
+    lines = [json.loads(s) for s in capsys.readouterr().out.strip().splitlines()]
+    assert [d["machine"] for d in lines] == [cpu.describe()] * 2
+
+
+def test_runtime_rows_that_cannot_run_say_why(monkeypatch, tmp_path, capsys):
+    """No C++ compiler (an empty PATH), OpenVINO not importable, then a CPU without native bf16: the
+    benchmark still runs, and each runtime's row says why it did not run, with no figures."""
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino -> ImportError, find_spec -> None
+    monkeypatch.setattr(cpu, "bf16_native", lambda: True)  # the compiler and the package are the reasons
+    res = run_benchmark(TINY, batch_size=2, warmup=0, runs=1, runtimes=("compile", "openvino"))
+    rows = {r.impl: r for r in res}
+    assert list(rows) == ["vitkit", "timm", "compile-bf16", "openvino-bf16"]
+    assert "C++ compiler" in rows["compile-bf16"].skipped
+    assert rows["openvino-bf16"].skipped == "not installed: pip install 'vitkit[openvino]'"
+    for impl in ("compile-bf16", "openvino-bf16"):
+        r = rows[impl]
+        assert r.times_s == [] and r.images_per_s is None and r.ratio_vs_timm is None and r.setup_s is None
+        assert r.dtype == "bf16" and r.batch_size == 2 and r.machine == cpu.describe()
+    monkeypatch.undo()
+    monkeypatch.setenv(cpu.OFF_ENV, "all")
+    assert main(["bench", "--batch-size", "1", "--runs", "1", "--warmup", "0", "--image-size", "16",
+                 "--predictor", "--runtimes", "compile", "openvino", "--json", "vit_tiny_patch16_224"]) == 0
+    lines = {d["impl"]: d for d in map(json.loads, capsys.readouterr().out.strip().splitlines())}
+    for impl in ("compile-bf16", "openvino-bf16"):
+        assert lines[impl]["images_per_s"] is None and lines[impl]["machine"] == cpu.describe()
+    assert "no native bf16" in lines["compile-bf16"]["skipped"]
+
+
+def test_unknown_runtime_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"runtimes must be among \['compile', 'openvino'\]"):
+        run_benchmark(TINY, batch_size=1, warmup=0, runs=1, runtimes=("tensorrt",))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not any(shutil.which(c) for c in ("c++", "g++", "clang++")), reason="inductor needs a C++ compiler")
+def test_compile_and_openvino_rows_time_the_predictors_runtimes(monkeypatch):
+    """The runtime rows are Predictor(model, "bf16", backend=...) built before timing (timing compiles
+    nothing), computing the model's function within bf16 rounding, paired against timm in the same rounds."""
+    if isolated("test_compile_and_openvino_rows_time_the_predictors_runtimes"):
+        return
+    from torch._dynamo.utils import counters
+
+    from vitkit.bench import runtimes
+
+    monkeypatch.setattr(cpu, "bf16_native", lambda: True)  # the bf16 runtimes on any CPU
+    built = {}
+
+    def keep(*a, **k):
+        built["rows"] = real(*a, **k)
+        built["graphs"] = counters["stats"]["unique_graphs"]
+        return built["rows"]
+
+    real = runtimes.runtime_rows
+    monkeypatch.setattr(runtimes, "runtime_rows", keep)
+    res = run_benchmark(TINY, batch_size=2, warmup=1, runs=3, predictor=("bf16",), runtimes=("compile", "openvino"))
+    rows = {r.impl: r for r in res}
+    assert list(rows) == ["vitkit", "timm", "vitkit-bf16", "compile-bf16", "openvino-bf16"]
+    assert counters["stats"]["unique_graphs"] == built["graphs"]  # the timed rounds built nothing
+    ran = ["compile-bf16"] + (["openvino-bf16"] if importlib.util.find_spec("openvino") else [])
+    for impl in ran:
+        r = rows[impl]
+        assert r.skipped is None and r.dtype == "bf16" and r.setup_s > 0 and len(r.times_s) == 3
+        want = statistics.median(t / v for t, v in zip(rows["timm"].times_s, r.times_s))
+        assert r.ratio_vs_timm == pytest.approx(want)
+        step = built["rows"].steps[impl]  # functools.partial(Predictor, x)
+        p, (x,) = step.func, step.args
+        assert p._chooser.chosen == {(tuple(x.shape), None): impl.split("-")[0]}
+        with torch.no_grad():
+            want = p.model(x)
+        assert (step() - want).abs().max() <= 2e-2 * want.abs().max() + 1e-3  # bf16 rounding of fp32
+    assert "inductor, freezing" in rows["compile-bf16"].note
+    assert "OpenVINO" in (rows["openvino-bf16"].note or rows["openvino-bf16"].skipped)
+    assert rows["vitkit-bf16"].setup_s is None

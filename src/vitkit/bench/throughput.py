@@ -60,9 +60,9 @@ class BenchResult:
     mode: str  # "inference" | "train"
     compiled: bool
     times_s: list[float] = field(repr=False)
-    median_s: float = 0.0
-    images_per_s: float = 0.0
-    tflops: float = 0.0
+    median_s: float | None = 0.0  # None: a row that did not run (``skipped``)
+    images_per_s: float | None = 0.0
+    tflops: float | None = 0.0
     mfu: float | None = None
     ratio_vs_timm: float | None = None  # median over rounds of t_timm / t_impl (paired, same round)
     ratio_iqr: tuple[float, float] | None = None  # quartiles of the per-round ratios: the noise
@@ -70,6 +70,8 @@ class BenchResult:
     page_faults: float | None = None  # median minor page faults per step (fresh memory touched)
     note: str | None = None  # what ran, where the impl name does not say it all (Predictor path, ORT)
     machine: str = ""  # the processor the row ran on: CPU model and ISA flags (vitkit.cpu), or the GPU
+    setup_s: float | None = None  # a runtime's one-off build before timing (compile, convert), not in median_s
+    skipped: str | None = None  # why this row did not run here (not installed, no C++ compiler, ...)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -119,13 +121,9 @@ def describe_optimizer(opt: torch.optim.Optimizer) -> str:
 
 
 def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, train: bool, dtype: str,
-              device: torch.device, opt: torch.optim.Optimizer | None = None,
-              cpu_linear: bool = False) -> Callable[[], None]:
+              device: torch.device, opt: torch.optim.Optimizer | None = None) -> Callable[[], None]:
     """One benchmark step as a closure: inference forward, or forward+backward+``opt`` step
-    (default: a plain AdamW); ``cpu_linear``: the forward in ``vitkit.train.kernels.onednn_linear``,
-    as ``vitkit train`` runs it."""
-    from ..train.kernels import onednn_linear
-
+    (default: a plain AdamW)."""
     amp = (torch.autocast(device.type, dtype=DTYPES[dtype]) if dtype != "fp32"
            else contextlib.nullcontext())
     if not train:
@@ -144,7 +142,7 @@ def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, train: bool, d
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        with amp, onednn_linear(cpu_linear):
+        with amp:
             loss = loss_fn(model(x), y)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -232,12 +230,15 @@ def timm_equivalent(config: ViTConfig):
 def predictor_steps(model: nn.Module, x: torch.Tensor, dtypes: tuple[str, ...], compile: bool = False) -> tuple[
         dict[str, Callable[[], None]], dict[str, str]]:
     """One inference step per ``vitkit.infer.Predictor`` dtype ("vitkit-fp32", ...), and a note
-    per step saying which path runs (a CPU without native bf16 runs fp32: the note says so)."""
+    per step saying which path runs (a CPU without native bf16 runs fp32: the note says so).
+    bf16 runs the hand-written walk (``backend="eager"``): the default "auto" would switch runtime
+    mid-benchmark once the walk has run 10 s; the runtimes it chooses from have rows of their own
+    (``runtimes=``, :mod:`vitkit.bench.runtimes`)."""
     from ..infer import Predictor
 
     steps, notes = {}, {}
     for dt in dtypes:
-        p = Predictor(model, dt, compile=compile)
+        p = Predictor(model, dt, compile=compile, backend="eager")
         steps[f"vitkit-{dt}"] = functools.partial(p, x)
         notes[f"vitkit-{dt}"] = f"Predictor {p.dtype} ({p.path})" + (f": {'; '.join(p.notes)}" if p.notes else "")
     return steps, notes
@@ -282,7 +283,7 @@ def run_benchmark(
     same_optimizer: bool = False,
     predictor: tuple[str, ...] = (),
     ort_int8: bool = False,
-    cpu_linear: str = "auto",
+    runtimes: tuple[str, ...] = (),
     **overrides: Any,
 ) -> list[BenchResult]:
     """Time vitkit (and timm, when installed) on one configuration; returns one result per impl.
@@ -296,19 +297,15 @@ def run_benchmark(
     no autocast) and its peer "timm-bf16" (timm's model cast to bf16); their ratios are against
     the "timm" row (autocast at ``dtype``). Other modes ignore both.
 
-    A CPU fp32 training step (not compiled) of vitkit runs its Linear layers on oneDNN as ``vitkit
-    train --cpu-linear auto`` does (``vitkit.train.kernels``); ``cpu_linear="torch"`` keeps
-    ``F.linear`` (timm's kernel), to compare the models on equal kernels."""
-    dev = _check_args(dtype, cpu_linear, batch_size, runs, warmup, device)
+    ``runtimes`` (fp32 CPU inference): ``("compile", "openvino")`` adds the bf16 runtimes' rows
+    ("compile-bf16", "openvino-bf16", :mod:`vitkit.bench.runtimes`) to the same rounds, their
+    build time apart in ``setup_s``; one that cannot run here gets a row saying why (``skipped``)."""
+    dev = _check_args(dtype, batch_size, runs, warmup, device)
     models = _models(name, compare_timm, overrides)
     model, c = models["vitkit"], models["vitkit"].config
     x = torch.randn(batch_size, c.in_channels, *c.image_hw, device=dev)
     y = torch.randint(0, max(c.num_classes, 1), (batch_size,), device=dev)
     steps, opt_names, notes = {}, {}, {}
-    from ..train import kernels
-
-    onednn = (train and cpu_linear == "auto" and dev.type == "cpu" and dtype == "fp32" and not compile
-              and kernels.available())
     for impl, m in models.items():
         m = m.to(dev)
         opt = None
@@ -317,9 +314,7 @@ def run_benchmark(
             opt_names[impl] = describe_optimizer(opt)
         if compile:
             m = torch.compile(m)
-        steps[impl] = make_step(m, x, y, train, dtype, dev, opt=opt, cpu_linear=onednn and impl == "vitkit")
-    if onednn:
-        notes["vitkit"] = "Linear layers on oneDNN (vitkit.train.kernels, as vitkit train on the CPU)"
+        steps[impl] = make_step(m, x, y, train, dtype, dev, opt=opt)
     # The Predictor picks its own precision: on the CPU its rows (and ORT's) go with fp32 eager
     # inference, where timm's row is fp32 eager, the reference the goals name. On CUDA the
     # Predictor's bf16 (a bf16 copy of the weights, no autocast) runs beside autocast, eager or
@@ -327,6 +322,12 @@ def run_benchmark(
     extra = not train and not compile and dev.type == "cpu" and dtype == "fp32"
     if predictor and extra:
         _add(steps, notes, predictor_steps(model, x, tuple(predictor)))
+    rt = None
+    if runtimes and extra:
+        from .runtimes import runtime_rows
+
+        rt = runtime_rows(model, x, tuple(runtimes))
+        _add(steps, notes, (rt.steps, rt.notes))
     if not train and dev.type == "cuda" and "bf16" in predictor:
         _add(steps, notes, predictor_steps(model, x, ("bf16",), compile=compile))
         if "timm" in models:
@@ -336,8 +337,9 @@ def run_benchmark(
         if tmp is not None:
             steps["ort-int8"], notes["ort-int8"] = ort_int8_step(model, x, tmp)
         times, faults = time_steps(steps, dev, warmup, runs, progress=progress)
-    return _results(c, times, faults, batch_size=batch_size, dtype=dtype, dev=dev, train=train, compile=compile,
-                    opt_names=opt_names, notes=notes)
+    results = _results(c, times, faults, batch_size=batch_size, dtype=dtype, dev=dev, train=train,
+                       compile=compile, opt_names=opt_names, notes=notes)
+    return rt.finish(results) if rt is not None else results
 
 
 def _results(c: ViTConfig, times: dict[str, list[float]], faults: dict[str, list[float]], *, batch_size: int,
@@ -364,11 +366,9 @@ def _results(c: ViTConfig, times: dict[str, list[float]], faults: dict[str, list
     return results
 
 
-def _check_args(dtype: str, cpu_linear: str, batch_size: int, runs: int, warmup: int, device: str) -> torch.device:
+def _check_args(dtype: str, batch_size: int, runs: int, warmup: int, device: str) -> torch.device:
     if dtype not in DTYPES:
         raise ConfigError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
-    if cpu_linear not in ("auto", "torch"):
-        raise ConfigError(f"cpu_linear must be 'auto' or 'torch', got {cpu_linear!r}")
     if batch_size <= 0 or runs <= 0 or warmup < 0:
         raise ConfigError("batch_size and runs must be positive and warmup >= 0")
     dev = torch.device(device)

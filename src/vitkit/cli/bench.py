@@ -10,7 +10,10 @@ DESCRIPTION = (
     "forward + cross-entropy + backward + AdamW (lower is better). On CUDA, MFU is reported too. "
     "fp32 CPU inference also times vitkit.infer.Predictor (--predictor) and, with --ort-int8, ONNX Runtime's "
     "dynamic int8 quantization of the exported model, in the same rounds; every ratio is against timm "
-    "fp32 eager. Rows: vitkit = the model's forward; vitkit-DTYPE = Predictor(model, DTYPE)."
+    "fp32 eager. --runtimes adds the bf16 runtimes a Predictor can run on: torch.compile (inductor, freezing) "
+    "and OpenVINO, built before timing (the build time is its own column). Rows: vitkit = the model's forward; "
+    "vitkit-DTYPE = Predictor(model, DTYPE) (bf16: the hand-written walk); RUNTIME-bf16 = Predictor(model, "
+    "'bf16', backend=RUNTIME). Every row names the CPU (or GPU) it ran on."
 )
 
 
@@ -41,10 +44,10 @@ def add_arguments(p) -> None:
     p.add_argument("--ort-int8", action="store_true",
                    help="fp32 CPU inference: also time ONNX Runtime's dynamic int8 quantization of the exported model "
                         "(the peer of --predictor int8; needs vitkit[onnx]; exporting takes a while)")
-    p.add_argument("--cpu-linear", choices=["auto", "torch"], default="auto",
-                   help="with --train on the CPU (fp32, not compiled): auto runs vitkit's Linear layers on oneDNN as "
-                        "vitkit train does (vitkit.train.kernels); torch keeps F.linear, timm's kernel (compares the "
-                        "models on equal kernels)")
+    p.add_argument("--runtimes", nargs="+", choices=["compile", "openvino"], default=[],
+                   help="fp32 CPU inference: also time bf16 inference on these runtimes, built before timing (inductor "
+                        "takes tens of seconds per model and shape); a runtime that cannot run here (not installed, "
+                        "no C++ compiler, no native bf16) gets a row saying why")
     p.add_argument("--json", action="store_true", help="print results as JSON lines")
 
 
@@ -70,30 +73,36 @@ def run(args) -> int:
             dev = f"{dev}: {cpu.describe()}"
         print(f"# {args.name} {mode}, {args.dtype}, device {dev}, torch {torch.__version__}, "
               f"{torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d %H:%M %Z')}")
-        print(f"{'impl':<12}{'batch':>6}{'median ms':>11}{'img/s':>10}{'TFLOP/s':>9}{'MFU':>7}{'faults':>9}"
-              "   ratio vs timm")
+        print(f"{'impl':<14}{'batch':>6}{'median ms':>11}{'img/s':>10}{'TFLOP/s':>9}{'MFU':>7}{'faults':>9}"
+              f"{'build s':>9}   ratio vs timm   machine")
     for bs in args.batch_size:
         results = run_benchmark(args.name, batch_size=bs, dtype=args.dtype, device=args.device, train=args.train,
                                 compile=args.compile, warmup=args.warmup, runs=args.runs,
                                 compare_timm=not args.no_timm, progress=not args.json,
-                                same_optimizer=args.same_optimizer, cpu_linear=args.cpu_linear,
-                                predictor=tuple(args.predictor or ()), ort_int8=args.ort_int8, **overrides)
+                                same_optimizer=args.same_optimizer,
+                                predictor=tuple(args.predictor or ()), ort_int8=args.ort_int8,
+                                runtimes=tuple(args.runtimes), **overrides)
         for r in results:
             if args.json:
                 print(json_text(r.to_dict(), indent=None))
                 continue
+            if r.skipped:
+                print(f"{r.impl:<14}{r.batch_size:>6}   not run: {r.skipped}   [{r.machine}]")
+                continue
             mfu = f"{100 * r.mfu:6.1f}%" if r.mfu is not None else "     -"
             ratio = r.ratio_vs_timm
-            tail = f"   {ratio:.3f}" if ratio is not None else ""
-            if tail and r.ratio_iqr:
+            tail = f"   {ratio:.3f}" if ratio is not None else "   -"
+            if r.ratio_iqr:
                 tail += f" (IQR {r.ratio_iqr[0]:.3f}-{r.ratio_iqr[1]:.3f})"
             opt = f"   [{r.optimizer}]" if r.optimizer else ""
             faults = f"{r.page_faults:>9.0f}" if r.page_faults is not None else "        -"
             note = f"   [{r.note}]" if r.note else ""
-            print(f"{r.impl:<12}{r.batch_size:>6}{1000 * r.median_s:>11.2f}{r.images_per_s:>10.1f}"
-                  f"{r.tflops:>9.3f}{mfu:>7}{faults}{tail}{opt}{note}")
+            build = f"{r.setup_s:>9.1f}" if r.setup_s is not None else "        -"
+            print(f"{r.impl:<14}{r.batch_size:>6}{1000 * r.median_s:>11.2f}{r.images_per_s:>10.1f}"
+                  f"{r.tflops:>9.3f}{mfu:>7}{faults}{build}{tail}   [{r.machine}]{opt}{note}")
     if not args.json:
         ref = f"timm {args.dtype} {'compiled' if args.compile else 'eager'}"  # every row's ratio: against this
         print(f"ratio = speed / {ref} speed (> 1: faster), median of per-round paired ratios; "
-              "faults = median minor page faults per step (fresh 4 KiB pages the kernel had to zero)")
+              "faults = median minor page faults per step (fresh 4 KiB pages the kernel had to zero); "
+              "build s = a runtime's one-off compile / convert before timing, not in its speed")
     return 0

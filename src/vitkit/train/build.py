@@ -27,6 +27,7 @@ from ..distributed import DistInfo, init_distributed, wrap_model
 from ..errors import ConfigError
 from ..eval.evaluate import eval_loader
 from . import adapt, finetune
+from .amp import choose_amp
 from .arch import build_model, check_tokens, read_pretrained_checked
 from .config import TrainConfig
 from .distill import TOKEN_MODES, add_dist_token, build_distiller, read_teacher, student_config
@@ -44,7 +45,7 @@ class Run:
     device: torch.device
     dist: DistInfo
     wrapped: torch.nn.Module  # what the step calls: the model, or its DDP / FSDP / compiled wrapper
-    amp: torch.dtype | None
+    amp: torch.dtype | None  # the step's autocast dtype (None: fp32), --amp auto resolved (vitkit.train.amp)
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     mixer: Any  # MixUp / CutMix on the device, or None
     # the batch affine's (degrees, translate, scale, shear) in the step, or None: then the loader normalises
@@ -55,7 +56,6 @@ class Run:
     warmup_steps: int
     val_loader: Any  # None without a validation split
     eval_kw: dict[str, Any]  # vitkit.eval.evaluate's arguments for this run's data and device
-    cpu_linear: bool  # fp32 Linear layers on oneDNN in the step (vitkit.train.kernels)
     log: Callable[[str], None]  # rank 0's log; the other ranks' is silent
     distill: Any = None  # vitkit.train.distill.Distiller with --teacher, else None
     lora: Any = None  # --lora: the peft model around the model (vitkit.train.adapt), which saves the adapter
@@ -119,10 +119,16 @@ def build_run(cfg: TrainConfig, device: torch.device, dist: DistInfo, log, resum
     batch = min(cfg.batch_size, len(data.train))  # the last partial batch is dropped: equal batches keep DDP exact
     if not probe:  # a step that would not fit is lowered (a resume keeps its batch: refused instead)
         fitted = fit_batch(model, batch, accum_steps=cfg.accum_steps, world_size=dist.world_size, ema=cfg.ema,
-                           amp=cfg.amp != "off", grad_checkpointing=cfg.grad_checkpointing, device=device, log=log,
+                           amp=cfg.amp in ("bf16", "fp16"), grad_checkpointing=cfg.grad_checkpointing, device=device, log=log,
                            lower=not resumed)
         if fitted < batch:
             batch, cfg = fitted, cfg.replace(batch_size=fitted)
+    # --amp auto: measured on this model and CPU (vitkit.train.amp); a resume brings the run's saved choice
+    amp_choice = choose_amp(cfg.amp, model, device, max(1, batch // dist.world_size // cfg.accum_steps), dist,
+                            probe=probe)
+    if amp_choice.note:
+        log(amp_choice.note)
+    amp = amp_dtype(amp_choice.amp, device)
     cfg, lr_note = finetune.resolve_lr(cfg, batch)  # --lr / --layer-decay 0: auto, for this batch
     if lr_note:
         log(lr_note)
@@ -135,7 +141,7 @@ def build_run(cfg: TrainConfig, device: torch.device, dist: DistInfo, log, resum
     if probe:  # the backbone's features of every training image, once; then the head trains on them
         log(f"linear probe: computing the frozen backbone's features of {len(data.train)} training images once")
         feats = adapt.probe_features(model, data.train, mean=data.mean, std=data.std, device=device,
-                                     workers=cfg.workers, amp=amp_dtype(cfg, device))
+                                     workers=cfg.workers, amp=amp)
         loader = make_loader(feats, batch_size=batch, train=True, seed=cfg.seed, workers=0, rank=dist.rank,
                              world_size=dist.world_size, device_type=device.type, normalize=False)
     else:
@@ -147,7 +153,6 @@ def build_run(cfg: TrainConfig, device: torch.device, dist: DistInfo, log, resum
         optimizer.add_param_group(group)  # the feature projection trains (and is saved) with the run
     fsdp = dist.enabled and cfg.strategy == "fsdp"
     ema = build_ema(cfg, model, sharded=fsdp, log=log, total_steps=total)
-    amp = amp_dtype(cfg, device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
     if cfg.compile:
         wrapped = torch.compile(wrapped)
@@ -162,7 +167,7 @@ def build_run(cfg: TrainConfig, device: torch.device, dist: DistInfo, log, resum
               eval_kw=dict(task=data.task, num_outputs=data.num_outputs, mean=data.mean, std=data.std, device=device,
                            dist=dist, regression_loss=loss_kind if loss_kind != "ce" else "mse", labels=data.classes,
                            amp_dtype=amp),
-              cpu_linear=cpu_linear_kernels(cfg, model, device, log), log=log, distill=distiller, lora=lora)
+              log=log, distill=distiller, lora=lora)
     state = RunState(model=model, optimizer=optimizer, ema=ema, scaler=scaler, loader=loader, device=device,
                   fsdp=fsdp, labels=list(data.classes) if data.classes else None)
     return run, state
@@ -221,35 +226,11 @@ def setup_backends(cfg: TrainConfig, device: torch.device) -> None:
         torch.backends.cudnn.allow_tf32 = True
 
 
-def amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
-    if cfg.amp == "fp16" and device.type != "cuda":
+def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of a resolved ``--amp`` (off | bf16 | fp16; auto: :func:`vitkit.train.amp.choose_amp`)."""
+    if amp == "fp16" and device.type != "cuda":
         raise ConfigError("--amp fp16 needs CUDA (it relies on a grad scaler); on the CPU use --amp bf16")
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
-
-
-def cpu_linear_kernels(cfg: TrainConfig, model, device: torch.device, log) -> bool:
-    """Whether the training step runs fp32 Linear layers on oneDNN (``vitkit.train.kernels``):
-    ``--cpu-linear auto`` where it applies, ``onednn`` the same or a ConfigError naming why not."""
-    from . import kernels
-
-    if cfg.cpu_linear == "torch" or (cfg.cpu_linear == "auto" and device.type != "cpu"):
-        return False
-    wide = any(isinstance(m, torch.nn.Linear) and min(m.weight.shape) >= kernels.MIN_FEATURES
-               for m in model.modules())
-    why = ("the device is " + str(device) if device.type != "cpu" else
-           f"--amp {cfg.amp} (autocast picks the kernels)" if cfg.amp != "off" else
-           "--compile (inductor picks the kernels)" if cfg.compile else
-           "--grad-checkpointing (its recomputation would run the other kernel)" if cfg.grad_checkpointing else
-           "this torch has no oneDNN matmul on this CPU (x86-64 builds with oneDNN have it)"
-           if not kernels.available() else
-           f"no Linear layer of this model is {kernels.MIN_FEATURES}+ features wide both ways (F.linear is as "
-           "fast below that, measured)" if not wide else None)
-    if why is None:
-        log("cpu linear: oneDNN matmuls for the fp32 Linear layers (--cpu-linear torch for F.linear's)")
-        return True
-    if cfg.cpu_linear == "onednn":
-        raise ConfigError(f"--cpu-linear onednn cannot apply: {why}; use --cpu-linear auto or torch")
-    return False
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
 
 
 def build_optimizer_and_schedule(cfg: TrainConfig, model, steps_per_epoch: int, log):

@@ -41,6 +41,10 @@ NOT_RECIPE = ("out", "overwrite")
 PER_INVOCATION = (*NOT_RECIPE, "max_steps")
 DATASETS = dataset_names()
 DISTILL_MODES = ("soft", "hard", "token", "token-soft", "feature")  # --distill: vitkit.train.distill
+# Options an older vitkit saved that no longer exist: a saved run or recipe that sets one still loads and
+# resumes, the option dropped with a note saying why (drop_removed).
+REMOVED = {"cpu_linear": "the oneDNN fp32 training kernels were removed: 0.97x timm's step on an Intel AMX CPU, "
+                         "BENCHMARKS.md"}
 
 
 @dataclass
@@ -195,12 +199,12 @@ class TrainConfig:
     threads: int = field(default=0, metadata={
         "help": "torch CPU threads (0 = every core; 1 is faster when other jobs share the cores)"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
-    amp: str = field(default="off", metadata={"help": "off | bf16 (CUDA or CPU autocast) | fp16 (CUDA, with a grad scaler)"})
+    amp: str = field(default="auto", metadata={
+        "help": "auto | off | bf16 (CUDA or CPU autocast) | fp16 (CUDA, with a grad scaler). auto: on a CPU with native "
+                "bf16 matmuls (AVX-512-BF16, AMX) bf16 autocast where a few forward + backward steps of the model at "
+                "hand measure it >= 1.1x the fp32 step (the log says the ratio; saved with the run, a resume keeps "
+                "it), else fp32; fp32 on CUDA"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model (CUDA or CPU; the first steps compile)"})
-    cpu_linear: str = field(default="auto", metadata={
-        "help": "fp32 Linear kernels of a CPU training step: auto (oneDNN where it applies: x86 CPU, no --amp, "
-                "--compile or --grad-checkpointing; 1.03-1.04x per ViT-S/B step, measured) | onednn (the same, and an "
-                "error where it cannot apply) | torch (F.linear, MKL: what timm runs)"})
     strategy: str = field(default="ddp", metadata={"help": "ddp | fsdp when launched with torchrun"})
     eval_every: int = field(default=1, metadata={"help": "validate every N epochs (and always on the last)"})
     out: str | None = field(default=None, metadata={
@@ -238,9 +242,8 @@ class TrainConfig:
         choice("hflip", ("auto", "on", "off"))
         choice("select", ("final", "best"))
         choice("auto_augment", ("none", "randaugment", "trivialaugment"))
-        choice("amp", ("off", "bf16", "fp16"))
+        choice("amp", ("auto", "off", "bf16", "fp16"))
         choice("strategy", ("ddp", "fsdp"))
-        choice("cpu_linear", ("auto", "onednn", "torch"))
         choice("preprocess", ("auto", "data"))
         choice("distill", DISTILL_MODES)
         for name in ("epochs", "batch_size", "accum_steps", "eval_every", "log_every"):
@@ -339,14 +342,18 @@ def check_keys(data: dict[str, Any]) -> None:
     if unknown:
         msgs = []
         for k in unknown:
+            if k in REMOVED:
+                msgs.append(f"{k} ({REMOVED[k]})")
+                continue
             close = difflib.get_close_matches(str(k)[:100].replace("-", "_"), known, n=1)
             msgs.append(short(k) + (f" (did you mean {close[0]!r}?)" if close else ""))
         raise ConfigError(f"unknown training option(s): {', '.join(msgs)}")
 
 
-def read_config_file(path: str | Path, *, note=None) -> dict[str, Any]:
+def read_config_file(path: str | Path, *, note=None, removed_note=None) -> dict[str, Any]:
     """Options from a yaml / json recipe. ``out`` / ``overwrite`` in it are dropped (with a note through
-    ``note``, default: stderr): pass them on the command line."""
+    ``note``, default: stderr): pass them on the command line. Options vitkit no longer has are dropped
+    too, with a note through ``removed_note`` (default: ``note``)."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file {p} does not exist")
@@ -367,14 +374,22 @@ def read_config_file(path: str | Path, *, note=None) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: expected a mapping of option: value, got {type(data).__name__}")
     data = {str(k).replace("-", "_"): v for k, v in data.items()}
+    if note is None:
+        import sys
+
+        def note(msg):
+            print(msg, file=sys.stderr)
+
     dropped = [k for k in NOT_RECIPE if k in data and data.pop(k) not in (None, False)]
     if dropped:
-        if note is None:
-            import sys
-
-            def note(msg):
-                print(msg, file=sys.stderr)
-
         note(f"note: {p} sets {', '.join(dropped)}: ignored (a recipe never says where to write; "
              f"pass --out DIR on the command line)")
+    return drop_removed(data, p, removed_note or note)
+
+
+def drop_removed(data: dict[str, Any], where, note) -> dict[str, Any]:
+    """``data`` without the options vitkit no longer has (:data:`REMOVED`), each named through ``note``."""
+    for k in [k for k in data if k in REMOVED]:
+        note(f"note: {where} sets {k}: ignored ({REMOVED[k]})")
+        del data[k]
     return data

@@ -57,10 +57,10 @@ from ..errors import ConfigError
 from ..eval.evaluate import evaluate, normalize
 from ..io import atomic_write_text
 from ..progress import progress_bar
+from .amp import amp_name
 from .build import Run, build_run, setup_process
 from .checkpoint import STATE_NAME
 from .config import TrainConfig
-from .kernels import onednn_linear
 from .optim import lr_at, set_lr
 from .resume import check_same_labels, read_resume
 from .rundir import run_directory
@@ -99,7 +99,7 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, log=print, on_step
                 summary = run_session(run, state, open_session(run, state, run_dir, signals, on_step), t0)
         else:  # the lock first: the state of a live run is neither read nor resumed twice
             with run_directory(cfg, resume, dist) as run_dir:
-                cfg, amended, saved = read_resume(run_dir, cfg, resume)
+                cfg, amended, saved = read_resume(run_dir, cfg, resume, log)
                 run, state = build_run(cfg, device, dist, log, resumed=True)
                 check_same_labels(saved, run.data.classes, run.cfg.data_dir, resume)
                 if saved is None:
@@ -158,12 +158,11 @@ def train_step(run: Run, state: RunState, x: torch.Tensor, y: torch.Tensor, inde
     rows = index.tensor_split(parts) if index is not None else [None] * parts
     for k, (xc, yc, hc, rc) in enumerate(zip(x.tensor_split(parts), y.tensor_split(parts), y_hard.tensor_split(parts),
                                              rows)):
-        # the teacher's outputs first, outside the student's autocast and kernels (it has its own dtype)
+        # the teacher's outputs first, outside the student's autocast (it has its own dtype)
         target = run.distill.targets(xc, rc) if run.distill is not None else None
         no_sync = k < parts - 1 and hasattr(run.wrapped, "no_sync")  # DDP: all-reduce on the last part only
         with run.wrapped.no_sync() if no_sync else contextlib.nullcontext(), \
-                torch.autocast(run.device.type, dtype=run.amp, enabled=run.amp is not None), \
-                onednn_linear(run.cpu_linear):
+                torch.autocast(run.device.type, dtype=run.amp, enabled=run.amp is not None):
             out = run.wrapped(xc)
             if target is None:
                 loss = run.loss_fn(out.float(), yc)
@@ -430,7 +429,8 @@ def finish(run: Run, state: RunState, session: Session, t0: float) -> dict[str, 
         "finished": done, "best_epoch": state.best["epoch"], "best_step": state.best.get("step"),
         "best_weights": state.best["which"], "weights_choice": state.best.get("choice"),
         "ema_decay": state.ema.decay if state.ema is not None else None, "wall_seconds": wall,
-        "world_size": dist.world_size, "threads": torch.get_num_threads(), "run_dir": str(run_dir),
+        "world_size": dist.world_size, "threads": torch.get_num_threads(), "amp": amp_name(run.amp),
+        "run_dir": str(run_dir),
         "skipped_images": state.loader.skipped + len(getattr(data, "skipped_files", [])),
         # an image of the run's own data for the "next:" commands (file datasets only)
         "example_image": str(test.paths[0]) if getattr(test, "paths", None) else None}

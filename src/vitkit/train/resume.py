@@ -16,7 +16,7 @@ from typing import Any
 from ..errors import CheckpointError, ConfigError
 from ..io import atomic_write_text
 from .checkpoint import STATE_NAME, load_state
-from .config import ARCH_FIELDS, PER_INVOCATION, TrainConfig, check_keys, read_config_file
+from .config import ARCH_FIELDS, PER_INVOCATION, TrainConfig, check_keys, drop_removed, read_config_file
 from .options import load_yaml, short
 
 AMENDMENTS_FILE = "amendments.yaml"
@@ -27,7 +27,7 @@ AMENDMENTS_FILE = "amendments.yaml"
 # config is config.yaml + the amendments in order (read_run_config).
 RESUME_CHANGEABLE = ("epochs", "lr", "min_lr", "warmup_epochs", "grad_clip", "ema_decay", "select", "eval_every",
                      "data_dir", "download", "skip_bad_images", "workers", "threads", "device", "amp", "compile",
-                     "cpu_linear", "strategy", "grad_checkpointing", "accum_steps", "deterministic", "progress",
+                     "strategy", "grad_checkpointing", "accum_steps", "deterministic", "progress",
                      "log_every", "tensorboard")
 # Everything else is refused on --resume, with the reason: the saved weights, optimizer state or data
 # order belong to the value the run started with.
@@ -54,16 +54,21 @@ RESUME_REFUSED: dict[str, str] = {
 }
 
 
-def read_run_config(run_dir: str | Path) -> dict[str, Any]:
+def _silent(msg: str) -> None:
+    pass
+
+
+def read_run_config(run_dir: str | Path, note=_silent) -> dict[str, Any]:
     """A run's effective options: its ``config.yaml`` (as the run was started) with the changes of
     ``amendments.yaml`` applied in order. Per-invocation options (``max_steps``, which an older vitkit
-    saved) are dropped."""
+    saved) are dropped; so are options vitkit no longer has, each named through ``note``."""
     run_dir = Path(run_dir)
     saved = run_dir / "config.yaml"
     if not saved.is_file():
         raise CheckpointError(f"--resume {run_dir}: no config.yaml there (not a vitkit training run)")
-    data = read_config_file(saved, note=lambda msg: None)  # out / overwrite: the run dir is --resume's argument
-    for a in read_amendments(run_dir):
+    # out / overwrite: the run dir is --resume's argument
+    data = read_config_file(saved, note=_silent, removed_note=note)
+    for a in read_amendments(run_dir, note):
         data.update(a["changes"])
     for k in PER_INVOCATION:
         data.pop(k, None)
@@ -71,7 +76,7 @@ def read_run_config(run_dir: str | Path) -> dict[str, Any]:
     return data
 
 
-def read_amendments(run_dir: str | Path) -> list[dict[str, Any]]:
+def read_amendments(run_dir: str | Path, note=_silent) -> list[dict[str, Any]]:
     """``amendments.yaml``: the list of ``{time, step, epoch, changes}`` that resumes recorded ([] if none)."""
     path = Path(run_dir) / AMENDMENTS_FILE
     if not path.is_file():
@@ -81,7 +86,7 @@ def read_amendments(run_dir: str | Path) -> list[dict[str, Any]]:
                                               for a in items):
         raise ConfigError(f"{path}: expected a list of {{time, changes: {{option: value}}}}, got {short(items)}")
     for a in items:
-        check_keys(a["changes"])
+        check_keys(drop_removed(a["changes"], path, note))
     return items
 
 
@@ -96,7 +101,7 @@ def resume_changes(effective: dict[str, Any], requested: TrainConfig, run_dir: s
         if k in PER_INVOCATION or v == base[k]:
             continue
         if (k in ARCH_FIELDS and v is None) or (k in ("image_size", "lr", "layer_decay") and v == 0) \
-                or (k == "preprocess" and v == "auto"):
+                or (k in ("preprocess", "amp") and v == "auto"):
             continue  # not given: the run's own (0 / auto: resolved when the run started)
         if k in RESUME_CHANGEABLE:
             changes[k] = v
@@ -121,15 +126,20 @@ def record_amendment(run_dir: str | Path, changes: dict[str, Any], *, step: int,
     return atomic_write_text(Path(run_dir) / AMENDMENTS_FILE, yaml.safe_dump(items, sort_keys=False))
 
 
-def read_resume(run_dir: Path, requested: TrainConfig, resume) -> tuple[TrainConfig, dict[str, tuple[Any, Any]],
-                                                                         dict[str, Any] | None]:
+def read_resume(run_dir: Path, requested: TrainConfig, resume, log=_silent
+                ) -> tuple[TrainConfig, dict[str, tuple[Any, Any]], dict[str, Any] | None]:
     """(the config to resume with, the amendments {option: (old, new)}, the saved state or None).
-    Everything is checked before anything is written: refused changes, the state, the epochs."""
-    effective = read_run_config(run_dir)
+    Everything is checked before anything is written: refused changes, the state, the epochs.
+    ``log``: the note on each saved option vitkit no longer has (dropped)."""
+    effective = read_run_config(run_dir, log)
     changes = resume_changes(effective, requested, resume)
     cfg = TrainConfig.from_dict({**effective, **changes, **{k: getattr(requested, k) for k in ("out", "max_steps")}})
     saved = load_state(run_dir / STATE_NAME) if (run_dir / STATE_NAME).exists() else None
     check_resumable(saved, cfg, resume)
+    if cfg.amp == "auto" and saved is not None and saved.get("amp"):  # measured when the run started: kept
+        cfg = cfg.replace(amp=saved["amp"])
+        log(f"amp: {'fp32' if saved['amp'] == 'off' else saved['amp'] + ' autocast'} (--amp auto: the run's own "
+            f"choice, measured when it started)")
     base = TrainConfig.from_dict(effective)
     return cfg, {k: (getattr(base, k), v) for k, v in changes.items()}, saved
 

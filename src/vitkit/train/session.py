@@ -21,6 +21,7 @@ import torch
 
 from ..errors import CheckpointError, VitkitError
 from ..io import atomic_write_text
+from .amp import amp_name
 from .build import Run
 from .checkpoint import STATE_NAME, save_state
 from .resume import AMENDMENTS_FILE, record_amendment
@@ -124,6 +125,7 @@ def _tensorboard(run: Run, run_dir: Path):
 def save_checkpoint(run: Run, state: RunState, session: Session, *, mid_epoch: bool, finished: bool = False) -> None:
     """train_state.pt, atomically (collective under torchrun; rank 0 writes)."""
     saved = state.state_dict(run.dist, mid_epoch=mid_epoch, finished=finished)
+    saved["amp"] = amp_name(run.amp)  # --amp auto's choice: a resume keeps it (vitkit.train.amp)
     if run.distill is not None:
         saved["distill"] = run.distill.state_dict()
     if run.dist.is_main:
