@@ -23,6 +23,11 @@ rotating order; a ratio is the median over rounds of peer time / vitkit time (> 
 Agreement (fp32): the zero-shot probabilities of the three models on one preprocessed batch
 (max abs difference: the weights and the head, not the resize code).
 
+bf16: vitkit's Predictor picks its runtime by measurement (``vitkit.infer.backends``, backend "auto");
+here it measures at the warm-up call (``AUTO_AFTER_S = 0``, untimed), or starts with the choice an
+earlier run cached on disk (``VITKIT_BACKEND_CACHE=off`` to measure again), so the timed rounds run
+the chosen runtime; the choice is printed and kept in the JSON (``vitkit_bf16_backends``).
+
     python benchmarks/zeroshot.py                 # ViT-B/16, 64 images, 800 texts, 5 rounds: minutes
     python benchmarks/zeroshot.py --quick         # a tiny model, seconds: checks that it runs
 """
@@ -124,7 +129,11 @@ def main() -> int:
     import open_clip
     import transformers
 
+    from vitkit import cpu
     from vitkit.features.zeroshot import IMAGENET_TEMPLATES, ZeroShotHead, classify_files, encode_texts
+    from vitkit.infer import backends
+
+    backends.AUTO_AFTER_S = 0.0  # the warm-up call measures (untimed), not a timed round
 
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     with tempfile.TemporaryDirectory() as d:
@@ -193,6 +202,7 @@ def main() -> int:
         res = {"model": "tiny CLIP (random)" if args.quick else "OpenCLIP ViT-B/16 (random weights)",
                "images": args.images, "texts": args.texts, "rounds": args.rounds, "batch_size": args.batch_size,
                "workers": args.workers, "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+               "cpu": cpu.describe(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                "open_clip": open_clip.__version__, "transformers": transformers.__version__,
                "fp32_max_abs_prob_diff_vs": agree, "results": {}}
         for what, jobs, n in (("images", image_jobs, args.images), ("texts", text_jobs, len(texts))):
@@ -210,6 +220,12 @@ def main() -> int:
                 for peer in ("open_clip", "transformers"):
                     row[f"ratio_vs_{peer}"] = statistics.median(p / v for p, v in zip(times[peer], times["vitkit"]))
                 res["results"][f"{what}_{dt}"] = row
+                if dt == "bf16":  # which runtime the timed rounds ran (the choosers the Predictors share)
+                    tower = pair.vision if what == "images" else pair.text
+                    said = [n for per in backends._CHOOSERS.get(tower, {}).values() for n in per.said]
+                    res.setdefault("vitkit_bf16_backends", {})[what] = said
+                    for n in said:
+                        print(f"  vitkit {what} bf16: {n}", flush=True)
                 print(f"{what:>6} {dt}: vitkit {row['vitkit']['per_s']:.1f}/s, open_clip {row['open_clip']['per_s']:.1f}/s "
                       f"(x{row['ratio_vs_open_clip']:.3f}), transformers {row['transformers']['per_s']:.1f}/s "
                       f"(x{row['ratio_vs_transformers']:.3f})", flush=True)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -15,6 +19,40 @@ def _seed():
     """Every test starts from the same RNG state."""
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _cache_dir(tmp_path_factory):
+    """vitkit's disk caches (the bf16 runtime chosen per shape: vitkit.infer.backends) go to a folder of
+    the suite's own, never the user's ~/.cache: a choice measured on a loaded CI machine is not theirs."""
+    old = os.environ.get("VITKIT_CACHE_DIR")
+    os.environ["VITKIT_CACHE_DIR"] = str(tmp_path_factory.mktemp("vitkit_cache"))
+    yield
+    if old is None:
+        os.environ.pop("VITKIT_CACHE_DIR", None)
+    else:
+        os.environ["VITKIT_CACHE_DIR"] = old
+
+
+@pytest.fixture
+def isolated(request):
+    """``if isolated(): return`` at the top of a test runs that test in a fresh Python process (its
+    assertions there; its failure fails this test); inside that process ``isolated()`` is False.
+    OpenVINO's and inductor's native runtimes keep threads and libraries loaded for the life of a
+    process: in the suite's one process they crashed a later test (a segfault at a test of another
+    file), so the tests that start them get their own process."""
+
+    def run() -> bool:
+        if os.environ.get("VITKIT_TEST_ISOLATED") == "1":
+            return False
+        r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", request.node.nodeid],
+                           cwd=request.config.rootpath, env={**os.environ, "VITKIT_TEST_ISOLATED": "1"},
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0 and (" passed" in r.stdout or " skipped" in r.stdout), \
+            r.stdout[-4000:] + r.stderr[-2000:]
+        return True
+
+    return run
 
 
 @pytest.fixture

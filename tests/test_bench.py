@@ -2,10 +2,8 @@
 
 import importlib.util
 import json
-import os
 import shutil
 import statistics
-import subprocess
 import sys
 
 import pytest
@@ -131,17 +129,6 @@ def test_ort_int8_session_matches_the_model():
 TINY = vitkit.ViTConfig(image_size=16, patch_size=8, dim=32, depth=1, num_heads=2, mlp_dim=64, num_classes=10)
 
 
-def isolated(name: str) -> bool:
-    """Run test ``name`` of this file in a fresh Python process (its failure fails this test) and return
-    True; inside that process return False. inductor's and OpenVINO's native runtimes stay loaded for the
-    life of a process and crashed a later test of the suite's one process (tests/test_predictor_backends.py)."""
-    if os.environ.get("VITKIT_TEST_ISOLATED") == "1":
-        return False
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"{__file__}::{name}"],
-                       env={**os.environ, "VITKIT_TEST_ISOLATED": "1"}, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0 and " passed" in r.stdout, r.stdout[-4000:] + r.stderr[-2000:]
-    return True
-
 
 def test_every_row_names_the_cpu(capsys):
     """The printed table and the JSON lines name the processor (model and ISA flags) on every row."""
@@ -189,10 +176,10 @@ def test_unknown_runtime_is_a_config_error():
 
 @pytest.mark.slow
 @pytest.mark.skipif(not any(shutil.which(c) for c in ("c++", "g++", "clang++")), reason="inductor needs a C++ compiler")
-def test_compile_and_openvino_rows_time_the_predictors_runtimes(monkeypatch):
+def test_compile_and_openvino_rows_time_the_predictors_runtimes(isolated, monkeypatch):
     """The runtime rows are Predictor(model, "bf16", backend=...) built before timing (timing compiles
     nothing), computing the model's function within bf16 rounding, paired against timm in the same rounds."""
-    if isolated("test_compile_and_openvino_rows_time_the_predictors_runtimes"):
+    if isolated():
         return
     from torch._dynamo.utils import counters
 

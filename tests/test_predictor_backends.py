@@ -1,15 +1,13 @@
 """vitkit.infer.backends: which runtime runs a bf16 Predictor on the CPU. The compiled backend (inductor,
 freezing) runs on a tiny model and agrees with the fp32 model within bf16 rounding; a built runtime is
 kept (a second call compiles nothing); "auto" measures once per shape once the walk has run it a while, and keeps
-its choice (timings replaced by fixed ones: no test depends on which CPU runs it); a runtime that is
-unavailable or fails to build falls back to the hand-written walk with a note."""
+its choice (timings replaced by fixed ones: no test depends on which CPU runs it), also on disk for a later
+process; a runtime that is unavailable or fails to build falls back to the hand-written walk with a note."""
 
 from __future__ import annotations
 
-import os
+import json
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -19,6 +17,14 @@ from vitkit.errors import ConfigError
 from vitkit.infer import Predictor, backends
 
 TINY = dict(image_size=16, patch_size=8, dim=32, depth=1, num_heads=2, mlp_dim=64, num_classes=10)
+
+
+@pytest.fixture(autouse=True)
+def cache_dir(tmp_path, monkeypatch):
+    """The disk cache of "auto"'s choices in this test's own folder (never the user's)."""
+    monkeypatch.setenv("VITKIT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv(backends.CACHE_ENV, raising=False)
+    return tmp_path / "cache"
 
 
 @pytest.fixture
@@ -36,18 +42,6 @@ def tiny(seed: int = 0) -> ViT:
     return m
 
 
-def isolated(name: str) -> bool:
-    """Run test ``name`` of this file in a fresh Python process (its assertions there; its failure fails
-    this test) and return True; inside that process return False. OpenVINO's and inductor's native
-    runtimes keep threads and libraries loaded for the life of a process: in the suite's one process
-    they crashed a later test (a segfault at a test of another file), so they get their own."""
-    if os.environ.get("VITKIT_TEST_ISOLATED") == "1":
-        return False
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"{__file__}::{name}"],
-                       env={**os.environ, "VITKIT_TEST_ISOLATED": "1"}, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0 and (" passed" in r.stdout or " skipped" in r.stdout), r.stdout[-4000:] + r.stderr[-2000:]
-    return True
-
 
 def close_bf16(got: torch.Tensor, want: torch.Tensor) -> bool:
     """Within bf16 rounding of fp32 (8 bits of mantissa through one block)."""
@@ -55,8 +49,8 @@ def close_bf16(got: torch.Tensor, want: torch.Tensor) -> bool:
 
 
 @pytest.mark.skipif(not any(shutil.which(c) for c in ("c++", "g++", "clang++")), reason="inductor needs a C++ compiler")
-def test_compiled_backend_matches_fp32_and_compiles_once(native_bf16, monkeypatch):
-    if isolated("test_compiled_backend_matches_fp32_and_compiles_once"):
+def test_compiled_backend_matches_fp32_and_compiles_once(isolated, native_bf16, monkeypatch):
+    if isolated():
         return
     from torch._dynamo.utils import counters
 
@@ -185,8 +179,8 @@ def test_no_native_bf16_runs_fp32_without_backends(monkeypatch):
     assert p.dtype == "fp32" and p._chooser is None
 
 
-def test_openvino_backend_matches_fp32(native_bf16):
-    if isolated("test_openvino_backend_matches_fp32"):
+def test_openvino_backend_matches_fp32(isolated, native_bf16):
+    if isolated():
         return
     pytest.importorskip("openvino")
     m = tiny()
@@ -198,8 +192,8 @@ def test_openvino_backend_matches_fp32(native_bf16):
     assert p._chooser.chosen == {((3, 3, 16, 16), None): "openvino"}
 
 
-def test_openvino_backend_runs_a_text_tower_at_every_trimmed_length(native_bf16):
-    if isolated("test_openvino_backend_runs_a_text_tower_at_every_trimmed_length"):
+def test_openvino_backend_runs_a_text_tower_at_every_trimmed_length(isolated, native_bf16):
+    if isolated():
         return
     pytest.importorskip("openvino")
     from vitkit import TextConfig
@@ -219,3 +213,98 @@ def test_openvino_backend_runs_a_text_tower_at_every_trimmed_length(native_bf16)
                 want = m(ids, am)
             assert close_bf16(p(ids, am), want)
     assert set(p._chooser.chosen.values()) == {"openvino"}
+
+
+@pytest.fixture
+def fake_runtimes(monkeypatch):
+    """"compile" available and built as the model's own forward (names logged), measured 2x the walk."""
+    built = []
+
+    def build(name, net, stages, x, mask, trim):
+        built.append(name)
+        return FakeRuntime(stages, net)
+
+    monkeypatch.setattr(backends, "build", build)
+    monkeypatch.setattr(backends, "unavailable", lambda name, text: "" if name == "compile" else "not installed")
+    monkeypatch.setattr(backends, "_timed", lambda runs, x, mask: {n: 1.0 if n == "eager" else 0.5 for n in runs})
+    monkeypatch.setattr(backends, "AUTO_AFTER_S", 0.0)
+    return built
+
+
+def fresh_process(monkeypatch):
+    """What a new Python process has: no chooser kept in memory, and no time to measure."""
+    monkeypatch.setattr(backends, "_CHOOSERS", backends.weakref.WeakKeyDictionary())
+    monkeypatch.setattr(backends, "AUTO_AFTER_S", 1e9)
+    monkeypatch.setattr(backends, "_timed", lambda *a: pytest.fail("a cached choice is not measured again"))
+
+
+def test_auto_choice_is_cached_on_disk_for_a_later_process(native_bf16, fake_runtimes, cache_dir, monkeypatch):
+    x = torch.randn(2, 3, 16, 16)
+    Predictor(tiny(), "bf16")(x)  # measured: compile, 2x
+    assert fake_runtimes == ["compile"] and backends.cache_path() == cache_dir / backends.CACHE_FILE
+    (entry,) = json.loads(backends.cache_path().read_text()).values()
+    assert entry["backend"] == "compile" and entry["input"] == [2, 3, 16, 16] and entry["output"] == "logits"
+    fresh_process(monkeypatch)
+    m = tiny(seed=1)  # other weights, the same architecture: the same choice
+    p = Predictor(m, "bf16")
+    with torch.no_grad():
+        assert close_bf16(p(x), m(x))  # the first call already runs the cached winner
+    assert fake_runtimes == ["compile", "compile"] and p._chooser.chosen == {((2, 3, 16, 16), None): "compile"}
+    assert any("compile (chosen by measurement on" in n and f"cached in {backends.cache_path()}" in n
+               for n in p.notes)
+    p(torch.randn(4, 3, 16, 16))  # another shape was never measured: the walk, waiting its turn
+    assert ((4, 3, 16, 16), None) not in p._chooser.chosen
+    other = Predictor(m, "bf16", output="pooled")  # another output: its own entry
+    other(x)
+    assert ((2, 3, 16, 16), None) not in other._chooser.chosen
+    backends.clear_cache()
+    assert not backends.cache_path().exists()
+
+
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]", '{"k": 3}'])
+def test_a_bad_cache_file_is_ignored_and_rewritten(native_bf16, fake_runtimes, monkeypatch, text):
+    path = backends.cache_path()
+    path.parent.mkdir(parents=True)
+    path.write_text(text)
+    x = torch.randn(2, 3, 16, 16)
+    p = Predictor(tiny(), "bf16")
+    p(x)
+    assert p._chooser.chosen == {((2, 3, 16, 16), None): "compile"}  # measured, as with no cache
+    assert [e["backend"] for e in json.loads(path.read_text()).values()] == ["compile"]
+
+
+def test_the_cache_can_be_switched_off(native_bf16, fake_runtimes, monkeypatch):
+    monkeypatch.setenv(backends.CACHE_ENV, "off")
+    Predictor(tiny(), "bf16")(torch.randn(2, 3, 16, 16))
+    assert fake_runtimes == ["compile"] and not backends.cache_path().exists()
+
+
+def test_cache_location_follows_the_environment(monkeypatch, tmp_path):
+    assert backends.cache_path() == tmp_path / "cache" / backends.CACHE_FILE
+    monkeypatch.delenv("VITKIT_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert backends.cache_path() == tmp_path / "xdg" / "vitkit" / backends.CACHE_FILE
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert backends.cache_path() == tmp_path / "home" / ".cache" / "vitkit" / backends.CACHE_FILE
+
+
+def test_a_predictor_built_again_reuses_the_checked_bf16_copy(native_bf16, monkeypatch):
+    m = tiny()
+    x = torch.randn(2, 3, 16, 16)
+    p = Predictor(m, "bf16")
+    want = p(x)
+    with monkeypatch.context() as mp:
+        mp.setattr(Predictor, "_verify", lambda *a: pytest.fail("checked again"))
+        mp.setattr("vitkit.infer.predictor.copy.deepcopy", lambda *a: pytest.fail("copied again"))
+        again = Predictor(m, "bf16")
+    assert again._net is p._net and again._plan is p._plan and again.path == "engine"
+    assert torch.equal(again(x), want)
+    with torch.no_grad():
+        m.head.bias.add_(1.0)  # changed weights: a new copy
+    changed = Predictor(m, "bf16")
+    assert changed._net is not p._net
+    with torch.no_grad():
+        assert close_bf16(changed(x), m(x))
+    m.blocks[0].register_forward_hook(lambda *a: None)  # a hook now: not the copy made without it
+    assert Predictor(m, "bf16")._net is not changed._net

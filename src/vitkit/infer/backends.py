@@ -17,12 +17,25 @@ weights, the same output), so build time is paid once per model and shape, never
 by callers that build a Predictor per call (features, zero-shot). A forced backend ("compile" / "openvino")
 that cannot run here (not installed, no C++ compiler, a failed build) falls back to the walk with a
 note.
+
+Each choice "auto" measures is also written to a small JSON file on disk (:func:`cache_path`: under
+``$VITKIT_CACHE_DIR``, else ``$XDG_CACHE_HOME/vitkit``, else ``~/.cache/vitkit``), keyed by what
+decides it: the CPU (:func:`vitkit.cpu.describe`), torch's threads, the torch and OpenVINO versions,
+the model's architecture (its config, not its weights), the output and the input shape. A later
+process starts that shape on the measured winner at its first call, without the walk's wait or the
+timing, and says so (``... (chosen by measurement on <cpu> at <date>, cached in <path>)``). A file
+that cannot be read is ignored and rewritten; ``VITKIT_BACKEND_CACHE=off`` neither reads nor writes
+it; :func:`clear_cache` (or deleting the file) forgets every choice.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import datetime
+import hashlib
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -31,9 +44,12 @@ import time
 import warnings
 import weakref
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
+
+from .. import cpu
 
 log = logging.getLogger("vitkit.infer")
 
@@ -43,6 +59,8 @@ BACKENDS = ("auto", "eager", "compile", "openvino")
 AUTO_AFTER_S = 10.0
 MARGIN = 1.03  # a runtime replaces the walk only when this much faster (timing noise on a shared CPU)
 TIMED = 3  # timed forwards per candidate; the median decides
+CACHE_FILE = "bf16_backends.json"
+CACHE_ENV = "VITKIT_BACKEND_CACHE"  # "off": the disk cache of choices is neither read nor written
 
 Run = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]  # (x, attention_mask) -> output
 Trim = Callable[[torch.Tensor, "torch.Tensor | None"], "tuple[torch.Tensor, torch.Tensor | None]"]
@@ -75,6 +93,22 @@ class _Forward(nn.Module):
         return self.stages(self.net, x, mask)
 
 
+def openvino_graph(net: nn.Module, stages: Stages, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple:
+    """(OpenVINO's graph of ``stages(net, x, mask)``, feed: (x, mask) -> the graph's inputs). Converted
+    from the fp32 values of ``net``'s weights (exact for a bf16 copy); the runtime picks its own
+    precision when it compiles. Also the graph that :mod:`vitkit.infer.int8` quantizes."""
+    import openvino as ov
+
+    module = _Forward(copy.deepcopy(net).float(), stages).eval()
+    feed = (lambda x, mask: (x,) if mask is None else (x, mask)) if not x.is_floating_point() else \
+        (lambda x, mask: (x.float(),))
+    with torch.no_grad(), warnings.catch_warnings():
+        # the trace takes the image size as fixed (the Chooser converts once per size)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        graph = ov.convert_model(module, example_input=feed(x, mask))
+    return graph, feed
+
+
 def build(name: str, net: nn.Module, stages: Stages, x: torch.Tensor, mask: torch.Tensor | None = None,
           trim: Trim | None = None) -> Run:
     """Backend ``name`` over ``stages(net, x, attention_mask)`` (the model's own forward for the
@@ -90,14 +124,7 @@ def build(name: str, net: nn.Module, stages: Stages, x: torch.Tensor, mask: torc
     if name == "openvino":
         import openvino as ov
 
-        # converted from the fp32 values of the bf16 weights (exact); OpenVINO computes in bf16 itself
-        module = _Forward(copy.deepcopy(net).float(), stages).eval()
-        feed = (lambda x, mask: (x,) if mask is None else (x, mask)) if not x.is_floating_point() else \
-            (lambda x, mask: (x.float(),))
-        with torch.no_grad(), warnings.catch_warnings():
-            # the trace takes the image size as fixed (the Chooser converts once per size)
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            graph = ov.convert_model(module, example_input=feed(x, mask))
+        graph, feed = openvino_graph(net, stages, x, mask)
         compiled = ov.Core().compile_model(graph, "CPU", {"INFERENCE_PRECISION_HINT": "bf16",
                                                           "PERFORMANCE_HINT": "LATENCY",
                                                           "INFERENCE_NUM_THREADS": torch.get_num_threads()})
@@ -129,6 +156,66 @@ def _timed(runs: dict[str, Run], x: torch.Tensor, mask: torch.Tensor | None) -> 
     return {n: statistics.median(t) for n, t in ts.items()}
 
 
+def cache_path() -> Path:
+    """The disk cache of "auto"'s choices: ``$VITKIT_CACHE_DIR``, else ``$XDG_CACHE_HOME/vitkit``,
+    else ``~/.cache/vitkit``; the file :data:`CACHE_FILE` there."""
+    root = os.environ.get("VITKIT_CACHE_DIR") or Path(
+        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vitkit"
+    return Path(root).expanduser() / CACHE_FILE
+
+
+def clear_cache() -> None:
+    """Forget every cached choice (the next "auto" Predictor measures again)."""
+    cache_path().unlink(missing_ok=True)
+
+
+def _cache_on() -> bool:
+    return os.environ.get(CACHE_ENV, "").strip().lower() not in ("off", "0", "no", "false")
+
+
+def _read_cache() -> dict:
+    """The cache's entries; {} for a missing, unreadable or malformed file (rewritten at the next write)."""
+    try:
+        data = json.loads(cache_path().read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) and all(isinstance(v, dict) for v in data.values()) else {}
+
+
+def _write_cache(key: str, entry: dict) -> None:
+    """Add one entry, written whole to a temporary file and renamed over the old one (a reader never
+    sees half a file; of two processes writing at once one entry may be lost: it is measured again)."""
+    path = cache_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = {**_read_cache(), key: entry}
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as e:  # a read-only home: the choice is still kept for this process
+        log.info("Predictor: could not write the backend cache %s (%s)", path, e)
+
+
+def _architecture(model: nn.Module) -> str:
+    """What of ``model`` decides a runtime's speed, not its weights: its config (class and fields),
+    else its parameters' names and shapes."""
+    cfg = getattr(model, "config", None)
+    if dataclasses.is_dataclass(cfg):
+        return f"{type(model).__name__} {type(cfg).__name__}" + json.dumps(dataclasses.asdict(cfg), sort_keys=True,
+                                                                             default=str)
+    return type(model).__name__ + json.dumps([(n, list(p.shape)) for n, p in model.named_parameters()])
+
+
+def _versions() -> dict:
+    try:
+        from importlib.metadata import version
+
+        ov = version("openvino")
+    except Exception:  # noqa: BLE001 - not installed (or no metadata): not a candidate either
+        ov = None
+    return {"torch": torch.__version__, "openvino": ov}
+
+
 # model -> {(backend, output, weights): Chooser}; weak: a dropped model drops its entries
 _CHOOSERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -147,7 +234,21 @@ def chooser_for(model: nn.Module, backend: str, output: str, make: Callable[[], 
         for stale in [k for k in per if k[2] != weights]:
             del per[stale]
         per[key] = make()
+        per[key].identity = {"architecture": _architecture(model), "output": output}
     ch = per[key]
+    notes.extend(ch.said)
+    ch.notes = notes
+    return ch
+
+
+def cached_chooser(model: nn.Module, backend: str, output: str, notes: list[str]) -> Chooser | None:
+    """The :class:`Chooser` :func:`chooser_for` keeps for ``model`` as its weights are now, or None:
+    a Predictor built again on the same model takes its bf16 copy and walk (checked when first
+    built) instead of copying and checking again, a cost each zero-shot or features call paid."""
+    weights = tuple((id(p), p._version) for p in model.parameters())
+    ch = _CHOOSERS.get(model, {}).get((backend, output, weights))
+    if ch is None or ch.plan is None or ch.net.training != model.training:
+        return None
     notes.extend(ch.said)
     ch.notes = notes
     return ch
@@ -159,9 +260,13 @@ class Chooser:
     ``net``. Neither may hold the original model (the key of :func:`chooser_for`'s weak cache)."""
 
     def __init__(self, backend: str, net: nn.Module, stages: Stages, eager: Run, text: bool,
-                 trim: Trim | None = None) -> None:
+                 trim: Trim | None = None, plan=None) -> None:
         self.backend, self.net, self.stages, self.eager, self.text = backend, net, stages, eager, text
         self.trim = trim  # a text tower's cut of its ids (what its forward does), None for images
+        self.plan = plan  # the walk's engine.Plan over ``net`` (a Predictor built again reuses it)
+        # what, besides the input shape, keys the disk cache (chooser_for: architecture, output)
+        self.identity: dict = {}
+        self.looked_up: set[tuple] = set()  # shapes whose disk-cache entry was read
         self.said: list[str] = []  # every choice made (a fallback is also logged)
         self.notes: list[str] = []  # the latest Predictor's notes, which hear each choice too
         self.runs: dict[tuple, Run] = {}  # shape -> the chosen runtime
@@ -179,6 +284,12 @@ class Chooser:
         if run is None:
             if not self.candidates:
                 return self.eager(x, mask)
+            if self.backend == "auto" and key not in self.looked_up:  # measured by an earlier process?
+                self.looked_up.add(key)
+                run = self._from_cache(key, x, mask)
+                if run is not None:
+                    self.runs[key] = run
+                    return run(x, mask)
             if self.backend == "auto" and self.spent.get(key, 0.0) < AUTO_AFTER_S:
                 t0 = time.perf_counter()
                 out = self.eager(x, mask)
@@ -201,6 +312,30 @@ class Chooser:
             return None, 0.0, f"{name} failed to build ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
         self.built[where] = run
         return run, time.perf_counter() - t0, ""
+
+    def _cache_key(self, key: tuple) -> tuple[str, dict]:
+        """(the disk cache's key of input shape ``key``, the fields it hashes: module docstring)."""
+        fields = {"cpu": cpu.describe(), "threads": torch.get_num_threads(), **_versions(), **self.identity,
+                  "dtype": "bf16", "input": list(key[0]), "mask": None if key[1] is None else list(key[1])}
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:32], fields
+
+    def _from_cache(self, key: tuple, x: torch.Tensor, mask: torch.Tensor | None) -> Run | None:
+        """The runtime an earlier measurement chose for this shape (disk cache), built; None when
+        nothing usable is cached (not cached, that runtime unavailable or failing now: measure)."""
+        if not _cache_on() or not self.identity:
+            return None
+        entry = _read_cache().get(self._cache_key(key)[0], {})
+        name = entry.get("backend")
+        if name != "eager" and name not in self.candidates:
+            return None
+        run, secs, _ = (self.eager, 0.0, "") if name == "eager" else self._get(name, x, mask)
+        if run is None:
+            return None
+        self.chosen[key] = name
+        built = "" if name == "eager" else f"; built in {secs:.1f} s"
+        self._say(f"bf16 backend for input {'x'.join(map(str, key[0]))}: {name} (chosen by measurement on "
+                  f"{cpu.describe()} at {entry.get('measured', '?')}, cached in {cache_path()}{built})")
+        return run
 
     def _say(self, msg: str) -> None:
         self.said.append(msg)
@@ -237,4 +372,8 @@ class Chooser:
                f"{'; '.join(said)})")
         self._say(msg)
         log.info("Predictor: %s", msg)
+        if _cache_on() and self.identity:
+            name, fields = self._cache_key(key)
+            when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+            _write_cache(name, {**fields, "backend": best, "measured": when, "speeds": speed})
         return runs[best]

@@ -14,7 +14,7 @@ from .. import cpu
 from ..errors import ConfigError, InputError
 from ..model.naflex import NaFlexBatch
 from ..model.text import TextTransformer
-from . import backends, engine
+from . import backends, engine, int8
 
 log = logging.getLogger("vitkit.infer")
 
@@ -68,9 +68,18 @@ class Predictor:
             adds fused), checked against ``model(x)`` within 1e-5 at construction. "bf16": a
             bf16 copy of the weights (on x86 reordered once for oneDNN, as fp32) and bf16
             activations, on CPUs with native bf16 (else fp32, with a logged note) and on GPUs.
-            "int8": dynamic int8 quantization of every Linear in the blocks (CPU). bf16 and
-            int8 are approximations: measure their top-1 agreement with
+            "int8" (CPU) with ``calibration``: static int8 on the CPU's int8 units (NNCF's
+            post-training quantization run by OpenVINO, :mod:`vitkit.infer.int8`; the ``int8``
+            extra), or, where the CPU has no int8 units or the extra is missing, bf16 where native
+            (else fp32), with a note; without ``calibration``: dynamic int8 quantization of every
+            Linear in the blocks (slower than bf16 on CPUs with native bf16, docs/inference.md).
+            bf16 and int8 are approximations: measure their top-1 agreement with
             :func:`vitkit.infer.agreement`.
+        calibration: int8 only: a few (~64) real images as the model takes them, a (N, C, H, W)
+            float batch of preprocessed images or a sequence of image file paths (preprocessed as
+            ``vitkit predict`` does); the quantizer reads the activations' ranges from them. The
+            quantized graph is built at construction and kept per model, output, calibration and
+            image size (``notes`` say so and the build time).
         compile: True: ``torch.compile`` the model's plain forward (the buffer-reusing walk
             is not used: the compiler plans memory itself). "auto": compile on CUDA, not on
             the CPU (measured: on this project's CPU compiling does not pay, see
@@ -95,14 +104,15 @@ class Predictor:
             every token through the last block, as ``forward_features``; otherwise a class-token
             head's tokens only, as ``model(x)``).
 
-    ``path`` says what runs ("engine" | "model" | "compiled"), ``notes`` why. fp32 reads the
+    ``path`` says what runs ("engine" | "model" | "compiled" | "int8"), ``notes`` why. fp32 reads the
     model's weights at each call (later weight updates are seen); bf16 and int8 copy them at
     construction. The structure (parts, hooks) is read at construction; an fp32 Predictor also
     notices forward hooks added later and then runs the model's forward.
     """
 
     def __init__(self, model: nn.Module, dtype: str = "fp32", compile: bool | str = False,
-                 exact: bool = False, verify: bool = True, output: str = "logits", backend: str = "auto") -> None:
+                 exact: bool = False, verify: bool = True, output: str = "logits", backend: str = "auto",
+                 calibration: torch.Tensor | list | tuple | None = None) -> None:
         if dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
         if output not in engine.OUTPUTS:
@@ -119,6 +129,11 @@ class Predictor:
             raise ConfigError(f"compile must be True, False or 'auto', got {compile!r}")
         if not isinstance(model, nn.Module):
             raise ConfigError(f"Predictor expects a torch nn.Module, got {type(model).__name__}")
+        if calibration is not None and dtype != "int8":
+            raise ConfigError(f"calibration is for dtype 'int8' (static quantization); dtype {dtype!r} takes none")
+        if calibration is not None and isinstance(model, TextTransformer):
+            raise ConfigError("calibration images are for an image model; a text tower's int8 is dynamic "
+                              "quantization (drop calibration)")
         self.model = model
         self.text = isinstance(model, TextTransformer)
         self.output = output
@@ -133,11 +148,32 @@ class Predictor:
             self._note("this CPU has no native bf16 (avx512_bf16 / amx_bf16): running fp32 instead")
             dtype = "fp32"
         if dtype == "int8" and not on_cpu:
-            raise ConfigError(f"dtype 'int8' (dynamic quantization) runs on the CPU only; the model is on {self.device}")
+            raise ConfigError(f"dtype 'int8' runs on the CPU only; the model is on {self.device}")
         if dtype == "int8" and compile:
             raise ConfigError("compile is not supported with dtype 'int8'")
+        self._int8: int8.Quantized | None = None
+        if dtype == "int8" and calibration is not None:
+            calib = int8.calibration_batch(calibration, model)  # checked on every CPU
+            why = int8.unavailable()
+            if why:
+                dtype = "bf16" if bf16_native() else "fp32"
+                self._note(f"static int8 unavailable ({why}): running {dtype} instead")
+            else:
+                self._int8 = int8.quantized_for(model, output, lambda m, x, mask: model_output(m, x, output, mask),
+                                                 calib, self.notes)
+                self.dtype, self.compute_dtype, self._net, self._plan, self._chooser = (
+                    "int8", torch.float32, model, None, None)
+                self._compiled, self.path = None, "int8"
+                return
         self.dtype = dtype
         self.compute_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+        if dtype == "bf16" and on_cpu and backend != "eager" and not compile and not _hooked(list(model.modules())):
+            # the bf16 copy and walk an earlier Predictor of this model made and checked (zero-shot and
+            # features build one per call; copying and checking ViT-B/16 took 2.6 s of each call)
+            ch = backends.cached_chooser(model, backend, output, self.notes)
+            if ch is not None:
+                self._net, self._plan, self._chooser, self._compiled, self.path = ch.net, ch.plan, ch, None, "engine"
+                return
         # What runs: the model itself (fp32, int8) or a bf16 copy of it.
         self._net = model if dtype != "bf16" else copy.deepcopy(model).to(torch.bfloat16)
         self._plan: engine.Plan | None = None
@@ -173,6 +209,9 @@ class Predictor:
             return
         self._plan = plan
         self.path = "engine"
+        if self.dtype == "int8" and not self.text:
+            self.notes.append("int8 without calibration: dynamic quantization of the Linears (slower than bf16 on "
+                              "CPUs with native bf16); pass calibration= (a few real images) for static int8")
         if self.dtype == "bf16" and backend != "eager":
             # the walk and the model's own stages, holding the bf16 copy only (backends.chooser_for)
             text, out, net = self.text, self.output, self._net
@@ -181,7 +220,8 @@ class Predictor:
                      else (lambda x, mask: engine.run(plan, x, out, q)))
             trim = net.trim if text and out != "tokens" else None  # as engine.run_text
             self._chooser = backends.chooser_for(model, backend, output, lambda: backends.Chooser(
-                backend, net, lambda m, x, mask: model_output(m, x, out, mask), eager, text, trim), self.notes)
+                backend, net, lambda m, x, mask: model_output(m, x, out, mask), eager, text, trim,
+                plan=plan if verify else None), self.notes)  # an unchecked plan is not reused
 
     def _reference(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         return model_output(self._net, x, self.output, attention_mask)
@@ -281,7 +321,9 @@ class Predictor:
             x = x.to(self.device, self.compute_dtype, non_blocking=True)
             args = (x,)
         with torch.no_grad():
-            if self._compiled is not None:
+            if self._int8 is not None:
+                out = self._int8(x)
+            elif self._compiled is not None:
                 out = self._compiled(*args)
             elif (self._plan is None or self._net.training
                   or (self._net is self.model and _hooked(self._plan.modules))):
