@@ -15,6 +15,17 @@ Data that ships offline, written as image folders with fixed stratified train / 
     python benchmarks/adapt.py                         # faces, every method (~20 min on 2 cores)
     python benchmarks/adapt.py --datasets faces digits --out benchmarks/results_adapt.json
     python benchmarks/adapt.py --quick                 # 1 epoch each: a smoke run (~3 min)
+    python benchmarks/adapt.py --datasets digits --methods --seeds 0 1 \
+        --out benchmarks/results_adapt_2026-12-07_distill.json   # only the distillation rows
+
+Distillation follows Beyer et al. 2022 ("Knowledge distillation: A good teacher is patient and
+consistent"): function matching, the teacher run at every step on the student's own augmented
+batch (vitkit's ``--teacher`` without ``--teacher-cache``), through the teacher's own resize and center
+crop; augmentation that keeps the label (digits: the batch affine of vitkit's digits recipe, no flips;
+MixUp 0.8 on top learnt too slowly for a CPU budget: val 0.27 after 45 of 100 epochs), soft KD with
+alpha 0.9 at T 2. The student alone has every other flag the same. Two regimes: all training images,
+and for digits ``20/class`` (the first 20 files of each class folder: 200 images, 60 epochs), where the
+teacher is DINOv2 fully fine-tuned on the same 200 images (20 epochs, no flips).
 
 Run it on an otherwise idle machine: the rows are timed.
 """
@@ -41,6 +52,21 @@ VITKIT = [sys.executable, "-m", "vitkit"]
 SIZES = {"faces": (112, 112), "digits": (56, 64)}  # (DINOv2, student)
 EPOCHS = {"faces": 10, "digits": 10}
 STUDENT_EPOCHS = {"faces": 40, "digits": 20}
+# the student's flags in both arms: ViT-Ti/16-sized, from scratch
+STUDENT = ["--model", "vit_tiny_patch16_224", "--lr", "1e-3", "--drop-path", "0.1", "--threads", "1"]
+# augmentation that keeps the label, in both arms (faces: the image-file default, crop + flip; digits: a
+# mirrored 2 is no 2, so the batch affine of vitkit's digits recipe and no flips)
+STUDENT_AUG = {"faces": [],
+               "digits": ["--affine-degrees", "10", "--affine-translate", "0.1", "--affine-scale", "0.1",
+                          "--hflip", "off", "--random-resized-crop", "false"]}
+# --distill mode -> (row name, flags); the teacher runs on every step's batch (function matching)
+DISTILL = {"soft": ("student distilled (soft, T=2, alpha 0.9)",
+                    ["--distill", "soft", "--distill-temperature", "2", "--distill-alpha", "0.9"]),
+           "hard": ("student distilled (hard, alpha 0.5)", ["--distill", "hard", "--distill-alpha", "0.5"]),
+           "token": ("student distilled (DeiT token, hard, alpha 0.5)", ["--distill", "token", "--distill-alpha", "0.5"])}
+# regime -> (images per class kept in train/ (None: all), student epochs per dataset (a dataset not named
+# skips the regime), teacher epochs)
+REGIMES = {"full": (None, STUDENT_EPOCHS, None), "20/class": (20, {"digits": 60}, 20)}
 # method -> extra `vitkit train` flags (all start from the real DINOv2 with --pretrained)
 METHODS = {
     "linear probe": ["--train-only", "probe"],
@@ -99,6 +125,20 @@ def digits(root: Path) -> Path:
     return write_split_folders(root, big, d.target, [str(i) for i in range(10)])
 
 
+def per_class(full: Path, root: Path, n: int) -> Path:
+    """``full``'s splits with train/ cut to the first ``n`` files (by name) of each class folder."""
+    import shutil
+
+    for split in ("val", "test"):
+        if not (root / split).exists():
+            shutil.copytree(full / split, root / split)
+    for d in sorted((full / "train").iterdir()):
+        (root / "train" / d.name).mkdir(parents=True, exist_ok=True)
+        for f in sorted(d.iterdir())[:n]:
+            shutil.copyfile(f, root / "train" / d.name / f.name)
+    return root
+
+
 def run_train(args: list[str], log: Path) -> dict:
     """One `vitkit train` process: its summary, seconds per epoch, trainable params and peak RSS."""
     t0 = time.perf_counter()
@@ -122,10 +162,62 @@ def run_train(args: list[str], log: Path) -> dict:
     import yaml
 
     cfg = yaml.safe_load((out / "config.yaml").read_text())
-    return {"lr": cfg.get("lr"), "layer_decay": cfg.get("layer_decay"), "test_accuracy": summary.get("test_accuracy"), "best_val_accuracy": summary.get("best_val_accuracy"),
+    return {"lr": cfg.get("lr"), "layer_decay": cfg.get("layer_decay"), "seed": cfg.get("seed"),
+            "test_accuracy": summary.get("test_accuracy"), "best_val_accuracy": summary.get("best_val_accuracy"),
             "trainable_params": trainable, "total_params": total or summary.get("params"), "trainable_percent": share,
             "seconds_per_epoch": round(float(np.median(secs)), 2) if secs else None,
             "wall_seconds": round(wall, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1), "run_dir": str(out)}
+
+
+def distill_rows(ds: str, data: Path, regime: str, work: Path, common: list[str], size: int, a) -> list[dict]:
+    """The student alone and distilled (``a.distill``) per seed, in one regime; the teacher first where the
+    regime has its own (the full fine-tune on the regime's images), else the full fine-tune's run."""
+    n, student_epochs, teacher_epochs = REGIMES[regime]
+    tag = "" if n is None else f"-{n}pc"
+    rows: list[dict] = []
+    if ds not in student_epochs:
+        return rows
+    if n is None:
+        teacher = work / f"runs/{ds}-full_fine-tune"
+        if not (teacher / "summary.json").exists():
+            print(f"no full fine-tune of {ds} to distil from: skipping its distillation rows", flush=True)
+            return rows
+    else:
+        data = per_class(data, work / f"data-{ds}{tag}", n)
+        teacher = work / f"runs/{ds}{tag}-full_fine-tune"
+        common = [*common[:common.index("--data-dir") + 1], str(data), *common[common.index("--data-dir") + 2:]]
+        epochs = 1 if a.quick else teacher_epochs
+        args = [*common, "--pretrained", str(work / "dinov2-s14"), "--image-size", str(size), "--epochs", str(epochs),
+                *(["--hflip", "off"] if ds == "digits" else []), "--threads", "1", "--out", str(teacher), "--overwrite"]
+        r = {"dataset": ds, "regime": regime, "method": "teacher: full fine-tune", "image_size": size,
+             "epochs": epochs, **run_train(args, work / f"{ds}{tag}-teacher.log")}
+        rows.append(r)
+        print(json.dumps(r), flush=True)
+    s_epochs = 1 if a.quick else student_epochs[ds]
+    student_size = SIZES[ds][1]
+    arms = [("student alone", "alone", [])] + [
+        (DISTILL[m][0], m, ["--teacher", str(teacher), *DISTILL[m][1]]) for m in a.distill]
+    for seed in a.seeds:
+        for name, key, extra in arms:
+            out = work / f"runs/{ds}{tag}-{key}-s{seed}"
+            args = [*common, *STUDENT, *STUDENT_AUG[ds], "--image-size", str(student_size),
+                    "--epochs", str(s_epochs), *extra, "--out", str(out), "--overwrite"]
+            args[args.index("--seed") + 1] = str(seed)
+            r = {"dataset": ds, "regime": regime, "method": name, "image_size": student_size, "epochs": s_epochs,
+                 **run_train(args, work / f"{ds}{tag}-{key}-s{seed}.log")}
+            rows.append(r)
+            print(json.dumps(r), flush=True)
+    return rows
+
+
+def mean_over_seeds(rows: list[dict]) -> list[dict]:
+    """Val and test accuracy per (dataset, regime, method), averaged over its seeds."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["dataset"], r.get("regime", "full"), r["method"]), []).append(r)
+    return [{"dataset": d, "regime": g, "method": m, "seeds": [r["seed"] for r in rs],
+             "val_accuracy": round(float(np.mean([r["best_val_accuracy"] for r in rs])), 4),
+             "test_accuracy": round(float(np.mean([r["test_accuracy"] for r in rs])), 4)} for (d, g, m), rs in groups.items()]
 
 
 def main() -> None:
@@ -135,6 +227,11 @@ def main() -> None:
                     help="subset of: " + ", ".join(METHODS) + " (none: only the distillation rows, from an earlier "
                          "full fine-tune in --work)")
     ap.add_argument("--no-distill", action="store_true", help="skip the distillation rows")
+    ap.add_argument("--distill", nargs="+", default=["soft"], choices=list(DISTILL),
+                    help="distillation modes, each a row beside the student alone (default: soft)")
+    ap.add_argument("--regimes", nargs="+", default=list(REGIMES), choices=list(REGIMES),
+                    help="training images for the distillation rows: all, or 20 per class")
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0], help="a row per seed for each student")
     ap.add_argument("--quick", action="store_true", help="1 epoch everywhere (a smoke run, not a result)")
     ap.add_argument("--work", default=None, help="where data, weights and runs go (default: a temporary dir)")
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
@@ -165,35 +262,19 @@ def main() -> None:
             print(json.dumps(r), flush=True)
         if a.no_distill:
             continue
-        teacher = work / f"runs/{ds}-full_fine-tune"
-        if not (teacher / "summary.json").exists():
-            print(f"no full fine-tune of {ds} to distil from: skipping distillation", flush=True)
-            continue
-        s_epochs = 1 if a.quick else STUDENT_EPOCHS[ds]
-        # the same student and recipe with and without the teacher; no augmentation, so the teacher's outputs
-        # are computed once (--teacher-cache) instead of at every step
-        student = ["--model", "vit_tiny_patch16_224", "--image-size", str(student_size), "--epochs", str(s_epochs),
-                   "--lr", "1e-3", "--drop-path", "0.1", "--no-augment", "--threads", "1"]
-        for name, extra in (("student alone", []),
-                            ("student distilled (soft, T=2, alpha 0.5)",
-                             ["--teacher", str(teacher), "--distill", "soft", "--distill-temperature", "2",
-                              "--distill-alpha", "0.5", "--teacher-cache"])):
-            out = work / f"runs/{ds}-{name.split()[1]}"
-            args = [*common, *student, *extra, "--out", str(out), "--overwrite"]
-            r = {"dataset": ds, "method": name, "image_size": student_size, "epochs": s_epochs,
-                 **run_train(args, work / f"{ds}-{name.split()[1]}.log")}
-            rows.append(r)
-            print(json.dumps(r), flush=True)
-    result = {"machine": cpu_name(), "date": time.strftime("%Y-%m-%d"), "quick": a.quick, "rows": rows}
+        for regime in a.regimes:
+            rows += distill_rows(ds, data, regime, work, common, size, a)
+    result = {"machine": cpu_name(), "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv),
+              "quick": a.quick, "rows": rows, "mean_over_seeds": mean_over_seeds(rows)}
     if a.out:
         Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
-    print("\n| dataset | method | test acc | trainable / total | s / epoch | peak RSS |")
-    print("|---|---|---:|---:|---:|---:|")
+    print("\n| dataset | regime | method | seed | val acc | test acc | trainable / total | s / epoch | peak RSS |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         tp = (f"{r['trainable_params'] / 1e6:.2f}M / {r['total_params'] / 1e6:.1f}M ({r['trainable_percent']:.2f}%)"
               if r["trainable_params"] else "?")
-        print(f"| {r['dataset']} | {r['method']} | {r['test_accuracy']:.3f} | {tp} | {r['seconds_per_epoch']} | "
-              f"{r['peak_rss_mb']:.0f} MB |")
+        print(f"| {r['dataset']} | {r.get('regime', 'full')} | {r['method']} | {r['seed']} | {r['best_val_accuracy']:.3f} | "
+              f"{r['test_accuracy']:.3f} | {tp} | {r['seconds_per_epoch']} | {r['peak_rss_mb']:.0f} MB |")
 
 
 if __name__ == "__main__":

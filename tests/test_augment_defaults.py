@@ -13,13 +13,13 @@ import torch
 TINY = dict(dim=16, depth=1, num_heads=2, epochs=1, batch_size=8, progress=False, threads=1, ema=False)
 
 
-def _photos(root: Path, n: int = 8, classes: int = 2) -> Path:
+def _photos(root: Path, n: int = 8, classes: int = 2, prefix: str = "c") -> Path:
     from PIL import Image
 
     rng = np.random.default_rng(0)
     for c in range(classes):
         for split in ("train", "val"):
-            d = root / split / f"c{c}"
+            d = root / split / f"{prefix}{c}"
             d.mkdir(parents=True, exist_ok=True)
             for i in range(n if split == "train" else 2):
                 Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(d / f"{i}.jpg")
@@ -56,6 +56,15 @@ def test_a_photo_folder_gets_crop_and_flip_per_image_and_no_batch_affine(tmp_pat
     assert _sample(state) == ["_RandomResizedCrop", "RandomHorizontalFlip"]
     assert len(note) == 1 and "image files" in note[0] and "per image in the loader's workers" in note[0]
     assert "batch random affine" not in note[0]
+
+
+def test_a_folder_of_digit_classes_gets_no_flips(tmp_path):
+    """Classes named 0..9 written as image files: a mirrored 2 is no digit, so --hflip auto leaves flips
+    off (what the folder's names say, through vitkit train's own build)."""
+    run, state, note = _build(dataset="imagefolder", data_dir=str(_photos(tmp_path, prefix="")), image_size=32,
+                              workers=0)
+    assert _sample(state) == ["_RandomResizedCrop"]
+    assert len(note) == 1 and "single characters" in note[0]
 
 
 @pytest.mark.parametrize("kw, affine, sample, why", [

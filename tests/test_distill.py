@@ -133,6 +133,27 @@ def test_teacher_preprocessing_is_tensor_ops_on_the_students_batch(tmp_path, mon
     torch.testing.assert_close(t((x01 - 0.5) / 0.5), feats, atol=1e-4, rtol=1e-4)
 
 
+def test_teacher_frames_the_students_view_with_its_own_center_crop(tmp_path, monkeypatch):
+    """A teacher whose preprocessing is resize to 56 / 0.875 = 64 then center crop 56 sees the central
+    56 px of the student's 64 px view (no resampling: a plain crop), as it sees an image of its own."""
+    from vitkit import cpu
+
+    monkeypatch.setattr(cpu, "bf16_native", lambda: False)
+    torch.manual_seed(0)
+    m = vitkit.ViT(vitkit.ViTConfig(image_size=56, patch_size=8, dim=32, depth=1, num_heads=2, num_classes=10))
+    m.preprocess_cfg = {"input_size": [3, 56, 56], "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
+                        "interpolation": "bicubic", "crop_pct": 0.875}
+    m.save_pretrained(tmp_path / "t")
+    model = vitkit.load_model(tmp_path / "t")
+    t = distill.Teacher(model, output="logits", mean=[0.5] * 3, std=[0.5] * 3, in_channels=3, image_hw=(64, 64),
+                        device=torch.device("cpu"))
+    x01 = torch.rand(2, 3, 64, 64)
+    want = distill.normalize(x01[..., 4:60, 4:60], [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    torch.testing.assert_close(t.adapt((x01 - 0.5) / 0.5), want, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(t((x01 - 0.5) / 0.5), model(want), atol=1e-5, rtol=1e-5)
+
+
 def test_a_training_step_leaves_the_teacher_untouched(teacher_run):
     run, state = _build(teacher=str(teacher_run), distill="soft", out=None)
     teacher = run.distill.teacher.model
@@ -282,3 +303,57 @@ def test_zeroshot_teacher_is_the_class_names_classifier(tmp_path, monkeypatch):
     torch.testing.assert_close(run.distill.targets(x, None), want, atol=1e-5, rtol=1e-5)
     with pytest.raises(ConfigError, match="--teacher-zeroshot makes the teacher a classifier"):
         TrainConfig(teacher=str(clip), teacher_zeroshot=True, distill="feature")
+
+
+# ------------------------------------------------------------------ function matching (Beyer et al. 2022)
+def test_teacher_sees_the_students_augmented_mixed_view_at_every_step(teacher_run):
+    """The teacher's targets are computed on exactly the batch the student trains on: after the batch
+    affine and MixUp, not on the clean images (the teacher's own input is that batch, adapted)."""
+    run, state = _build(teacher=str(teacher_run), distill="soft", out=None, mixup=0.8)
+    assert run.affine is not None and run.mixer is not None
+    seen = {}
+    state.model.register_forward_pre_hook(lambda m, args: seen.setdefault("student", args[0].detach().clone()))
+    call = run.distill.teacher.__class__.__call__
+    run.distill.teacher.__class__.__call__ = lambda self, x: (seen.setdefault("teacher", x.clone()), call(self, x))[1]
+    try:
+        state.model.train()
+        x, y = next(iter(state.loader))
+        train_step(run, state, x, y)
+    finally:
+        run.distill.teacher.__class__.__call__ = call
+    assert torch.equal(seen["teacher"], seen["student"])
+    assert not torch.allclose(seen["student"], x.to(seen["student"].dtype))  # augmented: not the loader's batch
+
+
+def test_teacher_accuracy_is_its_evaluation_on_the_students_validation_inputs(teacher_run, monkeypatch):
+    """Same data, size and normalisation as the teacher run: its accuracy is the run's own validation
+    accuracy of the weights it saved (fp32 teacher, so no CPU's bf16 enters)."""
+    from vitkit import cpu
+
+    monkeypatch.setattr(cpu, "bf16_native", lambda: False)
+    logged = []
+    cfg = TrainConfig(**{**TINY, "teacher": str(teacher_run), "distill": "soft"})
+    device, dist = setup_process(cfg)
+    run, _ = build_run(cfg, device, dist, logged.append)
+    acc = distill.teacher_accuracy(run.distill.teacher, run.data.val, run.data, batch_size=16, device=device)
+    want = json.loads((teacher_run / "summary.json").read_text())["best_val_accuracy"]
+    assert acc == pytest.approx(want, abs=1e-9)
+    line = next(m for m in logged if m.startswith("teacher on the student's"))
+    assert f"{len(run.data.val)} validation images (16x16): accuracy {want:.4f}" in line
+
+
+# ------------------------------------------------------------------ flips on image folders of characters
+def test_auto_flips_stay_off_for_classes_named_as_characters():
+    from vitkit.data.augment import AugmentChoice, glyph_classes
+
+    digits, letters, animals = [str(i) for i in range(10)], list("abcdefXYZ"), ["cat", "dog"]
+    assert glyph_classes(digits) and glyph_classes(letters)
+    assert not glyph_classes(animals) and not glyph_classes(["1", "10"]) and not glyph_classes([])
+    auto, on = TrainConfig(hflip="auto"), TrainConfig(hflip="on")
+    pick = lambda cfg, classes: AugmentChoice.from_config(cfg, in_memory=False, hflip_ok=True,  # noqa: E731
+                                                          classes=classes)
+    off = pick(auto, digits)
+    assert not off.sample.hflip and "single characters" in off.note
+    assert pick(auto, animals).sample.hflip and "single characters" not in pick(auto, animals).note
+    assert pick(on, digits).sample.hflip  # asked for: kept
+    assert pick(auto, None).sample.hflip  # no names given: the dataset's answer stands

@@ -103,10 +103,13 @@ class AugmentChoice:
     note: str  # the choice and why, one log line ("" with augmentation off)
 
     @classmethod
-    def from_config(cls, cfg, *, in_memory: bool, hflip_ok: bool) -> AugmentChoice:
-        """``hflip_ok``: the dataset's own answer to "does a mirrored image keep its label" (--hflip auto)."""
+    def from_config(cls, cfg, *, in_memory: bool, hflip_ok: bool, classes=()) -> AugmentChoice:
+        """``hflip_ok``: the dataset's own answer to "does a mirrored image keep its label" (--hflip auto);
+        ``classes``: its class names, which can overrule it (:func:`glyph_classes`)."""
         if not cfg.augment:
             return cls(None, False, None, "")
+        glyphs = cfg.hflip == "auto" and hflip_ok and glyph_classes(classes)
+        hflip_ok = hflip_ok and not glyphs
         given = (cfg.affine_degrees, cfg.affine_translate, cfg.affine_scale)
         deg, tr, sc = (g if g is not None else d for g, d in zip(given, DEFAULT_AFFINE[in_memory]))
         rrc = cfg.random_resized_crop if cfg.random_resized_crop is not None else not in_memory
@@ -129,8 +132,17 @@ class AugmentChoice:
                f"{', '.join(auto)} not given: the defaults for in-memory small images, the digits recipe's affine"
                if in_memory else f"{', '.join(auto)} not given: the defaults for image files, crop + flip per image "
                "and nothing per batch in the training process")
+        if glyphs:
+            why += "; no flips: the classes are named as single characters (digits, letters), whose mirror " \
+                   "images are other characters or none (--hflip on to flip)"
         return cls((deg, tr, sc, cfg.affine_shear) if on else None, hflip and on, spec,
                    f"augmentation: {'; '.join(parts) or 'none'} ({why})")
+
+
+def glyph_classes(classes) -> bool:
+    """Whether every class name is one letter or digit (``0``-``9``, ``a``-``z``: a folder of digits or
+    characters): mirrored, a 2 is no digit and a b is a d, so ``--hflip auto`` does not flip them."""
+    return bool(classes) and all(len(c.strip()) == 1 and c.strip().isalnum() for c in classes)
 
 
 def _channels_last(x: torch.Tensor) -> torch.Tensor:

@@ -113,7 +113,7 @@ def build_run(cfg: TrainConfig, device: torch.device, dist: DistInfo, log, resum
     probe = adapt.parse_train_only(cfg.train_only)[0] == "probe"
     model.to(device)
     aug = AugmentChoice.from_config(cfg, in_memory=bool(getattr(data.train, "in_memory", False)),
-                                    hflip_ok=data.hflip_ok)
+                                    hflip_ok=data.hflip_ok, classes=data.classes)
     if aug.note and not probe:
         log(aug.note)
     batch = min(cfg.batch_size, len(data.train))  # the last partial batch is dropped: equal batches keep DDP exact

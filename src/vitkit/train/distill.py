@@ -20,8 +20,13 @@ Modes (``--distill``):
 
 The teacher (:class:`Teacher`) runs without gradients and in eval mode, in bf16 autocast where the
 device computes bf16 natively (:func:`vitkit.cpu.bf16_native` on a CPU), else fp32, on the student's own
-batch (the same augmentation, MixUp included): the batch is taken back to [0, 1] and given the teacher's
-size (resized, no crop: the teacher sees what the student sees), channels and mean / std, as tensor ops.
+batch (the same augmentation, MixUp included: function matching, Beyer et al. 2022, "Knowledge
+distillation: A good teacher is patient and consistent"): the batch is taken back to [0, 1] and given the
+teacher's channels, geometry and mean / std, as tensor ops. The geometry is the teacher's own preprocessing
+(resize, then its center crop: ``crop_pct``) applied to the student's view as to an image, because that
+framing is what the teacher learned: a DINOv2 fine-tune (crop_pct 0.875) on 32 px digits scored 0.844 on
+the student's 64 px views squashed to 56 px and 0.891 on them center-cropped to 56, its own validation
+figure (benchmarks/adapt.py).
 With ``--teacher-cache`` (only where the pass has no random augmentation) the teacher's outputs are
 computed once per training image in a fixed pass before the first step and looked up by index; a
 resumed run computes the same pass, so resume stays exact.
@@ -41,7 +46,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.transforms import v2 as T
 
+from ..data.transforms import resize_ops
 from ..errors import CheckpointError, ConfigError, InputError, VitkitError
 from ..eval.evaluate import normalize
 
@@ -93,30 +100,29 @@ class Teacher:
         self.dtype = teacher_dtype(device)
         pre = Preprocess.of(model)
         self.channels, self.size = pre.input_size[0], tuple(pre.input_size[1:])
-        self.interpolation = pre.interpolation
+        self.geometry = T.Compose(resize_ops(pre))  # resize + center crop, as the teacher frames an image
+        self.crop_pct = pre.crop_pct
         if self.channels != in_channels and 1 not in (self.channels, in_channels):
             raise ConfigError(f"the teacher takes {self.channels}-channel images, the data has {in_channels} "
                               "channels: only grey <-> RGB is converted")
         self.student = (tuple(float(v) for v in mean), tuple(float(v) for v in std))
         self.mean, self.std = pre.mean, pre.std
-        self.same_input = (self.channels == in_channels and self.size == tuple(image_hw)
+        self.same_input = (self.channels == in_channels and self.size == tuple(image_hw) and self.crop_pct == 1
                            and (self.mean, self.std) == self.student)
         self.class_index = None if class_index is None or class_index == tuple(range(len(class_index))) else \
             torch.tensor(class_index, device=device)
 
     def adapt(self, x: torch.Tensor) -> torch.Tensor:
         """The student's batch (B, C, H, W) as the teacher's input: back to [0, 1], the teacher's
-        channels (grey repeated, or RGB averaged), size (resized, antialiased) and mean / std."""
+        channels (grey repeated, or RGB averaged), resize and center crop (antialiased) and mean / std."""
         if self.same_input:
             return x
         m, s = self.student
         x = normalize(x, [-a / b for a, b in zip(m, s)], [1 / b for b in s])  # x * std + mean
         if x.shape[1] != self.channels:
             x = x.expand(-1, self.channels, -1, -1) if x.shape[1] == 1 else x.mean(dim=1, keepdim=True)
-        if tuple(x.shape[-2:]) != self.size:
-            aa = self.interpolation in ("bilinear", "bicubic")
-            x = F.interpolate(x, size=self.size, mode=self.interpolation, antialias=aa,
-                              **({"align_corners": False} if aa else {}))
+        if tuple(x.shape[-2:]) != self.size or self.crop_pct != 1:
+            x = self.geometry(x)
         return normalize(x, self.mean, self.std)
 
     @torch.no_grad()
@@ -291,6 +297,21 @@ def teacher_cache(teacher: Teacher, data, *, batch_size: int, workers, device: t
     return cache
 
 
+CHECK_IMAGES = 4096  # the largest validation split the teacher is checked on before training (seconds on a CPU)
+
+
+@torch.no_grad()
+def teacher_accuracy(teacher: Teacher, split, data, *, batch_size: int, device: torch.device) -> float:
+    """The teacher's top-1 accuracy on ``split`` (int labels) given as the student's batches."""
+    from ..eval.evaluate import eval_loader
+
+    right = seen = 0
+    for x, y in eval_loader(split, batch_size, device_type=device.type):
+        right += int((teacher(normalize(x.to(device), data.mean, data.std)).argmax(-1).cpu() == y).sum())
+        seen += len(y)
+    return right / max(seen, 1)
+
+
 def build_distiller(cfg, teacher_model, data, student: nn.Module, base_loss: Callable, *, device: torch.device,
                     batch_size: int, random_augment: bool, distributed: bool, log) -> Distiller:
     """The run's :class:`Distiller`, every check made before the first step: the teacher's classes
@@ -316,6 +337,10 @@ def build_distiller(cfg, teacher_model, data, student: nn.Module, base_loss: Cal
     teacher = Teacher(teacher_model, output="features" if cfg.distill == "feature" else "logits", mean=data.mean,
                       std=data.std, in_channels=data.in_channels, image_hw=data.image_hw, device=device,
                       class_index=index)
+    if cfg.distill != "feature" and data.val is not None and len(data.val) <= CHECK_IMAGES:
+        # what the student can learn is the teacher on the student's own inputs (its size, its channels)
+        log(f"teacher on the student's {len(data.val)} validation images ({data.image_hw[0]}x{data.image_hw[1]}): "
+            f"accuracy {teacher_accuracy(teacher, data.val, data, batch_size=batch_size, device=device):.4f}")
     projection = None
     if cfg.distill == "feature":
         C, H, W = data.in_channels, *data.image_hw
