@@ -91,8 +91,9 @@ class FakeRuntime:
         return self.stages(self.net, x, mask)
 
 
-@pytest.mark.parametrize("speedup,want", [(2.0, "compile"), (1.01, "eager")])
-def test_auto_measures_once_per_shape_and_keeps_the_choice(native_bf16, monkeypatch, speedup, want):
+def fake_compile(monkeypatch, speedup: float) -> list[str]:
+    """"compile" available (openvino not), built as the model's own forward, timed ``speedup`` x the
+    walk; returns the names of the runtimes built, in order."""
     built = []
 
     def build(name, net, stages, x, mask, trim):
@@ -103,6 +104,12 @@ def test_auto_measures_once_per_shape_and_keeps_the_choice(native_bf16, monkeypa
     monkeypatch.setattr(backends, "unavailable", lambda name, text: "" if name == "compile" else "not installed")
     monkeypatch.setattr(backends, "_timed", lambda runs, x, mask: {n: 1.0 if n == "eager" else 1 / speedup
                                                                     for n in runs})
+    return built
+
+
+@pytest.mark.parametrize("speedup,want", [(2.0, "compile"), (1.01, "eager")])
+def test_auto_measures_once_per_shape_and_keeps_the_choice(native_bf16, monkeypatch, speedup, want):
+    built = fake_compile(monkeypatch, speedup)
     m = tiny()
     p = Predictor(m, "bf16")  # backend="auto" is the default
     x = torch.randn(2, 3, 16, 16)
@@ -217,18 +224,9 @@ def test_openvino_backend_runs_a_text_tower_at_every_trimmed_length(isolated, na
 
 @pytest.fixture
 def fake_runtimes(monkeypatch):
-    """"compile" available and built as the model's own forward (names logged), measured 2x the walk."""
-    built = []
-
-    def build(name, net, stages, x, mask, trim):
-        built.append(name)
-        return FakeRuntime(stages, net)
-
-    monkeypatch.setattr(backends, "build", build)
-    monkeypatch.setattr(backends, "unavailable", lambda name, text: "" if name == "compile" else "not installed")
-    monkeypatch.setattr(backends, "_timed", lambda runs, x, mask: {n: 1.0 if n == "eager" else 0.5 for n in runs})
+    """"compile" available, measured 2x the walk, chosen at the first call."""
     monkeypatch.setattr(backends, "AUTO_AFTER_S", 0.0)
-    return built
+    return fake_compile(monkeypatch, 2.0)
 
 
 def fresh_process(monkeypatch):
