@@ -150,27 +150,30 @@ def test_runtime_rows_that_cannot_run_say_why(monkeypatch, tmp_path, capsys):
     monkeypatch.delenv("CXX", raising=False)
     monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino -> ImportError, find_spec -> None
     monkeypatch.setattr(cpu, "bf16_native", lambda: True)  # the compiler and the package are the reasons
-    res = run_benchmark(TINY, batch_size=2, warmup=0, runs=1, runtimes=("compile", "openvino"))
+    monkeypatch.setattr(cpu, "flags", lambda: frozenset({"avx512_vnni"}))  # int8 units: the package is the reason
+    res = run_benchmark(TINY, batch_size=2, warmup=0, runs=1, runtimes=("compile", "openvino", "int8"))
     rows = {r.impl: r for r in res}
-    assert list(rows) == ["vitkit", "timm", "compile-bf16", "openvino-bf16"]
+    assert list(rows) == ["vitkit", "timm", "compile-bf16", "openvino-bf16", "static-int8"]
     assert "C++ compiler" in rows["compile-bf16"].skipped
     assert rows["openvino-bf16"].skipped == "not installed: pip install 'vitkit[openvino]'"
-    for impl in ("compile-bf16", "openvino-bf16"):
+    assert "openvino" in rows["static-int8"].skipped and "vitkit[int8]" in rows["static-int8"].skipped
+    for impl in ("compile-bf16", "openvino-bf16", "static-int8"):
         r = rows[impl]
         assert r.times_s == [] and r.images_per_s is None and r.ratio_vs_timm is None and r.setup_s is None
-        assert r.dtype == "bf16" and r.batch_size == 2 and r.machine == cpu.describe()
+        assert r.dtype == impl.split("-")[-1] and r.batch_size == 2 and r.machine == cpu.describe()
     monkeypatch.undo()
     monkeypatch.setenv(cpu.OFF_ENV, "all")
     assert main(["bench", "--batch-size", "1", "--runs", "1", "--warmup", "0", "--image-size", "16",
-                 "--predictor", "--runtimes", "compile", "openvino", "--json", "vit_tiny_patch16_224"]) == 0
+                 "--predictor", "--runtimes", "compile", "openvino", "int8", "--json", "vit_tiny_patch16_224"]) == 0
     lines = {d["impl"]: d for d in map(json.loads, capsys.readouterr().out.strip().splitlines())}
-    for impl in ("compile-bf16", "openvino-bf16"):
+    for impl in ("compile-bf16", "openvino-bf16", "static-int8"):
         assert lines[impl]["images_per_s"] is None and lines[impl]["machine"] == cpu.describe()
     assert "no native bf16" in lines["compile-bf16"]["skipped"]
+    assert "no int8 dot-product units" in lines["static-int8"]["skipped"]
 
 
 def test_unknown_runtime_is_a_config_error():
-    with pytest.raises(ConfigError, match=r"runtimes must be among \['compile', 'openvino'\]"):
+    with pytest.raises(ConfigError, match=r"runtimes must be among \['compile', 'openvino', 'int8'\]"):
         run_benchmark(TINY, batch_size=1, warmup=0, runs=1, runtimes=("tensorrt",))
 
 
@@ -195,9 +198,10 @@ def test_compile_and_openvino_rows_time_the_predictors_runtimes(isolated, monkey
 
     real = runtimes.runtime_rows
     monkeypatch.setattr(runtimes, "runtime_rows", keep)
-    res = run_benchmark(TINY, batch_size=2, warmup=1, runs=3, predictor=("bf16",), runtimes=("compile", "openvino"))
+    res = run_benchmark(TINY, batch_size=2, warmup=1, runs=3, predictor=("bf16",),
+                        runtimes=("compile", "openvino", "int8"))
     rows = {r.impl: r for r in res}
-    assert list(rows) == ["vitkit", "timm", "vitkit-bf16", "compile-bf16", "openvino-bf16"]
+    assert list(rows) == ["vitkit", "timm", "vitkit-bf16", "compile-bf16", "openvino-bf16", "static-int8"]
     assert counters["stats"]["unique_graphs"] == built["graphs"]  # the timed rounds built nothing
     ran = ["compile-bf16"] + (["openvino-bf16"] if importlib.util.find_spec("openvino") else [])
     for impl in ran:
@@ -214,3 +218,16 @@ def test_compile_and_openvino_rows_time_the_predictors_runtimes(isolated, monkey
     assert "inductor, freezing" in rows["compile-bf16"].note
     assert "OpenVINO" in (rows["openvino-bf16"].note or rows["openvino-bf16"].skipped)
     assert rows["vitkit-bf16"].setup_s is None
+    from vitkit.infer import int8
+
+    q = rows["static-int8"]
+    if int8.unavailable():  # no int8 units or no nncf here: the row says which
+        assert q.skipped == int8.unavailable()
+    else:  # the static int8 Predictor, timed in the same rounds, computing the model's function
+        assert q.skipped is None and q.dtype == "int8" and q.setup_s > 0 and len(q.times_s) == 3
+        step = built["rows"].steps["static-int8"]
+        p, (x,) = step.func, step.args
+        assert p.path == "int8" and "NNCF" in q.note
+        with torch.no_grad():
+            want = p.model(x)
+        assert (step() - want).abs().max() <= 0.1 * want.abs().max() + 1e-2  # int8 rounding of fp32

@@ -11,9 +11,11 @@ DESCRIPTION = (
     "fp32 CPU inference also times vitkit.infer.Predictor (--predictor) and, with --ort-int8, ONNX Runtime's "
     "dynamic int8 quantization of the exported model, in the same rounds; every ratio is against timm "
     "fp32 eager. --runtimes adds the bf16 runtimes a Predictor can run on: torch.compile (inductor, freezing) "
-    "and OpenVINO, built before timing (the build time is its own column). Rows: vitkit = the model's forward; "
-    "vitkit-DTYPE = Predictor(model, DTYPE) (bf16: the hand-written walk); RUNTIME-bf16 = Predictor(model, "
-    "'bf16', backend=RUNTIME). Every row names the CPU (or GPU) it ran on."
+    "and OpenVINO, and the static int8 Predictor (NNCF + OpenVINO, calibrated on two real photos), built before "
+    "timing (the build time is its own column). Rows: vitkit = the model's forward; "
+    "vitkit-DTYPE = Predictor(model, DTYPE) (bf16: the hand-written walk; int8: dynamic); RUNTIME-bf16 = "
+    "Predictor(model, 'bf16', backend=RUNTIME); static-int8 = Predictor(model, 'int8', calibration=...). Every "
+    "row names the CPU (or GPU) it ran on."
 )
 
 
@@ -44,10 +46,11 @@ def add_arguments(p) -> None:
     p.add_argument("--ort-int8", action="store_true",
                    help="fp32 CPU inference: also time ONNX Runtime's dynamic int8 quantization of the exported model "
                         "(the peer of --predictor int8; needs vitkit[onnx]; exporting takes a while)")
-    p.add_argument("--runtimes", nargs="+", choices=["compile", "openvino"], default=[],
-                   help="fp32 CPU inference: also time bf16 inference on these runtimes, built before timing (inductor "
+    p.add_argument("--runtimes", nargs="+", choices=["compile", "openvino", "int8"], default=[],
+                   help="fp32 CPU inference: also time bf16 inference on these runtimes (compile, openvino) and static "
+                        "int8 (int8: needs vitkit[int8] and a CPU with int8 units), built before timing (inductor "
                         "takes tens of seconds per model and shape); a runtime that cannot run here (not installed, "
-                        "no C++ compiler, no native bf16) gets a row saying why")
+                        "no C++ compiler, no native bf16 or int8 units) gets a row saying why")
     p.add_argument("--json", action="store_true", help="print results as JSON lines")
 
 
