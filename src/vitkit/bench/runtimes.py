@@ -24,7 +24,6 @@ from torch import nn
 
 from .. import cpu
 from ..errors import ConfigError
-from .throughput import BenchResult
 
 RUNTIMES = ("compile", "openvino", "int8")
 # what each row runs, for its note
@@ -45,8 +44,8 @@ class RuntimeRows:
     setup_s: dict[str, float] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
 
-    def finish(self, results: list[BenchResult]) -> list[BenchResult]:
-        """``results`` with each runtime's build time set, then one untimed row per runtime that could
+    def finish(self, results: list) -> list:
+        """``results`` (:class:`~vitkit.bench.throughput.BenchResult` rows) with each runtime's build time set, then one untimed row per runtime that could
         not run (the machine and the run's settings copied from the first row)."""
         out = [replace(r, setup_s=self.setup_s[r.impl]) if r.impl in self.setup_s else r for r in results]
         first = results[0]

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..data import DataSpec, DataSplits, build_data, make_loader
+from ..data import DataSpec, DataSplits, build_data, default_workers, make_loader
 from ..data.augment import AugmentChoice, mix_transform
 from ..distributed import DistInfo, init_distributed, wrap_model
 from ..errors import ConfigError
@@ -108,7 +108,7 @@ def build_run(cfg: TrainConfig, device: torch.device, dist: DistInfo, log, resum
     if cfg.teacher and cfg.distill in TOKEN_MODES:
         model = add_dist_token(model)
     check_tokens(model, log, fixed_patch=bool(cfg.pretrained))
-    set_threads(cfg, device)
+    set_threads(cfg, device, model=model, data=data, log=log)
     lora = adapt.adapt_model(cfg, model)  # --lora / --train-only: peft's LoRA layers injected, the rest frozen
     probe = adapt.parse_train_only(cfg.train_only)[0] == "probe"
     model.to(device)
@@ -204,13 +204,34 @@ def pick_device(name: str) -> torch.device:
     return dev
 
 
-def set_threads(cfg: TrainConfig, device: torch.device) -> int:
-    """``--threads 0`` = every core. On an idle 2-core machine even the 35k-parameter digits model
-    trains faster on 2 threads than on 1 (benchmarks/train_digits.md); pass ``--threads 1`` when
-    other jobs share the cores."""
+# forward + backward GFLOP per image under which a step is "light": decoding and augmenting a photo in
+# a loader worker (~5-10 ms of one core) then costs as much as the step's share of that image, and the
+# workers compete with the step's threads for the cores
+LIGHT_STEP_GFLOP = 1.0
+
+
+def set_threads(cfg: TrainConfig, device: torch.device, model=None, data=None, log=lambda s: None) -> int:
+    """``--threads 0`` = every core, but the cores the loader's workers need when the model's step is
+    light (:data:`LIGHT_STEP_GFLOP`): then the step's threads and the workers would take turns on the same
+    cores, and torch's threads wait for each other at every op (a dim-32 model from photo JPEGs with 2
+    threads and 1 worker on 2 cores ran 0.37x the bare loader, 0.84x with 1 thread: issue 21, BENCHMARKS.md).
+    A heavier step leaves the workers mostly idle (they decode ahead) and keeps every core. On an idle
+    2-core machine even the 35k-parameter digits model (in memory: no workers) trains faster on 2 threads
+    than on 1 (benchmarks/train_digits.md); pass ``--threads 1`` when other jobs share the cores."""
     if device.type != "cpu":
         return torch.get_num_threads()
-    n = cfg.threads or (os.cpu_count() or 1)
+    cores = os.cpu_count() or 1
+    n = cfg.threads or cores
+    in_memory = data is None or bool(getattr(data.train, "in_memory", False))
+    workers = 0 if in_memory else (cfg.workers if cfg.workers is not None else default_workers())
+    if not cfg.threads and workers and model is not None and cores > 1:
+        from ..bench.flops import count_flops
+
+        per_image = 3 * count_flops(model.config)["flops"] / 1e9
+        if per_image < LIGHT_STEP_GFLOP:
+            n = max(1, cores - workers)
+            log(f"threads: {n} of {cores} cores (a step of this model is light, {per_image:.2g} GFLOP an image: "
+                f"the loader's {workers} worker(s) keep the rest for decoding; --threads {cores} for every core)")
     torch.set_num_threads(n)
     return n
 

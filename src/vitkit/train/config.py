@@ -197,7 +197,8 @@ class TrainConfig:
     seed: int = field(default=0, metadata={"help": "random seed (data split, init, order, augmentation)"})
     deterministic: bool = field(default=False, metadata={"help": "deterministic algorithms (bit-exact resume on CPU)"})
     threads: int = field(default=0, metadata={
-        "help": "torch CPU threads (0 = every core; 1 is faster when other jobs share the cores)"})
+        "help": "torch CPU threads (0 = every core, less the loader's workers' cores when the model's step is light, "
+                "under 1 GFLOP an image: said in the log; 1 is faster when other jobs share the cores)"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
     amp: str = field(default="auto", metadata={
         "help": "auto | off | bf16 (CUDA or CPU autocast) | fp16 (CUDA, with a grad scaler). auto: on a CPU with native "
