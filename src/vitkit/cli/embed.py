@@ -22,7 +22,9 @@ def add_feature_arguments(p, pool_help: str = "") -> None:
     p.add_argument("--layers", type=int, default=1,
                    help="pool each of the last N blocks (after the final norm) and concatenate")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "int8"],
-                   help="fp32 is exact; bf16 / int8 run through vitkit.infer's fast path")
+                   help="fp32 is exact; bf16 / int8 run through vitkit.infer's fast path (int8 here is dynamic "
+                        "quantization of the Linears; the faster static int8, calibrated on real images, is "
+                        "vitkit predict --dtype int8 and Predictor(model, 'int8', calibration=...))")
     p.add_argument("--batch-size", "-b", type=int, default=64, help="images per forward pass")
     p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes that decode images")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, mps)")
