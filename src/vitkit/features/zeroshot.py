@@ -39,6 +39,7 @@ from torch import nn
 
 from ..errors import CheckpointError, ConfigError, InputError
 from ..infer import Predictor
+from ..infer.backends import weights_key
 
 # CLIP's 80 ImageNet prompts (openai/CLIP notebooks/Prompt_Engineering_for_ImageNet.ipynb; the same
 # list, in the same order, as open_clip.zero_shot_metadata.OPENAI_IMAGENET_TEMPLATES: tested)
@@ -177,7 +178,7 @@ def zeroshot_weights(model, labels: Sequence[str], templates: str | Sequence[str
     labels = check_labels(labels)
     templates = resolve_templates(templates)
     device = model.logit_scale.device
-    weights = tuple((id(p), p._version) for p in model.text.parameters())
+    weights = weights_key(model.text)
     key = (tuple(labels), templates, str(device), dtype, weights)
     per_model = _CACHE.setdefault(model, {}) if cache else {}
     if key in per_model:

@@ -50,6 +50,8 @@ import torch
 from torch import nn
 
 from .. import cpu
+from ..errors import VitkitError
+from ..io import atomic_write_text
 
 log = logging.getLogger("vitkit.infer")
 
@@ -109,6 +111,15 @@ def openvino_graph(net: nn.Module, stages: Stages, x: torch.Tensor, mask: torch.
     return graph, feed
 
 
+def openvino_compile(graph, precision: str):
+    """OpenVINO's CPU plugin on ``graph``: what is not int8 in ``precision`` ("bf16" | "f32"), one
+    stream for the lowest latency of a call, torch's thread count."""
+    import openvino as ov
+
+    return ov.Core().compile_model(graph, "CPU", {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY",
+                                                  "INFERENCE_NUM_THREADS": torch.get_num_threads()})
+
+
 def build(name: str, net: nn.Module, stages: Stages, x: torch.Tensor, mask: torch.Tensor | None = None,
           trim: Trim | None = None) -> Run:
     """Backend ``name`` over ``stages(net, x, attention_mask)`` (the model's own forward for the
@@ -122,12 +133,8 @@ def build(name: str, net: nn.Module, stages: Stages, x: torch.Tensor, mask: torc
                            options={"freezing": True})
         return fn
     if name == "openvino":
-        import openvino as ov
-
         graph, feed = openvino_graph(net, stages, x, mask)
-        compiled = ov.Core().compile_model(graph, "CPU", {"INFERENCE_PRECISION_HINT": "bf16",
-                                                          "PERFORMANCE_HINT": "LATENCY",
-                                                          "INFERENCE_NUM_THREADS": torch.get_num_threads()})
+        compiled = openvino_compile(graph, "bf16")
 
         def run(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
             if trim is not None:
@@ -183,16 +190,13 @@ def _read_cache() -> dict:
 
 
 def _write_cache(key: str, entry: dict) -> None:
-    """Add one entry, written whole to a temporary file and renamed over the old one (a reader never
-    sees half a file; of two processes writing at once one entry may be lost: it is measured again)."""
+    """Add one entry, the file written whole and renamed over the old one (``vitkit.io.atomic_write``: a
+    reader never sees half a file; of two processes writing at once one entry may be lost: it is
+    measured again)."""
     path = cache_path()
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        data = {**_read_cache(), key: entry}
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError as e:  # a read-only home: the choice is still kept for this process
+        atomic_write_text(path, json.dumps({**_read_cache(), key: entry}, indent=1, sort_keys=True) + "\n")
+    except (OSError, VitkitError) as e:  # a read-only or full home: the choice is still kept for this process
         log.info("Predictor: could not write the backend cache %s (%s)", path, e)
 
 
@@ -216,26 +220,43 @@ def _versions() -> dict:
     return {"torch": torch.__version__, "openvino": ov}
 
 
-# model -> {(backend, output, weights): Chooser}; weak: a dropped model drops its entries
+def weights_key(module: nn.Module) -> tuple:
+    """Each parameter's identity and version: it changes when a weight is replaced or updated in place
+    (an optimizer step, ``load_state_dict``). What a copy or a build made from the weights is kept under."""
+    return tuple((id(p), p._version) for p in module.parameters())
+
+
+def kept(cache: weakref.WeakKeyDictionary, model: nn.Module, key: tuple, make: Callable[[], object]):
+    """``make()``'s result for ``model`` and ``key``, made the first time and kept in ``cache`` while the
+    model's weights are as they are now (:func:`weights_key`); what was kept for its earlier weights is
+    dropped. ``cache`` is weak: a dropped model drops its entries."""
+    weights = weights_key(model)
+    per = cache.setdefault(model, {})
+    full = (weights, *key)
+    if full not in per:
+        for stale in [k for k in per if k[0] != weights]:
+            del per[stale]
+        per[full] = make()
+    return per[full]
+
+
+# model -> {(weights, backend, output): Chooser}
 _CHOOSERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def chooser_for(model: nn.Module, backend: str, output: str, make: Callable[[], Chooser],
                 notes: list[str]) -> Chooser:
     """The :class:`Chooser` of ``model``'s ``output`` under ``backend``, made by ``make`` the first
-    time and kept while the model's weights are as they are now (each parameter's identity and
-    version, the rule zero-shot's class embeddings follow), so a Predictor built again on the same
-    model keeps its measurements and built runtimes; a changed model gets a new one. Its choices so
-    far, and those to come, are written to ``notes`` (the new Predictor's)."""
-    weights = tuple((id(p), p._version) for p in model.parameters())
-    per = _CHOOSERS.setdefault(model, {})
-    key = (backend, output, weights)
-    if key not in per:
-        for stale in [k for k in per if k[2] != weights]:
-            del per[stale]
-        per[key] = make()
-        per[key].identity = {"architecture": _architecture(model), "output": output}
-    ch = per[key]
+    time and kept while the model's weights are as they are now (:func:`kept`), so a Predictor built
+    again on the same model keeps its measurements and built runtimes; a changed model gets a new
+    one. Its choices so far, and those to come, are written to ``notes`` (the new Predictor's)."""
+
+    def made() -> Chooser:
+        ch = make()
+        ch.identity = {"architecture": _architecture(model), "output": output}
+        return ch
+
+    ch = kept(_CHOOSERS, model, (backend, output), made)
     notes.extend(ch.said)
     ch.notes = notes
     return ch
@@ -245,8 +266,7 @@ def cached_chooser(model: nn.Module, backend: str, output: str, notes: list[str]
     """The :class:`Chooser` :func:`chooser_for` keeps for ``model`` as its weights are now, or None:
     a Predictor built again on the same model takes its bf16 copy and walk (checked when first
     built) instead of copying and checking again, a cost each zero-shot or features call paid."""
-    weights = tuple((id(p), p._version) for p in model.parameters())
-    ch = _CHOOSERS.get(model, {}).get((backend, output, weights))
+    ch = _CHOOSERS.get(model, {}).get((weights_key(model), backend, output))
     if ch is None or ch.plan is None or ch.net.training != model.training:
         return None
     notes.extend(ch.said)

@@ -36,6 +36,7 @@ from torch import nn
 
 from .. import cpu
 from ..errors import InputError
+from .backends import kept, openvino_compile, openvino_graph
 
 log = logging.getLogger("vitkit.infer")
 
@@ -127,9 +128,6 @@ class Quantized:
 
     def _build(self, chw: tuple) -> Callable[[torch.Tensor], torch.Tensor]:
         import nncf
-        import openvino as ov
-
-        from .backends import openvino_graph
 
         calib = self.calib
         if tuple(calib.shape[1:]) != chw:  # a dynamic-size model called at another size
@@ -154,8 +152,7 @@ class Quantized:
             nncf_logger.setLevel(level)
         # what stays unquantized (softmax, norms, the residual adds) in bf16 where the CPU has it natively
         rest = "bf16" if cpu.bf16_native() else "f32"
-        compiled = ov.Core().compile_model(q, "CPU", {"INFERENCE_PRECISION_HINT": rest, "PERFORMANCE_HINT": "LATENCY",
-                                                      "INFERENCE_NUM_THREADS": torch.get_num_threads()})
+        compiled = openvino_compile(q, rest)
         msg = (f"int8 for input {'x'.join(map(str, chw))}: NNCF static quantization calibrated on {len(calib)} "
                f"image(s), OpenVINO on the CPU's int8 units ({rest} elsewhere), built in "
                f"{time.perf_counter() - t0:.1f} s")
@@ -165,27 +162,24 @@ class Quantized:
         return lambda x: torch.from_numpy(compiled(x.float().contiguous().numpy())[0])
 
 
-# model -> {(output, weights, calibration digest): Quantized}; weak: a dropped model drops its entries
+# model -> {(weights, output, calibration digest): Quantized} (backends.kept)
 _QUANTIZED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def quantized_for(model: nn.Module, output: str, stages: Stages, calib: torch.Tensor, notes: list[str]) -> Quantized:
     """The :class:`Quantized` runtime of ``model``'s ``output`` calibrated on ``calib``, made the first
-    time and kept while the model's weights are as they are now (each parameter's identity and
-    version, as :func:`vitkit.infer.backends.chooser_for`) and the calibration images are the same
+    time and kept while the model's weights are as they are now (:func:`vitkit.infer.backends.kept`) and
+    the calibration images are the same
     (their bytes' digest); its image size is built now, so a failure shows at construction. Its
     notes so far, and those to come, go to ``notes`` (the new Predictor's)."""
-    weights = tuple((id(p), p._version) for p in model.parameters())
     digest = hashlib.sha1(calib.numpy().tobytes()).hexdigest() + str(tuple(calib.shape))
-    per = _QUANTIZED.setdefault(model, {})
-    key = (output, weights, digest)
-    if key not in per:
-        for stale in [k for k in per if k[1] != weights]:
-            del per[stale]
+
+    def make() -> Quantized:
         q = Quantized(copy.deepcopy(model).float().eval(), stages, calib)
         q(calib[:1])  # builds the calibration's image size
-        per[key] = q
-    q = per[key]
+        return q
+
+    q = kept(_QUANTIZED, model, (output, digest), make)
     notes.extend(q.said)
     q.notes = notes
     return q
