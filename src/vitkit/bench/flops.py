@@ -64,3 +64,9 @@ def count_flops(c: ViTConfig) -> dict[str, float]:
     total = sum(out.values())
     out.update(flops=total, gflops=total / 1e9, gmacs=total / 2e9)
     return out
+
+
+def train_flops(c: ViTConfig) -> float:
+    """FLOPs of one image's training step, forward + backward (the backward's two matmuls per forward
+    matmul: ~3x the forward), the usual count for MFU."""
+    return 3.0 * count_flops(c)["flops"]

@@ -37,7 +37,7 @@ from torch import nn
 from .. import cpu
 from ..config import ViTConfig
 from ..errors import ConfigError
-from .flops import count_flops
+from .flops import count_flops, train_flops
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -346,7 +346,7 @@ def _results(c: ViTConfig, times: dict[str, list[float]], faults: dict[str, list
              dtype: str, dev: torch.device, train: bool, compile: bool, opt_names: dict[str, str],
              notes: dict[str, str]) -> list[BenchResult]:
     """One row per impl: median time, images/s, achieved TFLOP/s and MFU, the paired ratio to timm."""
-    flops_per_image = count_flops(c)["flops"] * (3.0 if train else 1.0)
+    flops_per_image = train_flops(c) if train else count_flops(c)["flops"]
     machine = (torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu.describe())
     results = []
     for impl, ts in times.items():

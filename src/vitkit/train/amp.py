@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import cpu
-from ..bench.flops import count_flops
+from ..bench.flops import train_flops
 from ..distributed import DistInfo, all_reduce_max
 
 MARGIN = 1.1  # bf16 must run the step this much faster: below it, the measurement's noise decides
@@ -61,7 +61,7 @@ def choose_amp(requested: str, model: torch.nn.Module, device: torch.device, mic
         return AmpChoice("off", "amp: fp32 (this CPU has no native bf16 matmul, AVX-512-BF16 or AMX: bf16 would be "
                                 "emulated; --amp bf16 forces it)")
     c = model.config
-    gflop = 3 * count_flops(c)["flops"] * micro_batch / 1e9
+    gflop = train_flops(c) * micro_batch / 1e9
     if gflop < MIN_STEP_GFLOP:
         return AmpChoice("off", f"amp: fp32 (a step of this model is {gflop:.2g} GFLOP, too small for bf16 matmuls "
                                 f"to pay; --amp bf16 forces it)")

@@ -225,9 +225,9 @@ def set_threads(cfg: TrainConfig, device: torch.device, model=None, data=None, l
     in_memory = data is None or bool(getattr(data.train, "in_memory", False))
     workers = 0 if in_memory else (cfg.workers if cfg.workers is not None else default_workers())
     if not cfg.threads and workers and model is not None and cores > 1:
-        from ..bench.flops import count_flops
+        from ..bench.flops import train_flops
 
-        per_image = 3 * count_flops(model.config)["flops"] / 1e9
+        per_image = train_flops(model.config) / 1e9
         if per_image < LIGHT_STEP_GFLOP:
             n = max(1, cores - workers)
             log(f"threads: {n} of {cores} cores (a step of this model is light, {per_image:.2g} GFLOP an image: "
