@@ -65,8 +65,9 @@ DISTILL = {"soft": ("student distilled (soft, T=2, alpha 0.9)",
            "hard": ("student distilled (hard, alpha 0.5)", ["--distill", "hard", "--distill-alpha", "0.5"]),
            "token": ("student distilled (DeiT token, hard, alpha 0.5)", ["--distill", "token", "--distill-alpha", "0.5"])}
 # regime -> (images per class kept in train/ (None: all), student epochs per dataset (a dataset not named
-# skips the regime), teacher epochs)
-REGIMES = {"full": (None, STUDENT_EPOCHS, None), "20/class": (20, {"digits": 60}, 20)}
+# skips the regime), teacher epochs, whether the rest of train/ joins the distilled student unlabelled)
+REGIMES = {"full": (None, STUDENT_EPOCHS, None, False), "20/class": (20, {"digits": 60}, 20, False),
+           "20/class+unlabeled": (20, {"digits": 60}, 20, True)}
 # method -> extra `vitkit train` flags (all start from the real DINOv2 with --pretrained)
 METHODS = {
     "linear probe": ["--train-only", "probe"],
@@ -139,17 +140,34 @@ def per_class(full: Path, root: Path, n: int) -> Path:
     return root
 
 
-def run_train(args: list[str], log: Path) -> dict:
-    """One `vitkit train` process: its summary, seconds per epoch, trainable params and peak RSS."""
-    t0 = time.perf_counter()
-    with open(log, "w") as f:
-        p = subprocess.Popen(VITKIT + ["train", *args], stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
-        _, status, usage = os.wait4(p.pid, 0)
-    wall = time.perf_counter() - t0
-    text = log.read_text()
-    if status != 0:
-        raise SystemExit(f"vitkit train {' '.join(args)} failed (see {log}):\n{text[-2000:]}")
+def unlabeled_rest(full: Path, root: Path, n: int) -> Path:
+    """The training images of ``full`` that :func:`per_class` leaves out, in one flat folder (their class
+    folders dropped: nothing but the file tells the student what they are)."""
+    import shutil
+
+    root.mkdir(parents=True, exist_ok=True)
+    for d in sorted((full / "train").iterdir()):
+        for f in sorted(d.iterdir())[n:]:
+            shutil.copyfile(f, root / f.name)  # names are the images' indices in the dataset: unique
+    return root
+
+
+def run_train(args: list[str], log: Path, reuse: bool = False) -> dict:
+    """One `vitkit train` process: its summary, seconds per epoch, trainable params and peak RSS.
+    ``reuse``: a finished run already at ``--out`` (its log beside it) is read instead (no wall / RSS)."""
     out = Path(args[args.index("--out") + 1])
+    if reuse and (out / "summary.json").exists() and log.exists():
+        print(f"reusing the finished run {out}", flush=True)
+        wall, rss, text = None, None, log.read_text()
+    else:
+        t0 = time.perf_counter()
+        with open(log, "w") as f:
+            p = subprocess.Popen(VITKIT + ["train", *args], stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
+            _, status, usage = os.wait4(p.pid, 0)
+        wall, rss = round(time.perf_counter() - t0, 1), round(usage.ru_maxrss / 1024, 1)
+        text = log.read_text()
+        if status != 0:
+            raise SystemExit(f"vitkit train {' '.join(args)} failed (see {log}):\n{text[-2000:]}")
     summary = json.loads((out / "summary.json").read_text())
     epochs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     secs = [e["epoch_seconds"] for e in epochs if "epoch_seconds" in e]
@@ -166,13 +184,14 @@ def run_train(args: list[str], log: Path) -> dict:
             "test_accuracy": summary.get("test_accuracy"), "best_val_accuracy": summary.get("best_val_accuracy"),
             "trainable_params": trainable, "total_params": total or summary.get("params"), "trainable_percent": share,
             "seconds_per_epoch": round(float(np.median(secs)), 2) if secs else None,
-            "wall_seconds": round(wall, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1), "run_dir": str(out)}
+            "steps": epochs[-1].get("step") if epochs else None,
+            "wall_seconds": wall, "peak_rss_mb": rss, "run_dir": str(out)}
 
 
 def distill_rows(ds: str, data: Path, regime: str, work: Path, common: list[str], size: int, a) -> list[dict]:
     """The student alone and distilled (``a.distill``) per seed, in one regime; the teacher first where the
     regime has its own (the full fine-tune on the regime's images), else the full fine-tune's run."""
-    n, student_epochs, teacher_epochs = REGIMES[regime]
+    n, student_epochs, teacher_epochs, unlabeled = REGIMES[regime]
     tag = "" if n is None else f"-{n}pc"
     rows: list[dict] = []
     if ds not in student_epochs:
@@ -183,6 +202,7 @@ def distill_rows(ds: str, data: Path, regime: str, work: Path, common: list[str]
             print(f"no full fine-tune of {ds} to distil from: skipping its distillation rows", flush=True)
             return rows
     else:
+        rest = unlabeled_rest(data, work / f"unlabeled-{ds}{tag}", n) if unlabeled else None
         data = per_class(data, work / f"data-{ds}{tag}", n)
         teacher = work / f"runs/{ds}{tag}-full_fine-tune"
         common = [*common[:common.index("--data-dir") + 1], str(data), *common[common.index("--data-dir") + 2:]]
@@ -190,21 +210,29 @@ def distill_rows(ds: str, data: Path, regime: str, work: Path, common: list[str]
         args = [*common, "--pretrained", str(work / "dinov2-s14"), "--image-size", str(size), "--epochs", str(epochs),
                 *(["--hflip", "off"] if ds == "digits" else []), "--threads", "1", "--out", str(teacher), "--overwrite"]
         r = {"dataset": ds, "regime": regime, "method": "teacher: full fine-tune", "image_size": size,
-             "epochs": epochs, **run_train(args, work / f"{ds}{tag}-teacher.log")}
+             "epochs": epochs, **run_train(args, work / f"{ds}{tag}-teacher.log", reuse=True)}
         rows.append(r)
         print(json.dumps(r), flush=True)
     s_epochs = 1 if a.quick else student_epochs[ds]
     student_size = SIZES[ds][1]
-    arms = [("student alone", "alone", [])] + [
-        (DISTILL[m][0], m, ["--teacher", str(teacher), *DISTILL[m][1]]) for m in a.distill]
+    arms = [("student alone", "alone", [], s_epochs)]
+    if not unlabeled:
+        arms += [(DISTILL[m][0], m, ["--teacher", str(teacher), *DISTILL[m][1]], s_epochs) for m in a.distill]
+    else:  # the distilled student with the rest of train/ unlabelled, for as many steps as the student alone
+        # (epochs scaled by labelled / all images); the student alone is the 20/class regime's (--reuse reads it)
+        n_lab = sum(1 for _ in (data / "train").rglob("*.png"))
+        n_unl = sum(1 for _ in rest.iterdir())
+        u_epochs = max(1, round(s_epochs * n_lab / (n_lab + n_unl)))
+        arms += [(f"{DISTILL[m][0]} + {n_unl} unlabelled images", f"{m}-unlabeled",
+                  ["--teacher", str(teacher), *DISTILL[m][1], "--unlabeled", str(rest)], u_epochs) for m in a.distill]
     for seed in a.seeds:
-        for name, key, extra in arms:
+        for name, key, extra, arm_epochs in arms:
             out = work / f"runs/{ds}{tag}-{key}-s{seed}"
             args = [*common, *STUDENT, *STUDENT_AUG[ds], "--image-size", str(student_size),
-                    "--epochs", str(s_epochs), *extra, "--out", str(out), "--overwrite"]
+                    "--epochs", str(arm_epochs), *extra, "--out", str(out), "--overwrite"]
             args[args.index("--seed") + 1] = str(seed)
-            r = {"dataset": ds, "regime": regime, "method": name, "image_size": student_size, "epochs": s_epochs,
-                 **run_train(args, work / f"{ds}{tag}-{key}-s{seed}.log")}
+            r = {"dataset": ds, "regime": regime, "method": name, "image_size": student_size, "epochs": arm_epochs,
+                 **run_train(args, work / f"{ds}{tag}-{key}-s{seed}.log", reuse=a.reuse)}
             rows.append(r)
             print(json.dumps(r), flush=True)
     return rows
@@ -230,8 +258,11 @@ def main() -> None:
     ap.add_argument("--distill", nargs="+", default=["soft"], choices=list(DISTILL),
                     help="distillation modes, each a row beside the student alone (default: soft)")
     ap.add_argument("--regimes", nargs="+", default=list(REGIMES), choices=list(REGIMES),
-                    help="training images for the distillation rows: all, or 20 per class")
+                    help="training images for the distillation rows: all, or 20 per class (+unlabeled: also the rest of "
+                         "train/ without labels, for the distilled student only)")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0], help="a row per seed for each student")
+    ap.add_argument("--reuse", action="store_true", help="read student runs already finished in --work instead of "
+                    "training them again (the teacher of a regime is always reused when finished)")
     ap.add_argument("--quick", action="store_true", help="1 epoch everywhere (a smoke run, not a result)")
     ap.add_argument("--work", default=None, help="where data, weights and runs go (default: a temporary dir)")
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
@@ -273,8 +304,9 @@ def main() -> None:
     for r in rows:
         tp = (f"{r['trainable_params'] / 1e6:.2f}M / {r['total_params'] / 1e6:.1f}M ({r['trainable_percent']:.2f}%)"
               if r["trainable_params"] else "?")
+        rss = "?" if r["peak_rss_mb"] is None else f"{r['peak_rss_mb']:.0f} MB"
         print(f"| {r['dataset']} | {r.get('regime', 'full')} | {r['method']} | {r['seed']} | {r['best_val_accuracy']:.3f} | "
-              f"{r['test_accuracy']:.3f} | {tp} | {r['seconds_per_epoch']} | {r['peak_rss_mb']:.0f} MB |")
+              f"{r['test_accuracy']:.3f} | {tp} | {r['seconds_per_epoch']} | {rss} |")
 
 
 if __name__ == "__main__":

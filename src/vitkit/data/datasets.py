@@ -15,6 +15,7 @@ The builders: :mod:`vitkit.data.memory_datasets` (digits, MNIST, CIFAR), :mod:`v
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,11 @@ class TensorImageDataset(Dataset):
         return x[0], y[0]
 
 
+# The target of a training image without a label (``vitkit train --unlabeled``): the teacher's outputs are its
+# only target, the label loss skips it (cross-entropy's ignore_index) and training accuracy does not count it
+UNLABELLED = -1
+
+
 class FileImageDataset(Dataset):
     """Images read from files on access, decoded in the loader's workers (``read``: uint8, native
     size; an unreadable file raises InputError naming it, or is skipped with ``skip_bad``)."""
@@ -99,6 +105,14 @@ class FileImageDataset(Dataset):
         except InputError as e:
             raise InputError(f"{e} ({self.split} image)") from None
         return x, self.targets[i]
+
+    def extended(self, paths: list[Path], target: int) -> FileImageDataset:
+        """This dataset with ``paths`` appended, each with ``target``; every other attribute kept (the size,
+        mean / std and preprocessing the trainer sets on each split apply to the new images too)."""
+        new = copy.copy(self)
+        new.paths = self.paths + [Path(p) for p in paths]
+        new.targets = torch.cat([self.targets, torch.full((len(paths),), target, dtype=self.targets.dtype)])
+        return new
 
     def subset(self, idx) -> FileImageDataset:
         return FileImageDataset([self.paths[int(i)] for i in idx], self.targets[torch.as_tensor(idx, dtype=torch.long)],

@@ -21,8 +21,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import InputError
-from .datasets import IMAGE_EXTENSIONS, DataSplits, FileImageDataset, list_images, need_dir, resolve_hw
+from ..errors import ConfigError, InputError
+from .datasets import (
+    IMAGE_EXTENSIONS,
+    UNLABELLED,
+    DataSplits,
+    FileImageDataset,
+    list_images,
+    need_dir,
+    resolve_hw,
+)
 from .validation import HELD_OUT, hold_out
 
 log = logging.getLogger("vitkit.data")
@@ -177,6 +185,41 @@ def check_files(ds: FileImageDataset, split: str, where, skip: bool, skipped: li
             log.warning("skipping %s", msg)
             skipped.append(str(p))
     return ds if len(keep) == len(ds) else ds.subset(keep)
+
+
+def add_unlabeled(data: DataSplits, folder: str) -> str:
+    """``data.train`` with every image under ``folder`` appended as :data:`UNLABELLED` (``vitkit train --teacher
+    SRC --unlabeled DIR``: the teacher's outputs are their only target). Refused: data that is not image files
+    with classes, a folder without images, images that are validation or test images (they would leak into
+    training); training images listed again are left out. Returns the line the run logs."""
+    train = data.train
+    if data.task != "classification" or not isinstance(train, FileImageDataset):
+        raise ConfigError(f"--unlabeled adds image files to a classification training set read from image files "
+                          f"(--dataset imagefolder); --dataset {data.name} is {data.task} data held as "
+                          f"{type(train).__name__}")
+    root = Path(folder).expanduser()
+    if not root.is_dir():
+        raise InputError(f"--unlabeled {folder}: no such folder")
+    paths = list_images(root)
+    if not paths:
+        raise InputError(f"--unlabeled {folder}: no images ({', '.join(IMAGE_EXTENSIONS)}) under it")
+    held = {p.resolve(): name for name, ds in (("validation", data.val), ("test", data.test))
+            if isinstance(ds, FileImageDataset) for p in ds.paths}
+    leaks = [p for p in paths if p.resolve() in held]
+    if leaks:
+        kinds = [held[p.resolve()] for p in leaks]
+        which = ", ".join(f"{kinds.count(k)} {k}" for k in ("validation", "test") if k in kinds)
+        raise InputError(f"--unlabeled {folder}: {len(leaks)} of its {len(paths)} images are evaluation images ({which}; "
+                         f"e.g. {leaks[0]}): training on them would leak the evaluation; give a folder without them")
+    known = {p.resolve() for p in train.paths}
+    new = [p for p in paths if p.resolve() not in known]
+    if not new:
+        raise InputError(f"--unlabeled {folder}: all of its {len(paths)} images are training images already")
+    data.train = train.extended(new, UNLABELLED)
+    again = len(paths) - len(new)
+    return (f"unlabeled: {len(new)} images from {folder}, the teacher's outputs their only target; an epoch is "
+            f"{len(train)} labelled + {len(new)} unlabelled images"
+            + (f" ({again} of the folder's images are training images already: left out)" if again else ""))
 
 
 def build_csv(cfg) -> DataSplits:

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from ..data import DataSpec, DataSplits, build_data, default_workers, make_loader
 from ..data.augment import AugmentChoice, mix_transform
+from ..data.file_datasets import add_unlabeled
 from ..distributed import DistInfo, init_distributed, wrap_model
 from ..errors import ConfigError
 from ..eval.evaluate import eval_loader
@@ -95,6 +96,8 @@ def build_run(cfg: TrainConfig, device: torch.device, dist: DistInfo, log, resum
     teacher = read_teacher(cfg) if cfg.teacher else None  # before the data too: an unreadable teacher fails first
     cfg = student_config(cfg, pretrained.config if pretrained is not None else None)
     data = build_data(DataSpec.from_config(cfg))
+    if cfg.unlabeled:  # images the teacher labels (--teacher is checked by the config)
+        data.notes.append(add_unlabeled(data, cfg.unlabeled))
     size_note = [f"input size: {data.size_note}"] if data.size_note else []
     if resumed and cfg.image_size:  # the size the run recorded, not a flag of this invocation
         size_note = [f"input size: {cfg.image_size}x{cfg.image_size}, the run's own (its config.yaml)"]

@@ -145,6 +145,10 @@ class TrainConfig:
     distill_temperature: float = field(default=1.0, metadata={"help": "soft / token-soft: the softmax temperature"})
     teacher_cache: bool = field(default=False, metadata={
         "help": "compute the teacher's outputs once per training image before the first step (needs --no-augment)"})
+    unlabeled: str | None = field(default=None, metadata={
+        "help": "with --teacher: a folder of images without labels (any layout, searched recursively) added to the "
+                "training set, the teacher's outputs their only target (the label loss skips them): the teacher "
+                "labels the images you have no labels for. Image-file data (--dataset imagefolder); no MixUp / CutMix"})
     # ---------------------------------------------------------------- optimisation
     epochs: int = field(default=150, metadata={
         "help": "training epochs (the digits default: 150; benchmarks/train_digits.md)"})
@@ -278,7 +282,8 @@ class TrainConfig:
     def _check_distill(self) -> None:
         if not self.teacher:
             given = [f"--{k.replace('_', '-')}" for k, v in (("teacher_zeroshot", False), ("distill", "soft"),
-                     ("distill_alpha", 0.5), ("distill_temperature", 1.0), ("teacher_cache", False))
+                     ("distill_alpha", 0.5), ("distill_temperature", 1.0), ("teacher_cache", False),
+                     ("unlabeled", None))
                      if getattr(self, k) != v]
             if given:
                 raise ConfigError(f"{', '.join(given)} {'says' if len(given) == 1 else 'say'} how to distil from a "
@@ -291,6 +296,9 @@ class TrainConfig:
         if self.teacher_zeroshot and self.distill == "feature":
             raise ConfigError("--teacher-zeroshot makes the teacher a classifier of the class names; --distill feature "
                               "reads its image features instead: leave out --teacher-zeroshot")
+        if self.unlabeled and (self.mixup > 0 or self.cutmix > 0):
+            raise ConfigError(f"--unlabeled images have no label to mix: MixUp / CutMix (--mixup {self.mixup:g}, "
+                              f"--cutmix {self.cutmix:g}) mix labels; set both to 0 with --unlabeled")
         if self.distill in ("token", "token-soft") and self.pooling == "mean":
             raise ConfigError(f"--distill {self.distill} reads DeiT's class and distillation tokens: it needs class-token "
                               "pooling, got --pooling mean (leave it out: token distillation sets --pooling cls)")

@@ -31,6 +31,10 @@ With ``--teacher-cache`` (only where the pass has no random augmentation) the te
 computed once per training image in a fixed pass before the first step and looked up by index; a
 resumed run computes the same pass, so resume stays exact.
 
+``--unlabeled DIR``: images without labels join the training set (:func:`vitkit.data.file_datasets.add_unlabeled`,
+target ``UNLABELLED``); the teacher's outputs are their only target: the label term is summed over the labelled
+rows and divided by all rows (:meth:`Distiller.label_loss`), the distillation term is the mean over all rows.
+
 ``--teacher-zeroshot``: SRC is an image-text model (CLIP, SigLIP); the teacher is the zero-shot
 classifier of the dataset's class names (:mod:`vitkit.features.zeroshot`, templates from
 ``--zeroshot-templates``). It is asked for, never guessed from the source: an image-text checkpoint is
@@ -48,6 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.transforms import v2 as T
 
+from ..data.datasets import UNLABELLED
 from ..data.transforms import resize_ops
 from ..errors import CheckpointError, ConfigError, InputError, VitkitError
 from ..eval.evaluate import normalize
@@ -221,6 +226,7 @@ class Distiller:
         self.mode, self.alpha, self.temperature = cfg.distill, cfg.distill_alpha, cfg.distill_temperature
         self.teacher, self.base_loss, self.projection, self.cache = teacher, base_loss, projection, cache
         self.fingerprint = fingerprint
+        self.unlabelled = bool(cfg.unlabeled)  # rows labelled UNLABELLED may come (--unlabeled)
         self._pooled: list[torch.Tensor] = []
         if self.mode == "feature":
             # the student's pooled features of the forward the step runs (one forward, through any
@@ -239,6 +245,14 @@ class Distiller:
             return self.cache[index.to(self.cache.device)]
         return self.teacher(x)
 
+    def label_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The run's label loss; with --unlabeled summed over the labelled rows and divided by all rows (the
+        unlabelled ones add 0, by cross-entropy's ignore_index), so that ``alpha`` weighs the label and the
+        distillation term alike on every batch, and a batch of labelled rows only gets the plain mean."""
+        if not self.unlabelled:
+            return self.base_loss(logits, y)
+        return self.base_loss(logits, y, ignore_index=UNLABELLED, reduction="sum") / len(y)
+
     def loss(self, out, y: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(the student's logits for its accuracy, the combined loss) for the student's output ``out``
         (token modes: the pair (class logits, distillation logits)), labels ``y``, teacher ``target``."""
@@ -246,8 +260,8 @@ class Distiller:
         if self.mode in TOKEN_MODES:
             cls, dist = out[0].float(), out[1].float()
             kd = hard_loss(dist, target) if self.mode == "token" else soft_loss(dist, target, self.temperature)
-            return (out[0] + out[1]) / 2, (1 - a) * self.base_loss(cls, y) + a * kd
-        base = self.base_loss(out.float(), y)
+            return (out[0] + out[1]) / 2, (1 - a) * self.label_loss(cls, y) + a * kd
+        base = self.label_loss(out.float(), y)
         if self.mode == "feature":
             pooled = torch.stack(self._pooled).mean(dim=0).float()  # (B, D)
             self._pooled.clear()

@@ -169,8 +169,10 @@ def train_step(run: Run, state: RunState, x: torch.Tensor, y: torch.Tensor, inde
             else:  # out: the logits scored below (token modes: the mean of the two heads)
                 out, loss = run.distill.loss(out, yc, target)
         state.scaler.scale(loss * (len(xc) / len(x))).backward()
-        correct = (out.argmax(1) == hc).sum() if run.data.task == "classification" else loss.new_zeros(())
-        state.note_loss(loss, correct, len(xc))
+        if run.data.task == "classification":  # an unlabelled row's label (-1) is never a prediction
+            state.note_loss(loss, (out.argmax(1) == hc).sum(), len(xc), labelled=(hc >= 0).sum())
+        else:
+            state.note_loss(loss, loss.new_zeros(()), len(xc))
     if cfg.grad_clip > 0:
         state.scaler.unscale_(state.optimizer)
         torch.nn.utils.clip_grad_norm_(state.model.parameters(), cfg.grad_clip)
@@ -242,7 +244,7 @@ def read_point(run: Run, state: RunState, session: Session, bar=None) -> int:
     nonfinite = state.first_nonfinite
     flags = torch.stack([nonfinite[0], torch.full_like(nonfinite[0], float(session.signals.signum))])
     all_reduce_max(flags, run.dist)
-    bad_step, signum, bad_loss, loss_sum, correct, count = torch.cat([flags, nonfinite[1:], state.sums]).tolist()
+    bad_step, signum, bad_loss, loss_sum, correct, count, labelled = torch.cat([flags, nonfinite[1:], state.sums]).tolist()
     if bad_step >= 0:
         raise non_finite(run, state, session, int(bad_step), bad_loss)
     if bar is not None and run.dist.is_main and run.cfg.progress:
@@ -250,7 +252,7 @@ def read_point(run: Run, state: RunState, session: Session, bar=None) -> int:
                 "lr": f"{lr_at(state.step - 1, run.total_steps, run.warmup_steps, run.cfg.lr, run.cfg.min_lr):.2e}",
                 "img/s": f"{count * run.dist.world_size / max(state.seconds, 1e-9):.0f}"}
         if run.data.task == "classification":
-            post["acc"] = f"{correct / max(count, 1):.3f}"
+            post["acc"] = f"{correct / max(labelled, 1):.3f}"
         bar.set_postfix(post, refresh=False)
     return int(signum)
 
@@ -280,12 +282,12 @@ def train_record(run: Run, state: RunState) -> tuple[dict[str, Any], float]:
     """The epoch's record so far (epoch, step, lr, train loss / accuracy) from the reduced sums, and
     the images counted."""
     cfg = run.cfg
-    loss_sum, correct, count = all_reduce_sum(state.sums.clone(), run.dist).tolist()
+    loss_sum, correct, count, labelled = all_reduce_sum(state.sums.clone(), run.dist).tolist()
     rec: dict[str, Any] = {"epoch": state.epoch + 1, "step": state.step,
                            "lr": lr_at(max(state.step - 1, 0), run.total_steps, run.warmup_steps, cfg.lr, cfg.min_lr),
                            "train_loss": loss_sum / max(count, 1)}
     if run.data.task == "classification":
-        rec["train_accuracy"] = correct / max(count, 1)
+        rec["train_accuracy"] = correct / max(labelled, 1)  # of the labelled images (--unlabeled's are not)
     return rec, count
 
 

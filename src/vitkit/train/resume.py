@@ -38,7 +38,7 @@ RESUME_REFUSED: dict[str, str] = {
     **dict.fromkeys(("model", "pretrained", "patch_size", "dim", "depth", "num_heads", "mlp_ratio", "pos_embed",
                      "pooling", "fc_norm", "num_classes", "image_size"), _SHAPES),
     **dict.fromkeys(("dataset", "subset", "val_fraction", "test_fraction", "target_columns", "allow_absolute_paths",
-                     "allow_empty_classes", "image_column", "label_column"), _DATA),
+                     "allow_empty_classes", "image_column", "label_column", "unlabeled"), _DATA),
     "seed": "it changes the data order, the augmentation and the validation split of the run",
     "batch_size": "it changes the steps per epoch and the data order, and the saved position in the epoch",
     **dict.fromkeys(("weight_decay", "betas", "layer_decay"),

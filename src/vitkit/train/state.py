@@ -42,7 +42,7 @@ class RunState:
     wall_seconds: float = 0.0  # wall time of earlier sessions of this run (resumed runs)
     labels: list[str] | None = None  # the data's class / target names: a resume checks its data has them
     # On the device, read only at read points (no host sync per step): this epoch's
-    # [sum of loss * n, correct, n], and [step, loss] of the first non-finite loss (step -1: none).
+    # [sum of loss * n, correct, n, labelled n], and [step, loss] of the first non-finite loss (step -1: none).
     sums: torch.Tensor = field(init=False)
     first_nonfinite: torch.Tensor = field(init=False)
 
@@ -50,13 +50,19 @@ class RunState:
         self.reset_sums()
         self.first_nonfinite = torch.tensor([-1.0, 0.0], dtype=torch.float64, device=self.device)
 
-    def reset_sums(self, values=(0.0, 0.0, 0.0)) -> None:
-        self.sums = torch.tensor(list(values), dtype=torch.float64, device=self.device)
+    def reset_sums(self, values=(0.0, 0.0, 0.0, 0.0)) -> None:
+        values = list(values)
+        if len(values) == 3:  # saved before --unlabeled: every image counted was labelled
+            values.append(values[2])
+        self.sums = torch.tensor(values, dtype=torch.float64, device=self.device)
 
-    def note_loss(self, loss: torch.Tensor, correct: torch.Tensor, n: int) -> None:
-        """Accumulate one micro-batch's numbers on the device (no sync)."""
+    def note_loss(self, loss: torch.Tensor, correct: torch.Tensor, n: int, labelled: torch.Tensor | None = None) -> None:
+        """Accumulate one micro-batch's numbers on the device (no sync): ``n`` rows, ``labelled`` of them with a
+        label (None: all; --unlabeled's rows are not), ``correct`` of those predicted right."""
         loss = loss.detach().double()
-        self.sums += torch.stack([loss * n, correct.double(), torch.full_like(loss, n)])
+        count = torch.full_like(loss, n)
+        self.sums += torch.stack([loss * n, correct.double(), count,
+                                  count if labelled is None else labelled.double()])
         first = ~torch.isfinite(loss) & (self.first_nonfinite[0] < 0)
         self.first_nonfinite = torch.where(first, torch.stack([torch.full_like(loss, self.step), loss]),
                                            self.first_nonfinite)
