@@ -52,6 +52,7 @@ VITKIT = [sys.executable, "-m", "vitkit"]
 SIZES = {"faces": (112, 112), "digits": (56, 64)}  # (DINOv2, student)
 EPOCHS = {"faces": 10, "digits": 10}
 STUDENT_EPOCHS = {"faces": 40, "digits": 20}
+WARMUP_EPOCHS = 3  # vitkit train's default --warmup-epochs
 # the student's flags in both arms: ViT-Ti/16-sized, from scratch
 STUDENT = ["--model", "vit_tiny_patch16_224", "--lr", "1e-3", "--drop-path", "0.1", "--threads", "1"]
 # augmentation that keeps the label, in both arms (faces: the image-file default, crop + flip; digits: a
@@ -213,26 +214,34 @@ def distill_rows(ds: str, data: Path, regime: str, work: Path, common: list[str]
              "epochs": epochs, **run_train(args, work / f"{ds}{tag}-teacher.log", reuse=True)}
         rows.append(r)
         print(json.dumps(r), flush=True)
-    s_epochs = 1 if a.quick else student_epochs[ds]
+    s_epochs = 1 if a.quick else a.student_epochs or student_epochs[ds]
     student_size = SIZES[ds][1]
+    # --no-augment: both students see the images as they are, and the teacher's outputs are computed once
+    aug, cached, suffix = (["--no-augment"], ["--teacher-cache"], "-noaug") if a.no_augment else (STUDENT_AUG[ds], [], "")
     arms = [("student alone", "alone", [], s_epochs)]
     if not unlabeled:
-        arms += [(DISTILL[m][0], m, ["--teacher", str(teacher), *DISTILL[m][1]], s_epochs) for m in a.distill]
+        arms += [(DISTILL[m][0], m, ["--teacher", str(teacher), *DISTILL[m][1], *cached], s_epochs) for m in a.distill]
     else:  # the distilled student with the rest of train/ unlabelled, for as many steps as the student alone
         # (epochs scaled by labelled / all images); the student alone is the 20/class regime's (--reuse reads it)
         n_lab = sum(1 for _ in (data / "train").rglob("*.png"))
         n_unl = sum(1 for _ in rest.iterdir())
         u_epochs = max(1, round(s_epochs * n_lab / (n_lab + n_unl)))
+        # the warm-up too: as many steps as the student alone's (3 epochs of the labelled images)
+        warmup = ["--warmup-epochs", f"{WARMUP_EPOCHS * n_lab / (n_lab + n_unl):.4f}"]
         arms += [(f"{DISTILL[m][0]} + {n_unl} unlabelled images", f"{m}-unlabeled",
-                  ["--teacher", str(teacher), *DISTILL[m][1], "--unlabeled", str(rest)], u_epochs) for m in a.distill]
+                  ["--teacher", str(teacher), *DISTILL[m][1], "--unlabeled", str(rest), *warmup, *cached], u_epochs)
+                 for m in a.distill]
     for seed in a.seeds:
         for name, key, extra, arm_epochs in arms:
-            out = work / f"runs/{ds}{tag}-{key}-s{seed}"
-            args = [*common, *STUDENT, *STUDENT_AUG[ds], "--image-size", str(student_size),
-                    "--epochs", str(arm_epochs), *extra, "--out", str(out), "--overwrite"]
+            name_ = f"{ds}{tag}-{key}{suffix}-e{arm_epochs}-s{seed}"
+            out = work / "runs" / name_
+            evals = ["--eval-every", str(max(1, arm_epochs // a.evals))] if a.evals else []
+            args = [*common, *STUDENT, *aug, "--image-size", str(student_size),
+                    "--epochs", str(arm_epochs), *evals, *extra, "--out", str(out), "--overwrite"]
             args[args.index("--seed") + 1] = str(seed)
-            r = {"dataset": ds, "regime": regime, "method": name, "image_size": student_size, "epochs": arm_epochs,
-                 **run_train(args, work / f"{ds}{tag}-{key}-s{seed}.log", reuse=a.reuse)}
+            r = {"dataset": ds, "regime": regime + (" (no augmentation)" if a.no_augment else ""), "method": name,
+                 "image_size": student_size, "epochs": arm_epochs,
+                 **run_train(args, work / f"{name_}.log", reuse=a.reuse)}
             rows.append(r)
             print(json.dumps(r), flush=True)
     return rows
@@ -261,6 +270,13 @@ def main() -> None:
                     help="training images for the distillation rows: all, or 20 per class (+unlabeled: also the rest of "
                          "train/ without labels, for the distilled student only)")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0], help="a row per seed for each student")
+    ap.add_argument("--student-epochs", type=int, default=None,
+                    help="the students' epochs on the labelled images (default: the regime's); +unlabeled's distilled "
+                         "student runs as many steps")
+    ap.add_argument("--evals", type=int, default=None,
+                    help="validate each student about this many times (--eval-every epochs / N; default: every epoch)")
+    ap.add_argument("--no-augment", action="store_true",
+                    help="students without augmentation (both arms), the teacher's outputs cached once (--teacher-cache)")
     ap.add_argument("--reuse", action="store_true", help="read student runs already finished in --work instead of "
                     "training them again (the teacher of a regime is always reused when finished)")
     ap.add_argument("--quick", action="store_true", help="1 epoch everywhere (a smoke run, not a result)")
