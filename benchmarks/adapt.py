@@ -23,9 +23,16 @@ consistent"): function matching, the teacher run at every step on the student's 
 batch (vitkit's ``--teacher`` without ``--teacher-cache``), through the teacher's own resize and center
 crop; augmentation that keeps the label (digits: the batch affine of vitkit's digits recipe, no flips;
 MixUp 0.8 on top learnt too slowly for a CPU budget: val 0.27 after 45 of 100 epochs), soft KD with
-alpha 0.9 at T 2. The student alone has every other flag the same. Two regimes: all training images,
-and for digits ``20/class`` (the first 20 files of each class folder: 200 images, 60 epochs), where the
-teacher is DINOv2 fully fine-tuned on the same 200 images (20 epochs, no flips).
+alpha 0.9 at T 2. The student alone has every other flag the same. Regimes: all training images;
+for digits ``20/class`` (the first 20 files of each class folder: 200 images, 60 epochs), where the
+teacher is DINOv2 fully fine-tuned on the same 200 images (20 epochs, no flips); and
+``20/class+unlabeled``: the same 200 labelled images and teacher, and the other 878 training images
+given to the distilled student without their labels (``vitkit train --unlabeled``), the distilled student
+run for as many steps (and warm-up steps) as the student alone. With ``--no-augment`` both students see
+the images as they are and the teacher's outputs are computed once (``--teacher-cache``):
+
+    python benchmarks/adapt.py --datasets digits --methods --regimes 20/class+unlabeled --student-epochs 250 \
+        --evals 10 --no-augment --seeds 0 1 2 --reuse --work /tmp/adapt3      # ~25 min a seed on one core
 
 Run it on an otherwise idle machine: the rows are timed.
 """

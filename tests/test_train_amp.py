@@ -25,6 +25,13 @@ TINY = dict(dim=16, depth=1, num_heads=2, subset=64, batch_size=16, progress=Fal
 pytestmark = pytest.mark.usefixtures("restore_torch_state")  # tests/conftest.py
 
 
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path, monkeypatch):
+    """Each test measures into a cache of its own (vitkit.measured): a ratio another test faked is not read."""
+    monkeypatch.setenv("VITKIT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv(amp.measured.ENV, raising=False)
+
+
 def _wide() -> ViT:  # 128 wide, 64 tokens: ~3 GFLOP a step at batch 16, above MIN_STEP_GFLOP
     return ViT(ViTConfig(image_size=32, patch_size=4, dim=128, depth=1, num_heads=2, num_classes=10))
 
@@ -46,8 +53,8 @@ def test_no_native_bf16_means_fp32_unmeasured(monkeypatch):
 
 @pytest.mark.parametrize("ratio, want, said", [
     (1.9, "bf16", "amp: bf16 autocast (1.90x the fp32 step here, measured; --amp off for fp32)"),
-    (0.8, "off", "amp: fp32 (bf16 autocast measured 0.80x the fp32 step here, under 1.1x; --amp bf16 forces it)"),
-    (1.05, "off", "measured 1.05x"),  # faster, but within the margin: fp32
+    (0.8, "off", "amp: fp32 (bf16 autocast 0.80x the fp32 step here, measured, under 1.1x; --amp bf16 forces it)"),
+    (1.05, "off", "1.05x the fp32 step here, measured, under"),  # faster, but within the margin: fp32
 ])
 def test_auto_follows_the_measurement(monkeypatch, ratio, want, said):
     monkeypatch.setattr(cpu, "bf16_native", lambda: True)
@@ -56,6 +63,37 @@ def test_auto_follows_the_measurement(monkeypatch, ratio, want, said):
     got = amp.choose_amp("auto", _wide(), torch.device("cpu"), 16)
     assert got.amp == want and said in got.note
     assert shapes == [(16, 3, 32, 32)]  # the run's micro-batch at the model's input size
+
+
+def test_a_measured_ratio_is_cached_so_the_same_command_chooses_the_same(monkeypatch, tmp_path):
+    """The first run measures (here: 1.12x, bf16); a later one on the same CPU, threads and model reads it,
+    even where a new measurement would fall under the margin; another shape, threads, or the cache turned
+    off measure again; a corrupt file is measured over and rewritten."""
+    monkeypatch.setattr(cpu, "bf16_native", lambda: True)
+    monkeypatch.setattr(amp, "measure_bf16_speedup", _ratio(1.12))
+    first = amp.choose_amp("auto", _wide(), torch.device("cpu"), 16)
+    assert first.amp == "bf16" and "1.12x the fp32 step here, measured;" in first.note
+    monkeypatch.setattr(amp, "measure_bf16_speedup", _never)
+    again = amp.choose_amp("auto", _wide(), torch.device("cpu"), 16)
+    path = tmp_path / "cache" / amp.CACHE_FILE
+    assert again.amp == "bf16" and "1.12x the fp32 step here, measured at " in again.note
+    assert f"and cached in {path}" in again.note
+    (entry,) = json.loads(path.read_text()).values()
+    assert entry["ratio"] == 1.12 and entry["input"] == [16, 3, 32, 32] and entry["cpu"] == cpu.describe()
+    monkeypatch.setattr(amp, "measure_bf16_speedup", _ratio(0.9))
+    assert amp.choose_amp("auto", _wide(), torch.device("cpu"), 8).amp == "off"  # another micro-batch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)
+    try:
+        assert amp.choose_amp("auto", _wide(), torch.device("cpu"), 16).amp == "off"  # other threads
+    finally:
+        torch.set_num_threads(threads)
+    monkeypatch.setenv(amp.measured.ENV, "off")
+    assert amp.choose_amp("auto", _wide(), torch.device("cpu"), 16).amp == "off"  # not read
+    monkeypatch.delenv(amp.measured.ENV)
+    path.write_text("{not json")
+    assert amp.choose_amp("auto", _wide(), torch.device("cpu"), 16).amp == "off"
+    assert len(json.loads(path.read_text())) == 1  # rewritten, with the new measurement
 
 
 def test_explicit_amp_tiny_steps_cuda_and_probes_are_not_measured(monkeypatch):

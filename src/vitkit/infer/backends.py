@@ -31,11 +31,7 @@ it; :func:`clear_cache` (or deleting the file) forgets every choice.
 from __future__ import annotations
 
 import copy
-import dataclasses
-import datetime
-import hashlib
 import importlib.util
-import json
 import logging
 import os
 import shutil
@@ -49,9 +45,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import cpu
-from ..errors import VitkitError
-from ..io import atomic_write_text
+from .. import cpu, measured
 
 log = logging.getLogger("vitkit.infer")
 
@@ -62,7 +56,7 @@ AUTO_AFTER_S = 10.0
 MARGIN = 1.03  # a runtime replaces the walk only when this much faster (timing noise on a shared CPU)
 TIMED = 3  # timed forwards per candidate; the median decides
 CACHE_FILE = "bf16_backends.json"
-CACHE_ENV = "VITKIT_BACKEND_CACHE"  # "off": the disk cache of choices is neither read nor written
+CACHE_ENV = measured.ENV  # "off": the disk cache of choices is neither read nor written
 
 Run = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]  # (x, attention_mask) -> output
 Trim = Callable[[torch.Tensor, "torch.Tensor | None"], "tuple[torch.Tensor, torch.Tensor | None]"]
@@ -164,60 +158,14 @@ def _timed(runs: dict[str, Run], x: torch.Tensor, mask: torch.Tensor | None) -> 
 
 
 def cache_path() -> Path:
-    """The disk cache of "auto"'s choices: ``$VITKIT_CACHE_DIR``, else ``$XDG_CACHE_HOME/vitkit``,
-    else ``~/.cache/vitkit``; the file :data:`CACHE_FILE` there."""
-    root = os.environ.get("VITKIT_CACHE_DIR") or Path(
-        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vitkit"
-    return Path(root).expanduser() / CACHE_FILE
+    """The disk cache of "auto"'s choices (:mod:`vitkit.measured`): the file :data:`CACHE_FILE` under
+    ``$VITKIT_CACHE_DIR``, else ``$XDG_CACHE_HOME/vitkit``, else ``~/.cache/vitkit``."""
+    return measured.path(CACHE_FILE)
 
 
 def clear_cache() -> None:
     """Forget every cached choice (the next "auto" Predictor measures again)."""
     cache_path().unlink(missing_ok=True)
-
-
-def _cache_on() -> bool:
-    return os.environ.get(CACHE_ENV, "").strip().lower() not in ("off", "0", "no", "false")
-
-
-def _read_cache() -> dict:
-    """The cache's entries; {} for a missing, unreadable or malformed file (rewritten at the next write)."""
-    try:
-        data = json.loads(cache_path().read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) and all(isinstance(v, dict) for v in data.values()) else {}
-
-
-def _write_cache(key: str, entry: dict) -> None:
-    """Add one entry, the file written whole and renamed over the old one (``vitkit.io.atomic_write``: a
-    reader never sees half a file; of two processes writing at once one entry may be lost: it is
-    measured again)."""
-    path = cache_path()
-    try:
-        atomic_write_text(path, json.dumps({**_read_cache(), key: entry}, indent=1, sort_keys=True) + "\n")
-    except (OSError, VitkitError) as e:  # a read-only or full home: the choice is still kept for this process
-        log.info("Predictor: could not write the backend cache %s (%s)", path, e)
-
-
-def _architecture(model: nn.Module) -> str:
-    """What of ``model`` decides a runtime's speed, not its weights: its config (class and fields),
-    else its parameters' names and shapes."""
-    cfg = getattr(model, "config", None)
-    if dataclasses.is_dataclass(cfg):
-        return f"{type(model).__name__} {type(cfg).__name__}" + json.dumps(dataclasses.asdict(cfg), sort_keys=True,
-                                                                             default=str)
-    return type(model).__name__ + json.dumps([(n, list(p.shape)) for n, p in model.named_parameters()])
-
-
-def _versions() -> dict:
-    try:
-        from importlib.metadata import version
-
-        ov = version("openvino")
-    except Exception:  # noqa: BLE001 - not installed (or no metadata): not a candidate either
-        ov = None
-    return {"torch": torch.__version__, "openvino": ov}
 
 
 def weights_key(module: nn.Module) -> tuple:
@@ -253,7 +201,7 @@ def chooser_for(model: nn.Module, backend: str, output: str, make: Callable[[], 
 
     def made() -> Chooser:
         ch = make()
-        ch.identity = {"architecture": _architecture(model), "output": output}
+        ch.identity = {"architecture": measured.architecture(model), "output": output}
         return ch
 
     ch = kept(_CHOOSERS, model, (backend, output), made)
@@ -335,16 +283,16 @@ class Chooser:
 
     def _cache_key(self, key: tuple) -> tuple[str, dict]:
         """(the disk cache's key of input shape ``key``, the fields it hashes: module docstring)."""
-        fields = {"cpu": cpu.describe(), "threads": torch.get_num_threads(), **_versions(), **self.identity,
-                  "dtype": "bf16", "input": list(key[0]), "mask": None if key[1] is None else list(key[1])}
-        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:32], fields
+        fields = {**measured.machine(), **self.identity, "dtype": "bf16", "input": list(key[0]),
+                  "mask": None if key[1] is None else list(key[1])}
+        return measured.key(fields), fields
 
     def _from_cache(self, key: tuple, x: torch.Tensor, mask: torch.Tensor | None) -> Run | None:
         """The runtime an earlier measurement chose for this shape (disk cache), built; None when
         nothing usable is cached (not cached, that runtime unavailable or failing now: measure)."""
-        if not _cache_on() or not self.identity:
+        if not measured.enabled() or not self.identity:
             return None
-        entry = _read_cache().get(self._cache_key(key)[0], {})
+        entry = measured.read(CACHE_FILE).get(self._cache_key(key)[0], {})
         name = entry.get("backend")
         if name != "eager" and name not in self.candidates:
             return None
@@ -392,8 +340,7 @@ class Chooser:
                f"{'; '.join(said)})")
         self._say(msg)
         log.info("Predictor: %s", msg)
-        if _cache_on() and self.identity:
+        if measured.enabled() and self.identity:
             name, fields = self._cache_key(key)
-            when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-            _write_cache(name, {**fields, "backend": best, "measured": when, "speeds": speed})
+            measured.write(CACHE_FILE, name, {**fields, "backend": best, "speeds": speed})
         return runs[best]

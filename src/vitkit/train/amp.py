@@ -14,6 +14,12 @@ forward + backward steps (no optimizer) at the run's input shape, fp32 and bf16 
 a warm-up of each, the median ratio, about 2 s; bf16 only at :data:`MARGIN` or more. A step under
 :data:`MIN_STEP_GFLOP` is not measured (the digits run: its matmuls are too small for bf16 to pay).
 
+The measured ratio is kept on disk (:mod:`vitkit.measured`, file :data:`CACHE_FILE`), keyed by the CPU,
+torch's threads and version, the model's architecture and the step's input shape: a later run of the same
+model here reads it instead of measuring, so the same command makes the same choice whatever the load was.
+Measured again per run, a ViT-Ti/16 at 64 px on the shared 2-core EPYC gave 0.59x to 1.58x, and runs of one
+recipe trained in fp32 or bf16 by chance. ``VITKIT_BACKEND_CACHE=off`` measures every run.
+
 The choice is saved with the run's state (``train_state.pt``, key ``amp``) and in summary.json;
 ``--resume`` takes it from there and measures nothing (a resumed run stays bit-exact). ``config.yaml``
 keeps ``auto``: reused as a recipe on another CPU, it measures there.
@@ -27,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import cpu
+from .. import cpu, measured
 from ..bench.flops import train_flops
 from ..distributed import DistInfo, all_reduce_max
 
@@ -36,6 +42,7 @@ MIN_STEP_GFLOP = 1.0  # forward + backward of one step; below, autocast's casts 
 BUDGET_S = 2.0  # measuring stops after this (at least MIN_ROUNDS paired rounds)
 ROUND_S = 0.2  # the measured batch is cut so one fp32 step takes about this long
 MIN_ROUNDS, MAX_ROUNDS = 2, 5
+CACHE_FILE = "train_amp.json"  # measured ratios (vitkit.measured)
 
 
 @dataclass(frozen=True)
@@ -65,13 +72,30 @@ def choose_amp(requested: str, model: torch.nn.Module, device: torch.device, mic
     if gflop < MIN_STEP_GFLOP:
         return AmpChoice("off", f"amp: fp32 (a step of this model is {gflop:.2g} GFLOP, too small for bf16 matmuls "
                                 f"to pay; --amp bf16 forces it)")
-    ratio = measure_bf16_speedup(model, (micro_batch, c.in_channels, *c.image_hw))
-    if dist is not None and dist.enabled:
+    shape = (micro_batch, c.in_channels, *c.image_hw)
+    ratio, how = cached_speedup(model, shape)
+    if dist is not None and dist.enabled:  # the slowest rank's ratio: every rank runs the same step
         ratio = -float(all_reduce_max(torch.tensor([-ratio], dtype=torch.float64), dist)[0])
     if ratio >= MARGIN:
-        return AmpChoice("bf16", f"amp: bf16 autocast ({ratio:.2f}x the fp32 step here, measured; --amp off for fp32)")
-    return AmpChoice("off", f"amp: fp32 (bf16 autocast measured {ratio:.2f}x the fp32 step here, under {MARGIN}x; "
+        return AmpChoice("bf16", f"amp: bf16 autocast ({ratio:.2f}x the fp32 step here, {how}; --amp off for fp32)")
+    return AmpChoice("off", f"amp: fp32 (bf16 autocast {ratio:.2f}x the fp32 step here, {how}, under {MARGIN}x; "
                             f"--amp bf16 forces it)")
+
+
+def cached_speedup(model: torch.nn.Module, shape: tuple[int, ...]) -> tuple[float, str]:
+    """(:func:`measure_bf16_speedup` of ``model`` at ``shape``, how it was had): read from the disk cache
+    where this CPU, thread count, torch and architecture measured it before, else measured and written."""
+    fields = {**measured.machine(), "architecture": measured.architecture(model), "input": list(shape)}
+    name = measured.key(fields)
+    if measured.enabled():
+        entry = measured.read(CACHE_FILE).get(name, {})
+        if isinstance(entry.get("ratio"), (int, float)):
+            return float(entry["ratio"]), (f"measured at {entry.get('measured', '?')} and cached in "
+                                           f"{measured.path(CACHE_FILE)}")
+    ratio = measure_bf16_speedup(model, shape)
+    if measured.enabled():
+        measured.write(CACHE_FILE, name, {**fields, "ratio": round(ratio, 4)})
+    return ratio, "measured"
 
 
 def amp_name(dtype: torch.dtype | None) -> str:
