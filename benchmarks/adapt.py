@@ -61,7 +61,8 @@ EPOCHS = {"faces": 10, "digits": 10}
 STUDENT_EPOCHS = {"faces": 40, "digits": 20}
 WARMUP_EPOCHS = 3  # vitkit train's default --warmup-epochs
 # the student's flags in both arms: ViT-Ti/16-sized, from scratch
-STUDENT = ["--model", "vit_tiny_patch16_224", "--lr", "1e-3", "--drop-path", "0.1", "--threads", "1"]
+# (fp32 pinned: --amp auto's measurement under load picked bf16 for some runs of one recipe and fp32 for others)
+STUDENT = ["--model", "vit_tiny_patch16_224", "--lr", "1e-3", "--drop-path", "0.1", "--threads", "1", "--amp", "off"]
 # augmentation that keeps the label, in both arms (faces: the image-file default, crop + flip; digits: a
 # mirrored 2 is no 2, so the batch affine of vitkit's digits recipe and no flips)
 STUDENT_AUG = {"faces": [],
@@ -188,7 +189,7 @@ def run_train(args: list[str], log: Path, reuse: bool = False) -> dict:
     import yaml
 
     cfg = yaml.safe_load((out / "config.yaml").read_text())
-    return {"lr": cfg.get("lr"), "layer_decay": cfg.get("layer_decay"), "seed": cfg.get("seed"),
+    return {"lr": cfg.get("lr"), "layer_decay": cfg.get("layer_decay"), "seed": cfg.get("seed"), "amp": summary.get("amp"),
             "test_accuracy": summary.get("test_accuracy"), "best_val_accuracy": summary.get("best_val_accuracy"),
             "trainable_params": trainable, "total_params": total or summary.get("params"), "trainable_percent": share,
             "seconds_per_epoch": round(float(np.median(secs)), 2) if secs else None,
