@@ -190,8 +190,8 @@ def check_files(ds: FileImageDataset, split: str, where, skip: bool, skipped: li
 def add_unlabeled(data: DataSplits, folder: str) -> str:
     """``data.train`` with every image under ``folder`` appended as :data:`UNLABELLED` (``vitkit train --teacher
     SRC --unlabeled DIR``: the teacher's outputs are their only target). Refused: data that is not image files
-    with classes, a folder without images, images that are validation or test images (they would leak into
-    training); training images listed again are left out. Returns the line the run logs."""
+    with classes, a folder without images, images that are validation or test images, by path or as byte-identical
+    copies (they would leak into training); training images listed again are left out. Returns the line the run logs."""
     train = data.train
     if data.task != "classification" or not isinstance(train, FileImageDataset):
         raise ConfigError(f"--unlabeled adds image files to a classification training set read from image files "
@@ -205,9 +205,10 @@ def add_unlabeled(data: DataSplits, folder: str) -> str:
         raise InputError(f"--unlabeled {folder}: no images ({', '.join(IMAGE_EXTENSIONS)}) under it")
     held = {p.resolve(): name for name, ds in (("validation", data.val), ("test", data.test))
             if isinstance(ds, FileImageDataset) for p in ds.paths}
-    leaks = [p for p in paths if p.resolve() in held]
+    copies = _same_bytes(paths, held)  # a copy of an evaluation image elsewhere is the same leak
+    leaks = [p for p in paths if p.resolve() in held or p in copies]
     if leaks:
-        kinds = [held[p.resolve()] for p in leaks]
+        kinds = [held.get(p.resolve()) or copies[p] for p in leaks]
         which = ", ".join(f"{kinds.count(k)} {k}" for k in ("validation", "test") if k in kinds)
         raise InputError(f"--unlabeled {folder}: {len(leaks)} of its {len(paths)} images are evaluation images ({which}; "
                          f"e.g. {leaks[0]}): training on them would leak the evaluation; give a folder without them")
@@ -220,6 +221,31 @@ def add_unlabeled(data: DataSplits, folder: str) -> str:
     return (f"unlabeled: {len(new)} images from {folder}, the teacher's outputs their only target; an epoch is "
             f"{len(train)} labelled + {len(new)} unlabelled images"
             + (f" ({again} of the folder's images are training images already: left out)" if again else ""))
+
+
+def _same_bytes(paths: list[Path], held: dict[Path, str]) -> dict[Path, str]:
+    """Which of ``paths`` hold the same bytes as a file of ``held`` (path -> its split) at another path: only
+    files of a size some held file has are read and hashed."""
+    import hashlib
+
+    def digest(p: Path) -> str:
+        return hashlib.sha256(p.read_bytes()).hexdigest()
+
+    sizes: dict[int, list[Path]] = {}
+    for h in held:
+        sizes.setdefault(h.stat().st_size, []).append(h)
+    by_hash: dict[str, str] = {}
+    out = {}
+    for p in paths:
+        same_size = sizes.get(p.stat().st_size, [])
+        if not same_size or p.resolve() in held:
+            continue
+        for h in same_size:  # each held file of that size hashed once
+            by_hash.setdefault(digest(h), held[h])
+        split = by_hash.get(digest(p))
+        if split:
+            out[p] = split
+    return out
 
 
 def build_csv(cfg) -> DataSplits:
