@@ -89,8 +89,9 @@ def test_training_images_in_the_folder_are_left_out_and_evaluation_images_refuse
     copied = tmp_path / "copied"
     copied.mkdir()
     for f in [sorted((data / "test" / "dog").iterdir())[0], *sorted(unl.rglob("*.png"))[:2]]:
-        (copied / f"c-{f.name}").write_bytes(f.read_bytes())  # a test image copied under another name
-    with pytest.raises(InputError, match=r"1 of its 3 images are evaluation images \(1 test; e.g. .*c-test0.png"):
+        (copied / f"c-{f.name}").write_bytes(f.read_bytes())  # a test image copied under other names
+    (copied / "d-test0.png").write_bytes((copied / "c-test0.png").read_bytes())  # a second file of that size
+    with pytest.raises(InputError, match=r"2 of its 4 images are evaluation images \(2 test; e.g. .*c-test0.png"):
         _build(data, teacher=str(teacher), unlabeled=str(copied))
     mixed = tmp_path / "mixed"
     for f in [*sorted((data / "train" / "cat").iterdir())[:2], *sorted(unl.rglob("*.png"))[:3]]:

@@ -205,15 +205,16 @@ def add_unlabeled(data: DataSplits, folder: str) -> str:
         raise InputError(f"--unlabeled {folder}: no images ({', '.join(IMAGE_EXTENSIONS)}) under it")
     held = {p.resolve(): name for name, ds in (("validation", data.val), ("test", data.test))
             if isinstance(ds, FileImageDataset) for p in ds.paths}
-    copies = _same_bytes(paths, held)  # a copy of an evaluation image elsewhere is the same leak
-    leaks = [p for p in paths if p.resolve() in held or p in copies]
+    real = {p: p.resolve() for p in paths}
+    copies = _same_bytes(real, held)  # a copy of an evaluation image elsewhere is the same leak
+    leaks = [p for p in paths if real[p] in held or p in copies]
     if leaks:
-        kinds = [held.get(p.resolve()) or copies[p] for p in leaks]
+        kinds = [held.get(real[p]) or copies[p] for p in leaks]
         which = ", ".join(f"{kinds.count(k)} {k}" for k in ("validation", "test") if k in kinds)
         raise InputError(f"--unlabeled {folder}: {len(leaks)} of its {len(paths)} images are evaluation images ({which}; "
                          f"e.g. {leaks[0]}): training on them would leak the evaluation; give a folder without them")
     known = {p.resolve() for p in train.paths}
-    new = [p for p in paths if p.resolve() not in known]
+    new = [p for p in paths if real[p] not in known]
     if not new:
         raise InputError(f"--unlabeled {folder}: all of its {len(paths)} images are training images already")
     data.train = train.extended(new, UNLABELLED)
@@ -223,9 +224,9 @@ def add_unlabeled(data: DataSplits, folder: str) -> str:
             + (f" ({again} of the folder's images are training images already: left out)" if again else ""))
 
 
-def _same_bytes(paths: list[Path], held: dict[Path, str]) -> dict[Path, str]:
-    """Which of ``paths`` hold the same bytes as a file of ``held`` (path -> its split) at another path: only
-    files of a size some held file has are read and hashed."""
+def _same_bytes(paths: dict[Path, Path], held: dict[Path, str]) -> dict[Path, str]:
+    """Which of ``paths`` (path -> resolved) hold the same bytes as a file of ``held`` (resolved path -> its
+    split) at another path: only files of a size some held file has are read, each held file once."""
     import hashlib
 
     def digest(p: Path) -> str:
@@ -234,13 +235,14 @@ def _same_bytes(paths: list[Path], held: dict[Path, str]) -> dict[Path, str]:
     sizes: dict[int, list[Path]] = {}
     for h in held:
         sizes.setdefault(h.stat().st_size, []).append(h)
+    unhashed = dict(sizes)  # sizes whose held files are not hashed yet
     by_hash: dict[str, str] = {}
     out = {}
-    for p in paths:
-        same_size = sizes.get(p.stat().st_size, [])
-        if not same_size or p.resolve() in held:
+    for p, real in paths.items():
+        size = p.stat().st_size
+        if size not in sizes or real in held:
             continue
-        for h in same_size:  # each held file of that size hashed once
+        for h in unhashed.pop(size, []):  # the held files of this size, hashed the first time it comes
             by_hash.setdefault(digest(h), held[h])
         split = by_hash.get(digest(p))
         if split:
